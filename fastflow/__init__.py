@@ -1,0 +1,17 @@
+"""fastflow: Triton kernels for the hot layers of normalizing flows (Glow) and VAEs.
+
+Importing fastflow touches no GPU and compiles no kernel; see ``fastflow.backend`` for how
+each call chooses between the Triton kernels and the plain PyTorch reference.
+"""
+
+from .backend import current_mode, use_backend
+from .functional import additive_coupling, affine_coupling
+from .layers import AffineCoupling
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "use_backend", "current_mode",
+    "affine_coupling", "additive_coupling",
+    "AffineCoupling",
+]

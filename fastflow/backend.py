@@ -1,0 +1,98 @@
+"""Which implementation runs an op: the Triton kernels or the plain PyTorch reference.
+
+The choice is made per call, from the tensor's device and the selected mode:
+
+* ``"auto"`` (default): CUDA tensors run the Triton kernels, everything else the reference.
+* ``"triton"``: always the Triton kernels. CPU tensors need ``TRITON_INTERPRET=1`` set
+  before the kernels are first used (Triton reads it when it compiles the ``@triton.jit``
+  functions); without it a ``RuntimeError`` says so.
+* ``"reference"``: always plain PyTorch.
+
+The mode comes from ``fastflow.use_backend(...)`` when one is active, else from the
+``FASTFLOW_BACKEND`` environment variable, read at call time. Nothing here touches a GPU
+and the Triton kernels are imported only when first needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+import torch
+
+MODES = ("auto", "triton", "reference")
+
+_local = threading.local()
+
+
+def _check_mode(mode, where):
+    if mode not in MODES:
+        raise ValueError(f"{where}: expected one of {MODES}, got {mode!r}")
+    return mode
+
+
+def current_mode() -> str:
+    """The active mode: the innermost ``use_backend`` block, else ``FASTFLOW_BACKEND``."""
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
+    return _check_mode(os.environ.get("FASTFLOW_BACKEND", "auto").strip().lower() or "auto",
+                       "FASTFLOW_BACKEND")
+
+
+@contextlib.contextmanager
+def use_backend(mode: str):
+    """Run the ops inside the block with ``mode`` ("auto", "triton" or "reference")."""
+    _check_mode(mode, "use_backend(mode)")
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append(mode)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """True when an op on tensor ``t`` should launch the Triton kernels."""
+    mode = current_mode()
+    if mode == "reference":
+        return False
+    if t.device.type == "cuda":
+        return True
+    if mode == "auto":
+        return False
+    if t.device.type == "cpu" and interpreter_enabled():
+        return True
+    if t.device.type == "cpu":
+        raise RuntimeError(
+            "FASTFLOW_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1 set before "
+            "fastflow's kernels are first used (got TRITON_INTERPRET="
+            f"{os.environ.get('TRITON_INTERPRET')!r}); use a CUDA tensor or the reference backend")
+    raise RuntimeError(f"the Triton backend supports CUDA and (interpreted) CPU tensors, "
+                       f"got a tensor on {t.device}")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other floating dtype computes in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    """channels_last for a 4-D channels_last (and not NCHW-contiguous) tensor, else NCHW.
+    Every op returns its outputs in its main input's format, on both backends."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def empty_output(t: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
+    """An uninitialised tensor in ``t``'s memory format (for fake/meta implementations)."""
+    out = torch.empty(t.shape if shape is None else shape, dtype=dtype or t.dtype, device=t.device)
+    return out.contiguous(memory_format=memory_format_of(t)) if out.dim() == 4 else out

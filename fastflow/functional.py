@@ -1,0 +1,5 @@
+"""The public functional API: autograd-aware ops, Triton or reference per call."""
+
+from .ops.coupling import additive_coupling, affine_coupling
+
+__all__ = ["affine_coupling", "additive_coupling"]

@@ -1,0 +1,5 @@
+"""``nn.Module`` drop-ins; constructor arguments follow rosinality/glow-pytorch."""
+
+from .coupling import AffineCoupling, ZeroConv2d
+
+__all__ = ["AffineCoupling", "ZeroConv2d"]

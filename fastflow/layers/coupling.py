@@ -1,0 +1,75 @@
+"""Glow's affine coupling layer with the fused coupling op after its network."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.coupling import additive_coupling, affine_coupling
+
+
+class ZeroConv2d(nn.Module):
+    """Glow's zero-initialised 3x3 convolution (padding with ones) times exp(3 * scale)."""
+
+    def __init__(self, in_channel: int, out_channel: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channel, out_channel, 3, padding=0)
+        self.conv.weight.data.zero_()
+        self.conv.bias.data.zero_()
+        self.scale = nn.Parameter(torch.zeros(1, out_channel, 1, 1))
+
+    def forward(self, x):
+        out = self.conv(F.pad(x, [1, 1, 1, 1], value=1.0))
+        return out * torch.exp(self.scale * 3)
+
+
+class AffineCoupling(nn.Module):
+    """``forward(x) -> (y, logdet)``, ``reverse(y) -> x``, ``inverse(y) -> (x, logdet)``.
+
+    The network (conv3x3 -> ReLU -> conv1x1 -> ReLU -> ZeroConv2d) sees the pass-through
+    channels ``x[:, :C - C//2]``; its output drives the fused coupling op. ``affine=False``
+    gives additive coupling (logdet zeros). Parameter names match rosinality/glow-pytorch,
+    so its checkpoints load."""
+
+    def __init__(self, in_channel: int, filter_size: int = 512, affine: bool = True):
+        super().__init__()
+        if in_channel < 2:
+            raise ValueError(f"in_channel: expected at least 2 channels, got {in_channel}")
+        self.in_channel = in_channel
+        self.affine = affine
+        ca, cb = in_channel - in_channel // 2, in_channel // 2
+        self.net = nn.Sequential(
+            nn.Conv2d(ca, filter_size, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(filter_size, filter_size, 1),
+            nn.ReLU(inplace=True),
+            ZeroConv2d(filter_size, 2 * cb if affine else cb),
+        )
+        self.net[0].weight.data.normal_(0, 0.05)
+        self.net[0].bias.data.zero_()
+        self.net[2].weight.data.normal_(0, 0.05)
+        self.net[2].bias.data.zero_()
+
+    def _check(self, x, name):
+        if x.dim() != 4 or x.shape[1] != self.in_channel:
+            raise ValueError(f"{name}: expected shape (N, {self.in_channel}, H, W), got "
+                             f"{tuple(x.shape)}")
+
+    def _couple(self, x, reverse):
+        ca = self.in_channel - self.in_channel // 2
+        h = self.net(x[:, :ca])
+        if self.affine:
+            return affine_coupling(x, h, reverse=reverse)
+        return additive_coupling(x, h, reverse=reverse)
+
+    def forward(self, x):
+        self._check(x, "x")
+        return self._couple(x, False)
+
+    def inverse(self, y):
+        self._check(y, "y")
+        return self._couple(y, True)
+
+    def reverse(self, y):
+        return self.inverse(y)[0]

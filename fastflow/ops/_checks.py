@@ -1,0 +1,30 @@
+"""Argument checks shared by the ops: each error names the argument, what was expected and
+what was given."""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_float_tensor(name: str, t, ndim: int | None = None, min_ndim: int | None = None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor (float16, bfloat16, float32 "
+                        f"or float64), got dtype {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(t.shape)} "
+                         f"({t.dim()}-D)")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(f"{name}: expected at least {min_ndim} dimensions, got shape "
+                         f"{tuple(t.shape)}")
+
+
+def check_same_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor):
+    if t.device != ref.device:
+        raise ValueError(f"{name}: expected a tensor on {ref_name}'s device {ref.device}, got {t.device}")
+
+
+def check_choice(name: str, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")

@@ -1,0 +1,163 @@
+"""Affine and additive coupling as torch.library custom ops with autograd.
+
+Three ops, each one kernel launch on the Triton backend:
+
+* ``fastflow::coupling_forward(x, h, ...) -> (y, logdet)``
+* ``fastflow::coupling_inverse(y, h, ...) -> (x, logdet)``  (logdet of the inverse map)
+* ``fastflow::coupling_backward(grad_out, grad_logdet, src, h, ..., reverse, from_output)``
+  ``-> (grad_in, grad_h)``, where ``src`` is the op's input, or its output when
+  ``from_output`` (the backward then rebuilds the input in registers: nothing but the output
+  has to be kept for training).
+
+``scale`` is "sigmoid", "exp", "atan" or, for additive coupling, "additive".
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..backend import compute_dtype, empty_output, memory_format_of, use_triton
+from ._checks import check_choice, check_float_tensor, check_same_device
+
+
+def _kernels():
+    from ..kernels import coupling  # imported on first Triton use only
+
+    return coupling
+
+
+def _reference(x, h, scale, layout, shift, clamp, reverse):
+    if scale == "additive":
+        y, logdet = reference.additive_coupling(x, h, reverse=reverse)
+    else:
+        y, logdet = reference.affine_coupling(x, h, scale=scale, layout=layout, shift=shift,
+                                              clamp=clamp, reverse=reverse)
+    return y.contiguous(memory_format=memory_format_of(x)), logdet
+
+
+def _run(x, h, scale, layout, shift, clamp, reverse):
+    if use_triton(x):
+        return _kernels().coupling_forward(x, h, scale=scale, layout=layout, shift=shift,
+                                           clamp=clamp, reverse=reverse)
+    return _reference(x, h, scale, layout, shift, clamp, reverse)
+
+
+def _fake(x, h, scale, layout, shift, clamp):
+    return empty_output(x), x.new_empty(x.shape[0], dtype=compute_dtype(x.dtype))
+
+
+@torch.library.custom_op("fastflow::coupling_forward", mutates_args=())
+def coupling_forward(x: Tensor, h: Tensor, scale: str, layout: str, shift: str,
+                     clamp: float) -> tuple[Tensor, Tensor]:
+    return _run(x, h, scale, layout, shift, clamp, False)
+
+
+@torch.library.custom_op("fastflow::coupling_inverse", mutates_args=())
+def coupling_inverse(y: Tensor, h: Tensor, scale: str, layout: str, shift: str,
+                     clamp: float) -> tuple[Tensor, Tensor]:
+    return _run(y, h, scale, layout, shift, clamp, True)
+
+
+coupling_forward.register_fake(_fake)
+coupling_inverse.register_fake(_fake)
+
+
+@torch.library.custom_op("fastflow::coupling_backward", mutates_args=())
+def coupling_backward(grad_out: Tensor, grad_logdet: Tensor, src: Tensor, h: Tensor,
+                      scale: str, layout: str, shift: str, clamp: float, reverse: bool,
+                      from_output: bool) -> tuple[Tensor, Tensor]:
+    if use_triton(src):
+        return _kernels().coupling_backward(grad_out, grad_logdet, src, h, scale=scale,
+                                            layout=layout, shift=shift, clamp=clamp,
+                                            reverse=reverse, from_output=from_output)
+    # reference: rebuild the op's input if needed, then differentiate the reference
+    inp = _reference(src, h, scale, layout, shift, clamp, not reverse)[0] if from_output else src
+    with torch.enable_grad():
+        inp_ = inp.detach().requires_grad_(True)
+        h_ = h.detach().requires_grad_(True)
+        out, logdet = _reference(inp_, h_, scale, layout, shift, clamp, reverse)
+        outs, grads = [out], [grad_out]
+        if logdet.requires_grad:
+            outs.append(logdet)
+            grads.append(grad_logdet)
+        grad_in, grad_h = torch.autograd.grad(outs, [inp_, h_], grads)
+    return (grad_in.contiguous(memory_format=memory_format_of(src)),
+            grad_h.contiguous(memory_format=memory_format_of(h)))
+
+
+@coupling_backward.register_fake
+def _(grad_out, grad_logdet, src, h, scale, layout, shift, clamp, reverse, from_output):
+    return empty_output(src), empty_output(h)
+
+
+def _setup_context(ctx, inputs, output):
+    x, h, scale, layout, shift, clamp = inputs
+    ctx.save_for_backward(x, h)
+    ctx.params = (scale, layout, shift, clamp)
+
+
+def _make_backward(reverse: bool):
+    def backward(ctx, grad_out, grad_logdet):
+        x, h = ctx.saved_tensors
+        grad_x, grad_h = coupling_backward(grad_out, grad_logdet, x, h, *ctx.params,
+                                           reverse, False)
+        return grad_x, grad_h, None, None, None, None
+
+    return backward
+
+
+coupling_forward.register_autograd(_make_backward(False), setup_context=_setup_context)
+coupling_inverse.register_autograd(_make_backward(True), setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------
+# Public functions (validation, then the op)
+# --------------------------------------------------------------------------------------
+
+
+def _check(x, h, h_channels_per_cb: int, what: str):
+    check_float_tensor("x", x, ndim=4)
+    check_float_tensor("h", h, ndim=4)
+    check_same_device("h", h, "x", x)
+    n, c, height, width = x.shape
+    if c < 2:
+        raise ValueError(f"x: expected at least 2 channels to split into two halves, got "
+                         f"shape {tuple(x.shape)}")
+    want = (n, h_channels_per_cb * (c // 2), height, width)
+    if tuple(h.shape) != want:
+        raise ValueError(f"h: expected shape {want} ({what} for C={c}), got {tuple(h.shape)}")
+
+
+def affine_coupling(x: Tensor, h: Tensor, *, scale: str = "sigmoid", layout: str = "halves",
+                    shift: str = "before", clamp: float = 2.0, reverse: bool = False):
+    """Affine coupling fused with its log-determinant: returns ``(y, logdet)``.
+
+    ``x`` (N, C, H, W) passes ``x[:, :C - C//2]`` through and transforms the other C//2
+    channels with ``h`` (N, 2*(C//2), H, W), the coupling network's output.
+
+    * ``scale``: "sigmoid" (s = sigmoid(raw + 2), Glow), "exp" (s = exp(raw)) or "atan"
+      (s = exp(clamp * 0.636 * atan(raw / clamp)), FrEIA's soft clamp).
+    * ``layout``: "halves" (raw, t = h[:, :Cb], h[:, Cb:]) or "interleaved"
+      (t, raw = h[:, 0::2], h[:, 1::2]).
+    * ``shift``: "before" (yb = (xb + t) * s, Glow), "after" (yb = xb * s + t; RealNVP,
+      FrEIA, nflows) or "negated" (yb = (xb - t) * s, normflows).
+    * ``reverse=True`` maps y back to x and returns the inverse map's logdet, -sum(log s).
+
+    logdet has shape (N,), float32 (float64 for float64 input)."""
+    _check(x, h, 2, "2 * (C // 2) coupling parameters")
+    check_choice("scale", scale, reference.SCALES)
+    check_choice("layout", layout, reference.LAYOUTS)
+    check_choice("shift", shift, reference.SHIFTS)
+    if not (isinstance(clamp, (int, float)) and clamp > 0):
+        raise ValueError(f"clamp: expected a positive number, got {clamp!r}")
+    op = coupling_inverse if reverse else coupling_forward
+    return op(x, h, scale, layout, shift, float(clamp))
+
+
+def additive_coupling(x: Tensor, h: Tensor, *, reverse: bool = False):
+    """Additive coupling ``yb = xb + h`` (h has C//2 channels); logdet is zeros (N,)."""
+    _check(x, h, 1, "C // 2 shifts")
+    op = coupling_inverse if reverse else coupling_forward
+    return op(x, h, "additive", "halves", "before", 2.0)

@@ -1,0 +1,187 @@
+"""Plain PyTorch definitions of every fastflow op: the spec, the CPU path and the test oracle.
+
+Each function computes in float32 (float64 for float64 inputs) when ``upcast=True`` and
+returns outputs in the input dtype, log-determinants in the compute dtype. Tests call them
+with float64 inputs to get the ground truth. Layout is NCHW throughout.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .backend import compute_dtype
+
+# --------------------------------------------------------------------------------------
+# Affine / additive coupling
+# --------------------------------------------------------------------------------------
+
+SCALES = ("sigmoid", "exp", "atan")
+LAYOUTS = ("halves", "interleaved")
+# "before":  yb = (xb + t) * s   (Glow, rosinality/glow-pytorch)
+# "after":   yb = xb * s + t     (RealNVP, FrEIA, nflows)
+# "negated": yb = (xb - t) * s   (normflows' AffineCoupling in its density direction)
+SHIFTS = ("before", "after", "negated")
+ATAN_FACTOR = 0.636  # FrEIA's soft clamp: log s = clamp * 0.636 * atan(raw / clamp)
+
+
+def split_channels(c: int) -> tuple[int, int]:
+    """(Ca, Cb): pass-through and transformed channel counts, as ``torch.chunk(2, 1)``."""
+    cb = c // 2
+    return c - cb, cb
+
+
+def coupling_params(h: torch.Tensor, cb: int, layout: str):
+    """(raw, t) from the coupling network's output ``h`` (N, 2*Cb, H, W)."""
+    if layout == "halves":
+        return h[:, :cb], h[:, cb:]
+    return h[:, 1::2], h[:, 0::2]
+
+
+def coupling_log_scale(raw: torch.Tensor, scale: str, clamp: float) -> torch.Tensor:
+    """log s for the scale parameterisations of DESIGN.md."""
+    if scale == "sigmoid":
+        return F.logsigmoid(raw + 2.0)
+    if scale == "exp":
+        return raw
+    return (clamp * ATAN_FACTOR) * torch.atan(raw / clamp)
+
+
+def affine_coupling(x, h, *, scale="sigmoid", layout="halves", shift="before", clamp=2.0,
+                    reverse=False, upcast=True):
+    """Affine coupling: returns (y, logdet); ``reverse=True`` maps y back to x."""
+    cd = compute_dtype(x.dtype) if upcast else x.dtype
+    ca, cb = split_channels(x.shape[1])
+    xf, hf = x.to(cd), h.to(cd)
+    xa, xb = xf[:, :ca], xf[:, ca:]
+    raw, t = coupling_params(hf, cb, layout)
+    log_s = coupling_log_scale(raw, scale, clamp)
+    s = torch.exp(log_s)
+    if shift == "negated":
+        t = -t
+    shift_first = shift in ("before", "negated")
+    if not reverse:
+        yb = (xb + t) * s if shift_first else xb * s + t
+        logdet = log_s.sum(dim=(1, 2, 3))
+    else:
+        yb = xb / s - t if shift_first else (xb - t) / s
+        logdet = -log_s.sum(dim=(1, 2, 3))
+    y = torch.cat([xa, yb], dim=1).to(x.dtype)
+    return y, logdet.to(compute_dtype(x.dtype))
+
+
+def additive_coupling(x, h, *, reverse=False, upcast=True):
+    """Additive coupling: yb = xb + h (h has Cb channels); the log-det is zero."""
+    cd = compute_dtype(x.dtype) if upcast else x.dtype
+    ca, _ = split_channels(x.shape[1])
+    xf, hf = x.to(cd), h.to(cd)
+    yb = xf[:, ca:] - hf if reverse else xf[:, ca:] + hf
+    y = torch.cat([xf[:, :ca], yb], dim=1).to(x.dtype)
+    return y, x.new_zeros(x.shape[0], dtype=compute_dtype(x.dtype))
+
+
+# --------------------------------------------------------------------------------------
+# ActNorm and the invertible 1x1 convolution (channel mixing)
+# --------------------------------------------------------------------------------------
+
+
+def actnorm(x, loc, scale, *, reverse=False, upcast=True):
+    """ActNorm: y = scale * (x + loc) per channel; loc, scale shaped (1, C, 1, 1) or (C,).
+
+    Returns (y, logdet) with logdet = H*W*sum(log|scale|) (negated for ``reverse``)."""
+    cd = compute_dtype(x.dtype) if upcast else x.dtype
+    c = x.shape[1]
+    loc_, scale_ = loc.to(cd).reshape(1, c, 1, 1), scale.to(cd).reshape(1, c, 1, 1)
+    xf = x.to(cd)
+    y = xf / scale_ - loc_ if reverse else scale_ * (xf + loc_)
+    hw = x.shape[2] * x.shape[3]
+    ld = hw * torch.log(torch.abs(scale_)).sum()
+    ld = -ld if reverse else ld
+    return y.to(x.dtype), ld.expand(x.shape[0]).to(compute_dtype(x.dtype)).clone()
+
+
+def channel_mix(x, weight, bias=None, *, upcast=True):
+    """y[n, :, i, j] = weight @ x[n, :, i, j] + bias: a 1x1 convolution (weight (Co, C))."""
+    cd = compute_dtype(x.dtype) if upcast else x.dtype
+    y = torch.einsum("oc,nchw->nohw", weight.to(cd), x.to(cd))
+    if bias is not None:
+        y = y + bias.to(cd).reshape(1, -1, 1, 1)
+    return y.to(x.dtype)
+
+
+def lu_factors(lower, upper, log_s, sign_s):
+    """(L + I, U + diag(sign_s * exp(log_s))) from the strictly triangular parts."""
+    c = log_s.shape[0]
+    eye = torch.eye(c, dtype=lower.dtype, device=lower.device)
+    l_full = torch.tril(lower, -1) + eye
+    u_full = torch.triu(upper, 1) + torch.diag(sign_s * torch.exp(log_s))
+    return l_full, u_full
+
+
+def lu_weight(perm, lower, upper, log_s, sign_s):
+    """W = P @ (L + I) @ (U + diag(sign_s * exp(log_s)))."""
+    l_full, u_full = lu_factors(lower, upper, log_s, sign_s)
+    return perm @ l_full @ u_full
+
+
+def lu_inverse_weight(perm, lower, upper, log_s, sign_s):
+    """W^-1 = U^-1 L^-1 P^T from triangular solves (no general inverse)."""
+    l_full, u_full = lu_factors(lower, upper, log_s, sign_s)
+    eye = torch.eye(log_s.shape[0], dtype=lower.dtype, device=lower.device)
+    l_inv = torch.linalg.solve_triangular(l_full, eye, upper=False, unitriangular=True)
+    u_inv = torch.linalg.solve_triangular(u_full, eye, upper=True)
+    return u_inv @ l_inv @ perm.transpose(0, 1)
+
+
+def lu_logdet(log_s, height, width):
+    """log|det| of the 1x1 convolution over an H x W image: H*W*sum(log_s)."""
+    return height * width * log_s.sum()
+
+
+def invconv(x, weight, *, reverse=False, upcast=True):
+    """Plain invertible 1x1 convolution: (y, logdet) with logdet = H*W*log|det W|."""
+    cd = compute_dtype(x.dtype) if upcast else x.dtype
+    w = weight.to(cd).reshape(weight.shape[0], weight.shape[1])
+    if reverse:
+        w = torch.linalg.inv(w)
+    y = channel_mix(x, w, upcast=upcast)
+    ld = x.shape[2] * x.shape[3] * torch.linalg.slogdet(weight.to(cd).reshape(w.shape))[1]
+    ld = -ld if reverse else ld
+    return y, ld.expand(x.shape[0]).clone()
+
+
+# --------------------------------------------------------------------------------------
+# Gaussian reparameterisation + KL to the standard normal
+# --------------------------------------------------------------------------------------
+
+REDUCTIONS = ("none", "sum", "mean")
+
+
+def reparameterize_kl(mu, logvar, eps=None, *, reduction="none", generator=None, upcast=True):
+    """z = mu + exp(logvar / 2) * eps, kl = 0.5 * sum(exp(logvar) + mu^2 - 1 - logvar).
+
+    The KL is summed over all but the first dimension; ``reduction`` "none" gives (N,),
+    "sum" and "mean" (over the batch) a scalar. ``eps=None`` draws torch's normal noise."""
+    cd = compute_dtype(mu.dtype) if upcast else mu.dtype
+    if eps is None:
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=cd)
+    m, lv, e = mu.to(cd), logvar.to(cd), eps.to(cd)
+    z = m + torch.exp(0.5 * lv) * e
+    kl = 0.5 * (torch.exp(lv) + m * m - 1.0 - lv).reshape(mu.shape[0], -1).sum(dim=1)
+    if reduction == "sum":
+        kl = kl.sum()
+    elif reduction == "mean":
+        kl = kl.mean()
+    return z.to(mu.dtype), kl
+
+
+# --------------------------------------------------------------------------------------
+# Densities
+# --------------------------------------------------------------------------------------
+
+
+def gaussian_log_p(x, mean, log_sd):
+    """Elementwise log N(x; mean, exp(log_sd)^2)."""
+    return -0.5 * math.log(2 * math.pi) - log_sd - 0.5 * (x - mean) ** 2 / torch.exp(2 * log_sd)

@@ -1,0 +1,295 @@
+"""Affine and additive coupling: forward, inverse and backward, each one pass over memory.
+
+Notation (DESIGN.md): x (N, C, H, W) splits into the pass-through part xa = x[:, :Ca] and the
+transformed part xb = x[:, Ca:], Ca = C - C // 2, Cb = C // 2. The coupling network's output
+h holds raw and t for each transformed channel; s = scale(raw) and
+
+    shift "before":  yb = (xb + t) * s      shift "after": yb = xb * s + t
+    shift "negated": yb = (xb - t) * s      additive:      yb = xb + h
+
+logdet = sum(log s) per sample. The forward kernel writes y and one partial log-det sum per
+tile; the launcher adds the partials per sample in a fixed order (bitwise reproducible, no
+atomics). The backward kernel is elementwise: it takes either the op's input or its output
+(``from_output``), rebuilds the other half of the (xb, yb) pair in registers, and writes
+d(input) and dh in the same pass.
+
+Every variant is a ``tl.constexpr`` specialisation of the same two kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._layout import compute_type, nchw, output_like, tile_shape
+
+SCALE_IDS = {"sigmoid": 0, "exp": 1, "atan": 2, "additive": 3}
+LAYOUT_IDS = {"halves": 0, "interleaved": 1}
+SHIFT_IDS = {"before": 0, "after": 1, "negated": 2}
+ATAN_FACTOR = 0.636
+
+
+@triton.jit
+def _atan(u):
+    """arctan in the dtype of ``u``: reduce to [0, 1], halve the angle twice, then a series."""
+    a = tl.abs(u)
+    big = a > 1.0
+    a = tl.where(big, 1.0 / tl.maximum(a, 1.0), a)
+    for _ in tl.static_range(2):
+        a = a / (1.0 + tl.sqrt(1.0 + a * a))  # atan(a) = 2 atan(a / (1 + sqrt(1 + a^2)))
+    a2 = a * a  # a <= tan(pi / 16): the series below is exact to float64 rounding
+    p = a2 * 0.0 + 1.0 / 23.0
+    for k in tl.static_range(10, -1, -1):
+        p = 1.0 / (2 * k + 1) - a2 * p
+    r = 4.0 * a * p
+    r = tl.where(big, 1.5707963267948966 - r, r)
+    return tl.where(u < 0.0, -r, r)
+
+
+@triton.jit
+def _log_scale(raw, SCALE: tl.constexpr, CLAMP: tl.constexpr):
+    """log s for raw coupling parameters (sigmoid(raw + 2), exp(raw) or the atan clamp)."""
+    if SCALE == 0:
+        r = raw + 2.0
+        log_s = tl.minimum(r, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(r)))
+    elif SCALE == 1:
+        log_s = raw
+    else:
+        log_s = (CLAMP * 0.636) * _atan(raw / CLAMP)
+    return log_s
+
+
+@triton.jit
+def _dlog_scale(raw, SCALE: tl.constexpr, CLAMP: tl.constexpr):
+    """d(log s) / d(raw)."""
+    if SCALE == 0:
+        r = raw + 2.0
+        g = tl.exp(tl.minimum(-r, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(r))))  # 1 - s, no cancellation
+    elif SCALE == 1:
+        g = raw * 0.0 + 1.0
+    else:
+        u = raw / CLAMP
+        g = 0.636 / (1.0 + u * u)
+    return g
+
+
+@triton.jit
+def _param_channels(cb, CB, SCALE: tl.constexpr, LAYOUT: tl.constexpr):
+    """Channels of h holding raw and t for transformed channel ``cb``."""
+    if SCALE == 3:
+        raw_ch = cb
+        t_ch = cb
+    elif LAYOUT == 0:
+        raw_ch = cb
+        t_ch = cb + CB
+    else:
+        raw_ch = 2 * cb + 1
+        t_ch = 2 * cb
+    return raw_ch, t_ch
+
+
+@triton.jit
+def _coupling_fwd_kernel(
+    in_ptr,    # (N, C, H, W) the op's input: x, or y when REVERSE
+    h_ptr,     # (N, 2*Cb, H, W) coupling-network output; (N, Cb, H, W) when additive
+    out_ptr,   # (N, C, H, W) the op's output
+    part_ptr,  # (N, N_TILES) partial sums of +-log s per tile, compute dtype
+    C, CA, CB, HW, N_TILES, N_PTILES,
+    s_in_n, s_in_c, s_in_p, s_h_n, s_h_c, s_h_p, s_out_n, s_out_c, s_out_p,
+    SCALE: tl.constexpr, LAYOUT: tl.constexpr, SHIFT: tl.constexpr, REVERSE: tl.constexpr,
+    CLAMP: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n = (pid // N_TILES).to(tl.int64)
+    tile = pid % N_TILES
+    c = (tile // N_PTILES) * BLOCK_C + tl.arange(0, BLOCK_C)[:, None]
+    p = (tile % N_PTILES) * BLOCK_P + tl.arange(0, BLOCK_P)[None, :]
+    inside = (c < C) & (p < HW)
+    c64 = c.to(tl.int64)
+    p64 = p.to(tl.int64)
+    v = tl.load(in_ptr + n * s_in_n + c64 * s_in_c + p64 * s_in_p, mask=inside, other=0.0).to(COMPUTE)
+
+    moved = inside & (c >= CA)
+    raw_ch, t_ch = _param_channels(c64 - CA, CB, SCALE, LAYOUT)
+    h_row = h_ptr + n * s_h_n + p64 * s_h_p
+    t = tl.load(h_row + t_ch * s_h_c, mask=moved, other=0.0).to(COMPUTE)
+    if SCALE == 3:
+        if REVERSE:
+            out = v - t
+        else:
+            out = v + t
+    else:
+        raw = tl.load(h_row + raw_ch * s_h_c, mask=moved, other=0.0).to(COMPUTE)
+        log_s = _log_scale(raw, SCALE, CLAMP)
+        if SHIFT == 2:
+            t = -t
+        if REVERSE:
+            inv_s = tl.exp(-log_s)
+            if SHIFT == 1:
+                out = (v - t) * inv_s
+            else:
+                out = v * inv_s - t
+            log_s = -log_s
+        else:
+            s = tl.exp(log_s)
+            if SHIFT == 1:
+                out = v * s + t
+            else:
+                out = (v + t) * s
+        partial = tl.sum(tl.sum(tl.where(moved, log_s, 0.0), axis=1), axis=0)
+        tl.store(part_ptr + pid, partial)
+    out = tl.where(c >= CA, out, v)
+    tl.store(out_ptr + n * s_out_n + c64 * s_out_c + p64 * s_out_p,
+             out.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _coupling_bwd_kernel(
+    g_ptr,     # (N, C, H, W) gradient of the op's output
+    gld_ptr,   # (N,) gradient of the op's log-det
+    src_ptr,   # (N, C, H, W) the op's input, or its output when FROM_OUTPUT
+    h_ptr,     # (N, 2*Cb, H, W) coupling-network output; (N, Cb, H, W) when additive
+    gin_ptr,   # (N, C, H, W) gradient of the op's input (written)
+    gh_ptr,    # shaped like h: gradient of h (written)
+    C, CA, CB, HW, N_TILES, N_PTILES, s_gld,
+    s_g_n, s_g_c, s_g_p, s_src_n, s_src_c, s_src_p, s_h_n, s_h_c, s_h_p,
+    s_gin_n, s_gin_c, s_gin_p, s_gh_n, s_gh_c, s_gh_p,
+    SCALE: tl.constexpr, LAYOUT: tl.constexpr, SHIFT: tl.constexpr, REVERSE: tl.constexpr,
+    FROM_OUTPUT: tl.constexpr, CLAMP: tl.constexpr, COMPUTE: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n = (pid // N_TILES).to(tl.int64)
+    tile = pid % N_TILES
+    c = (tile // N_PTILES) * BLOCK_C + tl.arange(0, BLOCK_C)[:, None]
+    p = (tile % N_PTILES) * BLOCK_P + tl.arange(0, BLOCK_P)[None, :]
+    inside = (c < C) & (p < HW)
+    c64 = c.to(tl.int64)
+    p64 = p.to(tl.int64)
+    go = tl.load(g_ptr + n * s_g_n + c64 * s_g_c + p64 * s_g_p, mask=inside, other=0.0).to(COMPUTE)
+
+    moved = inside & (c >= CA)
+    raw_ch, t_ch = _param_channels(c64 - CA, CB, SCALE, LAYOUT)
+    h_row = h_ptr + n * s_h_n + p64 * s_h_p
+    gh_row = gh_ptr + n * s_gh_n + p64 * s_gh_p
+    if SCALE == 3:
+        gin = go
+        if REVERSE:
+            gt = -go
+        else:
+            gt = go
+    else:
+        gld = tl.load(gld_ptr + n * s_gld).to(COMPUTE)
+        src = tl.load(src_ptr + n * s_src_n + c64 * s_src_c + p64 * s_src_p,
+                      mask=moved, other=0.0).to(COMPUTE)
+        raw = tl.load(h_row + raw_ch * s_h_c, mask=moved, other=0.0).to(COMPUTE)
+        t = tl.load(h_row + t_ch * s_h_c, mask=moved, other=0.0).to(COMPUTE)
+        log_s = _log_scale(raw, SCALE, CLAMP)
+        g = _dlog_scale(raw, SCALE, CLAMP)
+        s = tl.exp(log_s)
+        inv_s = tl.exp(-log_s)
+        if SHIFT == 2:
+            t = -t
+        # the forward-direction pair (xb, yb): src is one of them, rebuild the other
+        if REVERSE == FROM_OUTPUT:
+            xb = src
+            if SHIFT == 1:
+                yb = xb * s + t
+            else:
+                yb = (xb + t) * s
+        else:
+            yb = src
+            if SHIFT == 1:
+                xb = (yb - t) * inv_s
+            else:
+                xb = yb * inv_s - t
+        if REVERSE:  # op: x = F^-1(y), logdet = -sum(log s); go = dL/dxb
+            gin = go * inv_s
+            if SHIFT == 1:
+                gt = -go * inv_s
+                graw = -(go * xb + gld) * g
+            else:
+                gt = -go
+                graw = -(go * yb * inv_s + gld) * g
+        else:  # op: y = F(x), logdet = sum(log s); go = dL/dyb
+            gin = go * s
+            if SHIFT == 1:
+                gt = go
+                graw = (go * xb * s + gld) * g
+            else:
+                gt = go * s
+                graw = (go * yb + gld) * g
+        if SHIFT == 2:
+            gt = -gt
+        tl.store(gh_row + raw_ch * s_gh_c, graw.to(gh_ptr.dtype.element_ty), mask=moved)
+    tl.store(gh_row + t_ch * s_gh_c, gt.to(gh_ptr.dtype.element_ty), mask=moved)
+    gin = tl.where(c >= CA, gin, go)
+    tl.store(gin_ptr + n * s_gin_n + c64 * s_gin_c + p64 * s_gin_p,
+             gin.to(gin_ptr.dtype.element_ty), mask=inside)
+
+
+def _grid(n: int, c: int, hw: int):
+    block_c, block_p = tile_shape(c, hw)
+    n_ptiles = triton.cdiv(hw, block_p)
+    n_tiles = triton.cdiv(c, block_c) * n_ptiles
+    return block_c, block_p, n_ptiles, n_tiles
+
+
+def _logdet_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def coupling_forward(inp: torch.Tensor, h: torch.Tensor, *, scale: str, layout: str,
+                     shift: str, clamp: float, reverse: bool):
+    """(out, logdet) of the coupling (or of its inverse when ``reverse``). Shapes are
+    validated by the caller; any strides are accepted."""
+    n, c, hh, ww = inp.shape
+    ca, cb, hw = c - c // 2, c // 2, hh * ww
+    out = output_like(inp)
+    ld_dtype = _logdet_dtype(inp.dtype)
+    if scale == "additive" or out.numel() == 0:
+        logdet = torch.zeros(n, dtype=ld_dtype, device=inp.device)
+        if out.numel() == 0:
+            return out, logdet
+    block_c, block_p, n_ptiles, n_tiles = _grid(n, c, hw)
+    additive = scale == "additive"
+    partials = logdet if additive else torch.empty((n, n_tiles), dtype=ld_dtype, device=inp.device)
+    inp, s_in = nchw(inp)
+    h, s_h = nchw(h)
+    _, s_out = nchw(out)
+    _coupling_fwd_kernel[(n * n_tiles,)](
+        inp, h, out, partials, c, ca, cb, hw, n_tiles, n_ptiles, *s_in, *s_h, *s_out,
+        SCALE=SCALE_IDS[scale], LAYOUT=LAYOUT_IDS[layout], SHIFT=SHIFT_IDS[shift],
+        REVERSE=bool(reverse), CLAMP=float(clamp), COMPUTE=compute_type(inp.dtype),
+        BLOCK_C=block_c, BLOCK_P=block_p)
+    if not additive:
+        logdet = partials[:, 0] if n_tiles == 1 else partials.sum(dim=1)
+    return out, logdet
+
+
+def coupling_backward(grad_out: torch.Tensor, grad_logdet: torch.Tensor, src: torch.Tensor,
+                      h: torch.Tensor, *, scale: str, layout: str, shift: str, clamp: float,
+                      reverse: bool, from_output: bool):
+    """(d input, dh) of the coupling op; ``src`` is the op's input, or its output when
+    ``from_output``. Gradients may have any strides, including the stride-0 ones of
+    ``.sum().backward()``."""
+    n, c, hh, ww = src.shape
+    ca, cb, hw = c - c // 2, c // 2, hh * ww
+    grad_in = output_like(src)
+    grad_h = output_like(h)
+    if grad_in.numel() == 0:
+        return grad_in, grad_h.zero_()
+    block_c, block_p, n_ptiles, n_tiles = _grid(n, c, hw)
+    grad_out, s_g = nchw(grad_out)
+    src, s_src = nchw(src)
+    h, s_h = nchw(h)
+    _, s_gin = nchw(grad_in)
+    _, s_gh = nchw(grad_h)
+    _coupling_bwd_kernel[(n * n_tiles,)](
+        grad_out, grad_logdet, src, h, grad_in, grad_h, c, ca, cb, hw, n_tiles, n_ptiles,
+        grad_logdet.stride(0), *s_g, *s_src, *s_h, *s_gin, *s_gh,
+        SCALE=SCALE_IDS[scale], LAYOUT=LAYOUT_IDS[layout], SHIFT=SHIFT_IDS[shift],
+        REVERSE=bool(reverse), FROM_OUTPUT=bool(from_output), CLAMP=float(clamp),
+        COMPUTE=compute_type(src.dtype), BLOCK_C=block_c, BLOCK_P=block_p)
+    return grad_in, grad_h

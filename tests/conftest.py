@@ -1,0 +1,58 @@
+"""Shared test set-up.
+
+Without a GPU the Triton kernels run under the interpreter: TRITON_INTERPRET=1 must be set
+before any kernel is compiled, so it is set here, before fastflow is imported by a test.
+With a GPU the same tests run the compiled kernels on CUDA tensors.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fastflow as ff  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (rtol, atol) of an op's result against the float64 reference, per input dtype.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (5e-3, 5e-3),
+    torch.bfloat16: (2e-2, 2e-2),
+}
+# tf32 matrix products on a GPU are looser than the exact float32 of the interpreter.
+if DEVICE == "cuda":
+    TOLERANCES[torch.float32] = (2e-3, 2e-3)
+
+FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def assert_close(actual, expected, dtype=None, *, rtol=None, atol=None, msg=""):
+    """``actual`` against a float64 ``expected`` with the tolerance of ``dtype``."""
+    r, a = TOLERANCES[dtype or actual.dtype]
+    torch.testing.assert_close(actual.to(torch.float64), expected.to(torch.float64),
+                               rtol=rtol if rtol is not None else r,
+                               atol=atol if atol is not None else a, msg=msg or None)
+
+
+@pytest.fixture(params=["triton", "reference"])
+def backend(request):
+    """Run the test once with the Triton kernels (interpreted on CPU) and once with the
+    plain PyTorch reference."""
+    with ff.use_backend(request.param):
+        yield request.param
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
