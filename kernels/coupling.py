@@ -254,7 +254,10 @@ def coupling_forward(inp: torch.Tensor, h: torch.Tensor, *, scale: str, layout: 
             return out, logdet
     block_c, block_p, n_ptiles, n_tiles = _grid(n, c, hw)
     additive = scale == "additive"
-    partials = logdet if additive else torch.empty((n, n_tiles), dtype=ld_dtype, device=inp.device)
+    if additive:
+        partials = logdet  # unused by the additive kernel
+    else:  # with one tile per sample the kernel writes the log-det itself
+        partials = torch.empty((n,) if n_tiles == 1 else (n, n_tiles), dtype=ld_dtype, device=inp.device)
     inp, s_in = nchw(inp)
     h, s_h = nchw(h)
     _, s_out = nchw(out)
@@ -264,7 +267,7 @@ def coupling_forward(inp: torch.Tensor, h: torch.Tensor, *, scale: str, layout: 
         REVERSE=bool(reverse), CLAMP=float(clamp), COMPUTE=compute_type(inp.dtype),
         BLOCK_C=block_c, BLOCK_P=block_p)
     if not additive:
-        logdet = partials[:, 0] if n_tiles == 1 else partials.sum(dim=1)
+        logdet = partials if n_tiles == 1 else partials.sum(dim=1)
     return out, logdet
 
 

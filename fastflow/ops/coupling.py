@@ -72,17 +72,12 @@ def coupling_backward(grad_out: Tensor, grad_logdet: Tensor, src: Tensor, h: Ten
         return _kernels().coupling_backward(grad_out, grad_logdet, src, h, scale=scale,
                                             layout=layout, shift=shift, clamp=clamp,
                                             reverse=reverse, from_output=from_output)
-    # reference: rebuild the op's input if needed, then differentiate the reference
+    # reference: rebuild the op's input if needed, then the vjp of the reference (autograd
+    # is switched off inside a custom op's implementation; torch.func works below it)
     inp = _reference(src, h, scale, layout, shift, clamp, not reverse)[0] if from_output else src
-    with torch.enable_grad():
-        inp_ = inp.detach().requires_grad_(True)
-        h_ = h.detach().requires_grad_(True)
-        out, logdet = _reference(inp_, h_, scale, layout, shift, clamp, reverse)
-        outs, grads = [out], [grad_out]
-        if logdet.requires_grad:
-            outs.append(logdet)
-            grads.append(grad_logdet)
-        grad_in, grad_h = torch.autograd.grad(outs, [inp_, h_], grads)
+    fn = lambda a, b: _reference(a, b, scale, layout, shift, clamp, reverse)  # noqa: E731
+    _, vjp = torch.func.vjp(fn, inp, h)
+    grad_in, grad_h = vjp((grad_out, grad_logdet))
     return (grad_in.contiguous(memory_format=memory_format_of(src)),
             grad_h.contiguous(memory_format=memory_format_of(h)))
 

@@ -1,0 +1,285 @@
+"""Benchmark harness shared by the op suites (``benchmarks/suite_*.py``).
+
+A suite module exposes ``cases(device, quick) -> list[Case]`` and optionally
+``cpu_figures() -> list[dict]`` (device-independent figures: operator counts, bytes saved
+for backward, algorithmic ratios). ``benchmarks/run.py`` prints and saves the tables;
+``benchmarks/test_benchmarks.py`` runs the same cases under pytest-benchmark.
+
+Timings: on CUDA, CUDA events around each repetition, median of ``reps``; on CPU,
+``time.perf_counter`` (CPU timings say nothing about GPU speed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+
+@dataclass
+class Impl:
+    name: str            # "eager", "compile", "fastflow", "normflows", "FrEIA", ...
+    fn: Callable[..., Any]  # fn(*inputs) -> Tensor or tuple of Tensors
+
+
+@dataclass
+class Case:
+    op: str              # "coupling", "channel_mix", "gaussian"
+    shape: str           # human-readable, e.g. "N=64 C=48 32x32"
+    dtype: torch.dtype
+    make_inputs: Callable[[], tuple]  # fresh inputs; requires_grad set where grads are wanted
+    impls: list[Impl]
+    bytes_fwd: int       # minimal bytes one forward must read + write
+    bytes_bwd: int       # minimal bytes one backward must read + write
+    extra: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------
+# Running one implementation
+# --------------------------------------------------------------------------------------
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for t in out if isinstance(t, torch.Tensor)]
+
+
+def _grad_outputs(outs: list[torch.Tensor]):
+    """Fixed random upstream gradients for every differentiable output."""
+    pairs = [(o, torch.randn_like(o)) for o in outs if o.requires_grad]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _leaves(inputs) -> list[torch.Tensor]:
+    return [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+def run_backward(outs, grads, inputs):
+    torch.autograd.grad(outs, _leaves(inputs), grads, allow_unused=True)
+
+
+class _Timer:
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+
+    def __enter__(self):
+        if self.cuda:
+            self.start, self.end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.end.record()
+        else:
+            self.seconds = time.perf_counter() - self.t0
+
+    def elapsed(self) -> float:
+        if self.cuda:
+            self.end.synchronize()
+            return self.start.elapsed_time(self.end) / 1e3
+        return self.seconds
+
+
+def _sync(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_impl(impl: Impl, inputs, device: str, reps: int = 20, warmup: int = 3) -> dict:
+    """Median seconds of forward, backward and forward+backward, and peak memory."""
+    outs0 = _tensors(impl.fn(*inputs))
+    has_grad = any(o.requires_grad for o in outs0)
+    _, grads = _grad_outputs(outs0)
+    del outs0
+    for _ in range(warmup):
+        outs = [o for o in _tensors(impl.fn(*inputs)) if o.requires_grad]
+        if has_grad:
+            run_backward(outs, grads, inputs)
+    _sync(device)
+    fwd, bwd, both = [], [], []
+    for _ in range(reps):
+        with _Timer(device) as t:
+            outs = _tensors(impl.fn(*inputs))
+        fwd.append(t)
+        if has_grad:
+            outs = [o for o in outs if o.requires_grad]
+            with _Timer(device) as t:
+                run_backward(outs, grads, inputs)
+            bwd.append(t)
+        del outs
+    for _ in range(reps):
+        with _Timer(device) as t:
+            outs = [o for o in _tensors(impl.fn(*inputs)) if o.requires_grad]
+            if has_grad:
+                run_backward(outs, grads, inputs)
+        both.append(t)
+        del outs
+    peak = None
+    if device.startswith("cuda"):
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        outs = [o for o in _tensors(impl.fn(*inputs)) if o.requires_grad]
+        if has_grad:
+            run_backward(outs, grads, inputs)
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated() - base
+        del outs
+    med = lambda ts: statistics.median(x.elapsed() for x in ts) if ts else float("nan")  # noqa: E731
+    return {"fwd_s": med(fwd), "bwd_s": med(bwd), "fwd_bwd_s": med(both), "peak_bytes": peak}
+
+
+def copy_bandwidth(device: str, nbytes: int = 1 << 28, reps: int = 20) -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second), measured now."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        with _Timer(device) as t:
+            dst.copy_(src)
+        times.append(t)
+    return 2 * src.numel() * 4 / statistics.median(t.elapsed() for t in times)
+
+
+def measure(case: Case, device: str, copy_bw: float | None, reps: int = 20) -> list[dict]:
+    """One row per implementation of ``case``."""
+    rows = []
+    for impl in case.impls:
+        inputs = case.make_inputs()
+        try:
+            r = time_impl(impl, inputs, device, reps=reps)
+        except Exception as e:  # a peer that cannot run this case is reported, not fatal
+            rows.append({"op": case.op, "shape": case.shape, "dtype": str(case.dtype).replace("torch.", ""),
+                         "impl": impl.name, "error": f"{type(e).__name__}: {e}"[:200]})
+            continue
+        row = {"op": case.op, "shape": case.shape, "dtype": str(case.dtype).replace("torch.", ""),
+               "impl": impl.name, **r}
+        row["fwd_GBps"] = case.bytes_fwd / r["fwd_s"] / 1e9
+        row["fwd_bwd_GBps"] = (case.bytes_fwd + case.bytes_bwd) / r["fwd_bwd_s"] / 1e9
+        if copy_bw:
+            row["fwd_bwd_copy_frac"] = (case.bytes_fwd + case.bytes_bwd) / r["fwd_bwd_s"] / copy_bw
+        rows.append(row)
+        del inputs
+    base = {r["impl"]: r for r in rows if "error" not in r}
+    for r in rows:
+        for ref in ("eager", "compile"):
+            if "error" not in r and ref in base:
+                r[f"speedup_vs_{ref}"] = base[ref]["fwd_bwd_s"] / r["fwd_bwd_s"]
+    return rows
+
+
+# --------------------------------------------------------------------------------------
+# Device-independent figures
+# --------------------------------------------------------------------------------------
+
+
+class _LaunchCounter:
+    """Counts Triton kernel launches (compiled or interpreted) while active."""
+
+    def __init__(self):
+        self.count = 0
+        self._patched = []
+
+    def __enter__(self):
+        try:
+            from triton.runtime.jit import JITFunction
+            classes = [JITFunction]
+            try:
+                from triton.runtime.interpreter import InterpretedFunction
+                classes.append(InterpretedFunction)
+            except ImportError:
+                pass
+        except ImportError:
+            return self
+        for cls in classes:
+            orig = cls.run
+
+            def run(fn_self, *args, _orig=orig, **kwargs):
+                if not kwargs.get("warmup", False):
+                    self.count += 1
+                # the interpreter's own host copies are not the op's work: not counted
+                with _disable_current_modes():
+                    return _orig(fn_self, *args, **kwargs)
+
+            cls.run = run
+            self._patched.append((cls, orig))
+        return self
+
+    def __exit__(self, *exc):
+        for cls, orig in self._patched:
+            cls.run = orig
+
+
+class _AtenCounter(TorchDispatchMode):
+    """Counts ATen operators; a fastflow custom op is opened up and the ops inside it are
+    counted instead of the op itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "fastflow":
+            from torch._library.custom_ops import OPDEFS
+            opdef = OPDEFS[func._schema.name]
+            with self:
+                return opdef._init_fn(*args, **kwargs)
+        self.ops.append(str(func.overloadpacket.__name__))
+        return func(*args, **kwargs)
+
+
+def count_ops(fn: Callable, *inputs) -> dict:
+    """ATen operators and Triton launches of one forward + backward of ``fn(*inputs)``.
+
+    The upstream gradients are made before counting starts; the count covers the forward,
+    the backward and nothing else."""
+    outs = _tensors(fn(*inputs))  # warm-up: compiles kernels outside the count
+    outs, grads = _grad_outputs(outs)
+    if outs:
+        run_backward(outs, grads, inputs)
+    aten, launches = _AtenCounter(), _LaunchCounter()
+    with launches, aten:
+        outs = [o for o in _tensors(fn(*inputs)) if o.requires_grad]
+        if outs:
+            run_backward(outs, grads, inputs)
+    return {"aten_ops": len(aten.ops), "triton_launches": launches.count,
+            "total": len(aten.ops) + launches.count, "ops": aten.ops}
+
+
+def saved_bytes(fn: Callable, *inputs) -> int:
+    """Bytes of the distinct storages that autograd saves for backward in ``fn(*inputs)``."""
+    seen = {}
+
+    def pack(t):
+        try:
+            key = (t.untyped_storage().data_ptr(), t.device)
+            seen[key] = t.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):
+            seen[id(t)] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*inputs)
+    del out
+    return sum(seen.values())
+
+
+@contextlib.contextmanager
+def backend(mode: str):
+    import fastflow as ff
+
+    with ff.use_backend(mode):
+        yield

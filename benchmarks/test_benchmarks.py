@@ -1,0 +1,49 @@
+"""pytest-benchmark suites: ``pytest benchmarks --benchmark-only``.
+
+Every case of every ``suite_*.py`` (the small "quick" shapes on CPU, the real ones on a GPU)
+and every implementation, timed for forward+backward. Benchmarks measure; nothing here
+asserts a time."""
+
+import importlib
+
+import pytest
+import torch
+
+import harness
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+QUICK = DEVICE == "cpu"
+
+
+def _params():
+    out = []
+    for name in ("coupling", "channel_mix", "gaussian"):
+        try:
+            suite = importlib.import_module(f"suite_{name}")
+        except ImportError:
+            continue
+        for case in suite.cases(DEVICE, QUICK):
+            for impl in case.impls:
+                tag = f"{case.op}-{case.shape}-{str(case.dtype).replace('torch.', '')}-{impl.name}"
+                out.append(pytest.param(case, impl, id=tag.replace(" ", "_")))
+    return out
+
+
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("case,impl", _params())
+def test_forward_backward(benchmark, case, impl):
+    inputs = case.make_inputs()
+    outs = [o for o in harness._tensors(impl.fn(*inputs)) if o.requires_grad]
+    outs, grads = harness._grad_outputs(outs)
+
+    def step():
+        o = [t for t in harness._tensors(impl.fn(*inputs)) if t.requires_grad]
+        harness.run_backward(o, grads, inputs)
+        _sync()
+
+    benchmark.group = f"{case.op} {case.shape} {case.dtype}"
+    benchmark(step)
