@@ -58,15 +58,16 @@ def affine_coupling(x, h, *, scale="sigmoid", layout="halves", shift="before", c
     xa, xb = xf[:, :ca], xf[:, ca:]
     raw, t = coupling_params(hf, cb, layout)
     log_s = coupling_log_scale(raw, scale, clamp)
-    s = torch.exp(log_s)
     if shift == "negated":
         t = -t
     shift_first = shift in ("before", "negated")
     if not reverse:
+        s = torch.exp(log_s)
         yb = (xb + t) * s if shift_first else xb * s + t
         logdet = log_s.sum(dim=(1, 2, 3))
-    else:
-        yb = xb / s - t if shift_first else (xb - t) / s
+    else:  # times exp(-log s) rather than / s: no s**2 in the gradient to underflow
+        inv_s = torch.exp(-log_s)
+        yb = xb * inv_s - t if shift_first else (xb - t) * inv_s
         logdet = -log_s.sum(dim=(1, 2, 3))
     y = torch.cat([xa, yb], dim=1).to(x.dtype)
     return y, logdet.to(compute_dtype(x.dtype))
@@ -150,6 +151,35 @@ def invconv(x, weight, *, reverse=False, upcast=True):
     ld = x.shape[2] * x.shape[3] * torch.linalg.slogdet(weight.to(cd).reshape(w.shape))[1]
     ld = -ld if reverse else ld
     return y, ld.expand(x.shape[0]).clone()
+
+
+def actnorm_mix(x, weight=None, loc=None, scale=None, *, reverse=False, upcast=True):
+    """ActNorm then a 1x1 convolution, one rounding at the end (the fused op's spec):
+
+    forward ``y = weight @ (scale * (x + loc))``; ``reverse``: ``x = (weight @ y) / scale - loc``
+    where ``weight`` is then the inverse matrix. ``weight`` (Co, C) or (Co, C, 1, 1), or None
+    (ActNorm alone); ``loc``/``scale`` hold one value per channel, or are both None."""
+    cd = compute_dtype(x.dtype) if upcast else x.dtype
+    v = x.to(cd)
+    w = None if weight is None else weight.to(cd).reshape(weight.shape[0], weight.shape[1])
+    if loc is not None:
+        loc_, scale_ = loc.to(cd).reshape(1, -1, 1, 1), scale.to(cd).reshape(1, -1, 1, 1)
+    if not reverse and loc is not None:
+        v = scale_ * (v + loc_)
+    if w is not None:
+        v = torch.einsum("oc,nchw->nohw", w, v)
+    if reverse and loc is not None:
+        v = v / scale_ - loc_
+    return v.to(x.dtype)
+
+
+def actnorm_init(x, eps=1e-6):
+    """ActNorm's data-dependent initialisation: (loc, scale) = (-mean, 1 / (std + eps)) per
+    channel over (N, H, W), std unbiased (rosinality/glow-pytorch), in the compute dtype."""
+    v = x.detach().to(compute_dtype(x.dtype)).transpose(0, 1).reshape(x.shape[1], -1)
+    mean = v.mean(dim=1)
+    std = v.std(dim=1, correction=1 if v.shape[1] > 1 else 0)
+    return -mean, 1.0 / (std + eps)
 
 
 # --------------------------------------------------------------------------------------
