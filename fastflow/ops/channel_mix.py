@@ -1,0 +1,230 @@
+"""ActNorm folded into the invertible 1x1 convolution, as torch.library custom ops.
+
+* ``fastflow::channel_mix(x, weight, loc, scale, reverse) -> out``: one kernel launch.
+  Forward: ``out = weight @ (scale * (x + loc))`` per pixel; ``reverse``:
+  ``out = (weight @ x) / scale - loc`` (``weight`` is then the inverse matrix). ``weight``
+  None is ActNorm alone; ``loc``/``scale`` None is the 1x1 convolution alone.
+* ``fastflow::channel_mix_backward(grad, src, weight, loc, scale, reverse, need_params)
+  -> (d_src, d_weight, d_loc, d_scale)``: one launch for d_src, one deterministic
+  reduction launch for the parameters (skipped when no parameter needs a gradient); absent
+  gradients come back as empty tensors.
+
+Log-determinants are not the kernel's business: they are read from the parameters
+(H*W*sum(log|scale|), H*W*sum(log_s)), see ``actnorm_invconv``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..backend import compute_dtype, empty_output, memory_format_of, use_triton
+from ._checks import check_float_tensor, check_same_device
+
+
+def _kernels():
+    from ..kernels import channel_mix  # imported on first Triton use only
+
+    return channel_mix
+
+
+def _matrix(weight):
+    return None if weight is None else weight.reshape(weight.shape[0], weight.shape[1])
+
+
+def _vec(v):
+    return None if v is None else v.reshape(-1).contiguous()
+
+
+def _out_channels(x, weight):
+    return x.shape[1] if weight is None else weight.shape[0]
+
+
+@torch.library.custom_op("fastflow::channel_mix", mutates_args=())
+def channel_mix_op(x: Tensor, weight: Optional[Tensor], loc: Optional[Tensor],
+                   scale: Optional[Tensor], reverse: bool) -> Tensor:
+    if use_triton(x):
+        a, lv, sv = _matrix(weight), _vec(loc), _vec(scale)
+        if lv is None:
+            return _kernels().mix(x, a)
+        if reverse:
+            return _kernels().mix(x, a, post="actnorm_inverse", post_scale=sv, post_shift=lv)
+        return _kernels().mix(x, a, pre="actnorm", pre_scale=sv, pre_shift=lv)
+    out = reference.actnorm_mix(x, weight, loc, scale, reverse=reverse)
+    return out.contiguous(memory_format=memory_format_of(x))
+
+
+@channel_mix_op.register_fake
+def _(x, weight, loc, scale, reverse):
+    n, _, h, w = x.shape
+    return empty_output(x, shape=(n, _out_channels(x, weight), h, w))
+
+
+def _triton_backward(grad, src, weight, loc, scale, reverse, need_params):
+    k = _kernels()
+    a, lv, sv = _matrix(weight), _vec(loc), _vec(scale)
+    has_an = lv is not None
+    # d src: the transposed matrix, with ActNorm's scale as an epilogue (forward) or a
+    # prologue (reverse)
+    if not has_an:
+        d_src = k.mix(grad, a, transpose_a=True)
+    elif reverse:
+        d_src = k.mix(grad, a, transpose_a=True, pre="divide", pre_scale=sv)
+    else:
+        d_src = k.mix(grad, a, transpose_a=True, post="multiply", post_scale=sv)
+    d_w = d_l = d_s = None
+    if need_params:
+        # G[o, k] = sum g[o] (src[k] + shift[k]), gsum[o] = sum g[o]
+        gmat, gsum = k.reduce(grad, src, diag=a is None,
+                              shift=lv if (has_an and not reverse) else None)
+        ac = None if a is None else a.to(gmat.dtype)
+        if a is None:  # ActNorm alone; gmat is diag(G)
+            if reverse:  # out = y / s - l
+                d_s, d_l = -gmat / (sv * sv), -gsum
+            else:        # out = s * (x + l)
+                d_s, d_l = gmat, sv * gsum
+        elif not has_an:
+            d_w = gmat
+        elif reverse:    # out = (A y) / s - l
+            d_w = gmat / sv[:, None]
+            d_s = -(ac * gmat).sum(dim=1) / (sv * sv)
+            d_l = -gsum
+        else:            # out = A (s * (x + l))
+            d_w = gmat * sv[None, :]
+            d_s = (ac * gmat).sum(dim=0)
+            d_l = sv * (gsum @ ac)
+    return d_src, d_w, d_l, d_s
+
+
+def _reference_backward(grad, src, weight, loc, scale, reverse, need_params):
+    args = {"weight": weight, "loc": loc, "scale": scale}
+    names = [k for k, v in args.items() if v is not None] if need_params else []
+
+    def fn(x, *params):
+        kw = dict(args, **dict(zip(names, params)))
+        return reference.actnorm_mix(x, kw["weight"], kw["loc"], kw["scale"], reverse=reverse)
+
+    _, vjp = torch.func.vjp(fn, src, *[args[k] for k in names])
+    grads = vjp(grad)
+    got = dict(zip(names, grads[1:]))
+    return grads[0], got.get("weight"), got.get("loc"), got.get("scale")
+
+
+@torch.library.custom_op("fastflow::channel_mix_backward", mutates_args=())
+def channel_mix_backward(grad: Tensor, src: Tensor, weight: Optional[Tensor],
+                         loc: Optional[Tensor], scale: Optional[Tensor], reverse: bool,
+                         need_params: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    run = _triton_backward if use_triton(src) else _reference_backward
+    d_src, d_w, d_l, d_s = run(grad, src, weight, loc, scale, reverse, need_params)
+    d_src = d_src.to(src.dtype).contiguous(memory_format=memory_format_of(src))
+    outs = [d_src]
+    for g, p in ((d_w, weight), (d_l, loc), (d_s, scale)):
+        outs.append(src.new_empty(0) if g is None else g.to(p.dtype).reshape(p.shape))
+    return tuple(outs)
+
+
+@channel_mix_backward.register_fake
+def _(grad, src, weight, loc, scale, reverse, need_params):
+    outs = [empty_output(src)]
+    for p in (weight, loc, scale):
+        outs.append(src.new_empty(0) if (p is None or not need_params) else torch.empty_like(p))
+    return tuple(outs)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, loc, scale, reverse = inputs
+    ctx.save_for_backward(x, weight, loc, scale)
+    ctx.reverse = reverse
+
+
+def _backward(ctx, grad):
+    x, weight, loc, scale = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_params = any(need[1:4])
+    d_x, d_w, d_l, d_s = channel_mix_backward(grad, x, weight, loc, scale, ctx.reverse,
+                                              need_params)
+    keep = lambda g, i: g if (need[i] and g.numel() > 0) else None  # noqa: E731
+    return keep(d_x, 0), keep(d_w, 1), keep(d_l, 2), keep(d_s, 3), None
+
+
+channel_mix_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------
+# Public functions (validation, then the op)
+# --------------------------------------------------------------------------------------
+
+
+def _check(x, weight, loc, scale, reverse):
+    check_float_tensor("x", x, ndim=4)
+    c = x.shape[1]
+    if weight is None and loc is None and scale is None:
+        raise ValueError("weight: expected a (Co, C) matrix when loc and scale are None, got None")
+    if weight is not None:
+        check_float_tensor("weight", weight)
+        check_same_device("weight", weight, "x", x)
+        if not (weight.dim() == 2 or (weight.dim() == 4 and weight.shape[2:] == (1, 1))):
+            raise ValueError(f"weight: expected shape (Co, {c}) or (Co, {c}, 1, 1), got "
+                             f"{tuple(weight.shape)}")
+        if weight.shape[1] != c:
+            raise ValueError(f"weight: expected {c} input channels (x has shape "
+                             f"{tuple(x.shape)}), got weight shape {tuple(weight.shape)}")
+    if (loc is None) != (scale is None):
+        raise ValueError(f"loc, scale: expected both or neither, got loc="
+                         f"{'None' if loc is None else 'a tensor'}, scale="
+                         f"{'None' if scale is None else 'a tensor'}")
+    if loc is not None:
+        # the ActNorm acts on x's channels going forward, on the output's in reverse
+        want = weight.shape[0] if (reverse and weight is not None) else c
+        for name, v in (("loc", loc), ("scale", scale)):
+            check_float_tensor(name, v)
+            check_same_device(name, v, "x", x)
+            if v.numel() != want or (v.dim() == 4 and v.shape[1] != want):
+                raise ValueError(f"{name}: expected {want} values, one per channel (shape "
+                                 f"({want},) or (1, {want}, 1, 1)), got shape {tuple(v.shape)}")
+    if reverse and weight is not None and loc is not None and weight.shape[0] != c:
+        raise ValueError(f"weight: expected a square ({c}, {c}) matrix with reverse=True, got "
+                         f"{tuple(weight.shape)}")
+
+
+def channel_mix(x: Tensor, weight: Optional[Tensor] = None, *, loc: Optional[Tensor] = None,
+                scale: Optional[Tensor] = None, reverse: bool = False) -> Tensor:
+    """ActNorm and a 1x1 convolution in one pass over memory.
+
+    Forward: ``out[:, :, i, j] = weight @ (scale * (x[:, :, i, j] + loc))``.
+    ``reverse=True``: ``out = (weight @ x) / scale - loc`` where ``weight`` is the inverse
+    matrix (the layers pass their cached W^-1). ``weight`` (Co, C) or (Co, C, 1, 1), or
+    None for ActNorm alone; ``loc`` and ``scale`` one value per channel ((C,) or
+    (1, C, 1, 1)), or both None for the convolution alone. The output has x's dtype and
+    memory format; the matrix may be float64 for any x (it is read in the compute dtype)."""
+    _check(x, weight, loc, scale, reverse)
+    return channel_mix_op(x, weight, loc, scale, bool(reverse))
+
+
+def actnorm_invconv(x: Tensor, loc: Tensor, scale: Tensor, weight: Optional[Tensor],
+                    weight_logdet: Optional[Tensor] = None, *, reverse: bool = False):
+    """Glow's ActNorm followed by the invertible 1x1 convolution: ``(out, logdet)``.
+
+    ``out`` as ``channel_mix`` (with ``reverse=True`` pass W^-1 as ``weight``); logdet, shape
+    (N,), is ``H*W*(sum(log|scale|) + weight_logdet)`` for the forward map and its negative
+    for ``reverse``; ``weight_logdet`` is log|det W| (a 0-d tensor, e.g. ``sum(log_s)`` of an
+    LU-parameterised W), None for ActNorm alone."""
+    if weight_logdet is not None:
+        check_float_tensor("weight_logdet", weight_logdet)
+        if weight_logdet.numel() != 1:
+            raise ValueError(f"weight_logdet: expected a single value, got shape "
+                             f"{tuple(weight_logdet.shape)}")
+    for name, v in (("loc", loc), ("scale", scale)):
+        if v is None:
+            raise ValueError(f"{name}: expected a tensor with one value per channel, got None")
+    out = channel_mix(x, weight, loc=loc, scale=scale, reverse=reverse)
+    hw = x.shape[2] * x.shape[3]
+    cd = compute_dtype(x.dtype)
+    per_pixel = torch.log(torch.abs(scale.to(cd))).sum()
+    if weight_logdet is not None:
+        per_pixel = per_pixel + weight_logdet.to(cd).reshape(())
+    ld = (-hw if reverse else hw) * per_pixel
+    return out, ld.expand(x.shape[0])

@@ -1,0 +1,218 @@
+"""The fused ActNorm + 1x1 convolution op (``ff.channel_mix``, ``ff.actnorm_invconv``)
+against the float64 reference, on both backends (Triton interpreted on CPU)."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastflow as ff
+from fastflow import reference
+
+from conftest import DEVICE, FLOAT_DTYPES, assert_close
+
+# (N, C, H, W): odd and prime sizes, N=1, C=1, C above one channel tile (37) and above two
+# (70) with tiny H*W so the interpreter stays quick
+SHAPES = [(1, 1, 3, 2), (2, 3, 5, 7), (3, 37, 2, 3), (1, 70, 1, 3), (2, 6, 1, 1)]
+VARIANTS = ["actnorm+conv", "conv", "actnorm"]
+
+
+def _params(c, dtype=torch.float64, co=None):
+    co = co or c
+    w = torch.randn(co, c, dtype=torch.float64, device=DEVICE) / c ** 0.5 + torch.eye(co, c, dtype=torch.float64, device=DEVICE)
+    loc = torch.randn(1, c, 1, 1, dtype=dtype, device=DEVICE)
+    scale = (torch.rand(1, c, 1, 1, dtype=dtype, device=DEVICE) + 0.5) * torch.where(
+        torch.rand(1, c, 1, 1, device=DEVICE) < 0.3, -1.0, 1.0).to(dtype)
+    return w, loc, scale
+
+
+def _args(variant, w, loc, scale):
+    return {"actnorm+conv": (w, loc, scale), "conv": (w, None, None), "actnorm": (None, loc, scale)}[variant]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_forward_and_reverse_match_reference(backend, shape, dtype):
+    n, c, h, w_ = shape
+    x = torch.randn(shape, dtype=torch.float64, device=DEVICE).to(dtype)
+    w, loc, scale = _params(c)
+    for variant in VARIANTS:
+        a, l, s = _args(variant, w, loc, scale)
+        for reverse in (False, True):
+            out = ff.channel_mix(x, a, loc=l, scale=s, reverse=reverse)
+            assert out.dtype == dtype and out.shape == shape
+            expected = reference.actnorm_mix(x.double(), a, l, s, reverse=reverse)
+            assert_close(out, expected, dtype, msg=f"{variant} reverse={reverse}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_actnorm_invconv_round_trip_and_logdet(backend, dtype):
+    n, c, h, w_ = 2, 5, 3, 7
+    x = torch.randn(n, c, h, w_, dtype=dtype, device=DEVICE)
+    w, loc, scale = _params(c)
+    w_ld = torch.linalg.slogdet(w)[1]
+    y, ld = ff.actnorm_invconv(x, loc, scale, w, w_ld)
+    x2, ld_inv = ff.actnorm_invconv(y, loc, scale, torch.linalg.inv(w), w_ld, reverse=True)
+    assert_close(x2, x.double(), dtype, rtol=1e-4 if dtype == torch.float32 else None,
+                 atol=1e-4 if dtype == torch.float32 else None)
+    expected = h * w_ * (torch.log(scale.abs()).sum() + w_ld)
+    assert ld.shape == (n,) and ld.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close(ld, expected.expand(n), dtype)
+    assert_close(ld_inv, -expected.expand(n), dtype)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (3, 37, 2, 3), (1, 70, 1, 3), (1, 1, 2, 2)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_backward_matches_reference(backend, shape, dtype):
+    c = shape[1]
+    w, loc, scale = _params(c)
+    g = torch.randn(shape, dtype=torch.float64, device=DEVICE)
+    for variant in VARIANTS:
+        for reverse in (False, True):
+            a, l, s = _args(variant, w, loc, scale)
+            x = torch.randn(shape, dtype=dtype, device=DEVICE)
+            leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, a, l, s)]
+            out = ff.channel_mix(leaves[0], leaves[1], loc=leaves[2], scale=leaves[3], reverse=reverse)
+            got = torch.autograd.grad(out, [t for t in leaves if t is not None], g.to(dtype))
+            ref = [t.detach().double().requires_grad_() if t is not None else None for t in (x, a, l, s)]
+            out_r = reference.actnorm_mix(ref[0], ref[1], ref[2], ref[3], reverse=reverse)
+            want = torch.autograd.grad(out_r, [t for t in ref if t is not None], g)
+            for gg, ww in zip(got, want):
+                assert_close(gg, ww, dtype, rtol=1e-4 if dtype == torch.float32 else None,
+                             atol=1e-4 if dtype == torch.float32 else None,
+                             msg=f"{variant} reverse={reverse}")
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradcheck_float64(backend, variant, reverse):
+    c = 3
+    w, loc, scale = _params(c)
+    x = torch.randn(1, c, 2, 3, dtype=torch.float64, device=DEVICE)
+    args = [t.detach().clone().requires_grad_() for t in (x, *_args(variant, w, loc, scale)) if t is not None]
+
+    def fn(*ts):
+        it = iter(ts)
+        x_ = next(it)
+        full = [next(it) if t is not None else None for t in _args(variant, w, loc, scale)]
+        return ff.channel_mix(x_, full[0], loc=full[1], scale=full[2], reverse=reverse)
+
+    assert torch.autograd.gradcheck(fn, args, fast_mode=True)
+
+
+def test_gradcheck_actnorm_invconv_logdet(backend):
+    c = 3
+    w, loc, scale = _params(c)
+    x = torch.randn(1, c, 2, 2, dtype=torch.float64, device=DEVICE)
+    args = [t.detach().clone().requires_grad_() for t in (x, loc, scale, w, torch.linalg.slogdet(w)[1])]
+    for reverse in (False, True):
+        assert torch.autograd.gradcheck(
+            lambda *a: ff.actnorm_invconv(*a, reverse=reverse), args, fast_mode=True)
+
+
+def test_stride0_grad_and_odd_layouts(backend):
+    """channels_last, non-contiguous inputs and the stride-0 gradient of ``.sum()``."""
+    n, c, h, w_ = 2, 5, 3, 4
+    w, loc, scale = _params(c)
+    x0 = torch.randn(n, c, h, w_, device=DEVICE)
+    wide = torch.randn(n, c, h, 2 * w_, device=DEVICE)
+    wide[..., ::2] = x0
+    inputs = {
+        "contiguous": x0,
+        "channels_last": x0.contiguous(memory_format=torch.channels_last),
+        "strided": wide[..., ::2],
+        "permuted": x0.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2),
+    }
+    expected = reference.actnorm_mix(inputs["contiguous"].double(), w, loc, scale)
+    grads = None
+    for name, x in inputs.items():
+        x = x.detach().requires_grad_()
+        params = [t.detach().clone().requires_grad_() for t in (w, loc, scale)]
+        out = ff.channel_mix(x, params[0], loc=params[1], scale=params[2])
+        assert_close(out, expected, torch.float32, msg=name)
+        if name == "channels_last":
+            assert out.is_contiguous(memory_format=torch.channels_last)
+        out.sum().backward()  # an expanded, stride-0 gradient
+        now = [x.grad, *(p.grad for p in params)]
+        if grads is None:
+            ref = [t.detach().double().requires_grad_() for t in (inputs["contiguous"], w, loc, scale)]
+            reference.actnorm_mix(*ref).sum().backward()
+            for g_, r in zip(now, ref):
+                assert_close(g_, r.grad, torch.float32, rtol=1e-4, atol=1e-4, msg=name)
+            grads = now
+        else:
+            for g_, r in zip(now, grads):
+                assert_close(g_, r.double(), torch.float32, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_weight_layouts(backend):
+    """A (Co, C, 1, 1) conv weight, a transposed view and a non-square weight."""
+    x = torch.randn(2, 4, 3, 3, device=DEVICE)
+    w = torch.randn(4, 4, device=DEVICE)
+    expected = reference.channel_mix(x.double(), w.double())
+    assert_close(ff.channel_mix(x, w[:, :, None, None]), expected, torch.float32)
+    assert_close(ff.channel_mix(x, w.T.contiguous().T), expected, torch.float32)
+    wide = torch.randn(6, 4, device=DEVICE)
+    out = ff.channel_mix(x, wide)
+    assert out.shape == (2, 6, 3, 3)
+    assert_close(out, reference.channel_mix(x.double(), wide.double()), torch.float32)
+
+
+def test_bitwise_deterministic(backend):
+    # enough pixels for several reduction chunks, summed in a fixed order
+    x = torch.randn(3, 6, 9, 11, device=DEVICE)
+    w, loc, scale = _params(6, torch.float32)
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, loc, scale)]
+        out = ff.channel_mix(leaves[0], leaves[1], loc=leaves[2], scale=leaves[3])
+        out.backward(torch.cos(torch.arange(out.numel(), device=DEVICE, dtype=out.dtype)).reshape(out.shape))
+        return [out.detach()] + [t.grad for t in leaves]
+
+    first, second = run(), run()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_bad_inputs():
+    x = torch.randn(2, 3, 4, 4)
+    w = torch.randn(3, 3)
+    loc, scale = torch.zeros(3), torch.ones(3)
+    with pytest.raises(ValueError, match=r"^x: expected a 4-D tensor"):
+        ff.channel_mix(torch.randn(3, 4, 4), w)
+    with pytest.raises(TypeError, match=r"^x: expected a floating-point tensor.*int64"):
+        ff.channel_mix(torch.ones(2, 3, 4, 4, dtype=torch.int64), w)
+    with pytest.raises(TypeError, match=r"^x: expected a torch.Tensor, got list"):
+        ff.channel_mix([1.0], w)
+    with pytest.raises(ValueError, match=r"^weight: expected 3 input channels.*\(3, 5\)"):
+        ff.channel_mix(x, torch.randn(3, 5))
+    with pytest.raises(ValueError, match=r"^weight: expected shape"):
+        ff.channel_mix(x, torch.randn(3, 3, 3, 3))
+    with pytest.raises(TypeError, match=r"^weight: expected a floating-point"):
+        ff.channel_mix(x, torch.ones(3, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"^weight: expected a \(Co, C\) matrix"):
+        ff.channel_mix(x)
+    with pytest.raises(ValueError, match=r"^loc, scale: expected both or neither"):
+        ff.channel_mix(x, w, loc=loc)
+    with pytest.raises(ValueError, match=r"^scale: expected 3 values.*\(4,\)"):
+        ff.channel_mix(x, w, loc=loc, scale=torch.ones(4))
+    with pytest.raises(ValueError, match=r"^weight: expected a tensor on x's device"):
+        ff.channel_mix(x, w.to("meta"))
+    with pytest.raises(ValueError, match=r"^weight_logdet: expected a single value"):
+        ff.actnorm_invconv(x, loc, scale, w, torch.zeros(2))
+    with pytest.raises(ValueError, match=r"^loc: expected a tensor"):
+        ff.actnorm_invconv(x, None, scale, w)
+
+
+@settings(max_examples=8, deadline=None)
+@given(n=st.integers(1, 3), c=st.integers(1, 20), h=st.integers(1, 5), w=st.integers(1, 5),
+       seed=st.integers(0, 2 ** 16))
+def test_property_round_trip_matches_reference(n, c, h, w, seed):
+    torch.manual_seed(seed)
+    x = torch.randn(n, c, h, w, dtype=torch.float64, device=DEVICE)
+    a, loc, scale = _params(c)
+    with ff.use_backend("triton"):
+        y = ff.channel_mix(x, a, loc=loc, scale=scale)
+        back = ff.channel_mix(y, torch.linalg.inv(a), loc=loc, scale=scale, reverse=True)
+    assert_close(y, reference.actnorm_mix(x, a, loc, scale), torch.float64)
+    assert_close(back, x, torch.float64, rtol=1e-9, atol=1e-9)
