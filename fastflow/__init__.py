@@ -6,12 +6,15 @@ each call chooses between the Triton kernels and the plain PyTorch reference.
 
 from .backend import current_mode, use_backend
 from .functional import additive_coupling, affine_coupling
+from .functional import reparameterize_kl
 from .layers import AffineCoupling
+from .layers import GaussianReparam
 
 __version__ = "0.1.0"
 
 __all__ = [
     "use_backend", "current_mode",
     "affine_coupling", "additive_coupling",
+    "reparameterize_kl", "GaussianReparam",
     "AffineCoupling",
 ]

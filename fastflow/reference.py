@@ -199,7 +199,8 @@ def reparameterize_kl(mu, logvar, eps=None, *, reduction="none", generator=None,
         eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=cd)
     m, lv, e = mu.to(cd), logvar.to(cd), eps.to(cd)
     z = m + torch.exp(0.5 * lv) * e
-    kl = 0.5 * (torch.exp(lv) + m * m - 1.0 - lv).reshape(mu.shape[0], -1).sum(dim=1)
+    per_sample = math.prod(mu.shape[1:])  # also for N = 0 and 1-D inputs
+    kl = 0.5 * (torch.exp(lv) + m * m - 1.0 - lv).reshape(mu.shape[0], per_sample).sum(dim=1)
     if reduction == "sum":
         kl = kl.sum()
     elif reduction == "mean":

@@ -1,5 +1,6 @@
 """``nn.Module`` drop-ins; constructor arguments follow rosinality/glow-pytorch."""
 
 from .coupling import AffineCoupling, ZeroConv2d
+from .gaussian import GaussianReparam
 
-__all__ = ["AffineCoupling", "ZeroConv2d"]
+__all__ = ["AffineCoupling", "ZeroConv2d", "GaussianReparam"]

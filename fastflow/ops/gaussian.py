@@ -1,0 +1,176 @@
+"""Gaussian reparameterisation + KL as torch.library custom ops with autograd.
+
+* ``fastflow::reparam_kl(mu, logvar, eps, seed, reduction) -> (z, kl)``
+* ``fastflow::reparam_kl_backward(grad_z, grad_kl, mu, logvar, eps, seed, reduction)``
+  ``-> (grad_mu, grad_logvar)``
+
+Each is one kernel launch on the Triton backend (plus the fixed-order sum of the KL
+partials). With ``eps=None`` the noise is a pure function of ``seed`` and the element's
+position, so only mu and logvar are saved for backward and the noise is regenerated there:
+
+* Seed: a 64-bit integer drawn per call with ``torch.randint`` from the given
+  ``generator``, else from torch's default CPU generator, whatever the tensors' device
+  (``torch.manual_seed`` seeds it, so a run is reproduced; drawing on the CPU costs no
+  device synchronisation). It travels as a one-element int64 CPU tensor. A CUDA
+  ``generator`` is honoured too, at the cost of one device-to-host copy of the seed.
+* Triton backend: Philox in the kernel (see ``fastflow/kernels/gaussian.py``).
+* Reference backend: ``torch.randn`` from a private ``torch.Generator`` seeded with the
+  same seed, drawn again in backward. The two backends give different (each reproducible)
+  noise for the same seed.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..backend import compute_dtype, empty_output, memory_format_of, use_triton
+from ._checks import check_choice, check_float_tensor, check_same_device
+
+SEED_BITS = 62  # seeds lie in [2**62, 2**63): always a 64-bit kernel argument
+
+
+def _kernels():
+    from ..kernels import gaussian  # imported on first Triton use only
+
+    return gaussian
+
+
+def draw_seed(generator: Optional[torch.Generator] = None) -> Tensor:
+    """A fresh 64-bit seed from ``generator`` (default: torch's CPU generator), as a
+    one-element int64 CPU tensor."""
+    device = generator.device if generator is not None else "cpu"
+    seed = torch.randint(2**SEED_BITS, 2**63 - 1, (1,), generator=generator, device=device,
+                         dtype=torch.int64)
+    return seed if seed.device.type == "cpu" else seed.cpu()
+
+
+def reference_noise(mu: Tensor, seed: int) -> Tensor:
+    """The reference backend's noise for ``seed``, in mu's compute dtype."""
+    gen = torch.Generator(device=mu.device)
+    gen.manual_seed(seed)
+    return torch.randn(mu.shape, generator=gen, device=mu.device,
+                       dtype=compute_dtype(mu.dtype))
+
+
+def _seed_value(seed: Optional[Tensor]) -> int:
+    return int(seed.item()) if seed is not None else 0
+
+
+def _kl_fake(mu, reduction):
+    shape = (mu.shape[0],) if reduction == "none" else ()
+    return mu.new_empty(shape, dtype=compute_dtype(mu.dtype))
+
+
+@torch.library.custom_op("fastflow::reparam_kl", mutates_args=())
+def reparam_kl(mu: Tensor, logvar: Tensor, eps: Optional[Tensor], seed: Optional[Tensor],
+               reduction: str) -> tuple[Tensor, Tensor]:
+    s = _seed_value(seed)
+    if use_triton(mu):
+        z, kl = _kernels().reparam_kl_forward(mu, logvar, eps, s, reduction)
+    else:
+        noise = eps if eps is not None else reference_noise(mu, s)
+        z, kl = reference.reparameterize_kl(mu, logvar, noise, reduction=reduction)
+    return z.contiguous(memory_format=memory_format_of(mu)), kl
+
+
+@reparam_kl.register_fake
+def _(mu, logvar, eps, seed, reduction):
+    return empty_output(mu), _kl_fake(mu, reduction)
+
+
+@torch.library.custom_op("fastflow::reparam_kl_backward", mutates_args=())
+def reparam_kl_backward(grad_z: Tensor, grad_kl: Tensor, mu: Tensor, logvar: Tensor,
+                        eps: Optional[Tensor], seed: Optional[Tensor],
+                        reduction: str) -> tuple[Tensor, Tensor]:
+    s = _seed_value(seed)
+    if use_triton(mu):
+        grad_mu, grad_lv = _kernels().reparam_kl_backward(grad_z, grad_kl, mu, logvar, eps, s,
+                                                          reduction)
+    else:
+        # autograd does not record inside a custom op: the derivative of the reference,
+        # written out, in the compute dtype
+        cd = compute_dtype(mu.dtype)
+        noise = eps.to(cd) if eps is not None else reference_noise(mu, s)
+        m, lv, gz = mu.to(cd), logvar.to(cd), grad_z.to(cd)
+        gkl = grad_kl.to(cd)
+        if reduction == "none":
+            gkl = gkl.reshape((-1,) + (1,) * (mu.dim() - 1))
+        elif reduction == "mean":
+            gkl = gkl / mu.shape[0]
+        std = torch.exp(0.5 * lv)
+        grad_mu = (gz + gkl * m).to(mu.dtype)
+        grad_lv = (0.5 * (gz * noise * std + gkl * (torch.exp(lv) - 1.0))).to(logvar.dtype)
+    return (grad_mu.contiguous(memory_format=memory_format_of(mu)),
+            grad_lv.contiguous(memory_format=memory_format_of(logvar)))
+
+
+@reparam_kl_backward.register_fake
+def _(grad_z, grad_kl, mu, logvar, eps, seed, reduction):
+    return empty_output(mu), empty_output(logvar)
+
+
+def _setup_context(ctx, inputs, output):
+    mu, logvar, eps, seed, reduction = inputs
+    ctx.save_for_backward(mu, logvar, eps)  # never the noise when eps is None
+    ctx.seed = seed  # an 8-byte CPU tensor: the noise is regenerated from it
+    ctx.reduction = reduction
+
+
+def _backward(ctx, grad_z, grad_kl):
+    mu, logvar, eps = ctx.saved_tensors
+    grad_mu, grad_lv = reparam_kl_backward(grad_z, grad_kl, mu, logvar, eps, ctx.seed,
+                                           ctx.reduction)
+    grad_eps = None
+    if eps is not None and ctx.needs_input_grad[2]:
+        cd = compute_dtype(mu.dtype)
+        grad_eps = (grad_z.to(cd) * torch.exp(0.5 * logvar.to(cd))).to(eps.dtype)
+    return grad_mu, grad_lv, grad_eps, None, None
+
+
+reparam_kl.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------
+# Public function (validation, then the op)
+# --------------------------------------------------------------------------------------
+
+
+def _check(mu, logvar, eps, reduction, generator):
+    check_float_tensor("mu", mu, min_ndim=1)
+    check_float_tensor("logvar", logvar)
+    check_same_device("logvar", logvar, "mu", mu)
+    if logvar.shape != mu.shape:
+        raise ValueError(f"logvar: expected the shape of mu {tuple(mu.shape)}, got "
+                         f"{tuple(logvar.shape)}")
+    if eps is not None:
+        check_float_tensor("eps", eps)
+        check_same_device("eps", eps, "mu", mu)
+        if eps.shape != mu.shape:
+            raise ValueError(f"eps: expected the shape of mu {tuple(mu.shape)}, got "
+                             f"{tuple(eps.shape)}")
+    check_choice("reduction", reduction, reference.REDUCTIONS)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator or None, got "
+                        f"{type(generator).__name__}")
+
+
+def reparameterize_kl(mu: Tensor, logvar: Tensor, eps: Optional[Tensor] = None, *,
+                      reduction: str = "none", generator: Optional[torch.Generator] = None):
+    """Reparameterised sample and KL to N(0, I) in one pass: returns ``(z, kl)``.
+
+    ``z = mu + exp(logvar / 2) * eps`` (mu's shape and dtype) and
+    ``kl = 0.5 * sum(exp(logvar) + mu**2 - 1 - logvar)`` over all but the first dimension:
+    shape (N,) for ``reduction="none"``, a scalar for "sum" and "mean" (over the batch);
+    float32, float64 for float64 input.
+
+    ``eps=None`` draws standard normal noise from a counter-based generator seeded from
+    ``generator`` (default: torch's global CPU generator, so ``torch.manual_seed``
+    reproduces it); it is regenerated in backward, never stored. An explicit ``eps``
+    (mu's shape) is used as given."""
+    _check(mu, logvar, eps, reduction, generator)
+    seed = draw_seed(generator) if eps is None else None
+    return reparam_kl(mu, logvar, eps, seed, reduction)

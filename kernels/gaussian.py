@@ -1,0 +1,214 @@
+"""Gaussian reparameterisation fused with the KL divergence to the standard normal.
+
+For mu, logvar (N, ...) walked as (N, D) rows:
+
+    z  = mu + exp(logvar / 2) * eps
+    kl = 0.5 * sum_d (exp(logvar) + mu^2 - 1 - logvar)          (per sample, shape (N,))
+
+and, for upstream gradients dz (N, D) and dkl (N,) (or one value for "sum"/"mean"),
+
+    dmu     = dz + dkl * mu
+    dlogvar = 0.5 * dz * eps * exp(logvar / 2) + 0.5 * dkl * (exp(logvar) - 1)
+
+Each direction is one pass over memory. The forward writes z and one partial KL sum per
+(row, tile); the launcher adds the partials in a fixed order (bitwise reproducible, no
+atomics).
+
+Noise (``HAS_EPS=False``): Triton's counter-based Philox, keyed by a 64-bit ``seed`` that
+the caller draws from torch's RNG. Row n is padded to D4 = ceil(D / 4) groups of four
+elements; group g of row n has the counter ``n * D4 + g`` and one ``tl.randn4x`` call gives
+the four standard normals of its elements (lane d % 4). The noise of an element is thus a
+pure function of (seed, n, d): the backward kernel regenerates it bit for bit instead of
+reading a stored tensor. Counters are 32-bit; when N * D4 does not fit (``WIDE``) the high
+32 bits of the counter are mixed into the key instead. The noise is float32 (Box-Muller on
+float32 uniforms) for every input dtype; float64 inputs use it converted to float64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._layout import compute_type
+
+MAX_TILE = 2048  # elements per program
+
+
+@triton.jit
+def _noise(seed, counter, lane, WIDE: tl.constexpr):
+    """Standard normals for the elements 4 * counter + lane (counter int64, lane in 0..3)."""
+    if WIDE:
+        key = seed ^ (counter >> 32)
+        ctr = (counter & 0xFFFFFFFF).to(tl.uint32)
+    else:
+        key = seed
+        ctr = counter.to(tl.uint32)
+    r0, r1, r2, r3 = tl.randn4x(key, ctr)
+    return tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _reparam_kl_fwd_kernel(
+    mu_ptr,    # (N, D) means
+    lv_ptr,    # (N, D) log-variances
+    eps_ptr,   # (N, D) noise when HAS_EPS (else any pointer, never read)
+    z_ptr,     # (N, D) samples (written)
+    part_ptr,  # (N, N_DTILES) partial KL sums per tile, compute dtype (written)
+    N, D, D4, N_DTILES, seed,
+    s_mu_n, s_mu_d, s_lv_n, s_lv_d, s_eps_n, s_eps_d, s_z_n, s_z_d,
+    HAS_EPS: tl.constexpr, WIDE: tl.constexpr, COMPUTE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row_tile = pid // N_DTILES
+    d_tile = pid % N_DTILES
+    rows = row_tile.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n = rows[:, None, None]
+    g = (d_tile.to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G))[None, :, None]
+    lane = tl.arange(0, 4)[None, None, :]
+    d = g * 4 + lane
+    inside = (n < N) & (d < D)
+    m = tl.load(mu_ptr + n * s_mu_n + d * s_mu_d, mask=inside, other=0.0).to(COMPUTE)
+    lv = tl.load(lv_ptr + n * s_lv_n + d * s_lv_d, mask=inside, other=0.0).to(COMPUTE)
+    if HAS_EPS:
+        e = tl.load(eps_ptr + n * s_eps_n + d * s_eps_d, mask=inside, other=0.0).to(COMPUTE)
+    else:
+        e = _noise(seed, n * D4 + g, lane, WIDE).to(COMPUTE)
+    std = tl.exp(lv * 0.5)
+    z = m + std * e
+    tl.store(z_ptr + n * s_z_n + d * s_z_d, z.to(z_ptr.dtype.element_ty), mask=inside)
+    kl = tl.where(inside, 0.5 * (std * std + m * m - 1.0 - lv), 0.0)
+    partial = tl.sum(tl.sum(kl, axis=2), axis=1)
+    tl.store(part_ptr + rows * N_DTILES + d_tile, partial, mask=rows < N)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _reparam_kl_bwd_kernel(
+    dz_ptr,    # (N, D) gradient of z
+    dkl_ptr,   # (N,) gradient of the per-sample KL; a single value (stride 0) for sum/mean
+    mu_ptr,    # (N, D) means
+    lv_ptr,    # (N, D) log-variances
+    eps_ptr,   # (N, D) noise when HAS_EPS (else any pointer, never read)
+    dmu_ptr,   # (N, D) gradient of mu (written)
+    dlv_ptr,   # (N, D) gradient of logvar (written)
+    N, D, D4, N_DTILES, seed, s_dkl,
+    s_dz_n, s_dz_d, s_mu_n, s_mu_d, s_lv_n, s_lv_d, s_eps_n, s_eps_d,
+    s_dmu_n, s_dmu_d, s_dlv_n, s_dlv_d,
+    HAS_EPS: tl.constexpr, WIDE: tl.constexpr, MEAN: tl.constexpr, COMPUTE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row_tile = pid // N_DTILES
+    d_tile = pid % N_DTILES
+    rows = row_tile.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n = rows[:, None, None]
+    g = (d_tile.to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G))[None, :, None]
+    lane = tl.arange(0, 4)[None, None, :]
+    d = g * 4 + lane
+    inside = (n < N) & (d < D)
+    gkl = tl.load(dkl_ptr + rows * s_dkl, mask=rows < N, other=0.0).to(COMPUTE)
+    if MEAN:
+        gkl = gkl / N
+    gkl = gkl[:, None, None]
+    gz = tl.load(dz_ptr + n * s_dz_n + d * s_dz_d, mask=inside, other=0.0).to(COMPUTE)
+    m = tl.load(mu_ptr + n * s_mu_n + d * s_mu_d, mask=inside, other=0.0).to(COMPUTE)
+    lv = tl.load(lv_ptr + n * s_lv_n + d * s_lv_d, mask=inside, other=0.0).to(COMPUTE)
+    if HAS_EPS:
+        e = tl.load(eps_ptr + n * s_eps_n + d * s_eps_d, mask=inside, other=0.0).to(COMPUTE)
+    else:
+        e = _noise(seed, n * D4 + g, lane, WIDE).to(COMPUTE)
+    std = tl.exp(lv * 0.5)
+    gmu = gz + gkl * m
+    glv = 0.5 * (gz * e * std + gkl * (std * std - 1.0))
+    tl.store(dmu_ptr + n * s_dmu_n + d * s_dmu_d, gmu.to(dmu_ptr.dtype.element_ty), mask=inside)
+    tl.store(dlv_ptr + n * s_dlv_n + d * s_dlv_d, glv.to(dlv_ptr.dtype.element_ty), mask=inside)
+
+
+# --------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------
+
+
+def _rows(t: torch.Tensor, n: int) -> tuple[torch.Tensor, int, int]:
+    """``t`` as an (N, D) view (a copy only when no view exists) and its two strides.
+    Broadcast (stride 0) tensors such as the gradients of ``.sum()`` stay views."""
+    t2 = t.reshape(n, -1)
+    return t2, t2.stride(0), t2.stride(1)
+
+
+def _grid(n: int, d: int):
+    """(BLOCK_N, BLOCK_G, D4, N_DTILES, programs): tiles of BLOCK_N rows x BLOCK_G groups
+    of four elements, at most MAX_TILE elements each."""
+    d4 = triton.cdiv(d, 4)
+    block_g = min(triton.next_power_of_2(d4), MAX_TILE // 4)
+    block_n = max(1, min(triton.next_power_of_2(n), MAX_TILE // (4 * block_g)))
+    n_dtiles = triton.cdiv(d4, block_g)
+    return block_n, block_g, d4, n_dtiles, triton.cdiv(n, block_n) * n_dtiles
+
+
+def _wide(n: int, d4: int, force: bool) -> bool:
+    return force or n * d4 >= 2**32
+
+
+def _kl_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def reparam_kl_forward(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None,
+                       seed: int, reduction: str, *, force_wide: bool = False):
+    """(z, kl): z shaped like ``mu`` (contiguous), kl (N,) or a scalar for "sum"/"mean".
+    ``eps=None`` draws the noise from ``seed``; shapes are validated by the caller."""
+    n = mu.shape[0]
+    z = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
+    kl_dtype = _kl_dtype(mu.dtype)
+    d = mu.numel() // n if n else 0
+    if n == 0 or d == 0:
+        kl = torch.zeros(n, dtype=kl_dtype, device=mu.device)
+    else:
+        block_n, block_g, d4, n_dtiles, programs = _grid(n, d)
+        partials = torch.empty((n, n_dtiles), dtype=kl_dtype, device=mu.device)
+        mu2, *s_mu = _rows(mu, n)
+        lv2, *s_lv = _rows(logvar, n)
+        eps2, *s_eps = _rows(eps, n) if eps is not None else (mu2, 0, 0)
+        z2, *s_z = _rows(z, n)
+        _reparam_kl_fwd_kernel[(programs,)](
+            mu2, lv2, eps2, z2, partials, n, d, d4, n_dtiles, seed,
+            *s_mu, *s_lv, *s_eps, *s_z,
+            HAS_EPS=eps is not None, WIDE=_wide(n, d4, force_wide),
+            COMPUTE=compute_type(mu.dtype), BLOCK_N=block_n, BLOCK_G=block_g)
+        if reduction != "none":
+            return z, partials.sum() / n if reduction == "mean" else partials.sum()
+        kl = partials[:, 0] if n_dtiles == 1 else partials.sum(dim=1)
+    if reduction == "sum":
+        kl = kl.sum()
+    elif reduction == "mean":
+        kl = kl.mean()
+    return z, kl
+
+
+def reparam_kl_backward(dz: torch.Tensor, dkl: torch.Tensor, mu: torch.Tensor,
+                        logvar: torch.Tensor, eps: torch.Tensor | None, seed: int,
+                        reduction: str, *, force_wide: bool = False):
+    """(dmu, dlogvar), contiguous, in mu's and logvar's dtypes. ``dz`` and ``dkl`` may have
+    any strides (stride 0 included); ``dkl`` is (N,) for "none", a scalar otherwise."""
+    n = mu.shape[0]
+    dmu = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
+    dlv = torch.empty(logvar.shape, dtype=logvar.dtype, device=logvar.device)
+    d = mu.numel() // n if n else 0
+    if n == 0 or d == 0:
+        return dmu, dlv
+    block_n, block_g, d4, n_dtiles, programs = _grid(n, d)
+    dz2, *s_dz = _rows(dz, n)
+    mu2, *s_mu = _rows(mu, n)
+    lv2, *s_lv = _rows(logvar, n)
+    eps2, *s_eps = _rows(eps, n) if eps is not None else (mu2, 0, 0)
+    dmu2, *s_dmu = _rows(dmu, n)
+    dlv2, *s_dlv = _rows(dlv, n)
+    s_dkl = dkl.stride(0) if dkl.dim() == 1 else 0
+    _reparam_kl_bwd_kernel[(programs,)](
+        dz2, dkl, mu2, lv2, eps2, dmu2, dlv2, n, d, d4, n_dtiles, seed, s_dkl,
+        *s_dz, *s_mu, *s_lv, *s_eps, *s_dmu, *s_dlv,
+        HAS_EPS=eps is not None, WIDE=_wide(n, d4, force_wide), MEAN=reduction == "mean",
+        COMPUTE=compute_type(mu.dtype), BLOCK_N=block_n, BLOCK_G=block_g)
+    return dmu, dlv

@@ -1,0 +1,322 @@
+"""Reparameterisation + KL: the fused op against the float64 reference, its gradients, the
+in-kernel noise (statistics, reproducibility, never stored) and bad inputs."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch.autograd.graph import saved_tensors_hooks
+
+import fastflow as ff
+from fastflow import reference
+from fastflow.ops.gaussian import draw_seed, reparam_kl
+
+from conftest import DEVICE, FLOAT_DTYPES, assert_close
+
+REDUCTIONS = ["none", "sum", "mean"]
+# odd and prime sizes, N=1, D=1, 3-D and 4-D, and a row longer than one tile (2048)
+SHAPES = [(1, 7), (3, 13), (4, 1), (5, 3, 7), (2, 3, 5, 5), (2, 4099)]
+
+
+def _inputs(shape, dtype, scale=0.7):
+    mu = torch.randn(shape, device=DEVICE).to(dtype)
+    logvar = (scale * torch.randn(shape, device=DEVICE)).to(dtype)
+    eps = torch.randn(shape, device=DEVICE).to(dtype)
+    return mu, logvar, eps
+
+
+def _reference64(mu, logvar, eps, reduction):
+    return reference.reparameterize_kl(mu.double(), logvar.double(), eps.double(),
+                                       reduction=reduction)
+
+
+def _kl_shape(mu, reduction):
+    return (mu.shape[0],) if reduction == "none" else ()
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_forward_matches_float64_reference(backend, dtype, shape):
+    mu, logvar, eps = _inputs(shape, dtype)
+    for reduction in REDUCTIONS:
+        z, kl = ff.reparameterize_kl(mu, logvar, eps, reduction=reduction)
+        z_ref, kl_ref = _reference64(mu, logvar, eps, reduction)
+        assert z.dtype == dtype and z.shape == mu.shape
+        kl_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        assert kl.dtype == kl_dtype and kl.shape == _kl_shape(mu, reduction)
+        assert_close(z, z_ref, dtype)
+        # kl is computed and stored in float32 (float64) from the same rounded inputs
+        assert_close(kl, kl_ref, kl_dtype, msg=f"kl, reduction={reduction}")
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (3, 13), (5, 3, 7), (2, 3, 5, 5)], ids=str)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_backward_matches_float64_reference(backend, dtype, shape):
+    mu, logvar, eps = _inputs(shape, dtype)
+    for reduction in REDUCTIONS:
+        gz = torch.randn(shape, device=DEVICE).to(dtype)
+        gkl = torch.randn(_kl_shape(mu, reduction), device=DEVICE)
+        mu_, lv_ = mu.clone().requires_grad_(), logvar.clone().requires_grad_()
+        z, kl = ff.reparameterize_kl(mu_, lv_, eps, reduction=reduction)
+        dmu, dlv = torch.autograd.grad([z, kl], [mu_, lv_], [gz, gkl.to(kl.dtype)])
+        m64, l64 = mu.double().requires_grad_(), logvar.double().requires_grad_()
+        z_ref, kl_ref = _reference64(m64, l64, eps, reduction)
+        dmu_ref, dlv_ref = torch.autograd.grad([z_ref, kl_ref], [m64, l64],
+                                               [gz.double(), gkl.double()])
+        assert dmu.dtype == dtype and dlv.dtype == dtype
+        assert_close(dmu, dmu_ref, dtype, msg=f"dmu, reduction={reduction}")
+        assert_close(dlv, dlv_ref, dtype, msg=f"dlogvar, reduction={reduction}")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gradcheck_float64(backend, reduction):
+    mu, logvar, eps = _inputs((2, 5), torch.float64)
+    mu.requires_grad_()
+    logvar.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda m, lv: ff.reparameterize_kl(m, lv, eps, reduction=reduction), (mu, logvar))
+    # internal noise: every call with a generator seeded alike draws the same noise
+    assert torch.autograd.gradcheck(
+        lambda m, lv: ff.reparameterize_kl(
+            m, lv, reduction=reduction,
+            generator=torch.Generator(device=DEVICE).manual_seed(7)), (mu, logvar))
+
+
+def test_gradient_of_eps_when_it_requires_grad(backend):
+    mu, logvar, eps = _inputs((3, 11), torch.float64)
+    eps.requires_grad_()
+    gz = torch.randn_like(mu)
+    z, _ = ff.reparameterize_kl(mu, logvar, eps)
+    (deps,) = torch.autograd.grad(z, eps, gz)
+    assert_close(deps, gz * torch.exp(0.5 * logvar))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [(3, 37), (2, 3, 4, 5)], ids=str)
+def test_internal_noise_gradient_equals_explicit_noise_gradient(backend, dtype, shape):
+    mu, logvar, _ = _inputs(shape, dtype, scale=0.3)
+    gz = torch.randn(shape, device=DEVICE).to(dtype)
+    gkl = torch.randn(shape[0], device=DEVICE)
+    mu_, lv_ = mu.clone().requires_grad_(), logvar.clone().requires_grad_()
+    z, kl = ff.reparameterize_kl(mu_, lv_)
+    grads = torch.autograd.grad([z, kl], [mu_, lv_], [gz, gkl.to(kl.dtype)])
+    # the noise the op used, recovered from its output in float64
+    eps = ((z.double() - mu.double()) / torch.exp(0.5 * logvar.double())).detach()
+    mu_, lv_ = mu.clone().requires_grad_(), logvar.clone().requires_grad_()
+    z2, kl2 = ff.reparameterize_kl(mu_, lv_, eps)
+    grads2 = torch.autograd.grad([z2, kl2], [mu_, lv_], [gz, gkl.to(kl.dtype)])
+    assert_close(z2, z.double(), dtype)
+    for name, a, b in zip(("dmu", "dlogvar"), grads, grads2):
+        assert_close(a, b.double(), dtype, msg=name)
+
+
+def _saved_tensors(fn):
+    saved = []
+    with saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = fn()
+    return saved, out
+
+
+def test_noise_is_not_saved_for_backward(backend):
+    mu = torch.randn(8, 33, device=DEVICE, requires_grad=True)
+    logvar = torch.randn(8, 33, device=DEVICE, requires_grad=True)
+    saved, (z, kl) = _saved_tensors(lambda: ff.reparameterize_kl(mu, logvar, reduction="sum"))
+    ptrs = {mu.data_ptr(), logvar.data_ptr()}
+    assert saved, "expected mu and logvar to be saved"
+    assert all(t.data_ptr() in ptrs for t in saved), [tuple(t.shape) for t in saved]
+    assert sum(t.numel() for t in saved) == 2 * mu.numel()
+    (z.sum() + kl).backward()  # the saved inputs suffice: the noise is regenerated
+    # the eager composition keeps a noise-sized tensor alive
+    saved_eager, _ = _saved_tensors(
+        lambda: mu + torch.exp(0.5 * logvar) * torch.randn_like(mu))
+    assert any(t.data_ptr() not in ptrs and t.shape == mu.shape for t in saved_eager)
+
+
+def _corr(a, b):
+    a, b = a.double().flatten(), b.double().flatten()
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+def test_internal_noise_statistics(backend):
+    n, d = 64, 1023  # rows not a multiple of the 4-element noise groups
+    zeros = torch.zeros(n, d, device=DEVICE)
+    z, _ = ff.reparameterize_kl(zeros, zeros)  # z = eps
+    z2, _ = ff.reparameterize_kl(zeros, zeros)
+    e = z.double().flatten()
+    k = e.numel()
+    bound = 5.0 / math.sqrt(k)  # five standard errors
+    assert abs(float(e.mean())) < bound
+    assert abs(float(e.var()) - 1.0) < 5.0 * math.sqrt(2.0 / k)
+    assert abs(float((e**4).mean()) - 3.0) < 5.0 * math.sqrt(96.0 / k)
+    tail = float((e.abs() > 1.959964).double().mean())
+    assert abs(tail - 0.05) < 5.0 * math.sqrt(0.05 * 0.95 / k)
+    for lag in (1, 2, 3, 4, 5):  # neighbours inside and across the groups of four
+        assert abs(_corr(z[:, :-lag], z[:, lag:])) < 5.0 / math.sqrt(n * (d - lag)), lag
+    assert abs(_corr(z[:-1], z[1:])) < 5.0 / math.sqrt((n - 1) * d)  # neighbouring rows
+    assert abs(_corr(z, z2)) < bound  # two calls
+    assert not torch.equal(z, z2)
+    # rows differ: independent rows lie sqrt(2 d) ~ 45 apart
+    dist = torch.cdist(z.double(), z.double()) + 1e3 * torch.eye(n, dtype=torch.float64,
+                                                                device=z.device)
+    assert dist.min() > 0.75 * math.sqrt(2 * d)
+
+
+def test_same_seed_same_noise_and_generator_honoured(backend):
+    mu, logvar, _ = _inputs((4, 9), torch.float32)
+    torch.manual_seed(11)
+    z1, kl1 = ff.reparameterize_kl(mu, logvar)
+    torch.manual_seed(11)
+    z2, kl2 = ff.reparameterize_kl(mu, logvar)
+    z3, _ = ff.reparameterize_kl(mu, logvar)
+    assert torch.equal(z1, z2) and torch.equal(kl1, kl2)
+    assert not torch.equal(z1, z3)
+    # an explicit generator decides the noise and leaves the global RNG alone
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
+    g1, _ = ff.reparameterize_kl(mu, logvar, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(4)
+    g2, _ = ff.reparameterize_kl(mu, logvar, generator=torch.Generator().manual_seed(5))
+    g3, _ = ff.reparameterize_kl(mu, logvar, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(g1, g2) and not torch.equal(g1, g3)
+    # the documented choice: the seed comes from torch's CPU generator
+    torch.manual_seed(5)
+    assert torch.equal(ff.reparameterize_kl(mu, logvar)[0], g1)
+
+
+def test_bitwise_deterministic(backend):
+    mu, logvar, _ = _inputs((3, 4500), torch.float32)  # three tiles per row
+
+    def run():
+        torch.manual_seed(2)
+        mu_, lv_ = mu.clone().requires_grad_(), logvar.clone().requires_grad_()
+        z, kl = ff.reparameterize_kl(mu_, lv_, reduction="mean")
+        (z.square().sum() + kl).backward()
+        return z, kl, mu_.grad, lv_.grad
+
+    for a, b in zip(run(), run()):
+        assert torch.equal(a, b)
+
+
+def _strided_cases():
+    base = torch.randn(9, 14, device=DEVICE)
+    yield "transposed", base.t()
+    yield "sliced", base[:, ::2]
+    yield "channels_last", torch.randn(3, 5, 4, 2, device=DEVICE).to(
+        memory_format=torch.channels_last)
+    yield "broadcast", torch.randn(1, 11, device=DEVICE).expand(5, 11)
+
+
+@pytest.mark.parametrize("case", ["transposed", "sliced", "channels_last", "broadcast"])
+def test_strided_inputs_and_stride0_grads(backend, case):
+    mu = dict(_strided_cases())[case]
+    logvar = 0.5 * torch.randn(mu.shape, device=DEVICE)
+    eps = torch.randn(mu.shape, device=DEVICE).t().contiguous().t() if mu.dim() == 2 else \
+        torch.randn(mu.shape, device=DEVICE)
+    for reduction in REDUCTIONS:
+        leaves = [t.detach().clone().requires_grad_() for t in (mu, logvar)]
+        z, kl = ff.reparameterize_kl(*leaves, eps, reduction=reduction)
+        (z.sum() + kl.sum()).backward()  # stride-0 gradients reach the op
+        dense = [t.detach().contiguous().requires_grad_() for t in (mu, logvar)]
+        z_d, kl_d = ff.reparameterize_kl(*dense, eps.contiguous(), reduction=reduction)
+        (z_d.sum() + kl_d.sum()).backward()
+        assert_close(z, z_d.double())
+        assert_close(kl, kl_d.double())
+        for a, b in zip(leaves, dense):
+            assert_close(a.grad, b.grad.double())
+    if case == "channels_last":
+        assert z.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_empty_batch_and_empty_rows(backend):
+    for shape in [(0, 5), (3, 0)]:
+        mu = torch.zeros(shape, device=DEVICE, requires_grad=True)
+        z, kl = ff.reparameterize_kl(mu, torch.zeros(shape, device=DEVICE))
+        assert z.shape == shape and kl.shape == (shape[0],)
+        assert torch.equal(kl, torch.zeros(shape[0], device=DEVICE))
+
+
+def test_wide_counter_path_matches():
+    """The >2**32-counter code path (high counter bits in the Philox key) gives the same
+    noise as the plain path while the high bits are zero."""
+    if DEVICE == "cpu" and not ff.backend.interpreter_enabled():
+        pytest.skip("needs TRITON_INTERPRET=1 on CPU")
+    from fastflow.kernels import gaussian as kernels
+
+    mu, logvar, _ = _inputs((3, 10), torch.float32)
+    seed = int(draw_seed())
+    plain = kernels.reparam_kl_forward(mu, logvar, None, seed, "none")
+    wide = kernels.reparam_kl_forward(mu, logvar, None, seed, "none", force_wide=True)
+    assert torch.equal(plain[0], wide[0]) and torch.equal(plain[1], wide[1])
+    gz, gkl = torch.randn_like(mu), torch.randn(3, device=DEVICE)
+    a = kernels.reparam_kl_backward(gz, gkl, mu, logvar, None, seed, "none")
+    b = kernels.reparam_kl_backward(gz, gkl, mu, logvar, None, seed, "none", force_wide=True)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_bad_inputs_name_the_argument():
+    mu = torch.randn(4, 6)
+    with pytest.raises(ValueError, match="logvar.*shape"):
+        ff.reparameterize_kl(mu, torch.randn(4, 5))
+    with pytest.raises(TypeError, match="mu.*floating"):
+        ff.reparameterize_kl(torch.ones(4, 6, dtype=torch.int64), torch.randn(4, 6))
+    with pytest.raises(TypeError, match="logvar.*floating"):
+        ff.reparameterize_kl(mu, torch.ones(4, 6, dtype=torch.int32))
+    with pytest.raises(ValueError, match="eps.*shape"):
+        ff.reparameterize_kl(mu, torch.randn(4, 6), torch.randn(4, 6, 1))
+    with pytest.raises(TypeError, match="eps.*floating"):
+        ff.reparameterize_kl(mu, torch.randn(4, 6), torch.ones(4, 6, dtype=torch.int64))
+    with pytest.raises(ValueError, match="reduction.*'avg'"):
+        ff.reparameterize_kl(mu, torch.randn(4, 6), reduction="avg")
+    with pytest.raises(TypeError, match="mu.*Tensor"):
+        ff.reparameterize_kl([1.0, 2.0], torch.randn(2))
+    with pytest.raises(ValueError, match="mu.*at least 1"):
+        ff.reparameterize_kl(torch.tensor(1.0), torch.tensor(0.0))
+    with pytest.raises(ValueError, match="logvar.*device"):
+        ff.reparameterize_kl(mu, torch.randn(4, 6, device="meta"))
+    with pytest.raises(TypeError, match="generator"):
+        ff.reparameterize_kl(mu, torch.randn(4, 6), generator=1234)
+    with pytest.raises(ValueError, match="reduction"):
+        ff.GaussianReparam(reduction="total")
+
+
+def test_module_drop_in(backend):
+    layer = ff.GaussianReparam()
+    mu, logvar, _ = _inputs((5, 8), torch.float32)
+    torch.manual_seed(9)
+    z, kl = layer(mu, logvar)
+    torch.manual_seed(9)
+    z_f, kl_f = ff.reparameterize_kl(mu, logvar)
+    assert torch.equal(z, z_f) and torch.equal(kl, kl_f)
+    mean_layer = ff.GaussianReparam(reduction="mean", sample_in_eval=False).eval()
+    z_eval, kl_eval = mean_layer(mu, logvar)
+    assert torch.equal(z_eval, mu)
+    assert_close(kl_eval, reference.reparameterize_kl(mu.double(), logvar.double(), mu.double(),
+                                                      reduction="mean")[1])
+
+
+def test_opcheck():
+    mu, logvar, eps = _inputs((3, 6), torch.float32)
+    mu.requires_grad_()
+    logvar.requires_grad_()
+    for args in [(mu, logvar, eps, None, "none"), (mu, logvar, None, draw_seed(), "mean")]:
+        torch.library.opcheck(reparam_kl, args)
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "reference"])
+@settings(max_examples=12, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 5), dims=st.lists(st.integers(1, 9), min_size=1, max_size=3),
+       dtype=st.sampled_from([torch.float32, torch.float64]),
+       reduction=st.sampled_from(REDUCTIONS))
+def test_property_random_shapes(backend_name, n, dims, dtype, reduction):
+    shape = (n, *dims)
+    mu, logvar, eps = _inputs(shape, dtype)
+    with ff.use_backend(backend_name):
+        z, kl = ff.reparameterize_kl(mu, logvar, eps, reduction=reduction)
+    z_ref, kl_ref = _reference64(mu, logvar, eps, reduction)
+    assert_close(z, z_ref, dtype)
+    assert_close(kl, kl_ref, dtype)
