@@ -6,8 +6,10 @@ each call chooses between the Triton kernels and the plain PyTorch reference.
 
 from .backend import current_mode, use_backend
 from .functional import additive_coupling, affine_coupling
+from .functional import actnorm_invconv, channel_mix
 from .functional import reparameterize_kl
 from .layers import AffineCoupling
+from .layers import ActNorm, FlowStep, InvConv2d, InvConv2dLU
 from .layers import GaussianReparam
 
 __version__ = "0.1.0"
@@ -17,4 +19,5 @@ __all__ = [
     "affine_coupling", "additive_coupling",
     "reparameterize_kl", "GaussianReparam",
     "AffineCoupling",
+    "channel_mix", "actnorm_invconv", "ActNorm", "InvConv2dLU", "InvConv2d", "FlowStep",
 ]

@@ -1,0 +1,45 @@
+"""One Glow step: ActNorm and the invertible 1x1 convolution in one fused kernel, then the
+affine coupling."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..ops.channel_mix import actnorm_invconv
+from .channel_mix import ActNorm, InvConv2d, InvConv2dLU, check_input
+from .coupling import AffineCoupling
+
+
+class FlowStep(nn.Module):
+    """``forward(x) -> (y, logdet)``, ``reverse(y) -> x``, ``inverse(y) -> (x, logdet)``.
+
+    Submodule names (``actnorm``, ``invconv``, ``coupling``) follow rosinality/glow-pytorch.
+    Applying the three modules one after the other gives the same result; the step just
+    runs the first two as one pass over memory."""
+
+    def __init__(self, in_channel: int, filter_size: int = 512, affine: bool = True,
+                 conv_lu: bool = True):
+        super().__init__()
+        self.in_channel = in_channel
+        self.actnorm = ActNorm(in_channel)
+        self.invconv = InvConv2dLU(in_channel) if conv_lu else InvConv2d(in_channel)
+        self.coupling = AffineCoupling(in_channel, filter_size=filter_size, affine=affine)
+
+    def forward(self, x):
+        check_input("x", x, self.in_channel)
+        self.actnorm.maybe_initialize(x)
+        w, w_ld = self.invconv.weight_and_logdet(False)
+        out, logdet = actnorm_invconv(x, self.actnorm.loc, self.actnorm.scale, w, w_ld)
+        out, ld_coupling = self.coupling(out)
+        return out, logdet + ld_coupling
+
+    def inverse(self, y):
+        check_input("y", y, self.in_channel)
+        x, ld_coupling = self.coupling.inverse(y)
+        w_inv, w_ld = self.invconv.weight_and_logdet(True)
+        x, logdet = actnorm_invconv(x, self.actnorm.loc, self.actnorm.scale, w_inv, w_ld,
+                                    reverse=True)
+        return x, logdet + ld_coupling
+
+    def reverse(self, y):
+        return self.inverse(y)[0]

@@ -1,0 +1,382 @@
+"""ActNorm, InvConv2dLU, InvConv2d and FlowStep: reference results, log-dets against
+slogdet, gradcheck of every parameter, the W / W^-1 cache never going stale, FlowStep equal
+to its parts applied one by one."""
+
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastflow as ff
+from fastflow import reference
+
+from conftest import DEVICE, assert_close
+
+
+def _lu_matrices(layer):
+    """W and W^-1 of an InvConv2dLU assembled from its parameters in float64, uncached."""
+    d = torch.float64
+    args = [t.detach().to(d) for t in (layer.w_p, layer.w_l, layer.w_u, layer.w_s, layer.s_sign)]
+    return reference.lu_weight(*args), reference.lu_inverse_weight(*args)
+
+
+def _perturb(layer, scale=0.1):
+    """Move every parameter away from its initial value (in place, version bumped)."""
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return layer
+
+
+# --------------------------------------------------------------------------------------
+# ActNorm
+# --------------------------------------------------------------------------------------
+
+
+class _CountSyncs(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in ("_local_scalar_dense", "item", "is_nonzero"):
+            self.syncs += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_actnorm_data_dependent_init_then_no_sync(backend):
+    layer = ff.ActNorm(4).to(DEVICE)
+    x = torch.randn(3, 4, 5, 6, device=DEVICE) * torch.tensor([1.0, 2.0, 0.5, 3.0], device=DEVICE).view(1, 4, 1, 1) + 2.0
+    y, logdet = layer(x)
+    flat = y.transpose(0, 1).reshape(4, -1).double()
+    assert_close(flat.mean(dim=1), torch.zeros(4, dtype=torch.float64), torch.float32, atol=1e-5)
+    assert_close(flat.std(dim=1), torch.ones(4, dtype=torch.float64), torch.float32, atol=1e-5)
+    assert layer.initialized.item() == 1
+    loc0 = layer.loc.detach().clone()
+    with _CountSyncs() as counter:
+        layer(torch.randn(2, 4, 3, 3, device=DEVICE))
+    assert counter.syncs == 0
+    assert torch.equal(layer.loc.detach(), loc0)  # initialised once only
+    ref_y, ref_ld = reference.actnorm(x.double(), layer.loc.detach(), layer.scale.detach())
+    assert_close(y, ref_y, torch.float32)
+    assert_close(logdet, ref_ld, torch.float32)
+
+
+def test_actnorm_no_init_in_eval_and_flag_survives_state_dict():
+    layer = ff.ActNorm(3).eval()
+    layer(torch.randn(2, 3, 2, 2))
+    assert not layer._initialized and layer.initialized.item() == 0
+    trained = ff.ActNorm(3)
+    trained(torch.randn(4, 3, 5, 5) * 3 + 1)
+    fresh = ff.ActNorm(3)
+    fresh.load_state_dict(trained.state_dict())
+    assert fresh._initialized
+    loc = fresh.loc.detach().clone()
+    fresh(torch.randn(2, 3, 4, 4))  # must not re-initialise
+    assert torch.equal(fresh.loc.detach(), loc)
+    # and back: loading an uninitialised state clears the flag
+    fresh.load_state_dict(ff.ActNorm(3).state_dict())
+    assert not fresh._initialized
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_actnorm_round_trip_all_dtypes(backend, dtype):
+    layer = ff.ActNorm(5).to(DEVICE)
+    _perturb(layer, 0.5)
+    layer.initialized.fill_(1)
+    layer._initialized = True
+    x = torch.randn(2, 5, 3, 3, device=DEVICE).to(dtype)
+    y, ld = layer(x)
+    x2, ld_inv = layer.inverse(y)
+    ref_y, ref_ld = reference.actnorm(x.double(), layer.loc.detach(), layer.scale.detach())
+    assert y.dtype == dtype
+    assert_close(y, ref_y, dtype)
+    assert_close(x2, x.double(), dtype, rtol=2e-2 if dtype == torch.bfloat16 else None)
+    assert ld.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close(ld, ref_ld, torch.float32)
+    assert torch.equal(ld_inv, -ld)
+
+
+# --------------------------------------------------------------------------------------
+# InvConv2dLU / InvConv2d: reference, log-det vs slogdet, round trips, gradcheck
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("c,h,w", [(1, 2, 3), (7, 3, 5), (48, 2, 2)])
+def test_invconv_lu_logdet_against_slogdet(backend, c, h, w):
+    layer = _perturb(ff.InvConv2dLU(c).double().to(DEVICE))
+    x = torch.randn(2, c, h, w, dtype=torch.float64, device=DEVICE)
+    y, logdet = layer(x)
+    weight, weight_inv = _lu_matrices(layer)
+    assert_close(y, reference.channel_mix(x, weight), torch.float64)
+    slogdet = torch.linalg.slogdet(weight)[1] * h * w
+    assert_close(logdet, slogdet.expand(2), torch.float64, rtol=1e-9, atol=1e-9)
+    assert_close(weight_inv, torch.linalg.inv(weight), torch.float64, rtol=1e-9, atol=1e-9)
+    x2, ld_inv = layer.inverse(y)
+    assert_close(x2, x, torch.float64, rtol=1e-9, atol=1e-9)
+    assert_close(ld_inv, -slogdet.expand(2), torch.float64, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_invconv_lu_low_precision_inputs(backend, dtype):
+    layer = _perturb(ff.InvConv2dLU(6).to(DEVICE))
+    x = torch.randn(3, 6, 3, 5, device=DEVICE).to(dtype)
+    y, ld = layer(x)
+    weight, _ = _lu_matrices(layer)
+    assert y.dtype == dtype and ld.dtype == torch.float32
+    assert_close(y, reference.channel_mix(x.double(), weight), dtype)
+    assert_close(ld, (15 * torch.linalg.slogdet(weight)[1]).expand(3), torch.float32, rtol=1e-4, atol=1e-4)
+    assert_close(layer.reverse(y), x.double(), dtype, rtol=1e-4 if dtype == torch.float32 else None,
+                 atol=1e-4 if dtype == torch.float32 else None)
+
+
+def test_invconv_plain_logdet_against_slogdet(backend):
+    layer = _perturb(ff.InvConv2d(5).double().to(DEVICE))
+    x = torch.randn(2, 5, 3, 2, dtype=torch.float64, device=DEVICE)
+    y, logdet = layer(x)
+    w = layer.weight.detach().reshape(5, 5)
+    assert_close(y, reference.channel_mix(x, w), torch.float64)
+    assert_close(logdet, (6 * torch.linalg.slogdet(w)[1]).expand(2), torch.float64)
+    ref_y, ref_ld = reference.invconv(x, layer.weight.detach())
+    assert_close(logdet, ref_ld, torch.float64)
+    x2, ld_inv = layer.inverse(y)
+    assert_close(x2, x, torch.float64, rtol=1e-9, atol=1e-9)
+    assert_close(ld_inv, -logdet, torch.float64)
+
+
+def _call(layer, state, method, x):
+    """``layer.<method>(x)`` with the parameters replaced by the tensors in ``state``."""
+    class _Method(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, v):
+            return getattr(self.inner, method)(v)
+
+    return torch.func.functional_call(_Method(layer), {f"inner.{k}": v for k, v in state.items()}, (x,))
+
+
+def _gradcheck_layer(layer, x, inverse):
+    names = [n for n, _ in layer.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in layer.parameters()]
+
+    def fn(x_, *ps):
+        return _call(layer, dict(zip(names, ps)), "inverse" if inverse else "forward", x_)
+
+    assert torch.autograd.gradcheck(fn, (x.requires_grad_(), *params), fast_mode=True)
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("kind", ["ActNorm", "InvConv2dLU", "InvConv2d"])
+def test_gradcheck_layers_every_parameter(backend, kind, inverse):
+    layer = _perturb(getattr(ff, kind)(3).double().to(DEVICE))
+    if kind == "ActNorm":
+        layer.initialized.fill_(1)
+        layer._initialized = True
+    x = torch.randn(1, 3, 2, 2, dtype=torch.float64, device=DEVICE)
+    _gradcheck_layer(layer, x, inverse)
+
+
+# --------------------------------------------------------------------------------------
+# The cache is never stale: each case against an uncached computation
+# --------------------------------------------------------------------------------------
+
+
+def _check_fresh(layer, x):
+    """The layer's no-grad forward and inverse equal the uncached float64 assembly."""
+    weight, weight_inv = _lu_matrices(layer)
+    with torch.no_grad():
+        y, ld = layer(x)
+        back = layer.reverse(x)
+    assert_close(y, reference.channel_mix(x.double(), weight), x.dtype)
+    assert_close(back, reference.channel_mix(x.double(), weight_inv), x.dtype)
+    assert_close(ld, (x.shape[2] * x.shape[3] * layer.w_s.detach().double().sum()).expand(x.shape[0]), x.dtype)
+
+
+def _cached(layer, x):
+    with torch.no_grad():  # fills the cache for both directions
+        layer(x)
+        layer.reverse(x)
+    assert layer._cache.values
+
+
+def test_cache_optimizer_step(backend):
+    layer = ff.InvConv2dLU(4).to(DEVICE)
+    x = torch.randn(2, 4, 3, 3, device=DEVICE)
+    _cached(layer, x)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    y, ld = layer(x)
+    (y.square().sum() - ld.sum()).backward()
+    opt.step()
+    _check_fresh(layer, x)
+
+
+def test_cache_gradient_accumulation_over_two_forwards(backend):
+    layer = ff.InvConv2dLU(4).to(DEVICE)
+    twin = copy.deepcopy(layer)
+    x1, x2 = torch.randn(2, 4, 3, 3, device=DEVICE), torch.randn(2, 4, 3, 3, device=DEVICE)
+    _cached(layer, x1)
+    for x in (x1, x2):  # accumulate, with a cached no-grad call in between
+        y, ld = layer(x)
+        (y.square().sum() - ld.sum()).backward()
+        _cached(layer, x)
+    # uncached twin: the plain float64 assembly and the reference 1x1 convolution
+    for x in (x1, x2):
+        d = torch.float64
+        w = reference.lu_weight(twin.w_p.to(d), twin.w_l.to(d), twin.w_u.to(d), twin.w_s.to(d), twin.s_sign.to(d))
+        y = reference.channel_mix(x, w)
+        (y.square().sum() - 9 * twin.w_s.sum() * 2).backward()
+    for p, q in zip(layer.parameters(), twin.parameters()):
+        assert_close(p.grad, q.grad.double(), torch.float32, rtol=1e-4, atol=1e-4)
+    torch.optim.SGD(layer.parameters(), lr=0.1).step()
+    _check_fresh(layer, x1)
+
+
+def test_cache_load_state_dict(backend):
+    layer = ff.InvConv2dLU(4).to(DEVICE)
+    x = torch.randn(2, 4, 3, 3, device=DEVICE)
+    _cached(layer, x)
+    other = _perturb(ff.InvConv2dLU(4).to(DEVICE))
+    layer.load_state_dict(other.state_dict())
+    _check_fresh(layer, x)
+
+
+def test_cache_to_dtype(backend):
+    layer = ff.InvConv2dLU(4).to(DEVICE)
+    x = torch.randn(2, 4, 3, 3, device=DEVICE)
+    _cached(layer, x)
+    layer.double()
+    _check_fresh(layer, x.double())
+    with torch.no_grad():
+        layer.w_s.add_(0.25)
+    layer.float()
+    _check_fresh(layer, x)
+
+
+def test_cache_to_device():
+    """A move to another device misses the cache (to "meta" where no GPU is present)."""
+    layer = ff.InvConv2dLU(4)
+    x = torch.randn(2, 4, 3, 3)
+    _cached(layer, x)
+    target = "cuda" if torch.cuda.is_available() else "meta"
+    layer.to(target)
+    with torch.no_grad():
+        w, _ = layer.weight_and_logdet(False)
+        w_inv, _ = layer.weight_and_logdet(True)
+    assert w.device.type == target and w_inv.device.type == target
+    if target == "cuda":
+        _check_fresh(layer, x.to(target))
+
+
+def test_cache_deepcopy(backend):
+    layer = ff.InvConv2dLU(4).to(DEVICE)
+    x = torch.randn(2, 4, 3, 3, device=DEVICE)
+    _cached(layer, x)
+    twin = _perturb(copy.deepcopy(layer))
+    _check_fresh(twin, x)
+    _check_fresh(layer, x)
+
+
+def test_cache_inplace_edit_under_no_grad(backend):
+    layer = ff.InvConv2dLU(4).to(DEVICE)
+    x = torch.randn(2, 4, 3, 3, device=DEVICE)
+    for name in ("w_l", "w_s", "w_u"):
+        _cached(layer, x)
+        with torch.no_grad():
+            getattr(layer, name).mul_(1.5)
+        _check_fresh(layer, x)
+
+
+def test_cache_sampling_reuses_inverse(backend, monkeypatch):
+    layer = ff.InvConv2dLU(4).to(DEVICE).eval()
+    calls = {"inverse": 0}
+    original = reference.lu_inverse_weight
+
+    def counting(*args):
+        calls["inverse"] += 1
+        return original(*args)
+
+    monkeypatch.setattr(reference, "lu_inverse_weight", counting)
+    z = torch.randn(2, 4, 3, 3, device=DEVICE)
+    with torch.no_grad():
+        first = layer.reverse(z)
+        second = layer.reverse(z)
+        w1 = layer.weight_and_logdet(True)[0]
+        w2 = layer.weight_and_logdet(True)[0]
+    assert calls["inverse"] == 1 and w1 is w2
+    assert torch.equal(first, second)
+
+
+def test_cache_plain_invconv_logdet(backend):
+    layer = ff.InvConv2d(4).to(DEVICE)
+    x = torch.randn(2, 4, 3, 3, device=DEVICE)
+    with torch.no_grad():
+        ld1 = layer.weight_and_logdet(False)[1]
+        assert layer.weight_and_logdet(False)[1] is ld1  # cached while unchanged
+        layer.weight.mul_(2.0)  # log|det| grows by 4 log 2
+        y, ld = layer(x)
+        back = layer.reverse(y)
+    assert_close(ld, (9 * (ld1 + 4 * torch.log(torch.tensor(2.0, dtype=torch.float64)))).expand(2), torch.float32)
+    assert_close(back, x.double(), torch.float32, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------
+# FlowStep
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("conv_lu", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_flowstep_equals_parts_one_by_one(backend, conv_lu, affine):
+    step = ff.FlowStep(5, filter_size=8, affine=affine, conv_lu=conv_lu).double().to(DEVICE)
+    _perturb(step, 0.05)
+    x = torch.randn(2, 5, 3, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    y, logdet = step(x)  # first call: ActNorm initialises from x
+    assert step.actnorm._initialized
+    x_ = x.detach().clone().requires_grad_()
+    a, ld1 = step.actnorm(x_)
+    b, ld2 = step.invconv(a)
+    c, ld3 = step.coupling(b)
+    assert_close(y, c, torch.float64)
+    assert_close(logdet, ld1 + ld2 + ld3, torch.float64)
+    g = torch.randn_like(y)
+    params = list(step.parameters())
+    got = torch.autograd.grad((y * g).sum() + logdet.sum(), [x, *params], allow_unused=True)
+    want = torch.autograd.grad((c * g).sum() + (ld1 + ld2 + ld3).sum(), [x_, *params], allow_unused=True)
+    for p, q in zip(got, want):
+        if q is None:
+            assert p is None or torch.count_nonzero(p) == 0
+        else:
+            assert_close(p, q, torch.float64, rtol=1e-8, atol=1e-8)
+    with torch.no_grad():
+        back, ld_inv = step.inverse(y)
+        parts = step.actnorm.reverse(step.invconv.reverse(step.coupling.reverse(y)))
+    assert_close(back, x.detach(), torch.float64, rtol=1e-8, atol=1e-8)
+    assert_close(parts, back, torch.float64, rtol=1e-10, atol=1e-10)
+    assert_close(ld_inv, -logdet.detach(), torch.float64, rtol=1e-10, atol=1e-10)
+    assert torch.equal(step.reverse(y.detach()), back)
+
+
+def test_flowstep_float32_channels_last(backend):
+    step = ff.FlowStep(4, filter_size=8).to(DEVICE)
+    x = torch.randn(2, 4, 4, 4, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    y, logdet = step(x)
+    assert y.shape == x.shape and logdet.shape == (2,)
+    assert_close(step.reverse(y.detach()), x.double(), torch.float32, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["ActNorm", "InvConv2dLU", "InvConv2d", "FlowStep"])
+def test_layer_bad_inputs(kind):
+    layer = getattr(ff, kind)(4)
+    with pytest.raises(ValueError, match=r"^x: expected 4 channels.*\(2, 3, 5, 5\)"):
+        layer(torch.randn(2, 3, 5, 5))
+    with pytest.raises(ValueError, match=r"^x: expected a 4-D tensor.*\(2, 4, 5\)"):
+        layer(torch.randn(2, 4, 5))
+    with pytest.raises(TypeError, match=r"^x: expected a floating-point tensor.*int64"):
+        layer(torch.ones(2, 4, 5, 5, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"^y: expected 4 channels"):
+        layer.reverse(torch.randn(2, 5, 5, 5))
+    with pytest.raises(ValueError, match=r"^in_channel: expected a positive"):
+        getattr(ff, kind)(0)
