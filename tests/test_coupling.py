@@ -126,7 +126,7 @@ def test_inverse_of_forward_recovers_x(backend, scale, layout, shift):
                                          ("atan", "negated"), ("atan", "after")])
 @pytest.mark.parametrize("layout", reference.LAYOUTS)
 def test_gradcheck_float64(backend, scale, layout, shift):
-    x, h = make((2, 3, 2, 3), torch.float64)
+    x, h = make((2, 3, 1, 2), torch.float64)
     x.requires_grad_(True)
     h.requires_grad_(True)
     for reverse in (False, True):
@@ -136,7 +136,7 @@ def test_gradcheck_float64(backend, scale, layout, shift):
 
 
 def test_gradcheck_additive_float64(backend):
-    x, h = make((2, 5, 2, 3), torch.float64, additive=True)
+    x, h = make((2, 5, 1, 2), torch.float64, additive=True)
     x.requires_grad_(True)
     h.requires_grad_(True)
     for reverse in (False, True):
