@@ -1,0 +1,293 @@
+"""Training commands and the pieces they share.
+
+Shared (for every trainer): ``pick_device``, ``run_dir`` (results under ``runs/<name>/``),
+``progress`` (tqdm when installed, plain prints otherwise), ``save_checkpoint`` /
+``load_checkpoint`` (model + optimizer + any state, resumable), ``save_image_grid`` (a PNG of
+image rows via matplotlib) and ``write_json``.
+
+Commands: ``train_vae_main(argv)`` -> ``python -m fastflow train-vae``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# --------------------------------------------------------------------------------------
+# Shared pieces
+# --------------------------------------------------------------------------------------
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA when available, else CPU; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def run_dir(out: str | os.PathLike) -> Path:
+    """The results folder (created): ``runs/<name>`` by convention."""
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class _PlainProgress:
+    """The fallback progress bar: a line every ``every`` steps and at the end."""
+
+    def __init__(self, iterable, total, desc, every):
+        self.iterable, self.total, self.desc, self.every = iterable, total, desc, every
+        self.postfix, self.n, self.start = "", 0, time.perf_counter()
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.n += 1
+            if self.n % self.every == 0 or self.n == self.total:
+                rate = self.n / max(time.perf_counter() - self.start, 1e-9)
+                print(f"{self.desc} {self.n}/{self.total or '?'} ({rate:.1f} it/s) {self.postfix}",
+                      file=sys.stderr, flush=True)
+
+    def set_postfix_str(self, text):
+        self.postfix = text
+
+    def close(self):
+        pass
+
+
+def progress(iterable, *, total: int | None = None, desc: str = "", enabled: bool = True,
+             every: int = 50):
+    """A progress bar over ``iterable`` with ``set_postfix_str``/``close``: tqdm when it is
+    installed and ``enabled``, else plain lines on stderr (silent when not ``enabled``)."""
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+
+            return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+        except ImportError:
+            pass
+    return _PlainProgress(iterable, total, desc, every if enabled else math.inf)
+
+
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None, **state) -> Path:
+    """Write model (and optimizer) state plus any extra picklable ``state`` (epoch, step,
+    config, history, RNG state...) atomically: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"model": model.state_dict(), **state}
+    if optimizer is not None:
+        payload["optimizer"] = optimizer.state_dict()
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None,
+                    map_location=None) -> dict:
+    """Restore ``model`` (and ``optimizer``) from ``save_checkpoint``'s file; returns the
+    extra state saved with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"path: no checkpoint at {path}")
+    payload = torch.load(path, map_location=map_location, weights_only=False)
+    model.load_state_dict(payload.pop("model"))
+    opt_state = payload.pop("optimizer", None)
+    if optimizer is not None and opt_state is not None:
+        optimizer.load_state_dict(opt_state)
+    return payload
+
+
+def save_image_grid(path: str | os.PathLike, rows, titles=None, *, scale: float = 0.6) -> Path:
+    """A PNG with one row per tensor in ``rows`` (each (n, C, H, W) in [0, 1], C = 1 or 3),
+    ``titles`` labelling the rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r.detach().float().clamp(0, 1).cpu() for r in rows]
+    n_cols = max(r.shape[0] for r in rows)
+    fig, axes = plt.subplots(len(rows), n_cols, squeeze=False,
+                             figsize=(scale * n_cols + 1.2, scale * len(rows) + 0.3))
+    for i, r in enumerate(rows):
+        for j in range(n_cols):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if j < r.shape[0]:
+                img = r[j]
+                if img.shape[0] == 1:
+                    ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1)
+                else:
+                    ax.imshow(img.permute(1, 2, 0).numpy())
+        if titles:
+            axes[i][0].set_ylabel(titles[i], rotation=0, ha="right", va="center", fontsize=8)
+    fig.tight_layout(pad=0.2)
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_json(path: str | os.PathLike, data) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def _positive(kind):
+    def parse(text):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+        return value
+
+    return parse
+
+
+# --------------------------------------------------------------------------------------
+# train-vae
+# --------------------------------------------------------------------------------------
+
+
+def _vae_parser():
+    p = argparse.ArgumentParser(prog="python -m fastflow train-vae",
+                                description="Train the small conv VAE on the bundled 8x8 digits.")
+    p.add_argument("--epochs", type=_positive(int), default=10)
+    p.add_argument("--batch-size", type=_positive(int), default=64)
+    p.add_argument("--lr", type=_positive(float), default=2e-3)
+    p.add_argument("--latent", type=_positive(int), default=8)
+    p.add_argument("--hidden", type=_positive(int), default=32, help="conv channels")
+    p.add_argument("--likelihood", choices=("bernoulli", "gaussian"), default="bernoulli")
+    p.add_argument("--out", default="runs/vae", help="results folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
+    p.add_argument("--max-steps", type=_positive(int), default=None,
+                   help="stop after this many optimizer steps in total")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.pt when it exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+@torch.no_grad()
+def _evaluate(model, x, batch_size, generator):
+    """Mean -ELBO, recon and KL over ``x`` (one noise draw per sample)."""
+    from .data import batches
+
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64)
+    for xb in batches(x, batch_size, shuffle=False):
+        recon, kl = model.terms(xb, generator=generator)
+        totals += torch.stack([recon.sum(), kl.sum()]).double().cpu()
+    model.train()
+    recon, kl = (totals / x.shape[0]).tolist()
+    return {"neg_elbo": recon + kl, "recon": recon, "kl": kl}
+
+
+def train_vae_main(argv=None) -> int:
+    """``python -m fastflow train-vae``: returns the exit status."""
+    from .data import batches, digits
+    from .vae import ConvVAE
+
+    args = _vae_parser().parse_args(argv)
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    out = run_dir(args.out)
+    ckpt_path = out / "checkpoint.pt"
+
+    x_train = digits("train")[0].to(device)
+    x_test = digits("test")[0].to(device)
+    config = {k: getattr(args, k) for k in ("latent", "hidden", "likelihood")}
+    model = ConvVAE(channels=1, size=8, **config).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    eval_gen = torch.Generator().manual_seed(args.seed + 1)  # seeds the op's noise, on CPU
+    shuffle_gen = torch.Generator().manual_seed(args.seed)
+
+    start_epoch, step, history = 0, 0, {"initial": None, "epochs": []}
+    if args.resume and ckpt_path.is_file():
+        state = load_checkpoint(ckpt_path, model, opt, map_location=device)
+        if state.get("config") != config:
+            raise ValueError(f"--resume: checkpoint {ckpt_path} was trained with "
+                             f"{state.get('config')}, got {config}")
+        start_epoch, step, history = state["epoch"], state["step"], state["history"]
+        shuffle_gen.set_state(state["shuffle_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        print(f"resumed from {ckpt_path} at epoch {start_epoch}, step {step}")
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"train-vae: {len(x_train)} train / {len(x_test)} test digits (1x8x8), "
+          f"{n_params} parameters, latent {args.latent}, device {device}, "
+          f"fastflow backend {_backend_name(device)}")
+    if history["initial"] is None:
+        history["initial"] = _evaluate(model, x_test, 256, eval_gen)
+        print(f"before training: test -ELBO {history['initial']['neg_elbo']:.3f} nats")
+
+    steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
+    t0 = time.perf_counter()
+    for epoch in range(start_epoch, args.epochs):
+        if args.max_steps is not None and step >= args.max_steps:
+            break
+        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        seen = 0
+        bar = progress(batches(x_train, args.batch_size, generator=shuffle_gen),
+                       total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
+                       enabled=not args.no_progress)
+        for xb in bar:
+            terms = model.loss(xb)
+            opt.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            opt.step()
+            step += 1
+            seen += xb.shape[0]
+            sums += torch.stack([terms[k].detach() for k in ("loss", "recon", "kl")]).double() \
+                * xb.shape[0]
+            if step % 10 == 0:
+                bar.set_postfix_str(f"-ELBO {terms['loss'].item():.2f}")
+            if args.max_steps is not None and step >= args.max_steps:
+                break
+        bar.close()
+        train = dict(zip(("neg_elbo", "recon", "kl"), (sums / max(seen, 1)).tolist()))
+        test = _evaluate(model, x_test, 256, eval_gen)
+        history["epochs"].append({"epoch": epoch + 1, "step": step, "train": train,
+                                  "test": test})
+        print(f"epoch {epoch + 1:3d}/{args.epochs}  train -ELBO {train['neg_elbo']:8.3f} "
+              f"(recon {train['recon']:7.3f} + KL {train['kl']:6.3f})  "
+              f"test -ELBO {test['neg_elbo']:8.3f} (recon {test['recon']:7.3f} + "
+              f"KL {test['kl']:6.3f})  {time.perf_counter() - t0:5.1f}s", flush=True)
+        save_checkpoint(ckpt_path, model, opt, epoch=epoch + 1, step=step, history=history,
+                        config=config, shuffle_rng=shuffle_gen.get_state(),
+                        torch_rng=torch.get_rng_state())
+
+    model.eval()
+    originals = x_test[:12]
+    picture = save_image_grid(
+        out / "vae_samples.png",
+        [originals, model.reconstruct(originals),
+         model.sample(12, generator=torch.Generator(device=device).manual_seed(args.seed))],
+        ["data", "recon", "samples"])
+    write_json(out / "metrics.json", {"config": vars(args), "history": history})
+    final = history["epochs"][-1]["test"] if history["epochs"] else history["initial"]
+    print(f"done: {step} steps, test -ELBO {history['initial']['neg_elbo']:.3f} -> "
+          f"{final['neg_elbo']:.3f} nats; wrote {picture}, {ckpt_path}, {out / 'metrics.json'}")
+    return 0
+
+
+def _backend_name(device: torch.device) -> str:
+    from .backend import current_mode
+
+    mode = current_mode()
+    if mode == "auto":
+        return "triton" if device.type == "cuda" else "reference"
+    return mode

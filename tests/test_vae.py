@@ -1,0 +1,142 @@
+"""The digits data, the conv VAE on the fused reparameterisation op, and ``train-vae``."""
+
+import json
+
+import pytest
+import torch
+
+import fastflow as ff
+from fastflow import data
+from fastflow.__main__ import main as cli
+from fastflow.train import load_checkpoint, save_checkpoint
+from fastflow.vae import ConvVAE
+
+from conftest import DEVICE
+
+
+def test_digits_splits_are_deterministic_and_disjoint():
+    x_train, y_train = data.digits("train")
+    x_test, y_test = data.digits("test")
+    assert x_train.shape[1:] == (1, 8, 8) and x_train.dtype == torch.float32
+    assert len(x_train) + len(x_test) == 1797 and len(x_test) == round(0.2 * 1797)
+    assert 0.0 <= float(x_train.min()) and float(x_train.max()) <= 1.0
+    assert float(x_train.max()) == 1.0
+    assert torch.equal(x_train, data.digits("train")[0])
+    train_idx, test_idx = data.split_indices(1797)
+    assert not set(train_idx.tolist()) & set(test_idx.tolist())
+    assert set(y_test.tolist()) == set(range(10))
+    assert not torch.equal(data.split_indices(1797, seed=1)[1], test_idx)
+
+
+def test_fit_size_pad_and_resize():
+    x, _ = data.digits("test")
+    padded = data.fit_size(x, 16, "pad")
+    assert padded.shape[1:] == (1, 16, 16)
+    assert torch.equal(padded[:, :, 4:12, 4:12], x) and float(padded[:, :, :4].abs().sum()) == 0
+    resized = data.digits("test", size=16, channels=3)[0]
+    assert resized.shape[1:] == (3, 16, 16)
+    assert 0.0 <= float(resized.min()) and float(resized.max()) <= 1.0
+    # the mean intensity survives bilinear resizing
+    assert abs(float(resized.mean()) - float(x.mean())) < 0.02
+    with pytest.raises(ValueError, match="size"):
+        data.fit_size(x, 4, "pad")
+    with pytest.raises(ValueError, match="mode"):
+        data.fit_size(x, 16, "crop")
+    with pytest.raises(ValueError, match="split"):
+        data.digits("validation")
+
+
+def test_batches_cover_the_data():
+    x = torch.arange(10.0).reshape(10, 1)
+    got = torch.cat(list(data.batches(x, 3, generator=torch.Generator().manual_seed(0))))
+    assert sorted(got.flatten().tolist()) == list(range(10))
+    assert [len(b) for b in data.batches(x, 3, drop_last=True)] == [3, 3, 3]
+
+
+def test_vae_terms_and_gradients(backend):
+    torch.manual_seed(0)
+    model = ConvVAE(latent=3, hidden=4).to(DEVICE)
+    x = data.digits("test")[0][:5].to(DEVICE)
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    recon, kl = model.terms(x, gen())
+    assert recon.shape == (5,) and kl.shape == (5,) and bool((kl >= 0).all())
+    assert torch.equal(model.elbo(x, gen()), -(recon + kl))
+    terms = model.loss(x, gen())
+    torch.testing.assert_close(terms["loss"], (recon + kl).mean())
+    terms["loss"].backward()
+    # the encoder is trained through the fused op (both mu and logvar receive gradients)
+    assert float(model.encoder[-1].weight.grad.abs().sum()) > 0
+    assert model.sample(4).shape == (4, 1, 8, 8)
+    assert model.reconstruct(x).shape == x.shape
+    with pytest.raises(ValueError, match="x: expected shape"):
+        model.loss(torch.zeros(2, 1, 16, 16, device=DEVICE))
+    with pytest.raises(ValueError, match="likelihood"):
+        ConvVAE(likelihood="poisson")
+
+
+def test_gaussian_likelihood_vae_trains_a_step():
+    model = ConvVAE(latent=2, hidden=4, likelihood="gaussian")
+    x = data.digits("test")[0][:8]
+    loss = model.loss(x)["loss"]
+    loss.backward()
+    assert torch.isfinite(loss) and model.log_scale.grad is not None
+
+
+def test_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = ConvVAE(latent=2, hidden=4)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.loss(data.digits("test")[0][:8])["loss"].backward()
+    opt.step()
+    path = save_checkpoint(tmp_path / "ck" / "checkpoint.pt", model, opt, epoch=3,
+                           history=[1.0, 2.0])
+    other = ConvVAE(latent=2, hidden=4)
+    other_opt = torch.optim.Adam(other.parameters(), lr=1e-3)
+    state = load_checkpoint(path, other, other_opt)
+    assert state == {"epoch": 3, "history": [1.0, 2.0]}
+    for (name, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert other_opt.state_dict()["state"][0]["step"] == 1
+    torch.testing.assert_close(other_opt.state_dict()["state"][0]["exp_avg"],
+                               opt.state_dict()["state"][0]["exp_avg"])
+    with pytest.raises(FileNotFoundError, match="path"):
+        load_checkpoint(tmp_path / "missing.pt", other)
+
+
+def test_train_vae_command_improves_elbo_and_resumes(tmp_path, capsys):
+    out = tmp_path / "vae"
+    args = ["train-vae", "--epochs", "2", "--max-steps", "25", "--batch-size", "32",
+            "--out", str(out), "--no-progress", "--device", "cpu"]
+    assert cli(args) == 0
+    printed = capsys.readouterr().out
+    assert "recon" in printed and "KL" in printed and "-ELBO" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = metrics["history"]
+    assert history["epochs"][-1]["step"] == 25
+    first = history["initial"]["neg_elbo"]
+    last = history["epochs"][-1]["test"]["neg_elbo"]
+    assert last < first - 5.0, (first, last)  # the ELBO improves
+    for key in ("recon", "kl"):
+        assert history["epochs"][-1]["train"][key] >= 0
+    assert (out / "vae_samples.png").stat().st_size > 1000
+    assert (out / "checkpoint.pt").is_file()
+    # resume: continues from the saved step and keeps the history
+    assert cli(args + ["--max-steps", "35", "--resume"]) == 0  # the last --max-steps wins
+    history2 = json.loads((out / "metrics.json").read_text())["history"]
+    assert history2["initial"] == history["initial"]
+    assert [e["step"] for e in history2["epochs"]] == [25, 35]
+    assert "resumed from" in capsys.readouterr().out
+
+
+def test_vae_step_on_triton_backend():
+    """One training step with the fused op on the Triton kernels (interpreted on CPU)."""
+    if DEVICE == "cpu" and not ff.backend.interpreter_enabled():
+        pytest.skip("needs TRITON_INTERPRET=1 on CPU")
+    torch.manual_seed(0)
+    model = ConvVAE(latent=3, hidden=4).to(DEVICE)
+    x = data.digits("test")[0][:6].to(DEVICE)
+    with ff.use_backend("triton"):
+        losses = [model.loss(x, torch.Generator().manual_seed(1)) for _ in range(2)]
+        losses[0]["loss"].backward()
+    assert torch.equal(losses[0]["loss"], losses[1]["loss"])
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
