@@ -11,6 +11,7 @@ from .functional import reparameterize_kl
 from .layers import AffineCoupling
 from .layers import ActNorm, FlowStep, InvConv2d, InvConv2dLU
 from .layers import GaussianReparam
+from .glow import Glow, bits_per_dim
 
 __version__ = "0.1.0"
 
@@ -18,6 +19,6 @@ __all__ = [
     "use_backend", "current_mode",
     "affine_coupling", "additive_coupling",
     "reparameterize_kl", "GaussianReparam",
-    "AffineCoupling",
+    "AffineCoupling", "Glow", "bits_per_dim",
     "channel_mix", "actnorm_invconv", "ActNorm", "InvConv2dLU", "InvConv2d", "FlowStep",
 ]
