@@ -162,15 +162,32 @@ class InvConv2dLU(_InvConvBase):
         self.w_s = nn.Parameter(torch.log(torch.abs(w_s)).float())
         self.w_u = nn.Parameter(torch.triu(w_u, 1).float())
         self._cache = _CachedMatrices()
+        self._fixed_cache = _CachedMatrices()
 
     def _sources(self):
         return (self.w_p, self.w_l, self.w_s, self.w_u, self.s_sign)
 
+    def _fixed(self):
+        """Row order of w_p, s_sign and I in float64: from the buffers, cached on them."""
+        def build():
+            d = torch.float64
+            eye = torch.eye(self.in_channel, dtype=d, device=self.w_p.device)
+            return self.w_p.argmax(dim=1), self.s_sign.to(d), eye
+
+        return self._fixed_cache.get((self.w_p, self.s_sign), "fixed", build)
+
     def _assemble(self, inverse: bool):
+        """W = P (L + I) (U + diag(s_sign exp(w_s))) in float64, or W^-1 from triangular
+        solves; L, U are the strictly lower / upper parts of w_l, w_u (rosinality's masks)."""
         d = torch.float64
-        # lu_factors keeps the strictly lower / upper parts: the l_mask / u_mask products
-        args = (self.w_p.to(d), self.w_l.to(d), self.w_u.to(d), self.w_s.to(d), self.s_sign.to(d))
-        return reference.lu_inverse_weight(*args) if inverse else reference.lu_weight(*args)
+        rows, sign, eye = self._fixed()
+        lower = torch.tril(self.w_l.to(d), -1) + eye
+        upper = torch.triu(self.w_u.to(d), 1) + torch.diag(sign * torch.exp(self.w_s.to(d)))
+        if not inverse:
+            return (lower @ upper).index_select(0, rows)  # P @ M picks M's rows
+        l_inv = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
+        u_inv = torch.linalg.solve_triangular(upper, eye, upper=True)
+        return (u_inv @ l_inv).index_select(1, rows)  # M @ P^T picks M's columns
 
     def weight_and_logdet(self, inverse: bool = False):
         """(W or W^-1 as a float64 (C, C) matrix, log|det W| = sum(w_s))."""

@@ -32,11 +32,20 @@ def _kernels():
 
 
 def _matrix(weight):
-    return None if weight is None else weight.reshape(weight.shape[0], weight.shape[1])
+    return weight  # (Co, C) or (Co, C, 1, 1): the kernels read it through strides 0 and 1
 
 
 def _vec(v):
-    return None if v is None else v.reshape(-1).contiguous()
+    if v is None or v.is_contiguous():
+        return v  # (C,) or (1, C, 1, 1) contiguous: the kernels read it as a flat vector
+    return v.reshape(-1).contiguous()
+
+
+def _like(g, p):
+    """``g`` in the dtype and shape of the parameter ``p`` (no op when it already is)."""
+    if g.dtype != p.dtype:
+        g = g.to(p.dtype)
+    return g if g.shape == p.shape else g.reshape(p.shape)
 
 
 def _out_channels(x, weight):
@@ -80,7 +89,8 @@ def _triton_backward(grad, src, weight, loc, scale, reverse, need_params):
         # G[o, k] = sum g[o] (src[k] + shift[k]), gsum[o] = sum g[o]
         gmat, gsum = k.reduce(grad, src, diag=a is None,
                               shift=lv if (has_an and not reverse) else None)
-        ac = None if a is None else a.to(gmat.dtype)
+        ac = None if a is None else _like(a.reshape(a.shape[0], a.shape[1]), gmat)
+        sv = None if sv is None else sv.reshape(-1)
         if a is None:  # ActNorm alone; gmat is diag(G)
             if reverse:  # out = y / s - l
                 d_s, d_l = -gmat / (sv * sv), -gsum
@@ -119,10 +129,12 @@ def channel_mix_backward(grad: Tensor, src: Tensor, weight: Optional[Tensor],
                          need_params: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     run = _triton_backward if use_triton(src) else _reference_backward
     d_src, d_w, d_l, d_s = run(grad, src, weight, loc, scale, reverse, need_params)
-    d_src = d_src.to(src.dtype).contiguous(memory_format=memory_format_of(src))
+    fmt = memory_format_of(src)
+    if d_src.dtype != src.dtype or not d_src.is_contiguous(memory_format=fmt):
+        d_src = d_src.to(src.dtype).contiguous(memory_format=fmt)
     outs = [d_src]
     for g, p in ((d_w, weight), (d_l, loc), (d_s, scale)):
-        outs.append(src.new_empty(0) if g is None else g.to(p.dtype).reshape(p.shape))
+        outs.append(src.new_empty(0) if g is None else _like(g, p))
     return tuple(outs)
 
 
