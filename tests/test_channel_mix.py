@@ -216,3 +216,17 @@ def test_property_round_trip_matches_reference(n, c, h, w, seed):
         back = ff.channel_mix(y, torch.linalg.inv(a), loc=loc, scale=scale, reverse=True)
     assert_close(y, reference.actnorm_mix(x, a, loc, scale), torch.float64)
     assert_close(back, x, torch.float64, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_single_pixel_single_sample_backward(backend, reverse):
+    """N = H = W = 1: gradients of loc / scale have the gradient's own shape (no aliasing)."""
+    w, loc, scale = _params(4)
+    x = torch.randn(1, 4, 1, 1, dtype=torch.float64, device=DEVICE)
+    g = torch.randn(1, 4, 1, 1, dtype=torch.float64, device=DEVICE)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, loc, scale)]
+    ff.channel_mix(leaves[0], leaves[1], loc=leaves[2], scale=leaves[3], reverse=reverse).backward(g)
+    ref = [t.detach().clone().requires_grad_() for t in (x, w, loc, scale)]
+    reference.actnorm_mix(*ref, reverse=reverse).backward(g)
+    for a, b in zip(leaves, ref):
+        assert_close(a.grad, b.grad, torch.float64)

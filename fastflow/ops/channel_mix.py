@@ -135,6 +135,14 @@ def channel_mix_backward(grad: Tensor, src: Tensor, weight: Optional[Tensor],
     outs = [d_src]
     for g, p in ((d_w, weight), (d_l, loc), (d_s, scale)):
         outs.append(src.new_empty(0) if g is None else _like(g, p))
+    # a custom op's outputs may not alias its inputs (the reference vjp can hand back a
+    # view of ``grad``, e.g. d_loc = -grad summed over nothing when N = H = W = 1)
+    taken = {t.untyped_storage().data_ptr() for t in (grad, src, weight, loc, scale)
+             if t is not None and t.numel() > 0}
+    for i, t in enumerate(outs):
+        if t.numel() > 0 and t.untyped_storage().data_ptr() in taken:
+            outs[i] = t.clone()
+        taken.add(outs[i].untyped_storage().data_ptr())
     return tuple(outs)
 
 
