@@ -14,8 +14,9 @@ Each direction is one pass over memory. The forward writes z and one partial KL 
 (row, tile); the launcher adds the partials in a fixed order (bitwise reproducible, no
 atomics).
 
-Noise (``HAS_EPS=False``): Triton's counter-based Philox, keyed by a 64-bit ``seed`` that
-the caller draws from torch's RNG. Row n is padded to D4 = ceil(D / 4) groups of four
+Noise (``HAS_EPS=False``): Triton's counter-based Philox, keyed by a 64-bit seed that the
+caller draws from torch's RNG and passes as a one-element int64 tensor on the device (read
+by the kernel: no host round trip). Row n is padded to D4 = ceil(D / 4) groups of four
 elements; group g of row n has the counter ``n * D4 + g`` and one ``tl.randn4x`` call gives
 the four standard normals of its elements (lane d % 4). The noise of an element is thus a
 pure function of (seed, n, d): the backward kernel regenerates it bit for bit instead of
@@ -44,20 +45,21 @@ def _noise(seed, counter, lane, WIDE: tl.constexpr):
     else:
         key = seed
         ctr = counter.to(tl.uint32)
-    r0, r1, r2, r3 = tl.randn4x(key, ctr)
+    r0, r1, r2, r3 = tl.randn4x(key, ctr)  # one Philox call: four normals (two Box-Mullers)
     return tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _reparam_kl_fwd_kernel(
     mu_ptr,    # (N, D) means
     lv_ptr,    # (N, D) log-variances
     eps_ptr,   # (N, D) noise when HAS_EPS (else any pointer, never read)
     z_ptr,     # (N, D) samples (written)
-    part_ptr,  # (N, N_DTILES) partial KL sums per tile, compute dtype (written)
-    N, D, D4, N_DTILES, seed,
+    part_ptr,  # (N, N_DTILES) partial KL sums per tile (divided by N when MEAN), compute dtype
+    seed_ptr,  # (1,) int64 Philox key when not HAS_EPS
+    N, D, D4, N_DTILES,
     s_mu_n, s_mu_d, s_lv_n, s_lv_d, s_eps_n, s_eps_d, s_z_n, s_z_d,
-    HAS_EPS: tl.constexpr, WIDE: tl.constexpr, COMPUTE: tl.constexpr,
+    HAS_EPS: tl.constexpr, WIDE: tl.constexpr, MEAN: tl.constexpr, COMPUTE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -74,16 +76,18 @@ def _reparam_kl_fwd_kernel(
     if HAS_EPS:
         e = tl.load(eps_ptr + n * s_eps_n + d * s_eps_d, mask=inside, other=0.0).to(COMPUTE)
     else:
-        e = _noise(seed, n * D4 + g, lane, WIDE).to(COMPUTE)
+        e = _noise(tl.load(seed_ptr), n * D4 + g, lane, WIDE).to(COMPUTE)
     std = tl.exp(lv * 0.5)
     z = m + std * e
     tl.store(z_ptr + n * s_z_n + d * s_z_d, z.to(z_ptr.dtype.element_ty), mask=inside)
     kl = tl.where(inside, 0.5 * (std * std + m * m - 1.0 - lv), 0.0)
     partial = tl.sum(tl.sum(kl, axis=2), axis=1)
+    if MEAN:
+        partial = partial / N
     tl.store(part_ptr + rows * N_DTILES + d_tile, partial, mask=rows < N)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _reparam_kl_bwd_kernel(
     dz_ptr,    # (N, D) gradient of z
     dkl_ptr,   # (N,) gradient of the per-sample KL; a single value (stride 0) for sum/mean
@@ -92,7 +96,8 @@ def _reparam_kl_bwd_kernel(
     eps_ptr,   # (N, D) noise when HAS_EPS (else any pointer, never read)
     dmu_ptr,   # (N, D) gradient of mu (written)
     dlv_ptr,   # (N, D) gradient of logvar (written)
-    N, D, D4, N_DTILES, seed, s_dkl,
+    seed_ptr,  # (1,) int64 Philox key when not HAS_EPS
+    N, D, D4, N_DTILES, s_dkl,
     s_dz_n, s_dz_d, s_mu_n, s_mu_d, s_lv_n, s_lv_d, s_eps_n, s_eps_d,
     s_dmu_n, s_dmu_d, s_dlv_n, s_dlv_d,
     HAS_EPS: tl.constexpr, WIDE: tl.constexpr, MEAN: tl.constexpr, COMPUTE: tl.constexpr,
@@ -117,7 +122,7 @@ def _reparam_kl_bwd_kernel(
     if HAS_EPS:
         e = tl.load(eps_ptr + n * s_eps_n + d * s_eps_d, mask=inside, other=0.0).to(COMPUTE)
     else:
-        e = _noise(seed, n * D4 + g, lane, WIDE).to(COMPUTE)
+        e = _noise(tl.load(seed_ptr), n * D4 + g, lane, WIDE).to(COMPUTE)
     std = tl.exp(lv * 0.5)
     gmu = gz + gkl * m
     glv = 0.5 * (gz * e * std + gkl * (std * std - 1.0))
@@ -131,8 +136,12 @@ def _reparam_kl_bwd_kernel(
 
 
 def _rows(t: torch.Tensor, n: int) -> tuple[torch.Tensor, int, int]:
-    """``t`` as an (N, D) view (a copy only when no view exists) and its two strides.
-    Broadcast (stride 0) tensors such as the gradients of ``.sum()`` stay views."""
+    """(tensor, stride_n, stride_d) walking ``t`` as N rows of D elements. When the trailing
+    dimensions merge into one (contiguous, sliced rows, broadcast stride-0 gradients...) the
+    tensor is used as it is, with no view op; otherwise it is copied once."""
+    dims = [(size, stride) for size, stride in zip(t.shape[1:], t.stride()[1:]) if size != 1]
+    if all(a[1] == b[1] * b[0] for a, b in zip(dims, dims[1:])):
+        return t, t.stride(0), dims[-1][1] if dims else 1
     t2 = t.reshape(n, -1)
     return t2, t2.stride(0), t2.stride(1)
 
@@ -156,40 +165,39 @@ def _kl_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def reparam_kl_forward(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None,
-                       seed: int, reduction: str, *, force_wide: bool = False):
+                       seed: torch.Tensor | None, reduction: str, *, force_wide: bool = False):
     """(z, kl): z shaped like ``mu`` (contiguous), kl (N,) or a scalar for "sum"/"mean".
-    ``eps=None`` draws the noise from ``seed``; shapes are validated by the caller."""
+    ``eps=None`` draws the noise from ``seed`` (a one-element int64 tensor on mu's device);
+    shapes are validated by the caller."""
     n = mu.shape[0]
     z = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
     kl_dtype = _kl_dtype(mu.dtype)
     d = mu.numel() // n if n else 0
     if n == 0 or d == 0:
         kl = torch.zeros(n, dtype=kl_dtype, device=mu.device)
-    else:
-        block_n, block_g, d4, n_dtiles, programs = _grid(n, d)
-        partials = torch.empty((n, n_dtiles), dtype=kl_dtype, device=mu.device)
-        mu2, *s_mu = _rows(mu, n)
-        lv2, *s_lv = _rows(logvar, n)
-        eps2, *s_eps = _rows(eps, n) if eps is not None else (mu2, 0, 0)
-        z2, *s_z = _rows(z, n)
-        _reparam_kl_fwd_kernel[(programs,)](
-            mu2, lv2, eps2, z2, partials, n, d, d4, n_dtiles, seed,
-            *s_mu, *s_lv, *s_eps, *s_z,
-            HAS_EPS=eps is not None, WIDE=_wide(n, d4, force_wide),
-            COMPUTE=compute_type(mu.dtype), BLOCK_N=block_n, BLOCK_G=block_g)
-        if reduction != "none":
-            return z, partials.sum() / n if reduction == "mean" else partials.sum()
-        kl = partials[:, 0] if n_dtiles == 1 else partials.sum(dim=1)
-    if reduction == "sum":
-        kl = kl.sum()
-    elif reduction == "mean":
-        kl = kl.mean()
-    return z, kl
+        return z, (kl if reduction == "none" else kl.sum() / n if reduction == "mean" else kl.sum())
+    block_n, block_g, d4, n_dtiles, programs = _grid(n, d)
+    # one tile per row and no reduction: the partials are the per-sample KL
+    partials = torch.empty((n, n_dtiles) if n_dtiles > 1 else (n,), dtype=kl_dtype,
+                           device=mu.device)
+    mu_, *s_mu = _rows(mu, n)
+    lv_, *s_lv = _rows(logvar, n)
+    eps_, *s_eps = _rows(eps, n) if eps is not None else (mu_, 0, 0)
+    _, *s_z = _rows(z, n)
+    _reparam_kl_fwd_kernel[(programs,)](
+        mu_, lv_, eps_, z, partials, seed if eps is None else mu_, n, d, d4, n_dtiles,
+        *s_mu, *s_lv, *s_eps, *s_z,
+        HAS_EPS=eps is not None, WIDE=_wide(n, d4, force_wide), MEAN=reduction == "mean",
+        COMPUTE=compute_type(mu.dtype), BLOCK_N=block_n, BLOCK_G=block_g)
+    if reduction != "none":  # "mean": the kernel already divided each partial by N
+        return z, partials.sum()
+    return z, partials if n_dtiles == 1 else partials.sum(dim=1)
 
 
 def reparam_kl_backward(dz: torch.Tensor, dkl: torch.Tensor, mu: torch.Tensor,
-                        logvar: torch.Tensor, eps: torch.Tensor | None, seed: int,
-                        reduction: str, *, force_wide: bool = False):
+                        logvar: torch.Tensor, eps: torch.Tensor | None,
+                        seed: torch.Tensor | None, reduction: str, *,
+                        force_wide: bool = False):
     """(dmu, dlogvar), contiguous, in mu's and logvar's dtypes. ``dz`` and ``dkl`` may have
     any strides (stride 0 included); ``dkl`` is (N,) for "none", a scalar otherwise."""
     n = mu.shape[0]
@@ -199,16 +207,16 @@ def reparam_kl_backward(dz: torch.Tensor, dkl: torch.Tensor, mu: torch.Tensor,
     if n == 0 or d == 0:
         return dmu, dlv
     block_n, block_g, d4, n_dtiles, programs = _grid(n, d)
-    dz2, *s_dz = _rows(dz, n)
-    mu2, *s_mu = _rows(mu, n)
-    lv2, *s_lv = _rows(logvar, n)
-    eps2, *s_eps = _rows(eps, n) if eps is not None else (mu2, 0, 0)
-    dmu2, *s_dmu = _rows(dmu, n)
-    dlv2, *s_dlv = _rows(dlv, n)
+    dz_, *s_dz = _rows(dz, n)
+    mu_, *s_mu = _rows(mu, n)
+    lv_, *s_lv = _rows(logvar, n)
+    eps_, *s_eps = _rows(eps, n) if eps is not None else (mu_, 0, 0)
+    _, *s_dmu = _rows(dmu, n)
+    _, *s_dlv = _rows(dlv, n)
     s_dkl = dkl.stride(0) if dkl.dim() == 1 else 0
     _reparam_kl_bwd_kernel[(programs,)](
-        dz2, dkl, mu2, lv2, eps2, dmu2, dlv2, n, d, d4, n_dtiles, seed, s_dkl,
-        *s_dz, *s_mu, *s_lv, *s_eps, *s_dmu, *s_dlv,
+        dz_, dkl, mu_, lv_, eps_, dmu, dlv, seed if eps is None else mu_, n, d, d4, n_dtiles,
+        s_dkl, *s_dz, *s_mu, *s_lv, *s_eps, *s_dmu, *s_dlv,
         HAS_EPS=eps is not None, WIDE=_wide(n, d4, force_wide), MEAN=reduction == "mean",
         COMPUTE=compute_type(mu.dtype), BLOCK_N=block_n, BLOCK_G=block_g)
     return dmu, dlv

@@ -164,6 +164,10 @@ def test_internal_noise_statistics(backend):
     assert dist.min() > 0.75 * math.sqrt(2 * d)
 
 
+def _gen(seed):
+    return torch.Generator(device=DEVICE).manual_seed(seed)
+
+
 def test_same_seed_same_noise_and_generator_honoured(backend):
     mu, logvar, _ = _inputs((4, 9), torch.float32)
     torch.manual_seed(11)
@@ -176,13 +180,17 @@ def test_same_seed_same_noise_and_generator_honoured(backend):
     # an explicit generator decides the noise and leaves the global RNG alone
     torch.manual_seed(3)
     state = torch.get_rng_state()
-    g1, _ = ff.reparameterize_kl(mu, logvar, generator=torch.Generator().manual_seed(5))
+    g1, _ = ff.reparameterize_kl(mu, logvar, generator=_gen(5))
     assert torch.equal(torch.get_rng_state(), state)
     torch.manual_seed(4)
-    g2, _ = ff.reparameterize_kl(mu, logvar, generator=torch.Generator().manual_seed(5))
-    g3, _ = ff.reparameterize_kl(mu, logvar, generator=torch.Generator().manual_seed(6))
+    g2, _ = ff.reparameterize_kl(mu, logvar, generator=_gen(5))
+    g3, _ = ff.reparameterize_kl(mu, logvar, generator=_gen(6))
     assert torch.equal(g1, g2) and not torch.equal(g1, g3)
-    # the documented choice: the seed comes from torch's CPU generator
+    # a generator on another device than the tensors is honoured as well
+    g4, _ = ff.reparameterize_kl(mu, logvar, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(g4, ff.reparameterize_kl(mu, logvar,
+                                                generator=torch.Generator().manual_seed(5))[0])
+    # the documented choice: the seed comes from the default generator of mu's device
     torch.manual_seed(5)
     assert torch.equal(ff.reparameterize_kl(mu, logvar)[0], g1)
 
@@ -247,7 +255,7 @@ def test_wide_counter_path_matches():
     from fastflow.kernels import gaussian as kernels
 
     mu, logvar, _ = _inputs((3, 10), torch.float32)
-    seed = int(draw_seed())
+    seed = draw_seed(DEVICE)
     plain = kernels.reparam_kl_forward(mu, logvar, None, seed, "none")
     wide = kernels.reparam_kl_forward(mu, logvar, None, seed, "none", force_wide=True)
     assert torch.equal(plain[0], wide[0]) and torch.equal(plain[1], wide[1])
@@ -302,7 +310,7 @@ def test_opcheck():
     mu, logvar, eps = _inputs((3, 6), torch.float32)
     mu.requires_grad_()
     logvar.requires_grad_()
-    for args in [(mu, logvar, eps, None, "none"), (mu, logvar, None, draw_seed(), "mean")]:
+    for args in [(mu, logvar, eps, None, "none"), (mu, logvar, None, draw_seed(DEVICE), "mean")]:
         torch.library.opcheck(reparam_kl, args)
 
 

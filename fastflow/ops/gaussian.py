@@ -8,15 +8,16 @@ Each is one kernel launch on the Triton backend (plus the fixed-order sum of the
 partials). With ``eps=None`` the noise is a pure function of ``seed`` and the element's
 position, so only mu and logvar are saved for backward and the noise is regenerated there:
 
-* Seed: a 64-bit integer drawn per call with ``torch.randint`` from the given
-  ``generator``, else from torch's default CPU generator, whatever the tensors' device
-  (``torch.manual_seed`` seeds it, so a run is reproduced; drawing on the CPU costs no
-  device synchronisation). It travels as a one-element int64 CPU tensor. A CUDA
-  ``generator`` is honoured too, at the cost of one device-to-host copy of the seed.
+* Seed: a 64-bit integer in [2**62, 2**63) drawn per call with one ``torch.randint`` on
+  mu's device from the given ``generator``, else from that device's default generator
+  (``torch.manual_seed`` seeds them all, so a run is reproduced). It stays on the device as
+  a one-element int64 tensor that the kernels read: no host-device synchronisation, and
+  CUDA-graph friendly. A ``generator`` on another device than mu (say a CPU generator for
+  CUDA tensors) is honoured too; its seed is then copied to mu's device.
 * Triton backend: Philox in the kernel (see ``fastflow/kernels/gaussian.py``).
 * Reference backend: ``torch.randn`` from a private ``torch.Generator`` seeded with the
-  same seed, drawn again in backward. The two backends give different (each reproducible)
-  noise for the same seed.
+  same seed (read with ``.item()``), drawn again in backward. The two backends give
+  different (each reproducible) noise for the same seed.
 """
 
 from __future__ import annotations
@@ -39,13 +40,14 @@ def _kernels():
     return gaussian
 
 
-def draw_seed(generator: Optional[torch.Generator] = None) -> Tensor:
-    """A fresh 64-bit seed from ``generator`` (default: torch's CPU generator), as a
-    one-element int64 CPU tensor."""
-    device = generator.device if generator is not None else "cpu"
-    seed = torch.randint(2**SEED_BITS, 2**63 - 1, (1,), generator=generator, device=device,
+def draw_seed(device, generator: Optional[torch.Generator] = None) -> Tensor:
+    """A fresh 64-bit seed as a one-element int64 tensor on ``device``, drawn from
+    ``generator`` (default: the default generator of ``device``)."""
+    device = torch.device(device)
+    where = generator.device if generator is not None else device
+    seed = torch.randint(2**SEED_BITS, 2**63 - 1, (1,), generator=generator, device=where,
                          dtype=torch.int64)
-    return seed if seed.device.type == "cpu" else seed.cpu()
+    return seed if seed.device == device else seed.to(device)
 
 
 def reference_noise(mu: Tensor, seed: int) -> Tensor:
@@ -56,10 +58,6 @@ def reference_noise(mu: Tensor, seed: int) -> Tensor:
                        dtype=compute_dtype(mu.dtype))
 
 
-def _seed_value(seed: Optional[Tensor]) -> int:
-    return int(seed.item()) if seed is not None else 0
-
-
 def _kl_fake(mu, reduction):
     shape = (mu.shape[0],) if reduction == "none" else ()
     return mu.new_empty(shape, dtype=compute_dtype(mu.dtype))
@@ -68,11 +66,10 @@ def _kl_fake(mu, reduction):
 @torch.library.custom_op("fastflow::reparam_kl", mutates_args=())
 def reparam_kl(mu: Tensor, logvar: Tensor, eps: Optional[Tensor], seed: Optional[Tensor],
                reduction: str) -> tuple[Tensor, Tensor]:
-    s = _seed_value(seed)
     if use_triton(mu):
-        z, kl = _kernels().reparam_kl_forward(mu, logvar, eps, s, reduction)
+        z, kl = _kernels().reparam_kl_forward(mu, logvar, eps, seed, reduction)
     else:
-        noise = eps if eps is not None else reference_noise(mu, s)
+        noise = eps if eps is not None else reference_noise(mu, int(seed.item()))
         z, kl = reference.reparameterize_kl(mu, logvar, noise, reduction=reduction)
     return z.contiguous(memory_format=memory_format_of(mu)), kl
 
@@ -86,15 +83,14 @@ def _(mu, logvar, eps, seed, reduction):
 def reparam_kl_backward(grad_z: Tensor, grad_kl: Tensor, mu: Tensor, logvar: Tensor,
                         eps: Optional[Tensor], seed: Optional[Tensor],
                         reduction: str) -> tuple[Tensor, Tensor]:
-    s = _seed_value(seed)
     if use_triton(mu):
-        grad_mu, grad_lv = _kernels().reparam_kl_backward(grad_z, grad_kl, mu, logvar, eps, s,
-                                                          reduction)
+        grad_mu, grad_lv = _kernels().reparam_kl_backward(grad_z, grad_kl, mu, logvar, eps,
+                                                          seed, reduction)
     else:
         # autograd does not record inside a custom op: the derivative of the reference,
         # written out, in the compute dtype
         cd = compute_dtype(mu.dtype)
-        noise = eps.to(cd) if eps is not None else reference_noise(mu, s)
+        noise = eps.to(cd) if eps is not None else reference_noise(mu, int(seed.item()))
         m, lv, gz = mu.to(cd), logvar.to(cd), grad_z.to(cd)
         gkl = grad_kl.to(cd)
         if reduction == "none":
@@ -116,7 +112,7 @@ def _(grad_z, grad_kl, mu, logvar, eps, seed, reduction):
 def _setup_context(ctx, inputs, output):
     mu, logvar, eps, seed, reduction = inputs
     ctx.save_for_backward(mu, logvar, eps)  # never the noise when eps is None
-    ctx.seed = seed  # an 8-byte CPU tensor: the noise is regenerated from it
+    ctx.seed = seed  # 8 bytes: the noise is regenerated from it
     ctx.reduction = reduction
 
 
@@ -168,9 +164,9 @@ def reparameterize_kl(mu: Tensor, logvar: Tensor, eps: Optional[Tensor] = None, 
     float32, float64 for float64 input.
 
     ``eps=None`` draws standard normal noise from a counter-based generator seeded from
-    ``generator`` (default: torch's global CPU generator, so ``torch.manual_seed``
+    ``generator`` (default: the default generator of mu's device, so ``torch.manual_seed``
     reproduces it); it is regenerated in backward, never stored. An explicit ``eps``
     (mu's shape) is used as given."""
     _check(mu, logvar, eps, reduction, generator)
-    seed = draw_seed(generator) if eps is None else None
+    seed = draw_seed(mu.device, generator) if eps is None else None
     return reparam_kl(mu, logvar, eps, seed, reduction)
