@@ -209,27 +209,31 @@ def test_bitwise_deterministic(backend):
         assert torch.equal(a, b)
 
 
-def _strided_cases():
-    base = torch.randn(9, 14, device=DEVICE)
-    yield "transposed", base.t()
-    yield "sliced", base[:, ::2]
-    yield "channels_last", torch.randn(3, 5, 4, 2, device=DEVICE).to(
-        memory_format=torch.channels_last)
-    yield "broadcast", torch.randn(1, 11, device=DEVICE).expand(5, 11)
+# (base shape, view of the base that the op receives)
+STRIDED = {
+    "transposed": ((14, 9), lambda t: t.t()),
+    "sliced": ((9, 14), lambda t: t[:, ::2]),
+    "channels_last": ((3, 5, 4, 2), lambda t: t.contiguous(memory_format=torch.channels_last)),
+    "broadcast": ((1, 11), lambda t: t.expand(5, 11)),
+}
 
 
-@pytest.mark.parametrize("case", ["transposed", "sliced", "channels_last", "broadcast"])
+@pytest.mark.parametrize("case", list(STRIDED))
 def test_strided_inputs_and_stride0_grads(backend, case):
-    mu = dict(_strided_cases())[case]
-    logvar = 0.5 * torch.randn(mu.shape, device=DEVICE)
-    eps = torch.randn(mu.shape, device=DEVICE).t().contiguous().t() if mu.dim() == 2 else \
-        torch.randn(mu.shape, device=DEVICE)
+    shape, view = STRIDED[case]
+    bases = [torch.randn(shape, device=DEVICE), 0.5 * torch.randn(shape, device=DEVICE)]
+    eps = torch.randn(view(bases[0]).shape, device=DEVICE)
+    if eps.dim() == 2:
+        eps = eps.t().contiguous().t()  # column-major noise
     for reduction in REDUCTIONS:
-        leaves = [t.detach().clone().requires_grad_() for t in (mu, logvar)]
-        z, kl = ff.reparameterize_kl(*leaves, eps, reduction=reduction)
+        leaves = [b.clone().requires_grad_() for b in bases]
+        mu, logvar = (view(t) for t in leaves)
+        assert not mu.is_contiguous()
+        z, kl = ff.reparameterize_kl(mu, logvar, eps, reduction=reduction)
         (z.sum() + kl.sum()).backward()  # stride-0 gradients reach the op
-        dense = [t.detach().contiguous().requires_grad_() for t in (mu, logvar)]
-        z_d, kl_d = ff.reparameterize_kl(*dense, eps.contiguous(), reduction=reduction)
+        dense = [b.clone().requires_grad_() for b in bases]
+        z_d, kl_d = ff.reparameterize_kl(*(view(t).contiguous() for t in dense),
+                                         eps.contiguous(), reduction=reduction)
         (z_d.sum() + kl_d.sum()).backward()
         assert_close(z, z_d.double())
         assert_close(kl, kl_d.double())
