@@ -86,6 +86,14 @@ def main(argv=None) -> int:
         info["copy_GBps"] = copy_bw / 1e9
         print(f"device-to-device copy: {copy_bw / 1e9:.1f} GB/s (read + write)\n")
     results = {"info": info, "timings": [], "figures": []}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", info["device_name"]).strip("-").lower() or device
+    path = out / f"bench-{slug}.json"
+
+    def save():  # after every suite: a run cut short keeps what it measured
+        path.write_text(json.dumps(results, indent=1, default=str))
+
     for name in [s for s in args.suites.split(",") if s]:
         try:
             suite = importlib.import_module(f"suite_{name}")
@@ -110,11 +118,8 @@ def main(argv=None) -> int:
             cols += sorted({k for f in figs for k in f} - set(cols) - {"suite"})
             print(f"## {name}: device-independent figures\n\n{table(figs, cols)}\n")
             results["figures"] += figs
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", info["device_name"]).strip("-").lower() or device
-    (out / f"bench-{slug}.json").write_text(json.dumps(results, indent=1, default=str))
-    print(f"saved {out / f'bench-{slug}.json'}")
+        save()
+    print(f"saved {path}")
     return 0
 
 

@@ -5,7 +5,8 @@ Shared (for every trainer): ``pick_device``, ``run_dir`` (results under ``runs/<
 ``load_checkpoint`` (model + optimizer + any state, resumable), ``save_image_grid`` (a PNG of
 image rows via matplotlib) and ``write_json``.
 
-Commands: ``train_vae_main(argv)`` -> ``python -m fastflow train-vae``.
+Commands: ``train_glow_main`` -> ``python -m fastflow train``, ``train_vae_main`` ->
+``python -m fastflow train-vae``, ``bench_main`` -> ``bench``, ``demo_main`` -> ``demo``.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class _PlainProgress:
         for item in self.iterable:
             yield item
             self.n += 1
-            if self.n % self.every == 0 or self.n == self.total:
+            if self.every != math.inf and (self.n % self.every == 0 or self.n == self.total):
                 rate = self.n / max(time.perf_counter() - self.start, 1e-9)
                 print(f"{self.desc} {self.n}/{self.total or '?'} ({rate:.1f} it/s) {self.postfix}",
                       file=sys.stderr, flush=True)
@@ -291,3 +292,197 @@ def _backend_name(device: torch.device) -> str:
     if mode == "auto":
         return "triton" if device.type == "cuda" else "reference"
     return mode
+
+
+# --------------------------------------------------------------------------------------
+# train (Glow)
+# --------------------------------------------------------------------------------------
+
+DIGIT_LEVELS = 17  # the bundled digits hold the integer intensities 0..16
+
+
+def _glow_parser():
+    p = argparse.ArgumentParser(prog="python -m fastflow train",
+                                description="Train a multi-scale Glow on the bundled digits.")
+    p.add_argument("--epochs", type=_positive(int), default=20)
+    p.add_argument("--batch-size", type=_positive(int), default=64)
+    p.add_argument("--lr", type=_positive(float), default=1e-3)
+    p.add_argument("--n-flow", type=_positive(int), default=8, help="steps per block")
+    p.add_argument("--n-block", type=_positive(int), default=2, help="squeeze levels")
+    p.add_argument("--filter-size", type=_positive(int), default=64, help="coupling net width")
+    p.add_argument("--no-lu", action="store_true", help="plain InvConv2d instead of the LU one")
+    p.add_argument("--additive", action="store_true", help="additive instead of affine coupling")
+    p.add_argument("--size", type=_positive(int), default=8, help="image side (digits resized)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (fullgraph)")
+    p.add_argument("--out", default="runs/glow", help="results folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
+    p.add_argument("--max-steps", type=_positive(int), default=None,
+                   help="stop after this many optimizer steps in total")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def glow_input(x: torch.Tensor, generator=None, n_bins: int = DIGIT_LEVELS) -> torch.Tensor:
+    """Glow's dequantised input: integer levels / n_bins - 0.5 plus uniform noise / n_bins."""
+    levels = torch.round(x * (n_bins - 1))
+    noise = torch.rand(x.shape, generator=generator, device="cpu").to(x.device)
+    return levels / n_bins - 0.5 + noise / n_bins
+
+
+@torch.no_grad()
+def _glow_bpd(model, x, batch_size, generator):
+    """Mean bits per dimension over ``x`` (one dequantisation draw per image)."""
+    from .data import batches
+    from .glow import bits_per_dim
+
+    total, n_pixel = 0.0, x[0].numel()
+    for xb in batches(x, batch_size, shuffle=False):
+        log_p, logdet, _ = model(glow_input(xb, generator))
+        total += bits_per_dim(log_p, logdet, n_pixel, DIGIT_LEVELS).item() * xb.shape[0]
+    return total / x.shape[0]
+
+
+def train_glow_main(argv=None) -> int:
+    """``python -m fastflow train``: returns the exit status."""
+    from .data import batches, digits
+    from .glow import Glow, bits_per_dim
+
+    args = _glow_parser().parse_args(argv)
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    out = run_dir(args.out)
+    ckpt_path = out / "checkpoint.pt"
+    side = 2 ** args.n_block
+    if args.size % side:
+        raise SystemExit(f"--size: expected a multiple of 2**n_block = {side}, got {args.size}")
+
+    x_train = digits("train", size=args.size)[0].to(device)
+    x_test = digits("test", size=args.size)[0].to(device)
+    config = {"n_flow": args.n_flow, "n_block": args.n_block, "filter_size": args.filter_size,
+              "conv_lu": not args.no_lu, "affine": not args.additive, "size": args.size}
+    model = Glow(1, args.n_flow, args.n_block, affine=config["affine"],
+                 conv_lu=config["conv_lu"], filter_size=args.filter_size).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    shuffle_gen = torch.Generator().manual_seed(args.seed)
+    noise_gen = torch.Generator().manual_seed(args.seed + 1)
+    eval_gen = torch.Generator().manual_seed(args.seed + 2)
+    n_pixel = x_train[0].numel()
+
+    start_epoch, step, history = 0, 0, {"initial": None, "epochs": []}
+    if args.resume and ckpt_path.is_file():
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("config")
+        if saved != config:
+            raise SystemExit(f"--resume: {ckpt_path} was trained with {saved}, got {config}")
+        state = load_checkpoint(ckpt_path, model, opt, map_location=device)
+        start_epoch, step, history = state["epoch"], state["step"], state["history"]
+        shuffle_gen.set_state(state["shuffle_rng"])
+        noise_gen.set_state(state["noise_rng"])
+        print(f"resumed from {ckpt_path} at epoch {start_epoch}, step {step}")
+    else:
+        with torch.no_grad():  # ActNorm's data-dependent initialisation on a large batch
+            model(glow_input(x_train[:512], noise_gen))
+    step_fn = torch.compile(model, fullgraph=True) if args.compile else model
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"train: Glow on {len(x_train)} train / {len(x_test)} test digits "
+          f"(1x{args.size}x{args.size}), {args.n_block} blocks x {args.n_flow} steps, "
+          f"{n_params} parameters, device {device}, fastflow backend {_backend_name(device)}")
+    if history["initial"] is None:
+        history["initial"] = _glow_bpd(model, x_test, 256, eval_gen)
+        print(f"before training: test {history['initial']:.3f} bits/dim")
+
+    steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
+    t0 = time.perf_counter()
+    for epoch in range(start_epoch, args.epochs):
+        if args.max_steps is not None and step >= args.max_steps:
+            break
+        total, seen = torch.zeros((), dtype=torch.float64, device=device), 0
+        bar = progress(batches(x_train, args.batch_size, generator=shuffle_gen),
+                       total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
+                       enabled=not args.no_progress)
+        for xb in bar:
+            log_p, logdet, _ = step_fn(glow_input(xb, noise_gen))
+            loss = bits_per_dim(log_p, logdet, n_pixel, DIGIT_LEVELS)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            seen += xb.shape[0]
+            total += loss.detach().double() * xb.shape[0]
+            if step % 10 == 0:
+                bar.set_postfix_str(f"{loss.item():.3f} bits/dim")
+            if args.max_steps is not None and step >= args.max_steps:
+                break
+        bar.close()
+        train_bpd = (total / max(seen, 1)).item()
+        test_bpd = _glow_bpd(model, x_test, 256, eval_gen)
+        history["epochs"].append({"epoch": epoch + 1, "step": step, "train_bpd": train_bpd,
+                                  "test_bpd": test_bpd})
+        print(f"epoch {epoch + 1:3d}/{args.epochs}  train {train_bpd:6.3f}  test {test_bpd:6.3f} "
+              f"bits/dim  {time.perf_counter() - t0:6.1f}s", flush=True)
+        save_checkpoint(ckpt_path, model, opt, epoch=epoch + 1, step=step, history=history,
+                        config=config, shuffle_rng=shuffle_gen.get_state(),
+                        noise_rng=noise_gen.get_state())
+
+    model.eval()
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    samples = model.sample(12, temperature=args.temperature, generator=gen)
+    with torch.no_grad():
+        data = x_test[:12]
+        _, _, z = model(glow_input(data, eval_gen))
+        recon = model.reverse(z, reconstruct=True)
+    to_image = lambda t: ((t + 0.5) * DIGIT_LEVELS / (DIGIT_LEVELS - 1)).clamp(0, 1)  # noqa: E731
+    picture = save_image_grid(out / "glow_samples.png", [data, to_image(recon), to_image(samples)],
+                              ["data", "x->z->x", f"T={args.temperature}"])
+    write_json(out / "metrics.json", {"config": vars(args), "history": history})
+    final = history["epochs"][-1]["test_bpd"] if history["epochs"] else history["initial"]
+    print(f"done: {step} steps, test {history['initial']:.3f} -> {final:.3f} bits/dim; "
+          f"wrote {picture}, {ckpt_path}, {out / 'metrics.json'}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# bench and demo
+# --------------------------------------------------------------------------------------
+
+
+def _benchmarks_run():
+    """benchmarks/run.py of the source tree this package runs from."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
+    if not path.is_file():
+        raise SystemExit(f"bench: needs the source tree's benchmarks/run.py, not found at {path}")
+    spec = importlib.util.spec_from_file_location("fastflow_bench_run", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench_main(argv=None) -> int:
+    """``python -m fastflow bench [run.py options]``: the benchmark tables for this device."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # figures run the kernels interpreted
+    return _benchmarks_run().main(argv)
+
+
+def demo_main(argv=None) -> int:
+    """``python -m fastflow demo`` (``make demo``): the benchmark tables for this device, then
+    a short Glow training run on the embedded digits with samples written to runs/demo."""
+    p = argparse.ArgumentParser(prog="python -m fastflow demo", description=demo_main.__doc__)
+    p.add_argument("--epochs", type=_positive(int), default=4)
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--skip-bench", action="store_true")
+    args = p.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not args.skip_bench:
+        print("== 1. benchmarks ==", flush=True)
+        bench_args = ["--out", str(Path(args.out) / "bench")]
+        if not cuda:  # CPU: small shapes; the timings say nothing about GPU speed
+            bench_args.append("--quick")
+        bench_main(bench_args)
+    print("\n== 2. Glow on the embedded digits ==", flush=True)
+    return train_glow_main(["--epochs", str(args.epochs), "--out", str(Path(args.out) / "glow"),
+                            "--no-progress"])
