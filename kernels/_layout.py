@@ -34,8 +34,16 @@ def output_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tens
     return torch.empty(t.shape, dtype=dtype or t.dtype, device=t.device)
 
 
-def tile_shape(channels: int, pixels: int, max_elems: int = 4096) -> tuple[int, int]:
-    """(BLOCK_C, BLOCK_P): a power-of-two tile of at most ``max_elems`` elements."""
+def tile_shape(channels: int, pixels: int, max_elems: int = 2048,
+               channels_fast: bool = False) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_P): a power-of-two tile of at most ``max_elems`` elements.
+
+    Pixels are the long axis for NCHW tensors; ``channels_fast`` (channels_last memory,
+    where neighbouring channels are adjacent) gives the channels up to 64 of the tile so
+    that each row of loads is a contiguous run of memory."""
+    if channels_fast:
+        block_c = min(triton.next_power_of_2(channels), 64)
+        return block_c, max(1, min(triton.next_power_of_2(pixels), max_elems // block_c))
     block_p = min(triton.next_power_of_2(pixels), 1024)
     block_c = max(1, min(triton.next_power_of_2(channels), max_elems // block_p))
     return block_c, block_p

@@ -229,11 +229,16 @@ def _coupling_bwd_kernel(
              gin.to(gin_ptr.dtype.element_ty), mask=inside)
 
 
-def _grid(n: int, c: int, hw: int):
-    block_c, block_p = tile_shape(c, hw)
+def _grid(n: int, c: int, hw: int, channels_fast: bool):
+    block_c, block_p = tile_shape(c, hw, channels_fast=channels_fast)
     n_ptiles = triton.cdiv(hw, block_p)
     n_tiles = triton.cdiv(c, block_c) * n_ptiles
     return block_c, block_p, n_ptiles, n_tiles
+
+
+def _channels_fast(t: torch.Tensor) -> bool:
+    """True for channels_last memory: neighbouring channels are adjacent."""
+    return t.shape[1] > 1 and t.stride(1) == 1 and t.shape[2] * t.shape[3] > 1
 
 
 def _logdet_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -252,7 +257,7 @@ def coupling_forward(inp: torch.Tensor, h: torch.Tensor, *, scale: str, layout: 
         logdet = torch.zeros(n, dtype=ld_dtype, device=inp.device)
         if out.numel() == 0:
             return out, logdet
-    block_c, block_p, n_ptiles, n_tiles = _grid(n, c, hw)
+    block_c, block_p, n_ptiles, n_tiles = _grid(n, c, hw, _channels_fast(inp))
     additive = scale == "additive"
     if additive:
         partials = logdet  # unused by the additive kernel
@@ -283,7 +288,7 @@ def coupling_backward(grad_out: torch.Tensor, grad_logdet: torch.Tensor, src: to
     grad_h = output_like(h)
     if grad_in.numel() == 0:
         return grad_in, grad_h.zero_()
-    block_c, block_p, n_ptiles, n_tiles = _grid(n, c, hw)
+    block_c, block_p, n_ptiles, n_tiles = _grid(n, c, hw, _channels_fast(src))
     grad_out, s_g = nchw(grad_out)
     src, s_src = nchw(src)
     h, s_h = nchw(h)
