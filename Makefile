@@ -9,7 +9,6 @@ STAMP := $(VENV)/.fastflow-installed
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q torch==2.13.0
 	$(VENV)/bin/pip install -q -e '.[test,app]'
 	touch $(STAMP)
