@@ -4,12 +4,14 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastflow-installed
+# the CPU build that lies on this machine's disk; on a CUDA machine: make test TORCH=torch
+TORCH ?= torch==2.13.0
 
 .PHONY: demo test bench env clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q '$(TORCH)'
 	$(VENV)/bin/pip install -q -e '.[test,app]'
 	touch $(STAMP)
 
