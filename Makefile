@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(PY) -m fastflow demo
 
 test: $(STAMP)
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
