@@ -7,7 +7,10 @@ assembles W from the LU parameters as its layer would in training.
 
 CPU figures: the cost of the log-determinant per step (sum(log_s) from the parameters vs
 ``slogdet``), sampling through 8 steps with the cached W^-1 vs normflows' Glow blocks, and
-ATen operators + Triton launches of a FlowStep forward+backward vs the eager reference.
+ATen operators + Triton launches of a FlowStep forward+backward vs the eager reference
+(and of its ActNorm + 1x1 conv part alone, where fastflow's training path is one
+``lu_weight`` launch for W and the whole log-det, one mixing launch, and three + one
+launches backward).
 """
 
 from __future__ import annotations
@@ -41,23 +44,25 @@ def _eager(w_p, s_sign):
 
 
 class _Weight(torch.nn.Module):
-    """``layer.weight_and_logdet()`` as a forward, for ``functional_call``."""
+    """``layer.matrix_and_logdet(x, scale)`` as a forward, for ``functional_call``."""
 
     def __init__(self, layer):
         super().__init__()
         self.layer = layer
 
-    def forward(self):
-        return self.layer.weight_and_logdet(False)
+    def forward(self, x, scale):
+        return self.layer.matrix_and_logdet(x, scale)
 
 
 def _fastflow(layer):
     holder = _Weight(layer)
 
-    def run(x, loc, scale, w_l, w_s, w_u):  # as FlowStep: the layer's float64 W, one kernel
+    def run(x, loc, scale, w_l, w_s, w_u):
+        # as FlowStep: W (float64) and the whole log-det from one lu_weight launch, then
+        # ActNorm + 1x1 conv in one mixing launch
         params = {"layer.w_l": w_l, "layer.w_s": w_s, "layer.w_u": w_u}
-        w, w_ld = torch.func.functional_call(holder, params, ())
-        return ff.actnorm_invconv(x, loc, scale, w, w_ld)
+        w, logdet = torch.func.functional_call(holder, params, (x, scale))
+        return ff.channel_mix(x, w, loc=loc, scale=scale), logdet
 
     return run
 
@@ -238,11 +243,24 @@ def _count_figures() -> list[dict]:
         with backend("triton"):
             fused = count_ops(_fused_flowstep(step), x, *[p.detach().clone().requires_grad_()
                                                           for p in step.parameters()])
+        # the coupling (its network's convs and the fused coupling op) is in both counts
+        names = [k for k, _ in step.coupling.named_parameters()]
+
+        def coupling(y, *params):
+            return torch.func.functional_call(step.coupling, dict(zip(names, params)), (y,))
+
+        with backend("triton"):
+            fused_coupling = count_ops(coupling, torch.randn(n, c, s, s, requires_grad=True),
+                                       *[p.detach().clone().requires_grad_()
+                                         for p in step.coupling.parameters()])
         rows.append({
             "figure": f"FlowStep fwd+bwd (N={n} C={c} {s}x{s}, filter 32): ATen ops + Triton launches",
             "eager": eager["total"], "fastflow": fused["total"], "ratio": eager["total"] / fused["total"],
             "detail": f"eager {eager['aten_ops']} ATen; fastflow {fused['aten_ops']} ATen + "
-                      f"{fused['triton_launches']} launches"})
+                      f"{fused['triton_launches']} launches, of which the coupling layer (network "
+                      f"convs + fused coupling op) {fused_coupling['total']} and the rest "
+                      f"(ActNorm + 1x1 conv + log-dets) {fused['total'] - fused_coupling['total']}; "
+                      f"3x would need <= {eager['total'] // 3} in all"})
 
         # the part this op replaces: ActNorm + 1x1 conv (with W assembly and log-dets)
         w_p, s_sign = step.invconv.w_p, step.invconv.s_sign

@@ -141,6 +141,19 @@ def lu_logdet(log_s, height, width):
     return height * width * log_s.sum()
 
 
+def lu_weight_logdet(rows, lower, upper, log_s, sign_s, scale=None, *, n=1, ld_mult=1):
+    """The fused LU op's spec, in float64: (W, logdet) with W = ``lu_weight`` for the
+    permutation whose row gather is ``rows`` (W[i] = ((L + I)(U + D))[rows[i]]) and
+    logdet (n,) = ld_mult * (sum(log_s) + sum(log|scale|)) (no scale term for None)."""
+    d = torch.float64
+    l_full, u_full = lu_factors(lower.to(d), upper.to(d), log_s.to(d), sign_s.to(d))
+    w = (l_full @ u_full).index_select(0, rows.long())
+    ld = log_s.to(d).sum()
+    if scale is not None:
+        ld = ld + torch.log(torch.abs(scale.to(d))).sum()
+    return w, (ld_mult * ld).expand(n)
+
+
 def invconv(x, weight, *, reverse=False, upcast=True):
     """Plain invertible 1x1 convolution: (y, logdet) with logdet = H*W*log|det W|."""
     cd = compute_dtype(x.dtype) if upcast else x.dtype

@@ -18,9 +18,14 @@ anything from 1 to thousands. float32/16/bf16 compute in float32 with ``tl.dot``
 float64 with a broadcast multiply-and-sum instead of ``tl.dot``.
 
 The backward's reductions over all pixels, ``G = sum_{n,p} g[:, p] (in[:, p] + shift)^T``
-and ``gsum = sum_{n,p} g[:, p]``, are written as one partial per chunk of pixels and added
-by the launcher in a fixed order: bitwise reproducible, no atomics. The parameter
-gradients (dA, dloc, dscale) follow from G and gsum in a few (C, C)-sized operations.
+and ``gsum = sum_{n,p} g[:, p]``, are written as one partial per chunk of pixels into one
+workspace; a finishing launch adds them in a fixed order (bitwise reproducible, no atomics)
+and turns G and gsum into dA, dloc, dscale in the parameters' dtypes
+(``mix_param_grads``: two launches, one allocation besides the gradients).
+
+``lu_weight`` assembles Glow's LU-parameterised W = P (L + I)(U + diag(sign exp(log_s)))
+in float64 with the per-sample log-det (ActNorm's sum(log|scale|) folded in) in one
+launch; ``lu_weight_backward`` gives d lower, d upper, d log_s, d scale in one launch.
 """
 
 from __future__ import annotations
@@ -115,8 +120,8 @@ def _reduce_kernel(
     in_ptr,     # (N, C, H, W) the op's input
     shift_ptr,  # (C,) added to the input before the product (SHIFT)
     gpart_ptr,  # (N_CHUNKS, Co, C) partial G, or (N_CHUNKS, C) partial diag(G) when DIAG
-    spart_ptr,  # (N_CHUNKS, Co) partial gsum
-    C, CO, HW, NQ, N_OT, N_KT, CHUNK,
+    spart_ptr,  # (N_CHUNKS, Co) partial gsum, starting SP_OFF elements after spart_ptr
+    C, CO, HW, NQ, N_OT, N_KT, CHUNK, SP_OFF,
     s_g_n, s_g_c, s_g_p, s_in_n, s_in_c, s_in_p,
     SHIFT: tl.constexpr, DIAG: tl.constexpr, USE_DOT: tl.constexpr, COMPUTE: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr,
@@ -170,7 +175,7 @@ def _reduce_kernel(
         tl.store(gpart_ptr + chunk.to(tl.int64) * CO * C + o64[:, None] * C + k64[None, :],
                  gacc, mask=o_in[:, None] & k_in[None, :])
     if kt == 0:
-        tl.store(spart_ptr + chunk.to(tl.int64) * CO + o64, tl.sum(sacc, axis=1), mask=o_in)
+        tl.store(spart_ptr + SP_OFF + chunk.to(tl.int64) * CO + o64, tl.sum(sacc, axis=1), mask=o_in)
 
 
 PRE_IDS = {None: 0, "actnorm": 1, "divide": 2}
@@ -228,21 +233,142 @@ def mix(inp: torch.Tensor, a: torch.Tensor | None, *, transpose_a: bool = False,
     return out
 
 
-def reduce(grad: torch.Tensor, inp: torch.Tensor, *, diag: bool,
-           shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(G, gsum) over all samples and pixels, in the compute dtype:
-    ``G[o, k] = sum g[:, o] (inp[:, k] + shift[k])`` ((C,) diagonal only when ``diag``) and
-    ``gsum[o] = sum g[:, o]``. Deterministic: fixed chunks added in a fixed order."""
+# --------------------------------------------------------------------------------------
+# Mix backward: the parameter gradients from the reduction's partials, in one launch
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _csum_vec(ptr, off, m, N_CHUNKS, STRIDE, COMPUTE: tl.constexpr, BLOCK_CH: tl.constexpr,
+              BLOCK: tl.constexpr):
+    """sum over chunks ch of ptr[ch * STRIDE + off] for a (BLOCK,) ``off``: BLOCK_CH chunks
+    per load, added by a fixed-order tree, the blocks in order (deterministic)."""
+    acc = tl.zeros((BLOCK,), dtype=COMPUTE)
+    chs = tl.arange(0, BLOCK_CH)
+    for ch0 in range(0, N_CHUNKS, BLOCK_CH):
+        ch = ch0 + chs
+        v = tl.load(ptr + ch.to(tl.int64)[:, None] * STRIDE + off[None, :],
+                    mask=(ch < N_CHUNKS)[:, None] & m[None, :], other=0.0)
+        acc += tl.sum(v.to(COMPUTE), axis=0)
+    return acc
+
+
+@triton.jit
+def _csum_mat(ptr, off, m, N_CHUNKS, STRIDE, COMPUTE: tl.constexpr, BLOCK_CH: tl.constexpr,
+              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """As ``_csum_vec`` for a (BLOCK_R, BLOCK_C) ``off``."""
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=COMPUTE)
+    chs = tl.arange(0, BLOCK_CH)
+    for ch0 in range(0, N_CHUNKS, BLOCK_CH):
+        ch = ch0 + chs
+        v = tl.load(ptr + ch.to(tl.int64)[:, None, None] * STRIDE + off[None, :, :],
+                    mask=(ch < N_CHUNKS)[:, None, None] & m[None, :, :], other=0.0)
+        acc += tl.sum(v.to(COMPUTE), axis=0)
+    return acc
+
+
+@triton.jit
+def _finish_kernel(
+    ws_ptr,     # (N_CHUNKS * G_SIZE + N_CHUNKS * Co,) workspace: partial G, then partial gsum
+    a_ptr,      # (Co, C) the mixing matrix, any strides (unused when DIAG)
+    s_ptr,      # (C,) ActNorm scale, forward; (Co,) in reverse (HAS_AN)
+    dw_ptr,     # (Co, C) d weight, strides s_dw_o / s_dw_k (unused when DIAG)
+    dl_ptr,     # (C,) or (Co,) d loc, contiguous (HAS_AN)
+    ds_ptr,     # (C,) or (Co,) d scale, contiguous (HAS_AN)
+    C, CO, N_CHUNKS, G_SIZE, SP_OFF,
+    s_a_o, s_a_k, s_dw_o, s_dw_k,
+    HAS_AN: tl.constexpr, DIAG: tl.constexpr, BY_ROW: tl.constexpr, COMPUTE: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_CH: tl.constexpr,
+):
+    """G = sum over chunks of the partials (``_csum_*``: fixed order), then per mode:
+
+    DIAG (ActNorm alone, G = diag):  forward ds = G, dl = s * gsum; BY_ROW (reverse)
+                                     ds = -G / s^2, dl = -gsum
+    not BY_ROW (forward, or no ActNorm): programs over input channels k,
+        dw = G * s[k] (G without ActNorm), ds[k] = sum_o A[o, k] G[o, k],
+        dl[k] = s[k] sum_o gsum[o] A[o, k]
+    BY_ROW (reverse with ActNorm): programs over output channels o,
+        dw = G / s[o], ds[o] = -sum_k A[o, k] G[o, k] / s[o]^2, dl[o] = -gsum[o]"""
+    pid = tl.program_id(0)
+    v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
+    v64 = v.to(tl.int64)
+    if DIAG:
+        v_in = v < C
+        g = _csum_vec(ws_ptr, v64, v_in, N_CHUNKS, G_SIZE, COMPUTE, BLOCK_CH, BLOCK_V)
+        gs = _csum_vec(ws_ptr + SP_OFF, v64, v_in, N_CHUNKS, CO, COMPUTE, BLOCK_CH, BLOCK_V)
+        s = tl.load(s_ptr + v64, mask=v_in, other=1.0).to(COMPUTE)
+        if BY_ROW:
+            tl.store(ds_ptr + v64, (-g / (s * s)).to(ds_ptr.dtype.element_ty), mask=v_in)
+            tl.store(dl_ptr + v64, (-gs).to(dl_ptr.dtype.element_ty), mask=v_in)
+        else:
+            tl.store(ds_ptr + v64, g.to(ds_ptr.dtype.element_ty), mask=v_in)
+            tl.store(dl_ptr + v64, (s * gs).to(dl_ptr.dtype.element_ty), mask=v_in)
+    elif BY_ROW:
+        o = v
+        o64 = v64
+        o_in = o < CO
+        s = tl.load(s_ptr + o64, mask=o_in, other=1.0).to(COMPUTE)
+        ds = tl.zeros((BLOCK_V,), dtype=COMPUTE)
+        for k0 in range(0, C, BLOCK_W):
+            k = k0 + tl.arange(0, BLOCK_W)
+            k64 = k.to(tl.int64)
+            m = o_in[:, None] & (k < C)[None, :]
+            g = _csum_mat(ws_ptr, o64[:, None] * C + k64[None, :], m, N_CHUNKS, G_SIZE,
+                          COMPUTE, BLOCK_CH, BLOCK_V, BLOCK_W)
+            a = tl.load(a_ptr + o64[:, None] * s_a_o + k64[None, :] * s_a_k, mask=m, other=0.0).to(COMPUTE)
+            ds += tl.sum(a * g, axis=1)
+            tl.store(dw_ptr + o64[:, None] * s_dw_o + k64[None, :] * s_dw_k,
+                     (g / s[:, None]).to(dw_ptr.dtype.element_ty), mask=m)
+        gs = _csum_vec(ws_ptr + SP_OFF, o64, o_in, N_CHUNKS, CO, COMPUTE, BLOCK_CH, BLOCK_V)
+        tl.store(ds_ptr + o64, (-ds / (s * s)).to(ds_ptr.dtype.element_ty), mask=o_in)
+        tl.store(dl_ptr + o64, (-gs).to(dl_ptr.dtype.element_ty), mask=o_in)
+    else:
+        k = v
+        k64 = v64
+        k_in = k < C
+        if HAS_AN:
+            s = tl.load(s_ptr + k64, mask=k_in, other=1.0).to(COMPUTE)
+        ds = tl.zeros((BLOCK_V,), dtype=COMPUTE)
+        dl = tl.zeros((BLOCK_V,), dtype=COMPUTE)
+        for o0 in range(0, CO, BLOCK_W):
+            o = o0 + tl.arange(0, BLOCK_W)
+            o64 = o.to(tl.int64)
+            o_in = o < CO
+            m = o_in[:, None] & k_in[None, :]
+            g = _csum_mat(ws_ptr, o64[:, None] * C + k64[None, :], m, N_CHUNKS, G_SIZE,
+                          COMPUTE, BLOCK_CH, BLOCK_W, BLOCK_V)
+            if HAS_AN:
+                gs = _csum_vec(ws_ptr + SP_OFF, o64, o_in, N_CHUNKS, CO, COMPUTE, BLOCK_CH,
+                               BLOCK_W)
+                a = tl.load(a_ptr + o64[:, None] * s_a_o + k64[None, :] * s_a_k, mask=m,
+                            other=0.0).to(COMPUTE)
+                ds += tl.sum(a * g, axis=0)
+                dl += tl.sum(a * gs[:, None], axis=0)
+                g = g * s[None, :]
+            tl.store(dw_ptr + o64[:, None] * s_dw_o + k64[None, :] * s_dw_k,
+                     g.to(dw_ptr.dtype.element_ty), mask=m)
+        if HAS_AN:
+            tl.store(ds_ptr + k64, ds.to(ds_ptr.dtype.element_ty), mask=k_in)
+            tl.store(dl_ptr + k64, (s * dl).to(dl_ptr.dtype.element_ty), mask=k_in)
+
+
+def mix_param_grads(grad: torch.Tensor, inp: torch.Tensor, a: torch.Tensor | None,
+                    scale: torch.Tensor | None, shift: torch.Tensor | None, *, reverse: bool,
+                    d_a: torch.Tensor | None, d_loc: torch.Tensor | None,
+                    d_scale: torch.Tensor | None) -> None:
+    """The parameter gradients of ``mix`` written into ``d_a``, ``d_loc``, ``d_scale``
+    (allocated by the caller in the parameters' dtypes; d_a any strides, the vectors
+    contiguous): one reduction launch (skipped when there are no pixels) and one finishing
+    launch. ``a`` None is ActNorm alone, ``scale`` None the convolution alone; ``shift`` is
+    loc for the forward map with ActNorm (None otherwise). Deterministic: one partial per
+    chunk of pixels, added in a fixed order by the finishing launch."""
     n, co, hh, ww = grad.shape
     c = inp.shape[1]
     hw = hh * ww
     nq = n * hw
-    cdt = torch.float64 if inp.dtype == torch.float64 else torch.float32
-    if nq == 0:
-        g_shape = (c,) if diag else (co, c)
-        return (torch.zeros(g_shape, dtype=cdt, device=inp.device),
-                torch.zeros(co, dtype=cdt, device=inp.device))
+    diag = a is None
     fp64 = inp.dtype == torch.float64
+    cdt = torch.float64 if fp64 else torch.float32
     if diag:
         block_o = min(triton.next_power_of_2(co), 32)
         block_k, block_q = block_o, 64
@@ -254,20 +380,258 @@ def reduce(grad: torch.Tensor, inp: torch.Tensor, *, diag: bool,
             max(triton.next_power_of_2(c), 16), 64), 64
     n_ot = triton.cdiv(co, block_o)
     n_kt = 1 if diag else triton.cdiv(c, block_k)
-    # enough chunks to fill a GPU (a function of the shapes only: reproducible)
-    target = max(1, 1024 // (n_ot * n_kt))
-    chunk = max(block_q, triton.cdiv(triton.cdiv(nq, target), block_q) * block_q)
-    chunk = max(chunk, 4 * block_q) if nq > 4 * block_q else chunk
-    n_chunks = triton.cdiv(nq, chunk)
-    gpart = torch.empty((n_chunks, c) if diag else (n_chunks, co, c), dtype=cdt, device=inp.device)
-    spart = torch.empty((n_chunks, co), dtype=cdt, device=inp.device)
-    grad, s_g = nchw(grad)
-    inp, s_in = nchw(inp)
-    _reduce_kernel[(n_chunks * n_ot * n_kt,)](
-        grad, inp, shift if shift is not None else inp, gpart, spart,
-        c, co, hw, nq, n_ot, n_kt, chunk, *s_g, *s_in,
-        SHIFT=shift is not None, DIAG=diag, USE_DOT=not fp64, COMPUTE=compute_type(inp.dtype),
-        BLOCK_O=block_o, BLOCK_K=block_k, BLOCK_Q=block_q)
-    if n_chunks == 1:
-        return gpart[0], spart[0]
-    return gpart.sum(dim=0), spart.sum(dim=0)
+    if nq > 0:
+        # enough chunks to fill a GPU (a function of the shapes only: reproducible)
+        target = max(1, 1024 // (n_ot * n_kt))
+        chunk = max(block_q, triton.cdiv(triton.cdiv(nq, target), block_q) * block_q)
+        chunk = max(chunk, 4 * block_q) if nq > 4 * block_q else chunk
+        n_chunks = triton.cdiv(nq, chunk)
+    else:
+        chunk, n_chunks = block_q, 0
+    g_size = c if diag else co * c
+    sp_off = n_chunks * g_size
+    ws = torch.empty(max(1, n_chunks * (g_size + co)), dtype=cdt, device=inp.device)
+    if n_chunks > 0:
+        grad, s_g = nchw(grad)
+        inp, s_in = nchw(inp)
+        _reduce_kernel[(n_chunks * n_ot * n_kt,)](
+            grad, inp, shift if shift is not None else inp, ws, ws,
+            c, co, hw, nq, n_ot, n_kt, chunk, sp_off, *s_g, *s_in,
+            SHIFT=shift is not None, DIAG=diag, USE_DOT=not fp64,
+            COMPUTE=compute_type(inp.dtype),
+            BLOCK_O=block_o, BLOCK_K=block_k, BLOCK_Q=block_q)
+    has_an = scale is not None
+    by_row = reverse and has_an
+    width = c if diag else (co if by_row else c)
+    # small tiles, many chunks per load: the partials are summed 16 chunks at a time
+    block_v = min(max(triton.next_power_of_2(width), 2), 16)
+    block_w = min(max(triton.next_power_of_2(c if by_row else co), 2), 16)
+    block_ch = min(max(triton.next_power_of_2(max(n_chunks, 1)), 2), 16)
+    dummy = ws
+    s_a = (0, 0) if diag else (a.stride(0), a.stride(1))
+    s_dw = (0, 0) if d_a is None else (d_a.stride(0), d_a.stride(1))
+    _finish_kernel[(triton.cdiv(width, block_v),)](
+        ws, dummy if diag else a, scale if has_an else dummy,
+        dummy if d_a is None else d_a, dummy if d_loc is None else d_loc,
+        dummy if d_scale is None else d_scale,
+        c, co, n_chunks, g_size, sp_off, *s_a, *s_dw,
+        HAS_AN=has_an, DIAG=diag, BY_ROW=by_row, COMPUTE=compute_type(inp.dtype),
+        BLOCK_V=block_v, BLOCK_W=block_w, BLOCK_CH=block_ch)
+
+
+# --------------------------------------------------------------------------------------
+# LU-parameterised weight: W = P (L + I) (U + diag(sign * exp(log_s))) and the log-det
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lu_weight_kernel(
+    lower_ptr,  # (C, C) L below the diagonal (entries on and above it are ignored)
+    upper_ptr,  # (C, C) U above the diagonal (entries on and below it are ignored)
+    logs_ptr,   # (C,) log|diag U|
+    sign_ptr,   # (C,) sign of diag U
+    rows_ptr,   # (C,) int64: row i of W is row rows[i] of (L + I)(U + D) (P as a gather)
+    scale_ptr,  # (C,) ActNorm scale: sum(log|scale|) joins the log-det (HAS_SCALE)
+    w_ptr,      # (C, C) float64 output W, contiguous
+    ld_ptr,     # (N,) output log-det per sample, contiguous
+    C, N, LD_MULT, N_T,
+    s_l0, s_l1, s_u0, s_u1, s_ls, s_sg, s_rw, s_sc,
+    HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """W[i, j] = sum_k Lf[rows[i], k] Uf[k, j] in float64 by a broadcast multiply-and-sum
+    (no fp64 tl.dot), k only up to the tile's last column (Uf is upper triangular).
+    Program 0 also writes ld[n] = LD_MULT * (sum(log_s) + sum(log|scale|)) for every n."""
+    pid = tl.program_id(0)
+    it = pid // N_T
+    jt = pid % N_T
+    i = it * BLOCK + tl.arange(0, BLOCK)
+    j = jt * BLOCK + tl.arange(0, BLOCK)
+    i_in = i < C
+    j_in = j < C
+    i64 = i.to(tl.int64)
+    j64 = j.to(tl.int64)
+    r = tl.load(rows_ptr + i64 * s_rw, mask=i_in, other=0).to(tl.int64)
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float64)
+    for k0 in range(0, (jt + 1) * BLOCK, BLOCK_R):  # Uf[k, j] = 0 for k > j; k >= C masked
+        k = k0 + tl.arange(0, BLOCK_R)
+        k_in = k < C
+        k64 = k.to(tl.int64)
+        # Lf[rows[i], k]: L strictly below the diagonal, 1 on it
+        below = i_in[:, None] & k_in[None, :] & (k64[None, :] < r[:, None])
+        lf = tl.load(lower_ptr + r[:, None] * s_l0 + k64[None, :] * s_l1, mask=below,
+                     other=0.0).to(tl.float64)
+        lf = tl.where(i_in[:, None] & (k64[None, :] == r[:, None]), 1.0, lf)
+        # Uf[k, j]: U strictly above the diagonal, sign * exp(log_s) on it
+        above = k_in[:, None] & j_in[None, :] & (j[None, :] > k[:, None])
+        uf = tl.load(upper_ptr + k64[:, None] * s_u0 + j64[None, :] * s_u1, mask=above,
+                     other=0.0).to(tl.float64)
+        ls = tl.load(logs_ptr + k64 * s_ls, mask=k_in, other=0.0).to(tl.float64)
+        sg = tl.load(sign_ptr + k64 * s_sg, mask=k_in, other=0.0).to(tl.float64)
+        d = sg * tl.exp(ls)
+        uf = tl.where(k_in[:, None] & (j[None, :] == k[:, None]), d[:, None], uf)
+        acc += tl.sum(lf[:, :, None] * uf[None, :, :], axis=1)
+    tl.store(w_ptr + i64[:, None] * C + j64[None, :], acc, mask=i_in[:, None] & j_in[None, :])
+    if pid == 0:
+        tot = tl.zeros((BLOCK_R,), dtype=tl.float64)
+        for c0 in range(0, C, BLOCK_R):
+            c = c0 + tl.arange(0, BLOCK_R)
+            c_in = c < C
+            c64 = c.to(tl.int64)
+            tot += tl.load(logs_ptr + c64 * s_ls, mask=c_in, other=0.0).to(tl.float64)
+            if HAS_SCALE:
+                sc = tl.load(scale_ptr + c64 * s_sc, mask=c_in, other=1.0).to(tl.float64)
+                tot += tl.log(tl.abs(sc))
+        val = tl.sum(tot, axis=0) * LD_MULT
+        for n0 in range(0, N, BLOCK_N):
+            nn = n0 + tl.arange(0, BLOCK_N)
+            tl.store(ld_ptr + nn.to(tl.int64), (tl.zeros((BLOCK_N,), dtype=tl.float64) + val)
+                     .to(ld_ptr.dtype.element_ty), mask=nn < N)
+
+
+@triton.jit
+def _lu_weight_bwd_kernel(
+    dw_ptr,     # (C, C) gradient of W, any strides
+    dld_ptr,    # (N,) gradient of the per-sample log-det, any stride (0 too)
+    lower_ptr,  # (C, C) as in the forward
+    upper_ptr,  # (C, C) as in the forward
+    logs_ptr,   # (C,) as in the forward
+    sign_ptr,   # (C,) as in the forward
+    rows_ptr,   # (C,) int64, as in the forward
+    scale_ptr,  # (C,) ActNorm scale (HAS_SCALE)
+    dlow_ptr,   # (C, C) output d lower, contiguous
+    dup_ptr,    # (C, C) output d upper, contiguous
+    dlogs_ptr,  # (C,) output d log_s, contiguous
+    dsc_ptr,    # (C,) output d scale, contiguous (HAS_SCALE)
+    C, N, LD_MULT, N_T,
+    s_dw0, s_dw1, s_dld, s_l0, s_l1, s_u0, s_u1, s_ls, s_sg, s_rw, s_sc,
+    HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """With dM = P^T dW (row rows[i] of dM is row i of dW), two kinds of programs:
+
+    pid <  N_T^2: d lower[rows[i], k] = (dW Uf^T)[i, k] for k < rows[i] (0 elsewhere),
+                  a permuted row store, so no two programs write the same element;
+    pid >= N_T^2: D = Lf^T dM = sum_i Lf[rows[i], :]^T dW[i, :];  d upper = triu(D, 1);
+                  the diagonal tiles also write d log_s = diag(D) sign exp(log_s) + t and
+                  d scale = t / scale, t = LD_MULT * sum_n dld[n] (summed in a fixed order)."""
+    pid = tl.program_id(0)
+    half = N_T * N_T
+    if pid < half:
+        it = pid // N_T
+        kt = pid % N_T
+        i = it * BLOCK + tl.arange(0, BLOCK)
+        k = kt * BLOCK + tl.arange(0, BLOCK)
+        i_in = i < C
+        k_in = k < C
+        i64 = i.to(tl.int64)
+        k64 = k.to(tl.int64)
+        r = tl.load(rows_ptr + i64 * s_rw, mask=i_in, other=0).to(tl.int64)
+        ls = tl.load(logs_ptr + k64 * s_ls, mask=k_in, other=0.0).to(tl.float64)
+        sg = tl.load(sign_ptr + k64 * s_sg, mask=k_in, other=0.0).to(tl.float64)
+        d = sg * tl.exp(ls)
+        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float64)
+        for j0 in range(kt * BLOCK, C, BLOCK_R):  # Uf[k, j] = 0 for j < k
+            j = j0 + tl.arange(0, BLOCK_R)
+            j_in = j < C
+            j64 = j.to(tl.int64)
+            g = tl.load(dw_ptr + i64[:, None] * s_dw0 + j64[None, :] * s_dw1,
+                        mask=i_in[:, None] & j_in[None, :], other=0.0).to(tl.float64)
+            # Uf^T as a (j, k) tile
+            above = j_in[:, None] & k_in[None, :] & (j[:, None] > k[None, :])
+            ut = tl.load(upper_ptr + k64[None, :] * s_u0 + j64[:, None] * s_u1, mask=above,
+                         other=0.0).to(tl.float64)
+            ut = tl.where(k_in[None, :] & (j[:, None] == k[None, :]), d[None, :], ut)
+            acc += tl.sum(g[:, :, None] * ut[None, :, :], axis=1)
+        acc = tl.where(k64[None, :] < r[:, None], acc, 0.0)
+        tl.store(dlow_ptr + r[:, None] * C + k64[None, :], acc.to(dlow_ptr.dtype.element_ty),
+                 mask=i_in[:, None] & k_in[None, :])
+    else:
+        q = pid - half
+        kt = q // N_T
+        jt = q % N_T
+        k = kt * BLOCK + tl.arange(0, BLOCK)
+        j = jt * BLOCK + tl.arange(0, BLOCK)
+        k_in = k < C
+        j_in = j < C
+        k64 = k.to(tl.int64)
+        j64 = j.to(tl.int64)
+        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float64)
+        for i0 in range(0, C, BLOCK_R):
+            i = i0 + tl.arange(0, BLOCK_R)
+            i_in = i < C
+            i64 = i.to(tl.int64)
+            r = tl.load(rows_ptr + i64 * s_rw, mask=i_in, other=0).to(tl.int64)
+            # Lf[rows[i], k] as a (k, i) tile
+            below = k_in[:, None] & i_in[None, :] & (k64[:, None] < r[None, :])
+            lt = tl.load(lower_ptr + r[None, :] * s_l0 + k64[:, None] * s_l1, mask=below,
+                         other=0.0).to(tl.float64)
+            lt = tl.where(i_in[None, :] & (k64[:, None] == r[None, :]), 1.0, lt)
+            g = tl.load(dw_ptr + i64[:, None] * s_dw0 + j64[None, :] * s_dw1,
+                        mask=i_in[:, None] & j_in[None, :], other=0.0).to(tl.float64)
+            acc += tl.sum(lt[:, :, None] * g[None, :, :], axis=1)
+        m = k_in[:, None] & j_in[None, :]
+        tl.store(dup_ptr + k64[:, None] * C + j64[None, :],
+                 tl.where(j[None, :] > k[:, None], acc, 0.0).to(dup_ptr.dtype.element_ty), mask=m)
+        if kt == jt:
+            diag = tl.sum(tl.where(k[:, None] == j[None, :], acc, 0.0), axis=1)
+            t = tl.zeros((BLOCK_N,), dtype=tl.float64)
+            for n0 in range(0, N, BLOCK_N):
+                nn = n0 + tl.arange(0, BLOCK_N)
+                t += tl.load(dld_ptr + nn.to(tl.int64) * s_dld, mask=nn < N, other=0.0).to(tl.float64)
+            t_sum = tl.sum(t, axis=0) * LD_MULT
+            ls = tl.load(logs_ptr + k64 * s_ls, mask=k_in, other=0.0).to(tl.float64)
+            sg = tl.load(sign_ptr + k64 * s_sg, mask=k_in, other=0.0).to(tl.float64)
+            tl.store(dlogs_ptr + k64, (diag * sg * tl.exp(ls) + t_sum).to(dlogs_ptr.dtype.element_ty),
+                     mask=k_in)
+            if HAS_SCALE:
+                sc = tl.load(scale_ptr + k64 * s_sc, mask=k_in, other=1.0).to(tl.float64)
+                tl.store(dsc_ptr + k64, (t_sum / sc).to(dsc_ptr.dtype.element_ty), mask=k_in)
+
+
+def _vstride(v: torch.Tensor) -> int:
+    """The stride between a per-channel vector's values: 1-D any stride, else contiguous."""
+    return v.stride(0) if v.dim() == 1 else 1
+
+
+def _lu_blocks(c: int) -> tuple[int, int, int]:
+    """(BLOCK, N_T, BLOCK_R): square tiles of W, their count per side, the reduction step."""
+    block = min(max(triton.next_power_of_2(c), 2), 16)
+    return block, triton.cdiv(c, block), 8
+
+
+def lu_weight(lower, upper, log_s, sign_s, rows, scale, w, ld, *, ld_mult: int) -> None:
+    """W = P (L + I)(U + diag(sign_s exp(log_s))) into ``w`` (C, C) float64 contiguous, and
+    ``ld[:] = ld_mult * (sum(log_s) + sum(log|scale|))`` (scale None: no ActNorm term);
+    P is applied as ``W[i] = M[rows[i]]``. Vectors (C,) with any stride (or contiguous of
+    any shape, e.g. (1, C, 1, 1)), matrices any strides; one launch. Validation is the caller's job."""
+    c = log_s.shape[0]
+    block, n_t, block_r = _lu_blocks(c)
+    n = ld.shape[0]
+    has_scale = scale is not None
+    sc = scale if has_scale else log_s
+    _lu_weight_kernel[(n_t * n_t,)](
+        lower, upper, log_s, sign_s, rows, sc, w, ld, c, n, ld_mult, n_t,
+        lower.stride(0), lower.stride(1), upper.stride(0), upper.stride(1),
+        _vstride(log_s), _vstride(sign_s), _vstride(rows), _vstride(sc),
+        HAS_SCALE=has_scale, BLOCK=block, BLOCK_R=block_r,
+        BLOCK_N=min(max(triton.next_power_of_2(max(n, 1)), 2), 128))
+
+
+def lu_weight_backward(d_w, d_ld, lower, upper, log_s, sign_s, rows, scale,
+                       d_lower, d_upper, d_log_s, d_scale, *, ld_mult: int) -> None:
+    """Gradients of ``lu_weight`` written into ``d_lower``, ``d_upper`` (C, C) and
+    ``d_log_s``, ``d_scale`` (C,), all contiguous, in one launch."""
+    c = log_s.shape[0]
+    block, n_t, block_r = _lu_blocks(c)
+    n = d_ld.shape[0]
+    has_scale = scale is not None
+    sc = scale if has_scale else log_s
+    _lu_weight_bwd_kernel[(2 * n_t * n_t,)](
+        d_w, d_ld, lower, upper, log_s, sign_s, rows, sc, d_lower, d_upper, d_log_s,
+        d_scale if has_scale else d_log_s, c, n, ld_mult, n_t,
+        d_w.stride(0), d_w.stride(1), d_ld.stride(0) if n > 0 else 0,
+        lower.stride(0), lower.stride(1), upper.stride(0), upper.stride(1),
+        _vstride(log_s), _vstride(sign_s), _vstride(rows), _vstride(sc),
+        HAS_SCALE=has_scale, BLOCK=block, BLOCK_R=block_r,
+        BLOCK_N=min(max(triton.next_power_of_2(max(n, 1)), 2), 128))

@@ -12,8 +12,10 @@ device, shape), and the cache holds aliases of the keyed tensors so their memory
 reused behind its back. Optimizer steps, ``load_state_dict``, in-place edits (they bump
 ``_version``), ``.to()`` and ``deepcopy`` (new memory) all miss it. Edits through
 ``.data`` bypass version counters and cannot be seen: use ``torch.no_grad()`` and edit the
-parameter itself. When a gradient is needed the matrix is assembled afresh (a few (C, C)
-operations) so autograd sees it, and accumulation over several forwards is plain autograd.
+parameter itself. When a gradient is needed the matrix is assembled afresh so autograd
+sees it (``InvConv2dLU``: W and the per-sample log-det, ActNorm's term included in a
+FlowStep, from one ``lu_weight`` launch, its backward one more), and accumulation over
+several forwards is plain autograd.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch import nn
 from .. import reference
 from ..backend import compute_dtype
 from ..ops._checks import check_float_tensor
-from ..ops.channel_mix import actnorm_invconv, channel_mix
+from ..ops.channel_mix import actnorm_invconv, channel_mix, lu_weight
 
 
 def check_input(name: str, x, channels: int):
@@ -35,9 +37,14 @@ def check_input(name: str, x, channels: int):
                          f"got shape {tuple(x.shape)}")
 
 
-def _per_sample(ld_per_pixel, x, sign):
+def _per_sample(ld_per_pixel, x, sign, scale=None):
+    """(N,) log-det ``sign * H*W * (ld_per_pixel + sum(log|scale|))`` in x's compute dtype."""
     hw = x.shape[2] * x.shape[3]
-    return ((sign * hw) * ld_per_pixel.to(compute_dtype(x.dtype))).expand(x.shape[0])
+    cd = compute_dtype(x.dtype)
+    ld = ld_per_pixel.to(cd)
+    if scale is not None:
+        ld = torch.log(torch.abs(scale.to(cd))).sum() + ld.reshape(())
+    return ((sign * hw) * ld).expand(x.shape[0])
 
 
 class _CachedMatrices:
@@ -123,15 +130,22 @@ class _InvConvBase(nn.Module):
     def weight_and_logdet(self, inverse: bool = False):
         raise NotImplementedError
 
+    def matrix_and_logdet(self, x, scale=None, inverse: bool = False):
+        """(W, or W^-1 for ``inverse``; the per-sample log-det (N,) of the map on ``x``):
+        ``+-H*W*(log|det W| + sum(log|scale|))`` in x's compute dtype, the ``scale`` term
+        for an ActNorm applied with the matrix (a FlowStep), None for none."""
+        w, ld = self.weight_and_logdet(inverse)
+        return w, _per_sample(ld, x, -1 if inverse else 1, scale)
+
     def forward(self, x):
         check_input("x", x, self.in_channel)
-        w, ld = self.weight_and_logdet(False)
-        return channel_mix(x, w), _per_sample(ld, x, 1)
+        w, ld = self.matrix_and_logdet(x)
+        return channel_mix(x, w), ld
 
     def inverse(self, y):
         check_input("y", y, self.in_channel)
-        w_inv, ld = self.weight_and_logdet(True)
-        return channel_mix(y, w_inv), _per_sample(ld, y, -1)
+        w_inv, ld = self.matrix_and_logdet(y, inverse=True)
+        return channel_mix(y, w_inv), ld
 
     def reverse(self, y):
         return self.inverse(y)[0]
@@ -177,14 +191,15 @@ class InvConv2dLU(_InvConvBase):
         return self._fixed_cache.get((self.w_p, self.s_sign), "fixed", build)
 
     def _assemble(self, inverse: bool):
-        """W = P (L + I) (U + diag(s_sign exp(w_s))) in float64, or W^-1 from triangular
-        solves; L, U are the strictly lower / upper parts of w_l, w_u (rosinality's masks)."""
+        """W = P (L + I) (U + diag(s_sign exp(w_s))) in float64 (the fused ``lu_weight`` op),
+        or W^-1 from triangular solves; L, U are the strictly lower / upper parts of w_l,
+        w_u (rosinality's masks)."""
         d = torch.float64
         rows, sign, eye = self._fixed()
+        if not inverse:
+            return lu_weight(self.w_l, self.w_u, self.w_s, self.s_sign, rows, n=0)[0]
         lower = torch.tril(self.w_l.to(d), -1) + eye
         upper = torch.triu(self.w_u.to(d), 1) + torch.diag(sign * torch.exp(self.w_s.to(d)))
-        if not inverse:
-            return (lower @ upper).index_select(0, rows)  # P @ M picks M's rows
         l_inv = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
         u_inv = torch.linalg.solve_triangular(upper, eye, upper=True)
         return (u_inv @ l_inv).index_select(1, rows)  # M @ P^T picks M's columns
@@ -196,6 +211,17 @@ class InvConv2dLU(_InvConvBase):
             return self._assemble(inverse), ld
         name = "inverse" if inverse else "weight"
         return self._cache.get(self._sources(), name, lambda: self._assemble(inverse)), ld
+
+    def matrix_and_logdet(self, x, scale=None, inverse: bool = False):
+        """As ``_InvConvBase.matrix_and_logdet``. When W needs a gradient (training), W and
+        the whole log-det (ActNorm's ``scale`` term included) come from one ``lu_weight``
+        launch, and its backward is one more; otherwise the cached matrices."""
+        if not inverse and _needs_grad((self.w_l, self.w_s, self.w_u)):
+            rows = self._fixed()[0]
+            return lu_weight(self.w_l, self.w_u, self.w_s, self.s_sign, rows, scale=scale,
+                             n=x.shape[0], ld_mult=x.shape[2] * x.shape[3],
+                             ld_dtype=compute_dtype(x.dtype))
+        return super().matrix_and_logdet(x, scale, inverse)
 
     def calc_weight(self):
         """W as a (C, C, 1, 1) convolution weight in the parameters' dtype (rosinality's API)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..ops.channel_mix import actnorm_invconv
+from ..ops.channel_mix import channel_mix
 from .channel_mix import ActNorm, InvConv2d, InvConv2dLU, check_input
 from .coupling import AffineCoupling
 
@@ -15,7 +15,9 @@ class FlowStep(nn.Module):
 
     Submodule names (``actnorm``, ``invconv``, ``coupling``) follow rosinality/glow-pytorch.
     Applying the three modules one after the other gives the same result; the step just
-    runs the first two as one pass over memory."""
+    runs the first two as one pass over memory, and the whole ActNorm + 1x1 conv log-det
+    comes with the matrix (``invconv.matrix_and_logdet``: in training with the LU layer,
+    W and the log-det are one launch)."""
 
     def __init__(self, in_channel: int, filter_size: int = 512, affine: bool = True,
                  conv_lu: bool = True):
@@ -28,17 +30,18 @@ class FlowStep(nn.Module):
     def forward(self, x):
         check_input("x", x, self.in_channel)
         self.actnorm.maybe_initialize(x)
-        w, w_ld = self.invconv.weight_and_logdet(False)
-        out, logdet = actnorm_invconv(x, self.actnorm.loc, self.actnorm.scale, w, w_ld)
+        an = self.actnorm
+        w, logdet = self.invconv.matrix_and_logdet(x, an.scale)
+        out = channel_mix(x, w, loc=an.loc, scale=an.scale)
         out, ld_coupling = self.coupling(out)
         return out, logdet + ld_coupling
 
     def inverse(self, y):
         check_input("y", y, self.in_channel)
         x, ld_coupling = self.coupling.inverse(y)
-        w_inv, w_ld = self.invconv.weight_and_logdet(True)
-        x, logdet = actnorm_invconv(x, self.actnorm.loc, self.actnorm.scale, w_inv, w_ld,
-                                    reverse=True)
+        an = self.actnorm
+        w_inv, logdet = self.invconv.matrix_and_logdet(x, an.scale, inverse=True)
+        x = channel_mix(x, w_inv, loc=an.loc, scale=an.scale, reverse=True)
         return x, logdet + ld_coupling
 
     def reverse(self, y):

@@ -5,12 +5,19 @@
   ``out = (weight @ x) / scale - loc`` (``weight`` is then the inverse matrix). ``weight``
   None is ActNorm alone; ``loc``/``scale`` None is the 1x1 convolution alone.
 * ``fastflow::channel_mix_backward(grad, src, weight, loc, scale, reverse, need_params)
-  -> (d_src, d_weight, d_loc, d_scale)``: one launch for d_src, one deterministic
-  reduction launch for the parameters (skipped when no parameter needs a gradient); absent
-  gradients come back as empty tensors.
+  -> (d_src, d_weight, d_loc, d_scale)``: one launch for d_src; for the parameters (skipped
+  when none needs a gradient) one deterministic reduction launch and one finishing launch
+  that writes the gradients in the parameters' shapes and dtypes; absent gradients come
+  back as empty tensors.
+* ``fastflow::lu_weight(lower, upper, log_s, sign_s, rows, scale, n, ld_mult, ld_dtype)
+  -> (W, logdet)``: Glow's LU-parameterised W = P (L + I)(U + diag(sign_s exp(log_s))) in
+  float64 (P as the row gather ``W[i] = M[rows[i]]``) and the per-sample log-det
+  ``ld_mult * (sum(log_s) + sum(log|scale|))``, shape (n,), so a FlowStep's whole log-det
+  (ActNorm's included, ``ld_mult`` = H*W) comes from one launch;
+  ``fastflow::lu_weight_backward`` gives d lower, d upper, d log_s, d scale in one launch.
 
-Log-determinants are not the kernel's business: they are read from the parameters
-(H*W*sum(log|scale|), H*W*sum(log_s)), see ``actnorm_invconv``.
+The mixing kernel itself never sees a log-det: it is read from the parameters
+(H*W*sum(log|scale|), H*W*sum(log_s)), see ``lu_weight`` and ``actnorm_invconv``.
 """
 
 from __future__ import annotations
@@ -86,26 +93,16 @@ def _triton_backward(grad, src, weight, loc, scale, reverse, need_params):
         d_src = k.mix(grad, a, transpose_a=True, post="multiply", post_scale=sv)
     d_w = d_l = d_s = None
     if need_params:
-        # G[o, k] = sum g[o] (src[k] + shift[k]), gsum[o] = sum g[o]
-        gmat, gsum = k.reduce(grad, src, diag=a is None,
-                              shift=lv if (has_an and not reverse) else None)
-        ac = None if a is None else _like(a.reshape(a.shape[0], a.shape[1]), gmat)
-        sv = None if sv is None else sv.reshape(-1)
-        if a is None:  # ActNorm alone; gmat is diag(G)
-            if reverse:  # out = y / s - l
-                d_s, d_l = -gmat / (sv * sv), -gsum
-            else:        # out = s * (x + l)
-                d_s, d_l = gmat, sv * gsum
-        elif not has_an:
-            d_w = gmat
-        elif reverse:    # out = (A y) / s - l
-            d_w = gmat / sv[:, None]
-            d_s = -(ac * gmat).sum(dim=1) / (sv * sv)
-            d_l = -gsum
-        else:            # out = A (s * (x + l))
-            d_w = gmat * sv[None, :]
-            d_s = (ac * gmat).sum(dim=0)
-            d_l = sv * (gsum @ ac)
+        # written by the kernels in the parameters' own shapes and dtypes: G[o, k] =
+        # sum g[o] (src[k] + shift[k]) and gsum[o] = sum g[o] reduced, then turned into
+        # d weight, d loc, d scale by one finishing launch
+        if weight is not None:
+            d_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+        if has_an:
+            d_l = torch.empty(loc.shape, dtype=loc.dtype, device=loc.device)
+            d_s = torch.empty(scale.shape, dtype=scale.dtype, device=scale.device)
+        k.mix_param_grads(grad, src, a, sv, lv if (has_an and not reverse) else None,
+                          reverse=reverse, d_a=d_w, d_loc=d_l, d_scale=d_s)
     return d_src, d_w, d_l, d_s
 
 
@@ -137,8 +134,13 @@ def channel_mix_backward(grad: Tensor, src: Tensor, weight: Optional[Tensor],
         outs.append(src.new_empty(0) if g is None else _like(g, p))
     # a custom op's outputs may not alias its inputs (the reference vjp can hand back a
     # view of ``grad``, e.g. d_loc = -grad summed over nothing when N = H = W = 1)
-    taken = {t.untyped_storage().data_ptr() for t in (grad, src, weight, loc, scale)
-             if t is not None and t.numel() > 0}
+    return _unaliased(outs, (grad, src, weight, loc, scale))
+
+
+def _unaliased(outs, inputs):
+    """``outs`` as a tuple in which no tensor shares memory with ``inputs`` or another output."""
+    outs = list(outs)
+    taken = {t.untyped_storage().data_ptr() for t in inputs if t is not None and t.numel() > 0}
     for i, t in enumerate(outs):
         if t.numel() > 0 and t.untyped_storage().data_ptr() in taken:
             outs[i] = t.clone()
@@ -248,3 +250,142 @@ def actnorm_invconv(x: Tensor, loc: Tensor, scale: Tensor, weight: Optional[Tens
         per_pixel = per_pixel + weight_logdet.to(cd).reshape(())
     ld = (-hw if reverse else hw) * per_pixel
     return out, ld.expand(x.shape[0])
+
+
+# --------------------------------------------------------------------------------------
+# LU-parameterised weight and the log-det: fastflow::lu_weight
+# --------------------------------------------------------------------------------------
+
+
+def _flat(v):
+    """A per-channel vector the kernels can read with one stride: 1-D as it is, else
+    contiguous (a (1, C, 1, 1) parameter is)."""
+    if v is None or v.dim() == 1 or v.is_contiguous():
+        return v
+    return v.reshape(-1).contiguous()
+
+
+@torch.library.custom_op("fastflow::lu_weight", mutates_args=())
+def lu_weight_op(lower: Tensor, upper: Tensor, log_s: Tensor, sign_s: Tensor, rows: Tensor,
+                 scale: Optional[Tensor], n: int, ld_mult: int,
+                 ld_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    if use_triton(log_s):
+        c = log_s.shape[0]
+        w = torch.empty((c, c), dtype=torch.float64, device=log_s.device)
+        ld = torch.empty((n,), dtype=ld_dtype, device=log_s.device)
+        _kernels().lu_weight(lower, upper, log_s, sign_s, rows, _flat(scale), w, ld,
+                             ld_mult=ld_mult)
+        return w, ld
+    w, ld = reference.lu_weight_logdet(rows, lower, upper, log_s, sign_s, scale, n=n,
+                                       ld_mult=ld_mult)
+    return w, ld.to(ld_dtype).clone()
+
+
+@lu_weight_op.register_fake
+def _(lower, upper, log_s, sign_s, rows, scale, n, ld_mult, ld_dtype):
+    c = log_s.shape[0]
+    return (log_s.new_empty((c, c), dtype=torch.float64), log_s.new_empty((n,), dtype=ld_dtype))
+
+
+def _lu_reference_backward(d_w, d_ld, lower, upper, log_s, sign_s, rows, scale, ld_mult):
+    prims = [lower, upper, log_s] + ([] if scale is None else [scale])
+
+    def fn(*ps):
+        sc = ps[3] if scale is not None else None
+        return reference.lu_weight_logdet(rows, ps[0], ps[1], ps[2], sign_s, sc,
+                                          n=d_ld.shape[0], ld_mult=ld_mult)
+
+    _, vjp = torch.func.vjp(fn, *prims)
+    grads = vjp((d_w.to(torch.float64), d_ld.to(torch.float64)))
+    return (*grads[:3], grads[3] if scale is not None else None)
+
+
+@torch.library.custom_op("fastflow::lu_weight_backward", mutates_args=())
+def lu_weight_backward(d_w: Tensor, d_ld: Tensor, lower: Tensor, upper: Tensor, log_s: Tensor,
+                       sign_s: Tensor, rows: Tensor, scale: Optional[Tensor],
+                       ld_mult: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if use_triton(log_s):
+        d_l = torch.empty(lower.shape, dtype=lower.dtype, device=lower.device)
+        d_u = torch.empty(upper.shape, dtype=upper.dtype, device=upper.device)
+        d_s = torch.empty(log_s.shape, dtype=log_s.dtype, device=log_s.device)
+        d_sc = (log_s.new_empty(0) if scale is None else
+                torch.empty(scale.shape, dtype=scale.dtype, device=scale.device))
+        _kernels().lu_weight_backward(d_w, d_ld, lower, upper, log_s, sign_s, rows, _flat(scale),
+                                      d_l, d_u, d_s, None if scale is None else d_sc,
+                                      ld_mult=ld_mult)
+        return d_l, d_u, d_s, d_sc
+    d_l, d_u, d_s, d_sc = _lu_reference_backward(d_w, d_ld, lower, upper, log_s, sign_s, rows,
+                                                 scale, ld_mult)
+    outs = [d_l, d_u, d_s, log_s.new_empty(0) if d_sc is None else d_sc]
+    return _unaliased(outs, (d_w, d_ld, lower, upper, log_s, sign_s, rows, scale))
+
+
+@lu_weight_backward.register_fake
+def _(d_w, d_ld, lower, upper, log_s, sign_s, rows, scale, ld_mult):
+    return (torch.empty_like(lower), torch.empty_like(upper), torch.empty_like(log_s),
+            log_s.new_empty(0) if scale is None else torch.empty_like(scale))
+
+
+def _lu_setup_context(ctx, inputs, output):
+    lower, upper, log_s, sign_s, rows, scale, n, ld_mult, ld_dtype = inputs
+    ctx.save_for_backward(lower, upper, log_s, sign_s, rows, scale)
+    ctx.ld_mult = ld_mult
+
+
+def _lu_backward(ctx, d_w, d_ld):
+    lower, upper, log_s, sign_s, rows, scale = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    d_l, d_u, d_s, d_sc = lu_weight_backward(d_w, d_ld, lower, upper, log_s, sign_s, rows,
+                                             scale, ctx.ld_mult)
+    return (d_l if need[0] else None, d_u if need[1] else None, d_s if need[2] else None,
+            None, None, d_sc if (scale is not None and need[5]) else None, None, None, None)
+
+
+lu_weight_op.register_autograd(_lu_backward, setup_context=_lu_setup_context)
+
+
+def lu_weight(lower: Tensor, upper: Tensor, log_s: Tensor, sign_s: Tensor, rows: Tensor, *,
+              scale: Optional[Tensor] = None, n: int = 1, ld_mult: int = 1,
+              ld_dtype: torch.dtype = torch.float64):
+    """Glow's LU-parameterised 1x1 convolution weight and the log-det, in one launch:
+    ``(W, logdet)``.
+
+    ``W = P @ (L + I) @ (U + diag(sign_s * exp(log_s)))`` as a float64 (C, C) matrix, with
+    L / U the strictly lower / upper parts of ``lower`` / ``upper`` (C, C) (the other
+    entries are ignored and get zero gradients) and P given by its row gather:
+    ``W[i] = ((L + I)(U + D))[rows[i]]``, i.e. ``rows = P.argmax(dim=1)``; ``rows`` must be
+    a permutation of 0..C-1 (not checked: that would read the device). ``logdet`` (n,) in
+    ``ld_dtype`` is ``ld_mult * (sum(log_s) + sum(log|scale|))`` (``scale``, e.g. the
+    ActNorm's, None for none): a FlowStep passes ``ld_mult = H*W`` (``-H*W`` for the
+    inverse map). Differentiable in lower, upper, log_s and scale."""
+    for name, t in (("lower", lower), ("upper", upper), ("log_s", log_s), ("sign_s", sign_s)):
+        check_float_tensor(name, t)
+    c = log_s.shape[0] if log_s.dim() == 1 else -1
+    if log_s.dim() != 1:
+        raise ValueError(f"log_s: expected a 1-D tensor (C,), got shape {tuple(log_s.shape)}")
+    for name, t in (("lower", lower), ("upper", upper)):
+        if tuple(t.shape) != (c, c):
+            raise ValueError(f"{name}: expected shape ({c}, {c}) (log_s has {c} values), got "
+                             f"{tuple(t.shape)}")
+        check_same_device(name, t, "log_s", log_s)
+    if tuple(sign_s.shape) != (c,):
+        raise ValueError(f"sign_s: expected shape ({c},), got {tuple(sign_s.shape)}")
+    check_same_device("sign_s", sign_s, "log_s", log_s)
+    if not isinstance(rows, Tensor) or rows.dtype not in (torch.int64, torch.int32):
+        got = rows.dtype if isinstance(rows, Tensor) else type(rows).__name__
+        raise TypeError(f"rows: expected an int64 or int32 tensor (the permutation's row "
+                        f"gather), got {got}")
+    if tuple(rows.shape) != (c,):
+        raise ValueError(f"rows: expected shape ({c},), got {tuple(rows.shape)}")
+    check_same_device("rows", rows, "log_s", log_s)
+    if scale is not None:
+        check_float_tensor("scale", scale)
+        check_same_device("scale", scale, "log_s", log_s)
+        if scale.numel() != c:
+            raise ValueError(f"scale: expected {c} values, one per channel, got shape "
+                             f"{tuple(scale.shape)}")
+    if not isinstance(ld_dtype, torch.dtype) or not ld_dtype.is_floating_point:
+        raise TypeError(f"ld_dtype: expected a floating-point torch.dtype, got {ld_dtype!r}")
+    if int(n) < 0:
+        raise ValueError(f"n: expected a sample count >= 0, got {n}")
+    return lu_weight_op(lower, upper, log_s, sign_s, rows, scale, int(n), int(ld_mult), ld_dtype)

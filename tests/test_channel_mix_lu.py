@@ -1,0 +1,149 @@
+"""The fused LU weight op (``fastflow::lu_weight``): W = P (L + I)(U + diag(sign exp(log_s)))
+in float64 and the per-sample log-det (ActNorm's sum(log|scale|) folded in), against the
+float64 reference and slogdet, float64 gradcheck, both backends, bitwise determinism; and
+the mixing backward with no pixels."""
+
+import pytest
+import torch
+
+import fastflow as ff
+from fastflow import reference
+from fastflow.ops.channel_mix import lu_weight
+
+from conftest import DEVICE, assert_close
+
+
+def _lu(c, dtype=torch.float64):
+    """(lower, upper, log_s, sign_s, rows, perm, scale) of a perturbed InvConv2dLU."""
+    layer = ff.InvConv2dLU(c).to(DEVICE)
+    d = dtype
+    lower = (layer.w_l + 0.1 * torch.randn_like(layer.w_l)).detach().to(d)
+    upper = (layer.w_u + 0.1 * torch.randn_like(layer.w_u)).detach().to(d)
+    log_s = (layer.w_s + 0.1 * torch.randn_like(layer.w_s)).detach().to(d)
+    sign = layer.s_sign.to(d)
+    scale = ((torch.rand(1, c, 1, 1, device=DEVICE) + 0.5) * torch.where(
+        torch.rand(1, c, 1, 1, device=DEVICE) < 0.3, -1.0, 1.0)).to(d)
+    return lower, upper, log_s, sign, layer.w_p.argmax(dim=1), layer.w_p.to(d), scale
+
+
+@pytest.mark.parametrize("c", [1, 3, 17, 40])
+def test_lu_weight_matches_reference_and_slogdet(backend, c):
+    lower, upper, log_s, sign, rows, perm, scale = _lu(c)
+    w, ld = lu_weight(lower, upper, log_s, sign, rows, scale=scale, n=3, ld_mult=6,
+                      ld_dtype=torch.float32)
+    want = reference.lu_weight(perm, lower, upper, log_s, sign)
+    assert w.dtype == torch.float64 and w.shape == (c, c)
+    assert_close(w, want, torch.float64)
+    slog = torch.linalg.slogdet(want)[1] + torch.log(scale.abs()).sum()
+    assert ld.dtype == torch.float32 and ld.shape == (3,)
+    assert_close(ld, (6 * slog).expand(3), torch.float32)
+    # float32 parameters, no ActNorm term, the inverse map's sign, no samples
+    w32, ld64 = lu_weight(lower.float(), upper.float(), log_s.float(), sign.float(), rows,
+                          n=2, ld_mult=-4)
+    assert_close(w32, reference.lu_weight(perm, *(t.float().double() for t in (lower, upper, log_s, sign))),
+                 torch.float64)
+    assert ld64.dtype == torch.float64
+    assert_close(ld64, (-4 * log_s.float().double().sum()).expand(2), torch.float64)
+    assert lu_weight(lower, upper, log_s, sign, rows, n=0)[1].shape == (0,)
+
+
+@pytest.mark.parametrize("c", [1, 3, 17])
+def test_lu_weight_gradcheck_float64(backend, c):
+    lower, upper, log_s, sign, rows, _, scale = _lu(c)
+    args = [t.clone().requires_grad_() for t in (lower, upper, log_s, scale)]
+
+    def fn(lo, up, ls, sc):
+        return lu_weight(lo, up, ls, sign, rows, scale=sc, n=2, ld_mult=-3)
+
+    assert torch.autograd.gradcheck(fn, args, fast_mode=c > 3)
+
+
+def test_lu_weight_backward_against_reference_float32_params(backend):
+    """float32 parameters, a transposed (non-contiguous) dW, a stride-0 d logdet; the
+    entries outside the triangles get zero gradients."""
+    c = 21
+    lower, upper, log_s, sign, rows, perm, scale = _lu(c, torch.float32)
+    g = torch.randn(c, c, dtype=torch.float64, device=DEVICE)
+    leaves = [t.clone().requires_grad_() for t in (lower, upper, log_s, scale)]
+    w, ld = lu_weight(leaves[0], leaves[1], leaves[2], sign, rows, scale=leaves[3], n=4,
+                      ld_mult=9, ld_dtype=torch.float32)
+    got = torch.autograd.grad((w.T * g).sum() + ld.sum(), leaves)
+    ref = [t.double().requires_grad_() for t in (lower, upper, log_s, scale)]
+    w_r = reference.lu_weight(perm.double(), ref[0], ref[1], ref[2], sign.double())
+    ld_r = 9 * (ref[2].sum() + torch.log(ref[3].abs()).sum())
+    want = torch.autograd.grad((w_r.T * g).sum() + 4 * ld_r, ref)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32 and a.shape == b.shape
+        assert_close(a, b, torch.float32)
+    assert torch.count_nonzero(torch.triu(got[0])) == 0
+    assert torch.count_nonzero(torch.tril(got[1])) == 0
+
+
+def test_lu_weight_bitwise_deterministic(backend):
+    c = 40
+    lower, upper, log_s, sign, rows, _, scale = _lu(c)
+    g = torch.cos(torch.arange(c * c, device=DEVICE, dtype=torch.float64)).reshape(c, c)
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (lower, upper, log_s, scale)]
+        w, ld = lu_weight(leaves[0], leaves[1], leaves[2], sign, rows, scale=leaves[3], n=5,
+                          ld_mult=7)
+        grads = torch.autograd.grad((w * g).sum() + (ld * torch.arange(5.0, device=DEVICE)).sum(), leaves)
+        return [w.detach(), ld.detach(), *grads]
+
+    for a, b in zip(run(), run()):
+        assert torch.equal(a, b)
+
+
+def test_flowstep_training_uses_one_lu_launch_and_matches_parts():
+    """In training the FlowStep's W and whole log-det come from lu_weight; same gradients
+    on both backends."""
+    step = ff.FlowStep(6, filter_size=8).double().to(DEVICE)
+    step.actnorm.initialized.fill_(1)
+    step.actnorm._initialized = True
+    x = torch.randn(2, 6, 3, 3, dtype=torch.float64, device=DEVICE)
+    results = []
+    for mode in ("triton", "reference"):
+        with ff.use_backend(mode):
+            xx = x.clone().requires_grad_()
+            y, ld = step(xx)
+            grads = torch.autograd.grad((y * y).sum() + ld.sum(), [xx, *step.parameters()])
+        results.append((y.detach(), ld.detach(), grads))
+    (y1, ld1, g1), (y2, ld2, g2) = results
+    assert_close(y1, y2, torch.float64)
+    assert_close(ld1, ld2, torch.float64)
+    for a, b in zip(g1, g2):
+        assert_close(a, b, torch.float64, rtol=1e-9, atol=1e-9)
+
+
+def test_lu_weight_bad_inputs():
+    lower, upper, log_s, sign, rows, _, scale = _lu(4)
+    with pytest.raises(ValueError, match=r"^upper: expected shape \(4, 4\).*\(4, 3\)"):
+        lu_weight(lower, upper[:, :3], log_s, sign, rows)
+    with pytest.raises(ValueError, match=r"^log_s: expected a 1-D tensor.*\(1, 4\)"):
+        lu_weight(lower, upper, log_s[None], sign, rows)
+    with pytest.raises(TypeError, match=r"^rows: expected an int64 or int32 tensor.*float64"):
+        lu_weight(lower, upper, log_s, sign, rows.double())
+    with pytest.raises(ValueError, match=r"^rows: expected shape \(4,\), got \(3,\)"):
+        lu_weight(lower, upper, log_s, sign, rows[:3])
+    with pytest.raises(ValueError, match=r"^scale: expected 4 values.*\(5,\)"):
+        lu_weight(lower, upper, log_s, sign, rows, scale=torch.ones(5, device=DEVICE))
+    with pytest.raises(TypeError, match=r"^lower: expected a floating-point"):
+        lu_weight(torch.ones(4, 4, dtype=torch.int64), upper, log_s, sign, rows)
+    with pytest.raises(TypeError, match=r"^ld_dtype: expected a floating-point"):
+        lu_weight(lower, upper, log_s, sign, rows, ld_dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"^n: expected a sample count"):
+        lu_weight(lower, upper, log_s, sign, rows, n=-1)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_mix_backward_no_pixels(backend, reverse):
+    """N = 0: the parameter gradients are zeros (the finishing launch over no partials)."""
+    x = torch.randn(0, 3, 2, 2, device=DEVICE, requires_grad=True)
+    params = [torch.randn(3, 3, device=DEVICE), torch.randn(3, device=DEVICE), torch.rand(3, device=DEVICE) + 0.5]
+    for variant in ((0, 1, 2), (0,), (1, 2)):
+        leaves = [p.clone().requires_grad_() if i in variant else None for i, p in enumerate(params)]
+        out = ff.channel_mix(x, leaves[0], loc=leaves[1], scale=leaves[2], reverse=reverse)
+        grads = torch.autograd.grad(out.sum(), [t for t in leaves if t is not None])
+        for g, t in zip(grads, [t for t in leaves if t is not None]):
+            assert g.shape == t.shape and torch.count_nonzero(g) == 0
