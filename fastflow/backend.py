@@ -79,6 +79,25 @@ def use_triton(t: torch.Tensor) -> bool:
                        f"got a tensor on {t.device}")
 
 
+def device_guard(t: torch.Tensor):
+    """Make ``t``'s GPU the current one for a kernel launch (Triton launches on the current
+    device and stream, not the tensor's)."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def unaliased(out: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+    """``out``, cloned if it shares memory with one of ``inputs``: a custom op may not return
+    a view of its input (a reference vjp can, e.g. the gradient of a slice)."""
+    try:
+        ptr = out.untyped_storage().data_ptr()
+        shared = any(t.untyped_storage().data_ptr() == ptr for t in inputs)
+    except (NotImplementedError, RuntimeError):  # wrapper tensors (torch.func, checks)
+        shared = True
+    return out.clone() if shared else out
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; every other floating dtype computes in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32

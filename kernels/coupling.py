@@ -104,10 +104,9 @@ def _coupling_fwd_kernel(
     n = (pid // N_TILES).to(tl.int64)
     tile = pid % N_TILES
     c = (tile // N_PTILES) * BLOCK_C + tl.arange(0, BLOCK_C)[:, None]
-    p = (tile % N_PTILES) * BLOCK_P + tl.arange(0, BLOCK_P)[None, :]
-    inside = (c < C) & (p < HW)
+    p64 = (tile % N_PTILES).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)[None, :]
+    inside = (c < C) & (p64 < HW)
     c64 = c.to(tl.int64)
-    p64 = p.to(tl.int64)
     v = tl.load(in_ptr + n * s_in_n + c64 * s_in_c + p64 * s_in_p, mask=inside, other=0.0).to(COMPUTE)
 
     moved = inside & (c >= CA)
@@ -163,10 +162,9 @@ def _coupling_bwd_kernel(
     n = (pid // N_TILES).to(tl.int64)
     tile = pid % N_TILES
     c = (tile // N_PTILES) * BLOCK_C + tl.arange(0, BLOCK_C)[:, None]
-    p = (tile % N_PTILES) * BLOCK_P + tl.arange(0, BLOCK_P)[None, :]
-    inside = (c < C) & (p < HW)
+    p64 = (tile % N_PTILES).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)[None, :]
+    inside = (c < C) & (p64 < HW)
     c64 = c.to(tl.int64)
-    p64 = p.to(tl.int64)
     go = tl.load(g_ptr + n * s_g_n + c64 * s_g_c + p64 * s_g_p, mask=inside, other=0.0).to(COMPUTE)
 
     moved = inside & (c >= CA)

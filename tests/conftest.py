@@ -13,8 +13,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 import fastflow as ff  # noqa: E402
+
+# Property tests draw the same examples on every run (reproducible CI, no example database).
+settings.register_profile("fastflow", derandomize=True, database=None, deadline=None)
+settings.load_profile("fastflow")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -199,6 +199,36 @@ def test_stride_zero_gradients(backend):
     assert_close(gh, gh_r)
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_dense_gradient_at_batch_one_is_not_an_alias(backend, reverse):
+    """Additive coupling at N=1: the reference vjp of h is a slice of the upstream gradient,
+    which a custom op may not return as it is."""
+    x, h = make((1, 2, 1, 1), additive=True)
+    h.requires_grad_(True)
+    y, _ = ff.additive_coupling(x, h, reverse=reverse)
+    g = torch.randn_like(y)
+    (gh,) = torch.autograd.grad(y, h, g)
+    torch.testing.assert_close(gh, (-g if reverse else g)[:, 1:])
+
+
+@pytest.mark.parametrize("scale", ["sigmoid", "additive"])
+def test_opcheck(backend, scale):
+    """torch.library's own checks: schema, fake (meta) implementation, autograd registration."""
+    x, h = make((2, 5, 3, 4), additive=scale == "additive")
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    h.requires_grad_(True)
+    for op in (ops.coupling_forward, ops.coupling_inverse):
+        torch.library.opcheck(op, (x, h, scale, "halves", "before", 2.0))
+    y, ld = ops.coupling_forward(x, h, scale, "halves", "before", 2.0)
+    args = (torch.randn_like(y), torch.randn_like(ld), x.detach(), h.detach(), scale, "halves",
+            "before", 2.0, False, False)
+    # the reference backward runs torch.func.vjp inside the op, whose wrapper tensors
+    # opcheck's modes cannot inspect; its aliasing is covered by the test above
+    if backend == "triton":
+        torch.library.opcheck(ops.coupling_backward, args,
+                              test_utils=("test_schema", "test_faketensor"))
+
+
 def test_mixed_dtypes_h_bfloat16(backend):
     x, h = make((2, 4, 3, 5))
     h = h.to(torch.bfloat16)
@@ -342,9 +372,13 @@ def test_torch_compile_fullgraph_has_no_graph_break():
     assert x.grad is not None
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="needs a GPU with > 10 GB free")
+def _free_gpu_bytes():
+    return torch.cuda.mem_get_info()[0] if DEVICE == "cuda" else 0
+
+
+@pytest.mark.skipif(_free_gpu_bytes() < 16 * 2**30, reason="needs a GPU with 16 GB free")
 def test_more_than_2_31_elements_cuda():
-    """64-bit offsets: a tensor of more than 2^31 elements (float16, about 4.3 GB)."""
+    """64-bit offsets: one sample of more than 2^31 elements (float16, 4.3 GB per tensor)."""
     n, c, hh, ww = 1, 2, 32768, 32770
     x = torch.randn(n, c, hh, ww, device="cuda", dtype=torch.float16)
     assert x.numel() > 2**31
@@ -355,5 +389,6 @@ def test_more_than_2_31_elements_cuda():
         want = (x[idx].float() + h[idx[0], 1, idx[2], idx[3]].float()) * s
         torch.testing.assert_close(y[idx].float(), want, rtol=2e-3, atol=2e-3)
     assert torch.equal(y[:, :1], x[:, :1])
-    ld_r = torch.nn.functional.logsigmoid(h[:, :1].float() + 2).sum(dim=(1, 2, 3))
-    torch.testing.assert_close(ld, ld_r, rtol=1e-4, atol=1.0)
+    ld_r = sum(torch.nn.functional.logsigmoid(h[0, 0, r:r + 4096].double() + 2).sum()
+               for r in range(0, hh, 4096))
+    torch.testing.assert_close(ld[0].double(), ld_r, rtol=1e-5, atol=1.0)

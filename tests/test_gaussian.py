@@ -5,12 +5,15 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.autograd.graph import saved_tensors_hooks
 
 import fastflow as ff
 from fastflow import reference
+from fastflow.kernels.gaussian import _noise as _kernel_noise
 from fastflow.ops.gaussian import draw_seed, reparam_kl
 
 from conftest import DEVICE, FLOAT_DTYPES, assert_close
@@ -269,6 +272,36 @@ def test_wide_counter_path_matches():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+@triton.jit
+def _noise_probe_kernel(seed_ptr, out_ptr, base, n, WIDE: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    counter = base + (i // 4).to(tl.int64)
+    e = _kernel_noise(tl.load(seed_ptr), counter, i % 4, WIDE)
+    tl.store(out_ptr + i, e, mask=i < n)
+
+
+def test_counters_past_2_32_mix_their_high_bits_into_the_key():
+    """The WIDE path itself, on counters that cross 2**32 (tensors of more than 2**34
+    elements reach them): below 2**32 it is the plain path; above, counter c draws what key
+    seed ^ (c >> 32) draws at c mod 2**32, not what the truncated counter would repeat."""
+    if DEVICE == "cpu" and not ff.backend.interpreter_enabled():
+        pytest.skip("needs TRITON_INTERPRET=1 on CPU")
+
+    def probe(seed, base, wide):
+        out = torch.empty(16, device=DEVICE)
+        _noise_probe_kernel[(1,)](seed, out, base, 16, WIDE=wide, BLOCK=16)
+        return out
+
+    seed = draw_seed(DEVICE)
+    wide = probe(seed, 2**32 - 2, True)      # counters 2^32-2, 2^32-1, 2^32, 2^32+1
+    plain = probe(seed, 2**32 - 2, False)    # the same counters truncated to 32 bits
+    assert torch.equal(wide[:8], plain[:8])
+    assert torch.equal(wide[8:], probe(seed ^ 1, 0, False)[:8])
+    assert not torch.equal(wide[8:], plain[8:])  # plain repeats counters 0 and 1
+    assert torch.equal(plain[8:], probe(seed, 0, False)[:8])
+    assert torch.isfinite(wide).all() and wide.std() > 0.2
+
+
 def test_bad_inputs_name_the_argument():
     mu = torch.randn(4, 6)
     with pytest.raises(ValueError, match="logvar.*shape"):
@@ -332,3 +365,25 @@ def test_property_random_shapes(backend_name, n, dims, dtype, reduction):
     z_ref, kl_ref = _reference64(mu, logvar, eps, reduction)
     assert_close(z, z_ref, dtype)
     assert_close(kl, kl_ref, dtype)
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_matches_eager(backend):
+    """The op, its seed draw and its backward compile as one graph; same seed, same numbers."""
+    mu, logvar, _ = _inputs((4, 9), torch.float32)
+    mu.requires_grad_(True)
+    logvar.requires_grad_(True)
+
+    def f(m, lv):
+        return ff.reparameterize_kl(m, lv, reduction="mean")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    runs = []
+    for fn in (f, compiled):
+        torch.manual_seed(7)
+        z, kl = fn(mu, logvar)
+        grads = torch.autograd.grad(z.square().sum() + kl, (mu, logvar))
+        runs.append((z, kl, *grads))
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops._checks import check_float_tensor
 from ..ops.coupling import additive_coupling, affine_coupling
 
 
@@ -52,6 +53,7 @@ class AffineCoupling(nn.Module):
         self.net[2].bias.data.zero_()
 
     def _check(self, x, name):
+        check_float_tensor(name, x)
         if x.dim() != 4 or x.shape[1] != self.in_channel:
             raise ValueError(f"{name}: expected shape (N, {self.in_channel}, H, W), got "
                              f"{tuple(x.shape)}")

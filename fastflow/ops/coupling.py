@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backend import compute_dtype, empty_output, memory_format_of, use_triton
+from ..backend import (compute_dtype, device_guard, empty_output, memory_format_of, unaliased,
+                       use_triton)
 from ._checks import check_choice, check_float_tensor, check_same_device
 
 
@@ -39,8 +40,9 @@ def _reference(x, h, scale, layout, shift, clamp, reverse):
 
 def _run(x, h, scale, layout, shift, clamp, reverse):
     if use_triton(x):
-        return _kernels().coupling_forward(x, h, scale=scale, layout=layout, shift=shift,
-                                           clamp=clamp, reverse=reverse)
+        with device_guard(x):
+            return _kernels().coupling_forward(x, h, scale=scale, layout=layout, shift=shift,
+                                               clamp=clamp, reverse=reverse)
     return _reference(x, h, scale, layout, shift, clamp, reverse)
 
 
@@ -69,17 +71,19 @@ def coupling_backward(grad_out: Tensor, grad_logdet: Tensor, src: Tensor, h: Ten
                       scale: str, layout: str, shift: str, clamp: float, reverse: bool,
                       from_output: bool) -> tuple[Tensor, Tensor]:
     if use_triton(src):
-        return _kernels().coupling_backward(grad_out, grad_logdet, src, h, scale=scale,
-                                            layout=layout, shift=shift, clamp=clamp,
-                                            reverse=reverse, from_output=from_output)
+        with device_guard(src):
+            return _kernels().coupling_backward(grad_out, grad_logdet, src, h, scale=scale,
+                                                layout=layout, shift=shift, clamp=clamp,
+                                                reverse=reverse, from_output=from_output)
     # reference: rebuild the op's input if needed, then the vjp of the reference (autograd
     # is switched off inside a custom op's implementation; torch.func works below it)
     inp = _reference(src, h, scale, layout, shift, clamp, not reverse)[0] if from_output else src
     fn = lambda a, b: _reference(a, b, scale, layout, shift, clamp, reverse)  # noqa: E731
     _, vjp = torch.func.vjp(fn, inp, h)
     grad_in, grad_h = vjp((grad_out, grad_logdet))
-    return (grad_in.contiguous(memory_format=memory_format_of(src)),
-            grad_h.contiguous(memory_format=memory_format_of(h)))
+    inputs = (grad_out, grad_logdet, src, h)
+    return (unaliased(grad_in.contiguous(memory_format=memory_format_of(src)), *inputs),
+            unaliased(grad_h.contiguous(memory_format=memory_format_of(h)), *inputs))
 
 
 @coupling_backward.register_fake

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backend import compute_dtype, empty_output, memory_format_of, use_triton
+from ..backend import compute_dtype, device_guard, empty_output, memory_format_of, use_triton
 from ._checks import check_choice, check_float_tensor, check_same_device
 
 SEED_BITS = 62  # seeds lie in [2**62, 2**63): always a 64-bit kernel argument
@@ -67,7 +67,8 @@ def _kl_fake(mu, reduction):
 def reparam_kl(mu: Tensor, logvar: Tensor, eps: Optional[Tensor], seed: Optional[Tensor],
                reduction: str) -> tuple[Tensor, Tensor]:
     if use_triton(mu):
-        z, kl = _kernels().reparam_kl_forward(mu, logvar, eps, seed, reduction)
+        with device_guard(mu):
+            z, kl = _kernels().reparam_kl_forward(mu, logvar, eps, seed, reduction)
     else:
         noise = eps if eps is not None else reference_noise(mu, int(seed.item()))
         z, kl = reference.reparameterize_kl(mu, logvar, noise, reduction=reduction)
@@ -84,8 +85,9 @@ def reparam_kl_backward(grad_z: Tensor, grad_kl: Tensor, mu: Tensor, logvar: Ten
                         eps: Optional[Tensor], seed: Optional[Tensor],
                         reduction: str) -> tuple[Tensor, Tensor]:
     if use_triton(mu):
-        grad_mu, grad_lv = _kernels().reparam_kl_backward(grad_z, grad_kl, mu, logvar, eps,
-                                                          seed, reduction)
+        with device_guard(mu):
+            grad_mu, grad_lv = _kernels().reparam_kl_backward(grad_z, grad_kl, mu, logvar, eps,
+                                                              seed, reduction)
     else:
         # autograd does not record inside a custom op: the derivative of the reference,
         # written out, in the compute dtype
