@@ -87,15 +87,20 @@ def device_guard(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
-def unaliased(out: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
-    """``out``, cloned if it shares memory with one of ``inputs``: a custom op may not return
-    a view of its input (a reference vjp can, e.g. the gradient of a slice)."""
+def unaliased(outs, inputs) -> tuple:
+    """``outs`` as a tuple in which no tensor shares memory with ``inputs`` or another output:
+    a custom op may not return a view of its input, and a reference vjp can (the gradient
+    of a slice is a slice of the upstream gradient)."""
+    outs = list(outs)
     try:
-        ptr = out.untyped_storage().data_ptr()
-        shared = any(t.untyped_storage().data_ptr() == ptr for t in inputs)
-    except (NotImplementedError, RuntimeError):  # wrapper tensors (torch.func, checks)
-        shared = True
-    return out.clone() if shared else out
+        taken = {t.untyped_storage().data_ptr() for t in inputs if t is not None and t.numel() > 0}
+        for i, t in enumerate(outs):
+            if t.numel() > 0 and t.untyped_storage().data_ptr() in taken:
+                outs[i] = t.clone()
+            taken.add(outs[i].untyped_storage().data_ptr())
+    except (NotImplementedError, RuntimeError):  # wrapper tensors (torch.func, checks): copy
+        outs = [t.clone() for t in outs]
+    return tuple(outs)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

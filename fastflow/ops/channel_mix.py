@@ -28,7 +28,8 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backend import compute_dtype, empty_output, memory_format_of, use_triton
+from ..backend import (compute_dtype, device_guard, empty_output, memory_format_of, unaliased,
+                       use_triton)
 from ._checks import check_float_tensor, check_same_device
 
 
@@ -64,11 +65,12 @@ def channel_mix_op(x: Tensor, weight: Optional[Tensor], loc: Optional[Tensor],
                    scale: Optional[Tensor], reverse: bool) -> Tensor:
     if use_triton(x):
         a, lv, sv = _matrix(weight), _vec(loc), _vec(scale)
-        if lv is None:
-            return _kernels().mix(x, a)
-        if reverse:
-            return _kernels().mix(x, a, post="actnorm_inverse", post_scale=sv, post_shift=lv)
-        return _kernels().mix(x, a, pre="actnorm", pre_scale=sv, pre_shift=lv)
+        with device_guard(x):
+            if lv is None:
+                return _kernels().mix(x, a)
+            if reverse:
+                return _kernels().mix(x, a, post="actnorm_inverse", post_scale=sv, post_shift=lv)
+            return _kernels().mix(x, a, pre="actnorm", pre_scale=sv, pre_shift=lv)
     out = reference.actnorm_mix(x, weight, loc, scale, reverse=reverse)
     return out.contiguous(memory_format=memory_format_of(x))
 
@@ -125,7 +127,8 @@ def channel_mix_backward(grad: Tensor, src: Tensor, weight: Optional[Tensor],
                          loc: Optional[Tensor], scale: Optional[Tensor], reverse: bool,
                          need_params: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     run = _triton_backward if use_triton(src) else _reference_backward
-    d_src, d_w, d_l, d_s = run(grad, src, weight, loc, scale, reverse, need_params)
+    with device_guard(src):
+        d_src, d_w, d_l, d_s = run(grad, src, weight, loc, scale, reverse, need_params)
     fmt = memory_format_of(src)
     if d_src.dtype != src.dtype or not d_src.is_contiguous(memory_format=fmt):
         d_src = d_src.to(src.dtype).contiguous(memory_format=fmt)
@@ -134,18 +137,7 @@ def channel_mix_backward(grad: Tensor, src: Tensor, weight: Optional[Tensor],
         outs.append(src.new_empty(0) if g is None else _like(g, p))
     # a custom op's outputs may not alias its inputs (the reference vjp can hand back a
     # view of ``grad``, e.g. d_loc = -grad summed over nothing when N = H = W = 1)
-    return _unaliased(outs, (grad, src, weight, loc, scale))
-
-
-def _unaliased(outs, inputs):
-    """``outs`` as a tuple in which no tensor shares memory with ``inputs`` or another output."""
-    outs = list(outs)
-    taken = {t.untyped_storage().data_ptr() for t in inputs if t is not None and t.numel() > 0}
-    for i, t in enumerate(outs):
-        if t.numel() > 0 and t.untyped_storage().data_ptr() in taken:
-            outs[i] = t.clone()
-        taken.add(outs[i].untyped_storage().data_ptr())
-    return tuple(outs)
+    return unaliased(outs, (grad, src, weight, loc, scale))
 
 
 @channel_mix_backward.register_fake
@@ -273,8 +265,9 @@ def lu_weight_op(lower: Tensor, upper: Tensor, log_s: Tensor, sign_s: Tensor, ro
         c = log_s.shape[0]
         w = torch.empty((c, c), dtype=torch.float64, device=log_s.device)
         ld = torch.empty((n,), dtype=ld_dtype, device=log_s.device)
-        _kernels().lu_weight(lower, upper, log_s, sign_s, rows, _flat(scale), w, ld,
-                             ld_mult=ld_mult)
+        with device_guard(log_s):
+            _kernels().lu_weight(lower, upper, log_s, sign_s, rows, _flat(scale), w, ld,
+                                 ld_mult=ld_mult)
         return w, ld
     w, ld = reference.lu_weight_logdet(rows, lower, upper, log_s, sign_s, scale, n=n,
                                        ld_mult=ld_mult)
@@ -310,14 +303,15 @@ def lu_weight_backward(d_w: Tensor, d_ld: Tensor, lower: Tensor, upper: Tensor, 
         d_s = torch.empty(log_s.shape, dtype=log_s.dtype, device=log_s.device)
         d_sc = (log_s.new_empty(0) if scale is None else
                 torch.empty(scale.shape, dtype=scale.dtype, device=scale.device))
-        _kernels().lu_weight_backward(d_w, d_ld, lower, upper, log_s, sign_s, rows, _flat(scale),
-                                      d_l, d_u, d_s, None if scale is None else d_sc,
-                                      ld_mult=ld_mult)
+        with device_guard(log_s):
+            _kernels().lu_weight_backward(d_w, d_ld, lower, upper, log_s, sign_s, rows,
+                                          _flat(scale), d_l, d_u, d_s,
+                                          None if scale is None else d_sc, ld_mult=ld_mult)
         return d_l, d_u, d_s, d_sc
     d_l, d_u, d_s, d_sc = _lu_reference_backward(d_w, d_ld, lower, upper, log_s, sign_s, rows,
                                                  scale, ld_mult)
     outs = [d_l, d_u, d_s, log_s.new_empty(0) if d_sc is None else d_sc]
-    return _unaliased(outs, (d_w, d_ld, lower, upper, log_s, sign_s, rows, scale))
+    return unaliased(outs, (d_w, d_ld, lower, upper, log_s, sign_s, rows, scale))
 
 
 @lu_weight_backward.register_fake

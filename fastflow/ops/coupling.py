@@ -81,9 +81,9 @@ def coupling_backward(grad_out: Tensor, grad_logdet: Tensor, src: Tensor, h: Ten
     fn = lambda a, b: _reference(a, b, scale, layout, shift, clamp, reverse)  # noqa: E731
     _, vjp = torch.func.vjp(fn, inp, h)
     grad_in, grad_h = vjp((grad_out, grad_logdet))
-    inputs = (grad_out, grad_logdet, src, h)
-    return (unaliased(grad_in.contiguous(memory_format=memory_format_of(src)), *inputs),
-            unaliased(grad_h.contiguous(memory_format=memory_format_of(h)), *inputs))
+    return unaliased((grad_in.contiguous(memory_format=memory_format_of(src)),
+                      grad_h.contiguous(memory_format=memory_format_of(h))),
+                     (grad_out, grad_logdet, src, h))
 
 
 @coupling_backward.register_fake
