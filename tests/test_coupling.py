@@ -342,6 +342,10 @@ def test_layer_odd_channels_and_bad_input(backend):
         layer(torch.randn(2, 4, 3, 3))
     with pytest.raises(ValueError, match="in_channel: expected at least 2"):
         ff.AffineCoupling(1)
+    with pytest.raises(TypeError, match="x: expected a floating-point tensor"):
+        layer(torch.randint(0, 5, (2, 5, 3, 3)))
+    with pytest.raises(TypeError, match="y: expected a floating-point tensor"):
+        layer.inverse(torch.randint(0, 5, (2, 5, 3, 3)))
 
 
 def test_layer_trains_through_the_fused_op(backend):
