@@ -48,6 +48,23 @@ def _mm(a, b, USE_DOT: tl.constexpr):
 
 
 @triton.jit
+def _load_pre(in_row, s_in_c, k64, k_in, p_in, pre_s_ptr, pre_b_ptr, PRE: tl.constexpr,
+              COMPUTE: tl.constexpr):
+    """Input rows ``k64`` of one pixel tile with the prologue applied: as they are (PRE 0),
+    ActNorm (x + shift) * scale (PRE 1) or divided by the scale (PRE 2)."""
+    v = tl.load(in_row + k64[:, None] * s_in_c, mask=k_in[:, None] & p_in[None, :],
+                other=0.0).to(COMPUTE)
+    if PRE == 1:
+        sk = tl.load(pre_s_ptr + k64, mask=k_in, other=0.0).to(COMPUTE)
+        bk = tl.load(pre_b_ptr + k64, mask=k_in, other=0.0).to(COMPUTE)
+        v = (v + bk[:, None]) * sk[:, None]
+    elif PRE == 2:
+        sk = tl.load(pre_s_ptr + k64, mask=k_in, other=1.0).to(COMPUTE)
+        v = v / sk[:, None]
+    return v
+
+
+@triton.jit
 def _mix_kernel(
     in_ptr,     # (N, C, H, W) the op's input
     a_ptr,      # (Co, C) the mixing matrix, any strides (unused when DIAG)
@@ -75,16 +92,7 @@ def _mix_kernel(
         k = o
         k_in = o_in
         k64 = o64
-        v = tl.load(in_row + k64[:, None] * s_in_c, mask=k_in[:, None] & p_in[None, :],
-                    other=0.0).to(COMPUTE)
-        if PRE == 1:
-            sk = tl.load(pre_s_ptr + k64, mask=k_in, other=0.0).to(COMPUTE)
-            bk = tl.load(pre_b_ptr + k64, mask=k_in, other=0.0).to(COMPUTE)
-            v = (v + bk[:, None]) * sk[:, None]
-        elif PRE == 2:
-            sk = tl.load(pre_s_ptr + k64, mask=k_in, other=1.0).to(COMPUTE)
-            v = v / sk[:, None]
-        acc = v
+        acc = _load_pre(in_row, s_in_c, k64, k_in, p_in, pre_s_ptr, pre_b_ptr, PRE, COMPUTE)
     else:
         acc = tl.zeros((BLOCK_O, BLOCK_P), dtype=COMPUTE)
         for k0 in range(0, C, BLOCK_K):
@@ -93,15 +101,7 @@ def _mix_kernel(
             k64 = k.to(tl.int64)
             a = tl.load(a_ptr + o64[:, None] * s_a_o + k64[None, :] * s_a_k,
                         mask=o_in[:, None] & k_in[None, :], other=0.0).to(COMPUTE)
-            v = tl.load(in_row + k64[:, None] * s_in_c, mask=k_in[:, None] & p_in[None, :],
-                        other=0.0).to(COMPUTE)
-            if PRE == 1:
-                sk = tl.load(pre_s_ptr + k64, mask=k_in, other=0.0).to(COMPUTE)
-                bk = tl.load(pre_b_ptr + k64, mask=k_in, other=0.0).to(COMPUTE)
-                v = (v + bk[:, None]) * sk[:, None]
-            elif PRE == 2:
-                sk = tl.load(pre_s_ptr + k64, mask=k_in, other=1.0).to(COMPUTE)
-                v = v / sk[:, None]
+            v = _load_pre(in_row, s_in_c, k64, k_in, p_in, pre_s_ptr, pre_b_ptr, PRE, COMPUTE)
             acc += _mm(a, v, USE_DOT)
     if POST == 1:
         so = tl.load(post_s_ptr + o64, mask=o_in, other=1.0).to(COMPUTE)

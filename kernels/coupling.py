@@ -90,6 +90,16 @@ def _param_channels(cb, CB, SCALE: tl.constexpr, LAYOUT: tl.constexpr):
 
 
 @triton.jit
+def _tile(pid, C, HW, N_TILES, N_PTILES, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Program ``pid``'s sample n and its (BLOCK_C, BLOCK_P) tile of channels x pixels."""
+    n = (pid // N_TILES).to(tl.int64)
+    tile = pid % N_TILES
+    c = (tile // N_PTILES) * BLOCK_C + tl.arange(0, BLOCK_C)[:, None]
+    p64 = (tile % N_PTILES).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)[None, :]
+    return n, c, c.to(tl.int64), p64, (c < C) & (p64 < HW)
+
+
+@triton.jit
 def _coupling_fwd_kernel(
     in_ptr,    # (N, C, H, W) the op's input: x, or y when REVERSE
     h_ptr,     # (N, 2*Cb, H, W) coupling-network output; (N, Cb, H, W) when additive
@@ -101,12 +111,7 @@ def _coupling_fwd_kernel(
     CLAMP: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    n = (pid // N_TILES).to(tl.int64)
-    tile = pid % N_TILES
-    c = (tile // N_PTILES) * BLOCK_C + tl.arange(0, BLOCK_C)[:, None]
-    p64 = (tile % N_PTILES).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)[None, :]
-    inside = (c < C) & (p64 < HW)
-    c64 = c.to(tl.int64)
+    n, c, c64, p64, inside = _tile(pid, C, HW, N_TILES, N_PTILES, BLOCK_C, BLOCK_P)
     v = tl.load(in_ptr + n * s_in_n + c64 * s_in_c + p64 * s_in_p, mask=inside, other=0.0).to(COMPUTE)
 
     moved = inside & (c >= CA)
@@ -159,12 +164,7 @@ def _coupling_bwd_kernel(
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    n = (pid // N_TILES).to(tl.int64)
-    tile = pid % N_TILES
-    c = (tile // N_PTILES) * BLOCK_C + tl.arange(0, BLOCK_C)[:, None]
-    p64 = (tile % N_PTILES).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)[None, :]
-    inside = (c < C) & (p64 < HW)
-    c64 = c.to(tl.int64)
+    n, c, c64, p64, inside = _tile(pid, C, HW, N_TILES, N_PTILES, BLOCK_C, BLOCK_P)
     go = tl.load(g_ptr + n * s_g_n + c64 * s_g_c + p64 * s_g_p, mask=inside, other=0.0).to(COMPUTE)
 
     moved = inside & (c >= CA)

@@ -37,6 +37,18 @@ MAX_TILE = 2048  # elements per program
 
 
 @triton.jit
+def _tile(pid, N, D, N_DTILES, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Program ``pid``'s rows and its (BLOCK_N, BLOCK_G, 4) block of elements: row n,
+    group g of four, lane; element d = 4 * g + lane."""
+    rows = (pid // N_DTILES).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n = rows[:, None, None]
+    g = ((pid % N_DTILES).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G))[None, :, None]
+    lane = tl.arange(0, 4)[None, None, :]
+    d = g * 4 + lane
+    return rows, n, g, lane, d, (n < N) & (d < D)
+
+
+@triton.jit
 def _noise(seed, counter, lane, WIDE: tl.constexpr):
     """Standard normals for the elements 4 * counter + lane (counter int64, lane in 0..3)."""
     if WIDE:
@@ -62,15 +74,7 @@ def _reparam_kl_fwd_kernel(
     HAS_EPS: tl.constexpr, WIDE: tl.constexpr, MEAN: tl.constexpr, COMPUTE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    row_tile = pid // N_DTILES
-    d_tile = pid % N_DTILES
-    rows = row_tile.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n = rows[:, None, None]
-    g = (d_tile.to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G))[None, :, None]
-    lane = tl.arange(0, 4)[None, None, :]
-    d = g * 4 + lane
-    inside = (n < N) & (d < D)
+    rows, n, g, lane, d, inside = _tile(tl.program_id(0), N, D, N_DTILES, BLOCK_N, BLOCK_G)
     m = tl.load(mu_ptr + n * s_mu_n + d * s_mu_d, mask=inside, other=0.0).to(COMPUTE)
     lv = tl.load(lv_ptr + n * s_lv_n + d * s_lv_d, mask=inside, other=0.0).to(COMPUTE)
     if HAS_EPS:
@@ -84,7 +88,7 @@ def _reparam_kl_fwd_kernel(
     partial = tl.sum(tl.sum(kl, axis=2), axis=1)
     if MEAN:
         partial = partial / N
-    tl.store(part_ptr + rows * N_DTILES + d_tile, partial, mask=rows < N)
+    tl.store(part_ptr + rows * N_DTILES + tl.program_id(0) % N_DTILES, partial, mask=rows < N)
 
 
 @triton.jit
@@ -103,15 +107,7 @@ def _reparam_kl_bwd_kernel(
     HAS_EPS: tl.constexpr, WIDE: tl.constexpr, MEAN: tl.constexpr, COMPUTE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    row_tile = pid // N_DTILES
-    d_tile = pid % N_DTILES
-    rows = row_tile.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n = rows[:, None, None]
-    g = (d_tile.to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G))[None, :, None]
-    lane = tl.arange(0, 4)[None, None, :]
-    d = g * 4 + lane
-    inside = (n < N) & (d < D)
+    rows, n, g, lane, d, inside = _tile(tl.program_id(0), N, D, N_DTILES, BLOCK_N, BLOCK_G)
     gkl = tl.load(dkl_ptr + rows * s_dkl, mask=rows < N, other=0.0).to(COMPUTE)
     if MEAN:
         gkl = gkl / N
