@@ -124,6 +124,13 @@ class ActNorm(nn.Module):
         return self.inverse(y)[0]
 
 
+def _random_rotation(in_channel: int) -> torch.Tensor:
+    """A random (C, C) orthogonal matrix in float64: the invertible convolutions' start."""
+    if in_channel < 1:
+        raise ValueError(f"in_channel: expected a positive channel count, got {in_channel}")
+    return torch.linalg.qr(torch.randn(in_channel, in_channel, dtype=torch.float64))[0]
+
+
 class _InvConvBase(nn.Module):
     in_channel: int
 
@@ -160,10 +167,8 @@ class InvConv2dLU(_InvConvBase):
 
     def __init__(self, in_channel: int):
         super().__init__()
-        if in_channel < 1:
-            raise ValueError(f"in_channel: expected a positive channel count, got {in_channel}")
         self.in_channel = in_channel
-        q = torch.linalg.qr(torch.randn(in_channel, in_channel, dtype=torch.float64))[0]
+        q = _random_rotation(in_channel)
         w_p, w_l, w_u = torch.linalg.lu(q)
         w_s = torch.diagonal(w_u)
         u_mask = torch.triu(torch.ones(in_channel, in_channel), 1)
@@ -237,10 +242,8 @@ class InvConv2d(_InvConvBase):
 
     def __init__(self, in_channel: int):
         super().__init__()
-        if in_channel < 1:
-            raise ValueError(f"in_channel: expected a positive channel count, got {in_channel}")
         self.in_channel = in_channel
-        q = torch.linalg.qr(torch.randn(in_channel, in_channel, dtype=torch.float64))[0]
+        q = _random_rotation(in_channel)
         self.weight = nn.Parameter(q.float()[:, :, None, None])
         self._cache = _CachedMatrices()
 
