@@ -78,13 +78,19 @@ def main(argv=None) -> int:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     info = device_info(device)
-    print(f"# fastflow benchmarks on {info['device_name']} (torch {info['torch']}, "
-          f"triton {info['triton']})\n")
+    report: list[str] = []
+
+    def say(text: str):  # printed now, and kept for the markdown copy
+        print(text, flush=True)
+        report.append(text)
+
+    say(f"# fastflow benchmarks on {info['device_name']} (torch {info['torch']}, "
+        f"triton {info['triton']}, {info['time']})\n")
     copy_bw = None
     if not args.no_timing:
         copy_bw = harness.copy_bandwidth(device, nbytes=(1 << 28) if device == "cuda" else (1 << 24))
         info["copy_GBps"] = copy_bw / 1e9
-        print(f"device-to-device copy: {copy_bw / 1e9:.1f} GB/s (read + write)\n")
+        say(f"device-to-device copy: {copy_bw / 1e9:.1f} GB/s (read + write)\n")
     results = {"info": info, "timings": [], "figures": []}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -93,6 +99,7 @@ def main(argv=None) -> int:
 
     def save():  # after every suite: a run cut short keeps what it measured
         path.write_text(json.dumps(results, indent=1, default=str))
+        path.with_suffix(".md").write_text("\n".join(report) + "\n")
 
     for name in [s for s in args.suites.split(",") if s]:
         try:
@@ -110,16 +117,16 @@ def main(argv=None) -> int:
                         r[f"{k}_ms"] = r[f"{k}_s"] * 1e3
                 if r.get("peak_bytes") is not None:
                     r["peak_MB"] = r["peak_bytes"] / 2**20
-            print(f"## {name}: median times\n\n{table(rows, TIME_COLS)}\n")
+            say(f"## {name}: median times\n\n{table(rows, TIME_COLS)}\n")
             results["timings"] += rows
         if not args.no_figures and hasattr(suite, "cpu_figures"):
             figs = [{"suite": name, **f} for f in suite.cpu_figures()]
             cols = ["figure", "eager", "fastflow", "ratio", "detail"]
             cols += sorted({k for f in figs for k in f} - set(cols) - {"suite"})
-            print(f"## {name}: device-independent figures\n\n{table(figs, cols)}\n")
+            say(f"## {name}: device-independent figures\n\n{table(figs, cols)}\n")
             results["figures"] += figs
         save()
-    print(f"saved {path}")
+    print(f"saved {path} and {path.with_suffix('.md')}")
     return 0
 
 
