@@ -12,6 +12,7 @@ from .layers import AffineCoupling
 from .layers import ActNorm, FlowStep, InvConv2d, InvConv2dLU
 from .layers import GaussianReparam
 from .glow import Glow, bits_per_dim
+from .patch import PatchReport, patch
 
 __version__ = "0.1.0"
 
@@ -21,4 +22,5 @@ __all__ = [
     "reparameterize_kl", "GaussianReparam",
     "AffineCoupling", "Glow", "bits_per_dim",
     "channel_mix", "actnorm_invconv", "ActNorm", "InvConv2dLU", "InvConv2d", "FlowStep",
+    "patch", "PatchReport",
 ]

@@ -1,0 +1,562 @@
+"""ff.patch: peers' models patched in place against unpatched copies (float64), on the
+Triton kernels (interpreted on CPU) and on the reference path."""
+
+import contextlib
+import copy
+import io
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastflow as ff
+
+from conftest import DEVICE, assert_close
+
+# normflows' Invertible1x1Conv builds its LU with torch.lu
+pytestmark = pytest.mark.filterwarnings("ignore:torch.lu is deprecated")
+
+N, C, H, W = 2, 4, 3, 3
+D64 = {"dtype": torch.float64, "device": DEVICE}
+
+
+# --------------------------------------------------------------------------------------
+# rosinality/glow-pytorch style modules, same maps, names and tensors as its model.py
+# --------------------------------------------------------------------------------------
+
+
+class ActNorm(nn.Module):
+    def __init__(self, in_channel, logdet=True):
+        super().__init__()
+        self.loc = nn.Parameter(torch.zeros(1, in_channel, 1, 1))
+        self.scale = nn.Parameter(torch.ones(1, in_channel, 1, 1))
+        self.register_buffer("initialized", torch.tensor(0, dtype=torch.uint8))
+        self.logdet = logdet
+
+    def forward(self, x):
+        if self.initialized.item() == 0:
+            with torch.no_grad():
+                flat = x.transpose(0, 1).reshape(x.shape[1], -1)
+                self.loc.copy_(-flat.mean(1).view(1, -1, 1, 1))
+                self.scale.copy_(1 / (flat.std(1).view(1, -1, 1, 1) + 1e-6))
+            self.initialized.fill_(1)
+        logdet = x.shape[2] * x.shape[3] * torch.sum(torch.log(torch.abs(self.scale)))
+        out = self.scale * (x + self.loc)
+        return (out, logdet) if self.logdet else out
+
+    def reverse(self, y):
+        return y / self.scale - self.loc
+
+
+class InvConv2d(nn.Module):
+    def __init__(self, in_channel):
+        super().__init__()
+        q, _ = torch.linalg.qr(torch.randn(in_channel, in_channel))
+        self.weight = nn.Parameter(q[:, :, None, None])
+
+    def forward(self, x):
+        logdet = x.shape[2] * x.shape[3] * torch.slogdet(self.weight.squeeze().double())[1].float()
+        return F.conv2d(x, self.weight), logdet
+
+    def reverse(self, y):
+        return F.conv2d(y, self.weight.squeeze().inverse()[:, :, None, None])
+
+
+class InvConv2dLU(nn.Module):
+    def __init__(self, in_channel):
+        super().__init__()
+        q, _ = torch.linalg.qr(torch.randn(in_channel, in_channel))
+        w_p, w_l, w_u = torch.linalg.lu(q)
+        s = torch.diagonal(w_u)
+        u_mask = torch.triu(torch.ones(in_channel, in_channel), 1)
+        self.register_buffer("w_p", w_p)
+        self.register_buffer("u_mask", u_mask)
+        self.register_buffer("l_mask", u_mask.T.contiguous())
+        self.register_buffer("s_sign", torch.sign(s))
+        self.register_buffer("l_eye", torch.eye(in_channel))
+        self.w_l = nn.Parameter(w_l)
+        self.w_s = nn.Parameter(torch.log(torch.abs(s)))
+        self.w_u = nn.Parameter(torch.triu(w_u, 1))
+
+    def calc_weight(self):
+        w = self.w_p @ (self.w_l * self.l_mask + self.l_eye) @ (
+            self.w_u * self.u_mask + torch.diag(self.s_sign * torch.exp(self.w_s)))
+        return w[:, :, None, None]
+
+    def forward(self, x):
+        return F.conv2d(x, self.calc_weight()), x.shape[2] * x.shape[3] * sum(self.w_s)
+
+    def reverse(self, y):
+        return F.conv2d(y, self.calc_weight().squeeze().inverse()[:, :, None, None])
+
+
+class ZeroConv2d(nn.Module):
+    def __init__(self, in_channel, out_channel):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channel, out_channel, 3, padding=0)
+        self.conv.weight.data.zero_()
+        self.conv.bias.data.zero_()
+        self.scale = nn.Parameter(torch.zeros(1, out_channel, 1, 1))
+
+    def forward(self, x):
+        return self.conv(F.pad(x, [1, 1, 1, 1], value=1)) * torch.exp(self.scale * 3)
+
+
+class AffineCoupling(nn.Module):
+    def __init__(self, in_channel, filter_size=8, affine=True):
+        super().__init__()
+        self.affine = affine
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channel // 2, filter_size, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(filter_size, filter_size, 1), nn.ReLU(inplace=True),
+            ZeroConv2d(filter_size, in_channel if affine else in_channel // 2))
+
+    def forward(self, x):
+        in_a, in_b = x.chunk(2, 1)
+        if not self.affine:
+            return torch.cat([in_a, in_b + self.net(in_a)], 1), None
+        log_s, t = self.net(in_a).chunk(2, 1)
+        s = torch.sigmoid(log_s + 2)
+        return torch.cat([in_a, (in_b + t) * s], 1), torch.sum(torch.log(s).view(x.shape[0], -1), 1)
+
+    def reverse(self, y):
+        out_a, out_b = y.chunk(2, 1)
+        if not self.affine:
+            return torch.cat([out_a, out_b - self.net(out_a)], 1)
+        log_s, t = self.net(out_a).chunk(2, 1)
+        return torch.cat([out_a, out_b / torch.sigmoid(log_s + 2) - t], 1)
+
+
+class Flow(nn.Module):
+    def __init__(self, in_channel, affine=True, conv_lu=True):
+        super().__init__()
+        self.actnorm = ActNorm(in_channel)
+        self.invconv = InvConv2dLU(in_channel) if conv_lu else InvConv2d(in_channel)
+        self.coupling = AffineCoupling(in_channel, affine=affine)
+
+    def forward(self, x):
+        out, logdet = self.actnorm(x)
+        out, det1 = self.invconv(out)
+        out, det2 = self.coupling(out)
+        logdet = logdet + det1
+        return out, (logdet if det2 is None else logdet + det2)
+
+    def reverse(self, y):
+        return self.actnorm.reverse(self.invconv.reverse(self.coupling.reverse(y)))
+
+
+class UnfusedFlow(Flow):
+    """Same map; a class name patch does not know, so only its children are swapped."""
+
+
+class Chain(nn.Module):
+    """Flows one after the other: forward -> (y, logdet), inverse(y) -> x."""
+
+    def __init__(self, *flows, inverse_name="reverse"):
+        super().__init__()
+        self.flows = nn.ModuleList(flows)
+        self.inverse_name = inverse_name
+
+    def forward(self, x):
+        logdet = 0
+        for f in self.flows:
+            x, ld = f(x)
+            logdet = logdet + ld
+        return x, logdet
+
+    def inverse(self, y):
+        logdet = 0
+        for f in reversed(self.flows):
+            y = getattr(f, self.inverse_name)(y)
+            if isinstance(y, tuple):
+                y, ld = y
+                logdet = logdet + ld
+        return y, logdet
+
+
+# --------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------
+
+
+class _Record(TorchDispatchMode):
+    """Names of the ops dispatched (the fastflow custom ops and host reads among them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__ if func.namespace != "fastflow"
+                        else f"fastflow::{func.overloadpacket.__name__}")
+        return func(*args, **(kwargs or {}))
+
+
+def _tensors(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _tensors(o)]
+    return []
+
+
+def _randomize(model, scale=0.2):
+    """Move every parameter off its (often zero / identity) initial value."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+
+
+def _run_loss(model, fn, x, record=None):
+    x = x.clone().requires_grad_(True)
+    with record or contextlib.nullcontext():
+        out = fn(model, x)
+    outs = _tensors(out)
+    loss = sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype, device=o.device)
+                .view(o.shape)).sum() for o in outs)
+    loss.backward()
+    return outs, x.grad
+
+
+def _check_patch(model, train, other, x, *, steps=3):
+    """Patch ``model`` (a copy stays unpatched) and check, over ``steps`` training steps
+    through optimizers created before patching: same outputs, log-dets, input and
+    parameter gradients, same parameters after each Adam step; then the other direction
+    ``other`` on the trained models. The first step initialises ActNorms (the peers' own
+    code), the second reads their flags once. Returns the report, the ops dispatched by the
+    last training forward of the patched model, and the unpatched copy."""
+    ref = copy.deepcopy(model)
+    ids, keys = [id(p) for p in model.parameters()], list(model.state_dict())
+    opt_ref = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    report = ff.patch(model)
+    assert [id(p) for p in model.parameters()] == ids
+    assert list(model.state_dict()) == keys
+    for _ in range(steps):
+        opt_ref.zero_grad()
+        opt.zero_grad()
+        want, want_gx = _run_loss(ref, train, x)
+        rec = _Record()
+        got, got_gx = _run_loss(model, train, x, rec)
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and g.dtype == w.dtype
+            assert_close(g, w)
+        assert_close(got_gx, want_gx)
+        for (name, p), p_ref in zip(model.named_parameters(), ref.parameters()):
+            assert (p.grad is None) == (p_ref.grad is None), name
+            if p.grad is not None:
+                assert_close(p.grad, p_ref.grad, msg=f"grad of {name}")
+        opt_ref.step()
+        opt.step()
+        for (name, p), p_ref in zip(model.named_parameters(), ref.parameters()):
+            assert_close(p, p_ref, msg=f"{name} after the Adam step")
+    with torch.no_grad():
+        for g, w in zip(_tensors(other(model, x)), _tensors(other(ref, x))):
+            assert_close(g, w)
+    return report, rec.ops, ref
+
+
+def _fastflow_ops(ops):
+    return {o for o in ops if o.startswith("fastflow::")}
+
+
+HOST_READS = {"_local_scalar_dense", "item", "is_nonzero"}
+
+
+# --------------------------------------------------------------------------------------
+# rosinality
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fused_lu", [True, False])
+def test_rosinality_flows(backend, fused_lu):
+    # one fused Flow and one whose children are swapped one by one; LU and plain 1x1
+    # convolutions, affine and additive couplings, each way round
+    model = Chain(Flow(C, affine=fused_lu, conv_lu=fused_lu),
+                  UnfusedFlow(C, affine=not fused_lu, conv_lu=not fused_lu)).to(**D64)
+    _randomize(model)
+    x = torch.randn(N, C, H, W, **D64) * 2 + 0.5
+    report, ops, _ = _check_patch(model, lambda m, v: m(v), lambda m, v: m.inverse(v), x)
+
+    lu, plain = "lu_weight + channel_mix (InvConv2dLU)", "channel_mix (InvConv2d)"
+    sigmoid = "affine_coupling(scale='sigmoid', layout='halves', shift='before')"
+    swapped = {name: (cls, to) for name, cls, to in report.swapped}
+    assert set(swapped) == {"flows.0", "flows.0.actnorm", "flows.0.invconv", "flows.0.coupling",
+                            "flows.1.actnorm", "flows.1.invconv", "flows.1.coupling"}
+    assert swapped["flows.0"][0] == "Flow" and "fused" in swapped["flows.0"][1]
+    assert swapped["flows.0.invconv"][1].endswith(lu if fused_lu else plain)
+    assert swapped["flows.1.invconv"][1].endswith(plain if fused_lu else lu)
+    assert swapped["flows.0.coupling"][1].endswith(sigmoid if fused_lu else "additive_coupling")
+    assert report.left_alone == []
+    want = {"fastflow::channel_mix", "fastflow::coupling_forward", "fastflow::lu_weight"}
+    assert _fastflow_ops(ops) == want
+    assert "convolution" in ops  # the coupling networks, and nothing of the 1x1 convs:
+    assert ops.count("convolution") == 6 and not HOST_READS & set(ops)
+
+
+def test_rosinality_float32_and_logdet_shapes(backend):
+    model = Chain(Flow(C), UnfusedFlow(C, conv_lu=False)).to(DEVICE)
+    _randomize(model)
+    x = torch.randn(N, C, H, W, device=DEVICE)
+    _check_patch(model, lambda m, v: m(v), lambda m, v: m.inverse(v), x, steps=1)
+    an = ActNorm(C, logdet=False).to(DEVICE)
+    ref = copy.deepcopy(an)
+    ff.patch(an)
+    for _ in range(2):  # initialising call, then the fused op
+        assert_close(an(x), ref(x))
+    # the peer's 0-d ActNorm / InvConv log-dets stay 0-d
+    assert model.flows[1].actnorm(x)[1].shape == () == model.flows[1].invconv(x)[1].shape
+
+
+def test_rosinality_hooks_and_uninitialised_actnorm_run_the_children(backend):
+    model = Flow(C).to(**D64)
+    _randomize(model)
+    ff.patch(model)
+    x = torch.randn(N, C, H, W, **D64)
+    seen = []
+    model.actnorm.register_forward_hook(lambda mod, i, o: seen.append("actnorm"))
+    model(x)  # initialises through rosinality's own code, calling the children
+    model(x)  # hooked child: not fused away
+    assert seen == ["actnorm", "actnorm"]
+    # the initialised flag survives a state dict round trip into a fresh patched copy: a
+    # new batch does not re-initialise it
+    fresh = Flow(C).to(**D64)
+    ff.patch(fresh)
+    fresh.load_state_dict(model.state_dict())
+    x2 = torch.randn(N, C, H, W, **D64) * 3 - 1
+    assert_close(fresh(x2)[0], model(x2)[0])
+    assert_close(fresh.actnorm.loc, model.actnorm.loc)
+
+
+# --------------------------------------------------------------------------------------
+# normflows
+# --------------------------------------------------------------------------------------
+
+
+def _nf_chain(nf, channels, scale_map, scale, use_lu):
+    blocks = [nf.flows.GlowBlock(channels, 8, scale=scale, scale_map=scale_map, use_lu=lu)
+              for lu in (use_lu, not use_lu)]
+    return Chain(*blocks, inverse_name="inverse").to(**D64)
+
+
+def _nf_density(model, x):
+    """normflows trains in its inverse (density) direction."""
+    return model.inverse(x)
+
+
+def _nf_sample(model, z):
+    logdet = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
+    for f in model.flows:
+        z, ld = f(z)
+        logdet = logdet + ld
+    return z, logdet
+
+
+@pytest.mark.parametrize("scale_map,scale,channels", [
+    ("sigmoid", True, 4), ("exp", True, 3), ("sigmoid_inv", True, 4), ("exp", False, 4)])
+def test_normflows_glow_blocks(backend, scale_map, scale, channels):
+    nf = pytest.importorskip("normflows")
+    model = _nf_chain(nf, channels, scale_map, scale, use_lu=scale_map != "exp")
+    _randomize(model)
+    x = torch.randn(N, channels, H, W, **D64) * 1.5 + 0.3
+    report, ops, ref_model = _check_patch(model, _nf_density, _nf_sample, x)
+
+    swapped = {name: (cls, to) for name, cls, to in report.swapped}
+    names = {f"flows.{i}{s}" for i in (0, 1) for s in ("", ".flows.0", ".flows.1", ".flows.2")}
+    assert set(swapped) == names and report.left_alone == []
+    assert {swapped[n][0] for n in names} == {"GlowBlock", "AffineCouplingBlock",
+                                               "Invertible1x1Conv", "ActNorm"}
+    want = {"sigmoid": "scale='sigmoid', layout='interleaved', shift='negated'",
+            "exp": "scale='exp', layout='interleaved', shift='after'",
+            "sigmoid_inv": "scale='sigmoid', layout='interleaved', shift='after'"}
+    assert (want[scale_map] if scale else "additive_coupling") in swapped["flows.0.flows.0"][1]
+    # the density direction: fused ActNorm + 1x1 conv, the coupling op, no host reads
+    coupling_op = ("fastflow::coupling_forward" if scale_map == "sigmoid"
+                   else "fastflow::coupling_inverse")
+    assert {"fastflow::channel_mix", "fastflow::lu_weight", coupling_op} == _fastflow_ops(ops)
+    assert ops.count("fastflow::channel_mix") == 2 and not HOST_READS & set(ops)
+
+    # and the standalone layers (called directly, not through their GlowBlock)
+    block, ref = model.flows[0], ref_model.flows[0]
+    z = torch.randn(N, channels, H, W, **D64)
+    for name in ("flows.0", "flows.1", "flows.2"):
+        for direction in ("forward", "inverse"):
+            g = getattr(block.get_submodule(name), direction)(z)
+            w = getattr(ref.get_submodule(name), direction)(z)
+            for a, b in zip(g, w):
+                assert_close(a, b)
+
+
+def test_normflows_2d_coupling_block_and_left_alone(backend):
+    nf = pytest.importorskip("normflows")
+    mlp = nf.nets.MLP([3, 8, 6], init_zeros=False)
+    model = nn.ModuleDict({
+        "vector": nf.flows.AffineCouplingBlock(mlp, scale_map="sigmoid"),  # (N, 6) data
+        "checker": nf.flows.AffineCouplingBlock(nn.Identity(), split_mode="checkerboard"),
+        "bare": nf.flows.AffineCoupling(nn.Identity()),
+        "actnorm_2d": nf.flows.ActNorm((6,)),
+    }).to(**D64)
+    x = torch.randn(5, 6, **D64)
+    report, ops, _ = _check_patch(model, lambda m, v: m["vector"].inverse(v),
+                               lambda m, v: m["vector"](v), x)
+    assert [(n, c) for n, c, _ in report.swapped] == [("vector", "AffineCouplingBlock")]
+    left = {n: (c, why) for n, c, why in report.left_alone}
+    assert set(left) == {"checker", "bare", "actnorm_2d"}
+    assert "split_mode 'checkerboard'" in left["checker"][1]
+    assert "list [z1, z2]" in left["bare"][1]
+    assert "(1, 6)" in left["actnorm_2d"][1]
+    assert _fastflow_ops(ops) == {"fastflow::coupling_forward"}
+    for name in left:
+        assert "forward" not in model[name].__dict__
+
+
+# --------------------------------------------------------------------------------------
+# FrEIA
+# --------------------------------------------------------------------------------------
+
+
+def _conv_subnet(c_in, c_out):
+    return nn.Sequential(nn.Conv2d(c_in, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, c_out, 1))
+
+
+def test_freia_couplings(backend):
+    pytest.importorskip("FrEIA")
+    import FrEIA.framework as Ff
+    import FrEIA.modules as Fm
+
+    inn = Ff.SequenceINN(C, H, W)
+    inn.append(Fm.AffineCouplingOneSided, subnet_constructor=_conv_subnet, clamp=1.5)
+    inn.append(Fm.GLOWCouplingBlock, subnet_constructor=_conv_subnet)
+    inn.append(Fm.RNVPCouplingBlock, subnet_constructor=_conv_subnet, clamp=3.0)
+    inn.append(Fm.GLOWCouplingBlock, subnet_constructor=_conv_subnet, cond=0,
+               cond_shape=(2, H, W))
+    inn = inn.to(**D64)  # FrEIA's subnets start random: no need to move them
+    x = torch.randn(N, C, H, W, **D64)
+    cond = torch.randn(N, 2, H, W, **D64)
+    report, ops, _ = _check_patch(inn, lambda m, v: m(v, c=[cond]),
+                               lambda m, v: m(v, c=[cond], rev=True), x)
+    assert [(n, c) for n, c, _ in report.swapped] == [
+        ("module_list.0", "AffineCouplingOneSided"), ("module_list.1", "GLOWCouplingBlock"),
+        ("module_list.2", "RNVPCouplingBlock"), ("module_list.3", "GLOWCouplingBlock")]
+    assert "clamp=1.5" in report.swapped[0][2] and report.left_alone == []
+    assert _fastflow_ops(ops) == {"fastflow::coupling_forward"}
+    assert ops.count("fastflow::coupling_forward") == 7  # one per coupling
+
+
+def test_freia_vector_data_and_left_alone(backend):
+    pytest.importorskip("FrEIA")
+    import FrEIA.framework as Ff
+    import FrEIA.modules as Fm
+
+    def mlp(c_in, c_out):
+        return nn.Sequential(nn.Linear(c_in, 8), nn.Tanh(), nn.Linear(8, c_out))
+
+    inn = Ff.SequenceINN(6)
+    inn.append(Fm.GLOWCouplingBlock, subnet_constructor=mlp)  # swapped, (N, 6) data
+    inn.append(Fm.AffineCouplingOneSided, subnet_constructor=mlp, clamp_activation="TANH")
+    inn.append(Fm.RNVPCouplingBlock, subnet_constructor=mlp, clamp_activation="SIGMOID")
+    inn.append(Fm.GLOWCouplingBlock, subnet_constructor=mlp,
+               clamp_activation=lambda u: 0.5 * torch.atan(u))
+    inn.append(Fm.GINCouplingBlock, subnet_constructor=mlp)
+    odd = Ff.SequenceINN(5)
+    odd.append(Fm.AffineCouplingOneSided, subnet_constructor=mlp)  # split (2, 3)
+    odd.append(Fm.GLOWCouplingBlock, subnet_constructor=mlp)
+    inn = inn.to(**D64)
+    x = torch.randn(N, 6, **D64)
+    report, ops, _ = _check_patch(inn, lambda m, v: m(v), lambda m, v: m(v, rev=True), x)
+    assert [n for n, _, _ in report.swapped] == ["module_list.0"]
+    reasons = [why for _, _, why in report.left_alone]
+    assert [n for n, _, _ in report.left_alone] == [f"module_list.{i}" for i in (1, 2, 3, 4)]
+    for why, act in zip(reasons, ("TANH", "SIGMOID", "custom")):
+        assert f"clamp_activation {act}" in why
+    assert "volume preserving" in reasons[3]
+    assert _fastflow_ops(ops) == {"fastflow::coupling_forward"}
+
+    report = ff.patch(odd)
+    assert report.swapped == []
+    assert "split lengths (2, 3) of 5 channels" in report.left_alone[0][2]
+    assert "equal halves" in report.left_alone[1][2]
+
+
+# --------------------------------------------------------------------------------------
+# The report, dry runs, repeated patching, copies, arguments
+# --------------------------------------------------------------------------------------
+
+
+def test_dry_run_changes_nothing_then_patch_reports_the_same():
+    model = Chain(Flow(C), UnfusedFlow(C, conv_lu=False))
+    bad = InvConv2dLU(C)
+    with torch.no_grad():
+        bad.w_p.copy_(torch.ones(C, C))
+    model.flows.append(bad)
+    def state():
+        return {name: {k: id(v) for k, v in m.__dict__.items()}
+                for name, m in model.named_modules()}
+
+    before = state()
+    dry = ff.patch(model, dry_run=True)
+    assert state() == before
+    assert dry.dry_run and "(dry run)" in str(dry)
+    real = ff.patch(model)
+    assert real.swapped == dry.swapped and real.left_alone == dry.left_alone
+    assert len(real.swapped) == 7
+    assert real.left_alone == [("flows.2", "InvConv2dLU", "w_p is not a permutation matrix")]
+    text = str(real)
+    assert "7 swapped, 1 left alone" in text and "flows.0.invconv" in text
+    assert "w_p is not a permutation matrix" in text
+
+    again = ff.patch(model)
+    assert again.swapped == []
+    assert {n for n, _, _ in again.left_alone} == {n for n, _, _ in real.swapped} | {"flows.2"}
+    assert all(why.startswith("already patched") for n, _, why in again.left_alone
+               if n != "flows.2")
+
+
+def test_fastflow_layers_are_not_listed():
+    model = nn.Sequential(ff.FlowStep(4, filter_size=8), ff.ActNorm(4))
+    report = ff.patch(model)
+    assert report.swapped == [] and report.left_alone == []
+    assert str(report).startswith("fastflow.patch: 0 swapped, 0 left alone")
+
+
+def test_copies_keep_the_patch():
+    model = Chain(Flow(C)).to(**D64)
+    _randomize(model)
+    ff.patch(model)
+    x = torch.randn(N, C, H, W, **D64)
+    want = model(x)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    for other in (copy.deepcopy(model), torch.load(buf, weights_only=False)):
+        flow = other.flows[0]
+        assert flow.forward.func is model.flows[0].forward.func and flow.forward.args == (flow,)
+        for name, p in other.named_parameters():
+            assert p is not dict(model.named_parameters())[name]
+        got = other(x)
+        assert_close(got[0], want[0])
+        assert_close(got[1], want[1])
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="model: expected a torch.nn.Module, got int"):
+        ff.patch(3)
+    with pytest.raises(TypeError, match="dry_run: expected a bool, got str"):
+        ff.patch(nn.Linear(2, 2), dry_run="yes")
+
+
+def test_imports_and_patches_without_the_peers_installed():
+    code = ("import sys\n"
+            "sys.modules['normflows'] = sys.modules['FrEIA'] = None  # import fails\n"
+            "import torch, fastflow as ff\n"
+            "print(ff.patch(torch.nn.Sequential(torch.nn.Linear(2, 2))))\n"
+            "assert 'normflows' not in [m.split('.')[0] for m in sys.modules if sys.modules[m]]\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "0 swapped, 0 left alone" in out.stdout
