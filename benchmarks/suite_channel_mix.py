@@ -15,7 +15,6 @@ launches backward).
 
 from __future__ import annotations
 
-import functools
 import statistics
 import time
 

@@ -1,0 +1,127 @@
+"""The pieces every family of ``fastflow.patch`` shares: the report, the plan type and
+small helpers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+from torch import nn
+from torch.nn.modules import module as _torch_module
+
+from ..ops.channel_mix import lu_weight
+
+_MARK = "_fastflow_patched"  # instance attribute naming what a patched module now runs
+
+
+@dataclass
+class PatchReport:
+    """What ``patch`` did: ``swapped`` (qualified name, class, what runs now) and
+    ``left_alone`` (qualified name, class, why); modules of no known family are not listed."""
+
+    swapped: list = field(default_factory=list)
+    left_alone: list = field(default_factory=list)
+    dry_run: bool = False
+
+    def __str__(self) -> str:
+        head = (f"fastflow.patch{' (dry run)' if self.dry_run else ''}: "
+                f"{len(self.swapped)} swapped, {len(self.left_alone)} left alone")
+        lines = [head]
+        for title, rows, last in (("swapped", self.swapped, "now runs"),
+                                  ("left alone", self.left_alone, "reason")):
+            if not rows:
+                continue
+            rows = [(name or "(model)", cls, what) for name, cls, what in rows]
+            w0 = max(len("module"), *(len(r[0]) for r in rows))
+            w1 = max(len("class"), *(len(r[1]) for r in rows))
+            lines += ["", f"{title}:", f"  {'module':<{w0}}  {'class':<{w1}}  {last}"]
+            lines += [f"  {a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
+        return "\n".join(lines)
+
+
+@dataclass
+class _Swap:
+    to_what: str
+    methods: dict  # method name -> function(module, *args, **kwargs)
+
+
+_Plan = Union[_Swap, str, None]  # swap, reason for leaving it alone, or not recognised
+
+
+
+
+
+def _tensors(m: nn.Module, *names: str) -> bool:
+    return all(isinstance(getattr(m, n, None), torch.Tensor) for n in names)
+
+
+def _params(m: nn.Module, *names: str) -> bool:
+    return all(isinstance(m._parameters.get(n), nn.Parameter) for n in names)
+
+
+def _buffers(m: nn.Module, *names: str) -> bool:
+    return all(isinstance(m._buffers.get(n), torch.Tensor) for n in names)
+
+
+def _flag_set(m: nn.Module, name: str) -> bool:
+    """The init-flag buffer ``name`` is > 0. Read from the device once per buffer object and
+    version: ``load_state_dict`` and in-place edits bump the version, ``.to()`` and the
+    peers' own initialisation put a new tensor there."""
+    buf = getattr(m, name)
+    seen = m.__dict__.get("_fastflow_flag_seen")
+    if seen is not None and seen[0] is buf and seen[1] == buf._version:
+        return True
+    if not bool(buf > 0):
+        return False
+    m.__dict__["_fastflow_flag_seen"] = (buf, buf._version)
+    return True
+
+
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks",
+                 "_global_backward_hooks", "_global_backward_pre_hooks")
+
+
+def _hooked(m: nn.Module) -> bool:
+    """Module or global forward/backward hooks that calling ``m`` would run (a fused path
+    that skips calling ``m`` must not skip them)."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or m._backward_pre_hooks
+                or any(getattr(_torch_module, n, None) for n in _GLOBAL_HOOKS))
+
+
+def _lu_problem(p, lower, upper, log_s, sign, names) -> Optional[str]:
+    """Why W = P (L + I)(U + diag(sign exp(log_s))) can't be assembled by ``lu_weight``."""
+    n_p, n_l, n_u, n_s, n_sign = names
+    if log_s.dim() != 1:
+        return f"{n_s} has shape {tuple(log_s.shape)}, expected (C,)"
+    c = log_s.shape[0]
+    for n, t in ((n_p, p), (n_l, lower), (n_u, upper)):
+        if tuple(t.shape) != (c, c):
+            return f"{n} has shape {tuple(t.shape)}, expected ({c}, {c})"
+    if tuple(sign.shape) != (c,) or not bool(((sign == 1) | (sign == -1)).all()):
+        return f"{n_sign} is not a ({c},) vector of +-1"
+    if not (bool(((p == 0) | (p == 1)).all()) and bool((p.sum(0) == 1).all())
+            and bool((p.sum(1) == 1).all())):
+        return f"{n_p} is not a permutation matrix"
+    return None
+
+
+def _lu_matrix(p, lower, upper, log_s, sign):
+    """W = P (L + I)(U + diag(sign exp(log_s))) in float64 (L, U strictly lower/upper parts)."""
+    return lu_weight(lower, upper, log_s, sign, p.argmax(dim=1), n=0)[0]
+
+
+def _inv(w):
+    """W^-1 without the host sync of ``torch.linalg.inv``'s error check (W is invertible
+    by construction: triangular factors with an exp diagonal, or a trained free matrix)."""
+    return torch.linalg.inv_ex(w)[0]
+
+
+def _couple(op, x, h, **kw):
+    """The coupling op on any (N, C, ...) tensor: other ranks as (N, C, prod(rest), 1)."""
+    if x.dim() == 4:
+        return op(x, h, **kw)
+    n = x.shape[0]
+    y, ld = op(x.reshape(n, x.shape[1], -1, 1), h.reshape(n, h.shape[1], -1, 1), **kw)
+    return y.reshape(x.shape), ld
