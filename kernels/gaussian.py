@@ -37,6 +37,21 @@ MAX_TILE = 2048  # elements per program
 
 
 @triton.jit
+def _load_mu_logvar_eps(mu_ptr, lv_ptr, eps_ptr, seed_ptr, n, g, lane, d, inside, D4,
+                        s_mu_n, s_mu_d, s_lv_n, s_lv_d, s_eps_n, s_eps_d,
+                        HAS_EPS: tl.constexpr, WIDE: tl.constexpr, COMPUTE: tl.constexpr):
+    """mu, logvar and the noise of one block, in the compute dtype: eps read when given,
+    else drawn from (seed, element index), the same numbers in forward and backward."""
+    m = tl.load(mu_ptr + n * s_mu_n + d * s_mu_d, mask=inside, other=0.0).to(COMPUTE)
+    lv = tl.load(lv_ptr + n * s_lv_n + d * s_lv_d, mask=inside, other=0.0).to(COMPUTE)
+    if HAS_EPS:
+        e = tl.load(eps_ptr + n * s_eps_n + d * s_eps_d, mask=inside, other=0.0).to(COMPUTE)
+    else:
+        e = _noise(tl.load(seed_ptr), n * D4 + g, lane, WIDE).to(COMPUTE)
+    return m, lv, e
+
+
+@triton.jit
 def _tile(pid, N, D, N_DTILES, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
     """Program ``pid``'s rows and its (BLOCK_N, BLOCK_G, 4) block of elements: row n,
     group g of four, lane; element d = 4 * g + lane."""
@@ -75,12 +90,9 @@ def _reparam_kl_fwd_kernel(
     BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     rows, n, g, lane, d, inside = _tile(tl.program_id(0), N, D, N_DTILES, BLOCK_N, BLOCK_G)
-    m = tl.load(mu_ptr + n * s_mu_n + d * s_mu_d, mask=inside, other=0.0).to(COMPUTE)
-    lv = tl.load(lv_ptr + n * s_lv_n + d * s_lv_d, mask=inside, other=0.0).to(COMPUTE)
-    if HAS_EPS:
-        e = tl.load(eps_ptr + n * s_eps_n + d * s_eps_d, mask=inside, other=0.0).to(COMPUTE)
-    else:
-        e = _noise(tl.load(seed_ptr), n * D4 + g, lane, WIDE).to(COMPUTE)
+    m, lv, e = _load_mu_logvar_eps(mu_ptr, lv_ptr, eps_ptr, seed_ptr, n, g, lane, d, inside, D4,
+                                   s_mu_n, s_mu_d, s_lv_n, s_lv_d, s_eps_n, s_eps_d,
+                                   HAS_EPS, WIDE, COMPUTE)
     std = tl.exp(lv * 0.5)
     z = m + std * e
     tl.store(z_ptr + n * s_z_n + d * s_z_d, z.to(z_ptr.dtype.element_ty), mask=inside)
@@ -113,12 +125,9 @@ def _reparam_kl_bwd_kernel(
         gkl = gkl / N
     gkl = gkl[:, None, None]
     gz = tl.load(dz_ptr + n * s_dz_n + d * s_dz_d, mask=inside, other=0.0).to(COMPUTE)
-    m = tl.load(mu_ptr + n * s_mu_n + d * s_mu_d, mask=inside, other=0.0).to(COMPUTE)
-    lv = tl.load(lv_ptr + n * s_lv_n + d * s_lv_d, mask=inside, other=0.0).to(COMPUTE)
-    if HAS_EPS:
-        e = tl.load(eps_ptr + n * s_eps_n + d * s_eps_d, mask=inside, other=0.0).to(COMPUTE)
-    else:
-        e = _noise(tl.load(seed_ptr), n * D4 + g, lane, WIDE).to(COMPUTE)
+    m, lv, e = _load_mu_logvar_eps(mu_ptr, lv_ptr, eps_ptr, seed_ptr, n, g, lane, d, inside, D4,
+                                   s_mu_n, s_mu_d, s_lv_n, s_lv_d, s_eps_n, s_eps_d,
+                                   HAS_EPS, WIDE, COMPUTE)
     std = tl.exp(lv * 0.5)
     gmu = gz + gkl * m
     glv = 0.5 * (gz * e * std + gkl * (std * std - 1.0))
