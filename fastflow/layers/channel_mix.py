@@ -60,6 +60,9 @@ class _CachedMatrices:
         return tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in tensors)
 
     def get(self, tensors, name, build):
+        if torch.compiler.is_compiling():  # data pointers cannot be traced: build in-graph
+            with torch.no_grad():
+                return build()
         key = self._key(tensors)
         if key != self.key:
             self.key, self.pins, self.values = key, tuple(t.detach() for t in tensors), {}
