@@ -159,6 +159,74 @@ def _positive(kind):
 
 
 # --------------------------------------------------------------------------------------
+# The training loop both commands share
+# --------------------------------------------------------------------------------------
+
+
+def resume_or_start(args, ckpt_path: Path, model, opt, config: dict, generators: dict, device):
+    """(start_epoch, step, history): from ``ckpt_path`` when ``--resume`` finds it (model,
+    optimizer, the named generators' and torch's RNG states come back; a different
+    ``config`` is refused), else a fresh start."""
+    if not (args.resume and ckpt_path.is_file()):
+        return 0, 0, {"initial": None, "epochs": []}
+    saved = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("config")
+    if saved != config:
+        raise SystemExit(f"--resume: {ckpt_path} was trained with {saved}, got {config}")
+    state = load_checkpoint(ckpt_path, model, opt, map_location=device)
+    for name, gen in generators.items():
+        gen.set_state(state["rng"][name])
+    torch.set_rng_state(state["torch_rng"])
+    print(f"resumed from {ckpt_path} at epoch {state['epoch']}, step {state['step']}")
+    return state["epoch"], state["step"], state["history"]
+
+
+def train_epochs(args, *, model, opt, x_train, loss_terms, evaluate, describe, ckpt_path,
+                 config, generators, start, history) -> int:
+    """Shuffled mini-batches (``generators["shuffle"]``), one optimizer step per batch on
+    the first value of ``loss_terms(xb)`` (a dict of scalars, all averaged per epoch), then
+    ``evaluate()`` on the test split, a line ``describe(train, test)`` and a checkpoint, per
+    epoch; until ``args.epochs`` or ``args.max_steps``. ``start`` = (epoch, step) to go on
+    from; returns the step count."""
+    from .data import batches
+
+    epoch0, step = start
+    steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
+    t0 = time.perf_counter()
+    for epoch in range(epoch0, args.epochs):
+        if args.max_steps is not None and step >= args.max_steps:
+            break
+        sums, seen = None, 0
+        bar = progress(batches(x_train, args.batch_size, generator=generators["shuffle"]),
+                       total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
+                       enabled=not args.no_progress)
+        for xb in bar:
+            terms = loss_terms(xb)
+            loss = next(iter(terms.values()))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            seen += xb.shape[0]
+            batch = torch.stack([t.detach() for t in terms.values()]).double() * xb.shape[0]
+            sums = batch if sums is None else sums + batch
+            if step % 10 == 0:
+                bar.set_postfix_str(f"{next(iter(terms))} {loss.item():.3f}")
+            if args.max_steps is not None and step >= args.max_steps:
+                break
+        bar.close()
+        train = dict(zip(terms, (sums / max(seen, 1)).tolist()))
+        test = evaluate()
+        history["epochs"].append({"epoch": epoch + 1, "step": step, "train": train,
+                                  "test": test})
+        print(f"epoch {epoch + 1:3d}/{args.epochs}  {describe(train, test)}  "
+              f"{time.perf_counter() - t0:6.1f}s", flush=True)
+        save_checkpoint(ckpt_path, model, opt, epoch=epoch + 1, step=step, history=history,
+                        config=config, rng={k: g.get_state() for k, g in generators.items()},
+                        torch_rng=torch.get_rng_state())
+    return step
+
+
+# --------------------------------------------------------------------------------------
 # train-vae
 # --------------------------------------------------------------------------------------
 
@@ -200,7 +268,7 @@ def _evaluate(model, x, batch_size, generator):
 
 def train_vae_main(argv=None) -> int:
     """``python -m fastflow train-vae``: returns the exit status."""
-    from .data import batches, digits
+    from .data import digits
     from .vae import ConvVAE
 
     args = _vae_parser().parse_args(argv)
@@ -217,16 +285,9 @@ def train_vae_main(argv=None) -> int:
     eval_gen = torch.Generator().manual_seed(args.seed + 1)  # seeds the op's noise, on CPU
     shuffle_gen = torch.Generator().manual_seed(args.seed)
 
-    start_epoch, step, history = 0, 0, {"initial": None, "epochs": []}
-    if args.resume and ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path, model, opt, map_location=device)
-        if state.get("config") != config:
-            raise ValueError(f"--resume: checkpoint {ckpt_path} was trained with "
-                             f"{state.get('config')}, got {config}")
-        start_epoch, step, history = state["epoch"], state["step"], state["history"]
-        shuffle_gen.set_state(state["shuffle_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        print(f"resumed from {ckpt_path} at epoch {start_epoch}, step {step}")
+    generators = {"shuffle": shuffle_gen}
+    start_epoch, step, history = resume_or_start(args, ckpt_path, model, opt, config,
+                                                 generators, device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"train-vae: {len(x_train)} train / {len(x_test)} test digits (1x8x8), "
           f"{n_params} parameters, latent {args.latent}, device {device}, "
@@ -235,41 +296,19 @@ def train_vae_main(argv=None) -> int:
         history["initial"] = _evaluate(model, x_test, 256, eval_gen)
         print(f"before training: test -ELBO {history['initial']['neg_elbo']:.3f} nats")
 
-    steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
-    t0 = time.perf_counter()
-    for epoch in range(start_epoch, args.epochs):
-        if args.max_steps is not None and step >= args.max_steps:
-            break
-        sums = torch.zeros(3, dtype=torch.float64, device=device)
-        seen = 0
-        bar = progress(batches(x_train, args.batch_size, generator=shuffle_gen),
-                       total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
-                       enabled=not args.no_progress)
-        for xb in bar:
-            terms = model.loss(xb)
-            opt.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            opt.step()
-            step += 1
-            seen += xb.shape[0]
-            sums += torch.stack([terms[k].detach() for k in ("loss", "recon", "kl")]).double() \
-                * xb.shape[0]
-            if step % 10 == 0:
-                bar.set_postfix_str(f"-ELBO {terms['loss'].item():.2f}")
-            if args.max_steps is not None and step >= args.max_steps:
-                break
-        bar.close()
-        train = dict(zip(("neg_elbo", "recon", "kl"), (sums / max(seen, 1)).tolist()))
-        test = _evaluate(model, x_test, 256, eval_gen)
-        history["epochs"].append({"epoch": epoch + 1, "step": step, "train": train,
-                                  "test": test})
-        print(f"epoch {epoch + 1:3d}/{args.epochs}  train -ELBO {train['neg_elbo']:8.3f} "
-              f"(recon {train['recon']:7.3f} + KL {train['kl']:6.3f})  "
-              f"test -ELBO {test['neg_elbo']:8.3f} (recon {test['recon']:7.3f} + "
-              f"KL {test['kl']:6.3f})  {time.perf_counter() - t0:5.1f}s", flush=True)
-        save_checkpoint(ckpt_path, model, opt, epoch=epoch + 1, step=step, history=history,
-                        config=config, shuffle_rng=shuffle_gen.get_state(),
-                        torch_rng=torch.get_rng_state())
+    def loss_terms(xb):
+        terms = model.loss(xb)
+        return {"neg_elbo": terms["loss"], "recon": terms["recon"], "kl": terms["kl"]}
+
+    def describe(train, test):
+        return (f"train -ELBO {train['neg_elbo']:8.3f} (recon {train['recon']:7.3f} + "
+                f"KL {train['kl']:6.3f})  test -ELBO {test['neg_elbo']:8.3f} "
+                f"(recon {test['recon']:7.3f} + KL {test['kl']:6.3f})")
+
+    step = train_epochs(args, model=model, opt=opt, x_train=x_train, loss_terms=loss_terms,
+                        evaluate=lambda: _evaluate(model, x_test, 256, eval_gen),
+                        describe=describe, ckpt_path=ckpt_path, config=config,
+                        generators=generators, start=(start_epoch, step), history=history)
 
     model.eval()
     originals = x_test[:12]
@@ -347,7 +386,7 @@ def _glow_bpd(model, x, batch_size, generator):
 
 def train_glow_main(argv=None) -> int:
     """``python -m fastflow train``: returns the exit status."""
-    from .data import batches, digits
+    from .data import digits
     from .glow import Glow, bits_per_dim
 
     args = _glow_parser().parse_args(argv)
@@ -371,17 +410,10 @@ def train_glow_main(argv=None) -> int:
     eval_gen = torch.Generator().manual_seed(args.seed + 2)
     n_pixel = x_train[0].numel()
 
-    start_epoch, step, history = 0, 0, {"initial": None, "epochs": []}
-    if args.resume and ckpt_path.is_file():
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("config")
-        if saved != config:
-            raise SystemExit(f"--resume: {ckpt_path} was trained with {saved}, got {config}")
-        state = load_checkpoint(ckpt_path, model, opt, map_location=device)
-        start_epoch, step, history = state["epoch"], state["step"], state["history"]
-        shuffle_gen.set_state(state["shuffle_rng"])
-        noise_gen.set_state(state["noise_rng"])
-        print(f"resumed from {ckpt_path} at epoch {start_epoch}, step {step}")
-    else:
+    generators = {"shuffle": shuffle_gen, "noise": noise_gen}
+    start_epoch, step, history = resume_or_start(args, ckpt_path, model, opt, config,
+                                                 generators, device)
+    if history["initial"] is None:  # a fresh start
         with torch.no_grad():  # ActNorm's data-dependent initialisation on a large batch
             model(glow_input(x_train[:512], noise_gen))
     step_fn = torch.compile(model, fullgraph=True) if args.compile else model
@@ -390,41 +422,19 @@ def train_glow_main(argv=None) -> int:
           f"(1x{args.size}x{args.size}), {args.n_block} blocks x {args.n_flow} steps, "
           f"{n_params} parameters, device {device}, fastflow backend {_backend_name(device)}")
     if history["initial"] is None:
-        history["initial"] = _glow_bpd(model, x_test, 256, eval_gen)
-        print(f"before training: test {history['initial']:.3f} bits/dim")
+        history["initial"] = {"bpd": _glow_bpd(model, x_test, 256, eval_gen)}
+        print(f"before training: test {history['initial']['bpd']:.3f} bits/dim")
 
-    steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
-    t0 = time.perf_counter()
-    for epoch in range(start_epoch, args.epochs):
-        if args.max_steps is not None and step >= args.max_steps:
-            break
-        total, seen = torch.zeros((), dtype=torch.float64, device=device), 0
-        bar = progress(batches(x_train, args.batch_size, generator=shuffle_gen),
-                       total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
-                       enabled=not args.no_progress)
-        for xb in bar:
-            log_p, logdet, _ = step_fn(glow_input(xb, noise_gen))
-            loss = bits_per_dim(log_p, logdet, n_pixel, DIGIT_LEVELS)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            seen += xb.shape[0]
-            total += loss.detach().double() * xb.shape[0]
-            if step % 10 == 0:
-                bar.set_postfix_str(f"{loss.item():.3f} bits/dim")
-            if args.max_steps is not None and step >= args.max_steps:
-                break
-        bar.close()
-        train_bpd = (total / max(seen, 1)).item()
-        test_bpd = _glow_bpd(model, x_test, 256, eval_gen)
-        history["epochs"].append({"epoch": epoch + 1, "step": step, "train_bpd": train_bpd,
-                                  "test_bpd": test_bpd})
-        print(f"epoch {epoch + 1:3d}/{args.epochs}  train {train_bpd:6.3f}  test {test_bpd:6.3f} "
-              f"bits/dim  {time.perf_counter() - t0:6.1f}s", flush=True)
-        save_checkpoint(ckpt_path, model, opt, epoch=epoch + 1, step=step, history=history,
-                        config=config, shuffle_rng=shuffle_gen.get_state(),
-                        noise_rng=noise_gen.get_state())
+    def loss_terms(xb):
+        log_p, logdet, _ = step_fn(glow_input(xb, noise_gen))
+        return {"bpd": bits_per_dim(log_p, logdet, n_pixel, DIGIT_LEVELS)}
+
+    step = train_epochs(
+        args, model=model, opt=opt, x_train=x_train, loss_terms=loss_terms,
+        evaluate=lambda: {"bpd": _glow_bpd(model, x_test, 256, eval_gen)},
+        describe=lambda tr, te: f"train {tr['bpd']:6.3f}  test {te['bpd']:6.3f} bits/dim",
+        ckpt_path=ckpt_path, config=config, generators=generators,
+        start=(start_epoch, step), history=history)
 
     model.eval()
     gen = torch.Generator(device=device).manual_seed(args.seed)
@@ -437,8 +447,8 @@ def train_glow_main(argv=None) -> int:
     picture = save_image_grid(out / "glow_samples.png", [data, to_image(recon), to_image(samples)],
                               ["data", "x->z->x", f"T={args.temperature}"])
     write_json(out / "metrics.json", {"config": vars(args), "history": history})
-    final = history["epochs"][-1]["test_bpd"] if history["epochs"] else history["initial"]
-    print(f"done: {step} steps, test {history['initial']:.3f} -> {final:.3f} bits/dim; "
+    final = (history["epochs"][-1]["test"] if history["epochs"] else history["initial"])["bpd"]
+    print(f"done: {step} steps, test {history['initial']['bpd']:.3f} -> {final:.3f} bits/dim; "
           f"wrote {picture}, {ckpt_path}, {out / 'metrics.json'}")
     return 0
 
