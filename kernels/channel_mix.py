@@ -425,6 +425,18 @@ def mix_param_grads(grad: torch.Tensor, inp: torch.Tensor, a: torch.Tensor | Non
 
 
 @triton.jit
+def _matrix_tile(pid, N_T, C, rows_ptr, s_rw, BLOCK: tl.constexpr):
+    """Program ``pid``'s (BLOCK, BLOCK) tile of a (C, C) matrix: rows i and columns j (each
+    with its in-range mask and int64 copy), and the permutation's source rows r = rows[i]."""
+    i = (pid // N_T) * BLOCK + tl.arange(0, BLOCK)
+    j = (pid % N_T) * BLOCK + tl.arange(0, BLOCK)
+    i_in = i < C
+    i64 = i.to(tl.int64)
+    r = tl.load(rows_ptr + i64 * s_rw, mask=i_in, other=0).to(tl.int64)
+    return i, i_in, i64, j, j < C, j.to(tl.int64), r
+
+
+@triton.jit
 def _lu_weight_kernel(
     lower_ptr,  # (C, C) L below the diagonal (entries on and above it are ignored)
     upper_ptr,  # (C, C) U above the diagonal (entries on and below it are ignored)
@@ -443,15 +455,8 @@ def _lu_weight_kernel(
     (no fp64 tl.dot), k only up to the tile's last column (Uf is upper triangular).
     Program 0 also writes ld[n] = LD_MULT * (sum(log_s) + sum(log|scale|)) for every n."""
     pid = tl.program_id(0)
-    it = pid // N_T
     jt = pid % N_T
-    i = it * BLOCK + tl.arange(0, BLOCK)
-    j = jt * BLOCK + tl.arange(0, BLOCK)
-    i_in = i < C
-    j_in = j < C
-    i64 = i.to(tl.int64)
-    j64 = j.to(tl.int64)
-    r = tl.load(rows_ptr + i64 * s_rw, mask=i_in, other=0).to(tl.int64)
+    i, i_in, i64, j, j_in, j64, r = _matrix_tile(pid, N_T, C, rows_ptr, s_rw, BLOCK)
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float64)
     for k0 in range(0, (jt + 1) * BLOCK, BLOCK_R):  # Uf[k, j] = 0 for k > j; k >= C masked
         k = k0 + tl.arange(0, BLOCK_R)
@@ -518,15 +523,8 @@ def _lu_weight_bwd_kernel(
     pid = tl.program_id(0)
     half = N_T * N_T
     if pid < half:
-        it = pid // N_T
         kt = pid % N_T
-        i = it * BLOCK + tl.arange(0, BLOCK)
-        k = kt * BLOCK + tl.arange(0, BLOCK)
-        i_in = i < C
-        k_in = k < C
-        i64 = i.to(tl.int64)
-        k64 = k.to(tl.int64)
-        r = tl.load(rows_ptr + i64 * s_rw, mask=i_in, other=0).to(tl.int64)
+        i, i_in, i64, k, k_in, k64, r = _matrix_tile(pid, N_T, C, rows_ptr, s_rw, BLOCK)
         ls = tl.load(logs_ptr + k64 * s_ls, mask=k_in, other=0.0).to(tl.float64)
         sg = tl.load(sign_ptr + k64 * s_sg, mask=k_in, other=0.0).to(tl.float64)
         d = sg * tl.exp(ls)
