@@ -338,7 +338,7 @@ def test_layer_odd_channels_and_bad_input(backend):
     x = torch.randn(2, 5, 3, 3)
     y, ld = layer(x)
     assert y.shape == x.shape and torch.equal(y[:, :3], x[:, :3])
-    with pytest.raises(ValueError, match=r"x: expected shape \(N, 5, H, W\)"):
+    with pytest.raises(ValueError, match=r"x: expected 5 channels, shape \(N, 5, H, W\)"):
         layer(torch.randn(2, 4, 3, 3))
     with pytest.raises(ValueError, match="in_channel: expected at least 2"):
         ff.AffineCoupling(1)

@@ -25,16 +25,8 @@ from torch import nn
 
 from .. import reference
 from ..backend import compute_dtype
-from ..ops._checks import check_float_tensor
+from ..ops._checks import check_nchw
 from ..ops.channel_mix import actnorm_invconv, channel_mix, lu_weight
-
-
-def check_input(name: str, x, channels: int):
-    """x must be a floating (N, channels, H, W) tensor."""
-    check_float_tensor(name, x, ndim=4)
-    if x.shape[1] != channels:
-        raise ValueError(f"{name}: expected {channels} channels, shape (N, {channels}, H, W), "
-                         f"got shape {tuple(x.shape)}")
 
 
 def _per_sample(ld_per_pixel, x, sign, scale=None):
@@ -114,13 +106,13 @@ class ActNorm(nn.Module):
             self.initialize(x)
 
     def forward(self, x):
-        check_input("x", x, self.in_channel)
+        check_nchw("x", x, self.in_channel)
         self.maybe_initialize(x)
         y, ld = actnorm_invconv(x, self.loc, self.scale, None)
         return (y, ld) if self.logdet else y
 
     def inverse(self, y):
-        check_input("y", y, self.in_channel)
+        check_nchw("y", y, self.in_channel)
         return actnorm_invconv(y, self.loc, self.scale, None, reverse=True)
 
     def reverse(self, y):
@@ -148,12 +140,12 @@ class _InvConvBase(nn.Module):
         return w, _per_sample(ld, x, -1 if inverse else 1, scale)
 
     def forward(self, x):
-        check_input("x", x, self.in_channel)
+        check_nchw("x", x, self.in_channel)
         w, ld = self.matrix_and_logdet(x)
         return channel_mix(x, w), ld
 
     def inverse(self, y):
-        check_input("y", y, self.in_channel)
+        check_nchw("y", y, self.in_channel)
         w_inv, ld = self.matrix_and_logdet(y, inverse=True)
         return channel_mix(y, w_inv), ld
 

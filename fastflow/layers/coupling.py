@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops._checks import check_float_tensor
+from ..ops._checks import check_nchw
 from ..ops.coupling import additive_coupling, affine_coupling
 
 
@@ -52,12 +52,6 @@ class AffineCoupling(nn.Module):
         self.net[2].weight.data.normal_(0, 0.05)
         self.net[2].bias.data.zero_()
 
-    def _check(self, x, name):
-        check_float_tensor(name, x)
-        if x.dim() != 4 or x.shape[1] != self.in_channel:
-            raise ValueError(f"{name}: expected shape (N, {self.in_channel}, H, W), got "
-                             f"{tuple(x.shape)}")
-
     def _couple(self, x, reverse):
         ca = self.in_channel - self.in_channel // 2
         h = self.net(x[:, :ca])
@@ -66,11 +60,11 @@ class AffineCoupling(nn.Module):
         return additive_coupling(x, h, reverse=reverse)
 
     def forward(self, x):
-        self._check(x, "x")
+        check_nchw("x", x, self.in_channel)
         return self._couple(x, False)
 
     def inverse(self, y):
-        self._check(y, "y")
+        check_nchw("y", y, self.in_channel)
         return self._couple(y, True)
 
     def reverse(self, y):

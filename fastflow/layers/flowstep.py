@@ -6,7 +6,8 @@ from __future__ import annotations
 from torch import nn
 
 from ..ops.channel_mix import channel_mix
-from .channel_mix import ActNorm, InvConv2d, InvConv2dLU, check_input
+from ..ops._checks import check_nchw
+from .channel_mix import ActNorm, InvConv2d, InvConv2dLU
 from .coupling import AffineCoupling
 
 
@@ -28,7 +29,7 @@ class FlowStep(nn.Module):
         self.coupling = AffineCoupling(in_channel, filter_size=filter_size, affine=affine)
 
     def forward(self, x):
-        check_input("x", x, self.in_channel)
+        check_nchw("x", x, self.in_channel)
         self.actnorm.maybe_initialize(x)
         an = self.actnorm
         w, logdet = self.invconv.matrix_and_logdet(x, an.scale)
@@ -37,7 +38,7 @@ class FlowStep(nn.Module):
         return out, logdet + ld_coupling
 
     def inverse(self, y):
-        check_input("y", y, self.in_channel)
+        check_nchw("y", y, self.in_channel)
         x, ld_coupling = self.coupling.inverse(y)
         an = self.actnorm
         w_inv, logdet = self.invconv.matrix_and_logdet(x, an.scale, inverse=True)

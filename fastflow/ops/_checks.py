@@ -20,6 +20,14 @@ def check_float_tensor(name: str, t, ndim: int | None = None, min_ndim: int | No
                          f"{tuple(t.shape)}")
 
 
+def check_nchw(name: str, x, channels: int):
+    """``x`` must be a floating (N, channels, H, W) tensor."""
+    check_float_tensor(name, x, ndim=4)
+    if x.shape[1] != channels:
+        raise ValueError(f"{name}: expected {channels} channels, shape (N, {channels}, H, W), "
+                         f"got shape {tuple(x.shape)}")
+
+
 def check_same_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor):
     if t.device != ref.device:
         raise ValueError(f"{name}: expected a tensor on {ref_name}'s device {ref.device}, got {t.device}")
