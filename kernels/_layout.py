@@ -49,6 +49,12 @@ def tile_shape(channels: int, pixels: int, max_elems: int = 2048,
     return block_c, block_p
 
 
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The torch dtype of reductions (log-dets, KL, partial sums): float64 for float64
+    inputs, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def compute_type(dtype: torch.dtype):
     """The Triton dtype kernels compute in: float64 for float64, float32 otherwise."""
     return tl.float64 if dtype == torch.float64 else tl.float32

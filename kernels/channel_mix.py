@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import compute_type, nchw, output_like
+from ._layout import accumulator_dtype, compute_type, nchw, output_like
 
 
 @triton.jit
@@ -368,7 +368,7 @@ def mix_param_grads(grad: torch.Tensor, inp: torch.Tensor, a: torch.Tensor | Non
     nq = n * hw
     diag = a is None
     fp64 = inp.dtype == torch.float64
-    cdt = torch.float64 if fp64 else torch.float32
+    cdt = accumulator_dtype(inp.dtype)
     if diag:
         block_o = min(triton.next_power_of_2(co), 32)
         block_k, block_q = block_o, 64

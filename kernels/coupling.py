@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import compute_type, nchw, output_like, tile_shape
+from ._layout import accumulator_dtype, compute_type, nchw, output_like, tile_shape
 
 SCALE_IDS = {"sigmoid": 0, "exp": 1, "atan": 2, "additive": 3}
 LAYOUT_IDS = {"halves": 0, "interleaved": 1}
@@ -239,10 +239,6 @@ def _channels_fast(t: torch.Tensor) -> bool:
     return t.shape[1] > 1 and t.stride(1) == 1 and t.shape[2] * t.shape[3] > 1
 
 
-def _logdet_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def coupling_forward(inp: torch.Tensor, h: torch.Tensor, *, scale: str, layout: str,
                      shift: str, clamp: float, reverse: bool):
     """(out, logdet) of the coupling (or of its inverse when ``reverse``). Shapes are
@@ -250,7 +246,7 @@ def coupling_forward(inp: torch.Tensor, h: torch.Tensor, *, scale: str, layout: 
     n, c, hh, ww = inp.shape
     ca, cb, hw = c - c // 2, c // 2, hh * ww
     out = output_like(inp)
-    ld_dtype = _logdet_dtype(inp.dtype)
+    ld_dtype = accumulator_dtype(inp.dtype)
     if scale == "additive" or out.numel() == 0:
         logdet = torch.zeros(n, dtype=ld_dtype, device=inp.device)
         if out.numel() == 0:

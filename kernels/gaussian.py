@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import compute_type
+from ._layout import accumulator_dtype, compute_type
 
 MAX_TILE = 2048  # elements per program
 
@@ -165,10 +165,6 @@ def _wide(n: int, d4: int, force: bool) -> bool:
     return force or n * d4 >= 2**32
 
 
-def _kl_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def reparam_kl_forward(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None,
                        seed: torch.Tensor | None, reduction: str, *, force_wide: bool = False):
     """(z, kl): z shaped like ``mu`` (contiguous), kl (N,) or a scalar for "sum"/"mean".
@@ -176,7 +172,7 @@ def reparam_kl_forward(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor
     shapes are validated by the caller."""
     n = mu.shape[0]
     z = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
-    kl_dtype = _kl_dtype(mu.dtype)
+    kl_dtype = accumulator_dtype(mu.dtype)
     d = mu.numel() // n if n else 0
     if n == 0 or d == 0:
         kl = torch.zeros(n, dtype=kl_dtype, device=mu.device)
