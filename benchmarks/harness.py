@@ -11,7 +11,7 @@ Timings: on CUDA, CUDA events around each repetition, median of ``reps``; on CPU
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -277,9 +277,7 @@ def saved_bytes(fn: Callable, *inputs) -> int:
     return sum(seen.values())
 
 
-@contextlib.contextmanager
-def backend(mode: str):
-    import fastflow as ff
-
-    with ff.use_backend(mode):
-        yield
+@functools.cache
+def compiled(fn: Callable) -> Callable:
+    """``torch.compile(fn, fullgraph=True)``, one compiled object per function."""
+    return torch.compile(fn, fullgraph=True)

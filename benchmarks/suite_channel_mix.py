@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import fastflow as ff
 from fastflow import reference
 
-from harness import Case, Impl, backend
+from harness import Case, Impl
 
 
 def _lu_buffers(c, device):
@@ -181,7 +181,7 @@ def _sampling_figures() -> list[dict]:
                     v, _ = flow(v)
             return v
 
-        with backend("auto"):
+        with ff.use_backend("auto"):
             t_ours, t_theirs = _median_s(sample_ours, reps=10), _median_s(sample_theirs, reps=10)
             m_ours, m_theirs = _median_s(mix_ours, reps=20), _median_s(mix_theirs, reps=20)
         rows.append({
@@ -239,7 +239,7 @@ def _count_figures() -> list[dict]:
         x, ps = leaves()
         eager = count_ops(_eager_flowstep(step), x, *ps)
         x, _ = leaves()
-        with backend("triton"):
+        with ff.use_backend("triton"):
             fused = count_ops(_fused_flowstep(step), x, *[p.detach().clone().requires_grad_()
                                                           for p in step.parameters()])
         # the coupling (its network's convs and the fused coupling op) is in both counts
@@ -248,7 +248,7 @@ def _count_figures() -> list[dict]:
         def coupling(y, *params):
             return torch.func.functional_call(step.coupling, dict(zip(names, params)), (y,))
 
-        with backend("triton"):
+        with ff.use_backend("triton"):
             fused_coupling = count_ops(coupling, torch.randn(n, c, s, s, requires_grad=True),
                                        *[p.detach().clone().requires_grad_()
                                          for p in step.coupling.parameters()])
@@ -270,7 +270,7 @@ def _count_figures() -> list[dict]:
                     *[p.detach().clone().requires_grad_() for p in (an.loc, an.scale, inv.w_l, inv.w_s, inv.w_u)])
 
         eager_mix = count_ops(_eager(w_p, s_sign), *mix_inputs())
-        with backend("triton"):
+        with ff.use_backend("triton"):
             fused_mix = count_ops(_fastflow(step.invconv), *mix_inputs())
         rows.append({
             "figure": f"ActNorm + 1x1 conv fwd+bwd (N={n} C={c} {s}x{s}): ATen ops + Triton launches",

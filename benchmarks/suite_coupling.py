@@ -4,14 +4,13 @@ returns the same precomputed h, so only the coupling itself is compared)."""
 
 from __future__ import annotations
 
-import functools
 
 import torch
 
 import fastflow as ff
 from fastflow import reference
 
-from harness import Case, Impl, backend
+from harness import Case, Impl, compiled
 
 
 class _Given(torch.nn.Module):
@@ -27,19 +26,9 @@ def _eager(x, h):
     return reference.affine_coupling(x, h, upcast=False)
 
 
-@functools.cache
-def _compiled():
-    return torch.compile(_eager, fullgraph=True)
-
-
 def _fastflow(x, h):
-    with backend("auto"):
+    with ff.use_backend("auto"):
         return ff.affine_coupling(x, h)
-
-
-@functools.cache
-def _compiled_fastflow():
-    return torch.compile(_fastflow, fullgraph=True)
 
 
 def _normflows():
@@ -83,7 +72,7 @@ def _case(n, c, hh, ww, dtype, device, peers=True, compile_=True):
 
     impls = [Impl("eager", _eager)]
     if compile_:
-        impls += [Impl("compile", _compiled()), Impl("fastflow+compile", _compiled_fastflow())]
+        impls += [Impl("compile", compiled(_eager)), Impl("fastflow+compile", compiled(_fastflow))]
     impls.append(Impl("fastflow", _fastflow))
     if peers:
         impls += [p for p in (_normflows(), _freia(c, hh, ww)) if p is not None]
@@ -115,7 +104,7 @@ def cpu_figures() -> list[dict]:
             return x, h
 
         eager = count_ops(_eager, *make())
-        with backend("triton"):
+        with ff.use_backend("triton"):
             fused = count_ops(ff.affine_coupling, *make())
             fused_saved = saved_bytes(ff.affine_coupling, *make())
         rows.append({"figure": f"coupling fwd+bwd (N={n} C={c} {s}x{s}): ATen ops + Triton launches",

@@ -9,13 +9,12 @@ vs eager.
 
 from __future__ import annotations
 
-import functools
 
 import torch
 
 import fastflow as ff
 
-from harness import Case, Impl, backend, count_ops, saved_bytes
+from harness import Case, Impl, compiled, count_ops, saved_bytes
 
 
 def _eager(mu, logvar):
@@ -26,19 +25,9 @@ def _eager(mu, logvar):
     return z, kl
 
 
-@functools.cache
-def _compiled():
-    return torch.compile(_eager, fullgraph=True)
-
-
 def _fastflow(mu, logvar):
-    with backend("auto"):
+    with ff.use_backend("auto"):
         return ff.reparameterize_kl(mu, logvar)
-
-
-@functools.cache
-def _compiled_fastflow():
-    return torch.compile(_fastflow, fullgraph=True)
 
 
 def _case(n, d, dtype, device, compile_=True):
@@ -49,7 +38,7 @@ def _case(n, d, dtype, device, compile_=True):
 
     impls = [Impl("eager", _eager)]
     if compile_:
-        impls += [Impl("compile", _compiled()), Impl("fastflow+compile", _compiled_fastflow())]
+        impls += [Impl("compile", compiled(_eager)), Impl("fastflow+compile", compiled(_fastflow))]
     impls.append(Impl("fastflow", _fastflow))
     e = torch.finfo(dtype).bits // 8
     kl_bytes = n * (8 if dtype == torch.float64 else 4)
@@ -91,7 +80,7 @@ def cpu_figures() -> list[dict]:
             mu = torch.randn(n, d, requires_grad=True)
             return mu, (0.5 * torch.randn(n, d)).requires_grad_()
 
-        with backend("triton"):
+        with ff.use_backend("triton"):
             fused_saved = saved_bytes(ff.reparameterize_kl, *make())
             fused_extra = _saved_beyond_inputs(ff.reparameterize_kl, *make())
             fused = count_ops(ff.reparameterize_kl, *make())
