@@ -9,10 +9,10 @@ import importlib
 import sys
 
 COMMANDS = {
-    "demo": ("fastflow.train:demo_main", "the main job: benchmark table, then a short training run"),
-    "bench": ("fastflow.train:bench_main", "print and save the benchmark tables for this device"),
-    "train": ("fastflow.train:train_glow_main", "train a multi-scale Glow on the embedded digits"),
-    "train-vae": ("fastflow.train:train_vae_main", "train the small VAE on the embedded digits"),
+    "demo": ("fastflow.cli.demo:main", "the main job: benchmark table, then a short training run"),
+    "bench": ("fastflow.cli.bench:main", "print and save the benchmark tables for this device"),
+    "train": ("fastflow.cli.train:main", "train a multi-scale Glow on the embedded digits"),
+    "train-vae": ("fastflow.cli.train_vae:main", "train the small VAE on the embedded digits"),
 }
 
 

@@ -2,4 +2,14 @@
 
 Installed as ``fastflow.kernels``. Importing this package compiles nothing and queries no
 device; each kernel is compiled for its device on first launch.
+
+``FAMILIES`` is the one list of kernel families (one module each): the GPU compile check,
+the tests and the benchmarks iterate it, so a new family is added here and nowhere else.
 """
+
+FAMILIES = {
+    "coupling": "affine / additive coupling fused with its log-det (forward, inverse, backward)",
+    "channel_mix": "ActNorm folded into the invertible 1x1 convolution, and its backward",
+    "lu_weight": "LU-parameterised 1x1-convolution weight and the whole step's log-det",
+    "gaussian": "VAE reparameterisation fused with the KL term, noise drawn in the kernel",
+}

@@ -33,6 +33,7 @@ from triton.runtime.driver import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 import fastflow.kernels.channel_mix  # noqa: E402,F401  decorated now: compiled kernels
+import fastflow.kernels.lu_weight  # noqa: E402,F401
 import fastflow.kernels.coupling  # noqa: E402,F401
 import fastflow.kernels.gaussian  # noqa: E402,F401
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from fastflow import __main__ as cli
-from fastflow import train
+from fastflow.cli import train
 
 
 def _run(tmp_path, *extra):
     argv = ["--epochs", "2", "--max-steps", "12", "--batch-size", "32", "--n-flow", "2",
             "--filter-size", "16", "--out", str(tmp_path), "--no-progress", *extra]
-    assert train.train_glow_main(argv) == 0
+    assert train.main(argv) == 0
     return json.loads((tmp_path / "metrics.json").read_text())["history"]
 
 

@@ -8,7 +8,7 @@ import torch
 import fastflow as ff
 from fastflow import data
 from fastflow.__main__ import main as cli
-from fastflow.train import load_checkpoint, save_checkpoint
+from fastflow.cli.common import load_checkpoint, save_checkpoint
 from fastflow.vae import ConvVAE
 
 from conftest import DEVICE

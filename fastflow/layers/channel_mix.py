@@ -26,7 +26,8 @@ from torch import nn
 from .. import reference
 from ..backend import compute_dtype
 from ..ops._checks import check_nchw
-from ..ops.channel_mix import actnorm_invconv, channel_mix, lu_weight
+from ..ops.channel_mix import actnorm_invconv, channel_mix
+from ..ops.lu_weight import lu_weight_logdet
 
 
 def _per_sample(ld_per_pixel, x, sign, scale=None):
@@ -197,7 +198,7 @@ class InvConv2dLU(_InvConvBase):
         d = torch.float64
         rows, sign, eye = self._fixed()
         if not inverse:
-            return lu_weight(self.w_l, self.w_u, self.w_s, self.s_sign, rows, n=0)[0]
+            return lu_weight_logdet(self.w_l, self.w_u, self.w_s, self.s_sign, rows, n=0)[0]
         lower = torch.tril(self.w_l.to(d), -1) + eye
         upper = torch.triu(self.w_u.to(d), 1) + torch.diag(sign * torch.exp(self.w_s.to(d)))
         l_inv = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
@@ -218,7 +219,7 @@ class InvConv2dLU(_InvConvBase):
         launch, and its backward is one more; otherwise the cached matrices."""
         if not inverse and _needs_grad((self.w_l, self.w_s, self.w_u)):
             rows = self._fixed()[0]
-            return lu_weight(self.w_l, self.w_u, self.w_s, self.s_sign, rows, scale=scale,
+            return lu_weight_logdet(self.w_l, self.w_u, self.w_s, self.s_sign, rows, scale=scale,
                              n=x.shape[0], ld_mult=x.shape[2] * x.shape[3],
                              ld_dtype=compute_dtype(x.dtype))
         return super().matrix_and_logdet(x, scale, inverse)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _torch_module
 
-from ..ops.channel_mix import lu_weight
+from ..ops.lu_weight import lu_weight_logdet
 
 _MARK = "_fastflow_patched"  # instance attribute naming what a patched module now runs
 
@@ -109,7 +109,7 @@ def _lu_problem(p, lower, upper, log_s, sign, names) -> Optional[str]:
 
 def _lu_matrix(p, lower, upper, log_s, sign):
     """W = P (L + I)(U + diag(sign exp(log_s))) in float64 (L, U strictly lower/upper parts)."""
-    return lu_weight(lower, upper, log_s, sign, p.argmax(dim=1), n=0)[0]
+    return lu_weight_logdet(lower, upper, log_s, sign, p.argmax(dim=1), n=0)[0]
 
 
 def _inv(w):

@@ -8,7 +8,7 @@ import torch
 
 import fastflow as ff
 from fastflow import reference
-from fastflow.ops.channel_mix import lu_weight
+from fastflow.ops.lu_weight import lu_weight_logdet as lu_weight
 
 from conftest import DEVICE, assert_close
 

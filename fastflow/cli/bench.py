@@ -1,0 +1,28 @@
+"""``python -m fastflow bench``: the benchmark tables for this device (benchmarks/run.py)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+def _benchmarks_run():
+    """benchmarks/run.py of the source tree this package runs from."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "run.py"
+    if not path.is_file():
+        raise SystemExit(f"bench: needs the source tree's benchmarks/run.py, not found at {path}")
+    spec = importlib.util.spec_from_file_location("fastflow_bench_run", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(argv=None) -> int:
+    """``python -m fastflow bench [run.py options]``: the benchmark tables for this device."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # figures run the kernels interpreted
+    return _benchmarks_run().main(argv)

@@ -1,0 +1,167 @@
+"""Glow's LU-parameterised 1x1-convolution weight and the log-det as torch.library ops.
+
+* ``fastflow::lu_weight(lower, upper, log_s, sign_s, rows, scale, n, ld_mult, ld_dtype)
+  -> (W, logdet)``: W = P (L + I)(U + diag(sign_s exp(log_s))) in float64 (P as the row
+  gather ``W[i] = M[rows[i]]``) and the per-sample log-det
+  ``ld_mult * (sum(log_s) + sum(log|scale|))``, shape (n,), so a FlowStep's whole log-det
+  (ActNorm's included, ``ld_mult`` = H*W) comes from one launch;
+  ``fastflow::lu_weight_backward`` gives d lower, d upper, d log_s, d scale in one launch.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..backend import device_guard, unaliased, use_triton
+from ._checks import check_float_tensor, check_same_device
+
+
+def _kernels():
+    from ..kernels import lu_weight  # imported on first Triton use only
+
+    return lu_weight
+
+
+# --------------------------------------------------------------------------------------
+# LU-parameterised weight and the log-det: fastflow::lu_weight
+# --------------------------------------------------------------------------------------
+
+
+def _flat(v):
+    """A per-channel vector the kernels can read with one stride: 1-D as it is, else
+    contiguous (a (1, C, 1, 1) parameter is)."""
+    if v is None or v.dim() == 1 or v.is_contiguous():
+        return v
+    return v.reshape(-1).contiguous()
+
+
+@torch.library.custom_op("fastflow::lu_weight", mutates_args=())
+def lu_weight_op(lower: Tensor, upper: Tensor, log_s: Tensor, sign_s: Tensor, rows: Tensor,
+                 scale: Optional[Tensor], n: int, ld_mult: int,
+                 ld_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    if use_triton(log_s):
+        c = log_s.shape[0]
+        w = torch.empty((c, c), dtype=torch.float64, device=log_s.device)
+        ld = torch.empty((n,), dtype=ld_dtype, device=log_s.device)
+        with device_guard(log_s):
+            _kernels().lu_weight_forward(lower, upper, log_s, sign_s, rows, _flat(scale), w, ld,
+                                 ld_mult=ld_mult)
+        return w, ld
+    w, ld = reference.lu_weight_logdet(rows, lower, upper, log_s, sign_s, scale, n=n,
+                                       ld_mult=ld_mult)
+    return w, ld.to(ld_dtype).clone()
+
+
+@lu_weight_op.register_fake
+def _(lower, upper, log_s, sign_s, rows, scale, n, ld_mult, ld_dtype):
+    c = log_s.shape[0]
+    return (log_s.new_empty((c, c), dtype=torch.float64), log_s.new_empty((n,), dtype=ld_dtype))
+
+
+def _lu_reference_backward(d_w, d_ld, lower, upper, log_s, sign_s, rows, scale, ld_mult):
+    prims = [lower, upper, log_s] + ([] if scale is None else [scale])
+
+    def fn(*ps):
+        sc = ps[3] if scale is not None else None
+        return reference.lu_weight_logdet(rows, ps[0], ps[1], ps[2], sign_s, sc,
+                                          n=d_ld.shape[0], ld_mult=ld_mult)
+
+    _, vjp = torch.func.vjp(fn, *prims)
+    grads = vjp((d_w.to(torch.float64), d_ld.to(torch.float64)))
+    return (*grads[:3], grads[3] if scale is not None else None)
+
+
+@torch.library.custom_op("fastflow::lu_weight_backward", mutates_args=())
+def lu_weight_backward(d_w: Tensor, d_ld: Tensor, lower: Tensor, upper: Tensor, log_s: Tensor,
+                       sign_s: Tensor, rows: Tensor, scale: Optional[Tensor],
+                       ld_mult: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if use_triton(log_s):
+        d_l = torch.empty(lower.shape, dtype=lower.dtype, device=lower.device)
+        d_u = torch.empty(upper.shape, dtype=upper.dtype, device=upper.device)
+        d_s = torch.empty(log_s.shape, dtype=log_s.dtype, device=log_s.device)
+        d_sc = (log_s.new_empty(0) if scale is None else
+                torch.empty(scale.shape, dtype=scale.dtype, device=scale.device))
+        with device_guard(log_s):
+            _kernels().lu_weight_backward(d_w, d_ld, lower, upper, log_s, sign_s, rows,
+                                          _flat(scale), d_l, d_u, d_s,
+                                          None if scale is None else d_sc, ld_mult=ld_mult)
+        return d_l, d_u, d_s, d_sc
+    d_l, d_u, d_s, d_sc = _lu_reference_backward(d_w, d_ld, lower, upper, log_s, sign_s, rows,
+                                                 scale, ld_mult)
+    outs = [d_l, d_u, d_s, log_s.new_empty(0) if d_sc is None else d_sc]
+    return unaliased(outs, (d_w, d_ld, lower, upper, log_s, sign_s, rows, scale))
+
+
+@lu_weight_backward.register_fake
+def _(d_w, d_ld, lower, upper, log_s, sign_s, rows, scale, ld_mult):
+    return (torch.empty_like(lower), torch.empty_like(upper), torch.empty_like(log_s),
+            log_s.new_empty(0) if scale is None else torch.empty_like(scale))
+
+
+def _lu_setup_context(ctx, inputs, output):
+    lower, upper, log_s, sign_s, rows, scale, n, ld_mult, ld_dtype = inputs
+    ctx.save_for_backward(lower, upper, log_s, sign_s, rows, scale)
+    ctx.ld_mult = ld_mult
+
+
+def _lu_backward(ctx, d_w, d_ld):
+    lower, upper, log_s, sign_s, rows, scale = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    d_l, d_u, d_s, d_sc = lu_weight_backward(d_w, d_ld, lower, upper, log_s, sign_s, rows,
+                                             scale, ctx.ld_mult)
+    return (d_l if need[0] else None, d_u if need[1] else None, d_s if need[2] else None,
+            None, None, d_sc if (scale is not None and need[5]) else None, None, None, None)
+
+
+lu_weight_op.register_autograd(_lu_backward, setup_context=_lu_setup_context)
+
+
+def lu_weight_logdet(lower: Tensor, upper: Tensor, log_s: Tensor, sign_s: Tensor, rows: Tensor, *,
+              scale: Optional[Tensor] = None, n: int = 1, ld_mult: int = 1,
+              ld_dtype: torch.dtype = torch.float64):
+    """Glow's LU-parameterised 1x1 convolution weight and the log-det, in one launch:
+    ``(W, logdet)``.
+
+    ``W = P @ (L + I) @ (U + diag(sign_s * exp(log_s)))`` as a float64 (C, C) matrix, with
+    L / U the strictly lower / upper parts of ``lower`` / ``upper`` (C, C) (the other
+    entries are ignored and get zero gradients) and P given by its row gather:
+    ``W[i] = ((L + I)(U + D))[rows[i]]``, i.e. ``rows = P.argmax(dim=1)``; ``rows`` must be
+    a permutation of 0..C-1 (not checked: that would read the device). ``logdet`` (n,) in
+    ``ld_dtype`` is ``ld_mult * (sum(log_s) + sum(log|scale|))`` (``scale``, e.g. the
+    ActNorm's, None for none): a FlowStep passes ``ld_mult = H*W`` (``-H*W`` for the
+    inverse map). Differentiable in lower, upper, log_s and scale."""
+    for name, t in (("lower", lower), ("upper", upper), ("log_s", log_s), ("sign_s", sign_s)):
+        check_float_tensor(name, t)
+    c = log_s.shape[0] if log_s.dim() == 1 else -1
+    if log_s.dim() != 1:
+        raise ValueError(f"log_s: expected a 1-D tensor (C,), got shape {tuple(log_s.shape)}")
+    for name, t in (("lower", lower), ("upper", upper)):
+        if tuple(t.shape) != (c, c):
+            raise ValueError(f"{name}: expected shape ({c}, {c}) (log_s has {c} values), got "
+                             f"{tuple(t.shape)}")
+        check_same_device(name, t, "log_s", log_s)
+    if tuple(sign_s.shape) != (c,):
+        raise ValueError(f"sign_s: expected shape ({c},), got {tuple(sign_s.shape)}")
+    check_same_device("sign_s", sign_s, "log_s", log_s)
+    if not isinstance(rows, Tensor) or rows.dtype not in (torch.int64, torch.int32):
+        got = rows.dtype if isinstance(rows, Tensor) else type(rows).__name__
+        raise TypeError(f"rows: expected an int64 or int32 tensor (the permutation's row "
+                        f"gather), got {got}")
+    if tuple(rows.shape) != (c,):
+        raise ValueError(f"rows: expected shape ({c},), got {tuple(rows.shape)}")
+    check_same_device("rows", rows, "log_s", log_s)
+    if scale is not None:
+        check_float_tensor("scale", scale)
+        check_same_device("scale", scale, "log_s", log_s)
+        if scale.numel() != c:
+            raise ValueError(f"scale: expected {c} values, one per channel, got shape "
+                             f"{tuple(scale.shape)}")
+    if not isinstance(ld_dtype, torch.dtype) or not ld_dtype.is_floating_point:
+        raise TypeError(f"ld_dtype: expected a floating-point torch.dtype, got {ld_dtype!r}")
+    if int(n) < 0:
+        raise ValueError(f"n: expected a sample count >= 0, got {n}")
+    return lu_weight_op(lower, upper, log_s, sign_s, rows, scale, int(n), int(ld_mult), ld_dtype)

@@ -1,0 +1,230 @@
+"""Glow's LU-parameterised 1x1-convolution weight and its log-det, one launch per direction
+
+    W = P (L + I) (U + diag(sign * exp(log_s)))       in float64, P as a row gather
+    logdet[n] = LD_MULT * (sum(log_s) + sum(log|scale|))   (ActNorm's term folded in)
+
+``lu_weight_forward`` writes W and the per-sample log-det in one launch;
+``lu_weight_backward`` gives d lower, d upper, d log_s and d scale in one launch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+# --------------------------------------------------------------------------------------
+# LU-parameterised weight: W = P (L + I) (U + diag(sign * exp(log_s))) and the log-det
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _matrix_tile(pid, N_T, C, rows_ptr, s_rw, BLOCK: tl.constexpr):
+    """Program ``pid``'s (BLOCK, BLOCK) tile of a (C, C) matrix: rows i and columns j (each
+    with its in-range mask and int64 copy), and the permutation's source rows r = rows[i]."""
+    i = (pid // N_T) * BLOCK + tl.arange(0, BLOCK)
+    j = (pid % N_T) * BLOCK + tl.arange(0, BLOCK)
+    i_in = i < C
+    i64 = i.to(tl.int64)
+    r = tl.load(rows_ptr + i64 * s_rw, mask=i_in, other=0).to(tl.int64)
+    return i, i_in, i64, j, j < C, j.to(tl.int64), r
+
+
+@triton.jit
+def _lu_weight_kernel(
+    lower_ptr,  # (C, C) L below the diagonal (entries on and above it are ignored)
+    upper_ptr,  # (C, C) U above the diagonal (entries on and below it are ignored)
+    logs_ptr,   # (C,) log|diag U|
+    sign_ptr,   # (C,) sign of diag U
+    rows_ptr,   # (C,) int64: row i of W is row rows[i] of (L + I)(U + D) (P as a gather)
+    scale_ptr,  # (C,) ActNorm scale: sum(log|scale|) joins the log-det (HAS_SCALE)
+    w_ptr,      # (C, C) float64 output W, contiguous
+    ld_ptr,     # (N,) output log-det per sample, contiguous
+    C, N, LD_MULT, N_T,
+    s_l0, s_l1, s_u0, s_u1, s_ls, s_sg, s_rw, s_sc,
+    HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """W[i, j] = sum_k Lf[rows[i], k] Uf[k, j] in float64 by a broadcast multiply-and-sum
+    (no fp64 tl.dot), k only up to the tile's last column (Uf is upper triangular).
+    Program 0 also writes ld[n] = LD_MULT * (sum(log_s) + sum(log|scale|)) for every n."""
+    pid = tl.program_id(0)
+    jt = pid % N_T
+    i, i_in, i64, j, j_in, j64, r = _matrix_tile(pid, N_T, C, rows_ptr, s_rw, BLOCK)
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float64)
+    for k0 in range(0, (jt + 1) * BLOCK, BLOCK_R):  # Uf[k, j] = 0 for k > j; k >= C masked
+        k = k0 + tl.arange(0, BLOCK_R)
+        k_in = k < C
+        k64 = k.to(tl.int64)
+        # Lf[rows[i], k]: L strictly below the diagonal, 1 on it
+        below = i_in[:, None] & k_in[None, :] & (k64[None, :] < r[:, None])
+        lf = tl.load(lower_ptr + r[:, None] * s_l0 + k64[None, :] * s_l1, mask=below,
+                     other=0.0).to(tl.float64)
+        lf = tl.where(i_in[:, None] & (k64[None, :] == r[:, None]), 1.0, lf)
+        # Uf[k, j]: U strictly above the diagonal, sign * exp(log_s) on it
+        above = k_in[:, None] & j_in[None, :] & (j[None, :] > k[:, None])
+        uf = tl.load(upper_ptr + k64[:, None] * s_u0 + j64[None, :] * s_u1, mask=above,
+                     other=0.0).to(tl.float64)
+        ls = tl.load(logs_ptr + k64 * s_ls, mask=k_in, other=0.0).to(tl.float64)
+        sg = tl.load(sign_ptr + k64 * s_sg, mask=k_in, other=0.0).to(tl.float64)
+        d = sg * tl.exp(ls)
+        uf = tl.where(k_in[:, None] & (j[None, :] == k[:, None]), d[:, None], uf)
+        acc += tl.sum(lf[:, :, None] * uf[None, :, :], axis=1)
+    tl.store(w_ptr + i64[:, None] * C + j64[None, :], acc, mask=i_in[:, None] & j_in[None, :])
+    if pid == 0:
+        tot = tl.zeros((BLOCK_R,), dtype=tl.float64)
+        for c0 in range(0, C, BLOCK_R):
+            c = c0 + tl.arange(0, BLOCK_R)
+            c_in = c < C
+            c64 = c.to(tl.int64)
+            tot += tl.load(logs_ptr + c64 * s_ls, mask=c_in, other=0.0).to(tl.float64)
+            if HAS_SCALE:
+                sc = tl.load(scale_ptr + c64 * s_sc, mask=c_in, other=1.0).to(tl.float64)
+                tot += tl.log(tl.abs(sc))
+        val = tl.sum(tot, axis=0) * LD_MULT
+        for n0 in range(0, N, BLOCK_N):
+            nn = n0 + tl.arange(0, BLOCK_N)
+            tl.store(ld_ptr + nn.to(tl.int64), (tl.zeros((BLOCK_N,), dtype=tl.float64) + val)
+                     .to(ld_ptr.dtype.element_ty), mask=nn < N)
+
+
+@triton.jit
+def _lu_weight_bwd_kernel(
+    dw_ptr,     # (C, C) gradient of W, any strides
+    dld_ptr,    # (N,) gradient of the per-sample log-det, any stride (0 too)
+    lower_ptr,  # (C, C) as in the forward
+    upper_ptr,  # (C, C) as in the forward
+    logs_ptr,   # (C,) as in the forward
+    sign_ptr,   # (C,) as in the forward
+    rows_ptr,   # (C,) int64, as in the forward
+    scale_ptr,  # (C,) ActNorm scale (HAS_SCALE)
+    dlow_ptr,   # (C, C) output d lower, contiguous
+    dup_ptr,    # (C, C) output d upper, contiguous
+    dlogs_ptr,  # (C,) output d log_s, contiguous
+    dsc_ptr,    # (C,) output d scale, contiguous (HAS_SCALE)
+    C, N, LD_MULT, N_T,
+    s_dw0, s_dw1, s_dld, s_l0, s_l1, s_u0, s_u1, s_ls, s_sg, s_rw, s_sc,
+    HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """With dM = P^T dW (row rows[i] of dM is row i of dW), two kinds of programs:
+
+    pid <  N_T^2: d lower[rows[i], k] = (dW Uf^T)[i, k] for k < rows[i] (0 elsewhere),
+                  a permuted row store, so no two programs write the same element;
+    pid >= N_T^2: D = Lf^T dM = sum_i Lf[rows[i], :]^T dW[i, :];  d upper = triu(D, 1);
+                  the diagonal tiles also write d log_s = diag(D) sign exp(log_s) + t and
+                  d scale = t / scale, t = LD_MULT * sum_n dld[n] (summed in a fixed order)."""
+    pid = tl.program_id(0)
+    half = N_T * N_T
+    if pid < half:
+        kt = pid % N_T
+        i, i_in, i64, k, k_in, k64, r = _matrix_tile(pid, N_T, C, rows_ptr, s_rw, BLOCK)
+        ls = tl.load(logs_ptr + k64 * s_ls, mask=k_in, other=0.0).to(tl.float64)
+        sg = tl.load(sign_ptr + k64 * s_sg, mask=k_in, other=0.0).to(tl.float64)
+        d = sg * tl.exp(ls)
+        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float64)
+        for j0 in range(kt * BLOCK, C, BLOCK_R):  # Uf[k, j] = 0 for j < k
+            j = j0 + tl.arange(0, BLOCK_R)
+            j_in = j < C
+            j64 = j.to(tl.int64)
+            g = tl.load(dw_ptr + i64[:, None] * s_dw0 + j64[None, :] * s_dw1,
+                        mask=i_in[:, None] & j_in[None, :], other=0.0).to(tl.float64)
+            # Uf^T as a (j, k) tile
+            above = j_in[:, None] & k_in[None, :] & (j[:, None] > k[None, :])
+            ut = tl.load(upper_ptr + k64[None, :] * s_u0 + j64[:, None] * s_u1, mask=above,
+                         other=0.0).to(tl.float64)
+            ut = tl.where(k_in[None, :] & (j[:, None] == k[None, :]), d[None, :], ut)
+            acc += tl.sum(g[:, :, None] * ut[None, :, :], axis=1)
+        acc = tl.where(k64[None, :] < r[:, None], acc, 0.0)
+        tl.store(dlow_ptr + r[:, None] * C + k64[None, :], acc.to(dlow_ptr.dtype.element_ty),
+                 mask=i_in[:, None] & k_in[None, :])
+    else:
+        q = pid - half
+        kt = q // N_T
+        jt = q % N_T
+        k = kt * BLOCK + tl.arange(0, BLOCK)
+        j = jt * BLOCK + tl.arange(0, BLOCK)
+        k_in = k < C
+        j_in = j < C
+        k64 = k.to(tl.int64)
+        j64 = j.to(tl.int64)
+        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float64)
+        for i0 in range(0, C, BLOCK_R):
+            i = i0 + tl.arange(0, BLOCK_R)
+            i_in = i < C
+            i64 = i.to(tl.int64)
+            r = tl.load(rows_ptr + i64 * s_rw, mask=i_in, other=0).to(tl.int64)
+            # Lf[rows[i], k] as a (k, i) tile
+            below = k_in[:, None] & i_in[None, :] & (k64[:, None] < r[None, :])
+            lt = tl.load(lower_ptr + r[None, :] * s_l0 + k64[:, None] * s_l1, mask=below,
+                         other=0.0).to(tl.float64)
+            lt = tl.where(i_in[None, :] & (k64[:, None] == r[None, :]), 1.0, lt)
+            g = tl.load(dw_ptr + i64[:, None] * s_dw0 + j64[None, :] * s_dw1,
+                        mask=i_in[:, None] & j_in[None, :], other=0.0).to(tl.float64)
+            acc += tl.sum(lt[:, :, None] * g[None, :, :], axis=1)
+        m = k_in[:, None] & j_in[None, :]
+        tl.store(dup_ptr + k64[:, None] * C + j64[None, :],
+                 tl.where(j[None, :] > k[:, None], acc, 0.0).to(dup_ptr.dtype.element_ty), mask=m)
+        if kt == jt:
+            diag = tl.sum(tl.where(k[:, None] == j[None, :], acc, 0.0), axis=1)
+            t = tl.zeros((BLOCK_N,), dtype=tl.float64)
+            for n0 in range(0, N, BLOCK_N):
+                nn = n0 + tl.arange(0, BLOCK_N)
+                t += tl.load(dld_ptr + nn.to(tl.int64) * s_dld, mask=nn < N, other=0.0).to(tl.float64)
+            t_sum = tl.sum(t, axis=0) * LD_MULT
+            ls = tl.load(logs_ptr + k64 * s_ls, mask=k_in, other=0.0).to(tl.float64)
+            sg = tl.load(sign_ptr + k64 * s_sg, mask=k_in, other=0.0).to(tl.float64)
+            tl.store(dlogs_ptr + k64, (diag * sg * tl.exp(ls) + t_sum).to(dlogs_ptr.dtype.element_ty),
+                     mask=k_in)
+            if HAS_SCALE:
+                sc = tl.load(scale_ptr + k64 * s_sc, mask=k_in, other=1.0).to(tl.float64)
+                tl.store(dsc_ptr + k64, (t_sum / sc).to(dsc_ptr.dtype.element_ty), mask=k_in)
+
+
+def _vstride(v: torch.Tensor) -> int:
+    """The stride between a per-channel vector's values: 1-D any stride, else contiguous."""
+    return v.stride(0) if v.dim() == 1 else 1
+
+
+def _lu_blocks(c: int) -> tuple[int, int, int]:
+    """(BLOCK, N_T, BLOCK_R): square tiles of W, their count per side, the reduction step."""
+    block = min(max(triton.next_power_of_2(c), 2), 16)
+    return block, triton.cdiv(c, block), 8
+
+
+def lu_weight_forward(lower, upper, log_s, sign_s, rows, scale, w, ld, *, ld_mult: int) -> None:
+    """W = P (L + I)(U + diag(sign_s exp(log_s))) into ``w`` (C, C) float64 contiguous, and
+    ``ld[:] = ld_mult * (sum(log_s) + sum(log|scale|))`` (scale None: no ActNorm term);
+    P is applied as ``W[i] = M[rows[i]]``. Vectors (C,) with any stride (or contiguous of
+    any shape, e.g. (1, C, 1, 1)), matrices any strides; one launch. Validation is the caller's job."""
+    c = log_s.shape[0]
+    block, n_t, block_r = _lu_blocks(c)
+    n = ld.shape[0]
+    has_scale = scale is not None
+    sc = scale if has_scale else log_s
+    _lu_weight_kernel[(n_t * n_t,)](
+        lower, upper, log_s, sign_s, rows, sc, w, ld, c, n, ld_mult, n_t,
+        lower.stride(0), lower.stride(1), upper.stride(0), upper.stride(1),
+        _vstride(log_s), _vstride(sign_s), _vstride(rows), _vstride(sc),
+        HAS_SCALE=has_scale, BLOCK=block, BLOCK_R=block_r,
+        BLOCK_N=min(max(triton.next_power_of_2(max(n, 1)), 2), 128))
+
+
+def lu_weight_backward(d_w, d_ld, lower, upper, log_s, sign_s, rows, scale,
+                       d_lower, d_upper, d_log_s, d_scale, *, ld_mult: int) -> None:
+    """Gradients of ``lu_weight`` written into ``d_lower``, ``d_upper`` (C, C) and
+    ``d_log_s``, ``d_scale`` (C,), all contiguous, in one launch."""
+    c = log_s.shape[0]
+    block, n_t, block_r = _lu_blocks(c)
+    n = d_ld.shape[0]
+    has_scale = scale is not None
+    sc = scale if has_scale else log_s
+    _lu_weight_bwd_kernel[(2 * n_t * n_t,)](
+        d_w, d_ld, lower, upper, log_s, sign_s, rows, sc, d_lower, d_upper, d_log_s,
+        d_scale if has_scale else d_log_s, c, n, ld_mult, n_t,
+        d_w.stride(0), d_w.stride(1), d_ld.stride(0) if n > 0 else 0,
+        lower.stride(0), lower.stride(1), upper.stride(0), upper.stride(1),
+        _vstride(log_s), _vstride(sign_s), _vstride(rows), _vstride(sc),
+        HAS_SCALE=has_scale, BLOCK=block, BLOCK_R=block_r,
+        BLOCK_N=min(max(triton.next_power_of_2(max(n, 1)), 2), 128))
