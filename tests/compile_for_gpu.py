@@ -4,19 +4,29 @@ The interpreter checks what the kernels compute; this checks that they compile f
 GPU target (sm_90: H100/H200 by default): Triton's own front end, its GPU passes and ptxas
 (bundled with the triton wheel) run on every specialisation that the public API launches,
 with a stand-in driver that compiles instead of launching. Outputs are never computed.
-It reports, per kernel, the specialisations compiled and the worst registers, spilled
-(local) memory and shared memory from ``cuobjdump --dump-resource-usage``.
 
-    python tests/compile_for_gpu.py [--arch 90] [--quick]
+The kernel families come from the one registry, ``fastflow.kernels.FAMILIES``; each family
+has one exercise below (its specialisation list: the public calls that reach its kernels),
+run at small odd shapes and at the shapes Glow runs (N=64; C=12 at 16x16, 24 at 8x8, 48 at
+8x8 and 4x4, 96 at 4x4). For every compiled specialisation it prints the registers, the
+stack frame, the spill stores and loads (``ptxas -v`` on the kernel's PTX), the dynamic
+shared memory, num_warps / num_stages and the programs of its launches; then the programs
+per launch at the Glow shapes.
+
+    python tests/compile_for_gpu.py [--arch 90] [--quick] [--no-glow]
 
 It must start without TRITON_INTERPRET (the kernels are decorated when first imported).
-Exit status 1 when a kernel fails to compile.
+Exit status 1 when a kernel fails to compile, spills, or a registered family has no
+exercise.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import itertools
+import math
 import os
 import re
 import subprocess
@@ -29,13 +39,14 @@ os.environ.pop("TRITON_INTERPRET", None)
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.runtime.driver import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-import fastflow.kernels.channel_mix  # noqa: E402,F401  decorated now: compiled kernels
-import fastflow.kernels.lu_weight  # noqa: E402,F401
-import fastflow.kernels.coupling  # noqa: E402,F401
-import fastflow.kernels.gaussian  # noqa: E402,F401
+from fastflow.kernels import FAMILIES  # noqa: E402
+
+# decorated now, before TRITON_INTERPRET is set below: compiled-mode kernels
+FAMILY_MODULES = {name: importlib.import_module(f"fastflow.kernels.{name}") for name in FAMILIES}
 
 # fastflow routes CPU tensors to the kernels only "under the interpreter"; the kernels above
 # are already compiled-mode objects, so this flag now only opens that route
@@ -44,6 +55,11 @@ os.environ["TRITON_INTERPRET"] = "1"
 import fastflow as ff  # noqa: E402
 from fastflow import reference  # noqa: E402
 from fastflow.ops import coupling as coupling_ops  # noqa: E402
+
+NV_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+GLOW_SHAPES = ((64, 12, 16, 16), (64, 24, 8, 8), (64, 48, 8, 8), (64, 48, 4, 4), (64, 96, 4, 4))
+GAUSS_SHAPES = ((64, 16), (64, 64), (64, 256), (64, 768))
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 class CompileOnlyDriver:
@@ -63,16 +79,34 @@ class CompileOnlyDriver:
 
 
 class Recorder:
+    """Compiles instead of launching, and keeps every compiled kernel and every launch
+    (kernel, programs, the case it ran in)."""
+
     def __init__(self):
         self.kernels: dict[str, dict[int, object]] = {}
+        self.programs: dict[tuple[str, int], set[int]] = {}
+        self.launches: list[tuple[str, str, int]] = []
+        self.case = ""
         self._orig = JITFunction.run
+
+    @contextlib.contextmanager
+    def label(self, case: str):
+        old, self.case = self.case, case
+        try:
+            yield
+        finally:
+            self.case = old
 
     def __enter__(self):
         recorder = self
 
         def run(fn_self, *args, grid, warmup, **kwargs):
             kernel = recorder._orig(fn_self, *args, grid=grid, warmup=True, **kwargs)
-            recorder.kernels.setdefault(fn_self.fn.__name__, {})[id(kernel)] = kernel
+            name = fn_self.fn.__name__
+            recorder.kernels.setdefault(name, {})[id(kernel)] = kernel
+            programs = math.prod(grid) if isinstance(grid, tuple) else -1
+            recorder.programs.setdefault((name, id(kernel)), set()).add(programs)
+            recorder.launches.append((recorder.case, name, programs))
             return kernel
 
         JITFunction.run = run
@@ -82,10 +116,12 @@ class Recorder:
         JITFunction.run = self._orig
 
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# --------------------------------------------------------------------------------------
+# Specialisation lists: one exercise per registered family
+# --------------------------------------------------------------------------------------
 
 
-def exercise_coupling(quick: bool):
+def exercise_coupling(quick: bool, glow: bool, rec: Recorder):
     variants = list(itertools.product(reference.SCALES, reference.LAYOUTS, reference.SHIFTS))
     cases = [(v, torch.float32) for v in variants] + [(variants[0], dt) for dt in DTYPES[1:]]
     if quick:
@@ -104,30 +140,50 @@ def exercise_coupling(quick: bool):
     y.sum().backward()
     cl = torch.randn(2, 6, 5, 5).contiguous(memory_format=torch.channels_last)
     ff.affine_coupling(cl, torch.randn(2, 6, 5, 5).contiguous(memory_format=torch.channels_last))
+    for n, c, hh, ww in GLOW_SHAPES if glow else ():
+        for dtype in (torch.float32, torch.bfloat16):
+            with rec.label(f"glow {n}x{c}x{hh}x{ww} {str(dtype)[6:]}"):
+                x = torch.randn(n, c, hh, ww, dtype=dtype, requires_grad=True)
+                h = torch.randn(n, c, hh, ww, dtype=dtype, requires_grad=True)
+                y, ld = ff.affine_coupling(x, h)
+                torch.autograd.grad((y, ld), (x, h), (torch.ones_like(y), torch.ones_like(ld)))
 
 
-def exercise_channel_mix(quick: bool):
+def _flowstep(dtype, conv_lu, c, shape, channels_last=True):
+    step = ff.FlowStep(c, filter_size=8, conv_lu=conv_lu).to(dtype)
+    x = torch.randn(*shape, dtype=dtype, requires_grad=True)
+    with torch.no_grad():
+        step(x)  # ActNorm's initialisation
+    y, ld = step(x)
+    (y.float().sum() + ld.sum()).backward()
+    step.eval()
+    with torch.no_grad():
+        step.reverse(y)
+        if channels_last:
+            step(x.contiguous(memory_format=torch.channels_last))
+
+
+def exercise_channel_mix(quick: bool, glow: bool, rec: Recorder):
     for dtype, conv_lu, c in [(torch.float32, True, 12), (torch.float32, False, 12),
                               (torch.bfloat16, True, 12), (torch.float16, True, 12),
                               (torch.float64, True, 12), (torch.float32, True, 70)][:3 if quick else 6]:
-        step = ff.FlowStep(c, filter_size=8, conv_lu=conv_lu).to(dtype)
-        x = torch.randn(2, c, 4, 4, dtype=dtype, requires_grad=True)
-        with torch.no_grad():
-            step(x)  # ActNorm's initialisation
-        y, ld = step(x)
-        (y.float().sum() + ld.sum()).backward()
-        step.eval()
-        with torch.no_grad():
-            step.reverse(y)
-            step(x.contiguous(memory_format=torch.channels_last))
+        _flowstep(dtype, conv_lu, c, (2, c, 4, 4))
     an = ff.ActNorm(3)
     z = torch.randn(2, 3, 4, 4, requires_grad=True)
     an(z)
     y, ld = an(z)
     (y.sum() + ld.sum()).backward()
+    for shape in GLOW_SHAPES if glow else ():
+        for dtype in (torch.float32, torch.bfloat16):
+            with rec.label(f"glow {'x'.join(map(str, shape))} {str(dtype)[6:]}"):
+                _flowstep(dtype, True, shape[1], shape, channels_last=False)
 
 
-def exercise_gaussian(quick: bool):
+def exercise_lu_weight(quick: bool, glow: bool, rec: Recorder):
+    pass  # launched by every InvConv2dLU in exercise_channel_mix (FlowStep, conv_lu=True)
+
+
+def exercise_gaussian(quick: bool, glow: bool, rec: Recorder):
     for dtype in DTYPES[:2] if quick else DTYPES:
         for reduction in reference.REDUCTIONS:
             for given in (False, True):
@@ -136,21 +192,64 @@ def exercise_gaussian(quick: bool):
                 eps = torch.randn(4, 9, dtype=dtype) if given else None
                 z, kl = ff.reparameterize_kl(mu, lv, eps, reduction=reduction)
                 (z.float().sum() + kl.sum()).backward()
+    for n, d in GAUSS_SHAPES if glow else ():
+        with rec.label(f"vae {n}x{d} float32"):
+            mu = torch.randn(n, d, requires_grad=True)
+            lv = torch.randn(n, d, requires_grad=True)
+            z, kl = ff.reparameterize_kl(mu, lv)
+            (z.sum() + kl.sum()).backward()
 
 
-def resource_usage(kernel) -> dict:
-    """Registers, local (spilled) and shared memory of a compiled kernel's cubin."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+EXERCISES = {"coupling": exercise_coupling, "channel_mix": exercise_channel_mix,
+             "lu_weight": exercise_lu_weight, "gaussian": exercise_gaussian}
+
+
+def family_kernels(module) -> list[str]:
+    """The names of the ``@triton.jit`` kernels (``*_kernel``) a family module defines."""
+    return sorted(name for name, obj in vars(module).items()
+                  if name.endswith("_kernel") and hasattr(obj, "fn") and hasattr(obj, "run"))
+
+
+# --------------------------------------------------------------------------------------
+# Resource usage of a compiled kernel
+# --------------------------------------------------------------------------------------
+
+
+def resource_usage(kernel, arch: int) -> dict:
+    """STACK, SPILL_ST, SPILL_LD (bytes, from ``ptxas -v`` on the kernel's PTX, Triton's own
+    ptxas and options), SHARED_DYN (the dynamic shared memory a launch asks for), and REG,
+    LOCAL, SHARED_STATIC from ``cuobjdump --dump-resource-usage`` of its cubin."""
+    use = {"SHARED_DYN": int(getattr(kernel.metadata, "shared", 0) or 0),
+           "WARPS": kernel.metadata.num_warps, "STAGES": kernel.metadata.num_stages}
+    ptx = kernel.asm.get("ptx")
+    ptxas = get_ptxas(arch).path
+    if ptx and ptxas and os.path.exists(ptxas):
+        with tempfile.TemporaryDirectory() as d:
+            src = os.path.join(d, "k.ptx")
+            with open(src, "w") as f:
+                f.write(ptx)
+            suffix = "a" if arch >= 90 else ""
+            log = subprocess.run([ptxas, "-v", "--regAllocOptLevel=2",
+                                  f"--gpu-name=sm_{arch}{suffix}", src, "-o",
+                                  os.path.join(d, "k.o")], capture_output=True, text=True)
+            text = log.stdout + log.stderr
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text)
+        if m:
+            use.update(STACK=int(m[1]), SPILL_ST=int(m[2]), SPILL_LD=int(m[3]))
     cubin = kernel.asm.get("cubin")
-    if not cubin or not os.path.exists(tool):
-        return {}
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
-                             text=True).stdout
-    found = dict(re.findall(r"(REG|LOCAL|SHARED|STACK):(\d+)", out))
-    return {k: int(v) for k, v in found.items()}
+    tool = os.path.join(NV_BIN, "cuobjdump")
+    if cubin and os.path.exists(tool):
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(cubin)
+            f.flush()
+            out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
+                                 text=True).stdout
+        found = dict(re.findall(r"(REG|LOCAL|SHARED|STACK):(\d+)", out))
+        use["REG"] = int(found.get("REG", 0))
+        use["STACK"] = max(use.get("STACK", 0), int(found.get("STACK", 0)))
+        use["LOCAL"] = int(found.get("LOCAL", 0))
+        use["SHARED_STATIC"] = int(found.get("SHARED", 0))
+    return use
 
 
 def main(argv=None) -> int:
@@ -158,27 +257,56 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: Hopper)")
     ap.add_argument("--quick", action="store_true", help="a few specialisations per kernel")
+    ap.add_argument("--no-glow", action="store_true", help="skip the Glow-shape launches")
     args = ap.parse_args(argv)
     driver.set_active(CompileOnlyDriver(GPUTarget("cuda", args.arch, 32)))
     t0 = time.perf_counter()
-    failures = []
+    failures = [f"family {name!r} is registered but has no exercise in compile_for_gpu.py"
+                for name in FAMILIES if name not in EXERCISES]
     with Recorder() as rec, ff.use_backend("triton"):
-        for name, fn in [("coupling", exercise_coupling), ("channel_mix", exercise_channel_mix),
-                         ("gaussian", exercise_gaussian)]:
+        for name in FAMILIES:
+            if name not in EXERCISES:
+                continue
             try:
-                fn(args.quick)
+                EXERCISES[name](args.quick, not args.no_glow, rec)
             except Exception as e:  # a compile error: report it, go on with the others
                 failures.append(f"{name}: {type(e).__name__}: {e}")
+    for name, module in FAMILY_MODULES.items():
+        for kname in family_kernels(module):
+            if kname not in rec.kernels:
+                failures.append(f"{name}.{kname} was never compiled")
     total = sum(len(v) for v in rec.kernels.values())
     print(f"compiled {total} kernel specialisations for sm_{args.arch} in "
           f"{time.perf_counter() - t0:.0f} s (triton {triton.__version__})")
-    print(f"{'kernel':28s} {'specs':>5s} {'max REG':>7s} {'max LOCAL':>9s} {'max SHARED':>10s}")
+    cols = ("REG", "STACK", "SPILL_ST", "SPILL_LD", "LOCAL", "SHARED_DYN", "WARPS", "STAGES")
+    print(f"{'kernel':24s} {'spec':>4s} " + " ".join(f"{c:>10s}" for c in cols) + "  programs")
+    summary = {}
     for name, kernels in sorted(rec.kernels.items()):
-        usage = [resource_usage(k) for k in kernels.values()]
-        worst = {key: max((u.get(key, 0) for u in usage), default=0)
-                 for key in ("REG", "LOCAL", "SHARED")}
-        print(f"{name:28s} {len(kernels):5d} {worst['REG']:7d} {worst['LOCAL']:9d} "
-              f"{worst['SHARED']:10d}")
+        for i, (key, k) in enumerate(kernels.items()):
+            u = resource_usage(k, args.arch)
+            progs = sorted(rec.programs[(name, key)])
+            print(f"{name:24s} {i:4d} " + " ".join(f"{u.get(c, -1):10d}" for c in cols)
+                  + "  " + ",".join(map(str, progs[:8])) + (",..." if len(progs) > 8 else ""))
+            s = summary.setdefault(name, {c: 0 for c in cols} | {"specs": 0})
+            s["specs"] += 1
+            for c in cols:
+                s[c] = max(s[c], u.get(c, 0))
+            if u.get("STACK", 0) or u.get("SPILL_ST", 0) or u.get("SPILL_LD", 0) or u.get("LOCAL", 0):
+                failures.append(f"{name} spec {i} spills: {u}")
+    print()
+    print(f"{'kernel':24s} {'specs':>5s} " + " ".join(f"{'max ' + c:>14s}" for c in cols))
+    for name, s in sorted(summary.items()):
+        print(f"{name:24s} {s['specs']:5d} " + " ".join(f"{s[c]:14d}" for c in cols))
+    glow = {}
+    for case, name, programs in rec.launches:
+        if case:
+            glow.setdefault(case, {}).setdefault(name, []).append(programs)
+    if glow:
+        print()
+        print("programs per launch at the Glow / VAE shapes (each launch of a forward + backward)")
+        for case, kernels in glow.items():
+            print(f"  {case:28s} " + "  ".join(
+                f"{name}:{'/'.join(map(str, sorted(set(p))))}" for name, p in sorted(kernels.items())))
     for f in failures:
         print("FAILED", f[:2000])
     return 1 if failures else 0
