@@ -1,6 +1,13 @@
-"""Launcher helpers shared by the kernel families: NCHW tensors walked as (N, C, pixels)."""
+"""Launcher helpers shared by the kernel families: NCHW tensors walked as (N, C, pixels),
+the accumulator dtype, and ``Launch``: one launch's grid, block sizes, num_warps, num_stages.
+
+Every family picks its tiles in one ``*_config`` helper from the amount of work, never by
+autotuning (a reduction's order is a function of the shapes only: bitwise reproducible)."""
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -34,6 +41,51 @@ def output_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tens
     return torch.empty(t.shape, dtype=dtype or t.dtype, device=t.device)
 
 
+# The device the tile sizes aim to fill: an H100 SXM has 132 SMs (an H200 too). A constant,
+# not a device query (nothing queries the GPU at import or launch-planning time); on a
+# smaller GPU the same tiles still work, with more waves.
+TARGET_SMS = 132
+# Programs per launch we aim for when the work allows: two per SM, so that one program's
+# memory latency overlaps another's on the same SM.
+TARGET_PROGRAMS = 2 * TARGET_SMS
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: its grid, its ``tl.constexpr`` block sizes and the compiler
+    options ``num_warps`` / ``num_stages``; ``extra`` holds launch facts that are not kernel
+    arguments (tile counts, chunk sizes) for the launcher and the benchmarks."""
+
+    grid: tuple[int, ...]
+    blocks: dict
+    num_warps: int
+    num_stages: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def programs(self) -> int:
+        return math.prod(self.grid)
+
+    @property
+    def meta(self) -> dict:
+        """The keyword arguments to splat into ``kernel[grid](...)``."""
+        return {**self.blocks, "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+
+def warps_for(elems_per_program: int, per_thread: int = 8, lo: int = 1, hi: int = 8) -> int:
+    """num_warps giving each thread about ``per_thread`` elements of a program's tile (two
+    16-byte float32 vectors: enough independent loads in flight per thread without raising
+    register pressure), within [lo, hi] and a power of two."""
+    w = max(lo, min(hi, elems_per_program // (32 * per_thread)))
+    return 1 << (w.bit_length() - 1)
+
+
+def fitted_block(n: int, choices=(64, 32, 16)) -> int:
+    """The block from ``choices`` (powers of two, largest first) that pads ``n`` least,
+    the largest on a tie: e.g. 48 -> 16 (3 blocks, no padding), 24 -> 32, 96 -> 32, 12 -> 16."""
+    return min(choices, key=lambda b: (-(-n // b) * b, -b))
+
+
 def tile_shape(channels: int, pixels: int, max_elems: int = 2048,
                channels_fast: bool = False) -> tuple[int, int]:
     """(BLOCK_C, BLOCK_P): a power-of-two tile of at most ``max_elems`` elements.
@@ -56,5 +108,5 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def compute_type(dtype: torch.dtype):
-    """The Triton dtype kernels compute in: float64 for float64, float32 otherwise."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
+    """The Triton dtype kernels compute in: ``accumulator_dtype`` as a Triton type."""
+    return tl.float64 if accumulator_dtype(dtype) == torch.float64 else tl.float32
