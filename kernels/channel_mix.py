@@ -7,8 +7,8 @@ Both are the same kernel, ``out[o] = post(sum_k A[o, k] * pre(in[k]))``, with th
 parts as ``tl.constexpr`` prologue/epilogue modes (``PRE``, ``POST``) applied in registers
 while a tile is loaded or stored, so the ActNorm never costs a pass over memory:
 
-    PRE  0: in             1: (in + shift) * scale        2: in / scale
-    POST 0: acc            1: acc / scale - shift         3: acc * scale
+    PRE   PRE_NONE: in     PRE_ACTNORM: (in + shift) * scale     PRE_DIVIDE: in / scale
+    POST  POST_NONE: acc   POST_ACTNORM_INVERSE: acc / scale - shift   POST_MULTIPLY: acc * scale
 
 ``A`` (Co, C) is read through its strides, so the backward's ``A^T`` is a stride swap.
 ``DIAG`` drops ``A`` (ActNorm alone: out[c] = post(pre(in[c]))). Channels are tiled
@@ -21,7 +21,13 @@ The backward's reductions over all pixels, ``G = sum_{n,p} g[:, p] (in[:, p] + s
 and ``gsum = sum_{n,p} g[:, p]``, are written as one partial per chunk of pixels into one
 workspace; a finishing launch adds them in a fixed order (bitwise reproducible, no atomics)
 and turns G and gsum into dA, dloc, dscale in the parameters' dtypes
-(``mix_param_grads``: two launches, one allocation besides the gradients).
+(``mix_param_grads``: two launches, one allocation besides the gradients). The finishing
+kernel has one version per case: ActNorm alone (``_finish_diag_kernel``), programs over
+input channels (forward, or no ActNorm: ``_finish_cols_kernel``) and over output channels
+(reverse with ActNorm: ``_finish_rows_kernel``).
+
+Tile sizes, num_warps and num_stages come from ``mix_config``, ``reduce_config`` and
+``finish_config``; ``launch_configs`` lists every launch of the family for given shapes.
 
 The LU-parameterised weight W and its log-det live in ``lu_weight.py``.
 """
@@ -32,14 +38,26 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import accumulator_dtype, compute_type, nchw, output_like
+from ._layout import (TARGET_PROGRAMS, Launch, accumulator_dtype, compute_type, fitted_block,
+                      nchw, output_like, warps_for)
+
+PRE_NONE = tl.constexpr(0)
+PRE_ACTNORM = tl.constexpr(1)
+PRE_DIVIDE = tl.constexpr(2)
+POST_NONE = tl.constexpr(0)
+POST_ACTNORM_INVERSE = tl.constexpr(1)
+POST_MULTIPLY = tl.constexpr(2)
+PRE_IDS = {None: PRE_NONE.value, "actnorm": PRE_ACTNORM.value, "divide": PRE_DIVIDE.value}
+POST_IDS = {None: POST_NONE.value, "actnorm_inverse": POST_ACTNORM_INVERSE.value,
+            "multiply": POST_MULTIPLY.value}
+PRECISIONS = ("ieee", "tf32x3")  # tl.dot input precisions mix() offers; "ieee" by default
 
 
 @triton.jit
-def _mm(a, b, USE_DOT: tl.constexpr):
+def _mm(a, b, USE_DOT: tl.constexpr, PRECISION: tl.constexpr = "ieee"):
     """a (M, K) @ b (K, P) in the dtype of the operands (both already in COMPUTE)."""
     if USE_DOT:
-        r = tl.dot(a, b, input_precision="ieee")
+        r = tl.dot(a, b, input_precision=PRECISION)
     else:
         r = tl.sum(a[:, :, None] * b[None, :, :], axis=1)
     return r
@@ -48,15 +66,14 @@ def _mm(a, b, USE_DOT: tl.constexpr):
 @triton.jit
 def _load_pre(in_row, s_in_c, k64, k_in, p_in, pre_s_ptr, pre_b_ptr, PRE: tl.constexpr,
               COMPUTE: tl.constexpr):
-    """Input rows ``k64`` of one pixel tile with the prologue applied: as they are (PRE 0),
-    ActNorm (x + shift) * scale (PRE 1) or divided by the scale (PRE 2)."""
+    """Input rows ``k64`` of one pixel tile with the prologue ``PRE`` applied."""
     v = tl.load(in_row + k64[:, None] * s_in_c, mask=k_in[:, None] & p_in[None, :],
                 other=0.0).to(COMPUTE)
-    if PRE == 1:
+    if PRE == PRE_ACTNORM:
         sk = tl.load(pre_s_ptr + k64, mask=k_in, other=0.0).to(COMPUTE)
         bk = tl.load(pre_b_ptr + k64, mask=k_in, other=0.0).to(COMPUTE)
         v = (v + bk[:, None]) * sk[:, None]
-    elif PRE == 2:
+    elif PRE == PRE_DIVIDE:
         sk = tl.load(pre_s_ptr + k64, mask=k_in, other=1.0).to(COMPUTE)
         v = v / sk[:, None]
     return v
@@ -74,7 +91,8 @@ def _mix_kernel(
     C, CO, HW, N_TILES, N_PTILES,
     s_in_n, s_in_c, s_in_p, s_a_o, s_a_k, s_out_n, s_out_c, s_out_p,
     PRE: tl.constexpr, POST: tl.constexpr, DIAG: tl.constexpr, USE_DOT: tl.constexpr,
-    COMPUTE: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+    PRECISION: tl.constexpr, COMPUTE: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n = (pid // N_TILES).to(tl.int64)
@@ -100,12 +118,12 @@ def _mix_kernel(
             a = tl.load(a_ptr + o64[:, None] * s_a_o + k64[None, :] * s_a_k,
                         mask=o_in[:, None] & k_in[None, :], other=0.0).to(COMPUTE)
             v = _load_pre(in_row, s_in_c, k64, k_in, p_in, pre_s_ptr, pre_b_ptr, PRE, COMPUTE)
-            acc += _mm(a, v, USE_DOT)
-    if POST == 1:
+            acc += _mm(a, v, USE_DOT, PRECISION)
+    if POST == POST_ACTNORM_INVERSE:
         so = tl.load(post_s_ptr + o64, mask=o_in, other=1.0).to(COMPUTE)
         bo = tl.load(post_b_ptr + o64, mask=o_in, other=0.0).to(COMPUTE)
         acc = acc / so[:, None] - bo[:, None]
-    elif POST == 3:
+    elif POST == POST_MULTIPLY:
         so = tl.load(post_s_ptr + o64, mask=o_in, other=0.0).to(COMPUTE)
         acc = acc * so[:, None]
     tl.store(out_ptr + n * s_out_n + o64[:, None] * s_out_c + p64[None, :] * s_out_p,
@@ -122,8 +140,12 @@ def _reduce_kernel(
     C, CO, HW, NQ, N_OT, N_KT, CHUNK, SP_OFF,
     s_g_n, s_g_c, s_g_p, s_in_n, s_in_c, s_in_p,
     SHIFT: tl.constexpr, DIAG: tl.constexpr, USE_DOT: tl.constexpr, COMPUTE: tl.constexpr,
-    BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr,
+    INDEX64: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
+    """One program: the partial G and gsum of one (BLOCK_O, BLOCK_K) tile over one chunk of
+    CHUNK flat (sample, pixel) indices q. q is int32 unless ``INDEX64`` (N * H * W + CHUNK
+    >= 2^31), so splitting q into (sample, pixel) is a 32-bit division, not a call to the
+    64-bit division routine in the loop; the offsets built from it are int64."""
     pid = tl.program_id(0)
     chunk = pid // (N_OT * N_KT)
     rest = pid % (N_OT * N_KT)
@@ -144,16 +166,19 @@ def _reduce_kernel(
         gacc = tl.zeros((BLOCK_O, BLOCK_Q), dtype=COMPUTE)
     else:
         gacc = tl.zeros((BLOCK_O, BLOCK_K), dtype=COMPUTE)
-    sacc = tl.zeros((BLOCK_O, BLOCK_Q), dtype=COMPUTE)
-    q_start = chunk.to(tl.int64) * CHUNK
+    sacc = tl.zeros((BLOCK_O,), dtype=COMPUTE)
+    if INDEX64:
+        q_start = chunk.to(tl.int64) * CHUNK
+    else:
+        q_start = chunk * CHUNK
     for q0 in range(0, CHUNK, BLOCK_Q):
-        q = q_start + q0 + tl.arange(0, BLOCK_Q).to(tl.int64)  # flat (sample, pixel) index
+        q = q_start + q0 + tl.arange(0, BLOCK_Q)  # flat (sample, pixel) index
         q_in = q < NQ
-        n = q // HW
-        p = q % HW
+        n = (q // HW).to(tl.int64)
+        p = (q % HW).to(tl.int64)
         g = tl.load(g_ptr + n[None, :] * s_g_n + o64[:, None] * s_g_c + p[None, :] * s_g_p,
                     mask=o_in[:, None] & q_in[None, :], other=0.0).to(COMPUTE)
-        sacc += g
+        sacc += tl.sum(g, axis=1)
         if DIAG:
             v = tl.load(in_ptr + n[None, :] * s_in_n + k64[:, None] * s_in_c + p[None, :] * s_in_p,
                         mask=k_in[:, None] & q_in[None, :], other=0.0).to(COMPUTE)
@@ -173,61 +198,61 @@ def _reduce_kernel(
         tl.store(gpart_ptr + chunk.to(tl.int64) * CO * C + o64[:, None] * C + k64[None, :],
                  gacc, mask=o_in[:, None] & k_in[None, :])
     if kt == 0:
-        tl.store(spart_ptr + SP_OFF + chunk.to(tl.int64) * CO + o64, tl.sum(sacc, axis=1), mask=o_in)
-
-
-PRE_IDS = {None: 0, "actnorm": 1, "divide": 2}
-POST_IDS = {None: 0, "actnorm_inverse": 1, "multiply": 3}
-
-
-def _blocks(co: int, c: int, fp64: bool, diag: bool) -> tuple[int, int, int]:
-    """(BLOCK_O, BLOCK_K, BLOCK_P) for the mixing kernel."""
-    if diag:
-        bo = min(triton.next_power_of_2(co), 64)
-        return bo, bo, 64
-    if fp64:  # broadcast product: keep the (O, K, P) cube small
-        return min(max(triton.next_power_of_2(co), 16), 32), 8, 32
-    return min(max(triton.next_power_of_2(co), 16), 64), min(max(triton.next_power_of_2(c), 16), 32), 64
+        tl.store(spart_ptr + SP_OFF + chunk.to(tl.int64) * CO + o64, sacc, mask=o_in)
 
 
 def mix(inp: torch.Tensor, a: torch.Tensor | None, *, transpose_a: bool = False,
         pre: str | None = None,
         pre_scale: torch.Tensor | None = None, pre_shift: torch.Tensor | None = None,
         post: str | None = None, post_scale: torch.Tensor | None = None,
-        post_shift: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
-        ) -> torch.Tensor:
+        post_shift: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+        out: torch.Tensor | None = None, cast_a: bool = False,
+        input_precision: str = "ieee") -> torch.Tensor:
     """``out[:, o] = post(sum_k a[o, k] pre(inp[:, k]))`` per pixel (``a=None``: out = post(pre(inp))).
 
     ``inp`` (N, C, H, W) and ``a`` (Co, C) (read as ``a.T`` when ``transpose_a``) may have
-    any strides; vectors are contiguous (C,) / (Co,). Validation is the caller's job."""
+    any strides; vectors are contiguous (C,) / (Co,). Validation is the caller's job.
+    Optional: ``out`` where to write (pixels walkable as one axis, e.g. a channel slice);
+    ``cast_a`` casts ``a`` to the compute dtype once here (one (Co, C) copy) instead of every
+    program converting its slice (a float64 W read by float32 programs); ``input_precision``
+    of the float32 ``tl.dot``: "ieee" (exact, the default) or "tf32x3" (tensor cores)."""
     n, c, hh, ww = inp.shape
     diag = a is None
     co = c if diag else a.shape[1 if transpose_a else 0]
+    assert diag or a.shape[0 if transpose_a else 1] == c, (
+        f"a: expected {'(C, Co)' if transpose_a else '(Co, C)'} with C = {c}, got {tuple(a.shape)}")
+    assert not diag or (pre is not None or post is not None), "a=None: expected an ActNorm pre or post"
+    assert input_precision in PRECISIONS, f"input_precision: expected one of {PRECISIONS}, got {input_precision!r}"
+    for name, v, size in (("pre_scale", pre_scale, c), ("pre_shift", pre_shift, c),
+                          ("post_scale", post_scale, co), ("post_shift", post_shift, co)):
+        assert v is None or (v.is_contiguous() and v.numel() == size), (
+            f"{name}: expected a contiguous vector of {size}, got {tuple(v.shape)}")
     hw = hh * ww
-    out = output_like(inp, out_dtype) if co == c else torch.empty(
-        (n, co, hh, ww), dtype=out_dtype or inp.dtype, device=inp.device)
+    if out is None:
+        out = output_like(inp, out_dtype) if co == c else torch.empty(
+            (n, co, hh, ww), dtype=out_dtype or inp.dtype, device=inp.device)
+    assert out.shape == (n, co, hh, ww), f"out: expected {(n, co, hh, ww)}, got {tuple(out.shape)}"
     if out.numel() == 0:
         return out
-    fp64 = inp.dtype == torch.float64
-    block_o, block_k, block_p = _blocks(co, c, fp64, diag)
-    block_p = min(block_p, max(triton.next_power_of_2(hw), 16 if not diag else 1))
-    n_ptiles = triton.cdiv(hw, block_p)
-    n_tiles = triton.cdiv(co, block_o) * n_ptiles
+    if cast_a and not diag and a.dtype != accumulator_dtype(inp.dtype):
+        a = a.to(accumulator_dtype(inp.dtype))
+    cfg = mix_config(n, c, co, hw, inp.dtype, diag)
     inp, s_in = nchw(inp)
-    _, s_out = nchw(out)
+    out_w, s_out = nchw(out)
+    assert out_w is out, "out: its pixels must be walkable as one axis (no copy of an output)"
     a_arg = inp if diag else a
     s_a = (0, 0) if diag else (a.stride(0), a.stride(1))
     if transpose_a:
         s_a = s_a[::-1]
     dummy = inp
-    _mix_kernel[(n * n_tiles,)](
+    _mix_kernel[cfg.grid](
         inp, a_arg, pre_scale if pre_scale is not None else dummy,
         pre_shift if pre_shift is not None else dummy,
         post_scale if post_scale is not None else dummy,
         post_shift if post_shift is not None else dummy,
-        out, c, co, hw, n_tiles, n_ptiles, *s_in, *s_a, *s_out,
-        PRE=PRE_IDS[pre], POST=POST_IDS[post], DIAG=diag, USE_DOT=not fp64,
-        COMPUTE=compute_type(inp.dtype), BLOCK_O=block_o, BLOCK_K=block_k, BLOCK_P=block_p)
+        out, c, co, hw, cfg.extra["N_TILES"], cfg.extra["N_PTILES"], *s_in, *s_a, *s_out,
+        PRE=PRE_IDS[pre], POST=POST_IDS[post], DIAG=diag, USE_DOT=inp.dtype != torch.float64,
+        PRECISION=input_precision, COMPUTE=compute_type(inp.dtype), **cfg.meta)
     return out
 
 
@@ -266,88 +291,218 @@ def _csum_mat(ptr, off, m, N_CHUNKS, STRIDE, COMPUTE: tl.constexpr, BLOCK_CH: tl
 
 
 @triton.jit
-def _finish_kernel(
-    ws_ptr,     # (N_CHUNKS * G_SIZE + N_CHUNKS * Co,) workspace: partial G, then partial gsum
-    a_ptr,      # (Co, C) the mixing matrix, any strides (unused when DIAG)
-    s_ptr,      # (C,) ActNorm scale, forward; (Co,) in reverse (HAS_AN)
-    dw_ptr,     # (Co, C) d weight, strides s_dw_o / s_dw_k (unused when DIAG)
-    dl_ptr,     # (C,) or (Co,) d loc, contiguous (HAS_AN)
-    ds_ptr,     # (C,) or (Co,) d scale, contiguous (HAS_AN)
-    C, CO, N_CHUNKS, G_SIZE, SP_OFF,
-    s_a_o, s_a_k, s_dw_o, s_dw_k,
-    HAS_AN: tl.constexpr, DIAG: tl.constexpr, BY_ROW: tl.constexpr, COMPUTE: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_CH: tl.constexpr,
+def _finish_diag_kernel(
+    ws_ptr,     # (N_CHUNKS * C + N_CHUNKS * C,) workspace: partial diag(G), then partial gsum
+    s_ptr,      # (C,) ActNorm scale
+    dl_ptr,     # (C,) d loc, contiguous
+    ds_ptr,     # (C,) d scale, contiguous
+    C, N_CHUNKS, SP_OFF,
+    REVERSE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_CH: tl.constexpr,
 ):
-    """G = sum over chunks of the partials (``_csum_*``: fixed order), then per mode:
-
-    DIAG (ActNorm alone, G = diag):  forward ds = G, dl = s * gsum; BY_ROW (reverse)
-                                     ds = -G / s^2, dl = -gsum
-    not BY_ROW (forward, or no ActNorm): programs over input channels k,
-        dw = G * s[k] (G without ActNorm), ds[k] = sum_o A[o, k] G[o, k],
-        dl[k] = s[k] sum_o gsum[o] A[o, k]
-    BY_ROW (reverse with ActNorm): programs over output channels o,
-        dw = G / s[o], ds[o] = -sum_k A[o, k] G[o, k] / s[o]^2, dl[o] = -gsum[o]"""
-    pid = tl.program_id(0)
-    v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
+    """ActNorm alone (G diagonal): forward ds = G, dl = s * gsum; reverse ds = -G / s^2,
+    dl = -gsum. One program per BLOCK_V channels."""
+    v = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     v64 = v.to(tl.int64)
-    if DIAG:
-        v_in = v < C
-        g = _csum_vec(ws_ptr, v64, v_in, N_CHUNKS, G_SIZE, COMPUTE, BLOCK_CH, BLOCK_V)
-        gs = _csum_vec(ws_ptr + SP_OFF, v64, v_in, N_CHUNKS, CO, COMPUTE, BLOCK_CH, BLOCK_V)
-        s = tl.load(s_ptr + v64, mask=v_in, other=1.0).to(COMPUTE)
-        if BY_ROW:
-            tl.store(ds_ptr + v64, (-g / (s * s)).to(ds_ptr.dtype.element_ty), mask=v_in)
-            tl.store(dl_ptr + v64, (-gs).to(dl_ptr.dtype.element_ty), mask=v_in)
-        else:
-            tl.store(ds_ptr + v64, g.to(ds_ptr.dtype.element_ty), mask=v_in)
-            tl.store(dl_ptr + v64, (s * gs).to(dl_ptr.dtype.element_ty), mask=v_in)
-    elif BY_ROW:
-        o = v
-        o64 = v64
-        o_in = o < CO
-        s = tl.load(s_ptr + o64, mask=o_in, other=1.0).to(COMPUTE)
-        ds = tl.zeros((BLOCK_V,), dtype=COMPUTE)
-        for k0 in range(0, C, BLOCK_W):
-            k = k0 + tl.arange(0, BLOCK_W)
-            k64 = k.to(tl.int64)
-            m = o_in[:, None] & (k < C)[None, :]
-            g = _csum_mat(ws_ptr, o64[:, None] * C + k64[None, :], m, N_CHUNKS, G_SIZE,
-                          COMPUTE, BLOCK_CH, BLOCK_V, BLOCK_W)
-            a = tl.load(a_ptr + o64[:, None] * s_a_o + k64[None, :] * s_a_k, mask=m, other=0.0).to(COMPUTE)
-            ds += tl.sum(a * g, axis=1)
-            tl.store(dw_ptr + o64[:, None] * s_dw_o + k64[None, :] * s_dw_k,
-                     (g / s[:, None]).to(dw_ptr.dtype.element_ty), mask=m)
-        gs = _csum_vec(ws_ptr + SP_OFF, o64, o_in, N_CHUNKS, CO, COMPUTE, BLOCK_CH, BLOCK_V)
-        tl.store(ds_ptr + o64, (-ds / (s * s)).to(ds_ptr.dtype.element_ty), mask=o_in)
-        tl.store(dl_ptr + o64, (-gs).to(dl_ptr.dtype.element_ty), mask=o_in)
+    v_in = v < C
+    g = _csum_vec(ws_ptr, v64, v_in, N_CHUNKS, C, COMPUTE, BLOCK_CH, BLOCK_V)
+    gs = _csum_vec(ws_ptr + SP_OFF, v64, v_in, N_CHUNKS, C, COMPUTE, BLOCK_CH, BLOCK_V)
+    s = tl.load(s_ptr + v64, mask=v_in, other=1.0).to(COMPUTE)
+    if REVERSE:
+        tl.store(ds_ptr + v64, (-g / (s * s)).to(ds_ptr.dtype.element_ty), mask=v_in)
+        tl.store(dl_ptr + v64, (-gs).to(dl_ptr.dtype.element_ty), mask=v_in)
     else:
-        k = v
-        k64 = v64
-        k_in = k < C
+        tl.store(ds_ptr + v64, g.to(ds_ptr.dtype.element_ty), mask=v_in)
+        tl.store(dl_ptr + v64, (s * gs).to(dl_ptr.dtype.element_ty), mask=v_in)
+
+
+@triton.jit
+def _finish_rows_kernel(
+    ws_ptr,     # (N_CHUNKS * Co * C + N_CHUNKS * Co,) workspace: partial G, then partial gsum
+    a_ptr,      # (Co, C) the mixing matrix, any strides
+    s_ptr,      # (Co,) ActNorm scale (reverse: the ActNorm follows the mix)
+    dw_ptr,     # (Co, C) d weight, strides s_dw_o / s_dw_k
+    dl_ptr,     # (Co,) d loc, contiguous
+    ds_ptr,     # (Co,) d scale, contiguous
+    C, CO, N_CHUNKS, SP_OFF, s_a_o, s_a_k, s_dw_o, s_dw_k,
+    COMPUTE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_CH: tl.constexpr,
+):
+    """Reverse with ActNorm, programs over BLOCK_V output channels o:
+    dw = G / s[o], ds[o] = -sum_k A[o, k] G[o, k] / s[o]^2, dl[o] = -gsum[o]."""
+    o = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    o64 = o.to(tl.int64)
+    o_in = o < CO
+    s = tl.load(s_ptr + o64, mask=o_in, other=1.0).to(COMPUTE)
+    ds = tl.zeros((BLOCK_V,), dtype=COMPUTE)
+    for k0 in range(0, C, BLOCK_W):
+        k = k0 + tl.arange(0, BLOCK_W)
+        k64 = k.to(tl.int64)
+        m = o_in[:, None] & (k < C)[None, :]
+        g = _csum_mat(ws_ptr, o64[:, None] * C + k64[None, :], m, N_CHUNKS, CO * C,
+                      COMPUTE, BLOCK_CH, BLOCK_V, BLOCK_W)
+        a = tl.load(a_ptr + o64[:, None] * s_a_o + k64[None, :] * s_a_k, mask=m, other=0.0).to(COMPUTE)
+        ds += tl.sum(a * g, axis=1)
+        tl.store(dw_ptr + o64[:, None] * s_dw_o + k64[None, :] * s_dw_k,
+                 (g / s[:, None]).to(dw_ptr.dtype.element_ty), mask=m)
+    gs = _csum_vec(ws_ptr + SP_OFF, o64, o_in, N_CHUNKS, CO, COMPUTE, BLOCK_CH, BLOCK_V)
+    tl.store(ds_ptr + o64, (-ds / (s * s)).to(ds_ptr.dtype.element_ty), mask=o_in)
+    tl.store(dl_ptr + o64, (-gs).to(dl_ptr.dtype.element_ty), mask=o_in)
+
+
+@triton.jit
+def _finish_cols_kernel(
+    ws_ptr,     # (N_CHUNKS * Co * C + N_CHUNKS * Co,) workspace: partial G, then partial gsum
+    a_ptr,      # (Co, C) the mixing matrix, any strides (HAS_AN)
+    s_ptr,      # (C,) ActNorm scale (HAS_AN: the ActNorm precedes the mix)
+    dw_ptr,     # (Co, C) d weight, strides s_dw_o / s_dw_k
+    dl_ptr,     # (C,) d loc, contiguous (HAS_AN)
+    ds_ptr,     # (C,) d scale, contiguous (HAS_AN)
+    C, CO, N_CHUNKS, SP_OFF, s_a_o, s_a_k, s_dw_o, s_dw_k,
+    HAS_AN: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_W: tl.constexpr,
+    BLOCK_CH: tl.constexpr,
+):
+    """Forward, or no ActNorm, programs over BLOCK_V input channels k: dw = G * s[k]
+    (G without ActNorm), ds[k] = sum_o A[o, k] G[o, k], dl[k] = s[k] sum_o gsum[o] A[o, k]."""
+    k = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    k64 = k.to(tl.int64)
+    k_in = k < C
+    if HAS_AN:
+        s = tl.load(s_ptr + k64, mask=k_in, other=1.0).to(COMPUTE)
+    ds = tl.zeros((BLOCK_V,), dtype=COMPUTE)
+    dl = tl.zeros((BLOCK_V,), dtype=COMPUTE)
+    for o0 in range(0, CO, BLOCK_W):
+        o = o0 + tl.arange(0, BLOCK_W)
+        o64 = o.to(tl.int64)
+        o_in = o < CO
+        m = o_in[:, None] & k_in[None, :]
+        g = _csum_mat(ws_ptr, o64[:, None] * C + k64[None, :], m, N_CHUNKS, CO * C,
+                      COMPUTE, BLOCK_CH, BLOCK_W, BLOCK_V)
         if HAS_AN:
-            s = tl.load(s_ptr + k64, mask=k_in, other=1.0).to(COMPUTE)
-        ds = tl.zeros((BLOCK_V,), dtype=COMPUTE)
-        dl = tl.zeros((BLOCK_V,), dtype=COMPUTE)
-        for o0 in range(0, CO, BLOCK_W):
-            o = o0 + tl.arange(0, BLOCK_W)
-            o64 = o.to(tl.int64)
-            o_in = o < CO
-            m = o_in[:, None] & k_in[None, :]
-            g = _csum_mat(ws_ptr, o64[:, None] * C + k64[None, :], m, N_CHUNKS, G_SIZE,
-                          COMPUTE, BLOCK_CH, BLOCK_W, BLOCK_V)
-            if HAS_AN:
-                gs = _csum_vec(ws_ptr + SP_OFF, o64, o_in, N_CHUNKS, CO, COMPUTE, BLOCK_CH,
-                               BLOCK_W)
-                a = tl.load(a_ptr + o64[:, None] * s_a_o + k64[None, :] * s_a_k, mask=m,
-                            other=0.0).to(COMPUTE)
-                ds += tl.sum(a * g, axis=0)
-                dl += tl.sum(a * gs[:, None], axis=0)
-                g = g * s[None, :]
-            tl.store(dw_ptr + o64[:, None] * s_dw_o + k64[None, :] * s_dw_k,
-                     g.to(dw_ptr.dtype.element_ty), mask=m)
-        if HAS_AN:
-            tl.store(ds_ptr + k64, ds.to(ds_ptr.dtype.element_ty), mask=k_in)
-            tl.store(dl_ptr + k64, (s * dl).to(dl_ptr.dtype.element_ty), mask=k_in)
+            gs = _csum_vec(ws_ptr + SP_OFF, o64, o_in, N_CHUNKS, CO, COMPUTE, BLOCK_CH, BLOCK_W)
+            a = tl.load(a_ptr + o64[:, None] * s_a_o + k64[None, :] * s_a_k, mask=m,
+                        other=0.0).to(COMPUTE)
+            ds += tl.sum(a * g, axis=0)
+            dl += tl.sum(a * gs[:, None], axis=0)
+            g = g * s[None, :]
+        tl.store(dw_ptr + o64[:, None] * s_dw_o + k64[None, :] * s_dw_k,
+                 g.to(dw_ptr.dtype.element_ty), mask=m)
+    if HAS_AN:
+        tl.store(ds_ptr + k64, ds.to(ds_ptr.dtype.element_ty), mask=k_in)
+        tl.store(dl_ptr + k64, (s * dl).to(dl_ptr.dtype.element_ty), mask=k_in)
+
+
+# --------------------------------------------------------------------------------------
+# Launch configurations: one helper per kernel, the reason beside each constant
+# --------------------------------------------------------------------------------------
+
+
+def mix_config(n: int, c: int, co: int, hw: int, dtype: torch.dtype, diag: bool) -> Launch:
+    """The launch of ``_mix_kernel``: one program per (sample, BLOCK_O output channels,
+    BLOCK_P pixels), a loop over BLOCK_K input channels. ``extra``: N_TILES, N_PTILES."""
+    if diag:  # no product: out[c] = post(pre(in[c])), a plain elementwise tile
+        block_o = block_k = min(triton.next_power_of_2(co), 64)
+        block_p, min_p = 64, 1
+        warps, stages = 4, 1  # at most 64 x 64 elements: 32 per thread; no loop
+    elif dtype == torch.float64:  # broadcast multiply-and-sum: the (O, K, P) cube lives in registers
+        block_o = min(max(triton.next_power_of_2(co), 16), 32)
+        block_k, block_p, min_p = 8, 32, 16  # 32 x 8 x 32 doubles: 64 per thread at 4 warps
+        warps, stages = 4, 1  # the cube, not the loads, bounds the registers
+    else:  # tl.dot: every dimension >= 16; blocks fitted to C to pad the least
+        block_o, block_k = fitted_block(co), fitted_block(c)
+        block_p, min_p = 64, 16  # a 64 x 64 float32 accumulator: 32 registers per thread at 4 warps
+        warps, stages = None, None
+    block_p = min(block_p, max(triton.next_power_of_2(hw), min_p))
+    programs = lambda bo, bp: n * triton.cdiv(co, bo) * triton.cdiv(hw, bp)  # noqa: E731
+    # fill the device when the work allows: narrower pixel tiles first (the input tile is
+    # then re-read by fewer output-channel tiles), then narrower output-channel tiles
+    while programs(block_o, block_p) < TARGET_PROGRAMS and block_p > max(min_p, 16):
+        block_p //= 2
+    while (not diag and dtype != torch.float64 and programs(block_o, block_p) < TARGET_PROGRAMS
+           and block_o > 16):
+        block_o //= 2
+    if warps is None:
+        # 16 accumulator elements per thread, 1 to 4 warps
+        warps = warps_for(block_o * block_p, per_thread=16, lo=1, hi=4)
+        # one trip through the K loop has nothing to pipeline; with more, 2 stages load the
+        # next W and input tiles while this one multiplies (3 stages: more shared memory
+        # for no gain at these K)
+        stages = 1 if c <= block_k else 2
+    n_ptiles = triton.cdiv(hw, block_p)
+    n_tiles = triton.cdiv(co, block_o) * n_ptiles
+    return Launch(grid=(n * n_tiles,), blocks={"BLOCK_O": block_o, "BLOCK_K": block_k,
+                                               "BLOCK_P": block_p},
+                  num_warps=warps, num_stages=stages,
+                  extra={"N_TILES": n_tiles, "N_PTILES": n_ptiles})
+
+
+def reduce_config(n: int, c: int, co: int, hw: int, dtype: torch.dtype, diag: bool) -> Launch:
+    """The launch of ``_reduce_kernel``: one program per (chunk of flat pixels, BLOCK_O x
+    BLOCK_K tile of G). ``extra``: N_OT, N_KT, CHUNK, N_CHUNKS, INDEX64."""
+    nq = n * hw
+    if diag:
+        block_o = min(triton.next_power_of_2(co), 32)
+        block_k, block_q = block_o, 64  # (32, 64) product tile: 16 per thread at 4 warps
+        warps = 4
+    elif dtype == torch.float64:  # broadcast product: the (O, Q, K) cube lives in registers
+        block_o = min(max(triton.next_power_of_2(co), 16), 32)
+        block_k = min(max(triton.next_power_of_2(c), 16), 32)
+        block_q, warps = 8, 4  # 32 x 8 x 32 doubles: 64 per thread at 4 warps
+    else:  # tl.dot: blocks fitted to C (>= 16); BLOCK_Q 64 is the dot's reduction axis
+        block_o, block_k, block_q = fitted_block(co), fitted_block(c), 64
+        max_chunks = max(1, triton.cdiv(nq, block_q))
+        # smaller G tiles when even one BLOCK_Q per chunk would leave the device half empty
+        while (triton.cdiv(co, block_o) * triton.cdiv(c, block_k) * max_chunks < TARGET_PROGRAMS
+               and max(block_o, block_k) > 16):
+            if block_o >= block_k:
+                block_o //= 2
+            else:
+                block_k //= 2
+        # 16 elements per thread of the largest tile (g, the input, the accumulator)
+        warps = warps_for(max(block_o, block_k) * block_q, per_thread=16, lo=2, hi=8)
+    n_ot = triton.cdiv(co, block_o)
+    n_kt = 1 if diag else triton.cdiv(c, block_k)
+    # chunks: enough programs to fill the device (a function of the shapes only, so the
+    # partials, and the order they are added in, are reproducible), each chunk a whole
+    # number of BLOCK_Q
+    n_chunks = min(max(1, triton.cdiv(nq, block_q)), max(1, triton.cdiv(TARGET_PROGRAMS, n_ot * n_kt)))
+    chunk = max(block_q, triton.cdiv(triton.cdiv(max(nq, 1), n_chunks), block_q) * block_q)
+    n_chunks = triton.cdiv(nq, chunk)
+    # num_stages 1: pipelining the loop's loads spilled the 64 x 64 float32 tiles (5 KB of
+    # stack at C >= 48, sm_90); one stage keeps them in registers
+    return Launch(grid=(n_chunks * n_ot * n_kt,),
+                  blocks={"BLOCK_O": block_o, "BLOCK_K": block_k, "BLOCK_Q": block_q},
+                  num_warps=warps, num_stages=1,
+                  extra={"N_OT": n_ot, "N_KT": n_kt, "CHUNK": chunk, "N_CHUNKS": n_chunks,
+                         "INDEX64": nq + chunk >= 2**31})
+
+
+def finish_config(c: int, co: int, n_chunks: int, diag: bool, by_row: bool) -> Launch:
+    """The launch of the finishing kernel: one program per BLOCK_V channels (input channels,
+    or output channels ``by_row``), adding the partials BLOCK_CH chunks at a time."""
+    width = c if diag else (co if by_row else c)
+    # (BLOCK_CH, BLOCK_W, BLOCK_V) <= 16^3 partials per load: 16 per thread at 8 warps;
+    # narrow BLOCK_V so that wide matrices get several programs
+    block_v = min(max(triton.next_power_of_2(width), 2), 16)
+    block_w = min(max(triton.next_power_of_2(c if by_row else co), 2), 16)
+    block_ch = min(max(triton.next_power_of_2(max(n_chunks, 1)), 2), 16)
+    warps = warps_for(block_v * block_ch * (1 if diag else block_w), per_thread=16, lo=1, hi=8)
+    # num_stages 2: the next BLOCK_CH chunks load while these are added
+    return Launch(grid=(triton.cdiv(width, block_v),),
+                  blocks={"BLOCK_V": block_v, "BLOCK_CH": block_ch} | ({} if diag else {"BLOCK_W": block_w}),
+                  num_warps=warps, num_stages=2)
+
+
+def launch_configs(n: int, c: int, hw: int, dtype: torch.dtype = torch.float32, *,
+                   co: int | None = None, diag: bool = False, reverse: bool = False,
+                   actnorm: bool = True) -> dict[str, Launch]:
+    """Every launch of this family for an input (n, c, h, w), h * w = ``hw``: the mix (the
+    forward; the backward's d-input mix is the same shape) and the backward's reduction and
+    finishing launch: {kernel name: Launch}."""
+    co = c if co is None else co
+    red = reduce_config(n, c, co, hw, dtype, diag)
+    fin = "_finish_diag_kernel" if diag else (
+        "_finish_rows_kernel" if reverse and actnorm else "_finish_cols_kernel")
+    return {"_mix_kernel": mix_config(n, c, co, hw, dtype, diag), "_reduce_kernel": red,
+            fin: finish_config(c, co, red.extra["N_CHUNKS"], diag, reverse and actnorm)}
 
 
 def mix_param_grads(grad: torch.Tensor, inp: torch.Tensor, a: torch.Tensor | None,
@@ -363,55 +518,50 @@ def mix_param_grads(grad: torch.Tensor, inp: torch.Tensor, a: torch.Tensor | Non
     n, co, hh, ww = grad.shape
     c = inp.shape[1]
     hw = hh * ww
-    nq = n * hw
     diag = a is None
-    fp64 = inp.dtype == torch.float64
+    has_an = scale is not None
+    assert inp.shape[0] == n and inp.shape[2:] == grad.shape[2:], (
+        f"inp: expected ({n}, C, {hh}, {ww}), got {tuple(inp.shape)}")
+    assert diag or (tuple(a.shape[:2]) == (co, c) and a.numel() == co * c), (
+        f"a: expected ({co}, {c}) (trailing 1s allowed), got {tuple(a.shape)}")
+    assert not diag or (c == co and has_an and d_loc is not None and d_scale is not None), (
+        "ActNorm alone: expected C == Co, a scale, d_loc and d_scale")
+    assert diag or d_a is not None, "d_a: expected a tensor when a is given"
+    assert d_a is None or (tuple(d_a.shape[:2]) == (co, c) and d_a.numel() == co * c), (
+        f"d_a: expected ({co}, {c}) (trailing 1s allowed), got {tuple(d_a.shape)}")
+    for name, v in (("d_loc", d_loc), ("d_scale", d_scale), ("scale", scale), ("shift", shift)):
+        assert v is None or (v.is_contiguous() and v.numel() == (co if reverse and has_an else c)), (
+            f"{name}: expected a contiguous vector of {co if reverse and has_an else c}, got "
+            f"{tuple(v.shape)} strides {v.stride()}")
     cdt = accumulator_dtype(inp.dtype)
-    if diag:
-        block_o = min(triton.next_power_of_2(co), 32)
-        block_k, block_q = block_o, 64
-    elif fp64:
-        block_o, block_k, block_q = min(max(triton.next_power_of_2(co), 16), 32), min(
-            max(triton.next_power_of_2(c), 16), 32), 8
-    else:
-        block_o, block_k, block_q = min(max(triton.next_power_of_2(co), 16), 64), min(
-            max(triton.next_power_of_2(c), 16), 64), 64
-    n_ot = triton.cdiv(co, block_o)
-    n_kt = 1 if diag else triton.cdiv(c, block_k)
-    if nq > 0:
-        # enough chunks to fill a GPU (a function of the shapes only: reproducible)
-        target = max(1, 1024 // (n_ot * n_kt))
-        chunk = max(block_q, triton.cdiv(triton.cdiv(nq, target), block_q) * block_q)
-        chunk = max(chunk, 4 * block_q) if nq > 4 * block_q else chunk
-        n_chunks = triton.cdiv(nq, chunk)
-    else:
-        chunk, n_chunks = block_q, 0
+    red = reduce_config(n, c, co, hw, inp.dtype, diag)
+    n_chunks = red.extra["N_CHUNKS"] if n * hw > 0 else 0
     g_size = c if diag else co * c
     sp_off = n_chunks * g_size
     ws = torch.empty(max(1, n_chunks * (g_size + co)), dtype=cdt, device=inp.device)
     if n_chunks > 0:
         grad, s_g = nchw(grad)
         inp, s_in = nchw(inp)
-        _reduce_kernel[(n_chunks * n_ot * n_kt,)](
+        _reduce_kernel[red.grid](
             grad, inp, shift if shift is not None else inp, ws, ws,
-            c, co, hw, nq, n_ot, n_kt, chunk, sp_off, *s_g, *s_in,
-            SHIFT=shift is not None, DIAG=diag, USE_DOT=not fp64,
-            COMPUTE=compute_type(inp.dtype),
-            BLOCK_O=block_o, BLOCK_K=block_k, BLOCK_Q=block_q)
-    has_an = scale is not None
+            c, co, hw, n * hw, red.extra["N_OT"], red.extra["N_KT"], red.extra["CHUNK"], sp_off,
+            *s_g, *s_in, SHIFT=shift is not None, DIAG=diag, USE_DOT=inp.dtype != torch.float64,
+            COMPUTE=compute_type(inp.dtype), INDEX64=red.extra["INDEX64"], **red.meta)
     by_row = reverse and has_an
-    width = c if diag else (co if by_row else c)
-    # small tiles, many chunks per load: the partials are summed 16 chunks at a time
-    block_v = min(max(triton.next_power_of_2(width), 2), 16)
-    block_w = min(max(triton.next_power_of_2(c if by_row else co), 2), 16)
-    block_ch = min(max(triton.next_power_of_2(max(n_chunks, 1)), 2), 16)
+    fin = finish_config(c, co, n_chunks, diag, by_row)
     dummy = ws
-    s_a = (0, 0) if diag else (a.stride(0), a.stride(1))
-    s_dw = (0, 0) if d_a is None else (d_a.stride(0), d_a.stride(1))
-    _finish_kernel[(triton.cdiv(width, block_v),)](
-        ws, dummy if diag else a, scale if has_an else dummy,
-        dummy if d_a is None else d_a, dummy if d_loc is None else d_loc,
-        dummy if d_scale is None else d_scale,
-        c, co, n_chunks, g_size, sp_off, *s_a, *s_dw,
-        HAS_AN=has_an, DIAG=diag, BY_ROW=by_row, COMPUTE=compute_type(inp.dtype),
-        BLOCK_V=block_v, BLOCK_W=block_w, BLOCK_CH=block_ch)
+    compute = compute_type(inp.dtype)
+    if diag:
+        _finish_diag_kernel[fin.grid](ws, scale, d_loc, d_scale, c, n_chunks, sp_off,
+                                      REVERSE=bool(reverse), COMPUTE=compute, **fin.meta)
+        return
+    s_a = (a.stride(0), a.stride(1))
+    s_dw = (d_a.stride(0), d_a.stride(1))
+    if by_row:
+        _finish_rows_kernel[fin.grid](ws, a, scale, d_a, d_loc, d_scale, c, co, n_chunks, sp_off,
+                                      *s_a, *s_dw, COMPUTE=compute, **fin.meta)
+    else:
+        _finish_cols_kernel[fin.grid](
+            ws, a, scale if has_an else dummy, d_a, dummy if d_loc is None else d_loc,
+            dummy if d_scale is None else d_scale, c, co, n_chunks, sp_off, *s_a, *s_dw,
+            HAS_AN=has_an, COMPUTE=compute, **fin.meta)
