@@ -17,8 +17,13 @@ atomics).
 Noise (``HAS_EPS=False``): Triton's counter-based Philox, keyed by a 64-bit seed that the
 caller draws from torch's RNG and passes as a one-element int64 tensor on the device (read
 by the kernel: no host round trip). Row n is padded to D4 = ceil(D / 4) groups of four
-elements; group g of row n has the counter ``n * D4 + g`` and one ``tl.randn4x`` call gives
-the four standard normals of its elements (lane d % 4). The noise of an element is thus a
+elements; group g of row n has the counter ``n * D4 + g`` and one ``tl.randint4x`` call
+gives four 32-bit words, turned into the four standard normals of its elements (lane d % 4)
+by two Box-Mullers: r = sqrt(-2 log u1), (r cos 2 pi u2, r sin 2 pi u2), with u1 in
+(0, 1) on a 2^-23 grid (|z| <= 5.77: the normal's mass beyond is 8e-9) and sin / cos of
+2 pi u2 from exact quarter turns and a polynomial on [-pi/4, pi/4] (``_sincos_2pi``, error
+below 2e-7), instead of libdevice's precise sin / cos and their never-taken Payne-Hanek
+range reduction (``tl.randn4x``). The noise of an element is thus a
 pure function of (seed, n, d): the backward kernel regenerates it bit for bit instead of
 reading a stored tensor. Counters are 32-bit; when N * D4 does not fit (``WIDE``) the high
 32 bits of the counter are mixed into the key instead. The noise is float32 (Box-Muller on
@@ -31,9 +36,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import accumulator_dtype, compute_type
+from ._layout import TARGET_PROGRAMS, Launch, accumulator_dtype, compute_type, warps_for
 
-MAX_TILE = 2048  # elements per program
+MAX_TILE = 2048  # elements per program at most: 8 per thread at 8 warps
+MIN_TILE = 128  # elements per program at least: one Philox call (4 elements) per thread of a warp
+TWO_PI = tl.constexpr(6.283185307179586)
 
 
 @triton.jit
@@ -72,8 +79,37 @@ def _noise(seed, counter, lane, WIDE: tl.constexpr):
     else:
         key = seed
         ctr = counter.to(tl.uint32)
-    r0, r1, r2, r3 = tl.randn4x(key, ctr)  # one Philox call: four normals (two Box-Mullers)
-    return tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
+    x0, x1, x2, x3 = tl.randint4x(key, ctr)  # one Philox call: four 32-bit words
+    z0, z1 = _box_muller(x0, x1)
+    z2, z3 = _box_muller(x2, x3)
+    return tl.where(lane == 0, z0, tl.where(lane == 1, z1, tl.where(lane == 2, z2, z3)))
+
+
+@triton.jit
+def _sincos_2pi(u):
+    """(sin 2 pi u, cos 2 pi u) in float32 for u in [0, 1) on a 2^-24 grid: the nearest
+    quarter turn k is exact (u - k / 4 has no rounding), the rest a Taylor polynomial on
+    [-pi/4, pi/4] (truncation error below 3e-9), then a rotation by k quarter turns."""
+    k = tl.floor(u * 4.0 + 0.5)
+    a = (u - k * 0.25) * TWO_PI
+    a2 = a * a
+    s = a * (1.0 + a2 * (-1.0 / 6.0 + a2 * (1.0 / 120.0 + a2 * (-1.0 / 5040.0 + a2 * (1.0 / 362880.0)))))
+    c = 1.0 + a2 * (-0.5 + a2 * (1.0 / 24.0 + a2 * (-1.0 / 720.0 + a2 * (1.0 / 40320.0
+                                                                          - a2 * (1.0 / 3628800.0)))))
+    q = k.to(tl.int32) & 3  # k = 4 is a whole turn: q = 0
+    sin = tl.where(q == 0, s, tl.where(q == 1, c, tl.where(q == 2, -s, -c)))
+    cos = tl.where(q == 0, c, tl.where(q == 1, -s, tl.where(q == 2, -c, s)))
+    return sin, cos
+
+
+@triton.jit
+def _box_muller(x1, x2):
+    """Two independent standard normals (float32) from two uniform 32-bit words."""
+    u1 = (x1 >> 9).to(tl.float32) * 1.1920928955078125e-07 + 5.960464477539063e-08  # (0, 1)
+    u2 = (x2 >> 8).to(tl.float32) * 5.960464477539063e-08  # [0, 1)
+    r = tl.sqrt(-2.0 * tl.log(u1))
+    sin, cos = _sincos_2pi(u2)
+    return r * cos, r * sin
 
 
 @triton.jit
@@ -151,45 +187,74 @@ def _rows(t: torch.Tensor, n: int) -> tuple[torch.Tensor, int, int]:
     return t2, t2.stride(0), t2.stride(1)
 
 
-def _grid(n: int, d: int):
-    """(BLOCK_N, BLOCK_G, D4, N_DTILES, programs): tiles of BLOCK_N rows x BLOCK_G groups
-    of four elements, at most MAX_TILE elements each."""
+def launch_config(n: int, d: int) -> Launch:
+    """The launch of both kernels for mu (n, d): one program per (BLOCK_N rows, BLOCK_G groups
+    of four elements) tile. ``extra``: D4 (groups per row), N_DTILES (tiles per row)."""
     d4 = triton.cdiv(d, 4)
-    block_g = min(triton.next_power_of_2(d4), MAX_TILE // 4)
-    block_n = max(1, min(triton.next_power_of_2(n), MAX_TILE // (4 * block_g)))
+    # tile elements: about total / TARGET_PROGRAMS so that a launch fills the device when
+    # the work allows, a power of two in [MIN_TILE, MAX_TILE]
+    per_program = triton.next_power_of_2(max(1, triton.cdiv(n * 4 * d4, TARGET_PROGRAMS)))
+    tile = min(MAX_TILE, max(MIN_TILE, per_program))
+    block_g = min(triton.next_power_of_2(d4), tile // 4)
+    block_n = max(1, min(triton.next_power_of_2(n), tile // (4 * block_g)))
     n_dtiles = triton.cdiv(d4, block_g)
-    return block_n, block_g, d4, n_dtiles, triton.cdiv(n, block_n) * n_dtiles
+    # num_warps: one Philox call (four elements) per thread; num_stages 1: no loop
+    return Launch(grid=(triton.cdiv(n, block_n) * n_dtiles,),
+                  blocks={"BLOCK_N": block_n, "BLOCK_G": block_g},
+                  num_warps=warps_for(block_n * block_g * 4, per_thread=4), num_stages=1,
+                  extra={"D4": d4, "N_DTILES": n_dtiles})
+
+
+def launch_configs(n: int, d: int) -> dict[str, Launch]:
+    """Every launch of this family for mu (n, d): {kernel name: Launch}."""
+    cfg = launch_config(n, d)
+    return {"_reparam_kl_fwd_kernel": cfg, "_reparam_kl_bwd_kernel": cfg}
 
 
 def _wide(n: int, d4: int, force: bool) -> bool:
     return force or n * d4 >= 2**32
 
 
+def _check(name: str, t: torch.Tensor | None, like: torch.Tensor):
+    assert t is None or (t.shape == like.shape and t.device == like.device), (
+        f"{name}: expected {tuple(like.shape)} on {like.device}, got {tuple(t.shape)} on {t.device}")
+
+
 def reparam_kl_forward(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None,
-                       seed: torch.Tensor | None, reduction: str, *, force_wide: bool = False):
-    """(z, kl): z shaped like ``mu`` (contiguous), kl (N,) or a scalar for "sum"/"mean".
-    ``eps=None`` draws the noise from ``seed`` (a one-element int64 tensor on mu's device);
-    shapes are validated by the caller."""
+                       seed: torch.Tensor | None, reduction: str, *, force_wide: bool = False,
+                       z: torch.Tensor | None = None):
+    """(z, kl): z shaped like ``mu`` (contiguous unless ``z`` is given: any rows of a larger
+    tensor, written in place), kl (N,) or a scalar for "sum"/"mean". ``eps=None`` draws the
+    noise from ``seed`` (a one-element int64 tensor on mu's device); shapes are validated by
+    the caller."""
     n = mu.shape[0]
-    z = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
+    _check("logvar", logvar, mu)
+    _check("eps", eps, mu)
+    _check("z", z, mu)
+    assert eps is not None or (seed is not None and seed.numel() == 1 and seed.dtype == torch.int64), (
+        "seed: expected a one-element int64 tensor when eps is None")
+    assert reduction in ("none", "sum", "mean"), f"reduction: got {reduction!r}"
+    z = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device) if z is None else z
     kl_dtype = accumulator_dtype(mu.dtype)
     d = mu.numel() // n if n else 0
     if n == 0 or d == 0:
         kl = torch.zeros(n, dtype=kl_dtype, device=mu.device)
         return z, (kl if reduction == "none" else kl.sum() / n if reduction == "mean" else kl.sum())
-    block_n, block_g, d4, n_dtiles, programs = _grid(n, d)
+    cfg = launch_config(n, d)
+    d4, n_dtiles = cfg.extra["D4"], cfg.extra["N_DTILES"]
     # one tile per row and no reduction: the partials are the per-sample KL
     partials = torch.empty((n, n_dtiles) if n_dtiles > 1 else (n,), dtype=kl_dtype,
                            device=mu.device)
     mu_, *s_mu = _rows(mu, n)
     lv_, *s_lv = _rows(logvar, n)
     eps_, *s_eps = _rows(eps, n) if eps is not None else (mu_, 0, 0)
-    _, *s_z = _rows(z, n)
-    _reparam_kl_fwd_kernel[(programs,)](
+    z_w, *s_z = _rows(z, n)
+    assert z_w is z, "z: its trailing dimensions must merge into one (no copy of an output)"
+    _reparam_kl_fwd_kernel[cfg.grid](
         mu_, lv_, eps_, z, partials, seed if eps is None else mu_, n, d, d4, n_dtiles,
         *s_mu, *s_lv, *s_eps, *s_z,
         HAS_EPS=eps is not None, WIDE=_wide(n, d4, force_wide), MEAN=reduction == "mean",
-        COMPUTE=compute_type(mu.dtype), BLOCK_N=block_n, BLOCK_G=block_g)
+        COMPUTE=compute_type(mu.dtype), **cfg.meta)
     if reduction != "none":  # "mean": the kernel already divided each partial by N
         return z, partials.sum()
     return z, partials if n_dtiles == 1 else partials.sum(dim=1)
@@ -198,26 +263,33 @@ def reparam_kl_forward(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor
 def reparam_kl_backward(dz: torch.Tensor, dkl: torch.Tensor, mu: torch.Tensor,
                         logvar: torch.Tensor, eps: torch.Tensor | None,
                         seed: torch.Tensor | None, reduction: str, *,
-                        force_wide: bool = False):
-    """(dmu, dlogvar), contiguous, in mu's and logvar's dtypes. ``dz`` and ``dkl`` may have
-    any strides (stride 0 included); ``dkl`` is (N,) for "none", a scalar otherwise."""
+                        force_wide: bool = False, dmu: torch.Tensor | None = None,
+                        dlogvar: torch.Tensor | None = None):
+    """(dmu, dlogvar), contiguous unless given, in mu's and logvar's dtypes. ``dz`` and
+    ``dkl`` may have any strides (stride 0 included); ``dkl`` is (N,) for "none", a scalar
+    otherwise."""
     n = mu.shape[0]
-    dmu = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
-    dlv = torch.empty(logvar.shape, dtype=logvar.dtype, device=logvar.device)
+    for name, t in (("dz", dz), ("logvar", logvar), ("eps", eps), ("dmu", dmu), ("dlogvar", dlogvar)):
+        _check(name, t, mu)
+    assert dkl.shape == ((n,) if reduction == "none" else ()), f"dkl: got {tuple(dkl.shape)}"
+    dmu = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device) if dmu is None else dmu
+    dlv = torch.empty(logvar.shape, dtype=logvar.dtype, device=logvar.device) if dlogvar is None else dlogvar
     d = mu.numel() // n if n else 0
     if n == 0 or d == 0:
         return dmu, dlv
-    block_n, block_g, d4, n_dtiles, programs = _grid(n, d)
+    cfg = launch_config(n, d)
+    d4, n_dtiles = cfg.extra["D4"], cfg.extra["N_DTILES"]
     dz_, *s_dz = _rows(dz, n)
     mu_, *s_mu = _rows(mu, n)
     lv_, *s_lv = _rows(logvar, n)
     eps_, *s_eps = _rows(eps, n) if eps is not None else (mu_, 0, 0)
-    _, *s_dmu = _rows(dmu, n)
-    _, *s_dlv = _rows(dlv, n)
+    dmu_w, *s_dmu = _rows(dmu, n)
+    dlv_w, *s_dlv = _rows(dlv, n)
+    assert dmu_w is dmu and dlv_w is dlv, "dmu, dlogvar: trailing dimensions must merge into one"
     s_dkl = dkl.stride(0) if dkl.dim() == 1 else 0
-    _reparam_kl_bwd_kernel[(programs,)](
+    _reparam_kl_bwd_kernel[cfg.grid](
         dz_, dkl, mu_, lv_, eps_, dmu, dlv, seed if eps is None else mu_, n, d, d4, n_dtiles,
         s_dkl, *s_dz, *s_mu, *s_lv, *s_eps, *s_dmu, *s_dlv,
         HAS_EPS=eps is not None, WIDE=_wide(n, d4, force_wide), MEAN=reduction == "mean",
-        COMPUTE=compute_type(mu.dtype), BLOCK_N=block_n, BLOCK_G=block_g)
+        COMPUTE=compute_type(mu.dtype), **cfg.meta)
     return dmu, dlv
