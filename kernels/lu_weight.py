@@ -3,8 +3,11 @@
     W = P (L + I) (U + diag(sign * exp(log_s)))       in float64, P as a row gather
     logdet[n] = LD_MULT * (sum(log_s) + sum(log|scale|))   (ActNorm's term folded in)
 
-``lu_weight_forward`` writes W and the per-sample log-det in one launch;
-``lu_weight_backward`` gives d lower, d upper, d log_s and d scale in one launch.
+``lu_weight_forward`` writes W and the per-sample log-det in one launch (and, on request,
+W cast to the activations' compute dtype, so that the mix kernel's programs read 4-byte
+rather than 8-byte weights: one copy per step instead of one conversion per program);
+``lu_weight_backward`` gives d lower, d upper, d log_s and d scale in one launch. Tile
+sizes and num_warps come from ``launch_config``.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from ._layout import Launch
 
 
 # --------------------------------------------------------------------------------------
@@ -40,10 +45,11 @@ def _lu_weight_kernel(
     rows_ptr,   # (C,) int64: row i of W is row rows[i] of (L + I)(U + D) (P as a gather)
     scale_ptr,  # (C,) ActNorm scale: sum(log|scale|) joins the log-det (HAS_SCALE)
     w_ptr,      # (C, C) float64 output W, contiguous
+    wc_ptr,     # (C, C) output W in another dtype, contiguous (HAS_WC)
     ld_ptr,     # (N,) output log-det per sample, contiguous
     C, N, LD_MULT, N_T,
     s_l0, s_l1, s_u0, s_u1, s_ls, s_sg, s_rw, s_sc,
-    HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_WC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """W[i, j] = sum_k Lf[rows[i], k] Uf[k, j] in float64 by a broadcast multiply-and-sum
@@ -72,6 +78,9 @@ def _lu_weight_kernel(
         uf = tl.where(k_in[:, None] & (j[None, :] == k[:, None]), d[:, None], uf)
         acc += tl.sum(lf[:, :, None] * uf[None, :, :], axis=1)
     tl.store(w_ptr + i64[:, None] * C + j64[None, :], acc, mask=i_in[:, None] & j_in[None, :])
+    if HAS_WC:
+        tl.store(wc_ptr + i64[:, None] * C + j64[None, :], acc.to(wc_ptr.dtype.element_ty),
+                 mask=i_in[:, None] & j_in[None, :])
     if pid == 0:
         tot = tl.zeros((BLOCK_R,), dtype=tl.float64)
         for c0 in range(0, C, BLOCK_R):
@@ -187,28 +196,68 @@ def _vstride(v: torch.Tensor) -> int:
     return v.stride(0) if v.dim() == 1 else 1
 
 
-def _lu_blocks(c: int) -> tuple[int, int, int]:
-    """(BLOCK, N_T, BLOCK_R): square tiles of W, their count per side, the reduction step."""
+def launch_config(c: int, n: int, backward: bool = False) -> Launch:
+    """The launch of ``_lu_weight_kernel`` (or of ``_lu_weight_bwd_kernel``) for a (C, C)
+    weight and N samples: one program per (BLOCK, BLOCK) tile of W (twice as many in the
+    backward: d lower, then d upper). ``extra``: N_T (tiles per side)."""
+    # 16 x 16 tiles: the (BLOCK, BLOCK_R, BLOCK) float64 product cube is 2048 doubles,
+    # 16 per thread at 4 warps (C <= 96 in Glow: at most 36 tiles; W is tiny next to the
+    # activations, so filling the device does not matter here)
     block = min(max(triton.next_power_of_2(c), 2), 16)
-    return block, triton.cdiv(c, block), 8
+    n_t = triton.cdiv(c, block)
+    return Launch(grid=((2 if backward else 1) * n_t * n_t,),
+                  # BLOCK_R 8: the reduction step of the cube; BLOCK_N: log-det values per store
+                  blocks={"BLOCK": block, "BLOCK_R": 8,
+                          "BLOCK_N": min(max(triton.next_power_of_2(max(n, 1)), 2), 128)},
+                  # num_stages 1: the k loop is short (<= C / 8 steps) and register-bound
+                  num_warps=4 if block >= 16 else 1, num_stages=1, extra={"N_T": n_t})
 
 
-def lu_weight_forward(lower, upper, log_s, sign_s, rows, scale, w, ld, *, ld_mult: int) -> None:
+def launch_configs(c: int, n: int) -> dict[str, Launch]:
+    """Every launch of this family for a (C, C) weight and N samples: {kernel name: Launch}."""
+    return {"_lu_weight_kernel": launch_config(c, n),
+            "_lu_weight_bwd_kernel": launch_config(c, n, backward=True)}
+
+
+def _check_square(name: str, t: torch.Tensor, c: int, contiguous: bool = False):
+    assert t.shape == (c, c) and (not contiguous or t.is_contiguous()), (
+        f"{name}: expected {'a contiguous ' if contiguous else ''}({c}, {c}), got "
+        f"{tuple(t.shape)} strides {t.stride()}")
+
+
+def _check_vector(name: str, t: torch.Tensor, c: int, contiguous: bool = False):
+    assert t.numel() == c and (t.dim() == 1 or t.is_contiguous()) and (
+        not contiguous or t.is_contiguous()), f"{name}: expected a vector of {c}, got {tuple(t.shape)}"
+
+
+def lu_weight_forward(lower, upper, log_s, sign_s, rows, scale, w, ld, *, ld_mult: int,
+                      w_compute: torch.Tensor | None = None) -> None:
     """W = P (L + I)(U + diag(sign_s exp(log_s))) into ``w`` (C, C) float64 contiguous, and
     ``ld[:] = ld_mult * (sum(log_s) + sum(log|scale|))`` (scale None: no ActNorm term);
     P is applied as ``W[i] = M[rows[i]]``. Vectors (C,) with any stride (or contiguous of
-    any shape, e.g. (1, C, 1, 1)), matrices any strides; one launch. Validation is the caller's job."""
+    any shape, e.g. (1, C, 1, 1)), matrices any strides; one launch. ``w_compute``
+    (optional, (C, C) contiguous, any float dtype): W cast to its dtype, written in the same
+    launch. Validation is the caller's job."""
     c = log_s.shape[0]
-    block, n_t, block_r = _lu_blocks(c)
+    _check_square("w", w, c, contiguous=True)
+    assert w.dtype == torch.float64, f"w: expected float64, got {w.dtype}"
+    assert w_compute is None or (w_compute.shape == (c, c) and w_compute.is_contiguous()), (
+        f"w_compute: expected a contiguous ({c}, {c}), got {tuple(w_compute.shape)}")
+    _check_square("lower", lower, c)
+    _check_square("upper", upper, c)
+    for name, v in (("sign_s", sign_s), ("rows", rows), ("scale", scale)):
+        assert v is None or _check_vector(name, v, c) is None
+    assert ld.dim() == 1 and ld.is_contiguous(), f"ld: expected a contiguous (N,), got {tuple(ld.shape)}"
     n = ld.shape[0]
+    cfg = launch_config(c, n)
     has_scale = scale is not None
     sc = scale if has_scale else log_s
-    _lu_weight_kernel[(n_t * n_t,)](
-        lower, upper, log_s, sign_s, rows, sc, w, ld, c, n, ld_mult, n_t,
+    _lu_weight_kernel[cfg.grid](
+        lower, upper, log_s, sign_s, rows, sc, w, w if w_compute is None else w_compute, ld,
+        c, n, ld_mult, cfg.extra["N_T"],
         lower.stride(0), lower.stride(1), upper.stride(0), upper.stride(1),
         _vstride(log_s), _vstride(sign_s), _vstride(rows), _vstride(sc),
-        HAS_SCALE=has_scale, BLOCK=block, BLOCK_R=block_r,
-        BLOCK_N=min(max(triton.next_power_of_2(max(n, 1)), 2), 128))
+        HAS_SCALE=has_scale, HAS_WC=w_compute is not None, **cfg.meta)
 
 
 def lu_weight_backward(d_w, d_ld, lower, upper, log_s, sign_s, rows, scale,
@@ -216,15 +265,20 @@ def lu_weight_backward(d_w, d_ld, lower, upper, log_s, sign_s, rows, scale,
     """Gradients of ``lu_weight`` written into ``d_lower``, ``d_upper`` (C, C) and
     ``d_log_s``, ``d_scale`` (C,), all contiguous, in one launch."""
     c = log_s.shape[0]
-    block, n_t, block_r = _lu_blocks(c)
+    _check_square("d_w", d_w, c)
+    for name, t in (("d_lower", d_lower), ("d_upper", d_upper)):
+        _check_square(name, t, c, contiguous=True)
+    for name, t in (("d_log_s", d_log_s), ("d_scale", d_scale)):
+        assert t is None or _check_vector(name, t, c, contiguous=True) is None
+    assert d_ld.dim() == 1, f"d_ld: expected (N,), got {tuple(d_ld.shape)}"
     n = d_ld.shape[0]
+    cfg = launch_config(c, n, backward=True)
     has_scale = scale is not None
     sc = scale if has_scale else log_s
-    _lu_weight_bwd_kernel[(2 * n_t * n_t,)](
+    _lu_weight_bwd_kernel[cfg.grid](
         d_w, d_ld, lower, upper, log_s, sign_s, rows, sc, d_lower, d_upper, d_log_s,
-        d_scale if has_scale else d_log_s, c, n, ld_mult, n_t,
+        d_scale if has_scale else d_log_s, c, n, ld_mult, cfg.extra["N_T"],
         d_w.stride(0), d_w.stride(1), d_ld.stride(0) if n > 0 else 0,
         lower.stride(0), lower.stride(1), upper.stride(0), upper.stride(1),
         _vstride(log_s), _vstride(sign_s), _vstride(rows), _vstride(sc),
-        HAS_SCALE=has_scale, BLOCK=block, BLOCK_R=block_r,
-        BLOCK_N=min(max(triton.next_power_of_2(max(n, 1)), 2), 128))
+        HAS_SCALE=has_scale, **cfg.meta)
