@@ -173,6 +173,20 @@ def exercise_channel_mix(quick: bool, glow: bool, rec: Recorder):
     an(z)
     y, ld = an(z)
     (y.sum() + ld.sum()).backward()
+    for dtype in (torch.float32, torch.float64):  # reverse with its gradients
+        x = torch.randn(2, 5, 3, 3, dtype=dtype, requires_grad=True)
+        w = torch.randn(5, 5, dtype=dtype, requires_grad=True)
+        loc = torch.randn(5, dtype=dtype, requires_grad=True)
+        scale = torch.rand(5, dtype=dtype).add(0.5).requires_grad_()
+        for weight in (w, None):
+            y = ff.channel_mix(x, weight, loc=loc, scale=scale, reverse=True)
+            y.sum().backward()
+    # the opt-in tensor-core product (mix(..., input_precision="tf32x3")): compiled so that
+    # its registers and its mma instructions can be read below
+    mix = FAMILY_MODULES["channel_mix"].mix
+    for n, c, hh, ww in GLOW_SHAPES if glow else GLOW_SHAPES[3:4]:
+        with rec.label(f"tf32x3 mix {n}x{c}x{hh}x{ww}"):
+            mix(torch.randn(n, c, hh, ww), torch.randn(c, c), input_precision="tf32x3")
     for shape in GLOW_SHAPES if glow else ():
         for dtype in (torch.float32, torch.bfloat16):
             with rec.label(f"glow {'x'.join(map(str, shape))} {str(dtype)[6:]}"):
@@ -236,6 +250,7 @@ def resource_usage(kernel, arch: int) -> dict:
         m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text)
         if m:
             use.update(STACK=int(m[1]), SPILL_ST=int(m[2]), SPILL_LD=int(m[3]))
+        use["MMA"] = len(re.findall(r"^\s*(?:wgmma|mma)\.", ptx, flags=re.M))
     cubin = kernel.asm.get("cubin")
     tool = os.path.join(NV_BIN, "cuobjdump")
     if cubin and os.path.exists(tool):
@@ -244,6 +259,9 @@ def resource_usage(kernel, arch: int) -> dict:
             f.flush()
             out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
                                  text=True).stdout
+            sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+        use["SASS"] = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", sass, flags=re.M))
+        use["CALLS"] = len(re.findall(r"\bCALL\.", sass))
         found = dict(re.findall(r"(REG|LOCAL|SHARED|STACK):(\d+)", out))
         use["REG"] = int(found.get("REG", 0))
         use["STACK"] = max(use.get("STACK", 0), int(found.get("STACK", 0)))
@@ -278,7 +296,11 @@ def main(argv=None) -> int:
     total = sum(len(v) for v in rec.kernels.values())
     print(f"compiled {total} kernel specialisations for sm_{args.arch} in "
           f"{time.perf_counter() - t0:.0f} s (triton {triton.__version__})")
-    cols = ("REG", "STACK", "SPILL_ST", "SPILL_LD", "LOCAL", "SHARED_DYN", "WARPS", "STAGES")
+    cols = ("REG", "STACK", "SPILL_ST", "SPILL_LD", "LOCAL", "SHARED_DYN", "WARPS", "STAGES",
+            "SASS", "CALLS", "MMA")
+    print("per specialisation: registers, stack frame, spill stores / loads and local memory "
+          "(bytes), dynamic shared memory (bytes), num_warps, num_stages, SASS instructions, "
+          "calls (e.g. to a division routine), mma/wgmma PTX instructions, programs of its launches")
     print(f"{'kernel':24s} {'spec':>4s} " + " ".join(f"{c:>10s}" for c in cols) + "  programs")
     summary = {}
     for name, kernels in sorted(rec.kernels.items()):

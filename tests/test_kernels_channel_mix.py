@@ -1,0 +1,100 @@
+"""The channel-mix kernels through their launchers: the backward's reductions at sizes that
+give many chunks (real Glow batches give 64 and more), for every finishing mode, against the
+float64 reference; the 1x1 convolution's inverse round trip at today's tolerance."""
+
+import pytest
+import torch
+
+from conftest import assert_close
+from fastflow import reference
+from fastflow.kernels import channel_mix as cm
+
+
+def _reference_grads(x, w, loc, scale, g, reverse):
+    """d weight, d loc, d scale of sum(g * actnorm_mix(...)) by float64 autograd."""
+    leaves = [None if t is None else t.detach().double().requires_grad_() for t in (w, loc, scale)]
+    y = reference.actnorm_mix(x.double(), *leaves, reverse=reverse)
+    params = [t for t in leaves if t is not None]
+    grads = iter(torch.autograd.grad(y, params, g.double()))
+    return [None if t is None else next(grads) for t in leaves]
+
+
+def _bound(x, w, loc, scale, g, reverse):
+    """The same gradients of the absolute values: sum |terms|, the scale of a summation's
+    rounding error whatever the order of the sum."""
+    ab = [None if t is None else t.abs() for t in (w, loc, scale)]
+    return [None if b is None else b.abs() for b in _reference_grads(x.abs(), *ab, g.abs(), reverse)]
+
+
+CASES = [  # (shape, dtype, weight, actnorm, reverse)
+    ((2, 4, 64, 64), torch.float32, True, True, False),
+    ((2, 4, 64, 64), torch.float32, True, True, True),
+    ((2, 4, 64, 64), torch.float32, True, False, False),
+    ((2, 4, 64, 64), torch.float32, False, True, False),
+    ((2, 4, 64, 64), torch.float32, False, True, True),
+    ((1, 3, 24, 24), torch.float64, True, True, False),
+    ((1, 3, 24, 24), torch.float64, True, True, True),
+    ((1, 3, 24, 24), torch.float64, False, True, False),
+    ((3, 20, 9, 7), torch.float32, True, True, False),  # C not a block multiple, 2 x 2 tiles
+]
+
+
+@pytest.mark.parametrize("shape, dtype, has_w, has_an, reverse", CASES)
+def test_param_grads_many_chunks_match_reference(shape, dtype, has_w, has_an, reverse):
+    n, c, h, w_ = shape
+    x = torch.randn(shape, dtype=dtype) + 0.25
+    g = torch.randn(shape, dtype=dtype)
+    w = torch.randn(c, c, dtype=dtype) if has_w else None
+    loc = 0.3 * torch.randn(c, dtype=dtype) if has_an else None
+    scale = torch.rand(c, dtype=dtype) + 0.5 if has_an else None
+    red = cm.reduce_config(n, c, c, h * w_, dtype, diag=not has_w)
+    # many chunks: as many as there are BLOCK_Q steps of pixels, up to 64 and more
+    assert red.extra["N_CHUNKS"] >= min(64, -(-n * h * w_ // red.blocks["BLOCK_Q"])), red
+    d_w = torch.empty(c, c, dtype=dtype) if has_w else None
+    d_l = torch.empty(c, dtype=dtype) if has_an else None
+    d_s = torch.empty(c, dtype=dtype) if has_an else None
+    cm.mix_param_grads(g, x, w, scale, loc if (has_an and not reverse) else None,
+                       reverse=reverse, d_a=d_w, d_loc=d_l, d_scale=d_s)
+    want = _reference_grads(x, w, loc, scale, g, reverse)
+    bound = _bound(x, w, loc, scale, g, reverse)
+    eps = 1e-12 if dtype == torch.float64 else 1e-5
+    for name, got, ref, b in zip(("d_weight", "d_loc", "d_scale"), (d_w, d_l, d_s), want, bound):
+        if ref is None:
+            continue
+        err = (got.double() - ref).abs()
+        assert (err <= eps * b + eps).all(), (name, err.max().item(), (err / (b + 1)).max().item())
+
+
+def test_param_grads_are_bitwise_reproducible():
+    x, g = torch.randn(2, 4, 64, 64), torch.randn(2, 4, 64, 64)
+    w, loc, scale = torch.randn(4, 4), torch.randn(4), torch.rand(4) + 0.5
+    outs = []
+    for _ in range(2):
+        d = [torch.empty(4, 4), torch.empty(4), torch.empty(4)]
+        cm.mix_param_grads(g, x, w, scale, loc, reverse=False, d_a=d[0], d_loc=d[1], d_scale=d[2])
+        outs.append(d)
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+@pytest.mark.parametrize("precision", cm.PRECISIONS)
+def test_inverse_round_trip_at_todays_tolerance(precision):
+    """mix(mix(x, W), W^-1) == x at the float32 tolerance of today's round-trip test (1e-4),
+    for every offered tl.dot precision (under the interpreter every precision is exact
+    float32: this measures tf32x3 only on a GPU)."""
+    torch.manual_seed(0)
+    n, c, h, w_ = 3, 48, 4, 4
+    x = torch.randn(n, c, h, w_)
+    wq = torch.linalg.qr(torch.randn(c, c, dtype=torch.float64))[0]
+    w = wq @ torch.diag(torch.rand(c, dtype=torch.float64) + 0.5)
+    v = torch.linalg.inv(w)
+    loc, scale = 0.1 * torch.randn(c), torch.rand(c) + 0.5
+    y = cm.mix(x, w, pre="actnorm", pre_scale=scale, pre_shift=loc, input_precision=precision)
+    x2 = cm.mix(y, v, post="actnorm_inverse", post_scale=scale, post_shift=loc,
+                input_precision=precision)
+    assert_close(x2, x.double(), torch.float32, rtol=1e-4, atol=1e-4)
+
+
+def test_cast_a_gives_the_same_bits():
+    """A float64 W cast once by the launcher gives bitwise what each program's own cast gave."""
+    x, w = torch.randn(2, 20, 5, 3), torch.randn(20, 20, dtype=torch.float64)
+    assert torch.equal(cm.mix(x, w), cm.mix(x, w, cast_a=True))
