@@ -23,6 +23,7 @@ exercise.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import importlib
 import itertools
@@ -276,21 +277,25 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: Hopper)")
     ap.add_argument("--quick", action="store_true", help="a few specialisations per kernel")
     ap.add_argument("--no-glow", action="store_true", help="skip the Glow-shape launches")
+    ap.add_argument("--families", default=",".join(FAMILIES),
+                    help="comma-separated families to compile (default: every registered one)")
+    ap.add_argument("--jobs", type=int, default=4, help="ptxas / cuobjdump processes at once")
     args = ap.parse_args(argv)
+    chosen = args.families.split(",")
     driver.set_active(CompileOnlyDriver(GPUTarget("cuda", args.arch, 32)))
     t0 = time.perf_counter()
     failures = [f"family {name!r} is registered but has no exercise in compile_for_gpu.py"
                 for name in FAMILIES if name not in EXERCISES]
     with Recorder() as rec, ff.use_backend("triton"):
         for name in FAMILIES:
-            if name not in EXERCISES:
+            if name not in EXERCISES or name not in chosen:
                 continue
             try:
                 EXERCISES[name](args.quick, not args.no_glow, rec)
             except Exception as e:  # a compile error: report it, go on with the others
                 failures.append(f"{name}: {type(e).__name__}: {e}")
     for name, module in FAMILY_MODULES.items():
-        for kname in family_kernels(module):
+        for kname in family_kernels(module) if name in chosen else ():
             if kname not in rec.kernels:
                 failures.append(f"{name}.{kname} was never compiled")
     total = sum(len(v) for v in rec.kernels.values())
@@ -303,18 +308,20 @@ def main(argv=None) -> int:
           "calls (e.g. to a division routine), mma/wgmma PTX instructions, programs of its launches")
     print(f"{'kernel':24s} {'spec':>4s} " + " ".join(f"{c:>10s}" for c in cols) + "  programs")
     summary = {}
-    for name, kernels in sorted(rec.kernels.items()):
-        for i, (key, k) in enumerate(kernels.items()):
-            u = resource_usage(k, args.arch)
-            progs = sorted(rec.programs[(name, key)])
-            print(f"{name:24s} {i:4d} " + " ".join(f"{u.get(c, -1):10d}" for c in cols)
-                  + "  " + ",".join(map(str, progs[:8])) + (",..." if len(progs) > 8 else ""))
-            s = summary.setdefault(name, {c: 0 for c in cols} | {"specs": 0})
-            s["specs"] += 1
-            for c in cols:
-                s[c] = max(s[c], u.get(c, 0))
-            if u.get("STACK", 0) or u.get("SPILL_ST", 0) or u.get("SPILL_LD", 0) or u.get("LOCAL", 0):
-                failures.append(f"{name} spec {i} spills: {u}")
+    jobs = [(name, i, key, k) for name, kernels in sorted(rec.kernels.items())
+            for i, (key, k) in enumerate(kernels.items())]
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        usages = list(pool.map(lambda job: resource_usage(job[3], args.arch), jobs))
+    for (name, i, key, k), u in zip(jobs, usages):
+        progs = sorted(rec.programs[(name, key)])
+        print(f"{name:24s} {i:4d} " + " ".join(f"{u.get(c, -1):10d}" for c in cols)
+              + "  " + ",".join(map(str, progs[:8])) + (",..." if len(progs) > 8 else ""))
+        s = summary.setdefault(name, {c: 0 for c in cols} | {"specs": 0})
+        s["specs"] += 1
+        for c in cols:
+            s[c] = max(s[c], u.get(c, 0))
+        if u.get("STACK", 0) or u.get("SPILL_ST", 0) or u.get("SPILL_LD", 0) or u.get("LOCAL", 0):
+            failures.append(f"{name} spec {i} spills: {u}")
     print()
     print(f"{'kernel':24s} {'specs':>5s} " + " ".join(f"{'max ' + c:>14s}" for c in cols))
     for name, s in sorted(summary.items()):
