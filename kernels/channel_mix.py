@@ -416,9 +416,11 @@ def mix_config(n: int, c: int, co: int, hw: int, dtype: torch.dtype, diag: bool)
     # then re-read by fewer output-channel tiles), then narrower output-channel tiles
     while programs(block_o, block_p) < TARGET_PROGRAMS and block_p > max(min_p, 16):
         block_p //= 2
-    while (not diag and dtype != torch.float64 and programs(block_o, block_p) < TARGET_PROGRAMS
-           and block_o > 16):
+    min_o = 4 if diag else (block_o if dtype == torch.float64 else 16)  # tl.dot: >= 16
+    while programs(block_o, block_p) < TARGET_PROGRAMS and block_o > min_o:
         block_o //= 2
+    if diag:
+        block_k = block_o
     if warps is None:
         # 16 accumulator elements per thread, 1 to 4 warps
         warps = warps_for(block_o * block_p, per_thread=16, lo=1, hi=4)
@@ -440,8 +442,14 @@ def reduce_config(n: int, c: int, co: int, hw: int, dtype: torch.dtype, diag: bo
     nq = n * hw
     if diag:
         block_o = min(triton.next_power_of_2(co), 32)
-        block_k, block_q = block_o, 64  # (32, 64) product tile: 16 per thread at 4 warps
-        warps = 4
+        block_q = 64  # (32, 64) product tile: 16 per thread at 4 warps
+        # little work: shorter pixel steps (more chunks), then fewer channels per tile
+        while triton.cdiv(co, block_o) * triton.cdiv(nq, block_q) < TARGET_PROGRAMS and block_q > 16:
+            block_q //= 2
+        while triton.cdiv(co, block_o) * triton.cdiv(nq, block_q) < TARGET_PROGRAMS and block_o > 4:
+            block_o //= 2
+        block_k = block_o
+        warps = warps_for(block_o * block_q, per_thread=8, lo=1, hi=4)  # 8 products per thread
     elif dtype == torch.float64:  # broadcast product: the (O, Q, K) cube lives in registers
         block_o = min(max(triton.next_power_of_2(co), 16), 32)
         block_k = min(max(triton.next_power_of_2(c), 16), 32)
