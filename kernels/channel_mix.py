@@ -440,13 +440,19 @@ def reduce_config(n: int, c: int, co: int, hw: int, dtype: torch.dtype, diag: bo
     """The launch of ``_reduce_kernel``: one program per (chunk of flat pixels, BLOCK_O x
     BLOCK_K tile of G). ``extra``: N_OT, N_KT, CHUNK, N_CHUNKS, INDEX64."""
     nq = n * hw
+    g_size = c if diag else co * c
+    # chunks at most: the partials (written here, read back by the finishing launch) stay
+    # within a quarter of the activations the reduction reads, so that filling the device
+    # never costs more than 1.5x the floor's memory traffic
+    max_chunks = max(1, nq * (c + co) // (4 * (g_size + co)))
+    fill = lambda tiles, bq: tiles * min(max_chunks, triton.cdiv(nq, bq))  # noqa: E731
     if diag:
         block_o = min(triton.next_power_of_2(co), 32)
         block_q = 64  # (32, 64) product tile: 16 per thread at 4 warps
         # little work: shorter pixel steps (more chunks), then fewer channels per tile
-        while triton.cdiv(co, block_o) * triton.cdiv(nq, block_q) < TARGET_PROGRAMS and block_q > 16:
+        while fill(triton.cdiv(co, block_o), block_q) < TARGET_PROGRAMS and block_q > 16:
             block_q //= 2
-        while triton.cdiv(co, block_o) * triton.cdiv(nq, block_q) < TARGET_PROGRAMS and block_o > 4:
+        while fill(triton.cdiv(co, block_o), block_q) < TARGET_PROGRAMS and block_o > 4:
             block_o //= 2
         block_k = block_o
         warps = warps_for(block_o * block_q, per_thread=8, lo=1, hi=4)  # 8 products per thread
@@ -456,9 +462,9 @@ def reduce_config(n: int, c: int, co: int, hw: int, dtype: torch.dtype, diag: bo
         block_q, warps = 8, 4  # 32 x 8 x 32 doubles: 64 per thread at 4 warps
     else:  # tl.dot: blocks fitted to C (>= 16); BLOCK_Q 64 is the dot's reduction axis
         block_o, block_k, block_q = fitted_block(co), fitted_block(c), 64
-        max_chunks = max(1, triton.cdiv(nq, block_q))
-        # smaller G tiles when even one BLOCK_Q per chunk would leave the device half empty
-        while (triton.cdiv(co, block_o) * triton.cdiv(c, block_k) * max_chunks < TARGET_PROGRAMS
+        # smaller G tiles when the chunks alone leave the device half empty (each operand
+        # tile is then read by more programs: from L2, the activations stay 2-3 MB here)
+        while (fill(triton.cdiv(co, block_o) * triton.cdiv(c, block_k), block_q) < TARGET_PROGRAMS
                and max(block_o, block_k) > 16):
             if block_o >= block_k:
                 block_o //= 2
@@ -468,10 +474,11 @@ def reduce_config(n: int, c: int, co: int, hw: int, dtype: torch.dtype, diag: bo
         warps = warps_for(max(block_o, block_k) * block_q, per_thread=16, lo=2, hi=8)
     n_ot = triton.cdiv(co, block_o)
     n_kt = 1 if diag else triton.cdiv(c, block_k)
-    # chunks: enough programs to fill the device (a function of the shapes only, so the
-    # partials, and the order they are added in, are reproducible), each chunk a whole
-    # number of BLOCK_Q
-    n_chunks = min(max(1, triton.cdiv(nq, block_q)), max(1, triton.cdiv(TARGET_PROGRAMS, n_ot * n_kt)))
+    # chunks: enough programs to fill the device, within the bound above (a function of the
+    # shapes only, so the partials, and the order they are added in, are reproducible),
+    # each chunk a whole number of BLOCK_Q
+    n_chunks = min(max_chunks, max(1, triton.cdiv(nq, block_q)),
+                   max(1, triton.cdiv(TARGET_PROGRAMS, n_ot * n_kt)))
     chunk = max(block_q, triton.cdiv(triton.cdiv(max(nq, 1), n_chunks), block_q) * block_q)
     n_chunks = triton.cdiv(nq, chunk)
     # num_stages 1: pipelining the loop's loads spilled the 64 x 64 float32 tiles (5 KB of

@@ -82,12 +82,16 @@ def test_launch_configs_cover_every_kernel(name):
 
 @pytest.mark.parametrize("shape", GLOW_SHAPES)
 def test_launches_fill_an_h100_at_glow_shapes(shape):
-    """The activation-sized launches give at least one program per SM of an H100."""
+    """The activation-sized launches give at least one program per SM of an H100; the
+    weight-gradient reduction as many as its workspace bound allows (partials within a
+    quarter of the activations read), and never fewer than 64."""
     n, c, h, w = shape
     from fastflow.kernels import channel_mix, coupling
     for cfg in (coupling.launch_config(n, c, h * w),
                 channel_mix.mix_config(n, c, c, h * w, torch.float32, False),
-                channel_mix.reduce_config(n, c, c, h * w, torch.float32, False),
                 channel_mix.mix_config(n, c, c, h * w, torch.float32, True),
                 channel_mix.reduce_config(n, c, c, h * w, torch.float32, True)):
         assert cfg.programs >= TARGET_SMS, (shape, cfg)
+    red = channel_mix.reduce_config(n, c, c, h * w, torch.float32, False)
+    assert red.programs >= 64, (shape, red)
+    assert red.extra["N_CHUNKS"] * (c * c + c) <= n * h * w * 2 * c / 4, (shape, red)
