@@ -10,8 +10,8 @@ has one exercise below (its specialisation list: the public calls that reach its
 run at small odd shapes and at the shapes Glow runs (N=64; C=12 at 16x16, 24 at 8x8, 48 at
 8x8 and 4x4, 96 at 4x4). For every compiled specialisation it prints the registers, the
 stack frame, the spill stores and loads (``ptxas -v`` on the kernel's PTX), the dynamic
-shared memory, num_warps / num_stages and the programs of its launches; then the programs
-per launch at the Glow shapes.
+shared memory, num_warps / num_stages, SASS instructions and calls, mma instructions and the
+programs of its launches; then the programs per launch at the Glow shapes.
 
     python tests/compile_for_gpu.py [--arch 90] [--quick] [--no-glow]
 
@@ -230,15 +230,33 @@ def family_kernels(module) -> list[str]:
 # --------------------------------------------------------------------------------------
 
 
-def resource_usage(kernel, arch: int) -> dict:
-    """STACK, SPILL_ST, SPILL_LD (bytes, from ``ptxas -v`` on the kernel's PTX, Triton's own
-    ptxas and options), SHARED_DYN (the dynamic shared memory a launch asks for), and REG,
-    LOCAL, SHARED_STATIC from ``cuobjdump --dump-resource-usage`` of its cubin."""
+def resource_usage(kernel, arch: int, always_ptxas: bool = False) -> dict:
+    """From one ``cuobjdump -sass --dump-resource-usage`` of the kernel's cubin: REG, STACK,
+    LOCAL, SHARED_STATIC, SASS (instructions), CALLS (subroutine calls, e.g. to a division
+    routine); SHARED_DYN (the dynamic shared memory a launch asks for), WARPS, STAGES from
+    its metadata; MMA (mma / wgmma instructions in its PTX); SPILL_ST, SPILL_LD (bytes, from
+    ``ptxas -v`` on its PTX with Triton's ptxas) when it has a stack frame (no stack frame:
+    nowhere to spill to) or ``always_ptxas``."""
     use = {"SHARED_DYN": int(getattr(kernel.metadata, "shared", 0) or 0),
-           "WARPS": kernel.metadata.num_warps, "STAGES": kernel.metadata.num_stages}
-    ptx = kernel.asm.get("ptx")
+           "WARPS": kernel.metadata.num_warps, "STAGES": kernel.metadata.num_stages,
+           "SPILL_ST": 0, "SPILL_LD": 0}
+    ptx = kernel.asm.get("ptx") or ""
+    use["MMA"] = len(re.findall(r"^\s*(?:wgmma|mma)\.", ptx, flags=re.M))
+    cubin = kernel.asm.get("cubin")
+    tool = os.path.join(NV_BIN, "cuobjdump")
+    if cubin and os.path.exists(tool):
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(cubin)
+            f.flush()
+            out = subprocess.run([tool, "-sass", "--dump-resource-usage", f.name],
+                                 capture_output=True, text=True).stdout
+        found = dict(re.findall(r"\b(REG|LOCAL|SHARED|STACK):(\d+)", out))
+        use.update(REG=int(found.get("REG", 0)), STACK=int(found.get("STACK", 0)),
+                   LOCAL=int(found.get("LOCAL", 0)), SHARED_STATIC=int(found.get("SHARED", 0)))
+        use["SASS"] = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", out, flags=re.M))
+        use["CALLS"] = len(re.findall(r"\bCALL\.", out))
     ptxas = get_ptxas(arch).path
-    if ptx and ptxas and os.path.exists(ptxas):
+    if ptx and ptxas and os.path.exists(ptxas) and (always_ptxas or use.get("STACK", 1) > 0):
         with tempfile.TemporaryDirectory() as d:
             src = os.path.join(d, "k.ptx")
             with open(src, "w") as f:
@@ -247,27 +265,11 @@ def resource_usage(kernel, arch: int) -> dict:
             log = subprocess.run([ptxas, "-v", "--regAllocOptLevel=2",
                                   f"--gpu-name=sm_{arch}{suffix}", src, "-o",
                                   os.path.join(d, "k.o")], capture_output=True, text=True)
-            text = log.stdout + log.stderr
-        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text)
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads",
+                      log.stdout + log.stderr)
         if m:
-            use.update(STACK=int(m[1]), SPILL_ST=int(m[2]), SPILL_LD=int(m[3]))
-        use["MMA"] = len(re.findall(r"^\s*(?:wgmma|mma)\.", ptx, flags=re.M))
-    cubin = kernel.asm.get("cubin")
-    tool = os.path.join(NV_BIN, "cuobjdump")
-    if cubin and os.path.exists(tool):
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(cubin)
-            f.flush()
-            out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
-                                 text=True).stdout
-            sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
-        use["SASS"] = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", sass, flags=re.M))
-        use["CALLS"] = len(re.findall(r"\bCALL\.", sass))
-        found = dict(re.findall(r"(REG|LOCAL|SHARED|STACK):(\d+)", out))
-        use["REG"] = int(found.get("REG", 0))
-        use["STACK"] = max(use.get("STACK", 0), int(found.get("STACK", 0)))
-        use["LOCAL"] = int(found.get("LOCAL", 0))
-        use["SHARED_STATIC"] = int(found.get("SHARED", 0))
+            use.update(STACK=max(use.get("STACK", 0), int(m[1])), SPILL_ST=int(m[2]),
+                       SPILL_LD=int(m[3]))
     return use
 
 
@@ -280,6 +282,8 @@ def main(argv=None) -> int:
     ap.add_argument("--families", default=",".join(FAMILIES),
                     help="comma-separated families to compile (default: every registered one)")
     ap.add_argument("--jobs", type=int, default=4, help="ptxas / cuobjdump processes at once")
+    ap.add_argument("--ptxas", action="store_true",
+                    help="run ptxas -v on every specialisation (default: on those with a stack frame)")
     args = ap.parse_args(argv)
     chosen = args.families.split(",")
     driver.set_active(CompileOnlyDriver(GPUTarget("cuda", args.arch, 32)))
@@ -311,7 +315,7 @@ def main(argv=None) -> int:
     jobs = [(name, i, key, k) for name, kernels in sorted(rec.kernels.items())
             for i, (key, k) in enumerate(kernels.items())]
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        usages = list(pool.map(lambda job: resource_usage(job[3], args.arch), jobs))
+        usages = list(pool.map(lambda job: resource_usage(job[3], args.arch, args.ptxas), jobs))
     for (name, i, key, k), u in zip(jobs, usages):
         progs = sorted(rec.programs[(name, key)])
         print(f"{name:24s} {i:4d} " + " ".join(f"{u.get(c, -1):10d}" for c in cols)
