@@ -13,7 +13,8 @@ stack frame, the spill stores and loads (``ptxas -v`` on the kernel's PTX), the 
 shared memory, num_warps / num_stages, SASS instructions and calls, mma instructions and the
 programs of its launches; then the programs per launch at the Glow shapes.
 
-    python tests/compile_for_gpu.py [--arch 90] [--quick] [--no-glow]
+    python tests/compile_for_gpu.py [--arch 90] [--quick] [--no-glow] [--sass] [--ptxas]
+                                    [--families coupling,...] [--jobs 4]
 
 It must start without TRITON_INTERPRET (the kernels are decorated when first imported).
 Exit status 1 when a kernel fails to compile, spills, or a registered family has no
@@ -230,10 +231,10 @@ def family_kernels(module) -> list[str]:
 # --------------------------------------------------------------------------------------
 
 
-def resource_usage(kernel, arch: int, always_ptxas: bool = False) -> dict:
-    """From one ``cuobjdump -sass --dump-resource-usage`` of the kernel's cubin: REG, STACK,
-    LOCAL, SHARED_STATIC, SASS (instructions), CALLS (subroutine calls, e.g. to a division
-    routine); SHARED_DYN (the dynamic shared memory a launch asks for), WARPS, STAGES from
+def resource_usage(kernel, arch: int, always_ptxas: bool = False, sass: bool = False) -> dict:
+    """From one ``cuobjdump --dump-resource-usage`` of the kernel's cubin: REG, STACK, LOCAL,
+    SHARED_STATIC, and with ``sass`` (a disassembly: slower) SASS (instructions) and CALLS
+    (subroutine calls, e.g. to a division routine); SHARED_DYN (the dynamic shared memory a launch asks for), WARPS, STAGES from
     its metadata; MMA (mma / wgmma instructions in its PTX); SPILL_ST, SPILL_LD (bytes, from
     ``ptxas -v`` on its PTX with Triton's ptxas) when it has a stack frame (no stack frame:
     nowhere to spill to) or ``always_ptxas``."""
@@ -248,13 +249,14 @@ def resource_usage(kernel, arch: int, always_ptxas: bool = False) -> dict:
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(cubin)
             f.flush()
-            out = subprocess.run([tool, "-sass", "--dump-resource-usage", f.name],
-                                 capture_output=True, text=True).stdout
+            out = subprocess.run([tool, *(["-sass"] if sass else []), "--dump-resource-usage",
+                                  f.name], capture_output=True, text=True).stdout
         found = dict(re.findall(r"\b(REG|LOCAL|SHARED|STACK):(\d+)", out))
         use.update(REG=int(found.get("REG", 0)), STACK=int(found.get("STACK", 0)),
                    LOCAL=int(found.get("LOCAL", 0)), SHARED_STATIC=int(found.get("SHARED", 0)))
-        use["SASS"] = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", out, flags=re.M))
-        use["CALLS"] = len(re.findall(r"\bCALL\.", out))
+        if sass:
+            use["SASS"] = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", out, flags=re.M))
+            use["CALLS"] = len(re.findall(r"\bCALL\.", out))
     ptxas = get_ptxas(arch).path
     if ptx and ptxas and os.path.exists(ptxas) and (always_ptxas or use.get("STACK", 1) > 0):
         with tempfile.TemporaryDirectory() as d:
@@ -284,6 +286,7 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=4, help="ptxas / cuobjdump processes at once")
     ap.add_argument("--ptxas", action="store_true",
                     help="run ptxas -v on every specialisation (default: on those with a stack frame)")
+    ap.add_argument("--sass", action="store_true", help="count SASS instructions and calls")
     args = ap.parse_args(argv)
     chosen = args.families.split(",")
     driver.set_active(CompileOnlyDriver(GPUTarget("cuda", args.arch, 32)))
@@ -308,14 +311,16 @@ def main(argv=None) -> int:
     cols = ("REG", "STACK", "SPILL_ST", "SPILL_LD", "LOCAL", "SHARED_DYN", "WARPS", "STAGES",
             "SASS", "CALLS", "MMA")
     print("per specialisation: registers, stack frame, spill stores / loads and local memory "
-          "(bytes), dynamic shared memory (bytes), num_warps, num_stages, SASS instructions, "
+          "(bytes), dynamic shared memory (bytes), num_warps, num_stages, SASS instructions (-1: "
+          "not counted, see --sass), "
           "calls (e.g. to a division routine), mma/wgmma PTX instructions, programs of its launches")
     print(f"{'kernel':24s} {'spec':>4s} " + " ".join(f"{c:>10s}" for c in cols) + "  programs")
     summary = {}
     jobs = [(name, i, key, k) for name, kernels in sorted(rec.kernels.items())
             for i, (key, k) in enumerate(kernels.items())]
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        usages = list(pool.map(lambda job: resource_usage(job[3], args.arch, args.ptxas), jobs))
+        usages = list(pool.map(
+            lambda job: resource_usage(job[3], args.arch, args.ptxas, args.sass), jobs))
     for (name, i, key, k), u in zip(jobs, usages):
         progs = sorted(rec.programs[(name, key)])
         print(f"{name:24s} {i:4d} " + " ".join(f"{u.get(c, -1):10d}" for c in cols)
