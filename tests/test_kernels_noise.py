@@ -85,12 +85,11 @@ def test_backward_regenerates_the_forward_noise():
     assert torch.equal(2 * dlv, z)  # dlogvar = 0.5 * dz * eps * exp(0)
 
 
-def test_wide_counters_give_the_same_statistics():
-    z = _noise(2**62 + 3, 16, 1024).double()
-    zw, _ = ga.reparam_kl_forward(torch.zeros(16, 1024), torch.zeros(16, 1024), None,
+def test_wide_counters_give_the_same_noise():
+    z = _noise(2**62 + 3, 8, 256)
+    zw, _ = ga.reparam_kl_forward(torch.zeros(8, 256), torch.zeros(8, 256), None,
                                   torch.tensor([2**62 + 3]), "none", force_wide=True)
-    assert torch.equal(z.float(), zw)  # counters below 2^32: the high word mixes in nothing
-    assert abs(z.mean().item()) < 5 / math.sqrt(z.numel())
+    assert torch.equal(z, zw)  # counters below 2^32: the high word mixes in nothing
 
 
 @triton.jit
