@@ -147,7 +147,7 @@ def lu_weight_logdet(lower: Tensor, upper: Tensor, log_s: Tensor, sign_s: Tensor
     if not isinstance(ld_dtype, torch.dtype) or not ld_dtype.is_floating_point:
         raise TypeError(f"ld_dtype: expected a floating-point torch.dtype, got {ld_dtype!r}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"n: expected an int sample count >= 0, got {n!r}")
+        raise ValueError(f"n: expected a sample count (an int >= 0), got {n!r}")
     if isinstance(ld_mult, bool) or not isinstance(ld_mult, int):
         raise TypeError(f"ld_mult: expected an int (e.g. H*W), got {ld_mult!r}")
     if use_triton(log_s):
