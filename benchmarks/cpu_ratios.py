@@ -217,7 +217,11 @@ def cases(reps):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=40)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier on a shared machine)")
     args = p.parse_args()
+    if args.threads < 1:
+        p.error(f"--threads: expected a positive count, got {args.threads}")
+    torch.set_num_threads(args.threads)
     if args.reps < 1:
         p.error(f"--reps: expected a positive count, got {args.reps}")
     print(f"# CPU ratios (torch {torch.__version__}, {torch.get_num_threads()} threads): "

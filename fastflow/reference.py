@@ -70,14 +70,17 @@ def split_channels(c: int) -> tuple[int, int]:
 def coupling_params(h: torch.Tensor, cb: int, layout: str):
     """(raw, t) from the coupling network's output ``h`` (N, 2*Cb, H, W)."""
     if layout == "halves":
-        return h[:, :cb], h[:, cb:]
+        raw, t = h.split(cb, dim=1)  # one split (one backward node), not two slices
+        return raw, t
     return h[:, 1::2], h[:, 0::2]
 
 
 def coupling_log_scale(raw: torch.Tensor, scale: str, clamp: float) -> torch.Tensor:
-    """log s for the scale parameterisations of DESIGN.md."""
+    """log s for the scale parameterisations of DESIGN.md. (log sigmoid(a) is written
+    -softplus(-a): exact for large |a| like ``F.logsigmoid``, which on CPU costs
+    milliseconds on small tensors.)"""
     if scale == "sigmoid":
-        return F.logsigmoid(raw + 2.0)
+        return F.softplus(-2.0 - raw).neg_()
     if scale == "exp":
         return raw
     return (clamp * ATAN_FACTOR) * torch.atan(raw / clamp)
@@ -88,7 +91,8 @@ def affine_coupling(x, h, *, scale="sigmoid", layout="halves", shift="before", c
     """Affine coupling: returns (y, logdet); ``reverse=True`` maps y back to x."""
     cd = compute_dtype(x.dtype) if upcast else x.dtype
     ca, cb = split_channels(x.shape[1])
-    xb = _as(x[:, ca:], cd)
+    xa, xb = x.split((ca, cb), dim=1)
+    xb = _as(xb, cd)
     raw, t = coupling_params(_as(h, cd), cb, layout)
     log_s = coupling_log_scale(raw, scale, clamp)
     ld = log_s.sum(dim=(1, 2, 3))
@@ -109,16 +113,17 @@ def affine_coupling(x, h, *, scale="sigmoid", layout="halves", shift="before", c
         else:
             yb = (xb - t) * inv_s
         ld = -ld
-    return _with_halves(x, ca, x[:, :ca], yb), _as(ld, compute_dtype(x.dtype))
+    return _with_halves(x, ca, xa, yb), _as(ld, compute_dtype(x.dtype))
 
 
 def additive_coupling(x, h, *, reverse=False, upcast=True):
     """Additive coupling: yb = xb + h (h has Cb channels); the log-det is zero."""
     cd = compute_dtype(x.dtype) if upcast else x.dtype
-    ca, _ = split_channels(x.shape[1])
-    xb, hf = _as(x[:, ca:], cd), _as(h, cd)
+    ca, cb = split_channels(x.shape[1])
+    xa, xb = x.split((ca, cb), dim=1)
+    xb, hf = _as(xb, cd), _as(h, cd)
     yb = xb - hf if reverse else xb + hf
-    return (_with_halves(x, ca, x[:, :ca], yb),
+    return (_with_halves(x, ca, xa, yb),
             x.new_zeros(x.shape[0], dtype=compute_dtype(x.dtype)))
 
 
@@ -171,10 +176,11 @@ def channel_mix(x, weight, bias=None, *, upcast=True):
     return _as(_mix(_as(x, cd), w, None if bias is None else _as(bias, cd)), x.dtype)
 
 
-def lu_factors(lower, upper, log_s, sign_s):
+def lu_factors(lower, upper, log_s, sign_s, eye=None):
     """(L + I, U + diag(sign_s * exp(log_s))) from the strictly triangular parts."""
     c = log_s.shape[0]
-    eye = torch.eye(c, dtype=lower.dtype, device=lower.device)
+    if eye is None:
+        eye = torch.eye(c, dtype=lower.dtype, device=lower.device)
     l_full = torch.tril(lower, -1) + eye
     u_full = torch.triu(upper, 1) + torch.diag(sign_s * torch.exp(log_s))
     return l_full, u_full
@@ -194,23 +200,26 @@ def lu_inverse_weight(perm, lower, upper, log_s, sign_s):
 def lu_inverse_from_rows(rows, lower, upper, log_s, sign_s):
     """W^-1 = U^-1 L^-1 P^T for the permutation whose row gather is ``rows``
     (``W[i] = ((L + I)(U + D))[rows[i]]``), in the dtype of ``lower`` (pass float64)."""
-    l_full, u_full = lu_factors(lower, upper, _as(log_s, lower.dtype), _as(sign_s, lower.dtype))
     eye = torch.eye(log_s.shape[0], dtype=lower.dtype, device=lower.device)
+    l_full, u_full = lu_factors(lower, upper, _as(log_s, lower.dtype), _as(sign_s, lower.dtype),
+                                eye)
     l_inv = torch.linalg.solve_triangular(l_full, eye, upper=False, unitriangular=True)
     u_inv = torch.linalg.solve_triangular(u_full, eye, upper=True)
     return (u_inv @ l_inv).index_select(1, rows)  # M @ P^T picks M's columns
 
 
-def lu_weight_logdet(rows, lower, upper, log_s, sign_s, scale=None, *, n=1, ld_mult=1):
-    """The fused LU op's spec, in float64: (W, logdet) with W = ``lu_weight`` for the
+def lu_weight_logdet(rows, lower, upper, log_s, sign_s, scale=None, *, n=1, ld_mult=1,
+                     ld_dtype=torch.float64):
+    """The fused LU op's spec: (W, logdet) with W = ``lu_weight`` in float64 for the
     permutation whose row gather is ``rows`` (W[i] = ((L + I)(U + D))[rows[i]]) and
-    logdet (n,) = ld_mult * (sum(log_s) + sum(log|scale|)) (no scale term for None)."""
+    logdet (n,) = ld_mult * (sum(log_s) + sum(log|scale|)) (no scale term for None),
+    computed in ``ld_dtype``."""
     d = torch.float64
     l_full, u_full = lu_factors(_as(lower, d), _as(upper, d), _as(log_s, d), _as(sign_s, d))
     w = (l_full @ u_full).index_select(0, rows.long())
-    ld = _as(log_s, d).sum()
+    ld = _as(log_s, ld_dtype).sum()
     if scale is not None:
-        ld = ld + torch.log(torch.abs(_as(scale, d))).sum()
+        ld = ld + torch.log(torch.abs(_as(scale, ld_dtype))).sum()
     return w, (ld_mult * ld).repeat(n)
 
 

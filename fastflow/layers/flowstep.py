@@ -62,7 +62,7 @@ class FlowStep(nn.Module):
         out, ld_coupling = self.coupling(out)
         return out, logdet + ld_coupling
 
-    def inverse(self, y):
+    def _inverse(self, y, logdet: bool):
         check_nchw("y", y, self.in_channel)
         x, ld_coupling = self.coupling.inverse(y)
         if not self._fusable(hooks=False):
@@ -70,9 +70,15 @@ class FlowStep(nn.Module):
             x, ld_an = self.actnorm.inverse(x)
             return x, ld + ld_an + ld_coupling
         an = self.actnorm
-        w_inv, logdet = self.invconv.matrix_and_logdet(x, an.scale, inverse=True)
+        if logdet:
+            w_inv, ld = self.invconv.matrix_and_logdet(x, an.scale, inverse=True)
+        else:  # sampling: the matrix only
+            w_inv, ld = self.invconv.weight_and_logdet(True)[0], None
         x = channel_mix(x, w_inv, loc=an.loc, scale=an.scale, reverse=True)
-        return x, logdet + ld_coupling
+        return x, (ld + ld_coupling if logdet else None)
+
+    def inverse(self, y):
+        return self._inverse(y, True)
 
     def reverse(self, y):
-        return self.inverse(y)[0]
+        return self._inverse(y, False)[0]

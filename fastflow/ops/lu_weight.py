@@ -153,6 +153,5 @@ def lu_weight_logdet(lower: Tensor, upper: Tensor, log_s: Tensor, sign_s: Tensor
     if use_triton(log_s):
         refuse_transforms("lu_weight_logdet")
         return lu_weight_op(lower, upper, log_s, sign_s, rows, scale, n, ld_mult, ld_dtype)
-    w, ld = reference.lu_weight_logdet(rows, lower, upper, log_s, sign_s, scale, n=n,
-                                       ld_mult=ld_mult)
-    return w, (ld if ld.dtype == ld_dtype else ld.to(ld_dtype))
+    return reference.lu_weight_logdet(rows, lower, upper, log_s, sign_s, scale, n=n,
+                                      ld_mult=ld_mult, ld_dtype=ld_dtype)
