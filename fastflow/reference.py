@@ -153,7 +153,11 @@ def actnorm(x, loc, scale, *, reverse=False, upcast=True):
 
 def _mix(v, w, bias=None):
     """out[:, o] = sum_c w[o, c] v[:, c] (+ bias[o]) per pixel, as one matrix product in v's
-    memory format (no copy of a contiguous or channels_last v)."""
+    memory format (no copy of a contiguous or channels_last v), in v's dtype even under
+    ``torch.autocast`` (flow-layer math never follows autocast)."""
+    if torch.is_autocast_enabled(v.device.type):
+        with torch.autocast(v.device.type, enabled=False):
+            return _mix(v, w, bias)
     n, c, height, width = v.shape
     co = w.shape[0]
     if _channels_last(v):  # NHWC in memory: a product with W^T on the last dimension
