@@ -206,7 +206,7 @@ class InvConv2d(_InvConvBase):
         super().__init__()
         self.in_channel = in_channel
         q = _random_rotation(in_channel)
-        self.weight = nn.Parameter(q.float()[:, :, None, None])
+        self.weight = nn.Parameter(q.float()[:, :, None, None].contiguous())  # QR gives column-major
 
     def weight_and_logdet(self, inverse: bool = False):
         """(W, or W^-1 as float64 (C, C); log|det W| in float64)."""
