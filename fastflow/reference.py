@@ -166,8 +166,10 @@ def _mix(v, w, bias=None):
             bias, rows.reshape(-1, c), w.t()).view(n, height, width, co)
         return out.permute(0, 3, 1, 2)
     flat = v.reshape(n, c, height * width)
+    # a batched product with W broadcast (a view): unlike matmul(W, flat), which folds the
+    # batch by transposing, it copies neither the input nor the output
     if bias is None:
-        out = torch.matmul(w, flat)
+        out = torch.bmm(w.expand(n, co, c), flat)
     else:
         out = torch.baddbmm(bias.reshape(1, co, 1), w.expand(n, co, c), flat)
     return out.view(n, co, height, width)
@@ -219,8 +221,11 @@ def lu_weight_logdet(rows, lower, upper, log_s, sign_s, scale=None, *, n=1, ld_m
     logdet (n,) = ld_mult * (sum(log_s) + sum(log|scale|)) (no scale term for None),
     computed in ``ld_dtype``."""
     d = torch.float64
-    l_full, u_full = lu_factors(_as(lower, d), _as(upper, d), _as(log_s, d), _as(sign_s, d))
-    w = (l_full @ u_full).index_select(0, rows.long())
+    eye = torch.eye(log_s.shape[0], dtype=d, device=log_s.device)
+    # float32 lower / upper / sign_s meet the float64 identity and exp(log_s) in adds and
+    # products that promote exactly: no separate conversions
+    l_full, u_full = lu_factors(lower, upper, _as(log_s, d), sign_s, eye)
+    w = (l_full @ u_full).index_select(0, rows if rows.dtype == torch.int64 else rows.long())
     ld = _as(log_s, ld_dtype).sum()
     if scale is not None:
         ld = ld + torch.log(torch.abs(_as(scale, ld_dtype))).sum()
