@@ -21,6 +21,8 @@ import threading
 
 import torch
 
+from .reference import compute_dtype  # noqa: F401  (the one compute-dtype helper)
+
 MODES = ("auto", "triton", "reference")
 
 _local = threading.local()
@@ -60,7 +62,13 @@ def interpreter_enabled() -> bool:
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    """True when an op on tensor ``t`` should launch the Triton kernels."""
+    """True when an op on tensor ``t`` should launch the Triton kernels.
+
+    Called once per call, by the public function where the call enters fastflow: the
+    Triton path then runs custom ops whose forward and backward launch the kernels
+    unconditionally, the reference path plain autograd through ``fastflow.reference``, so
+    backward (on whatever thread, after whatever ``use_backend`` block) uses what forward
+    decided and never reads this setting again."""
     mode = current_mode()
     if mode == "reference":
         return False
@@ -79,33 +87,52 @@ def use_triton(t: torch.Tensor) -> bool:
                        f"got a tensor on {t.device}")
 
 
+def _transforms():
+    """The functorch transforms (``torch.func.grad``, ``jvp``, ``vmap``...) active now."""
+    from torch._C import _functorch as ft
+
+    stack = getattr(ft, "get_interpreter_stack", None)
+    if stack is not None:
+        found = stack() or []
+        return [i.key() for i in found]
+    top = ft.peek_interpreter_stack()
+    return [] if top is None else [top.key()]
+
+
+def refuse_transforms(op: str):
+    """On the Triton path, refuse ``torch.func.grad`` / ``jvp`` / ``vjp`` (the custom ops'
+    fused backward has no formula for those transforms) at the first call, with what to use
+    instead. ``vmap`` and torch.compile are let through."""
+    if torch.compiler.is_compiling():  # dynamo traces no functorch transform of its own here
+        return
+    from torch._C._functorch import TransformType
+
+    keys = _transforms()
+    if any(k in (TransformType.Grad, TransformType.Jvp) for k in keys):
+        raise NotImplementedError(
+            f"{op}: torch.func transforms (grad, vjp, jvp, hessian...) are not supported on the "
+            "Triton backend (its fused backward is not itself differentiable); run the call "
+            "under fastflow.use_backend('reference'), which is plain PyTorch autograd and "
+            "supports them, or use torch.autograd.grad for first derivatives")
+
+
+def refuse_double_backward(op: str):
+    """Called from a Triton op's backward: with ``create_graph=True`` (grad mode is on in
+    backward) refuse now, at the first backward, rather than at the second."""
+    if torch.is_grad_enabled():
+        raise NotImplementedError(
+            f"{op}: double backward (create_graph=True, e.g. a gradient penalty) is not "
+            "supported on the Triton backend (the fused backward is not itself "
+            "differentiable); run the forward under fastflow.use_backend('reference'), "
+            "which is plain PyTorch autograd and supports it")
+
+
 def device_guard(t: torch.Tensor):
     """Make ``t``'s GPU the current one for a kernel launch (Triton launches on the current
     device and stream, not the tensor's)."""
     if t.device.type == "cuda":
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
-
-
-def unaliased(outs, inputs) -> tuple:
-    """``outs`` as a tuple in which no tensor shares memory with ``inputs`` or another output:
-    a custom op may not return a view of its input, and a reference vjp can (the gradient
-    of a slice is a slice of the upstream gradient)."""
-    outs = list(outs)
-    try:
-        taken = {t.untyped_storage().data_ptr() for t in inputs if t is not None and t.numel() > 0}
-        for i, t in enumerate(outs):
-            if t.numel() > 0 and t.untyped_storage().data_ptr() in taken:
-                outs[i] = t.clone()
-            taken.add(outs[i].untyped_storage().data_ptr())
-    except (NotImplementedError, RuntimeError):  # wrapper tensors (torch.func, checks): copy
-        outs = [t.clone() for t in outs]
-    return tuple(outs)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other floating dtype computes in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def memory_format_of(t: torch.Tensor) -> torch.memory_format:

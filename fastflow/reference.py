@@ -1,8 +1,15 @@
 """Plain PyTorch definitions of every fastflow op: the spec, the CPU path and the test oracle.
 
 Each function computes in float32 (float64 for float64 inputs) when ``upcast=True`` and
-returns outputs in the input dtype, log-determinants in the compute dtype. Tests call them
-with float64 inputs to get the ground truth. Layout is NCHW throughout.
+returns outputs in the input dtype, log-determinants in the compute dtype, as ordinary
+(N,) tensors. Tests call them with float64 inputs to get the ground truth. Layout is NCHW
+throughout; outputs keep the input's memory format (channels_last stays channels_last).
+
+This is also the path fastflow runs on CPU tensors: plain autograd, written to do no more
+work than the eager PyTorch a user would write (no dtype round trips when the input is
+already in the compute dtype, the ActNorm folded into the 1x1 convolution's matrix, no
+``cat`` when no gradient is recorded, log|det| from LU factors rather than ``slogdet``).
+Nothing here imports anything else from fastflow.
 """
 
 from __future__ import annotations
@@ -12,7 +19,34 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .backend import compute_dtype
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other floating dtype computes in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, without an op when it already is."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(
+        memory_format=torch.channels_last)
+
+
+def _with_halves(x: torch.Tensor, ca: int, xa: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+    """``cat([xa, yb], 1)`` in x's dtype and memory format; without autograd recording,
+    ``yb`` is written into the output in place of a concatenation."""
+    if torch.is_grad_enabled() and (xa.requires_grad or yb.requires_grad):
+        y = torch.cat([_as(xa, x.dtype), _as(yb, x.dtype)], dim=1)
+        return y.contiguous(memory_format=torch.channels_last) if _channels_last(x) else y
+    y = torch.empty_like(x, memory_format=torch.channels_last if _channels_last(x)
+                         else torch.contiguous_format)
+    y[:, :ca].copy_(xa)
+    y[:, ca:].copy_(yb)
+    return y
+
 
 # --------------------------------------------------------------------------------------
 # Affine / additive coupling
@@ -36,14 +70,17 @@ def split_channels(c: int) -> tuple[int, int]:
 def coupling_params(h: torch.Tensor, cb: int, layout: str):
     """(raw, t) from the coupling network's output ``h`` (N, 2*Cb, H, W)."""
     if layout == "halves":
-        return h[:, :cb], h[:, cb:]
+        raw, t = h.split(cb, dim=1)  # one split (one backward node), not two slices
+        return raw, t
     return h[:, 1::2], h[:, 0::2]
 
 
 def coupling_log_scale(raw: torch.Tensor, scale: str, clamp: float) -> torch.Tensor:
-    """log s for the scale parameterisations of DESIGN.md."""
+    """log s for the scale parameterisations of DESIGN.md. (log sigmoid(a) is written
+    -softplus(-a): exact for large |a| like ``F.logsigmoid``, which on CPU costs
+    milliseconds on small tensors.)"""
     if scale == "sigmoid":
-        return F.logsigmoid(raw + 2.0)
+        return F.softplus(-2.0 - raw).neg_()
     if scale == "exp":
         return raw
     return (clamp * ATAN_FACTOR) * torch.atan(raw / clamp)
@@ -54,33 +91,40 @@ def affine_coupling(x, h, *, scale="sigmoid", layout="halves", shift="before", c
     """Affine coupling: returns (y, logdet); ``reverse=True`` maps y back to x."""
     cd = compute_dtype(x.dtype) if upcast else x.dtype
     ca, cb = split_channels(x.shape[1])
-    xf, hf = x.to(cd), h.to(cd)
-    xa, xb = xf[:, :ca], xf[:, ca:]
-    raw, t = coupling_params(hf, cb, layout)
+    xa, xb = x.split((ca, cb), dim=1)
+    xb = _as(xb, cd)
+    raw, t = coupling_params(_as(h, cd), cb, layout)
     log_s = coupling_log_scale(raw, scale, clamp)
-    if shift == "negated":
-        t = -t
-    shift_first = shift in ("before", "negated")
+    ld = log_s.sum(dim=(1, 2, 3))
     if not reverse:
         s = torch.exp(log_s)
-        yb = (xb + t) * s if shift_first else xb * s + t
-        logdet = log_s.sum(dim=(1, 2, 3))
+        if shift == "before":
+            yb = (xb + t) * s
+        elif shift == "negated":
+            yb = (xb - t) * s
+        else:
+            yb = torch.addcmul(t, xb, s)
     else:  # times exp(-log s) rather than / s: no s**2 in the gradient to underflow
         inv_s = torch.exp(-log_s)
-        yb = xb * inv_s - t if shift_first else (xb - t) * inv_s
-        logdet = -log_s.sum(dim=(1, 2, 3))
-    y = torch.cat([xa, yb], dim=1).to(x.dtype)
-    return y, logdet.to(compute_dtype(x.dtype))
+        if shift == "before":
+            yb = xb * inv_s - t
+        elif shift == "negated":
+            yb = torch.addcmul(t, xb, inv_s)
+        else:
+            yb = (xb - t) * inv_s
+        ld = -ld
+    return _with_halves(x, ca, xa, yb), _as(ld, compute_dtype(x.dtype))
 
 
 def additive_coupling(x, h, *, reverse=False, upcast=True):
     """Additive coupling: yb = xb + h (h has Cb channels); the log-det is zero."""
     cd = compute_dtype(x.dtype) if upcast else x.dtype
-    ca, _ = split_channels(x.shape[1])
-    xf, hf = x.to(cd), h.to(cd)
-    yb = xf[:, ca:] - hf if reverse else xf[:, ca:] + hf
-    y = torch.cat([xf[:, :ca], yb], dim=1).to(x.dtype)
-    return y, x.new_zeros(x.shape[0], dtype=compute_dtype(x.dtype))
+    ca, cb = split_channels(x.shape[1])
+    xa, xb = x.split((ca, cb), dim=1)
+    xb, hf = _as(xb, cd), _as(h, cd)
+    yb = xb - hf if reverse else xb + hf
+    return (_with_halves(x, ca, xa, yb),
+            x.new_zeros(x.shape[0], dtype=compute_dtype(x.dtype)))
 
 
 # --------------------------------------------------------------------------------------
@@ -88,34 +132,61 @@ def additive_coupling(x, h, *, reverse=False, upcast=True):
 # --------------------------------------------------------------------------------------
 
 
+def actnorm_logdet(scale, n: int, hw: int, dtype, *, extra=None, reverse=False):
+    """The per-sample log-det (n,) of ActNorm (and of a 1x1 convolution applied with it):
+    ``+-H*W * (sum(log|scale|) + extra)`` in ``dtype``, an ordinary tensor (not a view of
+    one value); ``extra`` is log|det W| (0-d) or None. The one place it is written."""
+    per_pixel = torch.log(torch.abs(_as(scale, dtype))).sum()
+    if extra is not None:
+        per_pixel = per_pixel + _as(extra, dtype).reshape(())
+    return per_pixel.mul(-hw if reverse else hw).repeat(n)
+
+
 def actnorm(x, loc, scale, *, reverse=False, upcast=True):
     """ActNorm: y = scale * (x + loc) per channel; loc, scale shaped (1, C, 1, 1) or (C,).
 
     Returns (y, logdet) with logdet = H*W*sum(log|scale|) (negated for ``reverse``)."""
-    cd = compute_dtype(x.dtype) if upcast else x.dtype
-    c = x.shape[1]
-    loc_, scale_ = loc.to(cd).reshape(1, c, 1, 1), scale.to(cd).reshape(1, c, 1, 1)
-    xf = x.to(cd)
-    y = xf / scale_ - loc_ if reverse else scale_ * (xf + loc_)
-    hw = x.shape[2] * x.shape[3]
-    ld = hw * torch.log(torch.abs(scale_)).sum()
-    ld = -ld if reverse else ld
-    return y.to(x.dtype), ld.expand(x.shape[0]).to(compute_dtype(x.dtype)).clone()
+    y = actnorm_mix(x, None, loc, scale, reverse=reverse, upcast=upcast)
+    return y, actnorm_logdet(scale, x.shape[0], x.shape[2] * x.shape[3],
+                             compute_dtype(x.dtype), reverse=reverse)
+
+
+def _mix(v, w, bias=None):
+    """out[:, o] = sum_c w[o, c] v[:, c] (+ bias[o]) per pixel, as one matrix product in v's
+    memory format (no copy of a contiguous or channels_last v), in v's dtype even under
+    ``torch.autocast`` (flow-layer math never follows autocast)."""
+    if torch.is_autocast_enabled(v.device.type):
+        with torch.autocast(v.device.type, enabled=False):
+            return _mix(v, w, bias)
+    n, c, height, width = v.shape
+    co = w.shape[0]
+    if _channels_last(v):  # NHWC in memory: a product with W^T on the last dimension
+        rows = v.permute(0, 2, 3, 1)
+        out = torch.matmul(rows, w.t()) if bias is None else torch.addmm(
+            bias, rows.reshape(-1, c), w.t()).view(n, height, width, co)
+        return out.permute(0, 3, 1, 2)
+    flat = v.reshape(n, c, height * width)
+    # a batched product with W broadcast (a view): unlike matmul(W, flat), which folds the
+    # batch by transposing, it copies neither the input nor the output
+    if bias is None:
+        out = torch.bmm(w.expand(n, co, c), flat)
+    else:
+        out = torch.baddbmm(bias.reshape(1, co, 1), w.expand(n, co, c), flat)
+    return out.view(n, co, height, width)
 
 
 def channel_mix(x, weight, bias=None, *, upcast=True):
     """y[n, :, i, j] = weight @ x[n, :, i, j] + bias: a 1x1 convolution (weight (Co, C))."""
     cd = compute_dtype(x.dtype) if upcast else x.dtype
-    y = torch.einsum("oc,nchw->nohw", weight.to(cd), x.to(cd))
-    if bias is not None:
-        y = y + bias.to(cd).reshape(1, -1, 1, 1)
-    return y.to(x.dtype)
+    w = _as(weight, cd).reshape(weight.shape[0], weight.shape[1])
+    return _as(_mix(_as(x, cd), w, None if bias is None else _as(bias, cd)), x.dtype)
 
 
-def lu_factors(lower, upper, log_s, sign_s):
+def lu_factors(lower, upper, log_s, sign_s, eye=None):
     """(L + I, U + diag(sign_s * exp(log_s))) from the strictly triangular parts."""
     c = log_s.shape[0]
-    eye = torch.eye(c, dtype=lower.dtype, device=lower.device)
+    if eye is None:
+        eye = torch.eye(c, dtype=lower.dtype, device=lower.device)
     l_full = torch.tril(lower, -1) + eye
     u_full = torch.triu(upper, 1) + torch.diag(sign_s * torch.exp(log_s))
     return l_full, u_full
@@ -129,41 +200,62 @@ def lu_weight(perm, lower, upper, log_s, sign_s):
 
 def lu_inverse_weight(perm, lower, upper, log_s, sign_s):
     """W^-1 = U^-1 L^-1 P^T from triangular solves (no general inverse)."""
-    l_full, u_full = lu_factors(lower, upper, log_s, sign_s)
+    return lu_inverse_from_rows(perm.argmax(dim=1), lower, upper, log_s, sign_s)
+
+
+def lu_inverse_from_rows(rows, lower, upper, log_s, sign_s):
+    """W^-1 = U^-1 L^-1 P^T for the permutation whose row gather is ``rows``
+    (``W[i] = ((L + I)(U + D))[rows[i]]``), in the dtype of ``lower`` (pass float64)."""
     eye = torch.eye(log_s.shape[0], dtype=lower.dtype, device=lower.device)
+    l_full, u_full = lu_factors(lower, upper, _as(log_s, lower.dtype), _as(sign_s, lower.dtype),
+                                eye)
     l_inv = torch.linalg.solve_triangular(l_full, eye, upper=False, unitriangular=True)
     u_inv = torch.linalg.solve_triangular(u_full, eye, upper=True)
-    return u_inv @ l_inv @ perm.transpose(0, 1)
+    return (u_inv @ l_inv).index_select(1, rows)  # M @ P^T picks M's columns
 
 
-def lu_logdet(log_s, height, width):
-    """log|det| of the 1x1 convolution over an H x W image: H*W*sum(log_s)."""
-    return height * width * log_s.sum()
-
-
-def lu_weight_logdet(rows, lower, upper, log_s, sign_s, scale=None, *, n=1, ld_mult=1):
-    """The fused LU op's spec, in float64: (W, logdet) with W = ``lu_weight`` for the
+def lu_weight_logdet(rows, lower, upper, log_s, sign_s, scale=None, *, n=1, ld_mult=1,
+                     ld_dtype=torch.float64):
+    """The fused LU op's spec: (W, logdet) with W = ``lu_weight`` in float64 for the
     permutation whose row gather is ``rows`` (W[i] = ((L + I)(U + D))[rows[i]]) and
-    logdet (n,) = ld_mult * (sum(log_s) + sum(log|scale|)) (no scale term for None)."""
+    logdet (n,) = ld_mult * (sum(log_s) + sum(log|scale|)) (no scale term for None),
+    computed in ``ld_dtype``."""
     d = torch.float64
-    l_full, u_full = lu_factors(lower.to(d), upper.to(d), log_s.to(d), sign_s.to(d))
-    w = (l_full @ u_full).index_select(0, rows.long())
-    ld = log_s.to(d).sum()
+    eye = torch.eye(log_s.shape[0], dtype=d, device=log_s.device)
+    # float32 lower / upper / sign_s meet the float64 identity and exp(log_s) in adds and
+    # products that promote exactly: no separate conversions
+    l_full, u_full = lu_factors(lower, upper, _as(log_s, d), sign_s, eye)
+    w = (l_full @ u_full).index_select(0, rows if rows.dtype == torch.int64 else rows.long())
+    ld = _as(log_s, ld_dtype).sum()
     if scale is not None:
-        ld = ld + torch.log(torch.abs(scale.to(d))).sum()
-    return w, (ld_mult * ld).expand(n)
+        ld = ld + torch.log(torch.abs(_as(scale, ld_dtype))).sum()
+    return w, (ld_mult * ld).repeat(n)
+
+
+def lu_factor_logdet(weight):
+    """(log|det W|, W^-1) of a square matrix from one LU factorisation (``lu_factor_ex``:
+    no host synchronisation, unlike ``slogdet``'s error check), in weight's dtype."""
+    lu, piv, _ = torch.linalg.lu_factor_ex(weight)
+    logdet = torch.log(torch.abs(torch.diagonal(lu))).sum()
+    return logdet, (lu, piv)
+
+
+def lu_factor_inverse(factors):
+    lu, piv = factors
+    eye = torch.eye(lu.shape[0], dtype=lu.dtype, device=lu.device)
+    return torch.linalg.lu_solve(lu, piv, eye)
 
 
 def invconv(x, weight, *, reverse=False, upcast=True):
     """Plain invertible 1x1 convolution: (y, logdet) with logdet = H*W*log|det W|."""
     cd = compute_dtype(x.dtype) if upcast else x.dtype
-    w = weight.to(cd).reshape(weight.shape[0], weight.shape[1])
+    w = _as(weight, cd).reshape(weight.shape[0], weight.shape[1])
+    logdet, factors = lu_factor_logdet(w)
     if reverse:
-        w = torch.linalg.inv(w)
+        w = lu_factor_inverse(factors)
     y = channel_mix(x, w, upcast=upcast)
-    ld = x.shape[2] * x.shape[3] * torch.linalg.slogdet(weight.to(cd).reshape(w.shape))[1]
-    ld = -ld if reverse else ld
-    return y, ld.expand(x.shape[0]).clone()
+    ld = (x.shape[2] * x.shape[3]) * logdet
+    return y, (-ld if reverse else ld).repeat(x.shape[0])
 
 
 def actnorm_mix(x, weight=None, loc=None, scale=None, *, reverse=False, upcast=True):
@@ -171,25 +263,33 @@ def actnorm_mix(x, weight=None, loc=None, scale=None, *, reverse=False, upcast=T
 
     forward ``y = weight @ (scale * (x + loc))``; ``reverse``: ``x = (weight @ y) / scale - loc``
     where ``weight`` is then the inverse matrix. ``weight`` (Co, C) or (Co, C, 1, 1), or None
-    (ActNorm alone); ``loc``/``scale`` hold one value per channel, or are both None."""
+    (ActNorm alone); ``loc``/``scale`` hold one value per channel, or are both None.
+
+    Computed as ``(weight * scale) @ (x + loc)`` going forward and
+    ``(weight / scale[:, None]) @ y - loc`` in reverse: ActNorm's scale is folded into the
+    (Co, C) matrix, so the activation is read once by the product (and once by the add)."""
     cd = compute_dtype(x.dtype) if upcast else x.dtype
-    v = x.to(cd)
-    w = None if weight is None else weight.to(cd).reshape(weight.shape[0], weight.shape[1])
-    if loc is not None:
-        loc_, scale_ = loc.to(cd).reshape(1, -1, 1, 1), scale.to(cd).reshape(1, -1, 1, 1)
-    if not reverse and loc is not None:
-        v = scale_ * (v + loc_)
-    if w is not None:
-        v = torch.einsum("oc,nchw->nohw", w, v)
-    if reverse and loc is not None:
-        v = v / scale_ - loc_
-    return v.to(x.dtype)
+    v = _as(x, cd)
+    w = None if weight is None else _as(weight, cd).reshape(weight.shape[0], weight.shape[1])
+    if loc is None:
+        return _as(_mix(v, w), x.dtype)
+    loc_, scale_ = _as(loc, cd).reshape(-1), _as(scale, cd).reshape(-1)
+    if w is None:
+        if reverse:
+            out = torch.addcmul(-loc_.view(1, -1, 1, 1), v, scale_.reciprocal().view(1, -1, 1, 1))
+        else:
+            out = (v + loc_.view(1, -1, 1, 1)) * scale_.view(1, -1, 1, 1)
+    elif reverse:
+        out = _mix(v, w / scale_.view(-1, 1), -loc_)
+    else:
+        out = _mix(v + loc_.view(1, -1, 1, 1), w * scale_.view(1, -1))
+    return _as(out, x.dtype)
 
 
 def actnorm_init(x, eps=1e-6):
     """ActNorm's data-dependent initialisation: (loc, scale) = (-mean, 1 / (std + eps)) per
     channel over (N, H, W), std unbiased (rosinality/glow-pytorch), in the compute dtype."""
-    v = x.detach().to(compute_dtype(x.dtype)).transpose(0, 1).reshape(x.shape[1], -1)
+    v = _as(x.detach(), compute_dtype(x.dtype)).transpose(0, 1).reshape(x.shape[1], -1)
     mean = v.mean(dim=1)
     std = v.std(dim=1, correction=1 if v.shape[1] > 1 else 0)
     return -mean, 1.0 / (std + eps)
@@ -202,23 +302,33 @@ def actnorm_init(x, eps=1e-6):
 REDUCTIONS = ("none", "sum", "mean")
 
 
+def standard_normal(like, generator=None, dtype=None):
+    """Standard normal noise of ``like``'s shape in ``dtype`` (default: the compute dtype),
+    drawn from ``generator`` (default: the default generator of like's device)."""
+    dtype = dtype or compute_dtype(like.dtype)
+    where = like.device if generator is None else generator.device
+    eps = torch.randn(like.shape, generator=generator, device=where, dtype=dtype)
+    return eps if eps.device == like.device else eps.to(like.device)
+
+
 def reparameterize_kl(mu, logvar, eps=None, *, reduction="none", generator=None, upcast=True):
     """z = mu + exp(logvar / 2) * eps, kl = 0.5 * sum(exp(logvar) + mu^2 - 1 - logvar).
 
     The KL is summed over all but the first dimension; ``reduction`` "none" gives (N,),
-    "sum" and "mean" (over the batch) a scalar. ``eps=None`` draws torch's normal noise."""
+    "sum" and "mean" (over the batch) a scalar. ``eps=None`` draws torch's normal noise.
+    ``exp(logvar) - 1`` is computed as ``expm1(logvar)`` (exact near logvar = 0)."""
     cd = compute_dtype(mu.dtype) if upcast else mu.dtype
-    if eps is None:
-        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=cd)
-    m, lv, e = mu.to(cd), logvar.to(cd), eps.to(cd)
-    z = m + torch.exp(0.5 * lv) * e
+    m, lv = _as(mu, cd), _as(logvar, cd)
+    e = standard_normal(mu, generator, cd) if eps is None else _as(eps, cd)
+    z = torch.addcmul(m, torch.exp(0.5 * lv), e)
     per_sample = math.prod(mu.shape[1:])  # also for N = 0 and 1-D inputs
-    kl = 0.5 * (torch.exp(lv) + m * m - 1.0 - lv).reshape(mu.shape[0], per_sample).sum(dim=1)
+    terms = torch.addcmul(torch.expm1(lv) - lv, m, m)
+    kl = terms.reshape(mu.shape[0], per_sample).sum(dim=1).mul(0.5)
     if reduction == "sum":
         kl = kl.sum()
     elif reduction == "mean":
         kl = kl.mean()
-    return z.to(mu.dtype), kl
+    return _as(z, mu.dtype), kl
 
 
 # --------------------------------------------------------------------------------------

@@ -122,10 +122,31 @@ def _saved_tensors(fn):
     return saved, out
 
 
-def test_noise_is_not_saved_for_backward(backend):
+def _new_bytes(saved, ptrs):
+    fresh = {t.data_ptr(): t.numel() * t.element_size() for t in saved if t.data_ptr() not in ptrs}
+    return sum(fresh.values())
+
+
+def test_reference_path_saves_no_more_than_eager():
+    """The reference path is plain autograd (it keeps the noise, as eager PyTorch does) and
+    keeps no more memory for backward than the eager composition."""
     mu = torch.randn(8, 33, device=DEVICE, requires_grad=True)
     logvar = torch.randn(8, 33, device=DEVICE, requires_grad=True)
-    saved, (z, kl) = _saved_tensors(lambda: ff.reparameterize_kl(mu, logvar, reduction="sum"))
+    ptrs = {mu.data_ptr(), logvar.data_ptr()}
+    with ff.use_backend("reference"):
+        saved, _ = _saved_tensors(lambda: ff.reparameterize_kl(mu, logvar, reduction="sum"))
+    saved_eager, _ = _saved_tensors(lambda: (
+        mu + torch.exp(0.5 * logvar) * torch.randn_like(mu),
+        0.5 * torch.sum(torch.exp(logvar) + mu.pow(2) - 1 - logvar)))
+    assert 0 < _new_bytes(saved, ptrs) <= _new_bytes(saved_eager, ptrs)
+
+
+def test_noise_is_not_saved_for_backward():
+    """The Triton path keeps only mu and logvar and regenerates the noise in backward."""
+    mu = torch.randn(8, 33, device=DEVICE, requires_grad=True)
+    logvar = torch.randn(8, 33, device=DEVICE, requires_grad=True)
+    with ff.use_backend("triton"):
+        saved, (z, kl) = _saved_tensors(lambda: ff.reparameterize_kl(mu, logvar, reduction="sum"))
     ptrs = {mu.data_ptr(), logvar.data_ptr()}
     assert saved, "expected mu and logvar to be saved"
     assert all(t.data_ptr() in ptrs for t in saved), [tuple(t.shape) for t in saved]
@@ -368,8 +389,14 @@ def test_property_random_shapes(backend_name, n, dims, dtype, reduction):
 
 
 @pytest.mark.slow
-def test_torch_compile_fullgraph_matches_eager(backend):
-    """The op, its seed draw and its backward compile as one graph; same seed, same numbers."""
+def test_torch_compile_fullgraph_matches_eager(backend, monkeypatch):
+    """The op, its seed draw and its backward compile as one graph; same seed, same numbers.
+    (The reference path is plain PyTorch: inductor draws its own random numbers unless
+    ``fallback_random`` is set, as for any eager code a user compiles.)"""
+    if backend == "reference":
+        import torch._inductor.config as inductor_config
+
+        monkeypatch.setattr(inductor_config, "fallback_random", True)
     mu, logvar, _ = _inputs((4, 9), torch.float32)
     mu.requires_grad_(True)
     logvar.requires_grad_(True)

@@ -258,6 +258,10 @@ def _check_patch(model, train, other, x, *, steps=3):
     with torch.no_grad():
         for g, w in zip(_tensors(other(model, x)), _tensors(other(ref, x))):
             assert_close(g, w)
+    if ff.current_mode() != "triton":  # the reference path is plain PyTorch (no custom ops):
+        rec = _Record()                # record which fastflow ops the patched model routes to
+        with ff.use_backend("triton"):
+            _run_loss(model, train, x, rec)
     return report, rec.ops, ref
 
 

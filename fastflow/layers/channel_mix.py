@@ -2,20 +2,19 @@
 
 Parameter and buffer names follow rosinality/glow-pytorch, so its checkpoints load.
 Every module: ``forward(x) -> (y, logdet)``, ``reverse(y) -> x``, ``inverse(y) -> (x, logdet)``
-(logdet of the inverse map), logdet shaped (N,).
+(logdet of the inverse map), logdet an ordinary (N,) tensor.
 
 The invertible convolutions hand the fused op their matrix through
 ``weight_and_logdet(inverse)``: the matrix (W, or W^-1 for ``inverse``), assembled in
-float64, and log|det W| per pixel. When no gradient is needed (eval, sampling) both are
-cached; the cache key is every parameter's and buffer's (data_ptr, _version, dtype,
-device, shape), and the cache holds aliases of the keyed tensors so their memory cannot be
-reused behind its back. Optimizer steps, ``load_state_dict``, in-place edits (they bump
-``_version``), ``.to()`` and ``deepcopy`` (new memory) all miss it. Edits through
-``.data`` bypass version counters and cannot be seen: use ``torch.no_grad()`` and edit the
-parameter itself. When a gradient is needed the matrix is assembled afresh so autograd
-sees it (``InvConv2dLU``: W and the per-sample log-det, ActNorm's term included in a
-FlowStep, from one ``lu_weight`` launch, its backward one more), and accumulation over
-several forwards is plain autograd.
+float64, and log|det W| per pixel. Nothing is cached: W (and W^-1, from the triangular
+factors) is assembled afresh on every call, from the parameters as they are then. A cache
+could go stale without anyone noticing: fused and foreach optimizer kernels,
+``torch._foreach_*`` ops and ``.data`` edits change parameters without bumping their version
+counters, and no exact check is cheap (comparing values reads the device). The cost is a
+few operations on a C x C float64 matrix per call (see benchmarks/cpu_ratios.py and the
+op counts of benchmarks/run.py). The only derived state kept is ``InvConv2dLU``'s row
+order of the fixed permutation ``w_p`` (a non-persistent buffer refreshed by
+``load_state_dict``): ``w_p`` and ``s_sign`` are fixed buffers, not to be edited otherwise.
 """
 
 from __future__ import annotations
@@ -30,52 +29,29 @@ from ..ops.channel_mix import actnorm_invconv, channel_mix
 from ..ops.lu_weight import lu_weight_logdet
 
 
-def _per_sample(ld_per_pixel, x, sign, scale=None):
-    """(N,) log-det ``sign * H*W * (ld_per_pixel + sum(log|scale|))`` in x's compute dtype."""
-    hw = x.shape[2] * x.shape[3]
-    cd = compute_dtype(x.dtype)
-    ld = ld_per_pixel.to(cd)
-    if scale is not None:
-        ld = torch.log(torch.abs(scale.to(cd))).sum() + ld.reshape(())
-    return ((sign * hw) * ld).expand(x.shape[0])
-
-
-class _CachedMatrices:
-    """(W, W^-1, log|det W|) cached for no-grad use, keyed on the source tensors."""
-
-    def __init__(self):
-        self.key = None
-        self.pins = ()
-        self.values = {}
-
-    @staticmethod
-    def _key(tensors):
-        return tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in tensors)
-
-    def get(self, tensors, name, build):
-        if torch.compiler.is_compiling():  # data pointers cannot be traced: build in-graph
-            with torch.no_grad():
-                return build()
-        key = self._key(tensors)
-        if key != self.key:
-            self.key, self.pins, self.values = key, tuple(t.detach() for t in tensors), {}
-        if name not in self.values:
-            with torch.no_grad():
-                self.values[name] = build()
-        return self.values[name]
-
-
 def _needs_grad(params) -> bool:
     return torch.is_grad_enabled() and any(p.requires_grad for p in params)
+
+
+def _per_sample(ld_per_pixel, x, inverse, scale=None):
+    """(N,) log-det ``+-H*W * (ld_per_pixel + sum(log|scale|))`` in x's compute dtype."""
+    n, hw, cd = x.shape[0], x.shape[2] * x.shape[3], compute_dtype(x.dtype)
+    if scale is not None:
+        return reference.actnorm_logdet(scale, n, hw, cd, extra=ld_per_pixel, reverse=inverse)
+    ld = ld_per_pixel.to(cd) if ld_per_pixel.dtype != cd else ld_per_pixel
+    return ld.reshape(()).mul(-hw if inverse else hw).repeat(n)
 
 
 class ActNorm(nn.Module):
     """``y = scale * (x + loc)`` per channel; log|det| = H*W*sum(log|scale|).
 
-    The first forward in training mode sets loc = -mean and scale = 1 / (std + 1e-6) from
-    the batch (per channel). The flag is the ``initialized`` buffer (saved with the state
-    dict) mirrored by a Python bool, so later calls never read the device; loading a state
-    dict refreshes the mirror."""
+    The first forward in training mode on a non-empty batch sets loc = -mean and
+    scale = 1 / (std + 1e-6) from it (per channel); a batch with no elements (N = 0 or
+    H*W = 0) neither initialises nor changes it. The flag is the ``initialized`` buffer
+    (saved with the state dict) mirrored by a Python bool, so later calls never read the
+    device; loading a state dict refreshes the mirror. Hooks on this module fire when it is
+    called itself; inside a stock ``FlowStep`` they fire too (the step then calls the
+    submodules one by one instead of its fused path)."""
 
     def __init__(self, in_channel: int, logdet: bool = True):
         super().__init__()
@@ -95,7 +71,9 @@ class ActNorm(nn.Module):
 
     @torch.no_grad()
     def initialize(self, x):
-        """Data-dependent initialisation from the batch ``x``."""
+        """Data-dependent initialisation from the batch ``x`` (ignored when it is empty)."""
+        if x.numel() == 0:
+            return
         loc, scale = reference.actnorm_init(x)
         self.loc.copy_(loc.reshape(self.loc.shape))
         self.scale.copy_(scale.reshape(self.scale.shape))
@@ -138,7 +116,7 @@ class _InvConvBase(nn.Module):
         ``+-H*W*(log|det W| + sum(log|scale|))`` in x's compute dtype, the ``scale`` term
         for an ActNorm applied with the matrix (a FlowStep), None for none."""
         w, ld = self.weight_and_logdet(inverse)
-        return w, _per_sample(ld, x, -1 if inverse else 1, scale)
+        return w, _per_sample(ld, x, inverse, scale)
 
     def forward(self, x):
         check_nchw("x", x, self.in_channel)
@@ -158,8 +136,9 @@ class InvConv2dLU(_InvConvBase):
     """``W = w_p @ (L + I) @ (U + diag(s_sign * exp(w_s)))`` with L = w_l * l_mask,
     U = w_u * u_mask; log|det W| = sum(w_s) per pixel, read from the parameters.
 
-    W and W^-1 (from triangular solves, not a general inverse) are assembled in float64;
-    see the module docstring for the cache."""
+    W and W^-1 (from triangular solves, not a general inverse) are assembled in float64
+    on every call (no cache; see the module docstring). Hooks on this module fire when it is
+    called itself, and inside a stock ``FlowStep`` (which then calls it on its own)."""
 
     def __init__(self, in_channel: int):
         super().__init__()
@@ -173,55 +152,42 @@ class InvConv2dLU(_InvConvBase):
         self.register_buffer("l_mask", u_mask.T.contiguous())
         self.register_buffer("s_sign", torch.sign(w_s).float())
         self.register_buffer("l_eye", torch.eye(in_channel))
+        # the row gather of the fixed permutation w_p, refreshed whenever a state dict loads
+        self.register_buffer("w_rows", w_p.argmax(dim=1), persistent=False)
         self.w_l = nn.Parameter(w_l.float())
         self.w_s = nn.Parameter(torch.log(torch.abs(w_s)).float())
         self.w_u = nn.Parameter(torch.triu(w_u, 1).float())
-        self._cache = _CachedMatrices()
-        self._fixed_cache = _CachedMatrices()
+        self.register_load_state_dict_post_hook(InvConv2dLU._sync_rows)
 
-    def _sources(self):
-        return (self.w_p, self.w_l, self.w_s, self.w_u, self.s_sign)
-
-    def _fixed(self):
-        """Row order of w_p, s_sign and I in float64: from the buffers, cached on them."""
-        def build():
-            d = torch.float64
-            eye = torch.eye(self.in_channel, dtype=d, device=self.w_p.device)
-            return self.w_p.argmax(dim=1), self.s_sign.to(d), eye
-
-        return self._fixed_cache.get((self.w_p, self.s_sign), "fixed", build)
+    @staticmethod
+    def _sync_rows(module, incompatible_keys):
+        with torch.no_grad():
+            module.w_rows.copy_(module.w_p.argmax(dim=1))
 
     def _assemble(self, inverse: bool):
-        """W = P (L + I) (U + diag(s_sign exp(w_s))) in float64 (the fused ``lu_weight`` op),
-        or W^-1 from triangular solves; L, U are the strictly lower / upper parts of w_l,
-        w_u (rosinality's masks)."""
-        d = torch.float64
-        rows, sign, eye = self._fixed()
+        """W = P (L + I) (U + diag(s_sign exp(w_s))) in float64 (the ``lu_weight`` op), or
+        W^-1 from triangular solves (``reference.lu_inverse_from_rows``); L, U are the
+        strictly lower / upper parts of w_l, w_u (rosinality's masks)."""
         if not inverse:
-            return lu_weight_logdet(self.w_l, self.w_u, self.w_s, self.s_sign, rows, n=0)[0]
-        lower = torch.tril(self.w_l.to(d), -1) + eye
-        upper = torch.triu(self.w_u.to(d), 1) + torch.diag(sign * torch.exp(self.w_s.to(d)))
-        l_inv = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
-        u_inv = torch.linalg.solve_triangular(upper, eye, upper=True)
-        return (u_inv @ l_inv).index_select(1, rows)  # M @ P^T picks M's columns
+            return lu_weight_logdet(self.w_l, self.w_u, self.w_s, self.s_sign, self.w_rows,
+                                    n=0)[0]
+        d = torch.float64
+        return reference.lu_inverse_from_rows(self.w_rows, self.w_l.to(d), self.w_u.to(d),
+                                              self.w_s.to(d), self.s_sign.to(d))
 
     def weight_and_logdet(self, inverse: bool = False):
         """(W or W^-1 as a float64 (C, C) matrix, log|det W| = sum(w_s))."""
-        ld = self.w_s.sum()
-        if _needs_grad((self.w_l, self.w_s, self.w_u)):
-            return self._assemble(inverse), ld
-        name = "inverse" if inverse else "weight"
-        return self._cache.get(self._sources(), name, lambda: self._assemble(inverse)), ld
+        return self._assemble(inverse), self.w_s.sum()
 
     def matrix_and_logdet(self, x, scale=None, inverse: bool = False):
-        """As ``_InvConvBase.matrix_and_logdet``. When W needs a gradient (training), W and
-        the whole log-det (ActNorm's ``scale`` term included) come from one ``lu_weight``
-        launch, and its backward is one more; otherwise the cached matrices."""
-        if not inverse and _needs_grad((self.w_l, self.w_s, self.w_u)):
-            rows = self._fixed()[0]
-            return lu_weight_logdet(self.w_l, self.w_u, self.w_s, self.s_sign, rows, scale=scale,
-                             n=x.shape[0], ld_mult=x.shape[2] * x.shape[3],
-                             ld_dtype=compute_dtype(x.dtype))
+        """As ``_InvConvBase.matrix_and_logdet``. Going forward, W and the whole log-det
+        (ActNorm's ``scale`` term included) come from one ``lu_weight`` launch (its backward
+        is one more)."""
+        if not inverse:
+            return lu_weight_logdet(self.w_l, self.w_u, self.w_s, self.s_sign, self.w_rows,
+                                    scale=scale, n=x.shape[0],
+                                    ld_mult=x.shape[2] * x.shape[3],
+                                    ld_dtype=compute_dtype(x.dtype))
         return super().matrix_and_logdet(x, scale, inverse)
 
     def calc_weight(self):
@@ -233,41 +199,19 @@ class InvConv2dLU(_InvConvBase):
 class InvConv2d(_InvConvBase):
     """Plain invertible 1x1 convolution with a free (C, C, 1, 1) ``weight`` (a random
     rotation at first). log|det W| comes from an LU factorisation (``lu_factor_ex``: no host
-    synchronisation) in float64 and W^-1 from LU solves; both cached while the weight is
-    unchanged and no gradient is needed."""
+    synchronisation) in float64 and W^-1 from LU solves, on every call (no cache; see the
+    module docstring). Hooks fire as for ``InvConv2dLU``."""
 
     def __init__(self, in_channel: int):
         super().__init__()
         self.in_channel = in_channel
         q = _random_rotation(in_channel)
-        self.weight = nn.Parameter(q.float()[:, :, None, None])
-        self._cache = _CachedMatrices()
-
-    def _factor(self):
-        w = self.weight.to(torch.float64).reshape(self.in_channel, self.in_channel)
-        lu, piv, _ = torch.linalg.lu_factor_ex(w)
-        return lu, piv
-
-    def _logdet(self):
-        lu, _ = self._factor()
-        return torch.log(torch.abs(torch.diagonal(lu))).sum()
-
-    def _inverse(self):
-        lu, piv = self._factor()
-        eye = torch.eye(self.in_channel, dtype=lu.dtype, device=lu.device)
-        return torch.linalg.lu_solve(lu, piv, eye)
+        self.weight = nn.Parameter(q.float()[:, :, None, None].contiguous())  # QR gives column-major
 
     def weight_and_logdet(self, inverse: bool = False):
-        """(W, or W^-1 as float64 (C, C), log|det W| in float64)."""
-        if _needs_grad((self.weight,)):
-            lu, piv = self._factor()
-            ld = torch.log(torch.abs(torch.diagonal(lu))).sum()
-            if not inverse:
-                return self.weight, ld
-            eye = torch.eye(self.in_channel, dtype=lu.dtype, device=lu.device)
-            return torch.linalg.lu_solve(lu, piv, eye), ld
-        src = (self.weight,)
-        ld = self._cache.get(src, "logdet", self._logdet)
+        """(W, or W^-1 as float64 (C, C); log|det W| in float64)."""
+        w64 = self.weight.to(torch.float64).reshape(self.in_channel, self.in_channel)
+        logdet, factors = reference.lu_factor_logdet(w64)
         if not inverse:
-            return self.weight, ld
-        return self._cache.get(src, "inverse", self._inverse), ld
+            return self.weight, logdet
+        return reference.lu_factor_inverse(factors), logdet

@@ -4,6 +4,7 @@ affine coupling."""
 from __future__ import annotations
 
 from torch import nn
+from torch.nn.modules import module as _module
 
 from ..ops.channel_mix import channel_mix
 from ..ops._checks import check_nchw
@@ -11,14 +12,27 @@ from .channel_mix import ActNorm, InvConv2d, InvConv2dLU
 from .coupling import AffineCoupling
 
 
+def _hooked(m: nn.Module) -> bool:
+    """Any forward hook (the module's own or a global one) that a fused pass would skip."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or _module._global_forward_hooks
+                or _module._global_forward_pre_hooks)
+
+
 class FlowStep(nn.Module):
     """``forward(x) -> (y, logdet)``, ``reverse(y) -> x``, ``inverse(y) -> (x, logdet)``.
 
     Submodule names (``actnorm``, ``invconv``, ``coupling``) follow rosinality/glow-pytorch.
-    Applying the three modules one after the other gives the same result; the step just
-    runs the first two as one pass over memory, and the whole ActNorm + 1x1 conv log-det
-    comes with the matrix (``invconv.matrix_and_logdet``: in training with the LU layer,
-    W and the log-det are one launch)."""
+    Applying the three modules one after the other gives the same result; the step runs
+    the first two as one pass over memory, and the whole ActNorm + 1x1 conv log-det comes
+    with the matrix (``invconv.matrix_and_logdet``: with the LU layer, W and the log-det
+    are one launch).
+
+    The fused pass reads ``actnorm``'s and ``invconv``'s tensors directly. It is taken only
+    when they are exactly the stock ``ActNorm`` and ``InvConv2dLU``/``InvConv2d`` classes and
+    no forward hook is registered on them (or globally); otherwise the step calls
+    ``self.actnorm``, ``self.invconv`` (their ``forward``, or ``inverse`` in reverse) and
+    ``self.coupling`` one after the other, so hooks fire and a subclass assigned there is
+    used."""
 
     def __init__(self, in_channel: int, filter_size: int = 512, affine: bool = True,
                  conv_lu: bool = True):
@@ -28,8 +42,19 @@ class FlowStep(nn.Module):
         self.invconv = InvConv2dLU(in_channel) if conv_lu else InvConv2d(in_channel)
         self.coupling = AffineCoupling(in_channel, filter_size=filter_size, affine=affine)
 
+    def _fusable(self, hooks: bool) -> bool:
+        an, inv = self.actnorm, self.invconv
+        if type(an) is not ActNorm or type(inv) not in (InvConv2dLU, InvConv2d):
+            return False
+        return not (hooks and (_hooked(an) or _hooked(inv)))
+
     def forward(self, x):
         check_nchw("x", x, self.in_channel)
+        if not self._fusable(hooks=True):
+            out, logdet = self.actnorm(x)
+            out, ld = self.invconv(out)
+            out, ld_coupling = self.coupling(out)
+            return out, logdet + ld + ld_coupling
         self.actnorm.maybe_initialize(x)
         an = self.actnorm
         w, logdet = self.invconv.matrix_and_logdet(x, an.scale)
@@ -37,13 +62,23 @@ class FlowStep(nn.Module):
         out, ld_coupling = self.coupling(out)
         return out, logdet + ld_coupling
 
-    def inverse(self, y):
+    def _inverse(self, y, logdet: bool):
         check_nchw("y", y, self.in_channel)
         x, ld_coupling = self.coupling.inverse(y)
+        if not self._fusable(hooks=False):
+            x, ld = self.invconv.inverse(x)
+            x, ld_an = self.actnorm.inverse(x)
+            return x, ld + ld_an + ld_coupling
         an = self.actnorm
-        w_inv, logdet = self.invconv.matrix_and_logdet(x, an.scale, inverse=True)
+        if logdet:
+            w_inv, ld = self.invconv.matrix_and_logdet(x, an.scale, inverse=True)
+        else:  # sampling: the matrix only
+            w_inv, ld = self.invconv.weight_and_logdet(True)[0], None
         x = channel_mix(x, w_inv, loc=an.loc, scale=an.scale, reverse=True)
-        return x, logdet + ld_coupling
+        return x, (ld + ld_coupling if logdet else None)
+
+    def inverse(self, y):
+        return self._inverse(y, True)
 
     def reverse(self, y):
-        return self.inverse(y)[0]
+        return self._inverse(y, False)[0]

@@ -3,6 +3,9 @@ what was given."""
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 
@@ -36,3 +39,22 @@ def check_same_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tens
 def check_choice(name: str, value, choices):
     if value not in choices:
         raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
+
+
+def check_bool(name: str, value) -> bool:
+    """A flag must be a bool (``reverse="no"`` is refused, not taken as true)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool (True or False), got {value!r} "
+                        f"({type(value).__name__})")
+    return value
+
+
+def check_positive(name: str, value) -> float:
+    """A numeric option must be a finite positive real number; returned as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a finite positive number, got {value!r} "
+                        f"({type(value).__name__})")
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}: expected a finite positive number, got {value!r}")
+    return value

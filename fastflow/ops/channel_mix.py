@@ -1,4 +1,6 @@
-"""ActNorm folded into the invertible 1x1 convolution, as torch.library custom ops.
+"""ActNorm folded into the invertible 1x1 convolution: the Triton path as torch.library
+custom ops, the reference path as plain PyTorch autograd through ``fastflow.reference``
+(the public functions decide once per call; the custom ops launch kernels unconditionally).
 
 * ``fastflow::channel_mix(x, weight, loc, scale, reverse) -> out``: one kernel launch.
   Forward: ``out = weight @ (scale * (x + loc))`` per pixel; ``reverse``:
@@ -11,6 +13,10 @@
   back as empty tensors.
 The mixing kernel itself never sees a log-det: it is read from the parameters
 (H*W*sum(log|scale|), H*W*sum(log_s)), see ``fastflow.ops.lu_weight`` and ``actnorm_invconv``.
+
+Higher derivatives: supported on the reference path (plain autograd); on the Triton path
+``torch.func.grad``/``jvp`` are refused at the call and ``create_graph=True`` at the first
+backward, with a ``NotImplementedError`` naming ``fastflow.use_backend("reference")``.
 """
 
 from __future__ import annotations
@@ -21,9 +27,9 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backend import (compute_dtype, device_guard, empty_output, memory_format_of, unaliased,
-                       use_triton)
-from ._checks import check_float_tensor, check_same_device
+from ..backend import (compute_dtype, device_guard, empty_output, memory_format_of,
+                       refuse_double_backward, refuse_transforms, use_triton)
+from ._checks import check_bool, check_float_tensor, check_same_device
 
 
 def _kernels():
@@ -56,16 +62,13 @@ def _out_channels(x, weight):
 @torch.library.custom_op("fastflow::channel_mix", mutates_args=())
 def channel_mix_op(x: Tensor, weight: Optional[Tensor], loc: Optional[Tensor],
                    scale: Optional[Tensor], reverse: bool) -> Tensor:
-    if use_triton(x):
-        a, lv, sv = _matrix(weight), _vec(loc), _vec(scale)
-        with device_guard(x):
-            if lv is None:
-                return _kernels().mix(x, a)
-            if reverse:
-                return _kernels().mix(x, a, post="actnorm_inverse", post_scale=sv, post_shift=lv)
-            return _kernels().mix(x, a, pre="actnorm", pre_scale=sv, pre_shift=lv)
-    out = reference.actnorm_mix(x, weight, loc, scale, reverse=reverse)
-    return out.contiguous(memory_format=memory_format_of(x))
+    a, lv, sv = _matrix(weight), _vec(loc), _vec(scale)
+    with device_guard(x):
+        if lv is None:
+            return _kernels().mix(x, a)
+        if reverse:
+            return _kernels().mix(x, a, post="actnorm_inverse", post_scale=sv, post_shift=lv)
+        return _kernels().mix(x, a, pre="actnorm", pre_scale=sv, pre_shift=lv)
 
 
 @channel_mix_op.register_fake
@@ -101,36 +104,20 @@ def _triton_backward(grad, src, weight, loc, scale, reverse, need_params):
     return d_src, d_w, d_l, d_s
 
 
-def _reference_backward(grad, src, weight, loc, scale, reverse, need_params):
-    args = {"weight": weight, "loc": loc, "scale": scale}
-    names = [k for k, v in args.items() if v is not None] if need_params else []
-
-    def fn(x, *params):
-        kw = dict(args, **dict(zip(names, params)))
-        return reference.actnorm_mix(x, kw["weight"], kw["loc"], kw["scale"], reverse=reverse)
-
-    _, vjp = torch.func.vjp(fn, src, *[args[k] for k in names])
-    grads = vjp(grad)
-    got = dict(zip(names, grads[1:]))
-    return grads[0], got.get("weight"), got.get("loc"), got.get("scale")
-
-
 @torch.library.custom_op("fastflow::channel_mix_backward", mutates_args=())
 def channel_mix_backward(grad: Tensor, src: Tensor, weight: Optional[Tensor],
                          loc: Optional[Tensor], scale: Optional[Tensor], reverse: bool,
                          need_params: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    run = _triton_backward if use_triton(src) else _reference_backward
     with device_guard(src):
-        d_src, d_w, d_l, d_s = run(grad, src, weight, loc, scale, reverse, need_params)
+        d_src, d_w, d_l, d_s = _triton_backward(grad, src, weight, loc, scale, reverse,
+                                                need_params)
     fmt = memory_format_of(src)
     if d_src.dtype != src.dtype or not d_src.is_contiguous(memory_format=fmt):
         d_src = d_src.to(src.dtype).contiguous(memory_format=fmt)
     outs = [d_src]
     for g, p in ((d_w, weight), (d_l, loc), (d_s, scale)):
         outs.append(src.new_empty(0) if g is None else _like(g, p))
-    # a custom op's outputs may not alias its inputs (the reference vjp can hand back a
-    # view of ``grad``, e.g. d_loc = -grad summed over nothing when N = H = W = 1)
-    return unaliased(outs, (grad, src, weight, loc, scale))
+    return tuple(outs)
 
 
 @channel_mix_backward.register_fake
@@ -148,6 +135,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
+    refuse_double_backward("channel_mix")
     x, weight, loc, scale = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_params = any(need[1:4])
@@ -207,8 +195,14 @@ def channel_mix(x: Tensor, weight: Optional[Tensor] = None, *, loc: Optional[Ten
     None for ActNorm alone; ``loc`` and ``scale`` one value per channel ((C,) or
     (1, C, 1, 1)), or both None for the convolution alone. The output has x's dtype and
     memory format; the matrix may be float64 for any x (it is read in the compute dtype)."""
+    check_bool("reverse", reverse)
     _check(x, weight, loc, scale, reverse)
-    return channel_mix_op(x, weight, loc, scale, bool(reverse))
+    if use_triton(x):
+        refuse_transforms("channel_mix")
+        return channel_mix_op(x, weight, loc, scale, reverse)
+    out = reference.actnorm_mix(x, weight, loc, scale, reverse=reverse)
+    fmt = memory_format_of(x)
+    return out if out.is_contiguous(memory_format=fmt) else out.contiguous(memory_format=fmt)
 
 
 def actnorm_invconv(x: Tensor, loc: Tensor, scale: Tensor, weight: Optional[Tensor],
@@ -216,7 +210,7 @@ def actnorm_invconv(x: Tensor, loc: Tensor, scale: Tensor, weight: Optional[Tens
     """Glow's ActNorm followed by the invertible 1x1 convolution: ``(out, logdet)``.
 
     ``out`` as ``channel_mix`` (with ``reverse=True`` pass W^-1 as ``weight``); logdet, shape
-    (N,), is ``H*W*(sum(log|scale|) + weight_logdet)`` for the forward map and its negative
+    (N,), an ordinary tensor, is ``H*W*(sum(log|scale|) + weight_logdet)`` for the forward map and its negative
     for ``reverse``; ``weight_logdet`` is log|det W| (a 0-d tensor, e.g. ``sum(log_s)`` of an
     LU-parameterised W), None for ActNorm alone."""
     if weight_logdet is not None:
@@ -228,10 +222,6 @@ def actnorm_invconv(x: Tensor, loc: Tensor, scale: Tensor, weight: Optional[Tens
         if v is None:
             raise ValueError(f"{name}: expected a tensor with one value per channel, got None")
     out = channel_mix(x, weight, loc=loc, scale=scale, reverse=reverse)
-    hw = x.shape[2] * x.shape[3]
-    cd = compute_dtype(x.dtype)
-    per_pixel = torch.log(torch.abs(scale.to(cd))).sum()
-    if weight_logdet is not None:
-        per_pixel = per_pixel + weight_logdet.to(cd).reshape(())
-    ld = (-hw if reverse else hw) * per_pixel
-    return out, ld.expand(x.shape[0])
+    ld = reference.actnorm_logdet(scale, x.shape[0], x.shape[2] * x.shape[3],
+                                  compute_dtype(x.dtype), extra=weight_logdet, reverse=reverse)
+    return out, ld

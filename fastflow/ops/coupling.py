@@ -1,6 +1,10 @@
-"""Affine and additive coupling as torch.library custom ops with autograd.
+"""Affine and additive coupling: the Triton path as torch.library custom ops with autograd,
+the reference path as plain PyTorch autograd through ``fastflow.reference``.
 
-Three ops, each one kernel launch on the Triton backend:
+The public functions (``affine_coupling``, ``additive_coupling``, ``coupling_backward``)
+decide the backend once per call (``backend.use_triton``). Three custom ops, each one
+kernel launch, launch the Triton kernels unconditionally (their backward too, so it uses
+what forward decided, on any thread):
 
 * ``fastflow::coupling_forward(x, h, ...) -> (y, logdet)``
 * ``fastflow::coupling_inverse(y, h, ...) -> (x, logdet)``  (logdet of the inverse map)
@@ -10,6 +14,12 @@ Three ops, each one kernel launch on the Triton backend:
   has to be kept for training).
 
 ``scale`` is "sigmoid", "exp", "atan" or, for additive coupling, "additive".
+
+Higher derivatives: on the reference path everything is plain autograd, so double backward
+(``create_graph=True``) and ``torch.func.grad`` / ``jvp`` work. On the Triton path the fused
+backward is not itself differentiable: ``torch.func.grad``/``jvp`` are refused at the call
+and ``create_graph=True`` at the first backward, each with a ``NotImplementedError`` that
+says to use ``fastflow.use_backend("reference")``.
 """
 
 from __future__ import annotations
@@ -18,9 +28,9 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backend import (compute_dtype, device_guard, empty_output, memory_format_of, unaliased,
-                       use_triton)
-from ._checks import check_choice, check_float_tensor, check_same_device
+from ..backend import (compute_dtype, device_guard, empty_output, memory_format_of,
+                       refuse_double_backward, refuse_transforms, use_triton)
+from ._checks import check_bool, check_choice, check_float_tensor, check_positive, check_same_device
 
 
 def _kernels():
@@ -30,20 +40,20 @@ def _kernels():
 
 
 def _reference(x, h, scale, layout, shift, clamp, reverse):
+    """The reference path: plain autograd."""
     if scale == "additive":
         y, logdet = reference.additive_coupling(x, h, reverse=reverse)
     else:
         y, logdet = reference.affine_coupling(x, h, scale=scale, layout=layout, shift=shift,
                                               clamp=clamp, reverse=reverse)
-    return y.contiguous(memory_format=memory_format_of(x)), logdet
+    fmt = memory_format_of(x)
+    return (y if y.is_contiguous(memory_format=fmt) else y.contiguous(memory_format=fmt)), logdet
 
 
-def _run(x, h, scale, layout, shift, clamp, reverse):
-    if use_triton(x):
-        with device_guard(x):
-            return _kernels().coupling_forward(x, h, scale=scale, layout=layout, shift=shift,
-                                               clamp=clamp, reverse=reverse)
-    return _reference(x, h, scale, layout, shift, clamp, reverse)
+def _launch(x, h, scale, layout, shift, clamp, reverse):
+    with device_guard(x):
+        return _kernels().coupling_forward(x, h, scale=scale, layout=layout, shift=shift,
+                                           clamp=clamp, reverse=reverse)
 
 
 def _fake(x, h, scale, layout, shift, clamp):
@@ -53,13 +63,13 @@ def _fake(x, h, scale, layout, shift, clamp):
 @torch.library.custom_op("fastflow::coupling_forward", mutates_args=())
 def coupling_forward(x: Tensor, h: Tensor, scale: str, layout: str, shift: str,
                      clamp: float) -> tuple[Tensor, Tensor]:
-    return _run(x, h, scale, layout, shift, clamp, False)
+    return _launch(x, h, scale, layout, shift, clamp, False)
 
 
 @torch.library.custom_op("fastflow::coupling_inverse", mutates_args=())
 def coupling_inverse(y: Tensor, h: Tensor, scale: str, layout: str, shift: str,
                      clamp: float) -> tuple[Tensor, Tensor]:
-    return _run(y, h, scale, layout, shift, clamp, True)
+    return _launch(y, h, scale, layout, shift, clamp, True)
 
 
 coupling_forward.register_fake(_fake)
@@ -67,26 +77,16 @@ coupling_inverse.register_fake(_fake)
 
 
 @torch.library.custom_op("fastflow::coupling_backward", mutates_args=())
-def coupling_backward(grad_out: Tensor, grad_logdet: Tensor, src: Tensor, h: Tensor,
-                      scale: str, layout: str, shift: str, clamp: float, reverse: bool,
-                      from_output: bool) -> tuple[Tensor, Tensor]:
-    if use_triton(src):
-        with device_guard(src):
-            return _kernels().coupling_backward(grad_out, grad_logdet, src, h, scale=scale,
-                                                layout=layout, shift=shift, clamp=clamp,
-                                                reverse=reverse, from_output=from_output)
-    # reference: rebuild the op's input if needed, then the vjp of the reference (autograd
-    # is switched off inside a custom op's implementation; torch.func works below it)
-    inp = _reference(src, h, scale, layout, shift, clamp, not reverse)[0] if from_output else src
-    fn = lambda a, b: _reference(a, b, scale, layout, shift, clamp, reverse)  # noqa: E731
-    _, vjp = torch.func.vjp(fn, inp, h)
-    grad_in, grad_h = vjp((grad_out, grad_logdet))
-    return unaliased((grad_in.contiguous(memory_format=memory_format_of(src)),
-                      grad_h.contiguous(memory_format=memory_format_of(h))),
-                     (grad_out, grad_logdet, src, h))
+def coupling_backward_op(grad_out: Tensor, grad_logdet: Tensor, src: Tensor, h: Tensor,
+                         scale: str, layout: str, shift: str, clamp: float, reverse: bool,
+                         from_output: bool) -> tuple[Tensor, Tensor]:
+    with device_guard(src):
+        return _kernels().coupling_backward(grad_out, grad_logdet, src, h, scale=scale,
+                                            layout=layout, shift=shift, clamp=clamp,
+                                            reverse=reverse, from_output=from_output)
 
 
-@coupling_backward.register_fake
+@coupling_backward_op.register_fake
 def _(grad_out, grad_logdet, src, h, scale, layout, shift, clamp, reverse, from_output):
     return empty_output(src), empty_output(h)
 
@@ -99,9 +99,10 @@ def _setup_context(ctx, inputs, output):
 
 def _make_backward(reverse: bool):
     def backward(ctx, grad_out, grad_logdet):
+        refuse_double_backward("affine_coupling")
         x, h = ctx.saved_tensors
-        grad_x, grad_h = coupling_backward(grad_out, grad_logdet, x, h, *ctx.params,
-                                           reverse, False)
+        grad_x, grad_h = coupling_backward_op(grad_out, grad_logdet, x, h, *ctx.params,
+                                              reverse, False)
         return grad_x, grad_h, None, None, None, None
 
     return backward
@@ -109,6 +110,33 @@ def _make_backward(reverse: bool):
 
 coupling_forward.register_autograd(_make_backward(False), setup_context=_setup_context)
 coupling_inverse.register_autograd(_make_backward(True), setup_context=_setup_context)
+
+
+def coupling_backward(grad_out: Tensor, grad_logdet: Tensor, src: Tensor, h: Tensor,
+                      scale: str, layout: str, shift: str, clamp: float, reverse: bool,
+                      from_output: bool):
+    """The coupling's vector-Jacobian product, for code that drives backward itself
+    (reversible training): ``(grad_in, grad_h)`` of the map ``reverse`` applied to the input,
+    where ``src`` is that input, or the map's output when ``from_output`` (the input is then
+    rebuilt from it). The backend is decided here, per call: the Triton path is one kernel
+    launch; the reference path rebuilds the input if needed and differentiates the
+    reference with ``torch.autograd.grad``."""
+    if use_triton(src):
+        return coupling_backward_op(grad_out, grad_logdet, src, h, scale, layout, shift,
+                                    float(clamp), bool(reverse), bool(from_output))
+    with torch.no_grad():
+        inp = _reference(src, h, scale, layout, shift, clamp, not reverse)[0] if from_output else src
+    with torch.enable_grad():
+        a = inp.detach().requires_grad_(True)
+        b = h.detach().requires_grad_(True)
+        outs = [(o, g) for o, g in zip(_reference(a, b, scale, layout, shift, clamp, reverse),
+                                       (grad_out, grad_logdet)) if o.requires_grad]
+        grad_in, grad_h = torch.autograd.grad([o for o, _ in outs], (a, b),
+                                              [g for _, g in outs], allow_unused=True)
+    grad_in = torch.zeros_like(a) if grad_in is None else grad_in
+    grad_h = torch.zeros_like(b) if grad_h is None else grad_h
+    return (grad_in.contiguous(memory_format=memory_format_of(src)),
+            grad_h.contiguous(memory_format=memory_format_of(h)))
 
 
 # --------------------------------------------------------------------------------------
@@ -144,19 +172,28 @@ def affine_coupling(x: Tensor, h: Tensor, *, scale: str = "sigmoid", layout: str
       FrEIA, nflows) or "negated" (yb = (xb - t) * s, normflows).
     * ``reverse=True`` maps y back to x and returns the inverse map's logdet, -sum(log s).
 
-    logdet has shape (N,), float32 (float64 for float64 input)."""
+    logdet has shape (N,), float32 (float64 for float64 input). ``clamp`` must be a finite
+    positive number and ``reverse`` a bool. See the module docstring for double backward
+    and ``torch.func`` (reference path: supported; Triton path: refused with a clear error)."""
     _check(x, h, 2, "2 * (C // 2) coupling parameters")
     check_choice("scale", scale, reference.SCALES)
     check_choice("layout", layout, reference.LAYOUTS)
     check_choice("shift", shift, reference.SHIFTS)
-    if not (isinstance(clamp, (int, float)) and clamp > 0):
-        raise ValueError(f"clamp: expected a positive number, got {clamp!r}")
-    op = coupling_inverse if reverse else coupling_forward
-    return op(x, h, scale, layout, shift, float(clamp))
+    clamp = check_positive("clamp", clamp)
+    check_bool("reverse", reverse)
+    if use_triton(x):
+        refuse_transforms("affine_coupling")
+        op = coupling_inverse if reverse else coupling_forward
+        return op(x, h, scale, layout, shift, clamp)
+    return _reference(x, h, scale, layout, shift, clamp, reverse)
 
 
 def additive_coupling(x: Tensor, h: Tensor, *, reverse: bool = False):
     """Additive coupling ``yb = xb + h`` (h has C//2 channels); logdet is zeros (N,)."""
     _check(x, h, 1, "C // 2 shifts")
-    op = coupling_inverse if reverse else coupling_forward
-    return op(x, h, "additive", "halves", "before", 2.0)
+    check_bool("reverse", reverse)
+    if use_triton(x):
+        refuse_transforms("additive_coupling")
+        op = coupling_inverse if reverse else coupling_forward
+        return op(x, h, "additive", "halves", "before", 2.0)
+    return _reference(x, h, "additive", "halves", "before", 2.0, reverse)

@@ -15,9 +15,17 @@ position, so only mu and logvar are saved for backward and the noise is regenera
   CUDA-graph friendly. A ``generator`` on another device than mu (say a CPU generator for
   CUDA tensors) is honoured too; its seed is then copied to mu's device.
 * Triton backend: Philox in the kernel (see ``fastflow/kernels/gaussian.py``).
-* Reference backend: ``torch.randn`` from a private ``torch.Generator`` seeded with the
-  same seed (read with ``.item()``), drawn again in backward. The two backends give
-  different (each reproducible) noise for the same seed.
+* Reference backend: plain PyTorch autograd through ``fastflow.reference`` (no custom
+  op): the noise is ``torch.randn`` from ``generator`` (default: the default generator of
+  mu's device) and autograd keeps what eager PyTorch keeps (the noise included). The two
+  backends give different (each reproducible) noise for the same generator state.
+
+The public ``reparameterize_kl`` decides the backend once per call; the custom ops above
+launch the kernels unconditionally, so backward regenerates the noise with the generator
+forward used, on any thread, whatever ``use_backend`` block is active then.
+Higher derivatives: reference path supported (plain autograd); Triton path: ``torch.func``
+transforms are refused at the call and ``create_graph=True`` at the first backward, with a
+``NotImplementedError`` naming ``fastflow.use_backend("reference")``.
 """
 
 from __future__ import annotations
@@ -28,7 +36,8 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backend import compute_dtype, device_guard, empty_output, memory_format_of, use_triton
+from ..backend import (compute_dtype, device_guard, empty_output, memory_format_of,
+                       refuse_double_backward, refuse_transforms, use_triton)
 from ._checks import check_choice, check_float_tensor, check_same_device
 
 SEED_BITS = 62  # seeds lie in [2**62, 2**63): always a 64-bit kernel argument
@@ -50,14 +59,6 @@ def draw_seed(device, generator: Optional[torch.Generator] = None) -> Tensor:
     return seed if seed.device == device else seed.to(device)
 
 
-def reference_noise(mu: Tensor, seed: int) -> Tensor:
-    """The reference backend's noise for ``seed``, in mu's compute dtype."""
-    gen = torch.Generator(device=mu.device)
-    gen.manual_seed(seed)
-    return torch.randn(mu.shape, generator=gen, device=mu.device,
-                       dtype=compute_dtype(mu.dtype))
-
-
 def _kl_fake(mu, reduction):
     shape = (mu.shape[0],) if reduction == "none" else ()
     return mu.new_empty(shape, dtype=compute_dtype(mu.dtype))
@@ -66,12 +67,8 @@ def _kl_fake(mu, reduction):
 @torch.library.custom_op("fastflow::reparam_kl", mutates_args=())
 def reparam_kl(mu: Tensor, logvar: Tensor, eps: Optional[Tensor], seed: Optional[Tensor],
                reduction: str) -> tuple[Tensor, Tensor]:
-    if use_triton(mu):
-        with device_guard(mu):
-            z, kl = _kernels().reparam_kl_forward(mu, logvar, eps, seed, reduction)
-    else:
-        noise = eps if eps is not None else reference_noise(mu, int(seed.item()))
-        z, kl = reference.reparameterize_kl(mu, logvar, noise, reduction=reduction)
+    with device_guard(mu):
+        z, kl = _kernels().reparam_kl_forward(mu, logvar, eps, seed, reduction)
     return z.contiguous(memory_format=memory_format_of(mu)), kl
 
 
@@ -84,24 +81,9 @@ def _(mu, logvar, eps, seed, reduction):
 def reparam_kl_backward(grad_z: Tensor, grad_kl: Tensor, mu: Tensor, logvar: Tensor,
                         eps: Optional[Tensor], seed: Optional[Tensor],
                         reduction: str) -> tuple[Tensor, Tensor]:
-    if use_triton(mu):
-        with device_guard(mu):
-            grad_mu, grad_lv = _kernels().reparam_kl_backward(grad_z, grad_kl, mu, logvar, eps,
-                                                              seed, reduction)
-    else:
-        # autograd does not record inside a custom op: the derivative of the reference,
-        # written out, in the compute dtype
-        cd = compute_dtype(mu.dtype)
-        noise = eps.to(cd) if eps is not None else reference_noise(mu, int(seed.item()))
-        m, lv, gz = mu.to(cd), logvar.to(cd), grad_z.to(cd)
-        gkl = grad_kl.to(cd)
-        if reduction == "none":
-            gkl = gkl.reshape((-1,) + (1,) * (mu.dim() - 1))
-        elif reduction == "mean":
-            gkl = gkl / mu.shape[0]
-        std = torch.exp(0.5 * lv)
-        grad_mu = (gz + gkl * m).to(mu.dtype)
-        grad_lv = (0.5 * (gz * noise * std + gkl * (torch.exp(lv) - 1.0))).to(logvar.dtype)
+    with device_guard(mu):
+        grad_mu, grad_lv = _kernels().reparam_kl_backward(grad_z, grad_kl, mu, logvar, eps,
+                                                          seed, reduction)
     return (grad_mu.contiguous(memory_format=memory_format_of(mu)),
             grad_lv.contiguous(memory_format=memory_format_of(logvar)))
 
@@ -119,6 +101,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_z, grad_kl):
+    refuse_double_backward("reparameterize_kl")
     mu, logvar, eps = ctx.saved_tensors
     grad_mu, grad_lv = reparam_kl_backward(grad_z, grad_kl, mu, logvar, eps, ctx.seed,
                                            ctx.reduction)
@@ -167,8 +150,14 @@ def reparameterize_kl(mu: Tensor, logvar: Tensor, eps: Optional[Tensor] = None, 
 
     ``eps=None`` draws standard normal noise from a counter-based generator seeded from
     ``generator`` (default: the default generator of mu's device, so ``torch.manual_seed``
-    reproduces it); it is regenerated in backward, never stored. An explicit ``eps``
-    (mu's shape) is used as given."""
+    reproduces it); on the Triton path it is regenerated in backward, never stored (the
+    reference path is plain autograd and keeps it, as eager PyTorch does). An explicit
+    ``eps`` (mu's shape) is used as given."""
     _check(mu, logvar, eps, reduction, generator)
-    seed = draw_seed(mu.device, generator) if eps is None else None
-    return reparam_kl(mu, logvar, eps, seed, reduction)
+    if use_triton(mu):
+        refuse_transforms("reparameterize_kl")
+        seed = draw_seed(mu.device, generator) if eps is None else None
+        return reparam_kl(mu, logvar, eps, seed, reduction)
+    z, kl = reference.reparameterize_kl(mu, logvar, eps, reduction=reduction, generator=generator)
+    fmt = memory_format_of(mu)
+    return (z if z.is_contiguous(memory_format=fmt) else z.contiguous(memory_format=fmt)), kl

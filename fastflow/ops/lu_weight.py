@@ -6,6 +6,11 @@
   ``ld_mult * (sum(log_s) + sum(log|scale|))``, shape (n,), so a FlowStep's whole log-det
   (ActNorm's included, ``ld_mult`` = H*W) comes from one launch;
   ``fastflow::lu_weight_backward`` gives d lower, d upper, d log_s, d scale in one launch.
+
+The public ``lu_weight_logdet`` decides the backend once per call: the custom ops above
+launch the Triton kernels unconditionally (backward included); the reference path is
+``fastflow.reference.lu_weight_logdet`` under plain autograd. Higher derivatives: as the
+other ops (reference: supported; Triton: refused with a clear error).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backend import device_guard, unaliased, use_triton
+from ..backend import device_guard, refuse_double_backward, refuse_transforms, use_triton
 from ._checks import check_float_tensor, check_same_device
 
 
@@ -43,17 +48,13 @@ def _flat(v):
 def lu_weight_op(lower: Tensor, upper: Tensor, log_s: Tensor, sign_s: Tensor, rows: Tensor,
                  scale: Optional[Tensor], n: int, ld_mult: int,
                  ld_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    if use_triton(log_s):
-        c = log_s.shape[0]
-        w = torch.empty((c, c), dtype=torch.float64, device=log_s.device)
-        ld = torch.empty((n,), dtype=ld_dtype, device=log_s.device)
-        with device_guard(log_s):
-            _kernels().lu_weight_forward(lower, upper, log_s, sign_s, rows, _flat(scale), w, ld,
-                                 ld_mult=ld_mult)
-        return w, ld
-    w, ld = reference.lu_weight_logdet(rows, lower, upper, log_s, sign_s, scale, n=n,
-                                       ld_mult=ld_mult)
-    return w, ld.to(ld_dtype).clone()
+    c = log_s.shape[0]
+    w = torch.empty((c, c), dtype=torch.float64, device=log_s.device)
+    ld = torch.empty((n,), dtype=ld_dtype, device=log_s.device)
+    with device_guard(log_s):
+        _kernels().lu_weight_forward(lower, upper, log_s, sign_s, rows, _flat(scale), w, ld,
+                                     ld_mult=ld_mult)
+    return w, ld
 
 
 @lu_weight_op.register_fake
@@ -62,38 +63,20 @@ def _(lower, upper, log_s, sign_s, rows, scale, n, ld_mult, ld_dtype):
     return (log_s.new_empty((c, c), dtype=torch.float64), log_s.new_empty((n,), dtype=ld_dtype))
 
 
-def _lu_reference_backward(d_w, d_ld, lower, upper, log_s, sign_s, rows, scale, ld_mult):
-    prims = [lower, upper, log_s] + ([] if scale is None else [scale])
-
-    def fn(*ps):
-        sc = ps[3] if scale is not None else None
-        return reference.lu_weight_logdet(rows, ps[0], ps[1], ps[2], sign_s, sc,
-                                          n=d_ld.shape[0], ld_mult=ld_mult)
-
-    _, vjp = torch.func.vjp(fn, *prims)
-    grads = vjp((d_w.to(torch.float64), d_ld.to(torch.float64)))
-    return (*grads[:3], grads[3] if scale is not None else None)
-
-
 @torch.library.custom_op("fastflow::lu_weight_backward", mutates_args=())
 def lu_weight_backward(d_w: Tensor, d_ld: Tensor, lower: Tensor, upper: Tensor, log_s: Tensor,
                        sign_s: Tensor, rows: Tensor, scale: Optional[Tensor],
                        ld_mult: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    if use_triton(log_s):
-        d_l = torch.empty(lower.shape, dtype=lower.dtype, device=lower.device)
-        d_u = torch.empty(upper.shape, dtype=upper.dtype, device=upper.device)
-        d_s = torch.empty(log_s.shape, dtype=log_s.dtype, device=log_s.device)
-        d_sc = (log_s.new_empty(0) if scale is None else
-                torch.empty(scale.shape, dtype=scale.dtype, device=scale.device))
-        with device_guard(log_s):
-            _kernels().lu_weight_backward(d_w, d_ld, lower, upper, log_s, sign_s, rows,
-                                          _flat(scale), d_l, d_u, d_s,
-                                          None if scale is None else d_sc, ld_mult=ld_mult)
-        return d_l, d_u, d_s, d_sc
-    d_l, d_u, d_s, d_sc = _lu_reference_backward(d_w, d_ld, lower, upper, log_s, sign_s, rows,
-                                                 scale, ld_mult)
-    outs = [d_l, d_u, d_s, log_s.new_empty(0) if d_sc is None else d_sc]
-    return unaliased(outs, (d_w, d_ld, lower, upper, log_s, sign_s, rows, scale))
+    d_l = torch.empty(lower.shape, dtype=lower.dtype, device=lower.device)
+    d_u = torch.empty(upper.shape, dtype=upper.dtype, device=upper.device)
+    d_s = torch.empty(log_s.shape, dtype=log_s.dtype, device=log_s.device)
+    d_sc = (log_s.new_empty(0) if scale is None else
+            torch.empty(scale.shape, dtype=scale.dtype, device=scale.device))
+    with device_guard(log_s):
+        _kernels().lu_weight_backward(d_w, d_ld, lower, upper, log_s, sign_s, rows,
+                                      _flat(scale), d_l, d_u, d_s,
+                                      None if scale is None else d_sc, ld_mult=ld_mult)
+    return d_l, d_u, d_s, d_sc
 
 
 @lu_weight_backward.register_fake
@@ -109,6 +92,7 @@ def _lu_setup_context(ctx, inputs, output):
 
 
 def _lu_backward(ctx, d_w, d_ld):
+    refuse_double_backward("lu_weight_logdet")
     lower, upper, log_s, sign_s, rows, scale = ctx.saved_tensors
     need = ctx.needs_input_grad
     d_l, d_u, d_s, d_sc = lu_weight_backward(d_w, d_ld, lower, upper, log_s, sign_s, rows,
@@ -162,6 +146,12 @@ def lu_weight_logdet(lower: Tensor, upper: Tensor, log_s: Tensor, sign_s: Tensor
                              f"{tuple(scale.shape)}")
     if not isinstance(ld_dtype, torch.dtype) or not ld_dtype.is_floating_point:
         raise TypeError(f"ld_dtype: expected a floating-point torch.dtype, got {ld_dtype!r}")
-    if int(n) < 0:
-        raise ValueError(f"n: expected a sample count >= 0, got {n}")
-    return lu_weight_op(lower, upper, log_s, sign_s, rows, scale, int(n), int(ld_mult), ld_dtype)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n: expected a sample count (an int >= 0), got {n!r}")
+    if isinstance(ld_mult, bool) or not isinstance(ld_mult, int):
+        raise TypeError(f"ld_mult: expected an int (e.g. H*W), got {ld_mult!r}")
+    if use_triton(log_s):
+        refuse_transforms("lu_weight_logdet")
+        return lu_weight_op(lower, upper, log_s, sign_s, rows, scale, n, ld_mult, ld_dtype)
+    return reference.lu_weight_logdet(rows, lower, upper, log_s, sign_s, scale, n=n,
+                                      ld_mult=ld_mult, ld_dtype=ld_dtype)
