@@ -94,16 +94,32 @@ def _backprop(outputs, grads, inputs):
 # --------------------------------------------------------------------------------------
 
 
-def _cond_inf(w):
-    """||W||_inf * ||W^-1||_inf of a float64 (C, C) matrix, on the device."""
-    w = w.detach().to(torch.float64).reshape(w.shape[0], w.shape[1])
+def _mix_conds(stages, x):
+    """The inverse condition estimates of all channel-mix stages, in one batch: the
+    infinity-norm condition number of W times max|scale| / min|scale| (float64, on the
+    device). Every mix stage's (W, log-det) is assembled here, once, with gradients on and
+    detached (no no-grad cache is filled). Returns ([(w, ld) or None per stage], conds)."""
+    mats, spreads, prepared = [], [], []
+    for st in stages:
+        if not isinstance(st, _MixStage):
+            prepared.append(None)
+            continue
+        w, ld = st.prepare(x)
+        prepared.append((w, ld))
+        c = x.shape[1]
+        mats.append(torch.eye(c, dtype=torch.float64, device=x.device) if w is None
+                    else w.to(torch.float64).reshape(c, c))
+        spreads.append(None if st.an is None else st.an.scale.detach().reshape(-1))
+    if not mats:
+        return prepared, None
+    w = torch.stack(mats)
     w_inv = torch.linalg.inv_ex(w)[0]
-    return w.abs().sum(1).amax() * w_inv.abs().sum(1).amax()
-
-
-def _spread(scale):
-    a = scale.detach().abs().to(torch.float64)
-    return a.amax() / a.amin()
+    cond = w.abs().sum(2).amax(1) * w_inv.abs().sum(2).amax(1)
+    if any(sp is not None for sp in spreads):
+        ones = torch.ones_like(next(sp for sp in spreads if sp is not None))
+        a = torch.stack([ones if sp is None else sp for sp in spreads]).abs().to(torch.float64)
+        cond = cond * (a.amax(1) / a.amin(1))
+    return prepared, cond
 
 
 class _MixStage:
@@ -124,28 +140,27 @@ class _MixStage:
 
     def _apply(self, x, w):
         an = self.an
-        if self.inv is None:
-            return actnorm_invconv(x, an.loc, an.scale, None)[0]
         if an is None:
             return channel_mix(x, w)
         return channel_mix(x, w, loc=an.loc, scale=an.scale)
 
-    def forward(self, x):
+    def prepare(self, x):
+        """(W detached, or None for ActNorm alone; the stage's log-det detached, or None)."""
         if self.inv is None:
-            y, ld = actnorm_invconv(x, self.an.loc, self.an.scale, None)
-            return y, ld, _spread(self.an.scale)
+            return None, None
         with torch.enable_grad():
             w, ld = self._matrix(x)
-        w, ld = w.detach(), ld.detach()
-        cond = _cond_inf(w)
-        if self.an is not None:
-            cond = cond * _spread(self.an.scale)
-        return self._apply(x, w), ld, cond
+        return w.detach(), ld.detach()
+
+    def forward(self, x, w, ld):
+        if self.inv is None:
+            return actnorm_invconv(x, self.an.loc, self.an.scale, None)
+        return self._apply(x, w), ld
 
     def backward(self, y, gy, gld, stored):
         an = self.an
         if self.inv is None:
-            w = w_inv = ld = None
+            w = ld = None
             with torch.no_grad():
                 x = actnorm_invconv(y, an.loc, an.scale, None, reverse=True)[0]
         else:
@@ -201,18 +216,21 @@ class _CouplingStage:
         return affine_coupling(x, h, scale=scale, layout=layout, shift=shift, clamp=clamp,
                                reverse=reverse)
 
-    def forward(self, x):
+    def forward(self, x, limit):
+        """(y, logdet, flag): flag (0-d bool on the device, None when it cannot be set) says
+        the inverse's condition estimate ``max(1, s_max) / s_min`` exceeds ``limit``."""
         h = self.c.net(x[:, :self.ca])
         y, ld = self._op(x, h, False)
         scale, layout, _, clamp = self.opts
-        if scale == "additive":
+        if scale == "additive" or limit == math.inf:
             return y, ld, None
         cb = self.c.in_channel // 2
         raw = h[:, :cb] if layout == "halves" else h[:, 1::2]
+        if scale == "sigmoid":  # s <= 1 and increasing in raw: cond = 1 / s(min raw)
+            return y, ld, raw.amin() < math.log(1.0 / (limit - 1.0)) - 2.0
         lo, hi = torch.aminmax(raw.detach().float())
         log_lo, log_hi = _log_scale(lo, scale, clamp), _log_scale(hi, scale, clamp)
-        cond = torch.exp(torch.clamp(log_hi, min=0.0) - log_lo).to(torch.float64)
-        return y, ld, cond
+        return y, ld, torch.clamp(log_hi, min=0.0) - log_lo > math.log(limit)
 
     def backward(self, y, gy, gld, stored):
         ya = y[:, :self.ca].detach().requires_grad_(True)
@@ -269,32 +287,39 @@ class _ReversibleChain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, seq, x, _anchor):
         steps = [_stages(s) for s in seq]
-        slots = seq.fallback_slots
-        reserve = x.new_empty((slots, *x.shape)) if slots else None
-        # which stage each reserve slot holds (-1: none), the next free slot, overflows
-        owner = torch.full((slots,), -1, dtype=torch.int64, device=x.device)
-        used = torch.zeros((), dtype=torch.int64, device=x.device)
-        overflow = torch.zeros((), dtype=torch.int64, device=x.device)
+        flat = [st for stages in steps for st in stages]
         limit = float(seq.fallback_cond)
-        out, logdet, index = x, None, 0
+        slots = seq.fallback_slots if limit < math.inf else 0
+        prepared, mix_cond = _mix_conds(flat, x)
+        mix_flags = None if (mix_cond is None or not slots) else (mix_cond > limit).unbind()
+        reserve = x.new_empty((slots, *x.shape)) if slots else None
+        # which stage each reserve slot holds (-1: none) and how many stages were flagged
+        owner = torch.full((slots,), -1, dtype=torch.int64, device=x.device)
+        flagged = torch.zeros((), dtype=torch.int64, device=x.device)
+        slot_ids = torch.arange(slots, device=x.device)
+        out, logdet, index, k_mix = x, None, 0, 0
         for stages in steps:
             step_ld = None
             for stage in stages:
-                y, ld, cond = stage.forward(out)
-                if cond is not None and limit < math.inf:
-                    flag = cond > limit
-                    for r in range(slots):
-                        take = flag & (used == r)
-                        reserve[r] = torch.where(take, out, reserve[r])
-                        owner[r] = torch.where(take, index, owner[r])
-                    overflow += (flag & (used >= slots)).long()
-                    used += flag.long()
+                if isinstance(stage, _MixStage):
+                    y, ld = stage.forward(out, *prepared[index])
+                    flag = mix_flags[k_mix] if mix_flags is not None else None
+                    k_mix += 1
+                else:
+                    y, ld, flag = stage.forward(out, limit if slots else math.inf)
+                if flag is not None:
+                    # no host sync: the input goes to slot ``flagged`` if the flag is set
+                    take = flag & (flagged == slot_ids)
+                    torch.where(take.view(-1, *([1] * out.dim())), out.unsqueeze(0), reserve,
+                                out=reserve)
+                    owner.masked_fill_(take, index)
+                    flagged += flag
                 step_ld = ld if step_ld is None else step_ld + ld
                 out, index = y, index + 1
             logdet = step_ld if logdet is None else logdet + step_ld
-        kept = torch.clamp(used, max=slots)
+        kept = torch.clamp(flagged, max=slots)
         seq.fallback_count.add_(kept.to(seq.fallback_count.dtype))
-        seq.fallback_overflow.add_(overflow.to(seq.fallback_overflow.dtype))
+        seq.fallback_overflow.add_((flagged - kept).to(seq.fallback_overflow.dtype))
         ctx.seq, ctx.n_stages = seq, index
         ctx.autocast = _autocast_state(x.device.type)
         ctx.mode = current_mode()
