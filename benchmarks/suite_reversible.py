@@ -3,7 +3,7 @@ backward and train-step time. A standalone script (``python benchmarks/suite_rev
 and an importable module (``saved_bytes``, ``alive_bytes``, ``step_time_ratio``, ``drift``).
 
 Two independent memory measures of what one forward leaves for backward (parameters'
-storages excluded from both):
+(the model state: parameters, buffers, cached tensors, excluded from both):
 
 * ``saved_bytes``: the bytes that ``torch.autograd.graph.saved_tensors_hooks`` sees being
   packed (unique storages), i.e. what autograd nodes save, custom Functions' ctx included;

@@ -41,7 +41,10 @@ What else it meets:
   has its hooks fire twice, which DDP refuses.
 * No state is updated by the recompute: it never calls a step's ``forward`` (so no ActNorm
   initialisation, no hooks of the step modules) and builds W without the no-grad caches.
-* Double backward (``create_graph=True``) is not supported and raises.
+* Double backward (``create_graph=True``) is not supported and raises. As with reentrant
+  checkpointing, parameter gradients reach ``.grad`` through ``backward()``: the parameters
+  are not inputs of the chain's autograd node, so ``torch.autograd.grad(loss, params)``
+  reports them unused (gradients with respect to the chain's input do flow).
 
 Numerical drift and the fallback: the rebuilt input differs from the true one by rounding,
 amplified by the inverse of each stage. Each stage's amplification is estimated on the
@@ -94,7 +97,7 @@ def _backprop(outputs, grads, inputs):
 # --------------------------------------------------------------------------------------
 
 
-def _mix_conds(stages, x):
+def _mix_conds(stages, x, check=True):
     """The inverse condition estimates of all channel-mix stages, in one batch: the
     infinity-norm condition number of W times max|scale| / min|scale| (float64, on the
     device). Every mix stage's (W, log-det) is assembled here, once, with gradients on and
@@ -106,6 +109,8 @@ def _mix_conds(stages, x):
             continue
         w, ld = st.prepare(x)
         prepared.append((w, ld))
+        if not check:
+            continue
         c = x.shape[1]
         mats.append(torch.eye(c, dtype=torch.float64, device=x.device) if w is None
                     else w.to(torch.float64).reshape(c, c))
@@ -289,10 +294,11 @@ class _ReversibleChain(torch.autograd.Function):
         steps = [_stages(s) for s in seq]
         flat = [st for stages in steps for st in stages]
         limit = float(seq.fallback_cond)
-        slots = seq.fallback_slots if limit < math.inf else 0
-        prepared, mix_cond = _mix_conds(flat, x)
-        mix_flags = None if (mix_cond is None or not slots) else (mix_cond > limit).unbind()
-        reserve = x.new_empty((slots, *x.shape)) if slots else None
+        slots = seq.fallback_slots
+        check = limit < math.inf  # fallback_cond=inf: no checks at all
+        prepared, mix_cond = _mix_conds(flat, x, check)
+        mix_flags = None if mix_cond is None else (mix_cond > limit).unbind()
+        reserve = x.new_empty((slots, *x.shape)) if (slots and check) else None
         # which stage each reserve slot holds (-1: none) and how many stages were flagged
         owner = torch.full((slots,), -1, dtype=torch.int64, device=x.device)
         flagged = torch.zeros((), dtype=torch.int64, device=x.device)
@@ -306,13 +312,14 @@ class _ReversibleChain(torch.autograd.Function):
                     flag = mix_flags[k_mix] if mix_flags is not None else None
                     k_mix += 1
                 else:
-                    y, ld, flag = stage.forward(out, limit if slots else math.inf)
+                    y, ld, flag = stage.forward(out, limit)
                 if flag is not None:
-                    # no host sync: the input goes to slot ``flagged`` if the flag is set
-                    take = flag & (flagged == slot_ids)
-                    torch.where(take.view(-1, *([1] * out.dim())), out.unsqueeze(0), reserve,
-                                out=reserve)
-                    owner.masked_fill_(take, index)
+                    if reserve is not None:
+                        # no host sync: the input goes to slot ``flagged`` if the flag is set
+                        take = flag & (flagged == slot_ids)
+                        torch.where(take.view(-1, *([1] * out.dim())), out.unsqueeze(0),
+                                    reserve, out=reserve)
+                        owner.masked_fill_(take, index)
                     flagged += flag
                 step_ld = ld if step_ld is None else step_ld + ld
                 out, index = y, index + 1
