@@ -2,15 +2,17 @@
 backward and train-step time. A standalone script (``python benchmarks/suite_reversible.py``)
 and an importable module (``saved_bytes``, ``alive_bytes``, ``step_time_ratio``, ``drift``).
 
-Two independent memory measures of what one forward leaves for backward (parameters'
-(the model state: parameters, buffers, cached tensors, excluded from both):
+Two independent memory measures of what one forward leaves for backward (the model's
+state -- parameters, buffers, cached tensors -- excluded from both):
 
 * ``saved_bytes``: the bytes that ``torch.autograd.graph.saved_tensors_hooks`` sees being
-  packed (unique storages), i.e. what autograd nodes save, custom Functions' ctx included;
+  packed (unique storages) and still held when forward has returned, i.e. what autograd
+  nodes keep, custom Functions' ``save_for_backward`` included;
 * ``alive_bytes``: every storage created while forward ran (recorded by a
   ``TorchDispatchMode`` with weak references only) that is still alive once forward has
-  returned and garbage is collected: whatever the forward left reachable, by outputs,
-  autograd graph, ctx attributes or module state.
+  returned and garbage is collected: whatever the forward left reachable, through the
+  autograd graph, ctx attributes or anything else (the outputs' own storages are reported
+  apart).
 """
 
 from __future__ import annotations
