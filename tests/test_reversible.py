@@ -322,10 +322,28 @@ def test_memory_flat_in_n_flow_both_ways():
         for name, m in (("stored", stored), ("reversible", rev)):
             got[name, "saved", n_flow] = suite.saved_bytes(m, x)[0]
             got[name, "alive", n_flow] = suite.alive_bytes(m, x)[0]
+    one_step_net = suite.one_step_net_bytes(stored, x)
     for how in ("saved", "alive"):
         assert got["reversible", how, 16] == got["reversible", how, 4], got
         assert got["stored", how, 16] > 3 * got["stored", how, 4], got
         assert got["stored", how, 16] > 8 * got["reversible", how, 16], got
+    # what the reversible model keeps beyond its outputs (fallback reserve, the priors'
+    # inputs) is below one step's coupling-network activations
+    assert got["reversible", "alive", 16] < one_step_net, (got, one_step_net)
+
+
+def test_reversible_glow_reverses_and_samples_like_the_stored_one():
+    stored, rev, x = _glow_pair(torch.float64, True, True)
+    with torch.no_grad():
+        z = rev(x)[2]
+        torch.testing.assert_close(rev.reverse(z, reconstruct=True), x, rtol=1e-9, atol=1e-9)
+        g = torch.Generator().manual_seed(0)
+        a = rev.sample(2, image_size=(8, 8), generator=g)
+        g = torch.Generator().manual_seed(0)
+        b = stored.sample(2, image_size=(8, 8), generator=g)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    inv_x, inv_ld = rev.blocks[0].flows.inverse(rev.blocks[0].flows(x.reshape(4, 4, 4, 4))[0])
+    torch.testing.assert_close(inv_x, x.reshape(4, 4, 4, 4), rtol=1e-9, atol=1e-9)
 
 
 def test_gradient_drift_along_a_digits_training_run_is_bounded():
