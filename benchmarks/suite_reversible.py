@@ -190,23 +190,29 @@ def memory_table(n_flows=(4, 8, 16, 32), batch=4, size=32, **kw):
 
 def step_time_ratio(n_flow=8, n_block=2, in_channel=1, size=16, batch=64, filter_size=64,
                     repeats=10, warmup=2):
-    """(stored seconds, reversible seconds, ratio): median train step (forward, backward,
-    Adam step), the two models interleaved in one run."""
+    """Median train step (forward, backward, Adam step) of the stored and the reversible
+    model, interleaved in one run: {"wall": (stored s, reversible s, ratio), "cpu": (...)}.
+    The CPU-time figures (``time.process_time``, all threads of this process) are the ones
+    to read on a machine shared with other jobs."""
     stored, rev = make_pair(n_flow, n_block, in_channel, filter_size)
     x = torch.rand(batch, in_channel, size, size) - 0.5
     _init_pair(stored, rev, x)
     opts = {id(m): torch.optim.Adam(m.parameters(), 1e-4) for m in (stored, rev)}
-    times = {id(stored): [], id(rev): []}
+    times = {(id(m), k): [] for m in (stored, rev) for k in ("wall", "cpu")}
     for i in range(warmup + repeats):
         for m in (stored, rev):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             opts[id(m)].zero_grad(set_to_none=True)
             _glow_loss(m, x)[0].backward()
             opts[id(m)].step()
             if i >= warmup:
-                times[id(m)].append(time.perf_counter() - t)
-    s, r = statistics.median(times[id(stored)]), statistics.median(times[id(rev)])
-    return s, r, r / s
+                times[id(m), "wall"].append(time.perf_counter() - t)
+                times[id(m), "cpu"].append(time.process_time() - c)
+    out = {}
+    for k in ("wall", "cpu"):
+        s, r = statistics.median(times[id(stored), k]), statistics.median(times[id(rev), k])
+        out[k] = (s, r, r / s)
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -273,9 +279,19 @@ def drift(checkpoints=(0, 100, 1000), n_flow=4, n_block=2, filter_size=32, batch
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--skip-drift", action="store_true", help="skip the 1000-step drift run")
+    ap.add_argument("--skip-memory", action="store_true", help="skip the memory table")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    if not args.skip_memory:
+        _print_memory()
+    _print_times()
+    if not args.skip_drift:
+        _print_drift()
+    return 0
+
+
+def _print_memory():
     print("\nbytes kept for backward per train step (Glow 3x32x32, L=3, filter 128, batch 4; "
           "model state (parameters, buffers, caches) excluded; alive: after forward, outputs excluded)")
     print(f"{'n_flow':>6} {'stored saved':>13} {'rev saved':>11} {'ratio':>7} "
@@ -285,17 +301,26 @@ def main(argv=None):
               f"{r['stored_saved'] / r['reversible_saved']:>7.1f} {r['stored_alive']:>13,} "
               f"{r['reversible_alive']:>11,} {r['stored_alive'] / r['reversible_alive']:>7.1f} "
               f"{r['one_step_net']:>11,}")
-    s, rv, ratio = step_time_ratio()
-    print(f"\ntrain step (Glow 1x16x16, K=8, L=2, filter 64, batch 64, Adam), median of 10: "
-          f"stored {s * 1e3:.1f} ms, reversible {rv * 1e3:.1f} ms, ratio {ratio:.3f}")
-    if not args.skip_drift:
-        res, count = drift()
-        print("\ngradient drift ||g_rev - g_stored|| / ||g_stored|| on digits (Glow 1x8x8, K=4, "
-              "L=2, filter 32, float32, Adam 1e-3):")
-        for step, groups in sorted(res.items()):
-            print(f"  step {step:>5}: " + ", ".join(f"{k} {v:.2e}" for k, v in sorted(groups.items())))
-        print(f"  fallback stage inputs kept: {count}")
-    return 0
+
+
+def _print_times():
+    print("\ntrain step (forward, backward, Adam), stored vs reversible, interleaved, median of 10:")
+    for cfg in (dict(n_flow=8, n_block=2, in_channel=1, size=16, batch=64, filter_size=64),
+                dict(n_flow=8, n_block=3, in_channel=3, size=32, batch=16, filter_size=128)):
+        res = step_time_ratio(**cfg)
+        print(f"  Glow {cfg['in_channel']}x{cfg['size']}x{cfg['size']}, K={cfg['n_flow']}, "
+              f"L={cfg['n_block']}, filter {cfg['filter_size']}, batch {cfg['batch']}: " +
+              "; ".join(f"{k} stored {s * 1e3:.1f} ms, reversible {r * 1e3:.1f} ms, ratio "
+                        f"{q:.3f}" for k, (s, r, q) in res.items()))
+
+
+def _print_drift():
+    res, count = drift()
+    print("\ngradient drift ||g_rev - g_stored|| / ||g_stored|| on digits (Glow 1x8x8, K=4, "
+          "L=2, filter 32, float32, Adam 1e-3):")
+    for step, groups in sorted(res.items()):
+        print(f"  step {step:>5}: " + ", ".join(f"{k} {v:.2e}" for k, v in sorted(groups.items())))
+    print(f"  fallback stage inputs kept: {count}")
 
 
 if __name__ == "__main__":

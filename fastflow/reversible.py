@@ -41,6 +41,11 @@ What else it meets:
   has its hooks fire twice, which DDP refuses.
 * No state is updated by the recompute: it never calls a step's ``forward`` (so no ActNorm
   initialisation, no hooks of the step modules) and builds W without the no-grad caches.
+* Module hooks registered on the steps (or their ActNorm / 1x1 convolution / coupling
+  submodules) do not run on the reversible path: the steps' ``forward`` is not called
+  (the coupling networks are, and their hooks run in forward and again in the recompute).
+* Activations stored in bfloat16 / float16 (a half-precision model, not autocast) rebuild
+  only to that precision: gradients then differ from the stored ones at that level.
 * Double backward (``create_graph=True``) is not supported and raises. As with reentrant
   checkpointing, parameter gradients reach ``.grad`` through ``backward()``: the parameters
   are not inputs of the chain's autograd node, so ``torch.autograd.grad(loss, params)``
@@ -265,8 +270,13 @@ def _stages(step):
                     f"got {type(step).__name__}")
 
 
-def _actnorms(step):
-    return [m for m in step.modules() if isinstance(m, ActNorm)]
+def _uninitialised_actnorm(step) -> bool:
+    for m in step.modules():
+        if isinstance(m, ActNorm):
+            flag = getattr(m, "_initialized", None)  # the host-side mirror: no device read
+            if not (bool(m.initialized.item()) if flag is None else flag):
+                return True
+    return False
 
 
 # --------------------------------------------------------------------------------------
@@ -409,7 +419,7 @@ class ReversibleSequence(nn.ModuleList):
     def _use_reversible(self, x) -> bool:
         if len(self) == 0 or not torch.is_grad_enabled():
             return False
-        if self.training and any(not a._initialized for s in self for a in _actnorms(s)):
+        if self.training and any(_uninitialised_actnorm(s) for s in self):
             return False  # the initialising call runs the ordinary way
         return x.requires_grad or any(p.requires_grad for p in self.parameters())
 
