@@ -5,6 +5,8 @@ changing an import: each block squeezes 2x2 pixels into channels, runs ``n_flow`
 (ActNorm + 1x1 conv fused, then affine coupling), and splits off half of the channels,
 which are scored by a Gaussian whose mean and log-sd a zero-initialised convolution
 predicts from the other half. The last block scores everything under a learned prior.
+With ``reversible=True`` each block's steps are a ``fastflow.ReversibleSequence``: training
+keeps no per-step activations (see ``fastflow.reversible``).
 """
 
 from __future__ import annotations
