@@ -280,8 +280,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--skip-drift", action="store_true", help="skip the 1000-step drift run")
     ap.add_argument("--skip-memory", action="store_true", help="skip the memory table")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads (0: torch's default); 1 gives steadier figures on "
+                         "a machine shared with other jobs")
     args = ap.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     if not args.skip_memory:
         _print_memory()
