@@ -167,16 +167,16 @@ class _MixStage:
             return actnorm_invconv(x, self.an.loc, self.an.scale, None)
         return self._apply(x, w), ld
 
-    def backward(self, y, gy, gld, stored):
+    def backward(self, y, gy, gld, stored, mats):
+        """``mats``: (W with its graph, the stage's log-det with its graph, W^-1 float64)
+        from ``_matrix``, None for ActNorm alone."""
         an = self.an
         if self.inv is None:
             w = ld = None
             with torch.no_grad():
                 x = actnorm_invconv(y, an.loc, an.scale, None, reverse=True)[0]
         else:
-            w, ld = self._matrix(y)
-            w_inv = torch.linalg.inv_ex(w.detach().to(torch.float64).reshape(
-                w.shape[0], w.shape[1]))[0]
+            w, ld, w_inv = mats
             with torch.no_grad():
                 if an is None:
                     x = channel_mix(y, w_inv)
@@ -242,7 +242,7 @@ class _CouplingStage:
         log_lo, log_hi = _log_scale(lo, scale, clamp), _log_scale(hi, scale, clamp)
         return y, ld, torch.clamp(log_hi, min=0.0) - log_lo > math.log(limit)
 
-    def backward(self, y, gy, gld, stored):
+    def backward(self, y, gy, gld, stored, mats=None):
         ya = y[:, :self.ca].detach().requires_grad_(True)
         h = self.c.net(ya)
         hd = h.detach()
@@ -352,6 +352,15 @@ class _ReversibleChain(torch.autograd.Function):
         reserve = rest[0] if rest else None
         stages = [st for s in ctx.seq for st in _stages(s)]
         with use_backend(ctx.mode), torch.enable_grad(), _autocast(ctx.autocast):
+            # every mix stage's W (with its graph) and W^-1 up front: one batched inverse
+            mats = [st._matrix(y) if isinstance(st, _MixStage) and st.inv is not None
+                    else None for st in stages]
+            found = [wl[0] for wl in mats if wl is not None]
+            if found:
+                c = y.shape[1]
+                inv = iter(torch.linalg.inv_ex(torch.stack(
+                    [w.detach().to(torch.float64).reshape(c, c) for w in found]))[0].unbind())
+                mats = [None if wl is None else (wl[0], wl[1], next(inv)) for wl in mats]
             for index in range(ctx.n_stages - 1, -1, -1):
                 def stored(x, index=index):
                     if reserve is None:
@@ -360,7 +369,8 @@ class _ReversibleChain(torch.autograd.Function):
                         x = torch.where(owner[r] == index, reserve[r], x)
                     return x
 
-                y, gy = stages[index].backward(y.detach(), gy, gld, stored)
+                y, gy = stages[index].backward(y.detach(), gy, gld, stored, mats[index])
+                mats[index] = None
                 y = y.detach()
         return None, gy, None
 
