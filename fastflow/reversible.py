@@ -46,6 +46,8 @@ What else it meets:
   (the coupling networks are, and their hooks run in forward and again in the recompute).
 * Activations stored in bfloat16 / float16 (a half-precision model, not autocast) rebuild
   only to that precision: gradients then differ from the stored ones at that level.
+* ``torch.compile``: the reversible chain runs eagerly (``torch.compiler.disable``), so a
+  compiled model graph-breaks around each chain; ``fullgraph=True`` cannot include it.
 * Double backward (``create_graph=True``) is not supported and raises. As with reentrant
   checkpointing, parameter gradients reach ``.grad`` through ``backward()``: the parameters
   are not inputs of the chain's autograd node, so ``torch.autograd.grad(loss, params)``
@@ -375,6 +377,12 @@ class _ReversibleChain(torch.autograd.Function):
         return None, gy, None
 
 
+@torch.compiler.disable  # a Python backward that calls autograd itself: not traceable
+def _run_reversible(seq, x):
+    anchor = torch.empty(0, requires_grad=True)  # makes the output require grad
+    return _ReversibleChain.apply(seq, x, anchor)
+
+
 class ReversibleSequence(nn.ModuleList):
     """A chain of fastflow flow steps trained without stored activations.
 
@@ -436,8 +444,7 @@ class ReversibleSequence(nn.ModuleList):
     def forward(self, x):
         if not self._use_reversible(x):
             return self._ordinary(x)
-        anchor = torch.empty(0, requires_grad=True)  # makes the output require grad
-        return _ReversibleChain.apply(self, x, anchor)
+        return _run_reversible(self, x)
 
     def inverse(self, y):
         logdet = None

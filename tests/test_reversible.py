@@ -357,3 +357,13 @@ def test_gradient_drift_along_a_digits_training_run_is_bounded():
         for group, err in groups.items():
             assert err < 1e-4, (step, group, err)
     assert fallbacks == 0
+
+
+@pytest.mark.slow
+def test_torch_compile_runs_the_chain_eagerly_with_the_same_gradients():
+    stored, rev, x = _glow_pair(torch.float32, True, True, n_flow=1)
+    torch._dynamo.reset()
+    compiled = torch.compile(rev)
+    _, want = _glow_grads(stored, x)
+    _, got = _glow_grads(compiled, x)
+    _check_grads({n.removeprefix("_orig_mod."): g for n, g in got.items()}, want, 1e-4)
