@@ -12,6 +12,7 @@ from .layers import AffineCoupling
 from .layers import ActNorm, FlowStep, InvConv2d, InvConv2dLU
 from .layers import GaussianReparam
 from .glow import Glow, bits_per_dim
+from .reversible import ReversibleSequence
 from .patch import PatchReport, patch
 
 __version__ = "0.1.0"
@@ -20,7 +21,7 @@ __all__ = [
     "use_backend", "current_mode",
     "affine_coupling", "additive_coupling",
     "reparameterize_kl", "GaussianReparam",
-    "AffineCoupling", "Glow", "bits_per_dim",
+    "AffineCoupling", "Glow", "bits_per_dim", "ReversibleSequence",
     "channel_mix", "actnorm_invconv", "ActNorm", "InvConv2dLU", "InvConv2d", "FlowStep",
     "patch", "PatchReport",
 ]

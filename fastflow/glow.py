@@ -5,6 +5,8 @@ changing an import: each block squeezes 2x2 pixels into channels, runs ``n_flow`
 (ActNorm + 1x1 conv fused, then affine coupling), and splits off half of the channels,
 which are scored by a Gaussian whose mean and log-sd a zero-initialised convolution
 predicts from the other half. The last block scores everything under a learned prior.
+With ``reversible=True`` each block's steps are a ``fastflow.ReversibleSequence``: training
+keeps no per-step activations (see ``fastflow.reversible``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import nn
 
 from .layers import FlowStep, ZeroConv2d
 from .reference import gaussian_log_p
+from .reversible import ReversibleSequence
 
 
 def squeeze2x2(x):
@@ -34,11 +37,13 @@ class Block(nn.Module):
     """squeeze -> ``n_flow`` FlowSteps -> split (or, for the last block, the top prior)."""
 
     def __init__(self, in_channel: int, n_flow: int, split: bool = True, affine: bool = True,
-                 conv_lu: bool = True, filter_size: int = 512):
+                 conv_lu: bool = True, filter_size: int = 512, reversible: bool = False):
         super().__init__()
         squeeze_dim = in_channel * 4
-        self.flows = nn.ModuleList([FlowStep(squeeze_dim, filter_size=filter_size, affine=affine,
-                                             conv_lu=conv_lu) for _ in range(n_flow)])
+        steps = [FlowStep(squeeze_dim, filter_size=filter_size, affine=affine, conv_lu=conv_lu)
+                 for _ in range(n_flow)]
+        # the same parameter names either way (flows.0.actnorm.loc, ...)
+        self.flows = ReversibleSequence(steps) if reversible else nn.ModuleList(steps)
         self.split = split
         self.prior = (ZeroConv2d(in_channel * 2, in_channel * 4) if split
                       else ZeroConv2d(in_channel * 4, in_channel * 8))
@@ -49,10 +54,13 @@ class Block(nn.Module):
 
     def forward(self, x):
         out = squeeze2x2(x)
-        logdet = 0
-        for flow in self.flows:
-            out, det = flow(out)
-            logdet = logdet + det
+        if isinstance(self.flows, ReversibleSequence):
+            out, logdet = self.flows(out)
+        else:
+            logdet = 0
+            for flow in self.flows:
+                out, det = flow(out)
+                logdet = logdet + det
         if self.split:
             out, z_new = out.chunk(2, 1)
             mean, log_sd = self._prior(out)
@@ -78,27 +86,65 @@ class Block(nn.Module):
 
 class Glow(nn.Module):
     """``forward(x) -> (log_p, logdet, z_list)``; ``reverse(z_list, reconstruct=False) -> x``;
-    ``sample(n, temperature=1.0) -> x``. Image sides must be divisible by 2**n_block."""
+    ``sample(n, temperature=1.0) -> x``. Image sides must be divisible by 2**n_block.
+
+    ``reversible=True``: each block's steps form a ``ReversibleSequence``, whose backward
+    rebuilds every step's input from its output instead of keeping activations (the same
+    gradients to rounding; activation memory flat in ``n_flow``; see
+    ``fastflow.reversible``). Parameter names and the state dict are the same either way.
+    ``fallback_count`` / ``fallback_overflow`` sum the blocks' counters."""
 
     def __init__(self, in_channel: int, n_flow: int, n_block: int, affine: bool = True,
-                 conv_lu: bool = True, filter_size: int = 512):
+                 conv_lu: bool = True, filter_size: int = 512, reversible: bool = False):
         super().__init__()
         if n_block < 1 or n_flow < 1:
             raise ValueError(f"n_flow, n_block: expected at least 1 each, got {n_flow}, {n_block}")
-        self.in_channel, self.n_block = in_channel, n_block
+        if not isinstance(reversible, bool):
+            raise TypeError(f"reversible: expected a bool, got {type(reversible).__name__}")
+        self.in_channel, self.n_block, self.reversible = in_channel, n_block, reversible
         self.blocks = nn.ModuleList()
         c = in_channel
+        kw = dict(affine=affine, conv_lu=conv_lu, filter_size=filter_size, reversible=reversible)
         for _ in range(n_block - 1):
-            self.blocks.append(Block(c, n_flow, affine=affine, conv_lu=conv_lu, filter_size=filter_size))
+            self.blocks.append(Block(c, n_flow, **kw))
             c *= 2
-        self.blocks.append(Block(c, n_flow, split=False, affine=affine, conv_lu=conv_lu,
-                                 filter_size=filter_size))
+        self.blocks.append(Block(c, n_flow, split=False, **kw))
         # the image size of the last forward (host-side shapes: no sync), for sample()
         self.image_size = None
 
-    def _check(self, x):
+    def _counter(self, name):
+        seqs = [b.flows for b in self.blocks if isinstance(b.flows, ReversibleSequence)]
+        return sum(getattr(s, name) for s in seqs) if seqs else None
+
+    @property
+    def fallback_count(self):
+        """Step inputs kept by the reversible fallback so far (a device tensor; None for a
+        stored-activation model)."""
+        return self._counter("fallback_count")
+
+    @property
+    def fallback_overflow(self):
+        """Ill-conditioned steps that found the fallback reserve full (rebuilt anyway)."""
+        return self._counter("fallback_overflow")
+
+    def _check_size(self, name, height, width, got):
         side = 2 ** self.n_block
-        if x.dim() != 4 or x.shape[1] != self.in_channel or x.shape[2] % side or x.shape[3] % side:
+        if height < side or width < side or height % side or width % side:
+            raise ValueError(f"{name}: expected H and W positive multiples of {side} "
+                             f"(2**n_block for n_block={self.n_block}), got {got}")
+
+    def _check(self, x):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a tensor (N, {self.in_channel}, H, W), got "
+                            f"{type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != self.in_channel:
+            raise ValueError(f"x: expected shape (N, {self.in_channel}, H, W) with H and W "
+                             f"divisible by {2 ** self.n_block}, got {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError(f"x: expected at least one sample, shape (N >= 1, "
+                             f"{self.in_channel}, H, W), got {tuple(x.shape)}")
+        side = 2 ** self.n_block
+        if x.shape[2] % side or x.shape[3] % side or x.shape[2] == 0 or x.shape[3] == 0:
             raise ValueError(f"x: expected shape (N, {self.in_channel}, H, W) with H and W "
                              f"divisible by {side}, got {tuple(x.shape)}")
 
@@ -113,9 +159,27 @@ class Glow(nn.Module):
             log_p_sum = log_p_sum + log_p
         return log_p_sum, logdet, z_outs
 
+    def _check_z(self, z_list):
+        if not isinstance(z_list, (list, tuple)) or len(z_list) != self.n_block:
+            got = len(z_list) if isinstance(z_list, (list, tuple)) else type(z_list).__name__
+            raise ValueError(f"z_list: expected {self.n_block} tensors, got {got}")
+        for i, z in enumerate(z_list):
+            if not isinstance(z, torch.Tensor) or z.dim() != 4:
+                got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+                raise ValueError(f"z_list[{i}]: expected a 4-D tensor (N, C, H, W), got {got}")
+        top = z_list[-1]
+        scale = 2 ** self.n_block
+        height, width = top.shape[2] * scale, top.shape[3] * scale
+        n = top.shape[0]
+        for i, (z, shape) in enumerate(zip(z_list, self.z_shapes(height, width))):
+            if tuple(z.shape) != (n, *shape):
+                want = ", ".join(str(v) for v in (n, *shape))
+                raise ValueError(f"z_list[{i}]: expected shape ({want}) (block {i} of a "
+                                 f"{height}x{width} image, as z_shapes gives), got "
+                                 f"{tuple(z.shape)}")
+
     def reverse(self, z_list, reconstruct=False):
-        if len(z_list) != self.n_block:
-            raise ValueError(f"z_list: expected {self.n_block} tensors, got {len(z_list)}")
+        self._check_z(z_list)
         x = None
         for i, block in enumerate(self.blocks[::-1]):
             z = z_list[-(i + 1)]
@@ -124,6 +188,7 @@ class Glow(nn.Module):
 
     def z_shapes(self, height: int, width: int):
         """Shapes (C, H, W) of the z of each block for an image of the given size."""
+        self._check_size("image_size", height, width, (height, width))
         shapes, c = [], self.in_channel
         for i in range(self.n_block):
             height, width = height // 2, width // 2
@@ -140,6 +205,12 @@ class Glow(nn.Module):
         size = image_size or self.image_size
         if size is None:
             raise ValueError("image_size: the model has seen no image yet; pass image_size=(H, W)")
+        if (not isinstance(size, (tuple, list)) or len(size) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in size)):
+            raise ValueError(f"image_size: expected (H, W), two integers, got {size!r}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n: expected a positive number of samples, got {n!r}")
+        self._check_size("image_size", size[0], size[1], tuple(size))
         p = next(self.parameters())
         z = [temperature * torch.randn((n, *s), generator=generator, device=p.device, dtype=p.dtype)
              for s in self.z_shapes(*size)]

@@ -123,3 +123,41 @@ def test_torch_compile_fullgraph_training_step_matches_eager():
     torch.testing.assert_close(out["compiled"][1], out["eager"][1], rtol=1e-5, atol=1e-5)
     for a, b in zip(out["compiled"][2], out["eager"][2]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_empty_batch_is_refused_naming_x():
+    model = ff.Glow(1, 2, 2, filter_size=8)
+    with pytest.raises(ValueError, match=r"x: expected at least one sample, shape \(N >= 1, 1, H, W\), "
+                                         r"got \(0, 1, 8, 8\)"):
+        model(torch.randn(0, 1, 8, 8))
+    with pytest.raises(ValueError, match=r"x: expected shape \(N, 1, H, W\) with H and W divisible by 4"):
+        model(torch.randn(2, 1, 0, 8))
+    assert not model.blocks[0].flows[0].actnorm._initialized  # nothing was initialised
+
+
+def test_sample_with_an_image_size_the_blocks_cannot_halve():
+    model = ff.Glow(1, 2, 2, filter_size=8)
+    with pytest.raises(ValueError, match=r"image_size: expected H and W positive multiples of 4 "
+                                         r"\(2\*\*n_block for n_block=2\), got \(6, 6\)"):
+        model.sample(2, image_size=(6, 6))
+    with pytest.raises(ValueError, match=r"image_size: expected \(H, W\), two integers"):
+        model.sample(2, image_size=8)
+    with pytest.raises(ValueError, match="n: expected a positive number of samples"):
+        model.sample(0, image_size=(8, 8))
+    assert model.sample(2, image_size=(8, 12)).shape == (2, 1, 8, 12)
+
+
+def test_reverse_with_wrong_z_shapes_names_the_tensor_and_the_shape():
+    model = ff.Glow(1, 2, 2, filter_size=8)
+    good = [torch.randn(3, 2, 4, 4), torch.randn(3, 8, 2, 2)]  # an 8x8 image
+    assert model.reverse(good).shape == (3, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"z_list\[0\]: expected shape \(3, 2, 4, 4\) .*got \(3, 2, 3, 3\)"):
+        model.reverse([torch.randn(3, 2, 3, 3), good[1]])
+    with pytest.raises(ValueError, match=r"z_list\[0\]: expected shape \(3, 2, 4, 4\) .*got \(2, 2, 4, 4\)"):
+        model.reverse([torch.randn(2, 2, 4, 4), good[1]])
+    with pytest.raises(ValueError, match=r"z_list\[1\]: expected shape \(3, 8, 2, 2\) .*got \(3, 4, 2, 2\)"):
+        model.reverse([good[0], torch.randn(3, 4, 2, 2)], reconstruct=True)
+    with pytest.raises(ValueError, match=r"z_list\[1\]: expected a 4-D tensor \(N, C, H, W\), got \(3, 8\)"):
+        model.reverse([good[0], torch.randn(3, 8)])
+    with pytest.raises(ValueError, match="z_list: expected 2 tensors, got 3"):
+        model.reverse(good + good[:1])

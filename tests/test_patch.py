@@ -289,14 +289,22 @@ def test_rosinality_flows(backend, fused_lu):
 
     lu, plain = "lu_weight + channel_mix (InvConv2dLU)", "channel_mix (InvConv2d)"
     sigmoid = "affine_coupling(scale='sigmoid', layout='halves', shift='before')"
+    # each swapped layer counted once: the fused Flow's children are parts of it
+    assert {n for n, _, _ in report.swapped} == {"flows.0", "flows.1.actnorm", "flows.1.invconv",
+                                                 "flows.1.coupling"}
+    assert {(n, owner) for n, _, _, owner in report.parts} == {
+        ("flows.0.actnorm", "flows.0"), ("flows.0.invconv", "flows.0"),
+        ("flows.0.coupling", "flows.0")}
     swapped = {name: (cls, to) for name, cls, to in report.swapped}
-    assert set(swapped) == {"flows.0", "flows.0.actnorm", "flows.0.invconv", "flows.0.coupling",
-                            "flows.1.actnorm", "flows.1.invconv", "flows.1.coupling"}
+    swapped.update({name: (cls, to) for name, cls, to, _ in report.parts})
     assert swapped["flows.0"][0] == "Flow" and "fused" in swapped["flows.0"][1]
     assert swapped["flows.0.invconv"][1].endswith(lu if fused_lu else plain)
     assert swapped["flows.1.invconv"][1].endswith(plain if fused_lu else lu)
     assert swapped["flows.0.coupling"][1].endswith(sigmoid if fused_lu else "additive_coupling")
-    assert report.left_alone == []
+    # the unknown composite is listed with its reason; the coupling networks (inside
+    # recognised layers) are not
+    assert report.left_alone == [("flows.1", "UnfusedFlow", "not a known flow layer: its "
+                                  "submodules were looked at one by one")]
     want = {"fastflow::channel_mix", "fastflow::coupling_forward", "fastflow::lu_weight"}
     assert _fastflow_ops(ops) == want
     assert "convolution" in ops  # the coupling networks, and nothing of the 1x1 convs:
@@ -370,11 +378,15 @@ def test_normflows_glow_blocks(backend, scale_map, scale, channels):
     x = torch.randn(N, channels, H, W, **D64) * 1.5 + 0.3
     report, ops, ref_model = _check_patch(model, _nf_density, _nf_sample, x)
 
+    # one row per GlowBlock; its coupling block, 1x1 convolution and ActNorm are parts
+    assert [(n, c) for n, c, _ in report.swapped] == [("flows.0", "GlowBlock"),
+                                                      ("flows.1", "GlowBlock")]
+    assert {(n, c, owner) for n, c, _, owner in report.parts} == {
+        (f"flows.{i}.flows.{j}", cls, f"flows.{i}") for i in (0, 1)
+        for j, cls in enumerate(("AffineCouplingBlock", "Invertible1x1Conv", "ActNorm"))}
+    assert report.left_alone == []
     swapped = {name: (cls, to) for name, cls, to in report.swapped}
-    names = {f"flows.{i}{s}" for i in (0, 1) for s in ("", ".flows.0", ".flows.1", ".flows.2")}
-    assert set(swapped) == names and report.left_alone == []
-    assert {swapped[n][0] for n in names} == {"GlowBlock", "AffineCouplingBlock",
-                                               "Invertible1x1Conv", "ActNorm"}
+    swapped.update({name: (cls, to) for name, cls, to, _ in report.parts})
     want = {"sigmoid": "scale='sigmoid', layout='interleaved', shift='negated'",
             "exp": "scale='exp', layout='interleaved', shift='after'",
             "sigmoid_inv": "scale='sigmoid', layout='interleaved', shift='after'"}
@@ -394,6 +406,60 @@ def test_normflows_glow_blocks(backend, scale_map, scale, channels):
             w = getattr(ref.get_submodule(name), direction)(z)
             for a, b in zip(g, w):
                 assert_close(a, b)
+
+
+def _nf_multiscale(nf, levels=2, k=2, input_shape=(2, 8, 8), hidden=8):
+    """normflows' Glow recipe (its README): MultiscaleFlow with per-level GlowBlocks and a
+    Squeeze, Merge between levels, a DiagGaussian prior per level."""
+    c = input_shape[0]
+    q0, merges, flows = [], [], []
+    for i in range(levels):
+        flows.append([nf.flows.GlowBlock(c * 2 ** (levels + 1 - i), hidden, split_mode="channel",
+                                         scale=True) for _ in range(k)] + [nf.flows.Squeeze()])
+        if i > 0:
+            merges.append(nf.flows.Merge())
+            shape = (c * 2 ** (levels - i), input_shape[1] // 2 ** (levels - i),
+                     input_shape[2] // 2 ** (levels - i))
+        else:
+            shape = (c * 2 ** (levels + 1), input_shape[1] // 2 ** levels,
+                     input_shape[2] // 2 ** levels)
+        q0.append(nf.distributions.DiagGaussian(shape))
+    return nf.MultiscaleFlow(q0, flows, merges, class_cond=False)
+
+
+def test_normflows_multiscale_report_counts_each_layer_once_and_lists_the_rest(backend):
+    """Issue 9 item 18: 4 GlowBlocks are 4 swapped rows (not 16), and the Squeeze, Merge
+    and prior modules it left alone are listed with the reason."""
+    nf = pytest.importorskip("normflows")
+    torch.manual_seed(0)
+    model = _nf_multiscale(nf).to(**D64)
+    x = torch.randn(3, 2, 8, 8, **D64)
+    ref = copy.deepcopy(model)
+    ref.log_prob(x, None)  # ActNorm data initialisation in both, from the same batch
+    model.log_prob(x, None)
+    _randomize(model)
+    ref.load_state_dict(model.state_dict())
+    report = ff.patch(model)
+    assert [(n, c) for n, c, _ in report.swapped] == [
+        (f"flows.{i}.{j}", "GlowBlock") for i in (0, 1) for j in (0, 1)]
+    assert len(report.parts) == 12
+    assert {owner for *_, owner in report.parts} == {n for n, _, _ in report.swapped}
+    left = {n: (c, why) for n, c, why in report.left_alone}
+    assert left == {
+        "q0.0": ("DiagGaussian", "a base distribution (prior): not a flow layer, runs as it is"),
+        "q0.1": ("DiagGaussian", "a base distribution (prior): not a flow layer, runs as it is"),
+        "flows.0.2": ("Squeeze", "a reshape (pixels to channels): no arithmetic to fuse"),
+        "flows.1.2": ("Squeeze", "a reshape (pixels to channels): no arithmetic to fuse"),
+        "merges.0": ("Merge", "a channel split / concatenation or reshape: no arithmetic to "
+                              "fuse")}
+    text = str(report)
+    assert text.startswith("fastflow.patch: 4 swapped (12 submodules patched with them), "
+                           "5 left alone")
+    for name in left:
+        assert name in text
+    # and the patched model computes what the original does
+    y = torch.randn(3, 2, 8, 8, **D64)
+    assert_close(model.log_prob(y, None), ref.log_prob(y, None))
 
 
 def test_normflows_2d_coupling_block_and_left_alone(backend):
@@ -508,17 +574,21 @@ def test_dry_run_changes_nothing_then_patch_reports_the_same():
     assert dry.dry_run and "(dry run)" in str(dry)
     real = ff.patch(model)
     assert real.swapped == dry.swapped and real.left_alone == dry.left_alone
-    assert len(real.swapped) == 7
-    assert real.left_alone == [("flows.2", "InvConv2dLU", "w_p is not a permutation matrix")]
+    assert real.parts == dry.parts
+    assert len(real.swapped) == 4 and len(real.parts) == 3
+    composite = "not a known flow layer: its submodules were looked at one by one"
+    assert real.left_alone == [("flows.1", "UnfusedFlow", composite),
+                               ("flows.2", "InvConv2dLU", "w_p is not a permutation matrix")]
     text = str(real)
-    assert "7 swapped, 1 left alone" in text and "flows.0.invconv" in text
-    assert "w_p is not a permutation matrix" in text
+    assert "4 swapped (3 submodules patched with them), 2 left alone" in text
+    assert "flows.0.invconv" in text and "w_p is not a permutation matrix" in text
 
     again = ff.patch(model)
-    assert again.swapped == []
-    assert {n for n, _, _ in again.left_alone} == {n for n, _, _ in real.swapped} | {"flows.2"}
+    assert again.swapped == [] and again.parts == []
+    assert {n for n, _, _ in again.left_alone} == (
+        {n for n, _, _ in real.swapped} | {n for n, *_ in real.parts} | {"flows.1", "flows.2"})
     assert all(why.startswith("already patched") for n, _, why in again.left_alone
-               if n != "flows.2")
+               if n not in ("flows.1", "flows.2"))
 
 
 def test_fastflow_layers_are_not_listed():
@@ -563,4 +633,6 @@ def test_imports_and_patches_without_the_peers_installed():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "0 swapped, 0 left alone" in out.stdout
+    # the Linear was looked at and is listed as left alone (issue 9 item 18)
+    assert "0 swapped, 1 left alone" in out.stdout
+    assert "Linear  no fastflow counterpart: runs as it is" in out.stdout

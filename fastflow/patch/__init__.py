@@ -68,10 +68,28 @@ def _plan(m: nn.Module, owner: Optional[nn.Module]) -> _Plan:
     return _plan_freia(m)
 
 
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
+
+
+def _why_unrecognised(m: nn.Module) -> str:
+    """The reason a module of no known flow family is left alone."""
+    name = type(m).__name__
+    if name == "Squeeze" or "squeeze" in name.lower():
+        return "a reshape (pixels to channels): no arithmetic to fuse"
+    if name in ("Merge", "Split") or "downsampl" in name.lower() or "upsampl" in name.lower():
+        return "a channel split / concatenation or reshape: no arithmetic to fuse"
+    if callable(getattr(m, "log_prob", None)) and callable(getattr(m, "sample", None)):
+        return "a base distribution (prior): not a flow layer, runs as it is"
+    if next(m.children(), None) is not None:
+        return "not a known flow layer: its submodules were looked at one by one"
+    return "no fastflow counterpart: runs as it is"
+
+
 def patch(model: nn.Module, *, dry_run: bool = False) -> PatchReport:
     """Swap the recognised flow layers of ``model`` (normflows, FrEIA, rosinality-style) for
-    fastflow's fused ops, in place; see the module docstring. Returns a ``PatchReport``;
-    ``dry_run=True`` only reports."""
+    fastflow's fused ops, in place; see the module docstring. Returns a ``PatchReport``
+    (each swapped layer counted once; every module looked at and left alone listed with
+    the reason); ``dry_run=True`` only reports."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(dry_run, bool):
@@ -81,23 +99,45 @@ def patch(model: nn.Module, *, dry_run: bool = False) -> PatchReport:
 
     def owner(m):
         m = parents.get(id(m))
-        while isinstance(m, (nn.ModuleList, nn.Sequential, nn.ModuleDict)):
+        while isinstance(m, _CONTAINERS):
             m = parents.get(id(m))
         return m
 
+    swapped_units = []  # qualified names of swapped layers that count
+    inside = []  # prefixes of recognised layers and fastflow modules: their insides
+
+    def enclosing(qualname, names):
+        return next((n for n in names if qualname.startswith(n + ".")), None)
+
     for qualname, m in model.named_modules():
+        if enclosing(qualname, [n for n, _ in inside if _ == "fastflow"]) is not None:
+            continue
         if type(m).__module__.split(".")[0] == "fastflow":
+            inside.append((qualname, "fastflow"))
             continue  # fastflow's own layers (same names as rosinality's) already are fused
         plan = _plan(m, owner(m))
-        if plan is None:
-            continue
+        unit = enclosing(qualname, swapped_units)
         cls = type(m).__name__
+        if plan is None:
+            # not recognised: covered by an enclosing recognised layer, or left alone
+            if qualname and not isinstance(m, _CONTAINERS) and \
+                    enclosing(qualname, [n for n, _ in inside]) is None:
+                report.left_alone.append((qualname, cls, _why_unrecognised(m)))
+            continue
         if _MARK in m.__dict__:
             report.left_alone.append((qualname, cls, f"already patched: {m.__dict__[_MARK]}"))
+            inside.append((qualname, "recognised"))
         elif isinstance(plan, str):
-            report.left_alone.append((qualname, cls, plan))
+            if unit is None:
+                report.left_alone.append((qualname, cls, plan))
+            inside.append((qualname, "recognised"))
         else:
-            report.swapped.append((qualname, cls, plan.to_what))
+            if unit is None:
+                report.swapped.append((qualname, cls, plan.to_what))
+                swapped_units.append(qualname)
+            else:
+                report.parts.append((qualname, cls, plan.to_what, unit))
+            inside.append((qualname, "recognised"))
             if not dry_run:
                 for method, fn in plan.methods.items():
                     setattr(m, method, functools.partial(fn, m))

@@ -17,18 +17,35 @@ _MARK = "_fastflow_patched"  # instance attribute naming what a patched module n
 
 @dataclass
 class PatchReport:
-    """What ``patch`` did: ``swapped`` (qualified name, class, what runs now) and
-    ``left_alone`` (qualified name, class, why); modules of no known family are not listed."""
+    """What ``patch`` did.
+
+    * ``swapped``: (qualified name, class, what runs now), one row per swapped layer;
+    * ``parts``: (qualified name, class, what runs now, the swapped layer it belongs to):
+      submodules of a swapped layer that were patched too (so calling them directly also
+      runs the fused ops) but are covered by their layer's row and not counted again;
+    * ``left_alone``: (qualified name, class, why) for every other module it looked at:
+      recognised layers it could not swap, and modules with no fastflow counterpart
+      (reshapes such as Squeeze, channel Split/Merge, priors, networks outside a flow
+      layer, unknown composites). Not listed: the model itself, pure containers
+      (``ModuleList``, ``ModuleDict``, ``Sequential``), fastflow's own layers, and the
+      submodules of a recognised layer (its networks run inside it)."""
 
     swapped: list = field(default_factory=list)
     left_alone: list = field(default_factory=list)
     dry_run: bool = False
+    parts: list = field(default_factory=list)
 
     def __str__(self) -> str:
+        parts = f" ({len(self.parts)} submodules patched with them)" if self.parts else ""
         head = (f"fastflow.patch{' (dry run)' if self.dry_run else ''}: "
-                f"{len(self.swapped)} swapped, {len(self.left_alone)} left alone")
+                f"{len(self.swapped)} swapped{parts}, {len(self.left_alone)} left alone")
         lines = [head]
-        for title, rows, last in (("swapped", self.swapped, "now runs"),
+        swapped = []
+        for name, cls, what in self.swapped:
+            swapped.append((name, cls, what))
+            swapped += [(f"  {n}", c, f"part of it: {w}") for n, c, w, owner in self.parts
+                        if owner == name]
+        for title, rows, last in (("swapped", swapped, "now runs"),
                                   ("left alone", self.left_alone, "reason")):
             if not rows:
                 continue

@@ -1,0 +1,460 @@
+"""Memory-free training of flow chains: a backward that rebuilds each step's input from its
+output instead of keeping activations.
+
+``ReversibleSequence(steps)`` runs a chain of fastflow flow steps (``FlowStep``, ``ActNorm``,
+``InvConv2d``, ``InvConv2dLU``, ``AffineCoupling``) like ``nn.Sequential`` would, returning
+``(y, logdet)``. In training its forward keeps only the chain's output and per-sample
+log-det (plus a small fixed fallback reserve, below); the backward walks the chain from the
+end, one stage at a time (a ``FlowStep`` is two stages: ActNorm + 1x1 convolution fused, then
+the coupling):
+
+* coupling stage: its pass-through half is the output's (``ya = xa`` bitwise), so the
+  coupling network runs once, with gradients on, on ``ya``; that ``h`` drives the fused
+  inverse (rebuilding the stage input) and the op's from-output backward
+  (``coupling_backward(..., from_output=True)``), and ``h``'s gradient goes back through
+  the network by an ordinary ``torch.autograd.backward``;
+* channel-mix stage: the matrix W (and its log-det) is assembled with gradients on, the
+  input is rebuilt with W^-1 (``torch.linalg.inv_ex``: no host sync), and the one
+  channel-mix op is re-run on the rebuilt input to back-propagate into W, loc and scale.
+
+Activation memory of the chain is therefore flat in its length: at any time at most one
+stage's recomputed activations exist.
+
+What else it meets:
+
+* ActNorm's data-dependent initialisation: a call in training mode while any ActNorm of
+  the chain is not initialised runs the chain the ordinary way (stored activations).
+* Autocast: the forward's autocast state (enabled, dtype, cache) for the input's device is
+  recorded and replayed around every recompute; the backend mode in force at forward
+  (``fastflow.use_backend``) is replayed too, since autograd may run backward on another
+  thread.
+* Gradient accumulation: parameter gradients are accumulated into ``.grad`` like any
+  backward does.
+* DDP: parameter gradients are produced while backward runs, by ordinary
+  ``torch.autograd.backward(..., inputs=[...])`` calls whose inputs are the parameters of
+  one stage, so each parameter's ``AccumulateGrad`` node runs exactly once per backward
+  and DDP's per-parameter hooks fire as usual (bucketed all-reduces overlap with the rest
+  of the backward). The parameters are not inputs of the chain's autograd node (a
+  zero-size leaf makes the output require grad), so use DDP with
+  ``find_unused_parameters=False`` (its default): with ``True`` DDP's forward-time graph
+  walk would not find them and mark them unused. A module that appears twice in one chain
+  has its hooks fire twice, which DDP refuses.
+* No state is updated by the recompute: it never calls a step's ``forward`` (so no ActNorm
+  initialisation, no hooks of the step modules) and builds W without the no-grad caches.
+* Module hooks registered on the steps (or their ActNorm / 1x1 convolution / coupling
+  submodules) do not run on the reversible path: the steps' ``forward`` is not called
+  (the coupling networks are, and their hooks run in forward and again in the recompute).
+* Activations stored in bfloat16 / float16 (a half-precision model, not autocast) rebuild
+  only to that precision: gradients then differ from the stored ones at that level.
+* ``torch.compile``: the reversible chain runs eagerly (``torch.compiler.disable``), so a
+  compiled model graph-breaks around each chain; ``fullgraph=True`` cannot include it.
+* Double backward (``create_graph=True``) is not supported and raises. As with reentrant
+  checkpointing, parameter gradients reach ``.grad`` through ``backward()``: the parameters
+  are not inputs of the chain's autograd node, so ``torch.autograd.grad(loss, params)``
+  reports them unused (gradients with respect to the chain's input do flow).
+
+Numerical drift and the fallback: the rebuilt input differs from the true one by rounding,
+amplified by the inverse of each stage. Each stage's amplification is estimated on the
+device during forward (coupling: ``max(1, s_max) / s_min`` over the scales; channel mix:
+the infinity-norm condition number of W times ``max|scale| / min|scale|``). A stage whose
+estimate exceeds ``fallback_cond`` has its input written to a preallocated reserve of
+``fallback_slots`` input-sized buffers with ``torch.where`` (no host sync, no
+data-dependent allocation); backward takes the stored input instead of the rebuilt one for
+such a stage, which also stops the error from propagating further up the chain.
+``fallback_count`` (a device tensor buffer, cumulative) counts stage inputs kept this way,
+``fallback_overflow`` the flagged stages that found the reserve full (those are rebuilt,
+possibly inexactly: raise ``fallback_slots``). Reading them is the only sync, at the
+caller's choice.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .backend import current_mode, use_backend
+from .layers import ActNorm, AffineCoupling, FlowStep, InvConv2d, InvConv2dLU
+from .ops.channel_mix import actnorm_invconv, channel_mix
+from .ops.coupling import additive_coupling, affine_coupling, coupling_backward
+
+__all__ = ["ReversibleSequence"]
+
+_STEP_TYPES = (FlowStep, ActNorm, InvConv2d, InvConv2dLU, AffineCoupling)
+
+
+def _requiring(params):
+    return [p for p in params if p.requires_grad]
+
+
+def _backprop(outputs, grads, inputs):
+    """``torch.autograd.backward`` over the (output, grad) pairs that carry a graph,
+    accumulating into ``inputs`` (leaves that require grad) only."""
+    pairs = [(o, g) for o, g in zip(outputs, grads) if o is not None and o.requires_grad]
+    inputs = [t for t in inputs if t.requires_grad]
+    if pairs and inputs:
+        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs], inputs=inputs)
+
+
+# --------------------------------------------------------------------------------------
+# Stages: a forward under no_grad that also estimates how ill-conditioned its inverse is,
+# and a backward from the output that rebuilds the input
+# --------------------------------------------------------------------------------------
+
+
+def _mix_conds(stages, x, check=True):
+    """The inverse condition estimates of all channel-mix stages, in one batch: the
+    infinity-norm condition number of W times max|scale| / min|scale| (float64, on the
+    device). Every mix stage's (W, log-det) is assembled here, once, with gradients on and
+    detached (no no-grad cache is filled). Returns ([(w, ld) or None per stage], conds)."""
+    mats, spreads, prepared = [], [], []
+    for st in stages:
+        if not isinstance(st, _MixStage):
+            prepared.append(None)
+            continue
+        w, ld = st.prepare(x)
+        prepared.append((w, ld))
+        if not check:
+            continue
+        c = x.shape[1]
+        mats.append(torch.eye(c, dtype=torch.float64, device=x.device) if w is None
+                    else w.to(torch.float64).reshape(c, c))
+        spreads.append(None if st.an is None else st.an.scale.detach().reshape(-1))
+    if not mats:
+        return prepared, None
+    w = torch.stack(mats)
+    w_inv = torch.linalg.inv_ex(w)[0]
+    cond = w.abs().sum(2).amax(1) * w_inv.abs().sum(2).amax(1)
+    if any(sp is not None for sp in spreads):
+        ones = torch.ones_like(next(sp for sp in spreads if sp is not None))
+        a = torch.stack([ones if sp is None else sp for sp in spreads]).abs().to(torch.float64)
+        cond = cond * (a.amax(1) / a.amin(1))
+    return prepared, cond
+
+
+class _MixStage:
+    """ActNorm and/or an invertible 1x1 convolution, as FlowStep (fused) or the layers
+    alone compute them."""
+
+    def __init__(self, actnorm, invconv):
+        self.an, self.inv = actnorm, invconv
+
+    def params(self):
+        mods = [m for m in (self.an, self.inv) if m is not None]
+        return _requiring([p for m in mods for p in m.parameters()])
+
+    def _matrix(self, x):
+        """(W, log-det of the whole stage) with gradients on (no cache involved)."""
+        scale = self.an.scale if self.an is not None else None
+        return self.inv.matrix_and_logdet(x, scale)
+
+    def _apply(self, x, w):
+        an = self.an
+        if an is None:
+            return channel_mix(x, w)
+        return channel_mix(x, w, loc=an.loc, scale=an.scale)
+
+    def prepare(self, x):
+        """(W detached, or None for ActNorm alone; the stage's log-det detached, or None)."""
+        if self.inv is None:
+            return None, None
+        with torch.enable_grad():
+            w, ld = self._matrix(x)
+        return w.detach(), ld.detach()
+
+    def forward(self, x, w, ld):
+        if self.inv is None:
+            return actnorm_invconv(x, self.an.loc, self.an.scale, None)
+        return self._apply(x, w), ld
+
+    def backward(self, y, gy, gld, stored, mats):
+        """``mats``: (W with its graph, the stage's log-det with its graph, W^-1 float64)
+        from ``_matrix``, None for ActNorm alone."""
+        an = self.an
+        if self.inv is None:
+            w = ld = None
+            with torch.no_grad():
+                x = actnorm_invconv(y, an.loc, an.scale, None, reverse=True)[0]
+        else:
+            w, ld, w_inv = mats
+            with torch.no_grad():
+                if an is None:
+                    x = channel_mix(y, w_inv)
+                else:
+                    x = channel_mix(y, w_inv, loc=an.loc, scale=an.scale, reverse=True)
+        x = stored(x)
+        x_leaf = x.detach().requires_grad_(True)
+        if self.inv is None:
+            y2, ld = actnorm_invconv(x_leaf, an.loc, an.scale, None)
+        else:
+            y2 = self._apply(x_leaf, w)
+        _backprop((y2, ld), (gy, gld.to(ld.dtype)), [x_leaf] + self.params())
+        gx = x_leaf.grad if x_leaf.grad is not None else torch.zeros_like(x)
+        return x, gx
+
+
+def _coupling_options(c: AffineCoupling):
+    """(scale, layout, shift, clamp) of the fused op ``AffineCoupling`` runs (its
+    ``_couple``: Glow's sigmoid scale, halves layout, shift before; additive without
+    ``affine``)."""
+    if not c.affine:
+        return "additive", "halves", "before", 2.0
+    return "sigmoid", "halves", "before", 2.0
+
+
+def _log_scale(raw, scale, clamp):
+    if scale == "sigmoid":
+        return torch.nn.functional.logsigmoid(raw + 2.0)
+    if scale == "exp":
+        return raw
+    return (clamp * 0.636) * torch.atan(raw / clamp)
+
+
+class _CouplingStage:
+    def __init__(self, coupling: AffineCoupling):
+        self.c = coupling
+        self.ca = coupling.in_channel - coupling.in_channel // 2
+        self.opts = _coupling_options(coupling)
+
+    def params(self):
+        return _requiring(self.c.parameters())
+
+    def _op(self, x, h, reverse):
+        scale, layout, shift, clamp = self.opts
+        if scale == "additive":
+            return additive_coupling(x, h, reverse=reverse)
+        return affine_coupling(x, h, scale=scale, layout=layout, shift=shift, clamp=clamp,
+                               reverse=reverse)
+
+    def forward(self, x, limit):
+        """(y, logdet, flag): flag (0-d bool on the device, None when it cannot be set) says
+        the inverse's condition estimate ``max(1, s_max) / s_min`` exceeds ``limit``."""
+        h = self.c.net(x[:, :self.ca])
+        y, ld = self._op(x, h, False)
+        scale, layout, _, clamp = self.opts
+        if scale == "additive" or limit == math.inf:
+            return y, ld, None
+        cb = self.c.in_channel // 2
+        raw = h[:, :cb] if layout == "halves" else h[:, 1::2]
+        if scale == "sigmoid":  # s <= 1 and increasing in raw: cond = 1 / s(min raw)
+            return y, ld, raw.amin() < math.log(1.0 / (limit - 1.0)) - 2.0
+        lo, hi = torch.aminmax(raw.detach().float())
+        log_lo, log_hi = _log_scale(lo, scale, clamp), _log_scale(hi, scale, clamp)
+        return y, ld, torch.clamp(log_hi, min=0.0) - log_lo > math.log(limit)
+
+    def backward(self, y, gy, gld, stored, mats=None):
+        ya = y[:, :self.ca].detach().requires_grad_(True)
+        h = self.c.net(ya)
+        hd = h.detach()
+        with torch.no_grad():
+            x = self._op(y, hd, True)[0]
+        gx, gh = coupling_backward(gy.contiguous(), gld.contiguous(), y, hd, *self.opts,
+                                   False, True)
+        _backprop((h,), (gh,), [ya] + self.params())
+        if ya.grad is not None:
+            gx[:, :self.ca] += ya.grad
+        return stored(x), gx
+
+
+def _stages(step):
+    """A step as its stages, in forward order."""
+    if isinstance(step, FlowStep):
+        return [_MixStage(step.actnorm, step.invconv), _CouplingStage(step.coupling)]
+    if isinstance(step, ActNorm):
+        return [_MixStage(step, None)]
+    if isinstance(step, (InvConv2d, InvConv2dLU)):
+        return [_MixStage(None, step)]
+    if isinstance(step, AffineCoupling):
+        return [_CouplingStage(step)]
+    raise TypeError(f"steps: expected fastflow flow steps ({', '.join(t.__name__ for t in _STEP_TYPES)}), "
+                    f"got {type(step).__name__}")
+
+
+def _uninitialised_actnorm(step) -> bool:
+    for m in step.modules():
+        if isinstance(m, ActNorm):
+            flag = getattr(m, "_initialized", None)  # the host-side mirror: no device read
+            if not (bool(m.initialized.item()) if flag is None else flag):
+                return True
+    return False
+
+
+# --------------------------------------------------------------------------------------
+# The autograd node
+# --------------------------------------------------------------------------------------
+
+
+def _autocast_state(device_type):
+    if not torch.is_autocast_enabled(device_type):
+        return (device_type, False, None, True)
+    return (device_type, True, torch.get_autocast_dtype(device_type),
+            torch.is_autocast_cache_enabled())
+
+
+def _autocast(state):
+    device_type, enabled, dtype, cache = state
+    if not enabled:
+        return torch.autocast(device_type, enabled=False)
+    return torch.autocast(device_type, dtype=dtype, enabled=True, cache_enabled=cache)
+
+
+class _ReversibleChain(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, seq, x, _anchor):
+        steps = [_stages(s) for s in seq]
+        flat = [st for stages in steps for st in stages]
+        limit = float(seq.fallback_cond)
+        slots = seq.fallback_slots
+        check = limit < math.inf  # fallback_cond=inf: no checks at all
+        prepared, mix_cond = _mix_conds(flat, x, check)
+        mix_flags = None if mix_cond is None else (mix_cond > limit).unbind()
+        reserve = x.new_empty((slots, *x.shape)) if (slots and check) else None
+        # which stage each reserve slot holds (-1: none) and how many stages were flagged
+        owner = torch.full((slots,), -1, dtype=torch.int64, device=x.device)
+        flagged = torch.zeros((), dtype=torch.int64, device=x.device)
+        slot_ids = torch.arange(slots, device=x.device)
+        out, logdet, index, k_mix = x, None, 0, 0
+        for stages in steps:
+            step_ld = None
+            for stage in stages:
+                if isinstance(stage, _MixStage):
+                    y, ld = stage.forward(out, *prepared[index])
+                    flag = mix_flags[k_mix] if mix_flags is not None else None
+                    k_mix += 1
+                else:
+                    y, ld, flag = stage.forward(out, limit)
+                if flag is not None:
+                    if reserve is not None:
+                        # no host sync: the input goes to slot ``flagged`` if the flag is set
+                        take = flag & (flagged == slot_ids)
+                        torch.where(take.view(-1, *([1] * out.dim())), out.unsqueeze(0),
+                                    reserve, out=reserve)
+                        owner.masked_fill_(take, index)
+                    flagged += flag
+                step_ld = ld if step_ld is None else step_ld + ld
+                out, index = y, index + 1
+            logdet = step_ld if logdet is None else logdet + step_ld
+        kept = torch.clamp(flagged, max=slots)
+        seq.fallback_count.add_(kept.to(seq.fallback_count.dtype))
+        seq.fallback_overflow.add_((flagged - kept).to(seq.fallback_overflow.dtype))
+        ctx.seq, ctx.n_stages = seq, index
+        ctx.autocast = _autocast_state(x.device.type)
+        ctx.mode = current_mode()
+        ctx.save_for_backward(out, owner, *(() if reserve is None else (reserve,)))
+        return out, logdet
+
+    @staticmethod
+    def backward(ctx, gy, gld):
+        if torch.is_grad_enabled():
+            raise RuntimeError("ReversibleSequence / Glow(reversible=True): double backward "
+                               "(create_graph=True) is not supported; use reversible=False")
+        y, owner, *rest = ctx.saved_tensors
+        reserve = rest[0] if rest else None
+        stages = [st for s in ctx.seq for st in _stages(s)]
+        with use_backend(ctx.mode), torch.enable_grad(), _autocast(ctx.autocast):
+            # every mix stage's W (with its graph) and W^-1 up front: one batched inverse
+            mats = [st._matrix(y) if isinstance(st, _MixStage) and st.inv is not None
+                    else None for st in stages]
+            found = [wl[0] for wl in mats if wl is not None]
+            if found:
+                c = y.shape[1]
+                inv = iter(torch.linalg.inv_ex(torch.stack(
+                    [w.detach().to(torch.float64).reshape(c, c) for w in found]))[0].unbind())
+                mats = [None if wl is None else (wl[0], wl[1], next(inv)) for wl in mats]
+            for index in range(ctx.n_stages - 1, -1, -1):
+                def stored(x, index=index):
+                    if reserve is None:
+                        return x
+                    for r in range(reserve.shape[0]):
+                        x = torch.where(owner[r] == index, reserve[r], x)
+                    return x
+
+                y, gy = stages[index].backward(y.detach(), gy, gld, stored, mats[index])
+                mats[index] = None
+                y = y.detach()
+        return None, gy, None
+
+
+@torch.compiler.disable  # a Python backward that calls autograd itself: not traceable
+def _run_reversible(seq, x):
+    anchor = torch.empty(0, requires_grad=True)  # makes the output require grad
+    return _ReversibleChain.apply(seq, x, anchor)
+
+
+class ReversibleSequence(nn.ModuleList):
+    """A chain of fastflow flow steps trained without stored activations.
+
+    ``forward(x) -> (y, logdet)`` (logdet per sample, the steps' log-dets summed);
+    ``inverse(y) -> (x, logdet)``; ``reverse(y) -> x``. It is a ``ModuleList`` of the steps,
+    so parameter names (``0.actnorm.loc``, ...) are those of a plain list of the same steps
+    and checkpoints move between the two. See the module docstring for the backward, the
+    fallback reserve (``fallback_slots`` input-sized buffers, used by stages whose inverse
+    condition estimate exceeds ``fallback_cond``) and how it meets autocast and DDP.
+
+    The reversible path runs when gradients are being recorded and some parameter or the
+    input requires grad; otherwise (inference, no grad) and for a call that initialises an
+    ActNorm, the steps run one after the other the ordinary way."""
+
+    def __init__(self, steps: Iterable[nn.Module] = (), *, fallback_slots: int = 2,
+                 fallback_cond: float = 1e3):
+        steps = list(steps)
+        for i, s in enumerate(steps):
+            if not isinstance(s, _STEP_TYPES):
+                raise TypeError(f"steps[{i}]: expected a fastflow flow step "
+                                f"({', '.join(t.__name__ for t in _STEP_TYPES)}), got "
+                                f"{type(s).__name__}")
+        if isinstance(fallback_slots, bool) or not isinstance(fallback_slots, int) \
+                or fallback_slots < 0:
+            raise ValueError(f"fallback_slots: expected an integer >= 0, got {fallback_slots!r}")
+        if not isinstance(fallback_cond, (int, float)) or isinstance(fallback_cond, bool) \
+                or math.isnan(fallback_cond) or fallback_cond <= 1:
+            raise ValueError(f"fallback_cond: expected a number > 1 (inf disables the "
+                             f"fallback), got {fallback_cond!r}")
+        super().__init__(steps)
+        self.fallback_slots = fallback_slots
+        self.fallback_cond = float(fallback_cond)
+        # cumulative counts over training calls; persistent=False keeps the state dict equal
+        # to a plain list of the same steps
+        self.register_buffer("fallback_count", torch.zeros((), dtype=torch.int64),
+                             persistent=False)
+        self.register_buffer("fallback_overflow", torch.zeros((), dtype=torch.int64),
+                             persistent=False)
+
+    def __getitem__(self, idx):
+        if isinstance(idx, slice):  # a plain list of the steps (ModuleList would rebuild us)
+            return nn.ModuleList(list(self._modules.values())[idx])
+        return super().__getitem__(idx)
+
+    def _ordinary(self, x):
+        logdet = None
+        for step in self:
+            x, ld = step(x)
+            logdet = ld if logdet is None else logdet + ld
+        return x, logdet
+
+    def _use_reversible(self, x) -> bool:
+        if len(self) == 0 or not torch.is_grad_enabled():
+            return False
+        if self.training and any(_uninitialised_actnorm(s) for s in self):
+            return False  # the initialising call runs the ordinary way
+        return x.requires_grad or any(p.requires_grad for p in self.parameters())
+
+    def forward(self, x):
+        if not self._use_reversible(x):
+            return self._ordinary(x)
+        return _run_reversible(self, x)
+
+    def inverse(self, y):
+        logdet = None
+        for step in reversed(list(self)):
+            y, ld = step.inverse(y)
+            logdet = ld if logdet is None else logdet + ld
+        return y, logdet
+
+    def reverse(self, y):
+        return self.inverse(y)[0]
+
+    def extra_repr(self) -> str:
+        return f"fallback_slots={self.fallback_slots}, fallback_cond={self.fallback_cond:g}"
