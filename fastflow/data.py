@@ -352,9 +352,12 @@ def digit_classifier():
         from sklearn.datasets import load_digits as _load
         from sklearn.linear_model import LogisticRegression
 
+        from threadpoolctl import threadpool_limits  # a scikit-learn dependency
+
         bunch = _load()
-        _CLASSIFIER = LogisticRegression(C=1.0, max_iter=5000).fit(
-            bunch.images.reshape(len(bunch.images), -1) / DIGITS_MAX, bunch.target)
+        with threadpool_limits(1):  # a small fit: threads only contend (~1 s on one core)
+            _CLASSIFIER = LogisticRegression(C=1.0, max_iter=5000).fit(
+                bunch.images.reshape(len(bunch.images), -1) / DIGITS_MAX, bunch.target)
     return _CLASSIFIER
 
 
@@ -362,13 +365,15 @@ def digit_score(images: torch.Tensor, confidence: float = 0.8) -> dict:
     """``images`` (N, 1, H, W) in [0, 1] (resized to 8x8 when needed): the fraction the
     digit classifier labels with probability >= ``confidence`` and how many classes those
     cover (real digits: ~0.9 and 10)."""
-    images = images.detach().float().cpu().clamp(0, 1)
+    images = images.detach().float().cpu()
     if images.dim() != 4 or images.shape[1] != 1:
         raise ValueError(f"images: expected (N, 1, H, W), got {tuple(images.shape)}")
+    finite = torch.isfinite(images).flatten(1).all(1).numpy()  # NaN samples: not recognised
+    images = torch.nan_to_num(images, 0.0, 0.0, 0.0).clamp(0, 1)
     if images.shape[-2:] != (8, 8):
         images = F.interpolate(images, size=(8, 8), mode="area")
-    proba = digit_classifier().predict_proba(images.reshape(len(images), -1).numpy())
-    sure = proba.max(1) >= confidence
+    proba = digit_classifier().predict_proba(images.reshape(len(images), -1).double().numpy())
+    sure = (proba.max(1) >= confidence) & finite
     classes = sorted({int(c) for c in proba.argmax(1)[sure]})
     return {"recognised": float(sure.mean()), "classes": len(classes),
             "confidence": confidence, "n": len(images)}

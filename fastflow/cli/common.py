@@ -2,7 +2,7 @@
 ``progress`` (tqdm when installed, plain prints otherwise), ``save_checkpoint`` /
 ``load_checkpoint`` (model + optimizer + any state, resumable, loaded with
 ``weights_only=True``), ``prepare_out`` (``--out`` checked before training), ``rng_state``,
-``save_image_grid`` (a PNG of image rows via matplotlib), ``write_json``/``write_csv``,
+``save_image_grid`` (a PNG of image rows, drawn with Pillow), ``write_json``/``write_csv``,
 ``positive`` (an argparse type), ``HelpFormatter`` and ``backend_name``."""
 
 from __future__ import annotations
@@ -187,37 +187,31 @@ def set_rng_state(state: dict, *generators: torch.Generator,
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def save_image_grid(path: str | os.PathLike, rows, titles=None, *, scale: float = 0.6) -> Path:
+def save_image_grid(path: str | os.PathLike, rows, titles=None, *, cell: int = 40) -> Path:
     """A PNG with one row per tensor in ``rows`` (each (n, C, H, W) in [0, 1], C = 1 or 3),
-    ``titles`` labelling the rows."""
-    import matplotlib
+    ``titles`` labelling the rows; each image is magnified (nearest) to about ``cell`` pixels.
+    Drawn with Pillow: fast, no plotting library."""
+    from PIL import Image, ImageDraw
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r.detach().float().clamp(0, 1).cpu() for r in rows]
+    rows = [torch.nan_to_num(r.detach().float(), 0.0).clamp(0, 1).cpu() for r in rows]
+    h, w = rows[0].shape[-2:]
+    zoom = max(1, cell // max(h, w))
+    pad, label = 2, (70 if titles else 0)
     n_cols = max(r.shape[0] for r in rows)
-    fig, axes = plt.subplots(len(rows), n_cols, squeeze=False,
-                             figsize=(scale * n_cols + 1.2, scale * len(rows) + 0.3))
+    height = len(rows) * (h * zoom + pad) + pad
+    canvas = Image.new("RGB", (label + n_cols * (w * zoom + pad) + pad, height), "white")
+    draw = ImageDraw.Draw(canvas)
     for i, r in enumerate(rows):
-        for j in range(n_cols):
-            ax = axes[i][j]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_visible(False)
-            if j < r.shape[0]:
-                img = r[j]
-                if img.shape[0] == 1:
-                    ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1)
-                else:
-                    ax.imshow(img.permute(1, 2, 0).numpy())
+        top = pad + i * (h * zoom + pad)
         if titles:
-            axes[i][0].set_ylabel(titles[i], rotation=0, ha="right", va="center", fontsize=8)
-    fig.tight_layout(pad=0.2)
+            draw.text((4, top + h * zoom // 2 - 5), str(titles[i]), fill="black")
+        for j in range(r.shape[0]):
+            img = (r[j].expand(3, -1, -1) if r.shape[1] == 1 else r[j][:3]) * 255
+            tile = Image.fromarray(img.round().to(torch.uint8).permute(1, 2, 0).numpy())
+            tile = tile.resize((w * zoom, h * zoom), Image.Resampling.NEAREST)
+            canvas.paste(tile, (label + pad + j * (w * zoom + pad), top))
     path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    canvas.save(path)
     return path
 
 
