@@ -16,7 +16,8 @@ COMMANDS = {
 }
 
 
-def usage(file=sys.stdout) -> None:
+def usage(file=None) -> None:
+    file = file or sys.stdout
     print("usage: python -m fastflow <command> [options]\n\ncommands:", file=file)
     for name, (_, help_) in COMMANDS.items():
         print(f"  {name:12s} {help_}", file=file)
