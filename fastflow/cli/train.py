@@ -84,6 +84,8 @@ def _glow_parser():
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     g.add_argument("--force", action="store_true",
                    help="start a fresh run over an existing OUT/checkpoint.pt")
+    g.add_argument("--eval-every", type=positive(int), default=1,
+                   help="test bits/dim, sample grid and checkpoint every N epochs (and at the end)")
     g.add_argument("--log-every", type=positive(int), default=20,
                    help="progress-bar update interval in steps (each update reads the device)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -176,7 +178,7 @@ def score_samples(model, test, args, device, n: int = 200) -> dict:
 
 def _flat_row(entry: dict) -> dict:
     row = {"epoch": entry["epoch"], "step": entry["step"], "train_bpd": entry["train"]["bpd"],
-           "test_bpd": entry["test"]["bpd"], "skipped_steps": entry["skipped"],
+           "test_bpd": entry["test"]["bpd"] if entry["test"] else None, "skipped_steps": entry["skipped"],
            "lr": entry["lr"], "images_per_s": entry["images_per_s"],
            "seconds": entry["seconds"]}
     for t, score in (entry.get("digits") or {}).items():
@@ -346,21 +348,25 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize, load_image_sets) -> int:
             torch.distributed.all_reduce(sum_bpd)
             torch.distributed.all_reduce(n_ok)
         seconds = time.perf_counter() - t_epoch
+        last = epoch + 1 == args.epochs or (args.max_steps is not None and step >= args.max_steps)
+        evaluate = last or (epoch + 1) % args.eval_every == 0
         entry = {"epoch": epoch + 1, "step": step,
                  "train": {"bpd": float(sum_bpd / n_ok.clamp(min=1))},
-                 "test": {"bpd": evaluate_bpd(model, test, eval_gen, runner, device)},
+                 "test": ({"bpd": evaluate_bpd(model, test, eval_gen, runner, device)}
+                          if evaluate else None),
                  "skipped": int(runner.skipped.item()), "lr": runner.lr(step - 1),
                  "base_lr": base_lr, "images_per_s": images / max(seconds, 1e-9),
                  "seconds": seconds, "world_size": dist_.world}
-        if is_digits:
+        if is_digits and evaluate:
             entry["digits"] = score_samples(model, test, args, device)
         history["epochs"].append(entry)
-        say(f"epoch {epoch + 1:3d}/{args.epochs}  train {entry['train']['bpd']:6.3f}  test "
-            f"{entry['test']['bpd']:6.3f} bits/dim  {entry['images_per_s']:7.1f} img/s"
+        test_text = f"test {entry['test']['bpd']:6.3f}" if evaluate else "test   --  "
+        say(f"epoch {epoch + 1:3d}/{args.epochs}  train {entry['train']['bpd']:6.3f}  "
+            f"{test_text} bits/dim  {entry['images_per_s']:7.1f} img/s"
             + (f"  skipped {entry['skipped']} non-finite step(s)" if entry["skipped"] else "")
             + _score_text(entry.get("digits"))
             + f"  {time.perf_counter() - t_start:6.1f}s", flush=True)
-        if main_rank:
+        if main_rank and evaluate:
             rows, titles = picture_rows(model, test, args, device)
             save_image_grid(out / f"samples_epoch{epoch + 1:03d}.png", rows, titles)
             save_checkpoint(ckpt_path, model, opt, epoch=epoch + 1, step=step, history=history,
