@@ -150,7 +150,8 @@ def _load_array(path: Path) -> torch.Tensor:
     if isinstance(loaded, np.lib.npyio.NpzFile):
         with loaded:
             keys = list(loaded.keys())
-            key = next((k for k in ("x", "images", "arr_0") if k in keys), keys[0] if keys else None)
+            preferred = [k for k in ("x", "images", "arr_0") if k in keys]
+            key = (preferred or keys or [None])[0]
             if key is None:
                 raise _data_error(f"{path} holds no arrays")
             loaded = loaded[key]

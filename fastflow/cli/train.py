@@ -22,7 +22,8 @@ def _temperatures(text: str) -> list[float]:
     try:
         values = [float(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}") from None
     if not values or any(not (0 < v < math.inf) for v in values):
         raise argparse.ArgumentTypeError(f"expected positive temperatures, got {text!r}")
     return values
@@ -39,7 +40,7 @@ def _glow_parser():
                         ".npy/.npz uint8 array (N,H,W) or (N,H,W,C), or cifar10:ROOT "
                         "(CIFAR-10's python batches, already on disk)")
     g.add_argument("--size", type=positive(int), default=None,
-                   help="center-crop and resize the images to SIZE x SIZE (default: as stored)")
+                   help="center-crop and resize the images to SIZE x SIZE (None: as stored)")
     g.add_argument("--n-bits", type=positive(int), default=None,
                    help="keep the top N bits of 8-bit images (Glow's 5-bit setting); the "
                         "bits/dim constant follows")
@@ -58,11 +59,11 @@ def _glow_parser():
     g.add_argument("--batch-size", type=positive(int), default=64,
                    help="global batch: split evenly across torchrun's processes")
     g.add_argument("--lr", type=positive(float), default=None,
-                   help="Adam learning rate (default 1e-3; with --resume: the checkpoint's, "
-                        "or this value when given)")
+                   help="Adam learning rate (None: 1e-3, or with --resume the checkpoint's; "
+                        "a value given with --resume replaces the checkpoint's)")
     g.add_argument("--warmup", type=int, default=100, help="linear learning-rate warmup steps")
     g.add_argument("--clip", type=positive(float), default=None,
-                   help="clip the gradient norm to this value (default: no clipping)")
+                   help="clip the gradient norm to this value (None: no clipping)")
     g.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
                    help="autocast dtype of the coupling networks and priors (flow layers, "
                         "log-dets and the likelihood stay float32); fp16 scales the loss")
@@ -76,7 +77,7 @@ def _glow_parser():
     g.add_argument("--out", default="runs/glow", help="results folder")
     g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     g.add_argument("--threads", type=positive(int), default=None,
-                   help="CPU threads for torch (default: torch's choice)")
+                   help="CPU threads for torch (None: torch's choice)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (fullgraph)")
     g.add_argument("--cuda-graph", action="store_true",
                    help="CUDA only: capture the training step's forward and backward as CUDA "
@@ -178,7 +179,8 @@ def score_samples(model, test, args, device, n: int = 200) -> dict:
 
 def _flat_row(entry: dict) -> dict:
     row = {"epoch": entry["epoch"], "step": entry["step"], "train_bpd": entry["train"]["bpd"],
-           "test_bpd": entry["test"]["bpd"] if entry["test"] else None, "skipped_steps": entry["skipped"],
+           "test_bpd": entry["test"]["bpd"] if entry["test"] else None,
+           "skipped_steps": entry["skipped"],
            "lr": entry["lr"], "images_per_s": entry["images_per_s"],
            "seconds": entry["seconds"]}
     for t, score in (entry.get("digits") or {}).items():
