@@ -284,7 +284,7 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize, load_image_sets) -> int:
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
-                                      else None, broadcast_buffers=True)
+                                      else None)
     if args.cuda_graph:
         net = torch.compile(net, mode="reduce-overhead")
     elif args.compile:
