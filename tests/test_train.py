@@ -183,3 +183,21 @@ def test_glow_input_dequantises_the_digit_levels():
     levels = torch.tensor([0.0, 8.0, 16.0])
     lo = levels / train.DIGIT_LEVELS - 0.5
     assert torch.all(y.flatten() >= lo) and torch.all(y.flatten() < lo + 1 / train.DIGIT_LEVELS)
+
+
+def test_fp16_scales_the_loss_and_backs_off_on_overflow():
+    model, x = _tiny_glow()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    runner = StepRunner(model.parameters(), opt, device=torch.device("cpu"), precision="fp16")
+    runner.scale.fill_(2.0 ** 126)  # the scaled gradients overflow float32
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    terms = runner.step(lambda: {"bpd": bits_per_dim(*model(x)[:2], 64, 17)}, 0)
+    assert torch.isfinite(terms["bpd"]) and int(runner.skipped) == 1
+    assert float(runner.scale) == 2.0 ** 125  # backed off
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, params[k]), k
+    runner.scale.fill_(2.0 ** 8)
+    runner.step(lambda: {"bpd": bits_per_dim(*model(x)[:2], 64, 17)}, 1)
+    assert int(runner.skipped) == 1
+    assert not torch.equal(model.state_dict()["blocks.0.prior.conv.weight"],
+                           params["blocks.0.prior.conv.weight"])
