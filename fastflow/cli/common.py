@@ -1,8 +1,9 @@
 """Pieces every command shares: ``pick_device``, ``run_dir`` (results under ``runs/<name>/``),
 ``progress`` (tqdm when installed, plain prints otherwise), ``save_checkpoint`` /
-``load_checkpoint`` (model + optimizer + any state, resumable), ``save_image_grid`` (a PNG of
-image rows via matplotlib), ``write_json``, ``positive`` (an argparse type) and
-``backend_name``."""
+``load_checkpoint`` (model + optimizer + any state, resumable, loaded with
+``weights_only=True``), ``prepare_out`` (``--out`` checked before training), ``rng_state``,
+``save_image_grid`` (a PNG of image rows, drawn with Pillow), ``write_json``/``write_csv``,
+``positive`` (an argparse type), ``HelpFormatter`` and ``backend_name``."""
 
 from __future__ import annotations
 
@@ -17,11 +18,31 @@ from pathlib import Path
 import torch
 
 
+HelpFormatter = argparse.ArgumentDefaultsHelpFormatter  # every command's --help shows defaults
+
+
 def pick_device(name: str = "auto") -> torch.device:
-    """``auto``: CUDA when available, else CPU; otherwise the named device."""
+    """``auto``: CUDA when available, else CPU; otherwise the named device (``cpu``,
+    ``cuda``, ``cuda:N``). A name torch does not know, or CUDA on a build without it, is one
+    clear line (SystemExit), not a traceback."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise SystemExit(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise SystemExit(f"--device {name}: this torch ({torch.__version__}) is built "
+                             "without CUDA; use --device cpu or install a CUDA build of torch")
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {name}: no CUDA device is available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SystemExit(f"--device {name}: only {torch.cuda.device_count()} CUDA "
+                             "device(s) here")
+    elif device.type != "cpu":
+        raise SystemExit(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}")
+    return device
 
 
 def run_dir(out: str | os.PathLike) -> Path:
@@ -29,6 +50,33 @@ def run_dir(out: str | os.PathLike) -> Path:
     path = Path(out)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def prepare_out(out: str | os.PathLike, *, resume: bool, force: bool = False,
+                write: bool = True) -> Path:
+    """Check ``--out`` before any training: creatable and writable, ``checkpoint.pt`` in it a
+    file if anything, and an existing checkpoint never overwritten by a fresh run without
+    ``--force``. ``write``: this process writes (rank 0); others only read. Returns the
+    checkpoint path."""
+    path = Path(out)
+    ckpt = path / "checkpoint.pt"
+    if write:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / f".fastflow-write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise SystemExit(f"--out: cannot write to {path}: {err.strerror or err}") from None
+    if ckpt.exists() and not ckpt.is_file():
+        raise SystemExit(f"--out: {ckpt} exists and is not a file; remove it or choose "
+                         "another --out")
+    if ckpt.is_file() and not resume and not force:
+        raise SystemExit(f"--out: {ckpt} exists; pass --resume to continue it or --force to "
+                         "start over and overwrite it")
+    if resume and not ckpt.is_file():
+        print(f"--resume: no checkpoint at {ckpt}; starting fresh", flush=True)
+    return ckpt
 
 
 class _PlainProgress:
@@ -83,59 +131,110 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
     return path
 
 
+def read_checkpoint(path: str | os.PathLike, map_location=None) -> dict:
+    """The dict ``save_checkpoint`` wrote, loaded with ``weights_only=True`` (tensors and
+    plain Python values only: a planted file cannot run code). A missing file is
+    FileNotFoundError; an empty, truncated or foreign file is one clear line (SystemExit)
+    naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"path: no checkpoint at {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - every unreadable file gets the same message
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise SystemExit(f"--resume: cannot read the checkpoint {path} ({reason}); it is "
+                         "empty, truncated or not a fastflow checkpoint") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict):
+        raise SystemExit(f"--resume: {path} is not a fastflow checkpoint (expected a dict with "
+                         f"a 'model' state dict, got {type(payload).__name__})")
+    return payload
+
+
 def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None = None,
                     map_location=None) -> dict:
     """Restore ``model`` (and ``optimizer``) from ``save_checkpoint``'s file; returns the
-    extra state saved with it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"path: no checkpoint at {path}")
-    payload = torch.load(path, map_location=map_location, weights_only=False)
-    model.load_state_dict(payload.pop("model"))
-    opt_state = payload.pop("optimizer", None)
-    if optimizer is not None and opt_state is not None:
-        optimizer.load_state_dict(opt_state)
+    extra state saved with it (see ``read_checkpoint`` for the errors)."""
+    payload = read_checkpoint(path, map_location)
+    try:
+        model.load_state_dict(payload.pop("model"))
+        opt_state = payload.pop("optimizer", None)
+        if optimizer is not None and opt_state is not None:
+            optimizer.load_state_dict(opt_state)
+    except (RuntimeError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0]
+        raise SystemExit(f"--resume: {path} does not fit this model: {first}") from None
     return payload
 
 
-def save_image_grid(path: str | os.PathLike, rows, titles=None, *, scale: float = 0.6) -> Path:
+def rng_state(*generators: torch.Generator, device: torch.device | None = None) -> dict:
+    """torch's CPU RNG, CUDA's (when ``device`` is CUDA) and the given generators' states:
+    plain tensors, so a checkpoint holding them loads with ``weights_only=True``."""
+    state = {"cpu": torch.get_rng_state(),
+             "generators": [g.get_state() for g in generators]}
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, *generators: torch.Generator,
+                  device: torch.device | None = None) -> None:
+    torch.set_rng_state(state["cpu"])
+    for gen, saved in zip(generators, state["generators"]):
+        gen.set_state(saved)
+    if device is not None and device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_image_grid(path: str | os.PathLike, rows, titles=None, *, cell: int = 40) -> Path:
     """A PNG with one row per tensor in ``rows`` (each (n, C, H, W) in [0, 1], C = 1 or 3),
-    ``titles`` labelling the rows."""
-    import matplotlib
+    ``titles`` labelling the rows; each image is magnified (nearest) to about ``cell`` pixels.
+    Drawn with Pillow: fast, no plotting library."""
+    from PIL import Image, ImageDraw
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r.detach().float().clamp(0, 1).cpu() for r in rows]
+    rows = [torch.nan_to_num(r.detach().float(), 0.0).clamp(0, 1).cpu() for r in rows]
+    h, w = rows[0].shape[-2:]
+    zoom = max(1, cell // max(h, w))
+    pad, label = 2, (70 if titles else 0)
     n_cols = max(r.shape[0] for r in rows)
-    fig, axes = plt.subplots(len(rows), n_cols, squeeze=False,
-                             figsize=(scale * n_cols + 1.2, scale * len(rows) + 0.3))
+    height = len(rows) * (h * zoom + pad) + pad
+    canvas = Image.new("RGB", (label + n_cols * (w * zoom + pad) + pad, height), "white")
+    draw = ImageDraw.Draw(canvas)
     for i, r in enumerate(rows):
-        for j in range(n_cols):
-            ax = axes[i][j]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_visible(False)
-            if j < r.shape[0]:
-                img = r[j]
-                if img.shape[0] == 1:
-                    ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1)
-                else:
-                    ax.imshow(img.permute(1, 2, 0).numpy())
+        top = pad + i * (h * zoom + pad)
         if titles:
-            axes[i][0].set_ylabel(titles[i], rotation=0, ha="right", va="center", fontsize=8)
-    fig.tight_layout(pad=0.2)
+            draw.text((4, top + h * zoom // 2 - 5), str(titles[i]), fill="black")
+        for j in range(r.shape[0]):
+            img = (r[j].expand(3, -1, -1) if r.shape[1] == 1 else r[j][:3]) * 255
+            tile = Image.fromarray(img.round().to(torch.uint8).permute(1, 2, 0).numpy())
+            tile = tile.resize((w * zoom, h * zoom), Image.Resampling.NEAREST)
+            canvas.paste(tile, (label + pad + j * (w * zoom + pad), top))
     path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    canvas.save(path)
     return path
 
 
 def write_json(path: str | os.PathLike, data) -> Path:
     path = Path(path)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def write_csv(path: str | os.PathLike, rows: list[dict]) -> Path:
+    """``rows`` (flat dicts) as a CSV with the union of their keys as columns."""
+    import csv
+
+    path = Path(path)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
     return path
 
 

@@ -1,14 +1,164 @@
-"""The training loop both trainers share: resume-or-start and the epoch loop."""
+"""The training machinery both trainers share: ``Distributed`` (torchrun set-up),
+``StepRunner`` (one optimizer step: autocast, loss scaling, warmup, clipping and a skip of
+non-finite steps decided on the device), ``epoch_order`` (the same global order on every
+rank, whatever the number of processes), ``resume_or_start`` and the VAE's epoch loop."""
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from .common import load_checkpoint, progress, save_checkpoint
+from .common import load_checkpoint, progress, rng_state, save_checkpoint, set_rng_state
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Distributed:
+    """The process group when launched by torchrun (``WORLD_SIZE`` > 1 in the environment):
+    NCCL on CUDA, gloo on CPU; rank/local rank/world size; ``is_main`` for the one process
+    that writes. Across nodes, torchrun's rendezvous options (--nnodes, --rdzv-endpoint...)
+    set the same environment variables, so nothing else changes."""
+
+    def __init__(self, device_arg: str):
+        from .common import pick_device
+
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device = pick_device(device_arg)
+        if self.world > 1:
+            if device.type == "cuda":
+                device = torch.device("cuda", self.local_rank)
+                torch.cuda.set_device(device)
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        self.device = device
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, batch: torch.Tensor) -> torch.Tensor:
+        """This rank's equal part of a global batch (its size divisible by the world)."""
+        if not self.enabled:
+            return batch
+        per = batch.shape[0] // self.world
+        return batch[self.rank * per:(self.rank + 1) * per]
+
+    def close(self):
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The permutation of epoch ``epoch``: a function of (seed, epoch) alone, so every rank
+    and every number of processes (and a resumed run) walks the same global order, as
+    DistributedSampler.set_epoch does."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(_mix(seed, epoch, 1)))
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The CPU generator of an epoch's augmentation noise (dequantisation, flips): drawn for
+    the global batch and sliced per rank, so N processes see what one process sees."""
+    return torch.Generator().manual_seed(_mix(seed, epoch, 2))
+
+
+def _mix(seed: int, epoch: int, stream: int) -> int:
+    return (seed * 1_000_003 + epoch * 7_919 + stream * 104_729) % (2 ** 63)
+
+
+def warmup_lr(base_lr: float, step: int, warmup: int) -> float:
+    """Linear warmup over the first ``warmup`` optimizer steps (Glow's schedule)."""
+    return base_lr if warmup <= 0 else base_lr * min(1.0, (step + 1) / warmup)
+
+
+class StepRunner:
+    """One optimizer step with no host synchronisation:
+
+    - the loss function runs under ``torch.autocast`` for bf16/fp16 (the coupling networks
+      and priors follow autocast; fastflow's flow layers compute in float32);
+    - fp16 scales the loss (a GradScaler's growth/backoff, kept on the device);
+    - ``torch._amp_foreach_non_finite_check_and_unscale_`` unscales the gradients and
+      raises ``found_inf`` when any gradient, or the loss, is not finite (all-reduced with
+      MAX across ranks);
+    - optional gradient-norm clipping; the learning rate of the linear warmup;
+    - the fused Adam reads ``found_inf`` and leaves the parameters, both moments and the
+      step count untouched when it is set (the GradScaler mechanism, on the device);
+    - ``skipped`` counts the skipped steps on the device (read once per epoch).
+    """
+
+    def __init__(self, params, opt: torch.optim.Optimizer, *, device: torch.device,
+                 precision: str = "fp32", clip: float | None = None, warmup: int = 0,
+                 base_lr: float = 1e-3, distributed: Distributed | None = None):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {tuple(PRECISIONS)}, got {precision!r}")
+        if not opt.defaults.get("fused"):
+            raise ValueError("opt: expected a fused optimizer (its step reads found_inf)")
+        self.params = [p for p in params if p.requires_grad]
+        self.opt, self.device, self.precision = opt, device, precision
+        self.dtype = PRECISIONS[precision]
+        self.clip, self.warmup, self.base_lr = clip, warmup, base_lr
+        self.distributed = distributed
+        self.found_inf = torch.zeros((), device=device)  # 0-dim: the fused step's shape
+        self.skipped = torch.zeros((), device=device)
+        self.scale = torch.full((1,), 2.0 ** 16 if precision == "fp16" else 1.0, device=device)
+        self.growth_tracker = torch.zeros(1, dtype=torch.int32, device=device)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype or torch.float32,
+                              enabled=self.dtype is not None)
+
+    def lr(self, step: int) -> float:
+        return warmup_lr(self.base_lr, step, self.warmup)
+
+    def step(self, loss_fn, step: int) -> dict:
+        """Run ``loss_fn()`` (a dict of scalar terms, the first being the loss) forward and
+        backward and take the step; returns the detached terms (float32)."""
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr(step)
+        self.opt.zero_grad(set_to_none=True)
+        with self.autocast():
+            terms = loss_fn()
+        terms = {k: v.float() for k, v in terms.items()}
+        loss = next(iter(terms.values()))
+        (loss * self.scale[0] if self.precision == "fp16" else loss).backward()
+        grads = [p.grad for p in self.params if p.grad is not None]
+        self.found_inf.zero_()
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found_inf,
+                                                         self.scale.reciprocal())
+        torch.maximum(self.found_inf, (~torch.isfinite(loss.detach())).float(),
+                      out=self.found_inf)
+        if self.distributed is not None and self.distributed.enabled:
+            dist.all_reduce(self.found_inf, op=dist.ReduceOp.MAX)
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip, foreach=True)
+        self.opt.grad_scale = None
+        self.opt.found_inf = self.found_inf
+        try:
+            self.opt.step()
+        finally:
+            self.opt.found_inf = None
+        if self.precision == "fp16":
+            torch._amp_update_scale_(self.scale, self.growth_tracker, self.found_inf,
+                                     2.0, 0.5, 2000)
+        self.skipped += self.found_inf
+        return {k: v.detach() for k, v in terms.items()}
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale.cpu(), "growth_tracker": self.growth_tracker.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale.copy_(state["scale"])
+        self.growth_tracker.copy_(state["growth_tracker"])
 
 
 def resume_or_start(args, ckpt_path: Path, model, opt, config: dict, generators: dict, device):
@@ -17,13 +167,12 @@ def resume_or_start(args, ckpt_path: Path, model, opt, config: dict, generators:
     ``config`` is refused), else a fresh start."""
     if not (args.resume and ckpt_path.is_file()):
         return 0, 0, {"initial": None, "epochs": []}
-    saved = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("config")
-    if saved != config:
-        raise SystemExit(f"--resume: {ckpt_path} was trained with {saved}, got {config}")
     state = load_checkpoint(ckpt_path, model, opt, map_location=device)
-    for name, gen in generators.items():
-        gen.set_state(state["rng"][name])
-    torch.set_rng_state(state["torch_rng"])
+    if state.get("config") != config:
+        raise SystemExit(f"--resume: {ckpt_path} was trained with {state.get('config')}, "
+                         f"got {config}")
+    names = list(generators)
+    set_rng_state(state["rng"], *(generators[k] for k in names), device=device)
     print(f"resumed from {ckpt_path} at epoch {state['epoch']}, step {state['step']}")
     return state["epoch"], state["step"], state["history"]
 
@@ -40,6 +189,7 @@ def train_epochs(args, *, model, opt, x_train, loss_terms, evaluate, describe, c
     epoch0, step = start
     steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
     t0 = time.perf_counter()
+    names = list(generators)
     for epoch in range(epoch0, args.epochs):
         if args.max_steps is not None and step >= args.max_steps:
             break
@@ -69,6 +219,6 @@ def train_epochs(args, *, model, opt, x_train, loss_terms, evaluate, describe, c
         print(f"epoch {epoch + 1:3d}/{args.epochs}  {describe(train, test)}  "
               f"{time.perf_counter() - t0:6.1f}s", flush=True)
         save_checkpoint(ckpt_path, model, opt, epoch=epoch + 1, step=step, history=history,
-                        config=config, rng={k: g.get_state() for k, g in generators.items()},
-                        torch_rng=torch.get_rng_state())
+                        config=config,
+                        rng=rng_state(*(generators[k] for k in names), device=x_train.device))
     return step

@@ -1,125 +1,402 @@
-"""``python -m fastflow train``: a multi-scale Glow on the embedded digits."""
+"""``python -m fastflow train``: a multi-scale Glow on the embedded digits or the user's images
+(one process, or several with ``torchrun --nproc_per_node N -m fastflow train ...``)."""
 
 from __future__ import annotations
 
 import argparse
+import math
+import time
 
 import torch
 
-from .common import backend_name, pick_device, positive, run_dir, save_image_grid, write_json
-from .loop import resume_or_start, train_epochs
+from ..data import DIGIT_LEVELS
+from .common import (HelpFormatter, backend_name, positive, prepare_out, progress,
+                     read_checkpoint, rng_state, save_checkpoint, save_image_grid, set_rng_state,
+                     write_csv, write_json)
+from .loop import (PRECISIONS, Distributed, StepRunner, epoch_generator, epoch_order)
 
-DIGIT_LEVELS = 17  # the bundled digits hold the integer intensities 0..16
+INIT_IMAGES = 512  # ActNorm's data-dependent initialisation: this many training images
+
+
+def _temperatures(text: str) -> list[float]:
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}") from None
+    if not values or any(not (0 < v < math.inf) for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive temperatures, got {text!r}")
+    return values
 
 
 def _glow_parser():
-    p = argparse.ArgumentParser(prog="python -m fastflow train",
-                                description="Train a multi-scale Glow on the bundled digits.")
-    p.add_argument("--epochs", type=positive(int), default=20)
-    p.add_argument("--batch-size", type=positive(int), default=64)
-    p.add_argument("--lr", type=positive(float), default=1e-3)
-    p.add_argument("--n-flow", type=positive(int), default=8, help="steps per block")
-    p.add_argument("--n-block", type=positive(int), default=2, help="squeeze levels")
-    p.add_argument("--filter-size", type=positive(int), default=64, help="coupling net width")
-    p.add_argument("--no-lu", action="store_true", help="plain InvConv2d instead of the LU one")
-    p.add_argument("--additive", action="store_true", help="additive instead of affine coupling")
-    p.add_argument("--size", type=positive(int), default=8, help="image side (digits resized)")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (fullgraph)")
-    p.add_argument("--out", default="runs/glow", help="results folder")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
-    p.add_argument("--max-steps", type=positive(int), default=None,
+    p = argparse.ArgumentParser(
+        prog="python -m fastflow train", formatter_class=HelpFormatter,
+        description="Train a multi-scale Glow. Several processes: torchrun --nproc_per_node N "
+                    "-m fastflow train ... (DistributedDataParallel; rank 0 writes).")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="digits",
+                   help="digits (bundled), a folder of PNG/JPEG images (recursive), an "
+                        ".npy/.npz uint8 array (N,H,W) or (N,H,W,C), or cifar10:ROOT "
+                        "(CIFAR-10's python batches, already on disk)")
+    g.add_argument("--size", type=positive(int), default=None,
+                   help="center-crop and resize the images to SIZE x SIZE (None: as stored)")
+    g.add_argument("--n-bits", type=positive(int), default=None,
+                   help="keep the top N bits of 8-bit images (Glow's 5-bit setting); the "
+                        "bits/dim constant follows")
+    g.add_argument("--hflip", action="store_true", help="random horizontal flips")
+    g.add_argument("--test-fraction", type=float, default=0.1,
+                   help="held-out share for test bits/dim (digits: 0.2; CIFAR: its test batch)")
+    g = p.add_argument_group("model")
+    g.add_argument("--n-flow", type=positive(int), default=8, help="steps per block")
+    g.add_argument("--n-block", type=positive(int), default=2, help="squeeze levels")
+    g.add_argument("--filter-size", type=positive(int), default=64, help="coupling net width")
+    g.add_argument("--no-lu", action="store_true", help="plain InvConv2d instead of the LU one")
+    g.add_argument("--additive", action="store_true",
+                   help="additive instead of affine coupling")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=positive(int), default=20)
+    g.add_argument("--batch-size", type=positive(int), default=64,
+                   help="global batch: split evenly across torchrun's processes")
+    g.add_argument("--lr", type=positive(float), default=None,
+                   help="Adam learning rate (None: 1e-3, or with --resume the checkpoint's; "
+                        "a value given with --resume replaces the checkpoint's)")
+    g.add_argument("--warmup", type=int, default=100, help="linear learning-rate warmup steps")
+    g.add_argument("--clip", type=positive(float), default=None,
+                   help="clip the gradient norm to this value (None: no clipping)")
+    g.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
+                   help="autocast dtype of the coupling networks and priors (flow layers, "
+                        "log-dets and the likelihood stay float32); fp16 scales the loss")
+    g.add_argument("--max-steps", type=positive(int), default=None,
                    help="stop after this many optimizer steps in total")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("run")
+    g.add_argument("--temperature", type=_temperatures, default=[0.7],
+                   help="sampling temperature(s), comma-separated: one grid row each")
+    g.add_argument("--n-samples", type=positive(int), default=12, help="images per grid row")
+    g.add_argument("--out", default="runs/glow", help="results folder")
+    g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    g.add_argument("--threads", type=positive(int), default=None,
+                   help="CPU threads for torch (None: torch's choice)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (fullgraph)")
+    g.add_argument("--cuda-graph", action="store_true",
+                   help="CUDA only: capture the training step's forward and backward as CUDA "
+                        "graphs (torch.compile mode='reduce-overhead')")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    g.add_argument("--force", action="store_true",
+                   help="start a fresh run over an existing OUT/checkpoint.pt")
+    g.add_argument("--eval-every", type=positive(int), default=1,
+                   help="test bits/dim, sample grid and checkpoint every N epochs (and at the end)")
+    g.add_argument("--log-every", type=positive(int), default=20,
+                   help="progress-bar update interval in steps (each update reads the device)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def glow_input(x: torch.Tensor, generator=None, n_bins: int = DIGIT_LEVELS) -> torch.Tensor:
-    """Glow's dequantised input: integer levels / n_bins - 0.5 plus uniform noise / n_bins."""
+    """Glow's dequantised input of images in [0, 1]: integer levels / n_bins - 0.5 plus
+    uniform noise / n_bins."""
     levels = torch.round(x * (n_bins - 1))
     noise = torch.rand(x.shape, generator=generator, device="cpu").to(x.device)
     return levels / n_bins - 0.5 + noise / n_bins
 
 
+def to_unit(x: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """Glow's [-0.5, 0.5) space back to images in [0, 1] (for pictures and the scorer)."""
+    return ((x.float() + 0.5) * n_bins / (n_bins - 1)).clamp(0, 1)
+
+
 @torch.no_grad()
-def _glow_bpd(model, x, batch_size, generator):
-    """Mean bits per dimension over ``x`` (one dequantisation draw per image)."""
-    from ..data import batches
+def touch_parameters(model) -> None:
+    """Bump every parameter's version counter: fused/foreach optimizer steps update the
+    values without it, and a cache keyed on versions (the 1x1 convolution's W) must see the
+    new values before evaluation and sampling."""
+    for p in model.parameters():
+        p.add_(0)
+
+
+@torch.no_grad()
+def evaluate_bpd(model, images, generator, runner, device, batch_size: int = 256) -> float:
+    """Mean test bits/dim over ``images`` (an ImageSet), one dequantisation draw each."""
+    from ..data import dequantize
     from ..glow import bits_per_dim
 
-    total, n_pixel = 0.0, x[0].numel()
-    for xb in batches(x, batch_size, shuffle=False):
-        log_p, logdet, _ = model(glow_input(xb, generator))
-        total += bits_per_dim(log_p, logdet, n_pixel, DIGIT_LEVELS).item() * xb.shape[0]
-    return total / x.shape[0]
+    was_training = model.training
+    touch_parameters(model)
+    model.eval()
+    n_pixel, total = math.prod(images.shape), 0.0
+    sums = torch.zeros((), dtype=torch.float64, device=device)
+    for start in range(0, len(images), batch_size):
+        levels = images.levels[start:start + batch_size]
+        noise = torch.rand(levels.shape, generator=generator)
+        x = dequantize(levels, images.n_bins, noise).to(device)
+        with runner.autocast():
+            log_p, logdet, _ = model(x)
+        bpd = bits_per_dim(log_p.float(), logdet.float(), n_pixel, images.n_bins)
+        sums += bpd.double() * x.shape[0]
+    total = float(sums) / len(images)
+    model.train(was_training)
+    return total
+
+
+@torch.no_grad()
+def picture_rows(model, test, args, device):
+    """The grid: data, x -> z -> x, then one row of samples per temperature."""
+    from ..data import dequantize
+
+    touch_parameters(model)
+    model.eval()
+    n = min(args.n_samples, len(test))
+    data = test.levels[:n]
+    x = dequantize(data, test.n_bins, torch.full(data.shape, 0.5)).to(device)
+    _, _, z = model(x)
+    rows = [test.as_float()[:n], to_unit(model.reverse(z, reconstruct=True), test.n_bins)]
+    titles = ["data", "x->z->x"]
+    for t in args.temperature:
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+        rows.append(to_unit(model.sample(args.n_samples, temperature=t, generator=gen,
+                                         image_size=test.shape[1:]), test.n_bins))
+        titles.append(f"T={t:g}")
+    model.train()
+    return rows, titles
+
+
+@torch.no_grad()
+def score_samples(model, test, args, device, n: int = 200) -> dict:
+    """For digits: the digit classifier's recognition of ``n`` samples per temperature."""
+    from ..data import digit_score
+
+    touch_parameters(model)
+    model.eval()
+    scores = {}
+    for t in args.temperature:
+        gen = torch.Generator(device=device).manual_seed(args.seed + 3)
+        samples = model.sample(n, temperature=t, generator=gen, image_size=test.shape[1:])
+        scores[f"{t:g}"] = digit_score(to_unit(samples, test.n_bins))
+    model.train()
+    return scores
+
+
+def _flat_row(entry: dict) -> dict:
+    row = {"epoch": entry["epoch"], "step": entry["step"], "train_bpd": entry["train"]["bpd"],
+           "test_bpd": entry["test"]["bpd"] if entry["test"] else None,
+           "skipped_steps": entry["skipped"],
+           "lr": entry["lr"], "images_per_s": entry["images_per_s"],
+           "seconds": entry["seconds"]}
+    for t, score in (entry.get("digits") or {}).items():
+        row[f"recognised_T{t}"] = score["recognised"]
+        row[f"classes_T{t}"] = score["classes"]
+    return row
 
 
 def main(argv=None) -> int:
     """``python -m fastflow train``: returns the exit status."""
-    from ..data import digits
+    from ..data import dequantize, load_image_sets
     from ..glow import Glow, bits_per_dim
 
     args = _glow_parser().parse_args(argv)
-    device = pick_device(args.device)
-    torch.manual_seed(args.seed)
-    out = run_dir(args.out)
-    ckpt_path = out / "checkpoint.pt"
+    if not 0 < args.test_fraction < 1:
+        raise SystemExit(f"--test-fraction: expected a number in (0, 1), got {args.test_fraction}")
+    if args.warmup < 0:
+        raise SystemExit(f"--warmup: expected a step count >= 0, got {args.warmup}")
+    dist_ = Distributed(args.device)
+    try:
+        return _train(args, dist_, Glow, bits_per_dim, dequantize, load_image_sets)
+    finally:
+        dist_.close()
+
+
+def _train(args, dist_, Glow, bits_per_dim, dequantize, load_image_sets) -> int:
+    device, main_rank = dist_.device, dist_.is_main
+    if args.cuda_graph and device.type != "cuda":
+        raise SystemExit(f"--cuda-graph: needs a CUDA device, got {device}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ckpt_path = prepare_out(args.out, resume=args.resume, force=args.force, write=main_rank)
+    out = ckpt_path.parent
+    say = print if main_rank else (lambda *a, **k: None)
+
+    try:
+        train, test = load_image_sets(args.data, size=args.size, n_bits=args.n_bits,
+                                      test_fraction=args.test_fraction, seed=args.seed)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    channels, height, width = train.shape
     side = 2 ** args.n_block
-    if args.size % side:
-        raise SystemExit(f"--size: expected a multiple of 2**n_block = {side}, got {args.size}")
+    if height % side or width % side:
+        raise SystemExit(f"--size: the images are {height}x{width}; Glow with --n-block "
+                         f"{args.n_block} needs sides divisible by {side} (pass --size)")
+    if args.batch_size % dist_.world:
+        raise SystemExit(f"--batch-size: the global batch {args.batch_size} must split evenly "
+                         f"across {dist_.world} processes")
+    steps_per_epoch = len(train) // args.batch_size
+    if steps_per_epoch == 0:
+        raise SystemExit(f"--batch-size: {args.batch_size} exceeds the {len(train)} training "
+                         "images")
+    n_pixel, n_bins = channels * height * width, train.n_bins
 
-    x_train = digits("train", size=args.size)[0].to(device)
-    x_test = digits("test", size=args.size)[0].to(device)
     config = {"n_flow": args.n_flow, "n_block": args.n_block, "filter_size": args.filter_size,
-              "conv_lu": not args.no_lu, "affine": not args.additive, "size": args.size}
-    model = Glow(1, args.n_flow, args.n_block, affine=config["affine"],
+              "conv_lu": not args.no_lu, "affine": not args.additive,
+              "image": [channels, height, width], "n_bins": n_bins}
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    model = Glow(channels, args.n_flow, args.n_block, affine=config["affine"],
                  conv_lu=config["conv_lu"], filter_size=args.filter_size).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    shuffle_gen = torch.Generator().manual_seed(args.seed)
-    noise_gen = torch.Generator().manual_seed(args.seed + 1)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr or 1e-3, fused=True)
     eval_gen = torch.Generator().manual_seed(args.seed + 2)
-    n_pixel = x_train[0].numel()
 
-    generators = {"shuffle": shuffle_gen, "noise": noise_gen}
-    start_epoch, step, history = resume_or_start(args, ckpt_path, model, opt, config,
-                                                 generators, device)
-    if history["initial"] is None:  # a fresh start
-        with torch.no_grad():  # ActNorm's data-dependent initialisation on a large batch
-            model(glow_input(x_train[:512], noise_gen))
-    step_fn = torch.compile(model, fullgraph=True) if args.compile else model
+    history, step, start_epoch, base_lr = {"initial": None, "epochs": []}, 0, 0, args.lr or 1e-3
+    saved = read_checkpoint(ckpt_path, map_location=device) if args.resume and \
+        ckpt_path.is_file() else None
+    runner_state = None
+    if saved is not None:
+        if saved.get("config") != config:
+            raise SystemExit(f"--resume: {ckpt_path} was trained with {saved.get('config')}, "
+                             f"this run asks for {config}")
+        try:
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            start_epoch, step, history = saved["epoch"], saved["step"], saved["history"]
+            set_rng_state(saved["rng"], eval_gen, device=device)
+            old_lr, runner_state = float(saved["lr"]), saved["step_runner"]
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            raise SystemExit(f"--resume: {ckpt_path} is not a complete `fastflow train` "
+                             f"checkpoint ({type(err).__name__}: {err})") from None
+        base_lr = args.lr if args.lr is not None else old_lr
+        say(f"resumed from {ckpt_path} at epoch {start_epoch}, step {step}"
+            + (f"; --lr {base_lr:g} replaces the checkpoint's {old_lr:g}"
+               if base_lr != old_lr else f"; lr {base_lr:g}"))
+    torch.manual_seed(args.seed + 1000 * dist_.rank + step)  # per-rank seeds from here on
+
+    runner = StepRunner(model.parameters(), opt, device=device, precision=args.precision,
+                        clip=args.clip, warmup=args.warmup, base_lr=base_lr, distributed=dist_)
+    if runner_state is not None:
+        runner.load_state_dict(runner_state)
+    if saved is None:
+        # ActNorm's data-dependent initialisation: the same images and noise on every rank
+        # (rank 0's statistics are also what DDP broadcasts when it wraps the model)
+        init = train.levels[:INIT_IMAGES]
+        noise = torch.rand(init.shape, generator=torch.Generator().manual_seed(args.seed + 5))
+        with torch.no_grad():
+            model(dequantize(init, n_bins, noise).to(device))
+
+    net = model
+    if dist_.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
+                                      else None)
+    if args.cuda_graph:
+        net = torch.compile(net, mode="reduce-overhead")
+    elif args.compile:
+        net = torch.compile(net, fullgraph=not dist_.enabled)
+
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"train: Glow on {len(x_train)} train / {len(x_test)} test digits "
-          f"(1x{args.size}x{args.size}), {args.n_block} blocks x {args.n_flow} steps, "
-          f"{n_params} parameters, device {device}, fastflow backend {backend_name(device)}")
+    say(f"train: Glow on {len(train)} train / {len(test)} test images from {args.data} "
+        f"({channels}x{height}x{width}, {n_bins} levels), {args.n_block} blocks x {args.n_flow} "
+        f"steps, {n_params} parameters, {args.precision}, device {device}"
+        + (f" x {dist_.world} processes" if dist_.enabled else "")
+        + f", fastflow backend {backend_name(device)}", flush=True)
+
+    written = []
+    is_digits = args.data == "digits" and channels == 1
     if history["initial"] is None:
-        history["initial"] = {"bpd": _glow_bpd(model, x_test, 256, eval_gen)}
-        print(f"before training: test {history['initial']['bpd']:.3f} bits/dim")
+        history["initial"] = {"bpd": evaluate_bpd(model, test, eval_gen, runner, device)}
+        if is_digits:
+            history["initial"]["digits"] = score_samples(model, test, args, device)
+        if main_rank:
+            rows, titles = picture_rows(model, test, args, device)
+            written.append(save_image_grid(out / "samples_before.png", rows, titles))
+        say(f"before training: test {history['initial']['bpd']:.3f} bits/dim"
+            + _score_text(history["initial"].get("digits")), flush=True)
 
-    def loss_terms(xb):
-        log_p, logdet, _ = step_fn(glow_input(xb, noise_gen))
-        return {"bpd": bits_per_dim(log_p, logdet, n_pixel, DIGIT_LEVELS)}
+    def loss_fn(x):
+        log_p, logdet, _ = net(x)
+        return {"bpd": bits_per_dim(log_p.float(), logdet.float(), n_pixel, n_bins)}
 
-    step = train_epochs(
-        args, model=model, opt=opt, x_train=x_train, loss_terms=loss_terms,
-        evaluate=lambda: {"bpd": _glow_bpd(model, x_test, 256, eval_gen)},
-        describe=lambda tr, te: f"train {tr['bpd']:6.3f}  test {te['bpd']:6.3f} bits/dim",
-        ckpt_path=ckpt_path, config=config, generators=generators,
-        start=(start_epoch, step), history=history)
+    t_start = time.perf_counter()
+    for epoch in range(start_epoch, args.epochs):
+        if args.max_steps is not None and step >= args.max_steps:
+            break
+        order, gen = epoch_order(len(train), args.seed, epoch), epoch_generator(args.seed, epoch)
+        runner.skipped.zero_()
+        sum_bpd = torch.zeros((), dtype=torch.float64, device=device)
+        n_ok = torch.zeros((), dtype=torch.float64, device=device)
+        t_epoch, images = time.perf_counter(), 0
+        bar = progress(range(steps_per_epoch), total=steps_per_epoch,
+                       desc=f"epoch {epoch + 1}/{args.epochs}",
+                       enabled=main_rank and not args.no_progress, every=args.log_every)
+        for i in bar:
+            idx = order[i * args.batch_size:(i + 1) * args.batch_size]
+            levels = train.levels[idx]
+            noise = torch.rand(levels.shape, generator=gen)
+            if args.hflip:
+                flip = (torch.rand(len(idx), generator=gen) < 0.5).view(-1, 1, 1, 1)
+                levels = torch.where(flip, levels.flip(-1), levels)
+            x = dist_.shard(dequantize(levels, n_bins, noise)).to(device, non_blocking=True)
+            terms = runner.step(lambda: loss_fn(x), step)
+            step += 1
+            images += len(idx)
+            ok = 1.0 - runner.found_inf.double()
+            sum_bpd += torch.where(ok > 0, terms["bpd"].double(), 0.0) * x.shape[0] * ok
+            n_ok += x.shape[0] * ok
+            if main_rank and not args.no_progress and step % args.log_every == 0:
+                rate = images / max(time.perf_counter() - t_epoch, 1e-9)
+                bar.set_postfix_str(f"{float(sum_bpd / n_ok.clamp(min=1)):.3f} bits/dim, "
+                                    f"{rate:.0f} img/s")
+            if args.max_steps is not None and step >= args.max_steps:
+                break
+        bar.close()
+        if dist_.enabled:
+            torch.distributed.all_reduce(sum_bpd)
+            torch.distributed.all_reduce(n_ok)
+        seconds = time.perf_counter() - t_epoch
+        last = epoch + 1 == args.epochs or (args.max_steps is not None and step >= args.max_steps)
+        evaluate = last or (epoch + 1) % args.eval_every == 0
+        entry = {"epoch": epoch + 1, "step": step,
+                 "train": {"bpd": float(sum_bpd / n_ok.clamp(min=1))},
+                 "test": ({"bpd": evaluate_bpd(model, test, eval_gen, runner, device)}
+                          if evaluate else None),
+                 "skipped": int(runner.skipped.item()), "lr": runner.lr(step - 1),
+                 "base_lr": base_lr, "images_per_s": images / max(seconds, 1e-9),
+                 "seconds": seconds, "world_size": dist_.world}
+        if is_digits and evaluate:
+            entry["digits"] = score_samples(model, test, args, device)
+        history["epochs"].append(entry)
+        test_text = f"test {entry['test']['bpd']:6.3f}" if evaluate else "test   --  "
+        say(f"epoch {epoch + 1:3d}/{args.epochs}  train {entry['train']['bpd']:6.3f}  "
+            f"{test_text} bits/dim  {entry['images_per_s']:7.1f} img/s"
+            + (f"  skipped {entry['skipped']} non-finite step(s)" if entry["skipped"] else "")
+            + _score_text(entry.get("digits"))
+            + f"  {time.perf_counter() - t_start:6.1f}s", flush=True)
+        if main_rank and evaluate:
+            rows, titles = picture_rows(model, test, args, device)
+            save_image_grid(out / f"samples_epoch{epoch + 1:03d}.png", rows, titles)
+            save_checkpoint(ckpt_path, model, opt, epoch=epoch + 1, step=step, history=history,
+                            config=config, lr=base_lr, step_runner=runner.state_dict(),
+                            rng=rng_state(eval_gen, device=device), world_size=dist_.world)
 
-    model.eval()
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    samples = model.sample(12, temperature=args.temperature, generator=gen)
-    with torch.no_grad():
-        data = x_test[:12]
-        _, _, z = model(glow_input(data, eval_gen))
-        recon = model.reverse(z, reconstruct=True)
-    to_image = lambda t: ((t + 0.5) * DIGIT_LEVELS / (DIGIT_LEVELS - 1)).clamp(0, 1)  # noqa: E731
-    picture = save_image_grid(out / "glow_samples.png", [data, to_image(recon), to_image(samples)],
-                              ["data", "x->z->x", f"T={args.temperature}"])
-    write_json(out / "metrics.json", {"config": vars(args), "history": history})
-    final = (history["epochs"][-1]["test"] if history["epochs"] else history["initial"])["bpd"]
-    print(f"done: {step} steps, test {history['initial']['bpd']:.3f} -> {final:.3f} bits/dim; "
-          f"wrote {picture}, {ckpt_path}, {out / 'metrics.json'}")
+    if not main_rank:
+        return 0
+    rows, titles = picture_rows(model, test, args, device)
+    written.append(save_image_grid(out / "samples.png", rows, titles))
+    run_config = {k: v for k, v in vars(args).items()}
+    run_config["lr"] = base_lr  # what was actually used
+    written.append(write_json(out / "metrics.json", {"config": run_config, "model": config,
+                                                     "history": history}))
+    if history["epochs"]:
+        written.append(write_csv(out / "metrics.csv", [_flat_row(e) for e in history["epochs"]]))
+        written += sorted(out.glob("samples_epoch*.png"))[-1:]
+        written.append(ckpt_path)
+    final = history["epochs"][-1] if history["epochs"] else history["initial"]
+    final_bpd = final["test"]["bpd"] if history["epochs"] else final["bpd"]
+    print(f"done: {step} steps, test {history['initial']['bpd']:.3f} -> {final_bpd:.3f} "
+          f"bits/dim" + _score_text(final.get("digits")) + "\nwrote:\n  "
+          + "\n  ".join(str(p) for p in written), flush=True)
     return 0
+
+
+def _score_text(scores: dict | None) -> str:
+    if not scores:
+        return ""
+    return "  digits recognised " + ", ".join(
+        f"T={t}: {s['recognised']:.2f} ({s['classes']} classes)" for t, s in scores.items())

@@ -6,12 +6,14 @@ import argparse
 
 import torch
 
-from .common import backend_name, pick_device, positive, run_dir, save_image_grid, write_json
+from .common import (HelpFormatter, backend_name, pick_device, positive, prepare_out,
+                     save_image_grid, write_json)
 from .loop import resume_or_start, train_epochs
 
 
 def _vae_parser():
     p = argparse.ArgumentParser(prog="python -m fastflow train-vae",
+                                formatter_class=HelpFormatter,
                                 description="Train the small conv VAE on the bundled 8x8 digits.")
     p.add_argument("--epochs", type=positive(int), default=10)
     p.add_argument("--batch-size", type=positive(int), default=64)
@@ -26,6 +28,8 @@ def _vae_parser():
                    help="stop after this many optimizer steps in total")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint.pt when it exists")
+    p.add_argument("--force", action="store_true",
+                   help="start a fresh run over an existing OUT/checkpoint.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -53,8 +57,8 @@ def main(argv=None) -> int:
     args = _vae_parser().parse_args(argv)
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
-    out = run_dir(args.out)
-    ckpt_path = out / "checkpoint.pt"
+    ckpt_path = prepare_out(args.out, resume=args.resume, force=args.force)
+    out = ckpt_path.parent
 
     x_train = digits("train")[0].to(device)
     x_test = digits("test")[0].to(device)
@@ -67,6 +71,10 @@ def main(argv=None) -> int:
     generators = {"shuffle": shuffle_gen}
     start_epoch, step, history = resume_or_start(args, ckpt_path, model, opt, config,
                                                  generators, device)
+    for group in opt.param_groups:  # --lr applies on resume too (metrics record this value)
+        if group["lr"] != args.lr:
+            print(f"--lr: using {args.lr:g} (the checkpoint had {group['lr']:g})")
+        group["lr"] = args.lr
     n_params = sum(p.numel() for p in model.parameters())
     print(f"train-vae: {len(x_train)} train / {len(x_test)} test digits (1x8x8), "
           f"{n_params} parameters, latent {args.latent}, device {device}, "

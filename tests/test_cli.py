@@ -1,0 +1,61 @@
+"""``python -m fastflow``: the command table, usage and help texts, and the demo."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fastflow import __main__ as cli
+from fastflow.cli import demo
+
+
+def test_cli_lists_commands_and_points_to_command_help(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in ("demo", "bench", "train", "train-vae"):
+        assert name in out
+    assert "python -m fastflow <command> --help" in out
+
+
+def test_unknown_command_says_so_and_prints_usage(capsys):
+    assert cli.main(["bogus"]) == 2
+    captured = capsys.readouterr()
+    assert "unknown command 'bogus'" in captured.err and "usage:" in captured.err
+
+
+@pytest.mark.parametrize("command", ["train", "train-vae", "demo"])
+def test_each_help_names_its_command_and_shows_defaults(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert f"usage: python -m fastflow {command}" in out
+    assert "(default:" in out
+    if command == "demo":  # every option explains itself
+        for text in ("training epochs", "optimizer steps", "results folder",
+                     "skip the benchmark", "CPU threads"):
+            assert text in out, text
+
+
+def test_module_entry_point_runs_a_command(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "fastflow", "train", "--max-steps", "2",
+                          "--epochs", "1", "--n-flow", "1", "--filter-size", "8",
+                          "--out", str(tmp_path), "--no-progress", "--threads", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "bits/dim" in out.stdout
+
+
+def test_demo_writes_grids_before_and_after_and_improves(tmp_path, capsys):
+    assert demo.main(["--skip-bench", "--out", str(tmp_path), "--epochs", "1",
+                      "--max-steps", "25"]) == 0
+    glow = tmp_path / "glow"
+    for name in ("samples_before.png", "samples.png", "metrics.json"):
+        assert (glow / name).stat().st_size > 0, name
+    metrics = json.loads((glow / "metrics.json").read_text())
+    history = metrics["history"]
+    assert history["epochs"][-1]["test"]["bpd"] < history["initial"]["bpd"]
+    assert 0.0 <= metrics["demo"]["score"]["recognised"] <= 1.0
+    printed = capsys.readouterr().out
+    assert "digit classifier recognises" in printed and "samples after" in printed

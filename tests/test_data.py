@@ -1,0 +1,133 @@
+"""The training commands' data sources (``--data``): digits, an image folder, .npy/.npz
+arrays and CIFAR-10's python batches (through a restricted unpickler), and the digit scorer."""
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from fastflow import data
+
+
+def test_digits_source_holds_the_17_levels():
+    train, test = data.load_image_sets("digits")
+    assert train.levels.dtype == torch.uint8 and train.shape == (1, 8, 8)
+    assert train.n_bins == 17 and int(train.levels.max()) == 16
+    assert len(train) + len(test) == 1797
+    assert torch.equal(train.as_float(), data.digits("train")[0])
+    five = data.load_image_sets("digits", n_bits=5)[0]
+    assert five.n_bins == 32 and int(five.levels.max()) == 31
+
+
+def _png(path, array):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def test_image_folder_recursive_skips_unreadable_files(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        _png(tmp_path / f"sub{i % 2}" / f"img{i}.png", rng.integers(0, 256, (12, 10, 3), np.uint8))
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "notes.txt").write_text("ignored")
+    train, test = data.load_image_sets(str(tmp_path), test_fraction=0.2)
+    assert "skipped 1 unreadable" in capsys.readouterr().out
+    assert train.shape == (3, 12, 10) and len(train) + len(test) == 5 and train.n_bins == 256
+    sized, _ = data.load_image_sets(str(tmp_path), size=8, test_fraction=0.2)
+    assert sized.shape == (3, 8, 8) and sized.levels.dtype == torch.uint8
+
+
+def test_image_folder_errors_name_the_argument(tmp_path):
+    with pytest.raises(ValueError, match="--data: no readable"):
+        data.load_image_sets(str(tmp_path))
+    _png(tmp_path / "a.png", np.zeros((8, 8), np.uint8))
+    _png(tmp_path / "b.png", np.zeros((6, 8), np.uint8))
+    with pytest.raises(ValueError, match="--size"):
+        data.load_image_sets(str(tmp_path))
+    assert data.load_image_sets(str(tmp_path), size=4)[0].shape == (1, 4, 4)
+    with pytest.raises(ValueError, match="--data"):
+        data.load_image_sets(str(tmp_path / "missing"))
+
+
+def test_arrays_npy_and_npz(tmp_path):
+    grey = np.arange(10 * 8 * 8, dtype=np.uint8).reshape(10, 8, 8)
+    np.save(tmp_path / "grey.npy", grey)
+    train, test = data.load_image_sets(str(tmp_path / "grey.npy"), test_fraction=0.2)
+    assert train.shape == (1, 8, 8) and len(train) == 8 and len(test) == 2
+    both = torch.cat([train.levels, test.levels])
+    assert sorted(both.flatten().tolist()) == sorted(grey.flatten().tolist())
+    rgb = np.random.default_rng(1).integers(0, 256, (6, 16, 16, 3), np.uint8)
+    np.savez(tmp_path / "rgb.npz", images=rgb)
+    train, _ = data.load_image_sets(str(tmp_path / "rgb.npz"), n_bits=5, test_fraction=0.2)
+    assert train.shape == (3, 16, 16) and train.n_bins == 32 and int(train.levels.max()) < 32
+    np.save(tmp_path / "bad.npy", np.zeros((4, 8), np.uint8))
+    with pytest.raises(ValueError, match=r"--data: .*\(N, H, W\)"):
+        data.load_image_sets(str(tmp_path / "bad.npy"))
+    np.save(tmp_path / "float.npy", np.zeros((4, 8, 8), np.float32))
+    with pytest.raises(ValueError, match="--data: .*uint8"):
+        data.load_image_sets(str(tmp_path / "float.npy"))
+
+
+def _cifar_tree(root, n=3):
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(2)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"batch_label": b"x", b"labels": [int(v) for v in rng.integers(0, 10, n)],
+                 b"data": rng.integers(0, 256, (n, 3072), np.uint8),
+                 b"filenames": [b"a.png"] * n}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=2)  # the format the real files use
+    return folder
+
+
+def test_cifar10_python_batches(tmp_path):
+    folder = _cifar_tree(tmp_path)
+    train, test = data.load_image_sets(f"cifar10:{tmp_path}")
+    assert train.shape == (3, 32, 32) and len(train) == 15 and len(test) == 3
+    assert train.labels.shape == (15,) and train.n_bins == 256
+    with open(folder / "test_batch", "rb") as f:
+        raw = pickle.load(f)[b"data"]
+    assert torch.equal(test.levels, torch.from_numpy(raw.reshape(3, 3, 32, 32)))
+    small, _ = data.load_image_sets(f"cifar10:{folder}", size=16, n_bits=5)
+    assert small.shape == (3, 16, 16) and small.n_bins == 32
+    (folder / "data_batch_5").unlink()
+    with pytest.raises(ValueError, match="--data: cifar10.*data_batch_5"):
+        data.load_image_sets(f"cifar10:{tmp_path}")
+
+
+class _Planted:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_cifar10_unpickler_refuses_planted_code(tmp_path):
+    folder = _cifar_tree(tmp_path)
+    marker = tmp_path / "pwned"
+    with open(folder / "data_batch_2", "wb") as f:
+        pickle.dump({b"data": _Planted(marker), b"labels": []}, f, protocol=2)
+    with pytest.raises(ValueError, match="--data: .*data_batch_2.*not allowed"):
+        data.load_image_sets(f"cifar10:{tmp_path}")
+    assert not marker.exists()
+    with open(folder / "data_batch_3", "wb") as f:  # plain pickle.load would run this one
+        pickle.dump(_Planted(marker), f, protocol=2)
+    with pytest.raises(ValueError, match="not allowed"):
+        data.read_cifar_batch(folder / "data_batch_3")
+    assert not marker.exists()
+
+
+def test_digit_score_tells_digits_from_noise():
+    real = data.digits("test")[0]
+    good = data.digit_score(real)
+    assert good["recognised"] > 0.8 and good["classes"] == 10
+    noise = torch.rand(300, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert data.digit_score(noise)["recognised"] < 0.3
+    big = data.digit_score(torch.nn.functional.interpolate(real, size=16, mode="nearest"))
+    assert big["recognised"] > 0.8
