@@ -286,6 +286,9 @@ class TarFlow(nn.Module):
         if guided and self.num_classes == 0:
             raise ValueError(f"guidance: classifier-free guidance needs a class-conditional "
                              f"TarFlow (num_classes > 0), got guidance={guidance}")
+        if guided and y is None:
+            raise ValueError(f"guidance: classifier-free guidance steers towards the labels y; "
+                             f"got guidance={guidance} and y=None")
         labels = self._labels(y, n, u.device)
         if guided:
             labels = torch.cat([labels, torch.full_like(labels, self.num_classes)])
