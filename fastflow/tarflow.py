@@ -58,14 +58,17 @@ class _Layer(nn.Module):
         q, k, v = self._qkv(u)
         return self._finish(u, F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
-    def step(self, u, k_cache, v_cache, pos, mask):
+    def step(self, u, kv_cache, pos, mask):
         """One token ``u`` (B, 1, C) at device position ``pos`` against a static cache
-        (B, heads, T, head_dim): its key and value are written at ``pos``, and the query
-        attends to positions <= pos (``mask``)."""
-        q, k, v = self._qkv(u)
-        k_cache.index_copy_(2, pos, k)
-        v_cache.index_copy_(2, pos, v)
-        return self._finish(u, F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask))
+        ``kv_cache`` (B, T, 2, heads, head_dim): the token's key and value are written at
+        ``pos`` in one copy, and the query attends to the positions that the additive
+        ``mask`` (1, 1, 1, T) leaves open (0 up to pos, -inf after)."""
+        b, _, c = u.shape
+        qkv = self.qkv(self.norm1(u)).view(b, 1, 3, self.heads, c // self.heads)
+        kv_cache.index_copy_(1, pos, qkv[:, :, 1:])
+        q = qkv[:, :, 0].transpose(1, 2)
+        k, v = kv_cache[:, :, 0].transpose(1, 2), kv_cache[:, :, 1].transpose(1, 2)
+        return self._finish(u, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
     def step_cat(self, u, cache: list):
         """The published sampler's step: the cache grows by concatenation (a copy of the
@@ -111,11 +114,19 @@ class _Block(nn.Module):
             u = layer(u)
         return self.proj_out(self.norm(u))
 
-    def step(self, inp, pos, caches, cond, mask):
+    def step_table(self, cond, rows):
+        """(B, T, C): position embedding + class embedding + the input projection's bias,
+        added once per block so that a token's embedding is one matrix product."""
+        table = self.pos_emb + self.proj_in.bias
+        table = table.unsqueeze(0) if cond is None else table + cond
+        return table.expand(rows, -1, -1)
+
+    def step(self, inp, pos, caches, table, mask):
         """The transformer at one token ``inp`` (B, D) at device position ``pos``: (B, 2D)."""
-        u = self._embed(inp.unsqueeze(1), self.pos_emb.index_select(0, pos), cond)
-        for layer, (kc, vc) in zip(self.layers, caches):
-            u = layer.step(u, kc, vc, pos, mask)
+        u = torch.addmm(table.index_select(1, pos).squeeze(1), inp, self.proj_in.weight.t())
+        u = u.unsqueeze(1)
+        for layer, kv in zip(self.layers, caches):
+            u = layer.step(u, kv, pos, mask)
         return self.proj_out(self.norm(u)).squeeze(1)
 
     def step_cat(self, inp, pos, caches, cond):
@@ -314,10 +325,8 @@ class TarFlow(nn.Module):
         """Zeroed (so that masked positions hold no NaN) key/value buffers shared by every
         block: each block overwrites positions 0..T-2 before it attends to them."""
         layer = self.blocks[0].layers[0]
-        hd = layer.qkv.in_features // self.heads
-        shape = (rows, self.heads, self.tokens, hd)
-        n_layers = len(self.blocks[0].layers)
-        return [(u.new_zeros(shape), u.new_zeros(shape)) for _ in range(n_layers)]
+        shape = (rows, self.tokens, 2, self.heads, layer.qkv.in_features // self.heads)
+        return [u.new_zeros(shape) for _ in self.blocks[0].layers]
 
     def _sequential_block(self, block, z, cond, kw, cache, caches, graphs):
         n, t_count, d = z.shape
@@ -330,11 +339,12 @@ class TarFlow(nn.Module):
         if t_count == 1:
             return x
         if cache == "static":
-            positions = torch.arange(t_count, device=z.device)
+            table = block.step_table(cond, rows)
+            mask = z.new_full((1, 1, 1, t_count), float("-inf"))
 
             def step():
-                mask = (positions <= pos).view(1, 1, 1, t_count)
-                head.step(block.step(inp, pos, caches, cond, mask))
+                mask.index_fill_(-1, pos, 0.0)  # open position pos
+                head.step(block.step(inp, pos, caches, table, mask))
                 pos.add_(1)
         elif cache == "cat":
             grown = [[] for _ in block.layers]
