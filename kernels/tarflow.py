@@ -234,23 +234,31 @@ def _head_step_kernel(
 # --------------------------------------------------------------------------------------
 
 
-def launch_config(tokens: int, width: int) -> tuple[int, int]:
-    """(BLOCK_T, BLOCK_D) of the all-token kernels.
+def launch_config(tokens: int, width: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_D, num_warps) of the all-token kernels.
 
     BLOCK_D: the whole token width up to 128 values (the D loop then runs once for the
     usual patch sizes: 2x2x3 = 12 ... 8x8x3 = 192 takes two rounds), so each row of loads is
-    one contiguous run. BLOCK_T: tokens per program so that a tile holds about 2048 values
-    (enough independent loads per program to hide latency, few enough registers for 4
-    warps), capped by the token count so that small images launch no empty rows."""
+    one contiguous run. BLOCK_T: tokens per program so that a tile holds about 1024 values
+    (512 in float64) -- enough independent loads per program to hide latency -- capped by
+    the token count so that small images launch no empty rows. num_warps: 4 warps hold a
+    full tile at 8 (float64: 4) values per thread: 110-190 registers on sm_90 for the
+    16/32-bit specialisations, and float64, whose exp is a long routine, stays under 255
+    without spilling (1024-value float64 tiles, or 2048-value tiles in any dtype, reached
+    the 255 limit). Small tiles get 2 warps, so that none idles."""
     block_d = min(triton.next_power_of_2(max(width, 1)), 128)
-    block_t = max(1, min(triton.next_power_of_2(max(tokens, 1)), 2048 // block_d))
-    return block_t, block_d
+    max_elems = 512 if dtype == torch.float64 else 1024
+    block_t = max(1, min(triton.next_power_of_2(max(tokens, 1)), max_elems // block_d))
+    num_warps = 4 if block_t * block_d >= 512 else 2
+    return block_t, block_d, num_warps
 
 
-def step_block(width: int) -> int:
-    """BLOCK_D of the one-token kernel: one program per sample covers up to 1024 values
-    of its token (a 16x16x3 patch is 768), more programs along D beyond that."""
-    return min(triton.next_power_of_2(max(width, 1)), 1024)
+def step_block(width: int) -> tuple[int, int]:
+    """(BLOCK_D, num_warps) of the one-token kernel: one program per sample covers up to
+    1024 values of its token (a 16x16x3 patch is 768), more programs along D beyond that;
+    one warp per 256 values (a 2x2x3 patch needs one warp, not four idle ones)."""
+    block_d = min(triton.next_power_of_2(max(width, 1)), 1024)
+    return block_d, max(1, min(4, block_d // 256))
 
 
 def coefficients(clamp: float | None, guidance: float, dtype: torch.dtype, device) -> torch.Tensor:
@@ -276,7 +284,7 @@ def head_forward(inp: torch.Tensor, h: torch.Tensor, *, clamp: float | None, ord
     if out is None:
         out = torch.empty((rows, t_count, d), dtype=inp.dtype, device=inp.device)
     ld_dtype = accumulator_dtype(inp.dtype)
-    block_t, block_d = launch_config(t_count, d)
+    block_t, block_d, num_warps = launch_config(t_count, d, inp.dtype)
     n_ttiles = triton.cdiv(t_count, block_t)
     if out.numel() == 0:
         logdet = torch.zeros(n, dtype=ld_dtype, device=inp.device)
@@ -290,7 +298,7 @@ def head_forward(inp: torch.Tensor, h: torch.Tensor, *, clamp: float | None, ord
         *_strides3(inp), *_strides3(h), *_strides3(out),
         REVERSE=bool(reverse), ORDER=ORDER_IDS[order], CLAMP=CLAMP_IDS["tanh" if clamp else "none"],
         GUIDED=bool(guided), DELTA=bool(delta), COMPUTE=compute_type(inp.dtype),
-        BLOCK_T=block_t, BLOCK_D=block_d)
+        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)
     logdet = partials[:, 0] if n_ttiles == 1 else partials.sum(dim=1)
     if delta:
         return out, logdet, deltas.amax()
@@ -306,14 +314,14 @@ def head_backward(grad_out: torch.Tensor, grad_logdet: torch.Tensor, src: torch.
     grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device)
     if grad_in.numel() == 0:
         return grad_in, grad_h.zero_()
-    block_t, block_d = launch_config(t_count, d)
+    block_t, block_d, num_warps = launch_config(t_count, d, src.dtype)
     coef = coefficients(clamp, 0.0, src.dtype, src.device)
     _head_bwd_kernel[(n, triton.cdiv(t_count, block_t))](
         grad_out, grad_logdet, src, h, grad_in, grad_h, coef, t_count, d, grad_logdet.stride(0),
         *_strides3(grad_out), *_strides3(src), *_strides3(h), *_strides3(grad_in),
         *_strides3(grad_h),
         REVERSE=bool(reverse), ORDER=ORDER_IDS[order], CLAMP=CLAMP_IDS["tanh" if clamp else "none"],
-        COMPUTE=compute_type(src.dtype), BLOCK_T=block_t, BLOCK_D=block_d)
+        COMPUTE=compute_type(src.dtype), BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)
     return grad_in, grad_h
 
 
@@ -327,10 +335,10 @@ def head_step(z: torch.Tensor, h_last: torch.Tensor | None, pos: torch.Tensor, x
     n, t_count, d = z.shape
     if z.numel() == 0:
         return
-    block_d = step_block(d)
+    block_d, num_warps = step_block(d)
     h = inp if h_last is None else h_last  # not read when first
     _head_step_kernel[(n, triton.cdiv(d, block_d))](
         z, h, pos, x, inp, coef, n, t_count, d, *_strides3(z), h.stride(0), h.stride(-1),
         *_strides3(x), inp.stride(0), inp.stride(-1),
         FIRST=bool(first), ORDER=ORDER_IDS[order], CLAMP=CLAMP_IDS["tanh" if clamp else "none"],
-        GUIDED=bool(guided), COMPUTE=compute_type(z.dtype), BLOCK_D=block_d)
+        GUIDED=bool(guided), COMPUTE=compute_type(z.dtype), BLOCK_D=block_d, num_warps=num_warps)
