@@ -211,9 +211,9 @@ class TarFlow(nn.Module):
             raise ValueError(f"x: expected shape (N, {want[0]}, {want[1]}, {want[2]}), got "
                              f"{tuple(x.shape)}")
 
-    def _labels(self, y, n, device):
-        """(N,) class indices: the null class when ``y`` is None (or for an unconditional
-        model); in training mode each label is dropped to the null class with probability
+    def _labels(self, y, n, device, drop=False):
+        """(N,) class indices: the null class when ``y`` is None (None for an unconditional
+        model); with ``drop`` each label is replaced by the null class with probability
         ``class_dropout`` (drawn on the device, no host sync)."""
         if self.num_classes == 0:
             if y is not None:
@@ -228,16 +228,21 @@ class TarFlow(nn.Module):
         if tuple(y.shape) != (n,):
             raise ValueError(f"y: expected shape ({n},), one label per sample, got {tuple(y.shape)}")
         y = y.to(device=device, dtype=torch.long)
-        if self.training and self.class_dropout > 0:
+        if drop and self.class_dropout > 0:
             y = torch.where(torch.rand(n, device=device) < self.class_dropout, null, y)
         return y
 
     # ---- density -----------------------------------------------------------------------
 
-    def forward(self, x, y=None):
-        """(z, logdet): z the tokens (N, T, D) in natural order, logdet (N,)."""
+    def forward(self, x, y=None, *, drop_labels: bool | None = None):
+        """(z, logdet): z the tokens (N, T, D) in natural order, logdet (N,).
+
+        ``drop_labels`` (default: in training mode) replaces each label by the null class
+        with probability ``class_dropout``, which trains the unconditional model that
+        classifier-free guidance needs."""
         self._check_x(x)
-        labels = self._labels(y, x.shape[0], x.device)
+        drop = self.training if drop_labels is None else drop_labels
+        labels = self._labels(y, x.shape[0], x.device, drop)
         u = self.patchify(x)
         logdet = None
         for k, block in enumerate(self.blocks):
@@ -246,9 +251,9 @@ class TarFlow(nn.Module):
             logdet = ld if logdet is None else logdet + ld
         return u, logdet
 
-    def log_prob(self, x, y=None):
+    def log_prob(self, x, y=None, *, drop_labels: bool | None = None):
         """log p(x) per sample (N,): the standard normal log-density of z plus the log-det."""
-        z, logdet = self(x, y)
+        z, logdet = self(x, y, drop_labels=drop_labels)
         zf = z.to(logdet.dtype).flatten(1)
         return -0.5 * (zf * zf).sum(1) - 0.5 * math.log(2 * math.pi) * zf.shape[1] + logdet
 
@@ -257,7 +262,7 @@ class TarFlow(nn.Module):
         the model was trained with (Tweedie's formula)."""
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(self.log_prob(xg, y).sum(), xg)
+            (grad,) = torch.autograd.grad(self.log_prob(xg, y, drop_labels=False).sum(), xg)
         return (x + self.noise_std ** 2 * grad).detach()
 
     # ---- sampling ----------------------------------------------------------------------

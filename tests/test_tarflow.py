@@ -131,10 +131,17 @@ def test_training_labels_drop_to_the_null_class():
     model = ff.TarFlow(1, 4, 2, 8, 1, 1, num_classes=3, head_dim=4, class_dropout=0.5)
     y = torch.zeros(2000, dtype=torch.long)
     model.train()
-    dropped = (model._labels(y, 2000, y.device) == 3).float().mean().item()
+    dropped = (model._labels(y, 2000, y.device, drop=True) == 3).float().mean().item()
     assert 0.4 < dropped < 0.6
+    assert torch.equal(model._labels(y, 2000, y.device), y)  # sampling never drops
+    x = torch.randn(4, 1, 4, 4)
+    with torch.no_grad():
+        model.blocks[0].proj_out.weight.normal_()
+    y4 = torch.zeros(4, dtype=torch.long)
+    runs = [model(x, y4, drop_labels=False)[0] for _ in range(3)]
+    assert all(torch.equal(r, runs[0]) for r in runs)
     model.eval()
-    assert torch.equal(model._labels(y, 2000, y.device), y)
+    assert torch.equal(model(x, y4)[0], runs[0])
 
 
 def test_forward_matches_between_backends_in_float32():
