@@ -5,7 +5,8 @@
 * ATen operators + Triton launches per sampled token per block, for the static KV cache
   with the fused one-token head (fastflow), the cat-grown cache of the published sampler
   and the naive sampler that recomputes the transformer over the whole prefix; with the
-  elements each copies into its cache and the matrix-product FLOPs per token. Per-token
+  elements each copies into its cache and the FLOPs per token (linear layers counted,
+  attention computed from the number of (query, key) pairs each evaluates). Per-token
   figures are the difference between two images of 16 and 64 tokens divided by 48, so
   per-block set-up is not counted.
 * Host synchronisations in ``sample`` (sequential: the goal is 0) and in Jacobi sampling.
@@ -119,6 +120,13 @@ def token_figures(n=4, guidance=1.0) -> list[dict]:
              ("none", "triton"): "naive: transformer over the whole prefix"}
     shape = (f"N={n} x2 (guidance), 2 layers, width 64, 3x{{8,16}}^2 images, patch 2, "
              f"D=12, T=16 vs 64")
+    # attention FLOPs (FlopCounterMode does not see CPU attention): per layer, QK^T and
+    # AV cost 4 * B * C per (query, key) pair; averaged over the T - 1 token steps of T = 64
+    rows_b, width, n_layers, t_big = 2 * n, 64, 2, big.tokens
+    pairs = {"static": [t_big] * (t_big - 1),                    # masked: every position
+             "cat": [t + 1 for t in range(t_big - 1)],           # the grown past only
+             "none": [(t + 1) ** 2 for t in range(t_big - 1)]}   # full causal prefix matrix
+    attn = {k: 4 * rows_b * width * n_layers * sum(v) / (t_big - 1) for k, v in pairs.items()}
     for key, name in names.items():
         p = per[key]
         rows.append({
@@ -126,7 +134,8 @@ def token_figures(n=4, guidance=1.0) -> list[dict]:
             "aten_ops": p["ops"], "aten_view_ops": p["views"], "triton_launches": p["launches"],
             "kernel_launches_eager": p["ops"] - p["views"] + p["launches"],
             "cache_elements_copied": p["cat"] + p["index_copy"],
-            "matmul_flops": p["flops"], "host_syncs": p["syncs"],
+            "linear_flops": p["flops"], "attention_flops_T64_avg": attn[key[0]],
+            "host_syncs": p["syncs"],
             "T64_block_totals": p["total_T64"]})
     return rows
 

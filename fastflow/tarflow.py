@@ -389,7 +389,7 @@ class TarFlow(nn.Module):
                 break
         below = (changes[:done] < tol).to(torch.long)
         # iterations until the first change under tol (T if none): stays on the device
-        first = torch.where(below.any(), below.argmax() + 1, torch.tensor(done, device=z.device))
+        first = torch.where(below.any(), below.argmax() + 1, torch.full((), done, device=z.device))
         iterations.append(first)
         return buf[:n]
 
