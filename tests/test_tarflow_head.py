@@ -198,6 +198,5 @@ def test_bad_inputs_name_the_argument():
         ff.tarflow_head(x, h, order="flip")
     with pytest.raises(ValueError, match="clamp"):
         ff.tarflow_head(x, h, clamp=-1.0)
-    if DEVICE == "cpu" and torch.device("meta") is not None:
-        with pytest.raises(ValueError, match="h: expected a tensor on x's device"):
-            ff.tarflow_head(x, h.to("meta"))
+    with pytest.raises(ValueError, match="h: expected a tensor on x's device"):
+        ff.tarflow_head(x, h.to("meta"))
