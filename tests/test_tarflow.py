@@ -202,3 +202,14 @@ def test_train_tarflow_improves_and_resumes(tmp_path):
     assert resumed["epochs"][-1]["step"] == 8
     with pytest.raises(SystemExit, match="--resume"):
         _train(tmp_path, "--resume", "--channels", "8")
+
+
+def test_cli_lists_train_tarflow(capsys):
+    from fastflow import __main__ as cli
+
+    assert cli.main(["--help"]) == 0
+    assert "train-tarflow" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train-tarflow", "--help"])
+    assert exit_.value.code == 0
+    assert "--noise-std" in capsys.readouterr().out
