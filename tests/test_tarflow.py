@@ -213,3 +213,14 @@ def test_cli_lists_train_tarflow(capsys):
         cli.main(["train-tarflow", "--help"])
     assert exit_.value.code == 0
     assert "--noise-std" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+def test_cuda_graph_sampler_equals_eager_steps():
+    model = tiny(num_classes=4, blocks=3, dtype=torch.float32)
+    z = torch.randn(3, 4, 4, device=DEVICE)
+    y = torch.tensor([0, 3, 1], device=DEVICE)
+    for guidance in (0.0, 1.0):
+        eager = model.reverse(z, y, guidance=guidance, graphs=False)
+        graphed = model.reverse(z, y, guidance=guidance, graphs=True)
+        torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
