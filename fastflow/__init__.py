@@ -13,6 +13,8 @@ from .layers import ActNorm, FlowStep, InvConv2d, InvConv2dLU
 from .layers import GaussianReparam
 from .glow import Glow, bits_per_dim
 from .reversible import ReversibleSequence
+from .ops.tarflow import tarflow_head
+from .tarflow import TarFlow
 from .patch import PatchReport, patch
 
 __version__ = "0.1.0"
@@ -24,4 +26,5 @@ __all__ = [
     "AffineCoupling", "Glow", "bits_per_dim", "ReversibleSequence",
     "channel_mix", "actnorm_invconv", "ActNorm", "InvConv2dLU", "InvConv2d", "FlowStep",
     "patch", "PatchReport",
+    "TarFlow", "tarflow_head",
 ]

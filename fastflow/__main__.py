@@ -13,6 +13,7 @@ COMMANDS = {
     "bench": ("fastflow.cli.bench:main", "print and save the benchmark tables for this device"),
     "train": ("fastflow.cli.train:main", "train a multi-scale Glow (digits or your images)"),
     "train-vae": ("fastflow.cli.train_vae:main", "train the small VAE on the embedded digits"),
+    "train-tarflow": ("fastflow.cli.train_tarflow:main", "train a small TarFlow on the embedded digits"),
 }
 
 

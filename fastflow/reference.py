@@ -339,3 +339,92 @@ def reparameterize_kl(mu, logvar, eps=None, *, reduction="none", generator=None,
 def gaussian_log_p(x, mean, log_sd):
     """Elementwise log N(x; mean, exp(log_sd)^2)."""
     return -0.5 * math.log(2 * math.pi) - log_sd - 0.5 * (x - mean) ** 2 / torch.exp(2 * log_sd)
+
+
+# --------------------------------------------------------------------------------------
+# TarFlow affine head
+# --------------------------------------------------------------------------------------
+
+# The token order a TarFlow head writes its output in (forward) or reads its input in
+# (inverse): "same" keeps the block's order, "reversed" flips the tokens (the next block's
+# permutation, applied as an index on the store instead of a copy).
+TARFLOW_ORDERS = ("same", "reversed")
+
+
+def tarflow_clamp(a, clamp=None):
+    """The optional soft clamp of the log-scale: ``clamp * tanh(a / clamp)``.
+
+    Written with e = exp(-2|u|) so that autograd's derivative, 4e / (1 + e)^2, keeps its
+    precision where tanh saturates (torch.tanh's backward, 1 - tanh^2, cancels there in
+    float32); ``where`` instead of ``abs`` keeps the derivative 1 at u = 0."""
+    if not clamp:
+        return a
+    u = a / clamp
+    neg = u < 0
+    e = torch.exp(-2.0 * torch.where(neg, -u, u))
+    th = (1.0 - e) / (1.0 + e)
+    return clamp * torch.where(neg, -th, th)
+
+
+def tarflow_params(h, *, clamp=None, guidance=0.0, guided=False, upcast=True):
+    """The shifted affine parameters (a, b), each (N, T, D), from the transformer's output
+    projection ``h`` (B, T, 2D): token t takes ``h[:, t - 1]`` split into ``a = h[..., :D]``
+    (soft-clamped) and ``b = h[..., D:]``; token 0 gets zeros. ``guided``: the batch is
+    doubled, rows [0, N) conditional and [N, 2N) unconditional, combined as
+    ``p = p_c + guidance * (p_c - p_u)`` for p in (a, b) (classifier-free guidance)."""
+    cd = compute_dtype(h.dtype) if upcast else h.dtype
+    d = h.shape[-1] // 2
+    hc = F.pad(h.to(cd)[:, :-1], (0, 0, 1, 0))
+    a, b = tarflow_clamp(hc[..., :d], clamp), hc[..., d:]
+    if guided:
+        n = h.shape[0] // 2
+        a = a[:n] + guidance * (a[:n] - a[n:])
+        b = b[:n] + guidance * (b[:n] - b[n:])
+    return a, b
+
+
+def tarflow_head(x, h, *, clamp=None, order="same", reverse=False, guidance=0.0,
+                 guided=False, upcast=True):
+    """The TarFlow affine head: ``(out, logdet)``.
+
+    Forward: ``x`` (N, T, D) in the block's token order, ``h`` (N, T, 2D) the causal
+    transformer's output for ``x``; ``z = (x - b) * exp(-a)`` with (a, b) from
+    ``tarflow_params``, written in ``order``; ``logdet = -sum(a)`` per sample.
+    ``reverse=True``: ``x`` holds z in ``order``; ``out = z * exp(a) + b`` in the block's
+    order and ``logdet = +sum(a)`` (the inverse map's). Given h of the true x, the inverse is
+    exact; with h of a guess it is one Jacobi update."""
+    a, b = tarflow_params(h, clamp=clamp, guidance=guidance, guided=guided, upcast=upcast)
+    v = x.to(a.dtype)
+    if reverse:
+        if order == "reversed":
+            v = v.flip(1)
+        out = v * torch.exp(a) + b
+        logdet = a.sum(dim=(1, 2))
+    else:
+        out = (v - b) * torch.exp(-a)
+        logdet = -a.sum(dim=(1, 2))
+        if order == "reversed":
+            out = out.flip(1)
+    return out.to(x.dtype), logdet
+
+
+def tarflow_token_inverse(z, h_last, tok, *, clamp=None, order="same", guidance=0.0,
+                          guided=False, upcast=True):
+    """One token of the inverse: ``x_t = z_t * exp(a_t) + b_t`` (N, 1, D) for the block-order
+    token index ``tok`` (a (1,) int64 tensor, so no host sync), where ``z`` (N, T, D) is laid
+    out in ``order`` and ``h_last`` (B, 1, 2D) is the transformer's output at token t - 1
+    (ignored when ``h_last`` is None: token 0, a = b = 0)."""
+    t_count = z.shape[1]
+    stored = tok if order == "same" else (t_count - 1) - tok
+    zt = z.index_select(1, stored)
+    cd = compute_dtype(z.dtype) if upcast else z.dtype
+    if h_last is None:
+        return zt.to(cd).to(z.dtype)
+    d = h_last.shape[-1] // 2
+    hc = h_last.to(cd)
+    a, b = tarflow_clamp(hc[..., :d], clamp), hc[..., d:]
+    if guided:
+        n = h_last.shape[0] // 2
+        a = a[:n] + guidance * (a[:n] - a[n:])
+        b = b[:n] + guidance * (b[:n] - b[n:])
+    return (zt.to(cd) * torch.exp(a) + b).to(z.dtype)

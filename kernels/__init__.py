@@ -20,4 +20,5 @@ FAMILIES = {
     "channel_mix": "ActNorm folded into the invertible 1x1 convolution, and its backward",
     "lu_weight": "LU-parameterised 1x1-convolution weight and the whole step's log-det",
     "gaussian": "VAE reparameterisation fused with the KL term, noise drawn in the kernel",
+    "tarflow": "TarFlow affine head: shift, clamp, affine map, log-det and token order (all tokens or one)",
 }

@@ -1,0 +1,226 @@
+"""ff.TarFlow: exact log-det and inverse, the KV-cache sampler against a naive one, Jacobi
+against sequential, no host syncs while sampling, denoising, and the training command."""
+
+import json
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastflow as ff
+from fastflow.cli import train_tarflow
+
+from conftest import DEVICE
+
+
+def tiny(num_classes=0, dtype=torch.float64, blocks=2, seed=0, **kw):
+    """1x4x4 images, patch 2 (4 tokens of 4), ``blocks`` blocks of 1 layer, random weights
+    (the zero-initialised output projections would make every block the identity)."""
+    torch.manual_seed(seed)
+    model = ff.TarFlow(1, 4, 2, 8, blocks, 1, num_classes, head_dim=4, **kw)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model.to(device=DEVICE, dtype=dtype).eval()
+
+
+def test_logdet_equals_log_abs_det_of_the_jacobian(backend):
+    model = tiny(num_classes=3)
+    x = torch.randn(1, 1, 4, 4, dtype=torch.float64, device=DEVICE)
+    y = torch.tensor([2], device=DEVICE)
+    _, logdet = model(x, y)
+    # samples are independent: 16 copies of x, row i of the Jacobian from copy i, one pass
+    xs = x.repeat(16, 1, 1, 1).requires_grad_(True)
+    z = model(xs, y.repeat(16))[0].reshape(16, 16)
+    (jac,) = torch.autograd.grad(z.diagonal().sum(), xs)
+    _, expected = torch.linalg.slogdet(jac.reshape(16, 16))
+    torch.testing.assert_close(logdet[0], expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("blocks", [2, 3])
+def test_reverse_of_forward_recovers_x(backend, blocks):
+    model = tiny(blocks=blocks, clamp=2.0)
+    x = torch.randn(3, 1, 4, 4, dtype=torch.float64, device=DEVICE)
+    z, logdet = model(x)
+    assert z.shape == (3, 4, 4) and logdet.shape == (3,)
+    torch.testing.assert_close(model.reverse(z), x, rtol=0, atol=1e-10)
+    torch.testing.assert_close(model.reverse(model.unpatchify(z)), x, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("num_classes,labelled,guidance",
+                         [(0, False, 0.0), (4, True, 0.0), (4, True, 1.5), (4, False, 0.0)])
+def test_kv_cache_sampler_equals_naive_recompute(backend, num_classes, labelled, guidance):
+    model = tiny(num_classes=num_classes, clamp=3.0)
+    z = torch.randn(3, 4, 4, dtype=torch.float64, device=DEVICE)
+    y = torch.tensor([0, 3, 1], device=DEVICE) if labelled else None
+    naive = model.reverse(z, y, guidance=guidance, cache="none")
+    for cache in ("static", "cat"):
+        got = model.reverse(z, y, guidance=guidance, cache=cache)
+        torch.testing.assert_close(got, naive, rtol=0, atol=1e-10, msg=cache)
+    if guidance:  # guidance changes the samples
+        assert (naive - model.reverse(z, y, cache="none")).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("guidance", [0.0, 1.0])
+def test_jacobi_agrees_with_sequential(backend, guidance):
+    model = tiny(num_classes=4, blocks=3)
+    z = torch.randn(2, 4, 4, dtype=torch.float64, device=DEVICE)
+    y = torch.tensor([1, 2], device=DEVICE)
+    seq = model.reverse(z, y, guidance=guidance)
+    stats = {}
+    jac = model.reverse(z, y, guidance=guidance, method="jacobi", tol=1e-9, check_every=1,
+                        stats=stats)
+    torch.testing.assert_close(jac, seq, rtol=0, atol=1e-7)
+    assert len(stats["jacobi_iterations"]) == 3
+    assert all(1 <= i <= 4 for i in stats["jacobi_iterations"])
+
+
+def test_jacobi_stops_early_on_a_near_identity_model():
+    """Blocks that barely depend on their past converge in fewer than T iterations, and
+    the count reported is the first iteration under the tolerance."""
+    torch.manual_seed(0)
+    model = ff.TarFlow(1, 8, 2, 8, 2, 1, head_dim=4).double().to(DEVICE).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.proj_out.weight.normal_(0.0, 1e-3)
+    z = torch.randn(2, 16, 4, dtype=torch.float64, device=DEVICE)
+    stats = {}
+    jac = model.reverse(z, method="jacobi", tol=1e-8, check_every=2, stats=stats)
+    assert all(i < 16 for i in stats["jacobi_iterations"]), stats
+    torch.testing.assert_close(jac, model.reverse(z), rtol=0, atol=1e-6)
+
+
+class _SyncCounter(TorchDispatchMode):
+    """Counts the ops that make the host wait for a device value."""
+
+    SYNCS = ("_local_scalar_dense", "item", "is_nonzero", "nonzero", "equal")
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.SYNCS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_sequential_sampling_reads_nothing_on_the_host(backend):
+    model = tiny(num_classes=4, dtype=torch.float32)
+    y = torch.tensor([0, 1], device=DEVICE)
+    with _SyncCounter() as syncs:
+        model.sample(2, y, guidance=1.0)
+    assert syncs.count == 0
+    with _SyncCounter() as syncs:  # Jacobi reads its test once every check_every iterations
+        model.reverse(torch.randn(2, 4, 4, device=DEVICE), y, method="jacobi", check_every=2)
+    assert 1 <= syncs.count <= 2 * 1  # 2 blocks, T = 4: one check each (iteration 2)
+
+
+def test_denoise_is_one_score_step():
+    """A fresh TarFlow is the identity (zero output projections): log p is the standard
+    normal, so the score step maps x to x (1 - sigma^2)."""
+    model = ff.TarFlow(1, 4, 2, 8, 2, 1, head_dim=4, noise_std=0.3).double()
+    x = torch.randn(2, 1, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(model.denoise(x), x * (1 - 0.09), rtol=1e-12, atol=1e-12)
+    out = model.sample(3, generator=torch.Generator().manual_seed(0))
+    raw = model.sample(3, generator=torch.Generator().manual_seed(0), denoise=False)
+    torch.testing.assert_close(out, raw * (1 - 0.09), rtol=1e-12, atol=1e-12)
+
+
+def test_training_labels_drop_to_the_null_class():
+    model = ff.TarFlow(1, 4, 2, 8, 1, 1, num_classes=3, head_dim=4, class_dropout=0.5)
+    y = torch.zeros(2000, dtype=torch.long)
+    model.train()
+    dropped = (model._labels(y, 2000, y.device, drop=True) == 3).float().mean().item()
+    assert 0.4 < dropped < 0.6
+    assert torch.equal(model._labels(y, 2000, y.device), y)  # sampling never drops
+    x = torch.randn(4, 1, 4, 4)
+    with torch.no_grad():
+        model.blocks[0].proj_out.weight.normal_()
+    y4 = torch.zeros(4, dtype=torch.long)
+    runs = [model(x, y4, drop_labels=False)[0] for _ in range(3)]
+    assert all(torch.equal(r, runs[0]) for r in runs)
+    model.eval()
+    assert torch.equal(model(x, y4)[0], runs[0])
+
+
+def test_forward_matches_between_backends_in_float32():
+    model = tiny(num_classes=3, dtype=torch.float32, clamp=2.0)
+    x = torch.randn(2, 1, 4, 4, device=DEVICE)
+    y = torch.tensor([0, 2], device=DEVICE)
+    with ff.use_backend("reference"):
+        z_r, ld_r = model(x, y)
+    with ff.use_backend("triton"):
+        z_t, ld_t = model(x, y)
+    torch.testing.assert_close(z_t, z_r, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ld_t, ld_r, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_arguments_name_themselves():
+    with pytest.raises(ValueError, match="patch_size"):
+        ff.TarFlow(1, 5, 2, 8, 1, 1)
+    with pytest.raises(ValueError, match="channels"):
+        ff.TarFlow(1, 4, 2, 10, 1, 1, head_dim=3)
+    model = ff.TarFlow(1, 4, 2, 8, 1, 1, head_dim=4)
+    with pytest.raises(ValueError, match="x: expected shape"):
+        model(torch.randn(2, 1, 4, 5))
+    with pytest.raises(ValueError, match="y: this TarFlow has num_classes=0"):
+        model(torch.randn(2, 1, 4, 4), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="guidance"):
+        model.sample(2, guidance=1.0)
+    with pytest.raises(ValueError, match="method"):
+        model.sample(2, method="parallel")
+    with pytest.raises(ValueError, match="z: expected tokens"):
+        model.reverse(torch.randn(2, 5, 4))
+    cond = ff.TarFlow(1, 4, 2, 8, 1, 1, num_classes=2, head_dim=4)
+    with pytest.raises(ValueError, match="guidance: classifier-free guidance steers"):
+        cond.sample(2, guidance=1.0)
+    with pytest.raises(ValueError, match=r"y: expected shape \(2,\)"):
+        cond(torch.randn(2, 1, 4, 4), torch.tensor([0]))
+    with pytest.raises(TypeError, match="y: expected an integer tensor"):
+        cond(torch.randn(2, 1, 4, 4), torch.tensor([0.0, 1.0]))
+
+
+def _train(tmp_path, *extra):
+    argv = ["--epochs", "2", "--max-steps", "8", "--batch-size", "32", "--channels", "16",
+            "--blocks", "2", "--head-dim", "8", "--out", str(tmp_path), "--no-progress", *extra]
+    assert train_tarflow.main(argv) == 0
+    return json.loads((tmp_path / "metrics.json").read_text())
+
+
+def test_train_tarflow_improves_and_resumes(tmp_path):
+    first = _train(tmp_path, "--max-steps", "4", "--epochs", "1")
+    history = first["history"]
+    assert history["epochs"][-1]["step"] == 4
+    assert history["epochs"][-1]["test"]["nll"] < history["initial"]["nll"]
+    for name in ("checkpoint.pt", "metrics.json", "tarflow_samples.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert len(first["sampling"]["jacobi_iterations"]) == 2
+    resumed = _train(tmp_path, "--resume")["history"]
+    assert [e["epoch"] for e in resumed["epochs"]] == [1, 2]
+    assert resumed["epochs"][0] == history["epochs"][0]
+    assert resumed["epochs"][-1]["step"] == 8
+    with pytest.raises(SystemExit, match="--resume"):
+        _train(tmp_path, "--resume", "--channels", "8")
+
+
+def test_cli_lists_train_tarflow(capsys):
+    from fastflow import __main__ as cli
+
+    assert cli.main(["--help"]) == 0
+    assert "train-tarflow" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train-tarflow", "--help"])
+    assert exit_.value.code == 0
+    assert "--noise-std" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+def test_cuda_graph_sampler_equals_eager_steps():
+    model = tiny(num_classes=4, blocks=3, dtype=torch.float32)
+    z = torch.randn(3, 4, 4, device=DEVICE)
+    y = torch.tensor([0, 3, 1], device=DEVICE)
+    for guidance in (0.0, 1.0):
+        eager = model.reverse(z, y, guidance=guidance, graphs=False)
+        graphed = model.reverse(z, y, guidance=guidance, graphs=True)
+        torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
