@@ -192,7 +192,10 @@ def main(argv=None) -> int:
                         say(f"## {name}: {title}{note}\n\n{table(rows, cols)}\n")
                         results["tables"].append({"suite": name, "title": title, "rows": rows})
             if not args.no_figures and hasattr(suite, "cpu_figures"):
-                figs = [{"suite": name, **f} for f in suite.cpu_figures()]
+                # on the device: on a GPU the Triton launches are compiled kernels on CUDA
+                # tensors (without a GPU, interpreted on CPU tensors: the same counts)
+                with torch.device(device):
+                    figs = [{"suite": name, **f} for f in suite.cpu_figures()]
                 cols = ["figure", "eager", "fastflow", "ratio", "detail"]
                 cols += sorted({k for f in figs for k in f} - set(cols) - {"suite"})
                 say(f"## {name}: device-independent figures\n\n{table(figs, cols)}\n")
