@@ -113,8 +113,9 @@ def parse_args(argv=None):
     ap.add_argument("--no-figures", action="store_true", help="skip the device-independent figures")
     ap.add_argument("--no-timing", action="store_true", help="only the device-independent figures")
     ap.add_argument("--threads", type=int, default=None,
-                    help="CPU threads for torch (default: torch's own choice). On a busy machine "
-                         "--threads 1 avoids OpenMP contention, which can turn a 4 us op into 20 ms")
+                    help="torch CPU threads. Default without a GPU: 1, because OpenMP threads "
+                         "contending on a busy machine turned a 4 us op into 20 ms and made "
+                         "the tables swing from run to run; with a GPU: torch's own choice")
     ap.add_argument("--no-compile", action="store_true",
                     help="suite glow: skip torch.compile of the peer (slow to compile on CPU)")
     args = ap.parse_args(argv)
@@ -137,9 +138,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.threads is None and device == "cpu":
+        args.threads = 1
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     info = device_info(device)
     info.update(reps=args.reps, warmup=args.warmup, quick=args.quick)
     cpu = not device.startswith("cuda")
