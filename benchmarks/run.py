@@ -138,6 +138,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    threads = torch.get_num_threads()
+    try:
+        return _run(args)
+    finally:  # a caller in the same process (the demo's training) keeps its thread count
+        torch.set_num_threads(threads)
+
+
+def _run(args) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.threads is None and device == "cpu":
         args.threads = 1

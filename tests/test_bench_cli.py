@@ -113,3 +113,14 @@ def test_cpu_tables_say_fastflow_runs_the_reference_path(run_py):
     import harness
 
     assert "reference path" in harness.CPU_NOTE and "say nothing about GPU speed" in harness.CPU_NOTE
+
+
+def test_bench_leaves_the_callers_thread_count_alone(run_py, tmp_path, monkeypatch):
+    import torch
+
+    before = torch.get_num_threads()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        run_py.main(["--reps", "0"])
+    run_py.main(["--suites", "gaussian", "--quick", "--no-figures", "--reps", "1", "--threads", "1"])
+    assert torch.get_num_threads() == before
