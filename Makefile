@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 
 .PHONY: demo test bench env clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q '$(TORCH)'
 	$(VENV)/bin/pip install -q -e '.[test,app]'

@@ -1,20 +1,35 @@
 #!/usr/bin/env bash
-# One GPU check in under 6 minutes: the whole test suite on the GPU (compiled kernels on
-# CUDA tensors), then the benchmark tables. Everything lands under $OUT (the device tool's
-# result folder; benchmarks/results when unset):
-#   device.txt   nvidia-smi's name, driver and memory of the card
+# One GPU check: the whole test suite on the GPU (compiled kernels on CUDA tensors), then the
+# benchmark tables (op suites, then the end-to-end Glow suite). Everything lands under $OUT
+# (the device tool's result folder; runs/gpu_check when unset):
+#   device.txt   nvidia-smi's name, driver and memory of the card, torch and triton versions
 #   tests.log    pytest's output            tests.xml  the same as JUnit XML
-#   bench.log    the printed tables         bench-<device>.json  every number, with versions
+#   bench.log    the op tables              glow.log   the Glow tables
+#   bench-<device>.json / .md  every number, with versions (op suites; glow/ for the Glow suite)
+# Exit status: 0 only when the tests and every table run passed; otherwise 1 (the logs say
+# which part failed).
 #
 # Run from the repository root on the GPU machine:  bash benchmarks/gpu_check.sh
-# It installs nothing from the network: fastflow is laid out in a temporary site folder, and
-# the peers (normflows, FrEIA) come from .whl/ if that folder was carried along
-# (fill it here with: bash benchmarks/fetch_wheels.sh).
+# Python: the README's .venv (make env TORCH=torch) when it exists and sees a GPU, else
+# $PYTHON or python3. It installs nothing from the network: fastflow is laid out in a
+# temporary site folder that comes first on PYTHONPATH (so the checkout is what runs, even
+# with a .venv from another path), and the peers (normflows, FrEIA) come from .whl/ if that
+# folder was carried along (fill it here with: bash benchmarks/fetch_wheels.sh).
+# Knobs: TEST_TIMEOUT (s, default 200), BENCH_TIMEOUT (200), GLOW_TIMEOUT (300),
+# GLOW_ARGS (extra run.py options for the Glow suite, e.g. "--no-compile").
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-benchmarks/results}
+OUT=${OUT:-runs/gpu_check}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
+if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then
+  if .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    PY=.venv/bin/python
+  else
+    echo "gpu_check: .venv's torch sees no GPU (CPU build?); using $PY. Set up a CUDA one with: make env TORCH=torch"
+  fi
+fi
+echo "gpu_check: python $PY"
 SITE=$(mktemp -d /tmp/fastflow-site.XXXX)
 cp -r fastflow "$SITE/"
 cp -r kernels "$SITE/fastflow/kernels"
@@ -24,14 +39,29 @@ fi
 export PYTHONPATH="$SITE" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET FASTFLOW_BACKEND
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+status=0
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt" || status=1
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/device.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "gpu_check: no usable CUDA torch"; exit 1; }
 
 # Tests: xdist spreads kernel compilation over the CPU cores when it is installed.
 XDIST=""
 $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
-timeout 200 $PY -m pytest -q -p no:cacheprovider $XDIST --junitxml="$OUT/tests.xml" tests 2>&1 | tee "$OUT/tests.log" | tail -n 25
-echo "tests exit: ${PIPESTATUS[0]}" | tee -a "$OUT/tests.log"
+timeout "${TEST_TIMEOUT:-200}" $PY -m pytest -q -p no:cacheprovider $XDIST --junitxml="$OUT/tests.xml" tests 2>&1 | tee "$OUT/tests.log" | tail -n 25
+rc=${PIPESTATUS[0]}
+echo "tests exit: $rc" | tee -a "$OUT/tests.log"
+[ "$rc" -eq 0 ] || status=1
 
-timeout 270 $PY benchmarks/run.py --out "$OUT" --reps 30 2>&1 | tee "$OUT/bench.log" | tail -n 80
-echo "bench exit: ${PIPESTATUS[0]}" | tee -a "$OUT/bench.log"
+timeout "${BENCH_TIMEOUT:-200}" $PY benchmarks/run.py --out "$OUT" --reps 30 --suites coupling,channel_mix,gaussian 2>&1 | tee "$OUT/bench.log" | tail -n 80
+rc=${PIPESTATUS[0]}
+echo "bench exit: $rc" | tee -a "$OUT/bench.log"
+[ "$rc" -eq 0 ] || status=1
+
+# shellcheck disable=SC2086
+timeout "${GLOW_TIMEOUT:-300}" $PY benchmarks/run.py --out "$OUT/glow" --reps 20 --suites glow ${GLOW_ARGS:-} 2>&1 | tee "$OUT/glow.log" | tail -n 80
+rc=${PIPESTATUS[0]}
+echo "glow exit: $rc" | tee -a "$OUT/glow.log"
+[ "$rc" -eq 0 ] || status=1
+
+echo "gpu_check: $([ $status -eq 0 ] && echo passed || echo FAILED)"
+exit $status

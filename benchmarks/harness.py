@@ -5,8 +5,11 @@ A suite module exposes ``cases(device, quick) -> list[Case]`` and optionally
 for backward, algorithmic ratios). ``benchmarks/run.py`` prints and saves the tables;
 ``benchmarks/test_benchmarks.py`` runs the same cases under pytest-benchmark.
 
-Timings: on CUDA, CUDA events around each repetition, median of ``reps``; on CPU,
-``time.perf_counter`` (CPU timings say nothing about GPU speed).
+Timings: warm-up, then ``reps`` repetitions reported as median, quartiles and range; on
+CUDA, CUDA events around each repetition with the L2 cache flushed before it (as
+``triton.testing.do_bench``); on CPU, ``time.perf_counter`` (fastflow runs its reference
+path on CPU, and CPU timings say nothing about GPU speed). A row whose forward+backward is
+shorter than its forward is flagged (``flag_row``) and printed as a flag, not a result.
 """
 
 from __future__ import annotations
@@ -94,8 +97,73 @@ def _sync(device: str):
         torch.cuda.synchronize()
 
 
+# --------------------------------------------------------------------------------------
+# Timing: warm-up, repetitions, median and spread; on CUDA the L2 cache is flushed
+# before every repetition (triton.testing.do_bench's method: write a buffer larger than
+# any L2), so no repetition reads what the previous one left in cache.
+# --------------------------------------------------------------------------------------
+
+CPU_NOTE = ("CPU: fastflow runs its reference path here (the default backend on CPU); "
+            "CPU times say nothing about GPU speed")
+FLUSH_BYTES = 256 << 20  # larger than the L2 of any current GPU (H100 50 MB, H200 60 MB)
+
+
+class _Flusher:
+    """Zeroes a 256 MB buffer before each CUDA repetition; nothing on CPU."""
+
+    def __init__(self, device: str):
+        self.buf = (torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+                    if device.startswith("cuda") else None)
+
+    def __call__(self):
+        if self.buf is not None:
+            self.buf.zero_()
+
+
+def summary(seconds: list[float]) -> dict:
+    """Median, quartiles, min and max of repetition times (seconds)."""
+    if not seconds:
+        nan = float("nan")
+        return {"median": nan, "q1": nan, "q3": nan, "min": nan, "max": nan, "n": 0}
+    s = sorted(seconds)
+    q = statistics.quantiles(s, n=4, method="inclusive") if len(s) > 1 else [s[0]] * 3
+    return {"median": statistics.median(s), "q1": q[0], "q3": q[2], "min": s[0], "max": s[-1],
+            "n": len(s)}
+
+
+def time_fn(fn: Callable[[], Any], device: str, reps: int = 20, warmup: int = 3) -> dict:
+    """``summary`` of ``reps`` timed calls of ``fn()`` after ``warmup`` untimed ones."""
+    if reps < 1:
+        raise ValueError(f"reps: expected at least 1, got {reps}")
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    flush = _Flusher(device)
+    times = []
+    for _ in range(reps):
+        flush()
+        with _Timer(device) as t:
+            fn()
+        times.append(t)
+    return summary([t.elapsed() for t in times])
+
+
+def flag_row(row: dict) -> dict:
+    """Mark a row whose times contradict each other (forward+backward shorter than the
+    forward alone: the machine was busy, or something was cached between the runs). A
+    flagged row keeps its raw numbers in the JSON but the tables print the flag instead."""
+    fwd, both = row.get("fwd_s"), row.get("fwd_bwd_s")
+    if fwd is not None and both is not None and both == both and fwd == fwd and both < fwd:
+        row["flag"] = (f"UNRELIABLE: fwd+bwd {both * 1e3:.3g} ms < fwd {fwd * 1e3:.3g} ms; "
+                       "not a result, rerun on an idle machine")
+    return row
+
+
 def time_impl(impl: Impl, inputs, device: str, reps: int = 20, warmup: int = 3) -> dict:
-    """Median seconds of forward, backward and forward+backward, and peak memory."""
+    """Forward, backward and forward+backward: median, quartiles and range (seconds), and
+    peak memory on CUDA. Backward is timed on a fresh forward each repetition."""
+    if reps < 1:
+        raise ValueError(f"reps: expected at least 1, got {reps}")
     outs0 = _tensors(impl.fn(*inputs))
     has_grad = any(o.requires_grad for o in outs0)
     _, grads = _grad_outputs(outs0)
@@ -105,24 +173,29 @@ def time_impl(impl: Impl, inputs, device: str, reps: int = 20, warmup: int = 3) 
         if has_grad:
             run_backward(outs, grads, inputs)
     _sync(device)
+    flush = _Flusher(device)
     fwd, bwd, both = [], [], []
     for _ in range(reps):
+        flush()
         with _Timer(device) as t:
             outs = _tensors(impl.fn(*inputs))
         fwd.append(t)
         if has_grad:
             outs = [o for o in outs if o.requires_grad]
+            flush()
             with _Timer(device) as t:
                 run_backward(outs, grads, inputs)
             bwd.append(t)
         del outs
     for _ in range(reps):
+        flush()
         with _Timer(device) as t:
             outs = [o for o in _tensors(impl.fn(*inputs)) if o.requires_grad]
             if has_grad:
                 run_backward(outs, grads, inputs)
         both.append(t)
         del outs
+    del flush
     peak = None
     if device.startswith("cuda"):
         _sync(device)
@@ -134,8 +207,13 @@ def time_impl(impl: Impl, inputs, device: str, reps: int = 20, warmup: int = 3) 
         _sync(device)
         peak = torch.cuda.max_memory_allocated() - base
         del outs
-    med = lambda ts: statistics.median(x.elapsed() for x in ts) if ts else float("nan")  # noqa: E731
-    return {"fwd_s": med(fwd), "bwd_s": med(bwd), "fwd_bwd_s": med(both), "peak_bytes": peak}
+    out = {"peak_bytes": peak, "reps": reps, "warmup": warmup}
+    for key, ts in (("fwd", fwd), ("bwd", bwd), ("fwd_bwd", both)):
+        s = summary([t.elapsed() for t in ts])
+        out[f"{key}_s"] = s["median"]
+        out[f"{key}_q1_s"], out[f"{key}_q3_s"] = s["q1"], s["q3"]
+        out[f"{key}_min_s"], out[f"{key}_max_s"] = s["min"], s["max"]
+    return flag_row(out)
 
 
 def copy_bandwidth(device: str, nbytes: int = 1 << 28, reps: int = 20) -> float:
@@ -172,10 +250,10 @@ def measure(case: Case, device: str, copy_bw: float | None, reps: int = 20) -> l
             row["fwd_bwd_copy_frac"] = (case.bytes_fwd + case.bytes_bwd) / r["fwd_bwd_s"] / copy_bw
         rows.append(row)
         del inputs
-    base = {r["impl"]: r for r in rows if "error" not in r}
+    base = {r["impl"]: r for r in rows if "error" not in r and "flag" not in r}
     for r in rows:
         for ref in ("eager", "compile"):
-            if "error" not in r and ref in base:
+            if r["impl"] in base and ref in base:
                 r[f"speedup_vs_{ref}"] = base[ref]["fwd_bwd_s"] / r["fwd_bwd_s"]
     return rows
 

@@ -1,8 +1,9 @@
 """pytest-benchmark suites: ``pytest benchmarks --benchmark-only``.
 
 Every case of every ``suite_*.py`` (the small "quick" shapes on CPU, the real ones on a GPU)
-and every implementation, timed for forward+backward. Benchmarks measure; nothing here
-asserts a time."""
+and every implementation, timed for forward+backward; and suite_glow's training step
+(forward, backward, Adam) of the floor, the eager peer, fastflow and (on a GPU) the compiled
+peer. Benchmarks measure; nothing here asserts a time."""
 
 import importlib
 
@@ -47,3 +48,19 @@ def test_forward_backward(benchmark, case, impl):
 
     benchmark.group = f"{case.op} {case.shape} {case.dtype}"
     benchmark(step)
+
+
+def _glow_params():
+    import suite_glow
+
+    return [pytest.param(step, id=name) for name, step in suite_glow.benchmark_steps(DEVICE)]
+
+
+@pytest.mark.parametrize("step", _glow_params())
+def test_glow_train_step(benchmark, step):
+    def run():
+        step()
+        _sync()
+
+    benchmark.group = "glow train step"
+    benchmark(run)

@@ -1,4 +1,7 @@
-"""``python -m fastflow bench``: the benchmark tables for this device (benchmarks/run.py)."""
+"""``python -m fastflow bench``: the benchmark tables for this device (benchmarks/run.py).
+
+Writes ``runs/bench/bench-<device>.json`` and ``.md`` under the current directory (or
+``--out``); bad arguments exit with status 2 and a message."""
 
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ def _benchmarks_run():
 
     path = Path(__file__).resolve().parents[2] / "benchmarks" / "run.py"
     if not path.is_file():
-        raise SystemExit(f"bench: needs the source tree's benchmarks/run.py, not found at {path}")
+        raise SystemExit(f"bench: needs the source tree's benchmarks/run.py (a clone, installed "
+                         f"with pip install -e .), not found at {path}")
     spec = importlib.util.spec_from_file_location("fastflow_bench_run", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -1,0 +1,395 @@
+"""End-to-end Glow: a training step (forward, backward, Adam step) and sampling.
+
+Implementations, all with the same weights (fastflow's state_dict, loaded into the peer):
+  floor      the peer's coupling networks and priors only, flow layers replaced by identity
+             (peer_glow.FloorGlow): the work no flow-layer implementation can avoid
+  eager      the peer: Glow in plain PyTorch with rosinality's structure and formulas
+  compile    torch.compile of the peer
+  fastflow   fastflow.Glow (default backend: Triton on CUDA tensors, the reference on CPU)
+in float32 and under bf16 autocast. Reported: step time (median, quartiles), images/s, peak
+memory (CUDA), and the ratios to the floor and to eager; sampling (``reverse`` of fresh z)
+in images/s.
+
+Configurations: on a GPU, Glow's CIFAR-10 setting (K=32, L=3, filter 512, batch 64,
+32x32); on CPU a reduced one: 8 FlowSteps at N=16 C=12 8x8 filter 64 (a one-block Glow
+on 3x16x16 images) and a small multi-scale Glow (K=4, L=3, filter 64, N=16, 16x16).
+
+Device-independent figures (``cpu_figures``): ATen ops + Triton launches per training
+step, host syncs per step (``aten._local_scalar_dense`` / ``item`` / ``nonzero`` /
+``equal`` / ``is_nonzero`` seen by a dispatch mode; fastflow must have 0), bytes kept for
+backward. ``tables`` also prints issue 7's CPU ratio table (fastflow / eager, one run).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastflow as ff
+
+import harness
+import peer_glow
+
+IMPLS = ("floor", "eager", "compile", "fastflow")
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    n: int
+    size: int
+    n_flow: int
+    n_block: int
+    filter_size: int
+    in_channel: int = 3
+
+    @property
+    def label(self):
+        c = self.in_channel * 4
+        return (f"{self.name}: K={self.n_flow} L={self.n_block} filter {self.filter_size}, "
+                f"N={self.n} {self.in_channel}x{self.size}x{self.size} (first step C={c} "
+                f"{self.size // 2}x{self.size // 2})")
+
+
+CIFAR = Config("CIFAR-10", 64, 32, 32, 3, 512)
+EIGHT_STEPS = Config("8 FlowSteps", 16, 16, 8, 1, 64)
+MULTI_SCALE = Config("small multi-scale", 16, 16, 4, 3, 64)
+
+
+def configs(device: str, quick: bool) -> list[Config]:
+    if device.startswith("cuda"):
+        return [EIGHT_STEPS] if quick else [CIFAR]
+    return [EIGHT_STEPS] if quick else [EIGHT_STEPS, MULTI_SCALE]
+
+
+# --------------------------------------------------------------------------------------
+# Models with the same weights
+# --------------------------------------------------------------------------------------
+
+
+def make_models(cfg: Config, device: str, seed: int = 0) -> dict:
+    """{"fastflow", "eager", "floor"}: fastflow's Glow after ActNorm's data-dependent
+    initialisation, the peer with its state_dict, the floor on a copy of the peer."""
+    torch.manual_seed(seed)
+    ours = ff.Glow(cfg.in_channel, cfg.n_flow, cfg.n_block, filter_size=cfg.filter_size).to(device)
+    with torch.no_grad():
+        ours(batch(cfg, device))  # ActNorm initialisation, as a first training step would
+    peer = peer_glow.Glow(cfg.in_channel, cfg.n_flow, cfg.n_block, cfg.filter_size).to(device)
+    peer.load_state_dict(ours.state_dict(), strict=True)
+    floor = peer_glow.FloorGlow(copy.deepcopy(peer))
+    return {"fastflow": ours, "eager": peer, "floor": floor}
+
+
+def batch(cfg: Config, device: str, seed: int = 1):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.rand(cfg.n, cfg.in_channel, cfg.size, cfg.size, generator=g, device="cpu")
+    return (x - 0.5).to(device)
+
+
+def _loss(model, x, n_pixel):
+    log_p, logdet, _ = model(x)
+    ll = log_p.float() + logdet.float() - math.log(256) * n_pixel
+    return (-ll / (math.log(2) * n_pixel)).mean()
+
+
+def train_step(model, forward, x, device: str, dtype: torch.dtype):
+    """A closure: forward (under bf16 autocast for ``dtype=bfloat16``), backward, Adam."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-5)
+    n_pixel = x[0].numel()
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    autocast = dtype != torch.float32
+
+    def step():
+        with torch.autocast(device_type, dtype=dtype, enabled=autocast):
+            loss = _loss(forward, x, n_pixel)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def sample_fn(model_reverse, cfg: Config, shapes, device: str, dtype: torch.dtype):
+    """A closure: ``model_reverse`` of fixed z of the given shapes (temperature 0.7)."""
+    z = [0.7 * torch.randn(cfg.n, *s, device=device) for s in shapes]
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+
+    @torch.no_grad()
+    def run():
+        with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
+            return model_reverse(z)
+
+    return run
+
+
+def _peak(fn, device):
+    if not device.startswith("cuda"):
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def _timed(fn, device, reps, warmup) -> dict:
+    s = harness.time_fn(fn, device, reps=reps, warmup=warmup)
+    return {"median_ms": s["median"] * 1e3,
+            "iqr_ms": f"{s['q1'] * 1e3:.3g}–{s['q3'] * 1e3:.3g}",
+            "range_ms": f"{s['min'] * 1e3:.3g}–{s['max'] * 1e3:.3g}", "_s": s["median"]}
+
+
+def _ratios(rows, key_fields=("config", "dtype")):
+    """speed vs eager (eager time / this time) and time / floor, per (config, dtype)."""
+    groups = {}
+    for r in rows:
+        if "_s" in r:
+            groups.setdefault(tuple(r[k] for k in key_fields), {})[r["impl"]] = r["_s"]
+    for r in rows:
+        g = groups.get(tuple(r[k] for k in key_fields), {})
+        if "_s" in r and "eager" in g:
+            r["speed_vs_eager"] = g["eager"] / r["_s"]
+        if "_s" in r and "floor" in g:
+            r["time_vs_floor"] = r["_s"] / g["floor"]
+    return rows
+
+
+def _compile_here(device: str, quick: bool, cfg: Config, dtype: torch.dtype) -> bool:
+    """On CPU, inductor compiles slowly on a small machine: the compiled peer is timed for
+    the 8-FlowStep configuration in float32 only, and not with --quick (as the op suites)."""
+    if device.startswith("cuda"):
+        return True
+    return not quick and cfg == EIGHT_STEPS and dtype == torch.float32
+
+
+def step_rows(device, quick, reps, warmup, compile_) -> list[dict]:
+    rows = []
+    dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
+    for cfg in configs(device, quick):
+        for dtype in dtypes:
+            models = make_models(cfg, device)
+            x = batch(cfg, device)
+            forwards = {"floor": models["floor"], "eager": models["eager"],
+                        "fastflow": models["fastflow"]}
+            if compile_ and _compile_here(device, quick, cfg, dtype):
+                forwards["compile"] = torch.compile(models["eager"])
+            for impl in IMPLS:
+                if impl not in forwards:
+                    continue
+                model = models["eager"] if impl == "compile" else models[impl]
+                row = {"config": cfg.name, "dtype": str(dtype).replace("torch.", ""), "impl": impl}
+                try:
+                    step = train_step(model, forwards[impl], x, device, dtype)
+                    row.update(_timed(step, device, reps, warmup))
+                    row["images_per_s"] = cfg.n / row["_s"]
+                    row["peak_MB"] = _peak(step, device)
+                except Exception as e:  # reported, not fatal
+                    row["error"] = f"{type(e).__name__}: {e}"[:200]
+                rows.append(row)
+            del models, forwards
+    return _ratios(rows)
+
+
+def sample_rows(device, quick, reps, warmup, compile_) -> list[dict]:
+    rows = []
+    dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
+    for cfg in configs(device, quick):
+        for dtype in dtypes:
+            models = make_models(cfg, device)
+            for m in models.values():
+                m.eval()
+            fns = {"floor": models["floor"].reverse, "eager": models["eager"].reverse,
+                   "fastflow": models["fastflow"].reverse}
+            if compile_ and _compile_here(device, quick, cfg, dtype):
+                fns["compile"] = torch.compile(models["eager"].reverse)
+            for impl in IMPLS:
+                if impl not in fns:
+                    continue
+                row = {"config": cfg.name, "dtype": str(dtype).replace("torch.", ""), "impl": impl}
+                try:
+                    shapes = models["fastflow"].z_shapes(cfg.size, cfg.size)
+                    run = sample_fn(fns[impl], cfg, shapes, device, dtype)
+                    row.update(_timed(run, device, reps, warmup))
+                    row["images_per_s"] = cfg.n / row["_s"]
+                    row["peak_MB"] = _peak(run, device)
+                except Exception as e:
+                    row["error"] = f"{type(e).__name__}: {e}"[:200]
+                rows.append(row)
+    return _ratios(rows)
+
+
+# --------------------------------------------------------------------------------------
+# Issue 7's CPU ratio table: fastflow / eager, one run
+# --------------------------------------------------------------------------------------
+
+
+def _op_time(fn, make_inputs, device, reps, warmup):
+    r = harness.time_impl(harness.Impl("x", fn), make_inputs(), device, reps=reps, warmup=warmup)
+    return r["fwd_bwd_s"], r.get("flag")
+
+
+def ratio_rows(device, reps, warmup, steps, samples) -> list[dict]:
+    import suite_coupling
+    import suite_gaussian
+
+    rows = []
+
+    def add(what, t_eager, t_ours, flag=None):
+        row = {"what": what, "eager_ms": t_eager * 1e3, "fastflow_ms": t_ours * 1e3,
+               "speed_vs_eager": t_eager / t_ours}
+        if flag:
+            row["flag"] = flag
+        rows.append(row)
+
+    for shape in [(64, 12, 16, 16), (4, 6, 8, 8)]:
+        def make(shape=shape):
+            n, c, hh, ww = shape
+            return (torch.randn(n, c, hh, ww, device=device, requires_grad=True),
+                    torch.randn(n, 2 * (c // 2), hh, ww, device=device, requires_grad=True))
+        te, fe = _op_time(suite_coupling._eager, make, device, reps, warmup)
+        to, fo = _op_time(suite_coupling._fastflow, make, device, reps, warmup)
+        add(f"affine coupling fwd+bwd {shape}", te, to, fe or fo)
+    for label, src in (("train step (fwd, bwd, Adam)", steps), ("sampling", samples)):
+        by = {(r["config"], r["dtype"], r["impl"]): r for r in src if "_s" in r}
+        for (cfg, dt, impl), r in by.items():
+            if impl == "fastflow" and (cfg, dt, "eager") in by:
+                add(f"Glow {label}, {cfg}, {dt}", by[(cfg, dt, "eager")]["_s"], r["_s"])
+    for n, d in [(256, 512), (16, 37)]:
+        def make(n=n, d=d):
+            return (torch.randn(n, d, device=device, requires_grad=True),
+                    (0.5 * torch.randn(n, d, device=device)).requires_grad_())
+        te, fe = _op_time(suite_gaussian._eager, make, device, reps, warmup)
+        to, fo = _op_time(suite_gaussian._fastflow, make, device, reps, warmup)
+        add(f"reparameterisation + KL fwd+bwd N={n} D={d}", te, to, fe or fo)
+    return rows
+
+
+STEP_COLS = ["config", "dtype", "impl", "median_ms", "iqr_ms", "range_ms", "images_per_s",
+             "time_vs_floor", "speed_vs_eager", "peak_MB", "error"]
+
+
+def tables(device, quick, reps, warmup, compile_):
+    """(title, rows, columns) for run.py."""
+    steps = step_rows(device, quick, reps, warmup, compile_)
+    samples = sample_rows(device, quick, reps, warmup, compile_)
+    label = "; ".join(c.label for c in configs(device, quick))
+    out = [(f"training step (forward, backward, Adam) [{label}]", steps, STEP_COLS),
+           ("sampling (reverse of fresh z, no grad)", samples, STEP_COLS)]
+    ratios = ratio_rows(device, reps, warmup, steps, samples)
+    out.append(("issue 7 ratio table: speed vs eager = eager time / fastflow time (one run)",
+                ratios, ["what", "eager_ms", "fastflow_ms", "speed_vs_eager"]))
+    for _, rows, _ in out:
+        for r in rows:
+            r.pop("_s", None)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Device-independent figures
+# --------------------------------------------------------------------------------------
+
+
+SYNC_OPS = {"_local_scalar_dense", "item", "nonzero", "equal", "is_nonzero"}
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts the ATen calls that make the host wait for the device's values."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in SYNC_OPS:
+            self.calls.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+FIG_CFG = Config("figures", 2, 8, 2, 2, 16)
+
+
+def _count_step(model, x, backend):
+    """ATen ops + Triton launches of one forward + backward, and of the Adam step."""
+    n_pixel = x[0].numel()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-5, foreach=False)
+    with ff.use_backend(backend):
+        _loss(model, x, n_pixel).backward()  # warm-up outside the count
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        aten, launches = harness._AtenCounter(), harness._LaunchCounter()
+        syncs = SyncCounter()
+        with launches, aten, syncs:
+            _loss(model, x, n_pixel).backward()
+        fwd_bwd = {"aten": len(aten.ops), "launches": launches.count, "syncs": len(syncs.calls)}
+        aten = harness._AtenCounter()
+        with aten:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        saved = harness.saved_bytes(lambda: _loss(model, x, n_pixel))
+    return fwd_bwd, len(aten.ops), saved
+
+
+def cpu_figures() -> list[dict]:
+    """On CUDA when there is a GPU (compiled kernels), else on CPU with the Triton kernels
+    interpreted: the counts are the same."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = batch(FIG_CFG, dev)
+    rows = []
+    models = make_models(FIG_CFG, dev)
+    eager, eager_opt, eager_saved = _count_step(models["eager"], x, "reference")
+    floor, _, floor_saved = _count_step(models["floor"], x, "reference")
+    ours, ours_opt, ours_saved = _count_step(models["fastflow"], x, "triton")
+    try:  # the reference path under dispatch modes (a custom op re-run under vjp fails)
+        ours_ref, _, ours_ref_saved = _count_step(make_models(FIG_CFG, dev)["fastflow"], x,
+                                                  "reference")
+    except Exception as e:
+        err = f"not counted ({type(e).__name__}: {e})"[:120]
+        ours_ref, ours_ref_saved = {"aten": err, "syncs": err}, err
+    shape = FIG_CFG.label
+    steps = FIG_CFG.n_flow * FIG_CFG.n_block
+    rows.append({"figure": f"Glow train step fwd+bwd: ATen ops + Triton launches ({shape})",
+                 "eager": eager["aten"], "fastflow": ours["aten"] + ours["launches"],
+                 "ratio": eager["aten"] / (ours["aten"] + ours["launches"]),
+                 "detail": f"per FlowStep ~{eager['aten'] / steps:.0f} eager vs "
+                           f"~{(ours['aten'] + ours['launches']) / steps:.0f} fastflow (Triton "
+                           f"path: {ours['aten']} ATen + {ours['launches']} launches; reference "
+                           f"path {ours_ref['aten']} ATen); floor {floor['aten']} ATen; Adam step "
+                           f"{eager_opt} ATen for both (foreach=False)"})
+    rows.append({"figure": f"Glow train step fwd+bwd: host syncs ({shape})",
+                 "eager": eager["syncs"], "fastflow": ours["syncs"],
+                 "detail": f"fastflow reference path {ours_ref['syncs']}; floor {floor['syncs']}; "
+                           "counted: _local_scalar_dense/item/nonzero/equal/is_nonzero"})
+    rows.append({"figure": f"Glow train step: bytes kept for backward ({shape})",
+                 "eager": eager_saved, "fastflow": ours_saved,
+                 "ratio": eager_saved / ours_saved if ours_saved else None,
+                 "detail": f"fastflow reference path {ours_ref_saved}; floor {floor_saved}"})
+    return rows
+
+
+# --------------------------------------------------------------------------------------
+# pytest-benchmark (benchmarks/test_benchmarks.py)
+# --------------------------------------------------------------------------------------
+
+
+def benchmark_steps(device: str) -> list[tuple[str, object]]:
+    """(id, step) pairs: the training step of each implementation, small config on CPU."""
+    quick = not device.startswith("cuda")
+    out = []
+    for cfg in configs(device, quick):
+        models = make_models(cfg, device)
+        x = batch(cfg, device)
+        for impl in ("floor", "eager", "fastflow"):
+            out.append((f"glow-train-{cfg.name}-{impl}".replace(" ", "_"),
+                        train_step(models[impl], models[impl], x, device, torch.float32)))
+        if not quick:
+            out.append((f"glow-train-{cfg.name}-compile".replace(" ", "_"),
+                        train_step(models["eager"], torch.compile(models["eager"]), x, device,
+                                   torch.float32)))
+    return out

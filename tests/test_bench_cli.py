@@ -1,0 +1,126 @@
+"""``python -m fastflow bench`` (benchmarks/run.py): argument checks, where it writes, and
+the harness's flagging of contradictory timing rows. Fast: no timing is run here except one
+tiny suite with --no-timing."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def run_py():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        yield _load("bench_run_under_test", ROOT / "benchmarks" / "run.py")
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def _bench(args, cwd):
+    return subprocess.run([sys.executable, "-m", "fastflow", "bench", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--suites", "nope"], "--suites: unknown suite(s) nope"),
+    (["--suites", ","], "--suites: expected one or more"),
+    (["--reps", "0"], "--reps: expected an integer >= 1, got 0"),
+    (["--reps", "-3"], "--reps: expected an integer >= 1, got -3"),
+    (["--warmup", "-1"], "--warmup: expected an integer >= 0"),
+    (["--threads", "0"], "--threads: expected an integer >= 1"),
+])
+def test_bad_arguments_are_refused_with_a_message(run_py, tmp_path, capsys, args, needle):
+    with pytest.raises(SystemExit) as e:
+        run_py.main([*args, "--out", str(tmp_path / "out")])
+    assert e.value.code != 0
+    err = capsys.readouterr()
+    assert needle in err.err and "saved" not in err.out
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_the_command_exits_nonzero_on_an_unknown_suite(tmp_path):
+    r = _bench(["--suites", "nope"], cwd=tmp_path)
+    assert r.returncode == 2
+    assert "unknown suite(s) nope" in r.stderr and "saved" not in r.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+def test_default_output_is_runs_bench_not_the_tracked_results(run_py, tmp_path):
+    args = run_py.parse_args([])
+    out = (tmp_path / args.out).resolve()
+    assert out == (tmp_path / "runs" / "bench").resolve()
+    assert "benchmarks" not in Path(args.out).parts
+    assert not str(Path(args.out).resolve()).startswith(str((ROOT / "benchmarks").resolve()))
+
+
+def test_bench_writes_under_runs_of_the_current_directory(run_py, tmp_path, monkeypatch):
+    tracked = ROOT / "benchmarks" / "results"
+    before = {p: p.stat().st_mtime_ns for p in tracked.glob("*")} if tracked.exists() else {}
+    monkeypatch.chdir(tmp_path)
+    assert run_py.main(["--suites", "gaussian", "--quick", "--no-figures", "--reps", "2"]) == 0
+    written = list((tmp_path / "runs" / "bench").glob("bench-*.json"))
+    assert len(written) == 1
+    info = json.loads(written[0].read_text())["info"]
+    for key in ("device_name", "torch", "triton"):
+        assert info[key]
+    after = {p: p.stat().st_mtime_ns for p in tracked.glob("*")} if tracked.exists() else {}
+    assert after == before  # the tracked results were not touched
+
+
+def test_a_row_with_fwd_bwd_shorter_than_fwd_is_flagged_not_printed(run_py):
+    import harness
+
+    bad = harness.flag_row({"op": "coupling", "shape": "N=4", "dtype": "float32", "impl": "x",
+                            "fwd_s": 0.0395, "bwd_s": 0.0638, "fwd_bwd_s": 0.00094})
+    good = harness.flag_row({"op": "coupling", "shape": "N=4", "dtype": "float32", "impl": "y",
+                             "fwd_s": 0.001, "bwd_s": 0.002, "fwd_bwd_s": 0.003})
+    assert "flag" in bad and "UNRELIABLE" in bad["flag"]
+    assert "flag" not in good
+    text = run_py.table([run_py.add_ms(bad), run_py.add_ms(good)], run_py.TIME_COLS)
+    bad_line = next(line for line in text.splitlines() if "| x |" in line)
+    good_line = next(line for line in text.splitlines() if "| y |" in line)
+    header = [c.strip() for c in text.splitlines()[0].strip("|").split("|")]
+    cells = dict(zip(header, [c.strip() for c in bad_line.strip("|").split("|")]))
+    assert "UNRELIABLE" in cells["flag"]
+    for col in ("fwd_ms", "bwd_ms", "fwd_bwd_ms"):
+        assert cells[col] == "—", cells  # no number printed as a result
+    assert "| 3 |" in good_line  # fwd_bwd_ms of the good row is printed
+
+
+def test_summary_reports_median_and_spread(run_py):
+    import harness
+
+    s = harness.summary([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (s["median"], s["min"], s["max"], s["q1"], s["q3"]) == (3.0, 1.0, 5.0, 2.0, 4.0)
+    with pytest.raises(ValueError, match="reps"):
+        harness.time_fn(lambda: None, "cpu", reps=0)
+
+
+def test_cpu_tables_say_fastflow_runs_the_reference_path(run_py):
+    import harness
+
+    assert "reference path" in harness.CPU_NOTE and "say nothing about GPU speed" in harness.CPU_NOTE
+
+
+def test_bench_leaves_the_callers_thread_count_alone(run_py, tmp_path, monkeypatch):
+    import torch
+
+    before = torch.get_num_threads()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        run_py.main(["--reps", "0"])
+    run_py.main(["--suites", "gaussian", "--quick", "--no-figures", "--reps", "1", "--threads", "1"])
+    assert torch.get_num_threads() == before
