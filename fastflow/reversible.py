@@ -107,8 +107,8 @@ def _backprop(outputs, grads, inputs):
 def _mix_conds(stages, x, check=True):
     """The inverse condition estimates of all channel-mix stages, in one batch: the
     infinity-norm condition number of W times max|scale| / min|scale| (float64, on the
-    device). Every mix stage's (W, log-det) is assembled here, once, with gradients on and
-    detached (no no-grad cache is filled). Returns ([(w, ld) or None per stage], conds)."""
+    device). Every mix stage's (W, log-det) is assembled here, once, without gradients
+    (the layers cache nothing). Returns ([(w, ld) or None per stage], conds)."""
     mats, spreads, prepared = [], [], []
     for st in stages:
         if not isinstance(st, _MixStage):
@@ -160,9 +160,8 @@ class _MixStage:
         """(W detached, or None for ActNorm alone; the stage's log-det detached, or None)."""
         if self.inv is None:
             return None, None
-        with torch.enable_grad():
-            w, ld = self._matrix(x)
-        return w.detach(), ld.detach()
+        with torch.no_grad():  # the layers keep no no-grad cache: this is the same W
+            return self._matrix(x)
 
     def forward(self, x, w, ld):
         if self.inv is None:

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import accumulator_dtype, compute_type
+from ._layout import Launch, accumulator_dtype, compute_type
 
 CLAMP_IDS = {"none": 0, "tanh": 1}
 ORDER_IDS = {"same": 0, "reversed": 1}
@@ -251,6 +251,22 @@ def launch_config(tokens: int, width: int, dtype: torch.dtype) -> tuple[int, int
     block_t = max(1, min(triton.next_power_of_2(max(tokens, 1)), max_elems // block_d))
     num_warps = 4 if block_t * block_d >= 512 else 2
     return block_t, block_d, num_warps
+
+
+DEFAULT_STAGES = 3  # Triton's default on NVIDIA GPUs; no loop here is software-pipelined
+
+
+def launch_configs(n: int, tokens: int, width: int, dtype: torch.dtype = torch.float32,
+                   rows: int | None = None) -> dict[str, Launch]:
+    """Every launch of this family for x (n, tokens, width): {kernel name: Launch}; ``rows``
+    is the sampler's batch (2n with guidance, default n). The launchers pass no
+    ``num_stages``: Triton's default (3 on NVIDIA GPUs) applies, and is reported here."""
+    block_t, block_d, warps = launch_config(tokens, width, dtype)
+    all_tokens = Launch((n, triton.cdiv(tokens, block_t)),
+                        {"BLOCK_T": block_t, "BLOCK_D": block_d}, warps, DEFAULT_STAGES)
+    step_d, step_warps = step_block(width)
+    step = Launch((rows or n, triton.cdiv(width, step_d)), {"BLOCK_D": step_d}, step_warps, DEFAULT_STAGES)
+    return {"_head_kernel": all_tokens, "_head_bwd_kernel": all_tokens, "_head_step_kernel": step}
 
 
 def step_block(width: int) -> tuple[int, int]:

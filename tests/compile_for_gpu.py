@@ -216,8 +216,34 @@ def exercise_gaussian(quick: bool, glow: bool, rec: Recorder):
             (z.sum() + kl.sum()).backward()
 
 
+def exercise_tarflow(quick: bool, glow: bool, rec: Recorder):
+    """The TarFlow head: all-token forward/inverse and backward, the one-token sampler step
+    (with and without guidance) and the Jacobi update, per dtype, clamp and token order."""
+    from fastflow.ops import tarflow as tarflow_ops
+
+    for dtype, clamp, order in itertools.product(DTYPES[:2] if quick else DTYPES, (None, 2.0),
+                                                 ("same", "reversed")):
+        x = torch.randn(2, 37, 12, dtype=dtype, requires_grad=True)
+        h = torch.randn(2, 37, 24, dtype=dtype, requires_grad=True)
+        for rev in (False, True):
+            y, ld = ff.tarflow_head(x, h, clamp=clamp, order=order, reverse=rev)
+            torch.autograd.grad((y, ld), (x, h), (torch.ones_like(y), torch.ones_like(ld)))
+        for guided in (False, True):
+            rows = 4 if guided else 2
+            z = torch.randn(2, 37, 12, dtype=dtype)
+            inp = torch.empty(rows, 12, dtype=dtype)
+            pos = torch.zeros(1, dtype=torch.long)
+            hs = tarflow_ops.HeadSampler(z, torch.empty_like(z), inp, pos, clamp=clamp,
+                                         order=order, guidance=1.0 if guided else 0.0,
+                                         guided=guided)
+            hs.first()
+            hs.step(torch.randn(rows, 24, dtype=dtype))
+            hs.jacobi(torch.randn(rows, 37, 24, dtype=dtype), torch.zeros(rows, 37, 12, dtype=dtype))
+
+
 EXERCISES = {"coupling": exercise_coupling, "channel_mix": exercise_channel_mix,
-             "lu_weight": exercise_lu_weight, "gaussian": exercise_gaussian}
+             "lu_weight": exercise_lu_weight, "gaussian": exercise_gaussian,
+             "tarflow": exercise_tarflow}
 
 
 def family_kernels(module) -> list[str]:

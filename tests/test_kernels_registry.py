@@ -65,6 +65,8 @@ def _configs(name, shape):
         return [mod.launch_configs(c, n)]
     if name == "gaussian":
         return [mod.launch_configs(n, c * h * w)]
+    if name == "tarflow":  # the image as (h*w) tokens of c values
+        return [mod.launch_configs(n, h * w, c, dt) for dt in (torch.float32, torch.float64)]
     raise AssertionError(f"no launch_configs call for family {name!r}: add one here")
 
 
