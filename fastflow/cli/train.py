@@ -78,7 +78,11 @@ def _glow_parser():
     g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     g.add_argument("--threads", type=positive(int), default=None,
                    help="CPU threads for torch (None: torch's choice)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (fullgraph)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (fullgraph, except with --reversible)")
+    g.add_argument("--reversible", action="store_true",
+                   help="rebuild each flow step's input from its output in backward instead of "
+                        "keeping activations (memory flat in --n-flow, same gradients)")
     g.add_argument("--cuda-graph", action="store_true",
                    help="CUDA only: capture the training step's forward and backward as CUDA "
                         "graphs (torch.compile mode='reduce-overhead')")
@@ -240,7 +244,8 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize, load_image_sets) -> int:
               "image": [channels, height, width], "n_bins": n_bins}
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = Glow(channels, args.n_flow, args.n_block, affine=config["affine"],
-                 conv_lu=config["conv_lu"], filter_size=args.filter_size).to(device)
+                 conv_lu=config["conv_lu"], filter_size=args.filter_size,
+                 reversible=args.reversible).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr or 1e-3, fused=True)
     eval_gen = torch.Generator().manual_seed(args.seed + 2)
 
@@ -288,7 +293,8 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize, load_image_sets) -> int:
     if args.cuda_graph:
         net = torch.compile(net, mode="reduce-overhead")
     elif args.compile:
-        net = torch.compile(net, fullgraph=not dist_.enabled)
+        # the reversible chain is an autograd.Function that runs eagerly: no full graph
+        net = torch.compile(net, fullgraph=not (dist_.enabled or args.reversible))
 
     n_params = sum(p.numel() for p in model.parameters())
     say(f"train: Glow on {len(train)} train / {len(test)} test images from {args.data} "
