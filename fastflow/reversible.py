@@ -376,10 +376,22 @@ class _ReversibleChain(torch.autograd.Function):
         return None, gy, None
 
 
-@torch.compiler.disable  # a Python backward that calls autograd itself: not traceable
-def _run_reversible(seq, x):
+def _run_chain(seq, x):
     anchor = torch.empty(0, requires_grad=True)  # makes the output require grad
     return _ReversibleChain.apply(seq, x, anchor)
+
+
+_disabled_chain = None
+
+
+def _run_reversible(seq, x):
+    """``_run_chain`` outside any compiled graph (a Python backward that calls autograd
+    itself is not traceable). ``torch.compiler.disable`` imports dynamo (and with it
+    triton), so it is applied on first use, not when fastflow is imported."""
+    global _disabled_chain
+    if _disabled_chain is None:
+        _disabled_chain = torch.compiler.disable(_run_chain)
+    return _disabled_chain(seq, x)
 
 
 class ReversibleSequence(nn.ModuleList):

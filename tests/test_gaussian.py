@@ -389,14 +389,19 @@ def test_property_random_shapes(backend_name, n, dims, dtype, reduction):
 
 
 @pytest.mark.slow
-def test_torch_compile_fullgraph_matches_eager(backend, monkeypatch):
+def test_torch_compile_fullgraph_matches_eager(backend):
     """The op, its seed draw and its backward compile as one graph; same seed, same numbers.
     (The reference path is plain PyTorch: inductor draws its own random numbers unless
     ``fallback_random`` is set, as for any eager code a user compiles.)"""
-    if backend == "reference":
-        import torch._inductor.config as inductor_config
+    import torch._inductor.config as inductor_config
 
-        monkeypatch.setattr(inductor_config, "fallback_random", True)
+    # inductor's own patch context: monkeypatch's undo deletes the config entry itself, and
+    # every later compile in the session then fails
+    with inductor_config.patch(fallback_random=backend == "reference"):
+        _compile_matches_eager()
+
+
+def _compile_matches_eager():
     mu, logvar, _ = _inputs((4, 9), torch.float32)
     mu.requires_grad_(True)
     logvar.requires_grad_(True)

@@ -149,10 +149,15 @@ def _reparam_grads(mode, run_backward):
 
 
 def _in_thread(fn):
+    """``fn()`` on a new thread, with the caller's intra-op thread count (OpenMP's count is
+    per thread: a fresh thread starts at the machine's default, and a conv backward split
+    over another number of threads rounds differently)."""
     errors = []
+    threads = torch.get_num_threads()
 
     def target():
         try:
+            torch.set_num_threads(threads)
             fn()
         except BaseException as e:  # noqa: BLE001  (re-raised below)
             errors.append(e)
