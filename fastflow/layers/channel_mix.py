@@ -13,8 +13,8 @@ could go stale without anyone noticing: fused and foreach optimizer kernels,
 counters, and no exact check is cheap (comparing values reads the device). The cost is a
 few operations on a C x C float64 matrix per call (see the sampling rows of
 benchmarks/suite_glow.py and the op counts of benchmarks/run.py). The only derived state
-kept is ``InvConv2dLU``'s row order of the fixed permutation ``w_p`` (a non-persistent buffer refreshed by
-``load_state_dict``): ``w_p`` and ``s_sign`` are fixed buffers, not to be edited otherwise.
+kept is ``InvConv2dLU``'s row order of the fixed permutation ``w_p`` (a non-persistent
+buffer refreshed by ``load_state_dict``): ``w_p`` and ``s_sign`` are fixed buffers, not to be edited otherwise.
 """
 
 from __future__ import annotations
