@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -64,16 +63,6 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture
-def small_npz(tmp_path):
-    from fastflow.data import digits
-
-    images = (digits("all")[0][:80, 0] * 255).round().to(torch.uint8).numpy()
-    path = tmp_path / "digits80.npz"
-    np.savez(path, images=images)
-    return str(path)
 
 
 def _argv(out, data, *extra):

@@ -3,7 +3,6 @@ checkpoints (weights_only, bad files, resume reproducibility) and the guards on 
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -19,17 +18,6 @@ def _run(out, *extra):
             "--out", str(out), *extra]
     assert train.main(argv) == 0
     return json.loads((out / "metrics.json").read_text())
-
-
-@pytest.fixture
-def small_npz(tmp_path):
-    """80 digits as an 8-bit .npz: 4 steps per epoch at batch 16."""
-    from fastflow.data import digits
-
-    images = (digits("all")[0][:80, 0] * 255).round().to(torch.uint8).numpy()
-    path = tmp_path / "digits80.npz"
-    np.savez(path, images=images)
-    return str(path)
 
 
 def test_glow_training_improves_bits_per_dim_and_writes_its_files(tmp_path, capsys):
