@@ -1,6 +1,7 @@
 """Affine coupling: fastflow's fused kernels against the eager reference, torch.compile of
-it, and the coupling math of normflows and FrEIA (their networks replaced by a module that
-returns the same precomputed h, so only the coupling itself is compared)."""
+it, the coupling as rosinality/glow-pytorch writes it (the eager code Glow users run), and
+the coupling math of normflows and FrEIA (their networks replaced by a module that returns
+the same precomputed h, so only the coupling itself is compared)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,14 @@ class _Given(torch.nn.Module):
 
 def _eager(x, h):
     return reference.affine_coupling(x, h, upcast=False)
+
+
+def _rosinality(x, h):
+    """Glow's coupling in eager PyTorch as rosinality/glow-pytorch writes it (given h)."""
+    xa, xb = x.chunk(2, 1)
+    raw, t = h.chunk(2, 1)
+    s = torch.sigmoid(raw + 2)
+    return torch.cat([xa, (xb + t) * s], 1), torch.sum(torch.log(s).view(x.shape[0], -1), 1)
 
 
 def _fastflow(x, h):
@@ -74,6 +83,7 @@ def _case(n, c, hh, ww, dtype, device, peers=True, compile_=True):
     if compile_:
         impls += [Impl("compile", compiled(_eager)), Impl("fastflow+compile", compiled(_fastflow))]
     impls.append(Impl("fastflow", _fastflow))
+    impls.append(Impl("rosinality", _rosinality))
     if peers:
         impls += [p for p in (_normflows(), _freia(c, hh, ww)) if p is not None]
     e = torch.finfo(dtype).bits // 8

@@ -253,8 +253,10 @@ def ratio_rows(device, reps, warmup, steps, samples) -> list[dict]:
             return (torch.randn(n, c, hh, ww, device=device, requires_grad=True),
                     torch.randn(n, 2 * (c // 2), hh, ww, device=device, requires_grad=True))
         te, fe = _op_time(suite_coupling._eager, make, device, reps, warmup)
+        tr, fr = _op_time(suite_coupling._rosinality, make, device, reps, warmup)
         to, fo = _op_time(suite_coupling._fastflow, make, device, reps, warmup)
-        add(f"affine coupling fwd+bwd {shape}", te, to, fe or fo)
+        add(f"affine coupling fwd+bwd {shape}, vs the eager reference", te, to, fe or fo)
+        add(f"affine coupling fwd+bwd {shape}, vs rosinality's eager formula", tr, to, fr or fo)
     for label, src in (("train step (fwd, bwd, Adam)", steps), ("sampling", samples)):
         by = {(r["config"], r["dtype"], r["impl"]): r for r in src if "_s" in r}
         for (cfg, dt, impl), r in by.items():

@@ -16,6 +16,7 @@ and the Triton kernels are imported only when first needed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 
@@ -39,8 +40,29 @@ def current_mode() -> str:
     stack = getattr(_local, "stack", None)
     if stack:
         return stack[-1]
-    return _check_mode(os.environ.get("FASTFLOW_BACKEND", "auto").strip().lower() or "auto",
-                       "FASTFLOW_BACKEND")
+    return _env_mode(_env_value())
+
+
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey("FASTFLOW_BACKEND") if _ENV_DATA is not None else None
+
+
+def _env_value() -> str:
+    """FASTFLOW_BACKEND as it is now. ``os.environ.get`` of an unset variable raises and
+    catches two KeyErrors per call (several microseconds: more than the rest of an op's
+    entry on a small CPU tensor), so the mapping behind ``os.environ`` is read directly; it
+    is the one ``os.environ[...] = ...``, ``del`` and ``monkeypatch.setenv`` change."""
+    if _ENV_DATA is None:
+        return os.environ.get("FASTFLOW_BACKEND", "auto")
+    raw = _ENV_DATA.get(_ENV_KEY)
+    return "auto" if raw is None else os.environ.decodevalue(raw)
+
+
+@functools.lru_cache(maxsize=16)
+def _env_mode(raw: str) -> str:
+    """FASTFLOW_BACKEND's value, parsed (cached per raw string: the variable is still read
+    on every call, only its parsing is remembered)."""
+    return _check_mode(raw.strip().lower() or "auto", "FASTFLOW_BACKEND")
 
 
 @contextlib.contextmanager
@@ -72,7 +94,7 @@ def use_triton(t: torch.Tensor) -> bool:
     mode = current_mode()
     if mode == "reference":
         return False
-    if t.device.type == "cuda":
+    if t.is_cuda:
         return True
     if mode == "auto":
         return False

@@ -30,21 +30,24 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _shaped(t: torch.Tensor, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+    """``t`` in ``dtype`` and ``shape``, without an op (or an autograd node) for what it
+    already is."""
+    t = _as(t, dtype)
+    return t if tuple(t.shape) == shape else t.reshape(shape)
+
+
 def _channels_last(t: torch.Tensor) -> bool:
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(
         memory_format=torch.channels_last)
 
 
-def _with_halves(x: torch.Tensor, ca: int, xa: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-    """``cat([xa, yb], 1)`` in x's dtype and memory format; without autograd recording,
-    ``yb`` is written into the output in place of a concatenation."""
-    if torch.is_grad_enabled() and (xa.requires_grad or yb.requires_grad):
-        y = torch.cat([_as(xa, x.dtype), _as(yb, x.dtype)], dim=1)
-        return y.contiguous(memory_format=torch.channels_last) if _channels_last(x) else y
-    y = torch.empty_like(x, memory_format=torch.channels_last if _channels_last(x)
-                         else torch.contiguous_format)
-    y[:, :ca].copy_(xa)
-    y[:, ca:].copy_(yb)
+def _with_halves(x: torch.Tensor, xa: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+    """``cat([xa, yb], 1)`` in x's dtype and memory format (one ``cat``: on CPU it beats
+    writing both halves into a preallocated output)."""
+    y = torch.cat([xa, _as(yb, x.dtype)], dim=1)
+    if _channels_last(x) and not y.is_contiguous(memory_format=torch.channels_last):
+        y = y.contiguous(memory_format=torch.channels_last)
     return y
 
 
@@ -70,41 +73,40 @@ def split_channels(c: int) -> tuple[int, int]:
 def coupling_params(h: torch.Tensor, cb: int, layout: str):
     """(raw, t) from the coupling network's output ``h`` (N, 2*Cb, H, W)."""
     if layout == "halves":
-        raw, t = h.split(cb, dim=1)  # one split (one backward node), not two slices
+        raw, t = h.chunk(2, dim=1)  # one node in autograd's graph, not two slices
         return raw, t
     return h[:, 1::2], h[:, 0::2]
 
 
-def coupling_log_scale(raw: torch.Tensor, scale: str, clamp: float) -> torch.Tensor:
-    """log s for the scale parameterisations of DESIGN.md. (log sigmoid(a) is written
-    -softplus(-a): exact for large |a| like ``F.logsigmoid``, which on CPU costs
-    milliseconds on small tensors.)"""
+def coupling_log_scale(raw: torch.Tensor, scale: str, clamp: float):
+    """(log s, s) for the scale parameterisations of DESIGN.md. The sigmoid's log s is
+    ``F.logsigmoid``, exact where s underflows (``log(sigmoid(a))`` gives -inf there), and s
+    is ``sigmoid`` of the same shifted input: on CPU both are cheaper than softplus + exp."""
     if scale == "sigmoid":
-        return F.softplus(-2.0 - raw).neg_()
-    if scale == "exp":
-        return raw
-    return (clamp * ATAN_FACTOR) * torch.atan(raw / clamp)
+        a = raw + 2.0
+        return F.logsigmoid(a), torch.sigmoid(a)
+    log_s = raw if scale == "exp" else (clamp * ATAN_FACTOR) * torch.atan(raw / clamp)
+    return log_s, torch.exp(log_s)
 
 
 def affine_coupling(x, h, *, scale="sigmoid", layout="halves", shift="before", clamp=2.0,
                     reverse=False, upcast=True):
     """Affine coupling: returns (y, logdet); ``reverse=True`` maps y back to x."""
     cd = compute_dtype(x.dtype) if upcast else x.dtype
-    ca, cb = split_channels(x.shape[1])
-    xa, xb = x.split((ca, cb), dim=1)
+    xa, xb = x.chunk(2, dim=1)  # (C - C//2, C//2) channels, as ``split_channels``
     xb = _as(xb, cd)
-    raw, t = coupling_params(_as(h, cd), cb, layout)
-    log_s = coupling_log_scale(raw, scale, clamp)
-    ld = log_s.sum(dim=(1, 2, 3))
+    raw, t = coupling_params(_as(h, cd), xb.shape[1], layout)
     if not reverse:
-        s = torch.exp(log_s)
+        log_s, s = coupling_log_scale(raw, scale, clamp)
         if shift == "before":
             yb = (xb + t) * s
         elif shift == "negated":
             yb = (xb - t) * s
         else:
             yb = torch.addcmul(t, xb, s)
+        ld = log_s.sum(dim=(1, 2, 3))
     else:  # times exp(-log s) rather than / s: no s**2 in the gradient to underflow
+        log_s = coupling_log_scale(raw, scale, clamp)[0]
         inv_s = torch.exp(-log_s)
         if shift == "before":
             yb = xb * inv_s - t
@@ -112,18 +114,17 @@ def affine_coupling(x, h, *, scale="sigmoid", layout="halves", shift="before", c
             yb = torch.addcmul(t, xb, inv_s)
         else:
             yb = (xb - t) * inv_s
-        ld = -ld
-    return _with_halves(x, ca, xa, yb), _as(ld, compute_dtype(x.dtype))
+        ld = log_s.sum(dim=(1, 2, 3)).neg()
+    return _with_halves(x, xa, yb), _as(ld, compute_dtype(x.dtype))
 
 
 def additive_coupling(x, h, *, reverse=False, upcast=True):
     """Additive coupling: yb = xb + h (h has Cb channels); the log-det is zero."""
     cd = compute_dtype(x.dtype) if upcast else x.dtype
-    ca, cb = split_channels(x.shape[1])
-    xa, xb = x.split((ca, cb), dim=1)
+    xa, xb = x.chunk(2, dim=1)
     xb, hf = _as(xb, cd), _as(h, cd)
     yb = xb - hf if reverse else xb + hf
-    return (_with_halves(x, ca, xa, yb),
+    return (_with_halves(x, xa, yb),
             x.new_zeros(x.shape[0], dtype=compute_dtype(x.dtype)))
 
 
@@ -139,7 +140,13 @@ def actnorm_logdet(scale, n: int, hw: int, dtype, *, extra=None, reverse=False):
     per_pixel = torch.log(torch.abs(_as(scale, dtype))).sum()
     if extra is not None:
         per_pixel = per_pixel + _as(extra, dtype).reshape(())
-    return per_pixel.mul(-hw if reverse else hw).repeat(n)
+    return per_sample(per_pixel, n, -hw if reverse else hw)
+
+
+def per_sample(value, n: int, mult) -> torch.Tensor:
+    """``mult * value`` (0-d) as an ordinary (n,) tensor: one in-place add on fresh zeros,
+    one cheap autograd node (``repeat`` costs twice as much on CPU, forward and backward)."""
+    return value.new_zeros(n).add_(value, alpha=mult)
 
 
 def actnorm(x, loc, scale, *, reverse=False, upcast=True):
@@ -229,7 +236,7 @@ def lu_weight_logdet(rows, lower, upper, log_s, sign_s, scale=None, *, n=1, ld_m
     ld = _as(log_s, ld_dtype).sum()
     if scale is not None:
         ld = ld + torch.log(torch.abs(_as(scale, ld_dtype))).sum()
-    return w, (ld_mult * ld).repeat(n)
+    return w, per_sample(ld, n, ld_mult)
 
 
 def lu_factor_logdet(weight):
@@ -254,8 +261,8 @@ def invconv(x, weight, *, reverse=False, upcast=True):
     if reverse:
         w = lu_factor_inverse(factors)
     y = channel_mix(x, w, upcast=upcast)
-    ld = (x.shape[2] * x.shape[3]) * logdet
-    return y, (-ld if reverse else ld).repeat(x.shape[0])
+    hw = x.shape[2] * x.shape[3]
+    return y, per_sample(logdet, x.shape[0], -hw if reverse else hw)
 
 
 def actnorm_mix(x, weight=None, loc=None, scale=None, *, reverse=False, upcast=True):
@@ -270,19 +277,22 @@ def actnorm_mix(x, weight=None, loc=None, scale=None, *, reverse=False, upcast=T
     (Co, C) matrix, so the activation is read once by the product (and once by the add)."""
     cd = compute_dtype(x.dtype) if upcast else x.dtype
     v = _as(x, cd)
-    w = None if weight is None else _as(weight, cd).reshape(weight.shape[0], weight.shape[1])
+    c = x.shape[1]
+    w = None if weight is None else _shaped(weight, cd, (weight.shape[0], weight.shape[1]))
     if loc is None:
         return _as(_mix(v, w), x.dtype)
-    loc_, scale_ = _as(loc, cd).reshape(-1), _as(scale, cd).reshape(-1)
+    co = c if (w is None or not reverse) else w.shape[0]  # the channels ActNorm acts on
+    per_channel = (1, co, 1, 1)
     if w is None:
         if reverse:
-            out = torch.addcmul(-loc_.view(1, -1, 1, 1), v, scale_.reciprocal().view(1, -1, 1, 1))
+            out = torch.addcmul(-_shaped(loc, cd, per_channel), v,
+                                _shaped(scale, cd, per_channel).reciprocal())
         else:
-            out = (v + loc_.view(1, -1, 1, 1)) * scale_.view(1, -1, 1, 1)
+            out = (v + _shaped(loc, cd, per_channel)) * _shaped(scale, cd, per_channel)
     elif reverse:
-        out = _mix(v, w / scale_.view(-1, 1), -loc_)
+        out = _mix(v, w / _shaped(scale, cd, (co, 1)), -_shaped(loc, cd, (co,)))
     else:
-        out = _mix(v + loc_.view(1, -1, 1, 1), w * scale_.view(1, -1))
+        out = _mix(v + _shaped(loc, cd, per_channel), w * _shaped(scale, cd, (1, c)))
     return _as(out, x.dtype)
 
 
@@ -306,7 +316,9 @@ def standard_normal(like, generator=None, dtype=None):
     """Standard normal noise of ``like``'s shape in ``dtype`` (default: the compute dtype),
     drawn from ``generator`` (default: the default generator of like's device)."""
     dtype = dtype or compute_dtype(like.dtype)
-    where = like.device if generator is None else generator.device
+    if generator is None:
+        return torch.randn_like(like, dtype=dtype, memory_format=torch.contiguous_format)
+    where = generator.device
     eps = torch.randn(like.shape, generator=generator, device=where, dtype=dtype)
     return eps if eps.device == like.device else eps.to(like.device)
 
@@ -321,9 +333,8 @@ def reparameterize_kl(mu, logvar, eps=None, *, reduction="none", generator=None,
     m, lv = _as(mu, cd), _as(logvar, cd)
     e = standard_normal(mu, generator, cd) if eps is None else _as(eps, cd)
     z = torch.addcmul(m, torch.exp(0.5 * lv), e)
-    per_sample = math.prod(mu.shape[1:])  # also for N = 0 and 1-D inputs
     terms = torch.addcmul(torch.expm1(lv) - lv, m, m)
-    kl = terms.reshape(mu.shape[0], per_sample).sum(dim=1).mul(0.5)
+    kl = (terms.sum(dim=tuple(range(1, terms.dim()))) if terms.dim() > 1 else terms).mul(0.5)
     if reduction == "sum":
         kl = kl.sum()
     elif reduction == "mean":

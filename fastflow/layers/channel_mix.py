@@ -39,7 +39,7 @@ def _per_sample(ld_per_pixel, x, inverse, scale=None):
     if scale is not None:
         return reference.actnorm_logdet(scale, n, hw, cd, extra=ld_per_pixel, reverse=inverse)
     ld = ld_per_pixel.to(cd) if ld_per_pixel.dtype != cd else ld_per_pixel
-    return ld.reshape(()).mul(-hw if inverse else hw).repeat(n)
+    return reference.per_sample(ld.reshape(()), n, -hw if inverse else hw)
 
 
 class ActNorm(nn.Module):

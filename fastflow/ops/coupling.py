@@ -40,14 +40,11 @@ def _kernels():
 
 
 def _reference(x, h, scale, layout, shift, clamp, reverse):
-    """The reference path: plain autograd."""
+    """The reference path: plain autograd (its output keeps x's memory format)."""
     if scale == "additive":
-        y, logdet = reference.additive_coupling(x, h, reverse=reverse)
-    else:
-        y, logdet = reference.affine_coupling(x, h, scale=scale, layout=layout, shift=shift,
-                                              clamp=clamp, reverse=reverse)
-    fmt = memory_format_of(x)
-    return (y if y.is_contiguous(memory_format=fmt) else y.contiguous(memory_format=fmt)), logdet
+        return reference.additive_coupling(x, h, reverse=reverse)
+    return reference.affine_coupling(x, h, scale=scale, layout=layout, shift=shift,
+                                     clamp=clamp, reverse=reverse)
 
 
 def _launch(x, h, scale, layout, shift, clamp, reverse):
