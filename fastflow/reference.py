@@ -106,7 +106,8 @@ def affine_coupling(x, h, *, scale="sigmoid", layout="halves", shift="before", c
             yb = torch.addcmul(t, xb, s)
         ld = log_s.sum(dim=(1, 2, 3))
     else:  # times exp(-log s) rather than / s: no s**2 in the gradient to underflow
-        log_s = coupling_log_scale(raw, scale, clamp)[0]
+        log_s = (F.logsigmoid(raw + 2.0) if scale == "sigmoid" else
+                 coupling_log_scale(raw, scale, clamp)[0])
         inv_s = torch.exp(-log_s)
         if shift == "before":
             yb = xb * inv_s - t
@@ -158,19 +159,19 @@ def actnorm(x, loc, scale, *, reverse=False, upcast=True):
                              compute_dtype(x.dtype), reverse=reverse)
 
 
-def _mix(v, w, bias=None):
-    """out[:, o] = sum_c w[o, c] v[:, c] (+ bias[o]) per pixel, as one matrix product in v's
-    memory format (no copy of a contiguous or channels_last v), in v's dtype even under
-    ``torch.autocast`` (flow-layer math never follows autocast)."""
+def _mix(v, w, bias=None, beta=1):
+    """out[:, o] = sum_c w[o, c] v[:, c] (+ beta * bias[o]) per pixel, as one matrix product
+    in v's memory format (no copy of a contiguous or channels_last v), in v's dtype even
+    under ``torch.autocast`` (flow-layer math never follows autocast)."""
     if torch.is_autocast_enabled(v.device.type):
         with torch.autocast(v.device.type, enabled=False):
-            return _mix(v, w, bias)
+            return _mix(v, w, bias, beta)
     n, c, height, width = v.shape
     co = w.shape[0]
     if _channels_last(v):  # NHWC in memory: a product with W^T on the last dimension
         rows = v.permute(0, 2, 3, 1)
         out = torch.matmul(rows, w.t()) if bias is None else torch.addmm(
-            bias, rows.reshape(-1, c), w.t()).view(n, height, width, co)
+            bias.reshape(co), rows.reshape(-1, c), w.t(), beta=beta).view(n, height, width, co)
         return out.permute(0, 3, 1, 2)
     flat = v.reshape(n, c, height * width)
     # a batched product with W broadcast (a view): unlike matmul(W, flat), which folds the
@@ -178,7 +179,8 @@ def _mix(v, w, bias=None):
     if bias is None:
         out = torch.bmm(w.expand(n, co, c), flat)
     else:
-        out = torch.baddbmm(bias.reshape(1, co, 1), w.expand(n, co, c), flat)
+        out = torch.baddbmm(_shaped(bias, bias.dtype, (1, co, 1)), w.expand(n, co, c), flat,
+                            beta=beta)
     return out.view(n, co, height, width)
 
 
@@ -212,13 +214,15 @@ def lu_inverse_weight(perm, lower, upper, log_s, sign_s):
 
 def lu_inverse_from_rows(rows, lower, upper, log_s, sign_s):
     """W^-1 = U^-1 L^-1 P^T for the permutation whose row gather is ``rows``
-    (``W[i] = ((L + I)(U + D))[rows[i]]``), in the dtype of ``lower`` (pass float64)."""
-    eye = torch.eye(log_s.shape[0], dtype=lower.dtype, device=lower.device)
-    l_full, u_full = lu_factors(lower, upper, _as(log_s, lower.dtype), _as(sign_s, lower.dtype),
-                                eye)
-    l_inv = torch.linalg.solve_triangular(l_full, eye, upper=False, unitriangular=True)
-    u_inv = torch.linalg.solve_triangular(u_full, eye, upper=True)
-    return (u_inv @ l_inv).index_select(1, rows)  # M @ P^T picks M's columns
+    (``W[i] = ((L + I)(U + D))[rows[i]]``), in the dtype of ``lower`` (pass float64): two
+    triangular solves against P^T. The solvers read only the triangles they need (the unit
+    diagonal of L is implied), so neither L + I nor the strictly triangular parts are formed."""
+    c = log_s.shape[0]
+    d = lower.dtype
+    p_t = torch.eye(c, dtype=d, device=lower.device).index_select(1, rows)
+    u_full = torch.diagonal_scatter(upper, _as(sign_s, d) * torch.exp(_as(log_s, d)))
+    x = torch.linalg.solve_triangular(lower, p_t, upper=False, unitriangular=True)
+    return torch.linalg.solve_triangular(u_full, x, upper=True)
 
 
 def lu_weight_logdet(rows, lower, upper, log_s, sign_s, scale=None, *, n=1, ld_mult=1,
@@ -290,7 +294,7 @@ def actnorm_mix(x, weight=None, loc=None, scale=None, *, reverse=False, upcast=T
         else:
             out = (v + _shaped(loc, cd, per_channel)) * _shaped(scale, cd, per_channel)
     elif reverse:
-        out = _mix(v, w / _shaped(scale, cd, (co, 1)), -_shaped(loc, cd, (co,)))
+        out = _mix(v, w / _shaped(scale, cd, (co, 1)), _shaped(loc, cd, (1, co, 1)), beta=-1)
     else:
         out = _mix(v + _shaped(loc, cd, per_channel), w * _shaped(scale, cd, (1, c)))
     return _as(out, x.dtype)

@@ -111,6 +111,10 @@ class _InvConvBase(nn.Module):
     def weight_and_logdet(self, inverse: bool = False):
         raise NotImplementedError
 
+    def matrix(self, inverse: bool = False):
+        """W (or W^-1) alone, as ``weight_and_logdet`` gives it (sampling needs no log-det)."""
+        return self.weight_and_logdet(inverse)[0]
+
     def matrix_and_logdet(self, x, scale=None, inverse: bool = False):
         """(W, or W^-1 for ``inverse``; the per-sample log-det (N,) of the map on ``x``):
         ``+-H*W*(log|det W| + sum(log|scale|))`` in x's compute dtype, the ``scale`` term
@@ -178,6 +182,9 @@ class InvConv2dLU(_InvConvBase):
     def weight_and_logdet(self, inverse: bool = False):
         """(W or W^-1 as a float64 (C, C) matrix, log|det W| = sum(w_s))."""
         return self._assemble(inverse), self.w_s.sum()
+
+    def matrix(self, inverse: bool = False):
+        return self._assemble(inverse)
 
     def matrix_and_logdet(self, x, scale=None, inverse: bool = False):
         """As ``_InvConvBase.matrix_and_logdet``. Going forward, W and the whole log-det

@@ -73,7 +73,7 @@ class FlowStep(nn.Module):
         if logdet:
             w_inv, ld = self.invconv.matrix_and_logdet(x, an.scale, inverse=True)
         else:  # sampling: the matrix only
-            w_inv, ld = self.invconv.weight_and_logdet(True)[0], None
+            w_inv, ld = self.invconv.matrix(inverse=True), None
         x = channel_mix(x, w_inv, loc=an.loc, scale=an.scale, reverse=True)
         return x, (ld + ld_coupling if logdet else None)
 
