@@ -79,14 +79,30 @@ def coupling_params(h: torch.Tensor, cb: int, layout: str):
 
 
 def coupling_log_scale(raw: torch.Tensor, scale: str, clamp: float):
-    """(log s, s) for the scale parameterisations of DESIGN.md. The sigmoid's log s is
-    ``F.logsigmoid``, exact where s underflows (``log(sigmoid(a))`` gives -inf there), and s
-    is ``sigmoid`` of the same shifted input: on CPU both are cheaper than softplus + exp."""
+    """(log s, s) for the scale parameterisations of DESIGN.md.
+
+    The sigmoid's is ``log(sigmoid(raw + 2))``, as eager Glow code writes it: on CPU
+    ``F.logsigmoid`` (and softplus) are not vectorised, 4x the time of sigmoid + log. In
+    the compute dtype this is exact but where s rounds to 1 (raw + 2 > 17 in float32: an
+    absolute error below 6e-8 per element) or underflows to 0 (raw + 2 < -103 in float32),
+    where s = 0 makes the map singular and log s is -inf (the kernels report the finite
+    limit ``raw + 2`` there, but their y loses xb just the same)."""
     if scale == "sigmoid":
-        a = raw + 2.0
-        return F.logsigmoid(a), torch.sigmoid(a)
+        s = torch.sigmoid(raw + 2.0)
+        return torch.log(s), s
     log_s = raw if scale == "exp" else (clamp * ATAN_FACTOR) * torch.atan(raw / clamp)
     return log_s, torch.exp(log_s)
+
+
+def coupling_inverse_scale(raw: torch.Tensor, scale: str, clamp: float):
+    """(log(1/s), 1/s) for the inverse map. The sigmoid's 1/s is ``1 + exp(-(raw + 2))``
+    (no log-sigmoid, no division); the others are ``exp(-log s)``: times 1/s rather than
+    divided by s, so the gradient has no s**2 to underflow."""
+    if scale == "sigmoid":
+        inv_s = torch.exp(-2.0 - raw) + 1.0
+        return torch.log(inv_s), inv_s
+    log_s = coupling_log_scale(raw, scale, clamp)[0]
+    return -log_s, torch.exp(-log_s)
 
 
 def affine_coupling(x, h, *, scale="sigmoid", layout="halves", shift="before", clamp=2.0,
@@ -105,17 +121,15 @@ def affine_coupling(x, h, *, scale="sigmoid", layout="halves", shift="before", c
         else:
             yb = torch.addcmul(t, xb, s)
         ld = log_s.sum(dim=(1, 2, 3))
-    else:  # times exp(-log s) rather than / s: no s**2 in the gradient to underflow
-        log_s = (F.logsigmoid(raw + 2.0) if scale == "sigmoid" else
-                 coupling_log_scale(raw, scale, clamp)[0])
-        inv_s = torch.exp(-log_s)
+    else:
+        log_inv_s, inv_s = coupling_inverse_scale(raw, scale, clamp)
         if shift == "before":
             yb = xb * inv_s - t
         elif shift == "negated":
             yb = torch.addcmul(t, xb, inv_s)
         else:
             yb = (xb - t) * inv_s
-        ld = log_s.sum(dim=(1, 2, 3)).neg()
+        ld = log_inv_s.sum(dim=(1, 2, 3))
     return _with_halves(x, xa, yb), _as(ld, compute_dtype(x.dtype))
 
 
@@ -332,12 +346,18 @@ def reparameterize_kl(mu, logvar, eps=None, *, reduction="none", generator=None,
 
     The KL is summed over all but the first dimension; ``reduction`` "none" gives (N,),
     "sum" and "mean" (over the batch) a scalar. ``eps=None`` draws torch's normal noise.
-    ``exp(logvar) - 1`` is computed as ``expm1(logvar)`` (exact near logvar = 0)."""
+
+    Written for the CPU path's speed with eager PyTorch's accuracy (the kernel's formula):
+    ``exp(logvar) - (logvar + 1)``, not ``expm1``, which ATen does not vectorise on CPU (7x
+    the time of ``exp`` at 256x512) and whose backward is two passes; ``a + b * c``, not
+    ``addcmul``, whose backward multiplies by its ``value`` once more. In float32 the KL of a
+    term near logvar = 0 is then accurate to float32's epsilon in absolute terms, as eager's
+    and the kernel's; the float64 oracle (``upcast`` of float64 input) is exact either way."""
     cd = compute_dtype(mu.dtype) if upcast else mu.dtype
     m, lv = _as(mu, cd), _as(logvar, cd)
     e = standard_normal(mu, generator, cd) if eps is None else _as(eps, cd)
-    z = torch.addcmul(m, torch.exp(0.5 * lv), e)
-    terms = torch.addcmul(torch.expm1(lv) - lv, m, m)
+    z = m + torch.exp(0.5 * lv) * e
+    terms = (torch.exp(lv) - (lv + 1.0)) + m * m
     kl = (terms.sum(dim=tuple(range(1, terms.dim()))) if terms.dim() > 1 else terms).mul(0.5)
     if reduction == "sum":
         kl = kl.sum()

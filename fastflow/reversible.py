@@ -75,6 +75,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from . import reference
 from .backend import current_mode, use_backend
 from .layers import ActNorm, AffineCoupling, FlowStep, InvConv2d, InvConv2dLU
 from .ops.channel_mix import actnorm_invconv, channel_mix
@@ -203,14 +204,6 @@ def _coupling_options(c: AffineCoupling):
     return "sigmoid", "halves", "before", 2.0
 
 
-def _log_scale(raw, scale, clamp):
-    if scale == "sigmoid":
-        return torch.nn.functional.logsigmoid(raw + 2.0)
-    if scale == "exp":
-        return raw
-    return (clamp * 0.636) * torch.atan(raw / clamp)
-
-
 class _CouplingStage:
     def __init__(self, coupling: AffineCoupling):
         self.c = coupling
@@ -240,7 +233,8 @@ class _CouplingStage:
         if scale == "sigmoid":  # s <= 1 and increasing in raw: cond = 1 / s(min raw)
             return y, ld, raw.amin() < math.log(1.0 / (limit - 1.0)) - 2.0
         lo, hi = torch.aminmax(raw.detach().float())
-        log_lo, log_hi = _log_scale(lo, scale, clamp), _log_scale(hi, scale, clamp)
+        log_lo = reference.coupling_log_scale(lo, scale, clamp)[0]
+        log_hi = reference.coupling_log_scale(hi, scale, clamp)[0]
         return y, ld, torch.clamp(log_hi, min=0.0) - log_lo > math.log(limit)
 
     def backward(self, y, gy, gld, stored, mats=None):
