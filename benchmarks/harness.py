@@ -148,6 +148,45 @@ def time_fn(fn: Callable[[], Any], device: str, reps: int = 20, warmup: int = 3)
     return summary([t.elapsed() for t in times])
 
 
+def time_interleaved(fns: dict[str, Callable[[], Any]], device: str, reps: int = 20,
+                     warmup: int = 3) -> dict[str, dict]:
+    """``summary`` per name of ``reps`` timed calls of each function, taken in turn (one
+    call of each per repetition, the order rotated every repetition), after ``warmup``
+    untimed rounds. For ratios: a change in the machine's load during the run reaches every
+    function alike, where timing one after the other would credit it to whichever ran
+    while the machine was busy."""
+    if reps < 1:
+        raise ValueError(f"reps: expected at least 1, got {reps}")
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    _sync(device)
+    flush = _Flusher(device)
+    times = {name: [] for name in names}
+    for rep in range(reps):
+        k = rep % len(names)
+        for name in names[k:] + names[:k]:
+            flush()
+            with _Timer(device) as t:
+                fns[name]()
+            times[name].append(t)
+    return {name: summary([t.elapsed() for t in ts]) for name, ts in times.items()}
+
+
+def fwd_bwd_closure(fn: Callable, inputs) -> Callable[[], None]:
+    """A closure that runs ``fn(*inputs)`` and its backward (fixed random upstream
+    gradients), as ``time_impl``'s forward+backward rows do."""
+    _, grads = _grad_outputs(_tensors(fn(*inputs)))
+
+    def run():
+        outs = [o for o in _tensors(fn(*inputs)) if o.requires_grad]
+        if grads:
+            run_backward(outs, grads, inputs)
+
+    return run
+
+
 def flag_row(row: dict) -> dict:
     """Mark a row whose times contradict each other (forward+backward shorter than the
     forward alone: the machine was busy, or something was cached between the runs). A

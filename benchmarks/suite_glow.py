@@ -229,46 +229,49 @@ def sample_rows(device, quick, reps, warmup, compile_) -> list[dict]:
 # --------------------------------------------------------------------------------------
 
 
-def _op_time(fn, make_inputs, device, reps, warmup):
-    r = harness.time_impl(harness.Impl("x", fn), make_inputs(), device, reps=reps, warmup=warmup)
-    return r["fwd_bwd_s"], r.get("flag")
-
-
-def ratio_rows(device, reps, warmup, steps, samples) -> list[dict]:
+def ratio_rows(device, reps, warmup) -> list[dict]:
+    """fastflow against eager, each pair timed in turn (``harness.time_interleaved``), so
+    the ratios of one run compare like with like on a machine whose load changes."""
     import suite_coupling
     import suite_gaussian
 
     rows = []
 
-    def add(what, t_eager, t_ours, flag=None):
-        row = {"what": what, "eager_ms": t_eager * 1e3, "fastflow_ms": t_ours * 1e3,
-               "speed_vs_eager": t_eager / t_ours}
-        if flag:
-            row["flag"] = flag
-        rows.append(row)
+    def add(what, fns):
+        s = harness.time_interleaved(fns, device, reps=reps, warmup=warmup)
+        ours = s.pop("fastflow")["median"]
+        for label, eager in s.items():
+            rows.append({"what": what + label, "eager_ms": eager["median"] * 1e3,
+                         "fastflow_ms": ours * 1e3, "speed_vs_eager": eager["median"] / ours})
 
     for shape in [(64, 12, 16, 16), (4, 6, 8, 8)]:
-        def make(shape=shape):
-            n, c, hh, ww = shape
-            return (torch.randn(n, c, hh, ww, device=device, requires_grad=True),
-                    torch.randn(n, 2 * (c // 2), hh, ww, device=device, requires_grad=True))
-        te, fe = _op_time(suite_coupling._eager, make, device, reps, warmup)
-        tr, fr = _op_time(suite_coupling._rosinality, make, device, reps, warmup)
-        to, fo = _op_time(suite_coupling._fastflow, make, device, reps, warmup)
-        add(f"affine coupling fwd+bwd {shape}, vs the eager reference", te, to, fe or fo)
-        add(f"affine coupling fwd+bwd {shape}, vs rosinality's eager formula", tr, to, fr or fo)
-    for label, src in (("train step (fwd, bwd, Adam)", steps), ("sampling", samples)):
-        by = {(r["config"], r["dtype"], r["impl"]): r for r in src if "_s" in r}
-        for (cfg, dt, impl), r in by.items():
-            if impl == "fastflow" and (cfg, dt, "eager") in by:
-                add(f"Glow {label}, {cfg}, {dt}", by[(cfg, dt, "eager")]["_s"], r["_s"])
+        n, c, hh, ww = shape
+        inputs = (torch.randn(n, c, hh, ww, device=device, requires_grad=True),
+                  torch.randn(n, 2 * (c // 2), hh, ww, device=device, requires_grad=True))
+        add(f"affine coupling fwd+bwd {shape}",
+            {", vs the eager reference": harness.fwd_bwd_closure(suite_coupling._eager, inputs),
+             ", vs rosinality's eager formula":
+                 harness.fwd_bwd_closure(suite_coupling._rosinality, inputs),
+             "fastflow": harness.fwd_bwd_closure(suite_coupling._fastflow, inputs)})
+    cfg = EIGHT_STEPS
+    models = make_models(cfg, device)
+    x = batch(cfg, device)
+    add(f"Glow train step (fwd, bwd, Adam), {cfg.name}, float32",
+        {"": train_step(models["eager"], models["eager"], x, device, torch.float32),
+         "fastflow": train_step(models["fastflow"], models["fastflow"], x, device,
+                                torch.float32)})
+    for m in models.values():
+        m.eval()
+    shapes = models["fastflow"].z_shapes(cfg.size, cfg.size)
+    add(f"Glow sampling, {cfg.name}, float32",
+        {"": sample_fn(models["eager"].reverse, cfg, shapes, device, torch.float32),
+         "fastflow": sample_fn(models["fastflow"].reverse, cfg, shapes, device, torch.float32)})
     for n, d in [(256, 512), (16, 37)]:
-        def make(n=n, d=d):
-            return (torch.randn(n, d, device=device, requires_grad=True),
-                    (0.5 * torch.randn(n, d, device=device)).requires_grad_())
-        te, fe = _op_time(suite_gaussian._eager, make, device, reps, warmup)
-        to, fo = _op_time(suite_gaussian._fastflow, make, device, reps, warmup)
-        add(f"reparameterisation + KL fwd+bwd N={n} D={d}", te, to, fe or fo)
+        inputs = (torch.randn(n, d, device=device, requires_grad=True),
+                  (0.5 * torch.randn(n, d, device=device)).requires_grad_())
+        add(f"reparameterisation + KL fwd+bwd N={n} D={d}",
+            {"": harness.fwd_bwd_closure(suite_gaussian._eager, inputs),
+             "fastflow": harness.fwd_bwd_closure(suite_gaussian._fastflow, inputs)})
     return rows
 
 
@@ -283,8 +286,9 @@ def tables(device, quick, reps, warmup, compile_):
     label = "; ".join(c.label for c in configs(device, quick))
     out = [(f"training step (forward, backward, Adam) [{label}]", steps, STEP_COLS),
            ("sampling (reverse of fresh z, no grad)", samples, STEP_COLS)]
-    ratios = ratio_rows(device, reps, warmup, steps, samples)
-    out.append(("issue 7 ratio table: speed vs eager = eager time / fastflow time (one run)",
+    ratios = ratio_rows(device, reps, warmup)
+    out.append(("issue 7 ratio table: speed vs eager = eager time / fastflow time "
+                 "(one run, each pair timed in turn)",
                 ratios, ["what", "eager_ms", "fastflow_ms", "speed_vs_eager"]))
     for _, rows, _ in out:
         for r in rows:

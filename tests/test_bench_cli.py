@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,3 +125,34 @@ def test_bench_leaves_the_callers_thread_count_alone(run_py, tmp_path, monkeypat
         run_py.main(["--reps", "0"])
     run_py.main(["--suites", "gaussian", "--quick", "--no-figures", "--reps", "1", "--threads", "1"])
     assert torch.get_num_threads() == before
+
+
+def test_interleaved_timing_takes_the_functions_in_turn(run_py):
+    """The ratio table's timer: every function runs warmup + reps times, one call of each per
+    repetition with the order rotated, and each gets its own summary."""
+    import harness
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    out = harness.time_interleaved(fns, "cpu", reps=4, warmup=1)
+    assert set(out) == {"a", "b", "c"} and all(s["n"] == 4 for s in out.values())
+    assert calls[:3] == ["a", "b", "c"]  # warm-up round
+    rounds = [calls[3 + 3 * i: 6 + 3 * i] for i in range(4)]
+    assert rounds == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    with pytest.raises(ValueError, match="reps: expected at least 1, got 0"):
+        harness.time_interleaved(fns, "cpu", reps=0)
+
+
+def test_fwd_bwd_closure_runs_forward_and_backward(run_py):
+    import harness
+    x = torch.randn(3, 4, requires_grad=True)
+    seen = []
+
+    def fn(t):
+        y = t * 2
+        y.register_hook(lambda g: seen.append(g.shape))
+        return y
+
+    run = harness.fwd_bwd_closure(fn, (x,))
+    seen.clear()
+    run()
+    assert seen == [torch.Size([3, 4])] and x.grad is None  # autograd.grad: no .grad written
