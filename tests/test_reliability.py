@@ -401,6 +401,16 @@ def test_numeric_options_and_flags_are_validated():
             with pytest.raises(TypeError, match="reverse: expected a bool"):
                 call(bad)
         call(False), call(True)
+    # the coupling caches its checked options: values equal to accepted ones (1 == True,
+    # True == 1.0) are refused after the accepted ones went through
+    ff.affine_coupling(x, h, scale="atan", clamp=1.0)
+    for bad in (1, 0):
+        with pytest.raises(TypeError, match="reverse: expected a bool"):
+            ff.affine_coupling(x, h, reverse=bad)
+    with pytest.raises(TypeError, match="clamp: expected a finite positive number"):
+        ff.affine_coupling(x, h, scale="atan", clamp=True)
+    with pytest.raises(ValueError, match="scale: expected one of"):
+        ff.affine_coupling(x, h, scale=["atan"])  # unhashable: still the named error
     from fastflow.ops.lu_weight import lu_weight_logdet
 
     args = (torch.zeros(4, 4), torch.zeros(4, 4), torch.zeros(4), torch.ones(4), torch.arange(4))

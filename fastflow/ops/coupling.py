@@ -24,6 +24,8 @@ says to use ``fastflow.use_backend("reference")``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -154,6 +156,28 @@ def _check(x, h, h_channels_per_cb: int, what: str):
         raise ValueError(f"h: expected shape {want} ({what} for C={c}), got {tuple(h.shape)}")
 
 
+def _check_options(scale, layout, shift, clamp, reverse) -> float:
+    check_choice("scale", scale, reference.SCALES)
+    check_choice("layout", layout, reference.LAYOUTS)
+    check_choice("shift", shift, reference.SHIFTS)
+    check_bool("reverse", reverse)
+    return check_positive("clamp", clamp)
+
+
+# The options of a call checked once per distinct combination: about a microsecond of a small
+# CPU call's entry. typed=True keeps True and 1 (or 2.0 and 2) apart, so what the checks
+# refuse is refused on every call; an error is raised, never cached.
+_cached_options = functools.lru_cache(maxsize=64, typed=True)(_check_options)
+
+
+def _options(scale, layout, shift, clamp, reverse) -> float:
+    """clamp as a float, after checking all five options (each error names its argument)."""
+    try:
+        return _cached_options(scale, layout, shift, clamp, reverse)
+    except TypeError:  # an unhashable option (a list, say): the plain checks name it
+        return _check_options(scale, layout, shift, clamp, reverse)
+
+
 def affine_coupling(x: Tensor, h: Tensor, *, scale: str = "sigmoid", layout: str = "halves",
                     shift: str = "before", clamp: float = 2.0, reverse: bool = False):
     """Affine coupling fused with its log-determinant: returns ``(y, logdet)``.
@@ -173,11 +197,7 @@ def affine_coupling(x: Tensor, h: Tensor, *, scale: str = "sigmoid", layout: str
     positive number and ``reverse`` a bool. See the module docstring for double backward
     and ``torch.func`` (reference path: supported; Triton path: refused with a clear error)."""
     _check(x, h, 2, "2 * (C // 2) coupling parameters")
-    check_choice("scale", scale, reference.SCALES)
-    check_choice("layout", layout, reference.LAYOUTS)
-    check_choice("shift", shift, reference.SHIFTS)
-    clamp = check_positive("clamp", clamp)
-    check_bool("reverse", reverse)
+    clamp = _options(scale, layout, shift, clamp, reverse)
     if use_triton(x):
         refuse_transforms("affine_coupling")
         op = coupling_inverse if reverse else coupling_forward
