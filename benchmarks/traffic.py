@@ -141,7 +141,12 @@ def _record(kind: str, nbytes: int):
         setattr(launch, f"{kind}s", getattr(launch, f"{kind}s") + 1)
 
 
-def _wrap(name, original, kind, ptr_pos, mask_pos):
+def _arg(args, kwargs, pos, name):
+    """Argument ``pos`` (after ``self``) of a wrapped call, passed by position or by name."""
+    return args[pos] if pos < len(args) else kwargs.get(name)
+
+
+def _wrap(name, original, kind, ptr_pos, mask_pos, names):
     """A builder method that counts its bytes unless a wrapped method it calls already did
     (``create_load`` calling ``create_masked_load``, an atomic load calling a masked load):
     the innermost wrapped call counts, so nothing is counted twice whatever delegates to
@@ -155,12 +160,9 @@ def _wrap(name, original, kind, ptr_pos, mask_pos):
         finally:
             nested = stack.pop()
         if not nested and _active:
-            ptr = args[ptr_pos]
-            mask = args[mask_pos] if mask_pos is not None and mask_pos < len(args) else None
-            if mask_pos is not None and mask_pos >= len(args):
-                mask = kwargs.get("mask")
-            shape = np.shape(ptr.data)
-            _record(kind, _count(mask, shape) * _elem_bytes(ptr))
+            ptr = _arg(args, kwargs, ptr_pos, names[ptr_pos])
+            mask = None if mask_pos is None else _arg(args, kwargs, mask_pos, names[mask_pos])
+            _record(kind, _count(mask, np.shape(ptr.data)) * _elem_bytes(ptr))
         if stack:
             stack[-1] = True
         return result
@@ -212,7 +214,8 @@ def _check_internals():
     if grid is None or not callable(getattr(grid, "__call__", None)):
         problems.append("no triton.runtime.interpreter.GridExecutor.__call__")
     if builder is not None:
-        for name, (_, ptr_pos, mask_pos, want) in _MEMORY_OPS.items():
+        present = {k: v for k, v in _OPTIONAL_OPS.items() if hasattr(builder, k)}
+        for name, (_, ptr_pos, mask_pos, want) in {**_MEMORY_OPS, **present}.items():
             fn = getattr(builder, name, None)
             if fn is None:
                 problems.append(f"InterpreterBuilder.{name} is missing")
@@ -243,10 +246,10 @@ def _install():
     saved = []
     ops = dict(_MEMORY_OPS)
     ops.update({k: v for k, v in _OPTIONAL_OPS.items() if hasattr(cls, k)})
-    for name, (kind, ptr_pos, mask_pos, _) in ops.items():
+    for name, (kind, ptr_pos, mask_pos, names) in ops.items():
         original = cls.__dict__.get(name, getattr(cls, name))
         saved.append((cls, name, cls.__dict__.get(name)))
-        setattr(cls, name, _wrap(name, original, kind, ptr_pos, mask_pos))
+        setattr(cls, name, _wrap(name, original, kind, ptr_pos, mask_pos, names))
     saved.append((cls, "set_grid_idx", cls.__dict__.get("set_grid_idx")))
     cls.set_grid_idx = _wrap_set_grid_idx(cls.__dict__.get("set_grid_idx", cls.set_grid_idx))
     g = interp.GridExecutor
