@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 
 import torch
@@ -84,8 +85,10 @@ def _glow_parser():
                    help="rebuild each flow step's input from its output in backward instead of "
                         "keeping activations (memory flat in --n-flow, same gradients)")
     g.add_argument("--cuda-graph", action="store_true",
-                   help="CUDA only: capture the training step's forward and backward as CUDA "
-                        "graphs (torch.compile mode='reduce-overhead')")
+                   help="CUDA only, one process, not with --compile: capture the whole "
+                        "training step (forward, backward, non-finite check, clipping, warmup "
+                        "lr, fused Adam) as one CUDA graph after 3 eager steps and replay it "
+                        "per batch (the last partial batch of an epoch is dropped, as always)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     g.add_argument("--force", action="store_true",
                    help="start a fresh run over an existing OUT/checkpoint.pt")
@@ -203,6 +206,13 @@ def main(argv=None) -> int:
         raise SystemExit(f"--test-fraction: expected a number in (0, 1), got {args.test_fraction}")
     if args.warmup < 0:
         raise SystemExit(f"--warmup: expected a step count >= 0, got {args.warmup}")
+    if args.cuda_graph and args.compile:
+        raise SystemExit("--cuda-graph: expected without --compile (it captures the eager "
+                         "step), got both")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.cuda_graph and world > 1:
+        raise SystemExit(f"--cuda-graph: expected one process, got {world} (torchrun's "
+                         "DistributedDataParallel all-reduces are not captured)")
     dist_ = Distributed(args.device)
     try:
         return _train(args, dist_, Glow, bits_per_dim, dequantize, load_image_sets)
@@ -290,9 +300,7 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize, load_image_sets) -> int:
 
         net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
                                       else None)
-    if args.cuda_graph:
-        net = torch.compile(net, mode="reduce-overhead")
-    elif args.compile:
+    if args.compile:
         # the reversible chain is an autograd.Function that runs eagerly: no full graph
         net = torch.compile(net, fullgraph=not (dist_.enabled or args.reversible))
 
@@ -319,6 +327,12 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize, load_image_sets) -> int:
         log_p, logdet, _ = net(x)
         return {"bpd": bits_per_dim(log_p.float(), logdet.float(), n_pixel, n_bins)}
 
+    graph = None
+    if args.cuda_graph:
+        from .graph_step import GraphStep
+
+        graph = GraphStep(runner, loss_fn, model=model)
+    runner.start(step)  # the device-side step counter of the warmup learning rate
     t_start = time.perf_counter()
     for epoch in range(start_epoch, args.epochs):
         if args.max_steps is not None and step >= args.max_steps:
@@ -339,7 +353,7 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize, load_image_sets) -> int:
                 flip = (torch.rand(len(idx), generator=gen) < 0.5).view(-1, 1, 1, 1)
                 levels = torch.where(flip, levels.flip(-1), levels)
             x = dist_.shard(dequantize(levels, n_bins, noise)).to(device, non_blocking=True)
-            terms = runner.step(lambda: loss_fn(x), step)
+            terms = graph.step(x) if graph is not None else runner.step(lambda: loss_fn(x))
             step += 1
             images += len(idx)
             ok = 1.0 - runner.found_inf.double()
