@@ -25,13 +25,6 @@ class GraphStep:
     terms are the graph's output tensors: read them before the next ``step``."""
 
     def __init__(self, runner: StepRunner, loss_fn, *, warmup_steps: int = 3, model=None):
-        if runner.device.type != "cuda":
-            raise ValueError(f"runner: expected a StepRunner on a CUDA device, got "
-                             f"{runner.device}")
-        if runner.distributed is not None and runner.distributed.enabled:
-            raise ValueError("runner: expected one process (CUDA-graph capture of "
-                             "DistributedDataParallel's all-reduces is not supported here), "
-                             f"got {runner.distributed.world}")
         if warmup_steps < 1:
             raise ValueError(f"warmup_steps: expected >= 1 eager steps before the capture, "
                              f"got {warmup_steps}")
@@ -40,6 +33,13 @@ class GraphStep:
         if pending:
             raise ValueError(f"model: expected ActNorm's data-dependent initialisation to have "
                              f"run before the capture, got uninitialised {pending[:3]}")
+        if runner.device.type != "cuda":
+            raise ValueError(f"runner: expected a StepRunner on a CUDA device, got "
+                             f"{runner.device}")
+        if runner.distributed is not None and runner.distributed.enabled:
+            raise ValueError("runner: expected one process (CUDA-graph capture of "
+                             "DistributedDataParallel's all-reduces is not supported here), "
+                             f"got {runner.distributed.world}")
         self.runner, self.loss_fn, self.warmup_steps = runner, loss_fn, warmup_steps
         self.static_x: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
