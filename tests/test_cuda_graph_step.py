@@ -64,9 +64,9 @@ class PreviousStep:
         return {k: v.detach() for k, v in terms.items()}
 
 
-def _glow(device="cpu"):
+def _glow(device="cpu", reversible=False):
     torch.manual_seed(0)
-    model = Glow(1, 2, 2, filter_size=8).to(device)
+    model = Glow(1, 2, 2, filter_size=8, reversible=reversible).to(device)
     x = (torch.rand(16, 1, 8, 8) - 0.5).to(device)
     with torch.no_grad():
         model(x)  # ActNorm's data-dependent initialisation
@@ -196,10 +196,11 @@ def test_the_hazard_detector_sees_syncs_copies_and_random_numbers():
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-@pytest.mark.parametrize("precision, clip, warmup", [("fp32", 1.0, 5), ("bf16", None, 0),
-                                                     ("fp16", 0.5, 2)])
-def test_the_step_has_nothing_a_capture_forbids(precision, clip, warmup, backend):
-    model = _glow()
+@pytest.mark.parametrize("precision, clip, warmup, reversible",
+                         [("fp32", 1.0, 5, False), ("bf16", None, 0, False),
+                          ("fp16", 0.5, 2, False), ("fp32", 1.0, 5, True)])
+def test_the_step_has_nothing_a_capture_forbids(precision, clip, warmup, reversible, backend):
+    model = _glow(reversible=reversible)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     runner = StepRunner(model.parameters(), opt, device=torch.device("cpu"),
                         precision=precision, clip=clip, warmup=warmup)
