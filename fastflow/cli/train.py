@@ -11,7 +11,8 @@ import time
 import torch
 
 from ..data import DIGIT_LEVELS
-from .common import (HelpFormatter, backend_name, positive, prepare_out, progress,
+from .common import (HelpFormatter, add_optimisation_options, add_run_options, backend_name,
+                     positive, prepare_out, progress,
                      read_checkpoint, rng_state, save_checkpoint, save_image_grid, set_rng_state,
                      write_csv, write_json)
 from .loop import (PRECISIONS, Distributed, StepRunner, epoch_generator, epoch_order)
@@ -56,27 +57,21 @@ def _glow_parser():
     g.add_argument("--additive", action="store_true",
                    help="additive instead of affine coupling")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=positive(int), default=20)
-    g.add_argument("--batch-size", type=positive(int), default=64,
-                   help="global batch: split evenly across torchrun's processes")
-    g.add_argument("--lr", type=positive(float), default=None,
-                   help="Adam learning rate (None: 1e-3, or with --resume the checkpoint's; "
-                        "a value given with --resume replaces the checkpoint's)")
+    add_optimisation_options(
+        g, epochs=20, lr=None, batch_help="global batch: split evenly across torchrun's processes",
+        lr_help="Adam learning rate (None: 1e-3, or with --resume the checkpoint's; a value "
+                "given with --resume replaces the checkpoint's)")
     g.add_argument("--warmup", type=int, default=100, help="linear learning-rate warmup steps")
     g.add_argument("--clip", type=positive(float), default=None,
                    help="clip the gradient norm to this value (None: no clipping)")
     g.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
                    help="autocast dtype of the coupling networks and priors (flow layers, "
                         "log-dets and the likelihood stay float32); fp16 scales the loss")
-    g.add_argument("--max-steps", type=positive(int), default=None,
-                   help="stop after this many optimizer steps in total")
-    g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("run")
+    add_run_options(g, out="runs/glow")
     g.add_argument("--temperature", type=_temperatures, default=[0.7],
                    help="sampling temperature(s), comma-separated: one grid row each")
     g.add_argument("--n-samples", type=positive(int), default=12, help="images per grid row")
-    g.add_argument("--out", default="runs/glow", help="results folder")
-    g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     g.add_argument("--threads", type=positive(int), default=None,
                    help="CPU threads for torch (None: torch's choice)")
     g.add_argument("--compile", action="store_true",
@@ -89,14 +84,10 @@ def _glow_parser():
                         "training step (forward, backward, non-finite check, clipping, warmup "
                         "lr, fused Adam) as one CUDA graph after 3 eager steps and replay it "
                         "per batch (the last partial batch of an epoch is dropped, as always)")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    g.add_argument("--force", action="store_true",
-                   help="start a fresh run over an existing OUT/checkpoint.pt")
     g.add_argument("--eval-every", type=positive(int), default=1,
                    help="test bits/dim, sample grid and checkpoint every N epochs (and at the end)")
     g.add_argument("--log-every", type=positive(int), default=20,
                    help="progress-bar update interval in steps (each update reads the device)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
