@@ -12,9 +12,8 @@ import torch
 
 from ..data import DIGIT_LEVELS
 from .common import (HelpFormatter, add_optimisation_options, add_run_options, backend_name,
-                     positive, prepare_out, progress,
-                     read_checkpoint, rng_state, save_checkpoint, save_image_grid, set_rng_state,
-                     write_csv, write_json)
+                     positive, prepare_out, progress, read_checkpoint, rng_state,
+                     save_checkpoint, save_image_grid, set_rng_state, write_csv, write_json)
 from .loop import (PRECISIONS, Distributed, StepRunner, epoch_generator, epoch_order)
 
 INIT_IMAGES = 512  # ActNorm's data-dependent initialisation: this many training images
