@@ -72,6 +72,7 @@ class GraphStep:
             torch.cuda.current_stream(self.runner.device).wait_stream(side)
             return terms
         self.runner.opt.zero_grad(set_to_none=True)  # backward allocates them in the pool
+        self.runner.capturable = True  # Adam refuses a capture otherwise (set in step())
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self.terms = self._run()

@@ -122,14 +122,15 @@ class StepRunner:
         self.counter = torch.zeros((), dtype=torch.float64, device=device)
         lr_dtype = torch.float64 if device.type == "cpu" else torch.float32
         self.lr_tensor = torch.full((), self.lr(0), dtype=lr_dtype, device=device)
+        self.capturable = False  # GraphStep sets it for its capture (True warns when eager)
         self.bind()
 
     def bind(self) -> None:
-        """Point the optimizer at ``lr_tensor`` and make it capturable (again after an
-        ``opt.load_state_dict``, which brings back the saved float lr and flags)."""
+        """Point the optimizer at ``lr_tensor`` and set its ``capturable`` flag (again after
+        an ``opt.load_state_dict``, which brings back the saved float lr and flags)."""
         for group in self.opt.param_groups:
             group["lr"] = self.lr_tensor
-            group["capturable"] = True
+            group["capturable"] = self.capturable
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype or torch.float32,
