@@ -59,3 +59,28 @@ def test_demo_writes_grids_before_and_after_and_improves(tmp_path, capsys):
     assert 0.0 <= metrics["demo"]["score"]["recognised"] <= 1.0
     printed = capsys.readouterr().out
     assert "digit classifier recognises" in printed and "samples after" in printed
+
+
+@pytest.mark.parametrize("module, parser, defaults", [
+    ("train", "_glow_parser", {"epochs": 20, "lr": None, "out": "runs/glow", "force": False}),
+    ("train_vae", "_vae_parser", {"epochs": 10, "lr": 2e-3, "out": "runs/vae", "force": False}),
+    ("train_tarflow", "_parser", {"epochs": 6, "lr": 2e-3, "out": "runs/tarflow"}),
+])
+def test_training_commands_share_their_run_options_with_their_own_defaults(module, parser,
+                                                                            defaults):
+    import importlib
+
+    p = getattr(importlib.import_module(f"fastflow.cli.{module}"), parser)()
+    args = vars(p.parse_args([]))
+    shared = {"batch_size": 64, "max_steps": None, "seed": 0, "device": "auto",
+              "resume": False, "no_progress": False}
+    assert {k: args[k] for k in {**shared, **defaults}} == {**shared, **defaults}
+    assert ("force" in args) == ("force" in defaults)
+    given = vars(p.parse_args(["--epochs", "3", "--batch-size", "8", "--lr", "0.5",
+                               "--max-steps", "7", "--seed", "4", "--device", "cpu",
+                               "--out", "x", "--resume", "--no-progress"]))
+    assert (given["epochs"], given["batch_size"], given["lr"], given["max_steps"],
+            given["seed"], given["device"], given["out"], given["resume"],
+            given["no_progress"]) == (3, 8, 0.5, 7, 4, "cpu", "x", True, True)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--epochs", "0"])

@@ -3,7 +3,8 @@
 ``load_checkpoint`` (model + optimizer + any state, resumable, loaded with
 ``weights_only=True``), ``prepare_out`` (``--out`` checked before training), ``rng_state``,
 ``save_image_grid`` (a PNG of image rows, drawn with Pillow), ``write_json``/``write_csv``,
-``positive`` (an argparse type), ``HelpFormatter`` and ``backend_name``."""
+``positive`` (an argparse type), ``add_optimisation_options``/``add_run_options`` (the
+options every training command has), ``HelpFormatter`` and ``backend_name``."""
 
 from __future__ import annotations
 
@@ -246,6 +247,35 @@ def positive(kind):
         return value
 
     return parse
+
+
+def add_optimisation_options(parser, *, epochs: int, lr: float | None,
+                             lr_help: str = "Adam learning rate",
+                             batch_help: str = "images per optimizer step") -> None:
+    """``--epochs``, ``--batch-size``, ``--lr``, ``--max-steps`` and ``--seed`` on ``parser``
+    (a parser or an argument group), with the command's own defaults and help."""
+    parser.add_argument("--epochs", type=positive(int), default=epochs,
+                        help="passes over the training images")
+    parser.add_argument("--batch-size", type=positive(int), default=64, help=batch_help)
+    parser.add_argument("--lr", type=positive(float), default=lr, help=lr_help)
+    parser.add_argument("--max-steps", type=positive(int), default=None,
+                        help="stop after this many optimizer steps in total")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed (initial weights, data order, noise)")
+
+
+def add_run_options(parser, *, out: str, force: bool = True) -> None:
+    """``--out``, ``--device``, ``--resume``, ``--force`` (where the command refuses to
+    overwrite a checkpoint, see ``prepare_out``) and ``--no-progress`` on ``parser``."""
+    parser.add_argument("--out", default=out, help="results folder")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA if available), cpu, cuda, cuda:N")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from OUT/checkpoint.pt (without one: a fresh start)")
+    if force:
+        parser.add_argument("--force", action="store_true",
+                            help="start a fresh run over an existing OUT/checkpoint.pt")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def backend_name(device: torch.device) -> str:

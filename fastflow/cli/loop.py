@@ -82,18 +82,25 @@ def warmup_lr(base_lr: float, step: int, warmup: int) -> float:
 
 
 class StepRunner:
-    """One optimizer step with no host synchronisation:
+    """One optimizer step with no host synchronisation, the same code eagerly and inside a
+    CUDA graph (``fastflow.cli.graph_step.GraphStep`` captures ``step``):
 
+    - the learning rate of the linear warmup is computed on the device from a device-side
+      step counter (``counter``) into ``lr_tensor``, which the fused Adam reads (a Python
+      float would be baked into a capture); ``start(step)`` sets the counter;
     - the loss function runs under ``torch.autocast`` for bf16/fp16 (the coupling networks
       and priors follow autocast; fastflow's flow layers compute in float32);
     - fp16 scales the loss (a GradScaler's growth/backoff, kept on the device);
     - ``torch._amp_foreach_non_finite_check_and_unscale_`` unscales the gradients and
       raises ``found_inf`` when any gradient, or the loss, is not finite (all-reduced with
       MAX across ranks);
-    - optional gradient-norm clipping; the learning rate of the linear warmup;
+    - optional gradient-norm clipping;
     - the fused Adam reads ``found_inf`` and leaves the parameters, both moments and the
       step count untouched when it is set (the GradScaler mechanism, on the device);
     - ``skipped`` counts the skipped steps on the device (read once per epoch).
+
+    ``lr_tensor`` is float64 on CPU (the CPU fused Adam reads it as a double: the same
+    numbers as a Python float) and float32 on CUDA (what the CUDA fused Adam reads).
     """
 
     def __init__(self, params, opt: torch.optim.Optimizer, *, device: torch.device,
@@ -112,19 +119,47 @@ class StepRunner:
         self.skipped = torch.zeros((), device=device)
         self.scale = torch.full((1,), 2.0 ** 16 if precision == "fp16" else 1.0, device=device)
         self.growth_tracker = torch.zeros(1, dtype=torch.int32, device=device)
+        self.counter = torch.zeros((), dtype=torch.float64, device=device)
+        lr_dtype = torch.float64 if device.type == "cpu" else torch.float32
+        self.lr_tensor = torch.full((), self.lr(0), dtype=lr_dtype, device=device)
+        self.capturable = False  # GraphStep sets it for its capture (True warns when eager)
+        self.bind()
+
+    def bind(self) -> None:
+        """Point the optimizer at ``lr_tensor`` and set its ``capturable`` flag (again after
+        an ``opt.load_state_dict``, which brings back the saved float lr and flags)."""
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_tensor
+            group["capturable"] = self.capturable
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype or torch.float32,
                               enabled=self.dtype is not None)
 
     def lr(self, step: int) -> float:
+        """The warmup learning rate of step ``step`` as a Python float (for reports)."""
         return warmup_lr(self.base_lr, step, self.warmup)
 
-    def step(self, loss_fn, step: int) -> dict:
+    def start(self, step: int) -> None:
+        """Set the device step counter: the next ``step`` call is step number ``step``."""
+        self.counter.fill_(step)
+
+    def _set_lr(self) -> None:
+        """``warmup_lr`` of ``counter``, on the device (float64, as Python computes it)."""
+        if self.warmup > 0:
+            factor = torch.clamp_max((self.counter + 1) / self.warmup, 1.0)
+            self.lr_tensor.copy_(factor * self.base_lr)
+        else:
+            self.lr_tensor.fill_(self.base_lr)
+        self.bind()
+
+    def step(self, loss_fn, step: int | None = None) -> dict:
         """Run ``loss_fn()`` (a dict of scalar terms, the first being the loss) forward and
-        backward and take the step; returns the detached terms (float32)."""
-        for group in self.opt.param_groups:
-            group["lr"] = self.lr(step)
+        backward and take the step; returns the detached terms (float32). ``step``: set the
+        counter first (``start``); None goes on from the counter."""
+        if step is not None:
+            self.start(step)
+        self._set_lr()
         self.opt.zero_grad(set_to_none=True)
         with self.autocast():
             terms = loss_fn()
@@ -151,6 +186,7 @@ class StepRunner:
             torch._amp_update_scale_(self.scale, self.growth_tracker, self.found_inf,
                                      2.0, 0.5, 2000)
         self.skipped += self.found_inf
+        self.counter += 1
         return {k: v.detach() for k, v in terms.items()}
 
     def state_dict(self) -> dict:

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 
 import torch
 
 from ..data import DIGIT_LEVELS
-from .common import (HelpFormatter, backend_name, positive, prepare_out, progress,
-                     read_checkpoint, rng_state, save_checkpoint, save_image_grid, set_rng_state,
-                     write_csv, write_json)
+from .common import (HelpFormatter, add_optimisation_options, add_run_options, backend_name,
+                     positive, prepare_out, progress, read_checkpoint, rng_state,
+                     save_checkpoint, save_image_grid, set_rng_state, write_csv, write_json)
 from .loop import (PRECISIONS, Distributed, StepRunner, epoch_generator, epoch_order)
 
 INIT_IMAGES = 512  # ActNorm's data-dependent initialisation: this many training images
@@ -55,27 +56,21 @@ def _glow_parser():
     g.add_argument("--additive", action="store_true",
                    help="additive instead of affine coupling")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=positive(int), default=20)
-    g.add_argument("--batch-size", type=positive(int), default=64,
-                   help="global batch: split evenly across torchrun's processes")
-    g.add_argument("--lr", type=positive(float), default=None,
-                   help="Adam learning rate (None: 1e-3, or with --resume the checkpoint's; "
-                        "a value given with --resume replaces the checkpoint's)")
+    add_optimisation_options(
+        g, epochs=20, lr=None, batch_help="global batch: split evenly across torchrun's processes",
+        lr_help="Adam learning rate (None: 1e-3, or with --resume the checkpoint's; a value "
+                "given with --resume replaces the checkpoint's)")
     g.add_argument("--warmup", type=int, default=100, help="linear learning-rate warmup steps")
     g.add_argument("--clip", type=positive(float), default=None,
                    help="clip the gradient norm to this value (None: no clipping)")
     g.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
                    help="autocast dtype of the coupling networks and priors (flow layers, "
                         "log-dets and the likelihood stay float32); fp16 scales the loss")
-    g.add_argument("--max-steps", type=positive(int), default=None,
-                   help="stop after this many optimizer steps in total")
-    g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("run")
+    add_run_options(g, out="runs/glow")
     g.add_argument("--temperature", type=_temperatures, default=[0.7],
                    help="sampling temperature(s), comma-separated: one grid row each")
     g.add_argument("--n-samples", type=positive(int), default=12, help="images per grid row")
-    g.add_argument("--out", default="runs/glow", help="results folder")
-    g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     g.add_argument("--threads", type=positive(int), default=None,
                    help="CPU threads for torch (None: torch's choice)")
     g.add_argument("--compile", action="store_true",
@@ -84,16 +79,14 @@ def _glow_parser():
                    help="rebuild each flow step's input from its output in backward instead of "
                         "keeping activations (memory flat in --n-flow, same gradients)")
     g.add_argument("--cuda-graph", action="store_true",
-                   help="CUDA only: capture the training step's forward and backward as CUDA "
-                        "graphs (torch.compile mode='reduce-overhead')")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    g.add_argument("--force", action="store_true",
-                   help="start a fresh run over an existing OUT/checkpoint.pt")
+                   help="CUDA only, one process, not with --compile: capture the whole "
+                        "training step (forward, backward, non-finite check, clipping, warmup "
+                        "lr, fused Adam) as one CUDA graph after 3 eager steps and replay it "
+                        "per batch (the last partial batch of an epoch is dropped, as always)")
     g.add_argument("--eval-every", type=positive(int), default=1,
                    help="test bits/dim, sample grid and checkpoint every N epochs (and at the end)")
     g.add_argument("--log-every", type=positive(int), default=20,
                    help="progress-bar update interval in steps (each update reads the device)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -203,6 +196,13 @@ def main(argv=None) -> int:
         raise SystemExit(f"--test-fraction: expected a number in (0, 1), got {args.test_fraction}")
     if args.warmup < 0:
         raise SystemExit(f"--warmup: expected a step count >= 0, got {args.warmup}")
+    if args.cuda_graph and args.compile:
+        raise SystemExit("--cuda-graph: expected without --compile (it captures the eager "
+                         "step), got both")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.cuda_graph and world > 1:
+        raise SystemExit(f"--cuda-graph: expected one process, got {world} (torchrun's "
+                         "DistributedDataParallel all-reduces are not captured)")
     dist_ = Distributed(args.device)
     try:
         return _train(args, dist_, Glow, bits_per_dim, dequantize, load_image_sets)
@@ -290,9 +290,7 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize, load_image_sets) -> int:
 
         net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
                                       else None)
-    if args.cuda_graph:
-        net = torch.compile(net, mode="reduce-overhead")
-    elif args.compile:
+    if args.compile:
         # the reversible chain is an autograd.Function that runs eagerly: no full graph
         net = torch.compile(net, fullgraph=not (dist_.enabled or args.reversible))
 
@@ -319,6 +317,12 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize, load_image_sets) -> int:
         log_p, logdet, _ = net(x)
         return {"bpd": bits_per_dim(log_p.float(), logdet.float(), n_pixel, n_bins)}
 
+    graph = None
+    if args.cuda_graph:
+        from .graph_step import GraphStep
+
+        graph = GraphStep(runner, loss_fn, model=model)
+    runner.start(step)  # the device-side step counter of the warmup learning rate
     t_start = time.perf_counter()
     for epoch in range(start_epoch, args.epochs):
         if args.max_steps is not None and step >= args.max_steps:
@@ -339,7 +343,7 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize, load_image_sets) -> int:
                 flip = (torch.rand(len(idx), generator=gen) < 0.5).view(-1, 1, 1, 1)
                 levels = torch.where(flip, levels.flip(-1), levels)
             x = dist_.shard(dequantize(levels, n_bins, noise)).to(device, non_blocking=True)
-            terms = runner.step(lambda: loss_fn(x), step)
+            terms = graph.step(x) if graph is not None else runner.step(lambda: loss_fn(x))
             step += 1
             images += len(idx)
             ok = 1.0 - runner.found_inf.double()

@@ -8,16 +8,16 @@ import argparse
 
 import torch
 
-from .common import backend_name, pick_device, positive, run_dir, save_image_grid, write_json
+from .common import (HelpFormatter, add_optimisation_options, add_run_options, backend_name,
+                     pick_device, positive, run_dir, save_image_grid, write_json)
 from .loop import resume_or_start, train_epochs
 
 
 def _parser():
     p = argparse.ArgumentParser(prog="python -m fastflow train-tarflow",
+                                formatter_class=HelpFormatter,
                                 description="Train a small TarFlow on the bundled digits.")
-    p.add_argument("--epochs", type=positive(int), default=6)
-    p.add_argument("--batch-size", type=positive(int), default=64)
-    p.add_argument("--lr", type=positive(float), default=2e-3)
+    add_optimisation_options(p, epochs=6, lr=2e-3, lr_help="AdamW learning rate")
     p.add_argument("--size", type=positive(int), default=8, help="image side (digits resized)")
     p.add_argument("--patch-size", type=positive(int), default=2)
     p.add_argument("--channels", type=positive(int), default=32, help="transformer width")
@@ -29,13 +29,7 @@ def _parser():
     p.add_argument("--unconditional", action="store_true", help="no class labels")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance of samples")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    p.add_argument("--out", default="runs/tarflow", help="results folder")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
-    p.add_argument("--max-steps", type=positive(int), default=None,
-                   help="stop after this many optimizer steps in total")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_options(p, out="runs/tarflow", force=False)  # no --force: OUT is not guarded
     return p
 
 

@@ -6,8 +6,8 @@ import argparse
 
 import torch
 
-from .common import (HelpFormatter, backend_name, pick_device, positive, prepare_out,
-                     save_image_grid, write_json)
+from .common import (HelpFormatter, add_optimisation_options, add_run_options, backend_name,
+                     pick_device, positive, prepare_out, save_image_grid, write_json)
 from .loop import resume_or_start, train_epochs
 
 
@@ -15,22 +15,11 @@ def _vae_parser():
     p = argparse.ArgumentParser(prog="python -m fastflow train-vae",
                                 formatter_class=HelpFormatter,
                                 description="Train the small conv VAE on the bundled 8x8 digits.")
-    p.add_argument("--epochs", type=positive(int), default=10)
-    p.add_argument("--batch-size", type=positive(int), default=64)
-    p.add_argument("--lr", type=positive(float), default=2e-3)
+    add_optimisation_options(p, epochs=10, lr=2e-3)
     p.add_argument("--latent", type=positive(int), default=8)
     p.add_argument("--hidden", type=positive(int), default=32, help="conv channels")
     p.add_argument("--likelihood", choices=("bernoulli", "gaussian"), default="bernoulli")
-    p.add_argument("--out", default="runs/vae", help="results folder")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
-    p.add_argument("--max-steps", type=positive(int), default=None,
-                   help="stop after this many optimizer steps in total")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from OUT/checkpoint.pt when it exists")
-    p.add_argument("--force", action="store_true",
-                   help="start a fresh run over an existing OUT/checkpoint.pt")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_options(p, out="runs/vae")
     return p
 
 
