@@ -38,8 +38,14 @@ def _kernels():
     return channel_mix
 
 
-def _matrix(weight):
-    return weight  # (Co, C) or (Co, C, 1, 1): the kernels read it through strides 0 and 1
+def _matrix(weight, x):
+    """``weight`` (Co, C) or (Co, C, 1, 1), read by the kernels through strides 0 and 1, in
+    x's compute dtype: one cast per call (a (Co, C) copy, e.g. the float64 W of an LU
+    layer for float32 activations) instead of every program converting its slice."""
+    if weight is None:
+        return None
+    cd = compute_dtype(x.dtype)
+    return weight if weight.dtype == cd else weight.to(cd)
 
 
 def _vec(v):
@@ -62,7 +68,7 @@ def _out_channels(x, weight):
 @torch.library.custom_op("fastflow::channel_mix", mutates_args=())
 def channel_mix_op(x: Tensor, weight: Optional[Tensor], loc: Optional[Tensor],
                    scale: Optional[Tensor], reverse: bool) -> Tensor:
-    a, lv, sv = _matrix(weight), _vec(loc), _vec(scale)
+    a, lv, sv = _matrix(weight, x), _vec(loc), _vec(scale)
     with device_guard(x):
         if lv is None:
             return _kernels().mix(x, a)
@@ -79,7 +85,9 @@ def _(x, weight, loc, scale, reverse):
 
 def _triton_backward(grad, src, weight, loc, scale, reverse, need_params):
     k = _kernels()
-    a, lv, sv = _matrix(weight), _vec(loc), _vec(scale)
+    # the matrix cast once, read by both the d-src mix and the finishing launch; d weight
+    # is still written in weight's own dtype
+    a, lv, sv = _matrix(weight, src), _vec(loc), _vec(scale)
     has_an = lv is not None
     # d src: the transposed matrix, with ActNorm's scale as an epilogue (forward) or a
     # prologue (reverse)
@@ -191,10 +199,12 @@ def channel_mix(x: Tensor, weight: Optional[Tensor] = None, *, loc: Optional[Ten
 
     Forward: ``out[:, :, i, j] = weight @ (scale * (x[:, :, i, j] + loc))``.
     ``reverse=True``: ``out = (weight @ x) / scale - loc`` where ``weight`` is the inverse
-    matrix (the layers pass their cached W^-1). ``weight`` (Co, C) or (Co, C, 1, 1), or
+    matrix (the layers pass W^-1). ``weight`` (Co, C) or (Co, C, 1, 1), or
     None for ActNorm alone; ``loc`` and ``scale`` one value per channel ((C,) or
     (1, C, 1, 1)), or both None for the convolution alone. The output has x's dtype and
-    memory format; the matrix may be float64 for any x (it is read in the compute dtype)."""
+    memory format; the matrix may be float64 for any x: on the Triton path it is cast once
+    per call (forward, and again in backward) to x's compute dtype, and its gradient comes
+    back in its own dtype."""
     check_bool("reverse", reverse)
     _check(x, weight, loc, scale, reverse)
     if use_triton(x):
