@@ -22,7 +22,7 @@ import threading
 
 import torch
 
-from .reference import compute_dtype  # noqa: F401  (the one compute-dtype helper)
+from .kernels._dtypes import compute_dtype  # noqa: F401  (the one compute-dtype helper)
 
 MODES = ("auto", "triton", "reference")
 

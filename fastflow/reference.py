@@ -9,7 +9,8 @@ This is also the path fastflow runs on CPU tensors: plain autograd, written to d
 work than the eager PyTorch a user would write (no dtype round trips when the input is
 already in the compute dtype, the ActNorm folded into the 1x1 convolution's matrix, no
 ``cat`` when no gradient is recorded, log|det| from LU factors rather than ``slogdet``).
-Nothing here imports anything else from fastflow.
+Nothing here imports anything else from fastflow but ``compute_dtype`` from the kernels'
+Triton-free ``_dtypes`` module (floor 0, shared so the two paths cannot disagree).
 """
 
 from __future__ import annotations
@@ -19,10 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other floating dtype computes in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .kernels._dtypes import compute_dtype  # the one definition, shared with the kernels
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

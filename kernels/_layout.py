@@ -1,5 +1,7 @@
 """Launcher helpers shared by the kernel families: NCHW tensors walked as (N, C, pixels),
-the accumulator dtype, and ``Launch``: one launch's grid, block sizes, num_warps, num_stages.
+the compute dtype (``compute_dtype``, defined in the Triton-free ``_dtypes`` and shared with
+``fastflow.reference``; ``compute_type`` is its Triton type), and ``Launch``: one launch's
+grid, block sizes, num_warps, num_stages.
 
 Every family picks its tiles in one ``*_config`` helper from the amount of work, never by
 autotuning (a reduction's order is a function of the shapes only: bitwise reproducible)."""
@@ -12,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 import triton
 import triton.language as tl
+
+from ._dtypes import compute_dtype  # the one definition (the families import it from here)
 
 
 def pixel_view(t: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -101,12 +105,6 @@ def tile_shape(channels: int, pixels: int, max_elems: int = 2048,
     return block_c, block_p
 
 
-def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The torch dtype of reductions (log-dets, KL, partial sums): float64 for float64
-    inputs, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def compute_type(dtype: torch.dtype):
-    """The Triton dtype kernels compute in: ``accumulator_dtype`` as a Triton type."""
-    return tl.float64 if accumulator_dtype(dtype) == torch.float64 else tl.float32
+    """The Triton dtype kernels compute in: ``compute_dtype`` as a Triton type."""
+    return tl.float64 if compute_dtype(dtype) == torch.float64 else tl.float32

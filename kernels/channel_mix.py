@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import (TARGET_PROGRAMS, Launch, accumulator_dtype, compute_type, fitted_block,
+from ._layout import (TARGET_PROGRAMS, Launch, compute_dtype, compute_type, fitted_block,
                       nchw, output_like, warps_for)
 
 PRE_NONE = tl.constexpr(0)
@@ -234,8 +234,8 @@ def mix(inp: torch.Tensor, a: torch.Tensor | None, *, transpose_a: bool = False,
     assert out.shape == (n, co, hh, ww), f"out: expected {(n, co, hh, ww)}, got {tuple(out.shape)}"
     if out.numel() == 0:
         return out
-    if cast_a and not diag and a.dtype != accumulator_dtype(inp.dtype):
-        a = a.to(accumulator_dtype(inp.dtype))
+    if cast_a and not diag and a.dtype != compute_dtype(inp.dtype):
+        a = a.to(compute_dtype(inp.dtype))
     cfg = mix_config(n, c, co, hw, inp.dtype, diag)
     inp, s_in = nchw(inp)
     out_w, s_out = nchw(out)
@@ -548,7 +548,7 @@ def mix_param_grads(grad: torch.Tensor, inp: torch.Tensor, a: torch.Tensor | Non
         assert v is None or (v.is_contiguous() and v.numel() == (co if reverse and has_an else c)), (
             f"{name}: expected a contiguous vector of {co if reverse and has_an else c}, got "
             f"{tuple(v.shape)} strides {v.stride()}")
-    cdt = accumulator_dtype(inp.dtype)
+    cdt = compute_dtype(inp.dtype)
     red = reduce_config(n, c, co, hw, inp.dtype, diag)
     n_chunks = red.extra["N_CHUNKS"] if n * hw > 0 else 0
     g_size = c if diag else co * c

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import (TARGET_PROGRAMS, Launch, accumulator_dtype, compute_type, nchw,
+from ._layout import (TARGET_PROGRAMS, Launch, compute_dtype, compute_type, nchw,
                       output_like, tile_shape, warps_for)
 
 # scale modes: s = sigmoid(raw + 2), exp(raw), the atan soft clamp; additive: no scale
@@ -311,7 +311,7 @@ def coupling_forward(inp: torch.Tensor, h: torch.Tensor, *, scale: str, layout: 
     if out is None:
         out = output_like(inp)
     _check_out(out, inp, "out")
-    ld_dtype = accumulator_dtype(inp.dtype)
+    ld_dtype = compute_dtype(inp.dtype)
     if additive or out.numel() == 0:
         logdet = torch.zeros(n, dtype=ld_dtype, device=inp.device)
         if out.numel() == 0:

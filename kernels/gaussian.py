@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import TARGET_PROGRAMS, Launch, accumulator_dtype, compute_type, warps_for
+from ._layout import TARGET_PROGRAMS, Launch, compute_dtype, compute_type, warps_for
 
 MAX_TILE = 2048  # elements per program at most: 8 per thread at 8 warps
 MIN_TILE = 128  # elements per program at least: one Philox call (4 elements) per thread of a warp
@@ -235,7 +235,7 @@ def reparam_kl_forward(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor
         "seed: expected a one-element int64 tensor when eps is None")
     assert reduction in ("none", "sum", "mean"), f"reduction: got {reduction!r}"
     z = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device) if z is None else z
-    kl_dtype = accumulator_dtype(mu.dtype)
+    kl_dtype = compute_dtype(mu.dtype)
     d = mu.numel() // n if n else 0
     if n == 0 or d == 0:
         kl = torch.zeros(n, dtype=kl_dtype, device=mu.device)

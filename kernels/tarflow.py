@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import Launch, accumulator_dtype, compute_type
+from ._layout import Launch, compute_dtype, compute_type
 
 CLAMP_IDS = {"none": 0, "tanh": 1}
 ORDER_IDS = {"same": 0, "reversed": 1}
@@ -279,7 +279,7 @@ def step_block(width: int) -> tuple[int, int]:
 
 def coefficients(clamp: float | None, guidance: float, dtype: torch.dtype, device) -> torch.Tensor:
     """The (2,) tensor [clamp, guidance] the kernels read, in the compute dtype of ``dtype``."""
-    return torch.tensor([float(clamp or 0.0), float(guidance)], dtype=accumulator_dtype(dtype),
+    return torch.tensor([float(clamp or 0.0), float(guidance)], dtype=compute_dtype(dtype),
                         device=device)
 
 
@@ -299,7 +299,7 @@ def head_forward(inp: torch.Tensor, h: torch.Tensor, *, clamp: float | None, ord
     rows = 2 * n if guided else n
     if out is None:
         out = torch.empty((rows, t_count, d), dtype=inp.dtype, device=inp.device)
-    ld_dtype = accumulator_dtype(inp.dtype)
+    ld_dtype = compute_dtype(inp.dtype)
     block_t, block_d, num_warps = launch_config(t_count, d, inp.dtype)
     n_ttiles = triton.cdiv(t_count, block_t)
     if out.numel() == 0:

@@ -81,3 +81,16 @@ def test_import_touches_no_gpu_and_compiles_nothing():
     out = _run_clean(code)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_one_compute_dtype_helper():
+    """The reference, the ops and the kernels share one definition of the compute dtype
+    (and ``compute_type`` is its Triton type)."""
+    from fastflow import backend, reference
+    from fastflow.kernels import _dtypes, _layout
+
+    assert backend.compute_dtype is reference.compute_dtype is _layout.compute_dtype is _dtypes.compute_dtype
+    for dtype, want in ((torch.float64, torch.float64), (torch.float32, torch.float32),
+                        (torch.float16, torch.float32), (torch.bfloat16, torch.float32)):
+        assert _dtypes.compute_dtype(dtype) == want
+        assert str(_layout.compute_type(dtype)) == {torch.float64: "fp64", torch.float32: "fp32"}[want]

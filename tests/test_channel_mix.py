@@ -5,6 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastflow as ff
 from fastflow import reference
@@ -227,3 +228,83 @@ def test_single_pixel_single_sample_backward(backend, reverse):
     reference.actnorm_mix(*ref, reverse=reverse).backward(g)
     for a, b in zip(leaves, ref):
         assert_close(a.grad, b.grad, torch.float64)
+
+
+def _record_matrices(monkeypatch):
+    """Wraps the channel-mix launchers: every (launcher, matrix) they are handed."""
+    from fastflow.kernels import channel_mix as cm
+
+    seen = []
+    for name in ("mix", "mix_param_grads"):
+        def wrapped(*args, _orig=getattr(cm, name), _name=name, **kwargs):
+            seen.append((_name, args[2] if _name == "mix_param_grads" else args[1]))
+            return _orig(*args, **kwargs)
+
+        monkeypatch.setattr(cm, name, wrapped)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_launches_read_the_matrix_in_the_compute_dtype(monkeypatch, dtype, reverse):
+    """A float64 W (an LU layer's) reaches every launch in x's compute dtype, one copy that
+    the forward and both backward launches share; W's gradient stays float64."""
+    w, loc, scale = _params(5)
+    x = torch.randn(2, 5, 3, 4, device=DEVICE).to(dtype)
+    seen = _record_matrices(monkeypatch)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, loc, scale)]
+    with ff.use_backend("triton"):
+        out = ff.channel_mix(leaves[0], leaves[1], loc=leaves[2], scale=leaves[3], reverse=reverse)
+    assert [name for name, _ in seen] == ["mix"]
+    out.backward(torch.ones_like(out))
+    assert [name for name, _ in seen] == ["mix", "mix", "mix_param_grads"]
+    cd = torch.float64 if dtype == torch.float64 else torch.float32
+    for name, a in seen:
+        assert a.dtype == cd and a.shape == w.shape, name
+    assert seen[0][1] is seen[1][1] is seen[2][1]  # one cast per call, read by all three launches
+    assert leaves[1].grad.dtype == torch.float64 and leaves[1].grad.shape == w.shape
+    ref = [t.detach().double().requires_grad_() for t in (x, w, loc, scale)]
+    reference.actnorm_mix(*ref, reverse=reverse).backward(torch.ones_like(out, dtype=torch.float64))
+    assert_close(leaves[1].grad, ref[1].grad, dtype)
+
+
+class _CountCasts(TorchDispatchMode):
+    """ATen dtype conversions of tensors shaped ``shape``, the fastflow custom ops opened up
+    so that the ATen ops inside them are seen."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.casts = tuple(shape), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "fastflow":
+            from torch._library.custom_ops import OPDEFS
+
+            with self:
+                return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if (func.overloadpacket in (torch.ops.aten.to, torch.ops.aten._to_copy)
+                and tuple(args[0].shape) == self.shape and out.dtype != args[0].dtype):
+            self.casts.append((args[0].dtype, out.dtype))
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_matrix_cast_once_per_call(dtype):
+    """One (C, C) cast of the float64 W per call, in forward, whatever the number of
+    programs; none in backward (none at all when x is float64)."""
+    w, loc, scale = _params(37)  # C above one channel tile: several programs read W
+    x = torch.randn(2, 37, 5, 3, device=DEVICE).to(dtype)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, loc, scale)]
+    with ff.use_backend("triton"):
+        ff.channel_mix(leaves[0], leaves[1], loc=leaves[2], scale=leaves[3])  # compile first
+        fwd, bwd = _CountCasts(w.shape), _CountCasts(w.shape)
+        with fwd:
+            out = ff.channel_mix(leaves[0], leaves[1], loc=leaves[2], scale=leaves[3])
+        g = torch.ones_like(out)
+        with bwd:
+            out.backward(g)
+    want = [] if dtype == torch.float64 else [(torch.float64, torch.float32)]
+    assert fwd.casts == want and bwd.casts == []
+    assert leaves[1].grad.dtype == torch.float64

@@ -367,6 +367,39 @@ def test_flowstep_float32_channels_last(backend):
     assert_close(step.reverse(y.detach()), x.double(), torch.float32, rtol=1e-4, atol=1e-4)
 
 
+def test_flowstep_launches_read_float32_matrices(monkeypatch):
+    """Training and sampling a float32 FlowStep (W and W^-1 assembled in float64): every
+    channel-mix launch reads its matrix in float32; the LU parameters' gradients match the
+    reference path's."""
+    from fastflow.kernels import channel_mix as cm
+
+    dtypes = []
+    for name, pos in (("mix", 1), ("mix_param_grads", 2)):
+        def wrapped(*args, _orig=getattr(cm, name), _pos=pos, **kwargs):
+            if args[_pos] is not None:
+                dtypes.append(args[_pos].dtype)
+            return _orig(*args, **kwargs)
+
+        monkeypatch.setattr(cm, name, wrapped)
+    step = _perturb(ff.FlowStep(6, filter_size=8).to(DEVICE), 0.05)
+    x = torch.randn(2, 6, 3, 4, device=DEVICE)
+    grads = {}
+    for backend in ("triton", "reference"):
+        step.zero_grad()
+        with ff.use_backend(backend):
+            y, logdet = step(x)
+            ((y * y).sum() + logdet.sum()).backward()
+            with torch.no_grad():
+                step.reverse(y.detach())
+        inv = step.invconv
+        grads[backend] = [p.grad.clone() for p in (inv.w_l, inv.w_u, inv.w_s)]
+    # forward mix, backward mix + parameter gradients, the inverse mix of sampling
+    assert dtypes == [torch.float32] * 4
+    for got, want in zip(grads["triton"], grads["reference"]):
+        assert got.dtype == torch.float32
+        assert_close(got, want.double(), torch.float32, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("kind", ["ActNorm", "InvConv2dLU", "InvConv2d", "FlowStep"])
 def test_layer_bad_inputs(kind):
     layer = getattr(ff, kind)(4)

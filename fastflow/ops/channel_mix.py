@@ -2,15 +2,18 @@
 custom ops, the reference path as plain PyTorch autograd through ``fastflow.reference``
 (the public functions decide once per call; the custom ops launch kernels unconditionally).
 
-* ``fastflow::channel_mix(x, weight, loc, scale, reverse) -> out``: one kernel launch.
-  Forward: ``out = weight @ (scale * (x + loc))`` per pixel; ``reverse``:
+* ``fastflow::channel_mix(x, weight, matrix, loc, scale, reverse) -> out``: one kernel
+  launch. Forward: ``out = weight @ (scale * (x + loc))`` per pixel; ``reverse``:
   ``out = (weight @ x) / scale - loc`` (``weight`` is then the inverse matrix). ``weight``
-  None is ActNorm alone; ``loc``/``scale`` None is the 1x1 convolution alone.
-* ``fastflow::channel_mix_backward(grad, src, weight, loc, scale, reverse, need_params)
-  -> (d_src, d_weight, d_loc, d_scale)``: one launch for d_src; for the parameters (skipped
-  when none needs a gradient) one deterministic reduction launch and one finishing launch
-  that writes the gradients in the parameters' shapes and dtypes; absent gradients come
-  back as empty tensors.
+  None is ActNorm alone; ``loc``/``scale`` None is the 1x1 convolution alone. ``matrix`` is
+  ``weight`` cast once per call to x's compute dtype by the public function (``weight``
+  itself when it already is): the launches, forward and backward, read it, never a
+  float64 W; ``weight`` is an input for autograd only.
+* ``fastflow::channel_mix_backward(grad, src, matrix, loc, scale, reverse, need_params,
+  weight_dtype) -> (d_src, d_weight, d_loc, d_scale)``: one launch for d_src; for the
+  parameters (skipped when none needs a gradient) one deterministic reduction launch and
+  one finishing launch that writes the gradients in the parameters' shapes and dtypes
+  (d_weight in ``weight_dtype``); absent gradients come back as empty tensors.
 The mixing kernel itself never sees a log-det: it is read from the parameters
 (H*W*sum(log|scale|), H*W*sum(log_s)), see ``fastflow.ops.lu_weight`` and ``actnorm_invconv``.
 
@@ -38,8 +41,16 @@ def _kernels():
     return channel_mix
 
 
-def _matrix(weight):
-    return weight  # (Co, C) or (Co, C, 1, 1): the kernels read it through strides 0 and 1
+def _matrix(weight, x):
+    """``weight`` (Co, C) or (Co, C, 1, 1), read by the kernels through strides 0 and 1, in
+    x's compute dtype: one cast per call, outside autograd's graph (a (Co, C) copy, e.g.
+    the float64 W of an LU layer for float32 activations), which the forward launch and
+    both backward launches read, instead of every program converting its slice."""
+    cd = compute_dtype(x.dtype)
+    if weight is None or weight.dtype == cd:
+        return weight
+    with torch.no_grad():
+        return weight.to(cd)
 
 
 def _vec(v):
@@ -48,10 +59,12 @@ def _vec(v):
     return v.reshape(-1).contiguous()
 
 
-def _like(g, p):
-    """``g`` in the dtype and shape of the parameter ``p`` (no op when it already is)."""
-    if g.dtype != p.dtype:
-        g = g.to(p.dtype)
+def _like(g, p, dtype=None):
+    """``g`` in the shape of the parameter ``p`` and its dtype (``dtype`` when given; no op
+    when it already is)."""
+    dtype = dtype or p.dtype
+    if g.dtype != dtype:
+        g = g.to(dtype)
     return g if g.shape == p.shape else g.reshape(p.shape)
 
 
@@ -60,9 +73,11 @@ def _out_channels(x, weight):
 
 
 @torch.library.custom_op("fastflow::channel_mix", mutates_args=())
-def channel_mix_op(x: Tensor, weight: Optional[Tensor], loc: Optional[Tensor],
-                   scale: Optional[Tensor], reverse: bool) -> Tensor:
-    a, lv, sv = _matrix(weight), _vec(loc), _vec(scale)
+def channel_mix_op(x: Tensor, weight: Optional[Tensor], matrix: Optional[Tensor],
+                   loc: Optional[Tensor], scale: Optional[Tensor], reverse: bool) -> Tensor:
+    """``matrix`` is ``weight`` in x's compute dtype (``_matrix``): the launches read it;
+    ``weight`` is there for autograd (its gradient, in its own dtype)."""
+    a, lv, sv = matrix, _vec(loc), _vec(scale)
     with device_guard(x):
         if lv is None:
             return _kernels().mix(x, a)
@@ -72,14 +87,14 @@ def channel_mix_op(x: Tensor, weight: Optional[Tensor], loc: Optional[Tensor],
 
 
 @channel_mix_op.register_fake
-def _(x, weight, loc, scale, reverse):
+def _(x, weight, matrix, loc, scale, reverse):
     n, _, h, w = x.shape
     return empty_output(x, shape=(n, _out_channels(x, weight), h, w))
 
 
-def _triton_backward(grad, src, weight, loc, scale, reverse, need_params):
+def _triton_backward(grad, src, a, loc, scale, reverse, need_params, weight_dtype):
     k = _kernels()
-    a, lv, sv = _matrix(weight), _vec(loc), _vec(scale)
+    lv, sv = _vec(loc), _vec(scale)
     has_an = lv is not None
     # d src: the transposed matrix, with ActNorm's scale as an epilogue (forward) or a
     # prologue (reverse)
@@ -94,8 +109,8 @@ def _triton_backward(grad, src, weight, loc, scale, reverse, need_params):
         # written by the kernels in the parameters' own shapes and dtypes: G[o, k] =
         # sum g[o] (src[k] + shift[k]) and gsum[o] = sum g[o] reduced, then turned into
         # d weight, d loc, d scale by one finishing launch
-        if weight is not None:
-            d_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+        if a is not None:  # in the weight's dtype, whatever the matrix's
+            d_w = torch.empty(a.shape, dtype=weight_dtype, device=a.device)
         if has_an:
             d_l = torch.empty(loc.shape, dtype=loc.dtype, device=loc.device)
             d_s = torch.empty(scale.shape, dtype=scale.dtype, device=scale.device)
@@ -105,44 +120,47 @@ def _triton_backward(grad, src, weight, loc, scale, reverse, need_params):
 
 
 @torch.library.custom_op("fastflow::channel_mix_backward", mutates_args=())
-def channel_mix_backward(grad: Tensor, src: Tensor, weight: Optional[Tensor],
+def channel_mix_backward(grad: Tensor, src: Tensor, matrix: Optional[Tensor],
                          loc: Optional[Tensor], scale: Optional[Tensor], reverse: bool,
-                         need_params: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                         need_params: bool,
+                         weight_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     with device_guard(src):
-        d_src, d_w, d_l, d_s = _triton_backward(grad, src, weight, loc, scale, reverse,
-                                                need_params)
+        d_src, d_w, d_l, d_s = _triton_backward(grad, src, matrix, loc, scale, reverse,
+                                                need_params, weight_dtype)
     fmt = memory_format_of(src)
     if d_src.dtype != src.dtype or not d_src.is_contiguous(memory_format=fmt):
         d_src = d_src.to(src.dtype).contiguous(memory_format=fmt)
     outs = [d_src]
-    for g, p in ((d_w, weight), (d_l, loc), (d_s, scale)):
-        outs.append(src.new_empty(0) if g is None else _like(g, p))
+    for g, p, dt in ((d_w, matrix, weight_dtype), (d_l, loc, None), (d_s, scale, None)):
+        outs.append(src.new_empty(0) if g is None else _like(g, p, dt))
     return tuple(outs)
 
 
 @channel_mix_backward.register_fake
-def _(grad, src, weight, loc, scale, reverse, need_params):
+def _(grad, src, matrix, loc, scale, reverse, need_params, weight_dtype):
     outs = [empty_output(src)]
-    for p in (weight, loc, scale):
-        outs.append(src.new_empty(0) if (p is None or not need_params) else torch.empty_like(p))
+    for p, dt in ((matrix, weight_dtype), (loc, None), (scale, None)):
+        outs.append(src.new_empty(0) if (p is None or not need_params)
+                    else torch.empty_like(p, dtype=dt or p.dtype))
     return tuple(outs)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, loc, scale, reverse = inputs
-    ctx.save_for_backward(x, weight, loc, scale)
+    x, weight, matrix, loc, scale, reverse = inputs
+    ctx.save_for_backward(x, matrix, loc, scale)  # the forward's cast, not weight
     ctx.reverse = reverse
+    ctx.weight_dtype = x.dtype if weight is None else weight.dtype
 
 
 def _backward(ctx, grad):
     refuse_double_backward("channel_mix")
-    x, weight, loc, scale = ctx.saved_tensors
+    x, matrix, loc, scale = ctx.saved_tensors
     need = ctx.needs_input_grad
-    need_params = any(need[1:4])
-    d_x, d_w, d_l, d_s = channel_mix_backward(grad, x, weight, loc, scale, ctx.reverse,
-                                              need_params)
+    need_params = need[1] or any(need[3:5])
+    d_x, d_w, d_l, d_s = channel_mix_backward(grad, x, matrix, loc, scale, ctx.reverse,
+                                              need_params, ctx.weight_dtype)
     keep = lambda g, i: g if (need[i] and g.numel() > 0) else None  # noqa: E731
-    return keep(d_x, 0), keep(d_w, 1), keep(d_l, 2), keep(d_s, 3), None
+    return keep(d_x, 0), keep(d_w, 1), None, keep(d_l, 3), keep(d_s, 4), None
 
 
 channel_mix_op.register_autograd(_backward, setup_context=_setup_context)
@@ -191,15 +209,17 @@ def channel_mix(x: Tensor, weight: Optional[Tensor] = None, *, loc: Optional[Ten
 
     Forward: ``out[:, :, i, j] = weight @ (scale * (x[:, :, i, j] + loc))``.
     ``reverse=True``: ``out = (weight @ x) / scale - loc`` where ``weight`` is the inverse
-    matrix (the layers pass their cached W^-1). ``weight`` (Co, C) or (Co, C, 1, 1), or
+    matrix (the layers pass W^-1). ``weight`` (Co, C) or (Co, C, 1, 1), or
     None for ActNorm alone; ``loc`` and ``scale`` one value per channel ((C,) or
     (1, C, 1, 1)), or both None for the convolution alone. The output has x's dtype and
-    memory format; the matrix may be float64 for any x (it is read in the compute dtype)."""
+    memory format; the matrix may be float64 for any x: on the Triton path it is cast once
+    per call to x's compute dtype (forward and backward read that copy), and its gradient
+    comes back in its own dtype."""
     check_bool("reverse", reverse)
     _check(x, weight, loc, scale, reverse)
     if use_triton(x):
         refuse_transforms("channel_mix")
-        return channel_mix_op(x, weight, loc, scale, reverse)
+        return channel_mix_op(x, weight, _matrix(weight, x), loc, scale, reverse)
     out = reference.actnorm_mix(x, weight, loc, scale, reverse=reverse)
     fmt = memory_format_of(x)
     return out if out.is_contiguous(memory_format=fmt) else out.contiguous(memory_format=fmt)
