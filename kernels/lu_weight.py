@@ -25,6 +25,18 @@ from ._layout import Launch
 
 
 @triton.jit
+def _rounded_for(v, ptr):
+    """The float64 ``v`` in the element type of ``ptr``: a 16-bit float through float32
+    (Triton's interpreter turns a direct float64 -> bfloat16 conversion into garbage and NaN;
+    one extra rounding far below the 16-bit one), other types directly."""
+    ty = ptr.dtype.element_ty
+    if ty.primitive_bitwidth == 16:
+        return v.to(tl.float32).to(ty)
+    else:
+        return v.to(ty)
+
+
+@triton.jit
 def _matrix_tile(pid, N_T, C, rows_ptr, s_rw, BLOCK: tl.constexpr):
     """Program ``pid``'s (BLOCK, BLOCK) tile of a (C, C) matrix: rows i and columns j (each
     with its in-range mask and int64 copy), and the permutation's source rows r = rows[i]."""
@@ -146,7 +158,7 @@ def _lu_weight_bwd_kernel(
             ut = tl.where(k_in[None, :] & (j[:, None] == k[None, :]), d[None, :], ut)
             acc += tl.sum(g[:, :, None] * ut[None, :, :], axis=1)
         acc = tl.where(k64[None, :] < r[:, None], acc, 0.0)
-        tl.store(dlow_ptr + r[:, None] * C + k64[None, :], acc.to(dlow_ptr.dtype.element_ty),
+        tl.store(dlow_ptr + r[:, None] * C + k64[None, :], _rounded_for(acc, dlow_ptr),
                  mask=i_in[:, None] & k_in[None, :])
     else:
         q = pid - half
@@ -174,7 +186,7 @@ def _lu_weight_bwd_kernel(
             acc += tl.sum(lt[:, :, None] * g[None, :, :], axis=1)
         m = k_in[:, None] & j_in[None, :]
         tl.store(dup_ptr + k64[:, None] * C + j64[None, :],
-                 tl.where(j[None, :] > k[:, None], acc, 0.0).to(dup_ptr.dtype.element_ty), mask=m)
+                 _rounded_for(tl.where(j[None, :] > k[:, None], acc, 0.0), dup_ptr), mask=m)
         if kt == jt:
             diag = tl.sum(tl.where(k[:, None] == j[None, :], acc, 0.0), axis=1)
             t = tl.zeros((BLOCK_N,), dtype=tl.float64)
@@ -184,11 +196,11 @@ def _lu_weight_bwd_kernel(
             t_sum = tl.sum(t, axis=0) * LD_MULT
             ls = tl.load(logs_ptr + k64 * s_ls, mask=k_in, other=0.0).to(tl.float64)
             sg = tl.load(sign_ptr + k64 * s_sg, mask=k_in, other=0.0).to(tl.float64)
-            tl.store(dlogs_ptr + k64, (diag * sg * tl.exp(ls) + t_sum).to(dlogs_ptr.dtype.element_ty),
+            tl.store(dlogs_ptr + k64, _rounded_for(diag * sg * tl.exp(ls) + t_sum, dlogs_ptr),
                      mask=k_in)
             if HAS_SCALE:
                 sc = tl.load(scale_ptr + k64 * s_sc, mask=k_in, other=1.0).to(tl.float64)
-                tl.store(dsc_ptr + k64, (t_sum / sc).to(dsc_ptr.dtype.element_ty), mask=k_in)
+                tl.store(dsc_ptr + k64, _rounded_for(t_sum / sc, dsc_ptr), mask=k_in)
 
 
 def _vstride(v: torch.Tensor) -> int:

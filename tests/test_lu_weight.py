@@ -79,6 +79,29 @@ def test_lu_weight_backward_against_reference_float32_params(backend):
     assert torch.count_nonzero(torch.tril(got[1])) == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lu_weight_backward_half_precision_params(backend, dtype):
+    """A model cast to bf16/fp16: the float64 gradients are rounded once into the parameters'
+    dtype (the interpreter's direct float64 -> bf16 store wrote garbage and NaN)."""
+    c = 13
+    lower, upper, log_s, sign, rows, perm, scale = _lu(c, torch.float32)
+    params = [t.to(dtype) for t in (lower, upper, log_s, scale)]
+    g = torch.randn(c, c, dtype=torch.float64, device=DEVICE)
+    leaves = [t.clone().requires_grad_() for t in params]
+    w, ld = lu_weight(leaves[0], leaves[1], leaves[2], sign.to(dtype), rows, scale=leaves[3],
+                      n=2, ld_mult=5, ld_dtype=torch.float32)
+    got = torch.autograd.grad((w.T * g).sum() + ld.sum(), leaves)
+    ref = [t.double().requires_grad_() for t in params]
+    w_r = reference.lu_weight(perm.double(), ref[0], ref[1], ref[2], sign.double())
+    ld_r = 5 * (ref[2].sum() + torch.log(ref[3].abs()).sum())
+    want = torch.autograd.grad((w_r.T * g).sum() + 2 * ld_r, ref)
+    for a, b in zip(got, want):
+        assert a.dtype == dtype and a.shape == b.shape
+        assert torch.isfinite(a).all()
+        # one rounding of the float64 gradient into the parameter's dtype
+        torch.testing.assert_close(a.double(), b, rtol=2 * torch.finfo(dtype).eps, atol=1e-6)
+
+
 def test_lu_weight_bitwise_deterministic(backend):
     c = 40
     lower, upper, log_s, sign, rows, _, scale = _lu(c)
