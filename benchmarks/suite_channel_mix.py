@@ -43,14 +43,15 @@ def _eager(w_p, s_sign):
 
 
 class _Weight(torch.nn.Module):
-    """``layer.matrix_and_logdet(x, scale)`` as a forward, for ``functional_call``."""
+    """``layer.matrix_and_logdet(x, scale, for_mix=True)`` (as FlowStep) as a forward, for
+    ``functional_call``."""
 
     def __init__(self, layer):
         super().__init__()
         self.layer = layer
 
     def forward(self, x, scale):
-        return self.layer.matrix_and_logdet(x, scale)
+        return self.layer.matrix_and_logdet(x, scale, for_mix=True)
 
 
 def _fastflow(layer):

@@ -445,16 +445,16 @@ def _lu_params(c):
 
 
 def channel_mix_rows(n, c, s) -> list[Row]:
-    """ActNorm + 1x1 convolution as FlowStep runs it: the float64 W from lu_weight, the
-    ActNorm's (1, C, 1, 1) loc and scale."""
+    """ActNorm + 1x1 convolution as FlowStep runs it: W from lu_weight, already in x's
+    compute dtype (float32), the ActNorm's (1, C, 1, 1) loc and scale."""
     import fastflow as ff
 
     shape = f"N={n} C={c} {s}x{s}"
     layer, _ = _lu_params(c)
-    with torch.no_grad():
-        w = layer.weight_and_logdet()[0].clone()
-    w.requires_grad_(True)
     x = torch.randn(n, c, s, s, requires_grad=True)
+    with torch.no_grad(), ff.use_backend("triton"):
+        w = layer.matrix_and_logdet(x, for_mix=True)[0].clone()
+    w.requires_grad_(True)
     loc = (0.1 * torch.randn(1, c, 1, 1)).requires_grad_(True)
     scale = (1 + 0.1 * torch.rand(1, c, 1, 1)).requires_grad_(True)
     rows = []
@@ -491,7 +491,8 @@ def lu_weight_rows(n, c, s) -> list[Row]:
     rows = []
     with ff.use_backend("triton"):
         with counting() as fwd:
-            w, ld = lu_weight_logdet(*params, scale=scale, n=n, ld_mult=s * s, ld_dtype=torch.float32)
+            w, ld = lu_weight_logdet(*params, scale=scale, n=n, ld_mult=s * s,
+                                     ld_dtype=torch.float32, w_dtype=torch.float32)
         tri = _strict_triangle_bytes(params[0]) + _strict_triangle_bytes(params[1])
         rows.append(Row("lu_weight fwd", shape, list(fwd), tri + tensor_bytes(*params[2:], scale),
                         tensor_bytes(w, ld)))

@@ -147,9 +147,11 @@ class _MixStage:
         return _requiring([p for m in mods for p in m.parameters()])
 
     def _matrix(self, x):
-        """(W, log-det of the whole stage) with gradients on (no cache involved)."""
+        """(W, log-det of the whole stage) with gradients on (no cache involved). W is for
+        the mix (``for_mix``: with the LU layer on the Triton path, already in x's compute
+        dtype, no cast); the condition estimate and W^-1 are taken of that same matrix."""
         scale = self.an.scale if self.an is not None else None
-        return self.inv.matrix_and_logdet(x, scale)
+        return self.inv.matrix_and_logdet(x, scale, for_mix=True)
 
     def _apply(self, x, w):
         an = self.an

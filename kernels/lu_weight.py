@@ -56,7 +56,7 @@ def _lu_weight_kernel(
     sign_ptr,   # (C,) sign of diag U
     rows_ptr,   # (C,) int64: row i of W is row rows[i] of (L + I)(U + D) (P as a gather)
     scale_ptr,  # (C,) ActNorm scale: sum(log|scale|) joins the log-det (HAS_SCALE)
-    w_ptr,      # (C, C) float64 output W, contiguous
+    w_ptr,      # (C, C) output W, contiguous: float64, or float32 (rounded once on store)
     wc_ptr,     # (C, C) output W in another dtype, contiguous (HAS_WC)
     ld_ptr,     # (N,) output log-det per sample, contiguous
     C, N, LD_MULT, N_T,
@@ -89,7 +89,8 @@ def _lu_weight_kernel(
         d = sg * tl.exp(ls)
         uf = tl.where(k_in[:, None] & (j[None, :] == k[:, None]), d[:, None], uf)
         acc += tl.sum(lf[:, :, None] * uf[None, :, :], axis=1)
-    tl.store(w_ptr + i64[:, None] * C + j64[None, :], acc, mask=i_in[:, None] & j_in[None, :])
+    tl.store(w_ptr + i64[:, None] * C + j64[None, :], acc.to(w_ptr.dtype.element_ty),
+             mask=i_in[:, None] & j_in[None, :])
     if HAS_WC:
         tl.store(wc_ptr + i64[:, None] * C + j64[None, :], acc.to(wc_ptr.dtype.element_ty),
                  mask=i_in[:, None] & j_in[None, :])
@@ -244,15 +245,16 @@ def _check_vector(name: str, t: torch.Tensor, c: int, contiguous: bool = False):
 
 def lu_weight_forward(lower, upper, log_s, sign_s, rows, scale, w, ld, *, ld_mult: int,
                       w_compute: torch.Tensor | None = None) -> None:
-    """W = P (L + I)(U + diag(sign_s exp(log_s))) into ``w`` (C, C) float64 contiguous, and
+    """W = P (L + I)(U + diag(sign_s exp(log_s))) into ``w`` (C, C) contiguous, and
     ``ld[:] = ld_mult * (sum(log_s) + sum(log|scale|))`` (scale None: no ActNorm term);
     P is applied as ``W[i] = M[rows[i]]``. Vectors (C,) with any stride (or contiguous of
-    any shape, e.g. (1, C, 1, 1)), matrices any strides; one launch. ``w_compute``
+    any shape, e.g. (1, C, 1, 1)), matrices any strides; one launch. W is computed in
+    float64 whatever ``w``'s dtype (float64, or float32: rounded once on store). ``w_compute``
     (optional, (C, C) contiguous, any float dtype): W cast to its dtype, written in the same
     launch. Validation is the caller's job."""
     c = log_s.shape[0]
     _check_square("w", w, c, contiguous=True)
-    assert w.dtype == torch.float64, f"w: expected float64, got {w.dtype}"
+    assert w.dtype in (torch.float64, torch.float32), f"w: expected float64 or float32, got {w.dtype}"
     assert w_compute is None or (w_compute.shape == (c, c) and w_compute.is_contiguous()), (
         f"w_compute: expected a contiguous ({c}, {c}), got {tuple(w_compute.shape)}")
     _check_square("lower", lower, c)

@@ -367,37 +367,113 @@ def test_flowstep_float32_channels_last(backend):
     assert_close(step.reverse(y.detach()), x.double(), torch.float32, rtol=1e-4, atol=1e-4)
 
 
+class _CountMatrixCasts(TorchDispatchMode):
+    """ATen dtype conversions of (C, C) tensors, the fastflow custom ops opened up so that
+    the ATen ops inside them are seen."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.c, self.casts = c, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "fastflow":
+            from torch._library.custom_ops import OPDEFS
+
+            with self:
+                return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if (func.overloadpacket in (torch.ops.aten.to, torch.ops.aten._to_copy)
+                and tuple(args[0].shape) == (self.c, self.c) and out.dtype != args[0].dtype):
+            self.casts.append((args[0].dtype, out.dtype))
+        return out
+
+
 def test_flowstep_launches_read_float32_matrices(monkeypatch):
     """Training and sampling a float32 FlowStep (W and W^-1 assembled in float64): every
-    channel-mix launch reads its matrix in float32; the LU parameters' gradients match the
+    channel-mix launch reads its matrix in float32, W.float() / W^-1.float(); the training
+    step (forward and backward) casts no (C, C) matrix on the Triton path (the one
+    lu_weight launch writes W in float32); the LU parameters' gradients match the
     reference path's."""
     from fastflow.kernels import channel_mix as cm
 
-    dtypes = []
+    mats = []
     for name, pos in (("mix", 1), ("mix_param_grads", 2)):
         def wrapped(*args, _orig=getattr(cm, name), _pos=pos, **kwargs):
             if args[_pos] is not None:
-                dtypes.append(args[_pos].dtype)
+                mats.append(args[_pos].detach().clone())
             return _orig(*args, **kwargs)
 
         monkeypatch.setattr(cm, name, wrapped)
-    step = _perturb(ff.FlowStep(6, filter_size=8).to(DEVICE), 0.05)
-    x = torch.randn(2, 6, 3, 4, device=DEVICE)
-    grads = {}
+    c = 6
+    step = _perturb(ff.FlowStep(c, filter_size=8).to(DEVICE), 0.05)
+    step.actnorm.initialize(torch.randn(2, c, 3, 4, device=DEVICE))
+    x = torch.randn(2, c, 3, 4, device=DEVICE)
+    w, w_inv = _lu_matrices(step.invconv)
+    grads, casts = {}, {}
     for backend in ("triton", "reference"):
         step.zero_grad()
+        count = _CountMatrixCasts(c)
         with ff.use_backend(backend):
-            y, logdet = step(x)
-            ((y * y).sum() + logdet.sum()).backward()
+            with count:
+                y, logdet = step(x)
+                ((y * y).sum() + logdet.sum()).backward()
             with torch.no_grad():
                 step.reverse(y.detach())
+        casts[backend] = count.casts
         inv = step.invconv
         grads[backend] = [p.grad.clone() for p in (inv.w_l, inv.w_u, inv.w_s)]
+    assert casts["triton"] == []
     # forward mix, backward mix + parameter gradients, the inverse mix of sampling
-    assert dtypes == [torch.float32] * 4
+    assert [m.dtype for m in mats] == [torch.float32] * 4
+    for m in mats[:3]:
+        assert torch.equal(m.reshape(c, c), w.float())
+    assert torch.equal(mats[3].reshape(c, c), w_inv.float())
     for got, want in zip(grads["triton"], grads["reference"]):
         assert got.dtype == torch.float32
         assert_close(got, want.double(), torch.float32, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_flowstep_lu_weight_written_in_the_compute_dtype(dtype):
+    """The training forward's lu_weight launch writes W in x's compute dtype (float64 for
+    float64 x), equal to the float64 W rounded once; without ``for_mix`` it stays float64."""
+    layer = _perturb(ff.InvConv2dLU(5).to(DEVICE), 0.05)
+    x = torch.randn(2, 5, 3, 4, device=DEVICE).to(dtype)
+    w = _lu_matrices(layer)[0]
+    cd = torch.float64 if dtype == torch.float64 else torch.float32
+    with ff.use_backend("triton"):
+        got, ld = layer.matrix_and_logdet(x, for_mix=True)
+        plain, ld_plain = layer.matrix_and_logdet(x)
+    assert got.dtype == cd and plain.dtype == torch.float64
+    assert torch.equal(got, w.to(cd)) and torch.equal(ld, ld_plain)
+    assert_close(plain, w, torch.float64)
+
+
+def test_flowstep_train_step_ops_and_launches():
+    """ATen ops + Triton launches of a float32 FlowStep's forward + backward on the Triton
+    path (benchmarks/suite_channel_mix.py's figure): 56 (48 ATen ops + 8 launches), no
+    (C, C) cast among them."""
+    import sys
+    from pathlib import Path
+
+    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, bench)
+    try:
+        import harness
+        import suite_channel_mix
+    finally:
+        sys.path.remove(bench)
+    torch.manual_seed(0)
+    n, c, s = 2, 12, 8
+    step = ff.FlowStep(c, filter_size=32)
+    step.actnorm.initialize(torch.randn(n, c, s, s))
+    x = torch.randn(n, c, s, s, requires_grad=True)
+    with ff.use_backend("triton"):
+        got = harness.count_ops(suite_channel_mix._fused_flowstep(step), x,
+                                *[p.detach().clone().requires_grad_() for p in step.parameters()])
+    assert "_to_copy" not in got["ops"], got["ops"]
+    assert got["triton_launches"] == 8 and got["total"] <= 56, got
 
 
 @pytest.mark.parametrize("kind", ["ActNorm", "InvConv2dLU", "InvConv2d", "FlowStep"])

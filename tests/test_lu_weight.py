@@ -102,6 +102,54 @@ def test_lu_weight_backward_half_precision_params(backend, dtype):
         torch.testing.assert_close(a.double(), b, rtol=2 * torch.finfo(dtype).eps, atol=1e-6)
 
 
+def test_lu_weight_float32_w_from_the_same_launch():
+    """``w_dtype=torch.float32`` on the Triton path: W computed in float64, written rounded
+    once (bitwise the float64 W's ``.float()``), no (C, C) cast op; the
+    parameters' gradients through a float32 dW equal those through the same dW in float64.
+    The reference path keeps float64."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Casts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.casts = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "fastflow":  # opened up: the ATen ops inside it
+                from torch._library.custom_ops import OPDEFS
+
+                with self:
+                    return OPDEFS[func._schema.name]._init_fn(*args, **(kwargs or {}))
+            out = func(*args, **(kwargs or {}))
+            if (func.overloadpacket in (torch.ops.aten.to, torch.ops.aten._to_copy)
+                    and args[0].dim() == 2 and out.dtype != args[0].dtype):
+                self.casts.append((args[0].dtype, out.dtype))
+            return out
+
+    c = 21
+    lower, upper, log_s, sign, rows, perm, scale = _lu(c, torch.float32)
+    g = torch.randn(c, c, device=DEVICE)  # float32: what a float32 mix's backward gives
+    grads = {}
+    with ff.use_backend("triton"):
+        for w_dtype in (None, torch.float32):
+            leaves = [t.clone().requires_grad_() for t in (lower, upper, log_s, scale)]
+            ops = Casts()
+            with ops:
+                w, ld = lu_weight(leaves[0], leaves[1], leaves[2], sign, rows, scale=leaves[3],
+                                  n=3, ld_mult=7, ld_dtype=torch.float32, w_dtype=w_dtype)
+            grads[w_dtype] = torch.autograd.grad((w * g.to(w.dtype)).sum() + ld.sum(), leaves)
+            if w_dtype is None:
+                w64, ld64 = w, ld
+        assert ops.casts == []  # W in float32 straight from the launch
+    assert w64.dtype == torch.float64 and w.dtype == torch.float32 and w.shape == (c, c)
+    assert torch.equal(w, w64.float()) and torch.equal(ld, ld64)
+    for a, b in zip(grads[torch.float32], grads[None]):
+        assert torch.equal(a, b)
+    with ff.use_backend("reference"):
+        w_ref = lu_weight(lower, upper, log_s, sign, rows, w_dtype=torch.float32)[0]
+    assert w_ref.dtype == torch.float64
+
+
 def test_lu_weight_bitwise_deterministic(backend):
     c = 40
     lower, upper, log_s, sign, rows, _, scale = _lu(c)
@@ -157,6 +205,8 @@ def test_lu_weight_bad_inputs():
         lu_weight(lower, upper, log_s, sign, rows, ld_dtype=torch.int32)
     with pytest.raises(ValueError, match=r"^n: expected a sample count"):
         lu_weight(lower, upper, log_s, sign, rows, n=-1)
+    with pytest.raises(TypeError, match=r"^w_dtype: expected None, torch.float64 or torch.float32"):
+        lu_weight(lower, upper, log_s, sign, rows, w_dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("reverse", [False, True])

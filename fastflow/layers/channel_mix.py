@@ -115,10 +115,13 @@ class _InvConvBase(nn.Module):
         """W (or W^-1) alone, as ``weight_and_logdet`` gives it (sampling needs no log-det)."""
         return self.weight_and_logdet(inverse)[0]
 
-    def matrix_and_logdet(self, x, scale=None, inverse: bool = False):
+    def matrix_and_logdet(self, x, scale=None, inverse: bool = False, *, for_mix: bool = False):
         """(W, or W^-1 for ``inverse``; the per-sample log-det (N,) of the map on ``x``):
         ``+-H*W*(log|det W| + sum(log|scale|))`` in x's compute dtype, the ``scale`` term
-        for an ActNorm applied with the matrix (a FlowStep), None for none."""
+        for an ActNorm applied with the matrix (a FlowStep), None for none. ``for_mix``:
+        the matrix is only for ``channel_mix`` on ``x``, which reads it in x's compute
+        dtype, so it may come back in that dtype where the layer writes it so at no cost
+        (``InvConv2dLU`` going forward, see there); otherwise as ``weight_and_logdet``."""
         w, ld = self.weight_and_logdet(inverse)
         return w, _per_sample(ld, x, inverse, scale)
 
@@ -186,16 +189,18 @@ class InvConv2dLU(_InvConvBase):
     def matrix(self, inverse: bool = False):
         return self._assemble(inverse)
 
-    def matrix_and_logdet(self, x, scale=None, inverse: bool = False):
+    def matrix_and_logdet(self, x, scale=None, inverse: bool = False, *, for_mix: bool = False):
         """As ``_InvConvBase.matrix_and_logdet``. Going forward, W and the whole log-det
         (ActNorm's ``scale`` term included) come from one ``lu_weight`` launch (its backward
-        is one more)."""
+        is one more); with ``for_mix`` and float32 (or 16-bit) ``x``, the Triton path's
+        launch writes W (computed in float64) in float32, so the mix needs no cast."""
         if not inverse:
+            cd = compute_dtype(x.dtype)
             return lu_weight_logdet(self.w_l, self.w_u, self.w_s, self.s_sign, self.w_rows,
                                     scale=scale, n=x.shape[0],
-                                    ld_mult=x.shape[2] * x.shape[3],
-                                    ld_dtype=compute_dtype(x.dtype))
-        return super().matrix_and_logdet(x, scale, inverse)
+                                    ld_mult=x.shape[2] * x.shape[3], ld_dtype=cd,
+                                    w_dtype=cd if for_mix else None)
+        return super().matrix_and_logdet(x, scale, inverse, for_mix=for_mix)
 
     def calc_weight(self):
         """W as a (C, C, 1, 1) convolution weight in the parameters' dtype (rosinality's API)."""

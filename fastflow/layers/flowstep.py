@@ -57,7 +57,9 @@ class FlowStep(nn.Module):
             return out, logdet + ld + ld_coupling
         self.actnorm.maybe_initialize(x)
         an = self.actnorm
-        w, logdet = self.invconv.matrix_and_logdet(x, an.scale)
+        # with the LU layer on the Triton path, W comes in x's compute dtype from the one
+        # lu_weight launch: the mix casts nothing
+        w, logdet = self.invconv.matrix_and_logdet(x, an.scale, for_mix=True)
         out = channel_mix(x, w, loc=an.loc, scale=an.scale)
         out, ld_coupling = self.coupling(out)
         return out, logdet + ld_coupling

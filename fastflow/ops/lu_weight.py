@@ -1,8 +1,10 @@
 """Glow's LU-parameterised 1x1-convolution weight and the log-det as torch.library ops.
 
-* ``fastflow::lu_weight(lower, upper, log_s, sign_s, rows, scale, n, ld_mult, ld_dtype)
-  -> (W, logdet)``: W = P (L + I)(U + diag(sign_s exp(log_s))) in float64 (P as the row
-  gather ``W[i] = M[rows[i]]``) and the per-sample log-det
+* ``fastflow::lu_weight(lower, upper, log_s, sign_s, rows, scale, n, ld_mult, ld_dtype,
+  w_dtype) -> (W, logdet)``: W = P (L + I)(U + diag(sign_s exp(log_s))) computed in float64
+  and stored in ``w_dtype`` (float64, or the activations' compute dtype float32 for a
+  consumer that reads it only so: rounded once by the same launch, no separate cast; P as
+  the row gather ``W[i] = M[rows[i]]``) and the per-sample log-det
   ``ld_mult * (sum(log_s) + sum(log|scale|))``, shape (n,), so a FlowStep's whole log-det
   (ActNorm's included, ``ld_mult`` = H*W) comes from one launch;
   ``fastflow::lu_weight_backward`` gives d lower, d upper, d log_s, d scale in one launch.
@@ -46,10 +48,10 @@ def _flat(v):
 
 @torch.library.custom_op("fastflow::lu_weight", mutates_args=())
 def lu_weight_op(lower: Tensor, upper: Tensor, log_s: Tensor, sign_s: Tensor, rows: Tensor,
-                 scale: Optional[Tensor], n: int, ld_mult: int,
-                 ld_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+                 scale: Optional[Tensor], n: int, ld_mult: int, ld_dtype: torch.dtype,
+                 w_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     c = log_s.shape[0]
-    w = torch.empty((c, c), dtype=torch.float64, device=log_s.device)
+    w = torch.empty((c, c), dtype=w_dtype, device=log_s.device)
     ld = torch.empty((n,), dtype=ld_dtype, device=log_s.device)
     with device_guard(log_s):
         _kernels().lu_weight_forward(lower, upper, log_s, sign_s, rows, _flat(scale), w, ld,
@@ -58,9 +60,9 @@ def lu_weight_op(lower: Tensor, upper: Tensor, log_s: Tensor, sign_s: Tensor, ro
 
 
 @lu_weight_op.register_fake
-def _(lower, upper, log_s, sign_s, rows, scale, n, ld_mult, ld_dtype):
+def _(lower, upper, log_s, sign_s, rows, scale, n, ld_mult, ld_dtype, w_dtype):
     c = log_s.shape[0]
-    return (log_s.new_empty((c, c), dtype=torch.float64), log_s.new_empty((n,), dtype=ld_dtype))
+    return (log_s.new_empty((c, c), dtype=w_dtype), log_s.new_empty((n,), dtype=ld_dtype))
 
 
 @torch.library.custom_op("fastflow::lu_weight_backward", mutates_args=())
@@ -86,7 +88,7 @@ def _(d_w, d_ld, lower, upper, log_s, sign_s, rows, scale, ld_mult):
 
 
 def _lu_setup_context(ctx, inputs, output):
-    lower, upper, log_s, sign_s, rows, scale, n, ld_mult, ld_dtype = inputs
+    lower, upper, log_s, sign_s, rows, scale, n, ld_mult, ld_dtype, w_dtype = inputs
     ctx.save_for_backward(lower, upper, log_s, sign_s, rows, scale)
     ctx.ld_mult = ld_mult
 
@@ -98,7 +100,8 @@ def _lu_backward(ctx, d_w, d_ld):
     d_l, d_u, d_s, d_sc = lu_weight_backward(d_w, d_ld, lower, upper, log_s, sign_s, rows,
                                              scale, ctx.ld_mult)
     return (d_l if need[0] else None, d_u if need[1] else None, d_s if need[2] else None,
-            None, None, d_sc if (scale is not None and need[5]) else None, None, None, None)
+            None, None, d_sc if (scale is not None and need[5]) else None, None, None, None,
+            None)
 
 
 lu_weight_op.register_autograd(_lu_backward, setup_context=_lu_setup_context)
@@ -106,7 +109,7 @@ lu_weight_op.register_autograd(_lu_backward, setup_context=_lu_setup_context)
 
 def lu_weight_logdet(lower: Tensor, upper: Tensor, log_s: Tensor, sign_s: Tensor, rows: Tensor, *,
               scale: Optional[Tensor] = None, n: int = 1, ld_mult: int = 1,
-              ld_dtype: torch.dtype = torch.float64):
+              ld_dtype: torch.dtype = torch.float64, w_dtype: Optional[torch.dtype] = None):
     """Glow's LU-parameterised 1x1 convolution weight and the log-det, in one launch:
     ``(W, logdet)``.
 
@@ -117,7 +120,13 @@ def lu_weight_logdet(lower: Tensor, upper: Tensor, log_s: Tensor, sign_s: Tensor
     a permutation of 0..C-1 (not checked: that would read the device). ``logdet`` (n,) in
     ``ld_dtype`` is ``ld_mult * (sum(log_s) + sum(log|scale|))`` (``scale``, e.g. the
     ActNorm's, None for none): a FlowStep passes ``ld_mult = H*W`` (``-H*W`` for the
-    inverse map). Differentiable in lower, upper, log_s and scale."""
+    inverse map). Differentiable in lower, upper, log_s and scale.
+
+    ``w_dtype`` (None: float64): torch.float32 asks for W already in a float32 consumer's
+    compute dtype (the channel mix of float32 / 16-bit activations casts W to it anyway):
+    the Triton path then stores W, computed in float64, rounded to float32 by the same
+    launch (no separate cast; its gradient is taken in float32 too); the reference path
+    returns float64 whatever it is (its mix does the rounding)."""
     for name, t in (("lower", lower), ("upper", upper), ("log_s", log_s), ("sign_s", sign_s)):
         check_float_tensor(name, t)
     c = log_s.shape[0] if log_s.dim() == 1 else -1
@@ -150,8 +159,11 @@ def lu_weight_logdet(lower: Tensor, upper: Tensor, log_s: Tensor, sign_s: Tensor
         raise ValueError(f"n: expected a sample count (an int >= 0), got {n!r}")
     if isinstance(ld_mult, bool) or not isinstance(ld_mult, int):
         raise TypeError(f"ld_mult: expected an int (e.g. H*W), got {ld_mult!r}")
+    if w_dtype not in (None, torch.float64, torch.float32):
+        raise TypeError(f"w_dtype: expected None, torch.float64 or torch.float32, got {w_dtype!r}")
     if use_triton(log_s):
         refuse_transforms("lu_weight_logdet")
-        return lu_weight_op(lower, upper, log_s, sign_s, rows, scale, n, ld_mult, ld_dtype)
+        return lu_weight_op(lower, upper, log_s, sign_s, rows, scale, n, ld_mult, ld_dtype,
+                            w_dtype or torch.float64)
     return reference.lu_weight_logdet(rows, lower, upper, log_s, sign_s, scale, n=n,
                                       ld_mult=ld_mult, ld_dtype=ld_dtype)
