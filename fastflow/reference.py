@@ -242,17 +242,18 @@ def lu_weight_logdet(rows, lower, upper, log_s, sign_s, scale=None, *, n=1, ld_m
     """The fused LU op's spec: (W, logdet) with W = ``lu_weight`` in float64 for the
     permutation whose row gather is ``rows`` (W[i] = ((L + I)(U + D))[rows[i]]) and
     logdet (n,) = ld_mult * (sum(log_s) + sum(log|scale|)) (no scale term for None),
-    computed in ``ld_dtype``."""
+    in ``ld_dtype`` (computed in float32 for a 16-bit one, float64 for float64)."""
     d = torch.float64
     eye = torch.eye(log_s.shape[0], dtype=d, device=log_s.device)
     # float32 lower / upper / sign_s meet the float64 identity and exp(log_s) in adds and
     # products that promote exactly: no separate conversions
     l_full, u_full = lu_factors(lower, upper, _as(log_s, d), sign_s, eye)
     w = (l_full @ u_full).index_select(0, rows if rows.dtype == torch.int64 else rows.long())
-    ld = _as(log_s, ld_dtype).sum()
+    cd = compute_dtype(ld_dtype)  # a 16-bit ld_dtype: summed in float32, rounded once
+    ld = _as(log_s, cd).sum()
     if scale is not None:
-        ld = ld + torch.log(torch.abs(_as(scale, ld_dtype))).sum()
-    return w, per_sample(ld, n, ld_mult)
+        ld = ld + torch.log(torch.abs(_as(scale, cd))).sum()
+    return w, _as(per_sample(ld, n, ld_mult), ld_dtype)
 
 
 def lu_factor_logdet(weight):

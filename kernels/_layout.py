@@ -108,3 +108,16 @@ def tile_shape(channels: int, pixels: int, max_elems: int = 2048,
 def compute_type(dtype: torch.dtype):
     """The Triton dtype kernels compute in: ``compute_dtype`` as a Triton type."""
     return tl.float64 if compute_dtype(dtype) == torch.float64 else tl.float32
+
+
+@triton.jit
+def rounded_for(v, ptr):
+    """``v`` (float32 or float64) in the element type of ``ptr``, for a store: a 16-bit
+    float through float32 (Triton's interpreter turns a direct float64 -> bfloat16
+    conversion into garbage and NaN; the extra rounding is far below the 16-bit one), other
+    types directly."""
+    ty = ptr.dtype.element_ty
+    if ty.primitive_bitwidth == 16:
+        return v.to(tl.float32).to(ty)
+    else:
+        return v.to(ty)

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from ._layout import (TARGET_PROGRAMS, Launch, compute_dtype, compute_type, fitted_block,
-                      nchw, output_like, warps_for)
+                      nchw, output_like, rounded_for, warps_for)
 
 PRE_NONE = tl.constexpr(0)
 PRE_ACTNORM = tl.constexpr(1)
@@ -127,7 +127,7 @@ def _mix_kernel(
         so = tl.load(post_s_ptr + o64, mask=o_in, other=0.0).to(COMPUTE)
         acc = acc * so[:, None]
     tl.store(out_ptr + n * s_out_n + o64[:, None] * s_out_c + p64[None, :] * s_out_p,
-             acc.to(out_ptr.dtype.element_ty), mask=o_in[:, None] & p_in[None, :])
+             rounded_for(acc, out_ptr), mask=o_in[:, None] & p_in[None, :])
 
 
 @triton.jit
@@ -308,11 +308,11 @@ def _finish_diag_kernel(
     gs = _csum_vec(ws_ptr + SP_OFF, v64, v_in, N_CHUNKS, C, COMPUTE, BLOCK_CH, BLOCK_V)
     s = tl.load(s_ptr + v64, mask=v_in, other=1.0).to(COMPUTE)
     if REVERSE:
-        tl.store(ds_ptr + v64, (-g / (s * s)).to(ds_ptr.dtype.element_ty), mask=v_in)
-        tl.store(dl_ptr + v64, (-gs).to(dl_ptr.dtype.element_ty), mask=v_in)
+        tl.store(ds_ptr + v64, rounded_for(-g / (s * s), ds_ptr), mask=v_in)
+        tl.store(dl_ptr + v64, rounded_for(-gs, dl_ptr), mask=v_in)
     else:
-        tl.store(ds_ptr + v64, g.to(ds_ptr.dtype.element_ty), mask=v_in)
-        tl.store(dl_ptr + v64, (s * gs).to(dl_ptr.dtype.element_ty), mask=v_in)
+        tl.store(ds_ptr + v64, rounded_for(g, ds_ptr), mask=v_in)
+        tl.store(dl_ptr + v64, rounded_for(s * gs, dl_ptr), mask=v_in)
 
 
 @triton.jit
@@ -342,10 +342,10 @@ def _finish_rows_kernel(
         a = tl.load(a_ptr + o64[:, None] * s_a_o + k64[None, :] * s_a_k, mask=m, other=0.0).to(COMPUTE)
         ds += tl.sum(a * g, axis=1)
         tl.store(dw_ptr + o64[:, None] * s_dw_o + k64[None, :] * s_dw_k,
-                 (g / s[:, None]).to(dw_ptr.dtype.element_ty), mask=m)
+                 rounded_for(g / s[:, None], dw_ptr), mask=m)
     gs = _csum_vec(ws_ptr + SP_OFF, o64, o_in, N_CHUNKS, CO, COMPUTE, BLOCK_CH, BLOCK_V)
-    tl.store(ds_ptr + o64, (-ds / (s * s)).to(ds_ptr.dtype.element_ty), mask=o_in)
-    tl.store(dl_ptr + o64, (-gs).to(dl_ptr.dtype.element_ty), mask=o_in)
+    tl.store(ds_ptr + o64, rounded_for(-ds / (s * s), ds_ptr), mask=o_in)
+    tl.store(dl_ptr + o64, rounded_for(-gs, dl_ptr), mask=o_in)
 
 
 @triton.jit
@@ -384,10 +384,10 @@ def _finish_cols_kernel(
             dl += tl.sum(a * gs[:, None], axis=0)
             g = g * s[None, :]
         tl.store(dw_ptr + o64[:, None] * s_dw_o + k64[None, :] * s_dw_k,
-                 g.to(dw_ptr.dtype.element_ty), mask=m)
+                 rounded_for(g, dw_ptr), mask=m)
     if HAS_AN:
-        tl.store(ds_ptr + k64, ds.to(ds_ptr.dtype.element_ty), mask=k_in)
-        tl.store(dl_ptr + k64, (s * dl).to(dl_ptr.dtype.element_ty), mask=k_in)
+        tl.store(ds_ptr + k64, rounded_for(ds, ds_ptr), mask=k_in)
+        tl.store(dl_ptr + k64, rounded_for(s * dl, dl_ptr), mask=k_in)
 
 
 # --------------------------------------------------------------------------------------

@@ -16,24 +16,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import Launch
+from ._layout import Launch, rounded_for
 
 
 # --------------------------------------------------------------------------------------
 # LU-parameterised weight: W = P (L + I) (U + diag(sign * exp(log_s))) and the log-det
 # --------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _rounded_for(v, ptr):
-    """The float64 ``v`` in the element type of ``ptr``: a 16-bit float through float32
-    (Triton's interpreter turns a direct float64 -> bfloat16 conversion into garbage and NaN;
-    one extra rounding far below the 16-bit one), other types directly."""
-    ty = ptr.dtype.element_ty
-    if ty.primitive_bitwidth == 16:
-        return v.to(tl.float32).to(ty)
-    else:
-        return v.to(ty)
 
 
 @triton.jit
@@ -89,10 +77,10 @@ def _lu_weight_kernel(
         d = sg * tl.exp(ls)
         uf = tl.where(k_in[:, None] & (j[None, :] == k[:, None]), d[:, None], uf)
         acc += tl.sum(lf[:, :, None] * uf[None, :, :], axis=1)
-    tl.store(w_ptr + i64[:, None] * C + j64[None, :], acc.to(w_ptr.dtype.element_ty),
+    tl.store(w_ptr + i64[:, None] * C + j64[None, :], rounded_for(acc, w_ptr),
              mask=i_in[:, None] & j_in[None, :])
     if HAS_WC:
-        tl.store(wc_ptr + i64[:, None] * C + j64[None, :], acc.to(wc_ptr.dtype.element_ty),
+        tl.store(wc_ptr + i64[:, None] * C + j64[None, :], rounded_for(acc, wc_ptr),
                  mask=i_in[:, None] & j_in[None, :])
     if pid == 0:
         tot = tl.zeros((BLOCK_R,), dtype=tl.float64)
@@ -107,8 +95,8 @@ def _lu_weight_kernel(
         val = tl.sum(tot, axis=0) * LD_MULT
         for n0 in range(0, N, BLOCK_N):
             nn = n0 + tl.arange(0, BLOCK_N)
-            tl.store(ld_ptr + nn.to(tl.int64), (tl.zeros((BLOCK_N,), dtype=tl.float64) + val)
-                     .to(ld_ptr.dtype.element_ty), mask=nn < N)
+            tl.store(ld_ptr + nn.to(tl.int64), rounded_for(tl.zeros((BLOCK_N,), dtype=tl.float64) + val,
+                                                                ld_ptr), mask=nn < N)
 
 
 @triton.jit
@@ -159,7 +147,7 @@ def _lu_weight_bwd_kernel(
             ut = tl.where(k_in[None, :] & (j[:, None] == k[None, :]), d[None, :], ut)
             acc += tl.sum(g[:, :, None] * ut[None, :, :], axis=1)
         acc = tl.where(k64[None, :] < r[:, None], acc, 0.0)
-        tl.store(dlow_ptr + r[:, None] * C + k64[None, :], _rounded_for(acc, dlow_ptr),
+        tl.store(dlow_ptr + r[:, None] * C + k64[None, :], rounded_for(acc, dlow_ptr),
                  mask=i_in[:, None] & k_in[None, :])
     else:
         q = pid - half
@@ -187,7 +175,7 @@ def _lu_weight_bwd_kernel(
             acc += tl.sum(lt[:, :, None] * g[None, :, :], axis=1)
         m = k_in[:, None] & j_in[None, :]
         tl.store(dup_ptr + k64[:, None] * C + j64[None, :],
-                 _rounded_for(tl.where(j[None, :] > k[:, None], acc, 0.0), dup_ptr), mask=m)
+                 rounded_for(tl.where(j[None, :] > k[:, None], acc, 0.0), dup_ptr), mask=m)
         if kt == jt:
             diag = tl.sum(tl.where(k[:, None] == j[None, :], acc, 0.0), axis=1)
             t = tl.zeros((BLOCK_N,), dtype=tl.float64)
@@ -197,11 +185,11 @@ def _lu_weight_bwd_kernel(
             t_sum = tl.sum(t, axis=0) * LD_MULT
             ls = tl.load(logs_ptr + k64 * s_ls, mask=k_in, other=0.0).to(tl.float64)
             sg = tl.load(sign_ptr + k64 * s_sg, mask=k_in, other=0.0).to(tl.float64)
-            tl.store(dlogs_ptr + k64, _rounded_for(diag * sg * tl.exp(ls) + t_sum, dlogs_ptr),
+            tl.store(dlogs_ptr + k64, rounded_for(diag * sg * tl.exp(ls) + t_sum, dlogs_ptr),
                      mask=k_in)
             if HAS_SCALE:
                 sc = tl.load(scale_ptr + k64 * s_sc, mask=k_in, other=1.0).to(tl.float64)
-                tl.store(dsc_ptr + k64, _rounded_for(t_sum / sc, dsc_ptr), mask=k_in)
+                tl.store(dsc_ptr + k64, rounded_for(t_sum / sc, dsc_ptr), mask=k_in)
 
 
 def _vstride(v: torch.Tensor) -> int:

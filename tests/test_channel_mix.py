@@ -172,6 +172,29 @@ def test_bitwise_deterministic(backend):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("pdtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_float64_activations_half_precision_parameters(backend, pdtype, reverse):
+    """float64 x with a bf16/fp16 W, loc and scale: the gradients are computed in float64
+    and rounded once into each parameter's dtype (the interpreter's direct float64 ->
+    bfloat16 store wrote NaN and denormals)."""
+    torch.manual_seed(3)
+    c = 5
+    x = torch.randn(2, c, 3, 4, dtype=torch.float64, device=DEVICE)
+    w0 = torch.linalg.qr(torch.randn(c, c, dtype=torch.float64))[0].to(DEVICE)
+    base = [w0, torch.randn(c, device=DEVICE), torch.rand(c, device=DEVICE) + 0.5]
+    params = [t.to(pdtype).requires_grad_() for t in base]
+    g = torch.randn(2, c, 3, 4, dtype=torch.float64, device=DEVICE)
+    out = ff.channel_mix(x, params[0], loc=params[1], scale=params[2], reverse=reverse)
+    got = torch.autograd.grad(out, params, g)
+    ref = [t.detach().double().requires_grad_() for t in params]
+    want = torch.autograd.grad(
+        reference.actnorm_mix(x, ref[0], ref[1], ref[2], reverse=reverse), ref, g)
+    for a, b in zip(got, want):
+        assert a.dtype == pdtype and torch.isfinite(a).all()
+        torch.testing.assert_close(a.double(), b, rtol=2 * torch.finfo(pdtype).eps, atol=1e-3)
+
+
 def test_bad_inputs():
     x = torch.randn(2, 3, 4, 4)
     w = torch.randn(3, 3)

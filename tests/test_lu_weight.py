@@ -150,6 +150,18 @@ def test_lu_weight_float32_w_from_the_same_launch():
     assert w_ref.dtype == torch.float64
 
 
+@pytest.mark.parametrize("ld_dtype", [torch.bfloat16, torch.float16])
+def test_lu_weight_half_precision_logdet(backend, ld_dtype):
+    """A 16-bit ``ld_dtype``: the float64 log-det rounded once into it."""
+    lower, upper, log_s, sign, rows, perm, scale = _lu(9, torch.float32)
+    _, ld = lu_weight(lower, upper, log_s, sign, rows, scale=scale, n=3, ld_mult=7,
+                      ld_dtype=ld_dtype)
+    want = 7 * (log_s.double().sum() + torch.log(scale.double().abs()).sum())
+    assert ld.dtype == ld_dtype and ld.shape == (3,)
+    torch.testing.assert_close(ld.double(), want.expand(3), rtol=torch.finfo(ld_dtype).eps,
+                               atol=0)
+
+
 def test_lu_weight_bitwise_deterministic(backend):
     c = 40
     lower, upper, log_s, sign, rows, _, scale = _lu(c)
