@@ -148,6 +148,7 @@ def test_the_warmup_lr_follows_the_device_counter():
 
 FORBIDDEN = {
     "_local_scalar_dense": "reads a device value on the host (.item(), float(), bool(), tolist)",
+    "item": "reads a device value on the host (.item(), float())",
     "is_nonzero": "reads a device value on the host (bool(tensor))",
     "equal": "reads a device value on the host (torch.equal)",
     "nonzero": "an output shape that depends on the data (a host sync)",
@@ -161,7 +162,9 @@ RANDOM = ("rand", "normal", "bernoulli", "uniform", "exponential", "multinomial"
 
 
 class CaptureHazards(TorchDispatchMode):
-    """Every op dispatched in the block that a CUDA-graph capture cannot take."""
+    """Every op dispatched in the block that a CUDA-graph capture cannot take, fastflow's
+    custom ops opened up: their implementations (the launchers and what they allocate) run
+    under the detector again, so a host read inside a launcher is seen too."""
 
     def __init__(self):
         super().__init__()
@@ -169,6 +172,11 @@ class CaptureHazards(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func.namespace == "fastflow":
+            from torch._library.custom_ops import OPDEFS
+
+            with self:
+                return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
         name = func.overloadpacket.__name__
         if name in FORBIDDEN:
             self.found.append(f"{func}: {FORBIDDEN[name]}")
@@ -194,6 +202,26 @@ def test_the_hazard_detector_sees_syncs_copies_and_random_numbers():
     text = "\n".join(seen.found)
     for op in ("_local_scalar_dense", "nonzero", "lift_fresh", "rand"):
         assert op in text, (op, text)
+
+
+def test_the_hazard_detector_sees_inside_fastflow_ops(monkeypatch):
+    """A host read planted in a Triton launcher is found through the custom op."""
+    from fastflow.kernels import channel_mix as k_mix
+
+    mix = k_mix.mix
+
+    def reading_mix(inp, *args, **kwargs):
+        float(inp.sum())
+        return mix(inp, *args, **kwargs)
+
+    monkeypatch.setattr(k_mix, "mix", reading_mix)
+    model = _glow(reversible=False)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    runner = StepRunner(model.parameters(), opt, device=torch.device("cpu"), precision="fp32")
+    x, _ = _batches(2, nan_at=1)
+    with ff.use_backend("triton"), CaptureHazards() as seen:
+        runner.step(lambda: _loss(model, x))
+    assert any("aten.item" in f or "_local_scalar_dense" in f for f in seen.found), seen.found
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
