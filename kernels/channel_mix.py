@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import (TARGET_PROGRAMS, Launch, compute_dtype, compute_type, fitted_block,
+from ._layout import (TARGET_PROGRAMS, TARGET_SMS, Launch, compute_dtype, compute_type, fitted_block,
                       nchw, output_like, rounded_for, warps_for)
 
 PRE_NONE = tl.constexpr(0)
@@ -412,12 +412,16 @@ def mix_config(n: int, c: int, co: int, hw: int, dtype: torch.dtype, diag: bool)
         warps, stages = None, None
     block_p = min(block_p, max(triton.next_power_of_2(hw), min_p))
     programs = lambda bo, bp: n * triton.cdiv(co, bo) * triton.cdiv(hw, bp)  # noqa: E731
-    # fill the device when the work allows: narrower pixel tiles first (the input tile is
-    # then re-read by fewer output-channel tiles), then narrower output-channel tiles
-    while programs(block_o, block_p) < TARGET_PROGRAMS and block_p > max(min_p, 16):
+    # fill the device once when the work allows (TARGET_SMS programs, not the two per SM of
+    # the elementwise families): every program re-reads its rows of W and every
+    # output-channel tile the input tile, so each extra program costs bytes (at N=64, C=24
+    # 8x8: 512 programs loaded 1,475 KB, 256 programs 590 KB). Narrower pixel tiles first
+    # (the input tile is then re-read by fewer output-channel tiles), then narrower
+    # output-channel tiles.
+    while programs(block_o, block_p) < TARGET_SMS and block_p > max(min_p, 16):
         block_p //= 2
     min_o = 4 if diag else (block_o if dtype == torch.float64 else 16)  # tl.dot: >= 16
-    while programs(block_o, block_p) < TARGET_PROGRAMS and block_o > min_o:
+    while programs(block_o, block_p) < TARGET_SMS and block_o > min_o:
         block_o //= 2
     if diag:
         block_k = block_o
