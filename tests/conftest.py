@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import fastflow as ff  # noqa: E402
 
@@ -87,3 +88,37 @@ def small_npz(tmp_path):
     path = tmp_path / "digits80.npz"
     np.savez(path, images=images)
     return str(path)
+
+
+class OpenedOpsMode(TorchDispatchMode):
+    """A dispatch mode that sees the ATen ops inside fastflow's custom ops too: a
+    ``fastflow::`` op runs its implementation (launcher, allocations) under the mode again.
+    Every other op reaches ``seen(func, args, kwargs, out)`` after it ran."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "fastflow":
+            from torch._library.custom_ops import OPDEFS
+
+            with self:
+                return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
+        out = func(*args, **kwargs)
+        self.seen(func, args, kwargs, out)
+        return out
+
+    def seen(self, func, args, kwargs, out):
+        pass
+
+
+class CastCounter(OpenedOpsMode):
+    """dtype conversions (``aten.to`` / ``_to_copy``) of the tensors ``which(t)`` picks, as
+    ``casts``: a list of (from, to) dtypes."""
+
+    def __init__(self, which):
+        super().__init__()
+        self.which, self.casts = which, []
+
+    def seen(self, func, args, kwargs, out):
+        if (func.overloadpacket in (torch.ops.aten.to, torch.ops.aten._to_copy)
+                and self.which(args[0]) and out.dtype != args[0].dtype):
+            self.casts.append((args[0].dtype, out.dtype))

@@ -5,12 +5,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastflow as ff
 from fastflow import reference
 
-from conftest import DEVICE, FLOAT_DTYPES, assert_close
+from conftest import DEVICE, FLOAT_DTYPES, CastCounter, assert_close
 
 # (N, C, H, W): odd and prime sizes, N=1, C=1, C above one channel tile (37) and above two
 # (70) with tiny H*W so the interpreter stays quick
@@ -291,28 +290,6 @@ def test_launches_read_the_matrix_in_the_compute_dtype(monkeypatch, dtype, rever
     assert_close(leaves[1].grad, ref[1].grad, dtype)
 
 
-class _CountCasts(TorchDispatchMode):
-    """ATen dtype conversions of tensors shaped ``shape``, the fastflow custom ops opened up
-    so that the ATen ops inside them are seen."""
-
-    def __init__(self, shape):
-        super().__init__()
-        self.shape, self.casts = tuple(shape), []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.namespace == "fastflow":
-            from torch._library.custom_ops import OPDEFS
-
-            with self:
-                return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
-        out = func(*args, **kwargs)
-        if (func.overloadpacket in (torch.ops.aten.to, torch.ops.aten._to_copy)
-                and tuple(args[0].shape) == self.shape and out.dtype != args[0].dtype):
-            self.casts.append((args[0].dtype, out.dtype))
-        return out
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_matrix_cast_once_per_call(dtype):
     """One (C, C) cast of the float64 W per call, in forward, whatever the number of
@@ -322,7 +299,7 @@ def test_matrix_cast_once_per_call(dtype):
     leaves = [t.detach().clone().requires_grad_() for t in (x, w, loc, scale)]
     with ff.use_backend("triton"):
         ff.channel_mix(leaves[0], leaves[1], loc=leaves[2], scale=leaves[3])  # compile first
-        fwd, bwd = _CountCasts(w.shape), _CountCasts(w.shape)
+        fwd, bwd = (CastCounter(lambda t: t.shape == w.shape) for _ in range(2))
         with fwd:
             out = ff.channel_mix(leaves[0], leaves[1], loc=leaves[2], scale=leaves[3])
         g = torch.ones_like(out)

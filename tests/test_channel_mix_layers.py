@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fastflow as ff
 from fastflow import reference
 
-from conftest import DEVICE, assert_close
+from conftest import DEVICE, CastCounter, assert_close
 
 
 def _lu_matrices(layer):
@@ -367,28 +367,6 @@ def test_flowstep_float32_channels_last(backend):
     assert_close(step.reverse(y.detach()), x.double(), torch.float32, rtol=1e-4, atol=1e-4)
 
 
-class _CountMatrixCasts(TorchDispatchMode):
-    """ATen dtype conversions of (C, C) tensors, the fastflow custom ops opened up so that
-    the ATen ops inside them are seen."""
-
-    def __init__(self, c):
-        super().__init__()
-        self.c, self.casts = c, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.namespace == "fastflow":
-            from torch._library.custom_ops import OPDEFS
-
-            with self:
-                return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
-        out = func(*args, **kwargs)
-        if (func.overloadpacket in (torch.ops.aten.to, torch.ops.aten._to_copy)
-                and tuple(args[0].shape) == (self.c, self.c) and out.dtype != args[0].dtype):
-            self.casts.append((args[0].dtype, out.dtype))
-        return out
-
-
 def test_flowstep_launches_read_float32_matrices(monkeypatch):
     """Training and sampling a float32 FlowStep (W and W^-1 assembled in float64): every
     channel-mix launch reads its matrix in float32, W.float() / W^-1.float(); the training
@@ -413,7 +391,7 @@ def test_flowstep_launches_read_float32_matrices(monkeypatch):
     grads, casts = {}, {}
     for backend in ("triton", "reference"):
         step.zero_grad()
-        count = _CountMatrixCasts(c)
+        count = CastCounter(lambda t: t.shape == (c, c))
         with ff.use_backend(backend):
             with count:
                 y, logdet = step(x)

@@ -8,13 +8,13 @@ import copy
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-
 import fastflow as ff
 from fastflow.cli import train
 from fastflow.cli.graph_step import GraphStep
 from fastflow.cli.loop import StepRunner, warmup_lr
 from fastflow.glow import Glow, bits_per_dim
+
+from conftest import OpenedOpsMode
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device")
@@ -161,7 +161,7 @@ FORBIDDEN = {
 RANDOM = ("rand", "normal", "bernoulli", "uniform", "exponential", "multinomial")
 
 
-class CaptureHazards(TorchDispatchMode):
+class CaptureHazards(OpenedOpsMode):
     """Every op dispatched in the block that a CUDA-graph capture cannot take, fastflow's
     custom ops opened up: their implementations (the launchers and what they allocate) run
     under the detector again, so a host read inside a launcher is seen too."""
@@ -170,13 +170,7 @@ class CaptureHazards(TorchDispatchMode):
         super().__init__()
         self.found = []
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.namespace == "fastflow":
-            from torch._library.custom_ops import OPDEFS
-
-            with self:
-                return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
+    def seen(self, func, args, kwargs, out):
         name = func.overloadpacket.__name__
         if name in FORBIDDEN:
             self.found.append(f"{func}: {FORBIDDEN[name]}")
@@ -188,7 +182,6 @@ class CaptureHazards(TorchDispatchMode):
                                                      if kwargs.get("device") else set())
             if len(devices) > 1:
                 self.found.append(f"{func}: a copy between {sorted(map(str, devices))}")
-        return func(*args, **kwargs)
 
 
 def test_the_hazard_detector_sees_syncs_copies_and_random_numbers():

@@ -10,7 +10,7 @@ import fastflow as ff
 from fastflow import reference
 from fastflow.ops.lu_weight import lu_weight_logdet as lu_weight
 
-from conftest import DEVICE, assert_close
+from conftest import DEVICE, CastCounter, assert_close
 
 
 def _lu(c, dtype=torch.float64):
@@ -107,25 +107,6 @@ def test_lu_weight_float32_w_from_the_same_launch():
     once (bitwise the float64 W's ``.float()``), no (C, C) cast op; the
     parameters' gradients through a float32 dW equal those through the same dW in float64.
     The reference path keeps float64."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Casts(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.casts = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.namespace == "fastflow":  # opened up: the ATen ops inside it
-                from torch._library.custom_ops import OPDEFS
-
-                with self:
-                    return OPDEFS[func._schema.name]._init_fn(*args, **(kwargs or {}))
-            out = func(*args, **(kwargs or {}))
-            if (func.overloadpacket in (torch.ops.aten.to, torch.ops.aten._to_copy)
-                    and args[0].dim() == 2 and out.dtype != args[0].dtype):
-                self.casts.append((args[0].dtype, out.dtype))
-            return out
-
     c = 21
     lower, upper, log_s, sign, rows, perm, scale = _lu(c, torch.float32)
     g = torch.randn(c, c, device=DEVICE)  # float32: what a float32 mix's backward gives
@@ -133,7 +114,7 @@ def test_lu_weight_float32_w_from_the_same_launch():
     with ff.use_backend("triton"):
         for w_dtype in (None, torch.float32):
             leaves = [t.clone().requires_grad_() for t in (lower, upper, log_s, scale)]
-            ops = Casts()
+            ops = CastCounter(lambda t: t.dim() == 2)
             with ops:
                 w, ld = lu_weight(leaves[0], leaves[1], leaves[2], sign, rows, scale=leaves[3],
                                   n=3, ld_mult=7, ld_dtype=torch.float32, w_dtype=w_dtype)
