@@ -206,16 +206,15 @@ def mix(inp: torch.Tensor, a: torch.Tensor | None, *, transpose_a: bool = False,
         pre_scale: torch.Tensor | None = None, pre_shift: torch.Tensor | None = None,
         post: str | None = None, post_scale: torch.Tensor | None = None,
         post_shift: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-        out: torch.Tensor | None = None, cast_a: bool = False,
+        out: torch.Tensor | None = None,
         input_precision: str = "ieee") -> torch.Tensor:
     """``out[:, o] = post(sum_k a[o, k] pre(inp[:, k]))`` per pixel (``a=None``: out = post(pre(inp))).
 
     ``inp`` (N, C, H, W) and ``a`` (Co, C) (read as ``a.T`` when ``transpose_a``) may have
     any strides; vectors are contiguous (C,) / (Co,). Validation is the caller's job.
     Optional: ``out`` where to write (pixels walkable as one axis, e.g. a channel slice);
-    ``cast_a`` casts ``a`` to the compute dtype once here (one (Co, C) copy) instead of every
-    program converting its slice (a float64 W read by float32 programs); ``input_precision``
-    of the float32 ``tl.dot``: "ieee" (exact, the default) or "tf32x3" (tensor cores)."""
+    ``input_precision`` of the float32 ``tl.dot``: "ieee" (exact, the default) or "tf32x3"
+    (tensor cores)."""
     n, c, hh, ww = inp.shape
     diag = a is None
     co = c if diag else a.shape[1 if transpose_a else 0]
@@ -234,8 +233,6 @@ def mix(inp: torch.Tensor, a: torch.Tensor | None, *, transpose_a: bool = False,
     assert out.shape == (n, co, hh, ww), f"out: expected {(n, co, hh, ww)}, got {tuple(out.shape)}"
     if out.numel() == 0:
         return out
-    if cast_a and not diag and a.dtype != compute_dtype(inp.dtype):
-        a = a.to(compute_dtype(inp.dtype))
     cfg = mix_config(n, c, co, hw, inp.dtype, diag)
     inp, s_in = nchw(inp)
     out_w, s_out = nchw(out)

@@ -3,9 +3,9 @@
     W = P (L + I) (U + diag(sign * exp(log_s)))       in float64, P as a row gather
     logdet[n] = LD_MULT * (sum(log_s) + sum(log|scale|))   (ActNorm's term folded in)
 
-``lu_weight_forward`` writes W and the per-sample log-det in one launch (and, on request,
-W cast to the activations' compute dtype, so that the mix kernel's programs read 4-byte
-rather than 8-byte weights: one copy per step instead of one conversion per program);
+``lu_weight_forward`` writes W and the per-sample log-det in one launch (W in float64, or
+rounded once into float32 when the activations compute in float32, so that the mix
+kernel's programs read 4-byte weights with no cast between the two launches);
 ``lu_weight_backward`` gives d lower, d upper, d log_s and d scale in one launch. Tile
 sizes and num_warps come from ``launch_config``.
 """
@@ -45,11 +45,10 @@ def _lu_weight_kernel(
     rows_ptr,   # (C,) int64: row i of W is row rows[i] of (L + I)(U + D) (P as a gather)
     scale_ptr,  # (C,) ActNorm scale: sum(log|scale|) joins the log-det (HAS_SCALE)
     w_ptr,      # (C, C) output W, contiguous: float64, or float32 (rounded once on store)
-    wc_ptr,     # (C, C) output W in another dtype, contiguous (HAS_WC)
     ld_ptr,     # (N,) output log-det per sample, contiguous
     C, N, LD_MULT, N_T,
     s_l0, s_l1, s_u0, s_u1, s_ls, s_sg, s_rw, s_sc,
-    HAS_SCALE: tl.constexpr, HAS_WC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """W[i, j] = sum_k Lf[rows[i], k] Uf[k, j] in float64 by a broadcast multiply-and-sum
@@ -79,9 +78,6 @@ def _lu_weight_kernel(
         acc += tl.sum(lf[:, :, None] * uf[None, :, :], axis=1)
     tl.store(w_ptr + i64[:, None] * C + j64[None, :], rounded_for(acc, w_ptr),
              mask=i_in[:, None] & j_in[None, :])
-    if HAS_WC:
-        tl.store(wc_ptr + i64[:, None] * C + j64[None, :], rounded_for(acc, wc_ptr),
-                 mask=i_in[:, None] & j_in[None, :])
     if pid == 0:
         tot = tl.zeros((BLOCK_R,), dtype=tl.float64)
         for c0 in range(0, C, BLOCK_R):
@@ -231,20 +227,16 @@ def _check_vector(name: str, t: torch.Tensor, c: int, contiguous: bool = False):
         not contiguous or t.is_contiguous()), f"{name}: expected a vector of {c}, got {tuple(t.shape)}"
 
 
-def lu_weight_forward(lower, upper, log_s, sign_s, rows, scale, w, ld, *, ld_mult: int,
-                      w_compute: torch.Tensor | None = None) -> None:
+def lu_weight_forward(lower, upper, log_s, sign_s, rows, scale, w, ld, *, ld_mult: int) -> None:
     """W = P (L + I)(U + diag(sign_s exp(log_s))) into ``w`` (C, C) contiguous, and
     ``ld[:] = ld_mult * (sum(log_s) + sum(log|scale|))`` (scale None: no ActNorm term);
     P is applied as ``W[i] = M[rows[i]]``. Vectors (C,) with any stride (or contiguous of
     any shape, e.g. (1, C, 1, 1)), matrices any strides; one launch. W is computed in
-    float64 whatever ``w``'s dtype (float64, or float32: rounded once on store). ``w_compute``
-    (optional, (C, C) contiguous, any float dtype): W cast to its dtype, written in the same
-    launch. Validation is the caller's job."""
+    float64 whatever ``w``'s dtype (float64, or float32: rounded once on store).
+    Validation is the caller's job."""
     c = log_s.shape[0]
     _check_square("w", w, c, contiguous=True)
     assert w.dtype in (torch.float64, torch.float32), f"w: expected float64 or float32, got {w.dtype}"
-    assert w_compute is None or (w_compute.shape == (c, c) and w_compute.is_contiguous()), (
-        f"w_compute: expected a contiguous ({c}, {c}), got {tuple(w_compute.shape)}")
     _check_square("lower", lower, c)
     _check_square("upper", upper, c)
     for name, v in (("sign_s", sign_s), ("rows", rows), ("scale", scale)):
@@ -255,11 +247,11 @@ def lu_weight_forward(lower, upper, log_s, sign_s, rows, scale, w, ld, *, ld_mul
     has_scale = scale is not None
     sc = scale if has_scale else log_s
     _lu_weight_kernel[cfg.grid](
-        lower, upper, log_s, sign_s, rows, sc, w, w if w_compute is None else w_compute, ld,
+        lower, upper, log_s, sign_s, rows, sc, w, ld,
         c, n, ld_mult, cfg.extra["N_T"],
         lower.stride(0), lower.stride(1), upper.stride(0), upper.stride(1),
         _vstride(log_s), _vstride(sign_s), _vstride(rows), _vstride(sc),
-        HAS_SCALE=has_scale, HAS_WC=w_compute is not None, **cfg.meta)
+        HAS_SCALE=has_scale, **cfg.meta)
 
 
 def lu_weight_backward(d_w, d_ld, lower, upper, log_s, sign_s, rows, scale,
