@@ -92,20 +92,22 @@ def coupling_log_scale(raw: torch.Tensor, scale: str, clamp: float):
     return log_s, torch.exp(log_s)
 
 
-def coupling_inverse_scale(raw: torch.Tensor, scale: str, clamp: float):
+def coupling_inverse_scale(raw: torch.Tensor, scale: str, clamp: float, log: bool = True):
     """(log(1/s), 1/s) for the inverse map. The sigmoid's 1/s is ``1 + exp(-(raw + 2))``
     (no log-sigmoid, no division); the others are ``exp(-log s)``: times 1/s rather than
-    divided by s, so the gradient has no s**2 to underflow."""
+    divided by s, so the gradient has no s**2 to underflow. ``log=False``: the sigmoid's
+    log(1/s) is not computed (None), for a caller that needs no log-det."""
     if scale == "sigmoid":
         inv_s = torch.exp(-2.0 - raw) + 1.0
-        return torch.log(inv_s), inv_s
+        return (torch.log(inv_s) if log else None), inv_s
     log_s = coupling_log_scale(raw, scale, clamp)[0]
     return -log_s, torch.exp(-log_s)
 
 
 def affine_coupling(x, h, *, scale="sigmoid", layout="halves", shift="before", clamp=2.0,
-                    reverse=False, upcast=True):
-    """Affine coupling: returns (y, logdet); ``reverse=True`` maps y back to x."""
+                    reverse=False, upcast=True, logdet=True):
+    """Affine coupling: returns (y, logdet); ``reverse=True`` maps y back to x.
+    ``logdet=False`` (sampling) computes no log-det and returns (y, None)."""
     cd = compute_dtype(x.dtype) if upcast else x.dtype
     xa, xb = x.chunk(2, dim=1)  # (C - C//2, C//2) channels, as ``split_channels``
     xb = _as(xb, cd)
@@ -118,27 +120,28 @@ def affine_coupling(x, h, *, scale="sigmoid", layout="halves", shift="before", c
             yb = (xb - t) * s
         else:
             yb = torch.addcmul(t, xb, s)
-        ld = log_s.sum(dim=(1, 2, 3))
+        ld = log_s.sum(dim=(1, 2, 3)) if logdet else None
     else:
-        log_inv_s, inv_s = coupling_inverse_scale(raw, scale, clamp)
+        log_inv_s, inv_s = coupling_inverse_scale(raw, scale, clamp, logdet)
         if shift == "before":
             yb = xb * inv_s - t
         elif shift == "negated":
             yb = torch.addcmul(t, xb, inv_s)
         else:
             yb = (xb - t) * inv_s
-        ld = log_inv_s.sum(dim=(1, 2, 3))
-    return _with_halves(x, xa, yb), _as(ld, compute_dtype(x.dtype))
+        ld = log_inv_s.sum(dim=(1, 2, 3)) if logdet else None
+    return _with_halves(x, xa, yb), (_as(ld, compute_dtype(x.dtype)) if logdet else None)
 
 
-def additive_coupling(x, h, *, reverse=False, upcast=True):
-    """Additive coupling: yb = xb + h (h has Cb channels); the log-det is zero."""
+def additive_coupling(x, h, *, reverse=False, upcast=True, logdet=True):
+    """Additive coupling: yb = xb + h (h has Cb channels); the log-det is zero (None for
+    ``logdet=False``)."""
     cd = compute_dtype(x.dtype) if upcast else x.dtype
     xa, xb = x.chunk(2, dim=1)
     xb, hf = _as(xb, cd), _as(h, cd)
     yb = xb - hf if reverse else xb + hf
     return (_with_halves(x, xa, yb),
-            x.new_zeros(x.shape[0], dtype=compute_dtype(x.dtype)))
+            x.new_zeros(x.shape[0], dtype=compute_dtype(x.dtype)) if logdet else None)
 
 
 # --------------------------------------------------------------------------------------
@@ -232,7 +235,8 @@ def lu_inverse_from_rows(rows, lower, upper, log_s, sign_s):
     c = log_s.shape[0]
     d = lower.dtype
     p_t = torch.eye(c, dtype=d, device=lower.device).index_select(1, rows)
-    u_full = torch.diagonal_scatter(upper, _as(sign_s, d) * torch.exp(_as(log_s, d)))
+    # sign_s (+-1, any float dtype) meets exp(log_s) in a product that promotes exactly
+    u_full = torch.diagonal_scatter(upper, _as(sign_s * torch.exp(_as(log_s, d)), d))
     x = torch.linalg.solve_triangular(lower, p_t, upper=False, unitriangular=True)
     return torch.linalg.solve_triangular(u_full, x, upper=True)
 

@@ -122,3 +122,17 @@ class CastCounter(OpenedOpsMode):
         if (func.overloadpacket in (torch.ops.aten.to, torch.ops.aten._to_copy)
                 and self.which(args[0]) and out.dtype != args[0].dtype):
             self.casts.append((args[0].dtype, out.dtype))
+
+
+class OpsCounter(OpenedOpsMode):
+    """The ATen ops that ran, by packet name: ``count("log")`` is how many ``aten.log``."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def seen(self, func, args, kwargs, out):
+        self.names.append(func.overloadpacket.__name__)
+
+    def count(self, name: str) -> int:
+        return self.names.count(name)

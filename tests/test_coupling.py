@@ -273,6 +273,64 @@ def test_bad_shapes_raise(x_shape, h_shape, match):
         ff.affine_coupling(torch.randn(x_shape), torch.randn(h_shape))
 
 
+@pytest.mark.parametrize("scale,layout,shift", [("sigmoid", "halves", "before"),
+                                                 ("atan", "interleaved", "after"),
+                                                 ("exp", "halves", "negated"),
+                                                 ("additive", "halves", "before")])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_logdet_false_gives_the_same_y_and_gradients_and_no_logdet(backend, scale, layout,
+                                                                    shift, reverse):
+    """``logdet=False`` (sampling): y and its gradients as with the log-det, None for it."""
+    additive = scale == "additive"
+    x, h = make((3, 5, 7, 3), torch.float64, additive=additive)
+    kw = {} if additive else dict(scale=scale, layout=layout, shift=shift)
+    fn = ff.additive_coupling if additive else ff.affine_coupling
+    outs = []
+    for logdet in (True, False):
+        xg, hg = x.clone().requires_grad_(True), h.clone().requires_grad_(True)
+        y, ld = fn(xg, hg, reverse=reverse, logdet=logdet, **kw)
+        assert (ld is None) != logdet
+        gy = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape)
+        outs.append((y, *torch.autograd.grad(y, (xg, hg), gy, allow_unused=True)))
+    y_r = ref64(x, h, reverse, **({"scale": "additive"} if additive else kw))[0]
+    torch.testing.assert_close(outs[1][0], y_r, rtol=1e-12, atol=1e-12)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_sampling_computes_no_logdet_on_the_reference_path():
+    """The reference path with ``logdet=False`` runs no log and no sum (the layer's
+    ``reverse`` asks for that): sampling drops the log-det, so nothing computes it."""
+    from conftest import OpsCounter
+    layer = ff.AffineCoupling(6, filter_size=8)
+    with torch.no_grad():
+        for p in layer.net[4].parameters():
+            p.normal_(0, 0.1)
+    y = torch.randn(2, 6, 4, 4)
+    with ff.use_backend("reference"), torch.no_grad():
+        with OpsCounter() as inv:
+            x_inv, _ = layer.inverse(y)
+        with OpsCounter() as rev:
+            x_rev = layer.reverse(y)
+    assert torch.equal(x_inv, x_rev)
+    assert inv.count("log") == 1 and inv.count("sum") == 1
+    assert rev.count("log") == 0 and rev.count("sum") == 0
+
+
+def test_layer_reverse_runs_a_subclass_inverse():
+    class Traced(ff.AffineCoupling):
+        calls = 0
+
+        def inverse(self, y):
+            Traced.calls += 1
+            return super().inverse(y)
+
+    layer = Traced(4, filter_size=8)
+    y = torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(layer.reverse(y), layer.inverse(y)[0], rtol=0, atol=0)
+    assert Traced.calls == 2
+
+
 def test_bad_dtypes_devices_and_names_raise():
     x, h = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
     with pytest.raises(TypeError, match="x: expected a floating-point tensor"):
@@ -293,6 +351,11 @@ def test_bad_dtypes_devices_and_names_raise():
         ff.affine_coupling(x, h, scale="atan", clamp=0.0)
     with pytest.raises(ValueError, match=r"h: expected shape \(2, 2, 3, 3\)"):
         ff.additive_coupling(x, h)
+    for bad in (1, None, "no"):
+        with pytest.raises(TypeError, match="logdet: expected a bool"):
+            ff.affine_coupling(x, h, logdet=bad)
+        with pytest.raises(TypeError, match="logdet: expected a bool"):
+            ff.additive_coupling(x, h[:, :2], logdet=bad)
 
 
 # -- the layer -------------------------------------------------------------------------

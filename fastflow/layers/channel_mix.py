@@ -180,7 +180,7 @@ class InvConv2dLU(_InvConvBase):
                                     n=0)[0]
         d = torch.float64
         return reference.lu_inverse_from_rows(self.w_rows, self.w_l.to(d), self.w_u.to(d),
-                                              self.w_s.to(d), self.s_sign.to(d))
+                                              self.w_s.to(d), self.s_sign)
 
     def weight_and_logdet(self, inverse: bool = False):
         """(W or W^-1 as a float64 (C, C) matrix, log|det W| = sum(w_s))."""

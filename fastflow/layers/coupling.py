@@ -52,12 +52,12 @@ class AffineCoupling(nn.Module):
         self.net[2].weight.data.normal_(0, 0.05)
         self.net[2].bias.data.zero_()
 
-    def _couple(self, x, reverse):
+    def _couple(self, x, reverse, logdet=True):
         ca = self.in_channel - self.in_channel // 2
         h = self.net(x[:, :ca])
         if self.affine:
-            return affine_coupling(x, h, reverse=reverse)
-        return additive_coupling(x, h, reverse=reverse)
+            return affine_coupling(x, h, reverse=reverse, logdet=logdet)
+        return additive_coupling(x, h, reverse=reverse, logdet=logdet)
 
     def forward(self, x):
         check_nchw("x", x, self.in_channel)
@@ -68,4 +68,10 @@ class AffineCoupling(nn.Module):
         return self._couple(y, True)
 
     def reverse(self, y):
-        return self.inverse(y)[0]
+        """x alone: the op computes no log-det (sampling drops it), unless a subclass
+        overrides ``inverse`` (or ``_couple``), which is then what runs."""
+        cls = type(self)
+        if cls.inverse is not AffineCoupling.inverse or cls._couple is not AffineCoupling._couple:
+            return self.inverse(y)[0]
+        check_nchw("y", y, self.in_channel)
+        return self._couple(y, True, logdet=False)[0]

@@ -32,7 +32,7 @@ class FlowStep(nn.Module):
     no forward hook is registered on them (or globally); otherwise the step calls
     ``self.actnorm``, ``self.invconv`` (their ``forward``, or ``inverse`` in reverse) and
     ``self.coupling`` one after the other, so hooks fire and a subclass assigned there is
-    used."""
+    used. ``reverse`` (sampling) calls their ``reverse``, which computes no log-det."""
 
     def __init__(self, in_channel: int, filter_size: int = 512, affine: bool = True,
                  conv_lu: bool = True):
@@ -66,8 +66,13 @@ class FlowStep(nn.Module):
 
     def _inverse(self, y, logdet: bool):
         check_nchw("y", y, self.in_channel)
-        x, ld_coupling = self.coupling.inverse(y)
+        if logdet:
+            x, ld_coupling = self.coupling.inverse(y)
+        else:  # sampling: no log-det anywhere (the coupling op computes none)
+            x, ld_coupling = self.coupling.reverse(y), None
         if not self._fusable(hooks=False):
+            if not logdet:
+                return self.actnorm.reverse(self.invconv.reverse(x)), None
             x, ld = self.invconv.inverse(x)
             x, ld_an = self.actnorm.inverse(x)
             return x, ld + ld_an + ld_coupling

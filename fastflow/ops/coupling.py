@@ -41,12 +41,12 @@ def _kernels():
     return coupling
 
 
-def _reference(x, h, scale, layout, shift, clamp, reverse):
+def _reference(x, h, scale, layout, shift, clamp, reverse, logdet=True):
     """The reference path: plain autograd (its output keeps x's memory format)."""
     if scale == "additive":
-        return reference.additive_coupling(x, h, reverse=reverse)
+        return reference.additive_coupling(x, h, reverse=reverse, logdet=logdet)
     return reference.affine_coupling(x, h, scale=scale, layout=layout, shift=shift,
-                                     clamp=clamp, reverse=reverse)
+                                     clamp=clamp, reverse=reverse, logdet=logdet)
 
 
 def _launch(x, h, scale, layout, shift, clamp, reverse):
@@ -156,11 +156,12 @@ def _check(x, h, h_channels_per_cb: int, what: str):
         raise ValueError(f"h: expected shape {want} ({what} for C={c}), got {tuple(h.shape)}")
 
 
-def _check_options(scale, layout, shift, clamp, reverse) -> float:
+def _check_options(scale, layout, shift, clamp, reverse, logdet) -> float:
     check_choice("scale", scale, reference.SCALES)
     check_choice("layout", layout, reference.LAYOUTS)
     check_choice("shift", shift, reference.SHIFTS)
     check_bool("reverse", reverse)
+    check_bool("logdet", logdet)
     return check_positive("clamp", clamp)
 
 
@@ -170,16 +171,17 @@ def _check_options(scale, layout, shift, clamp, reverse) -> float:
 _cached_options = functools.lru_cache(maxsize=64, typed=True)(_check_options)
 
 
-def _options(scale, layout, shift, clamp, reverse) -> float:
-    """clamp as a float, after checking all five options (each error names its argument)."""
+def _options(scale, layout, shift, clamp, reverse, logdet) -> float:
+    """clamp as a float, after checking all six options (each error names its argument)."""
     try:
-        return _cached_options(scale, layout, shift, clamp, reverse)
+        return _cached_options(scale, layout, shift, clamp, reverse, logdet)
     except TypeError:  # an unhashable option (a list, say): the plain checks name it
-        return _check_options(scale, layout, shift, clamp, reverse)
+        return _check_options(scale, layout, shift, clamp, reverse, logdet)
 
 
 def affine_coupling(x: Tensor, h: Tensor, *, scale: str = "sigmoid", layout: str = "halves",
-                    shift: str = "before", clamp: float = 2.0, reverse: bool = False):
+                    shift: str = "before", clamp: float = 2.0, reverse: bool = False,
+                    logdet: bool = True):
     """Affine coupling fused with its log-determinant: returns ``(y, logdet)``.
 
     ``x`` (N, C, H, W) passes ``x[:, :C - C//2]`` through and transforms the other C//2
@@ -192,25 +194,31 @@ def affine_coupling(x: Tensor, h: Tensor, *, scale: str = "sigmoid", layout: str
     * ``shift``: "before" (yb = (xb + t) * s, Glow), "after" (yb = xb * s + t; RealNVP,
       FrEIA, nflows) or "negated" (yb = (xb - t) * s, normflows).
     * ``reverse=True`` maps y back to x and returns the inverse map's logdet, -sum(log s).
+    * ``logdet=False`` returns ``(y, None)``: for sampling, which drops the log-det; the
+      reference path then computes none (the Triton kernel's costs nothing extra).
 
     logdet has shape (N,), float32 (float64 for float64 input). ``clamp`` must be a finite
     positive number and ``reverse`` a bool. See the module docstring for double backward
     and ``torch.func`` (reference path: supported; Triton path: refused with a clear error)."""
     _check(x, h, 2, "2 * (C // 2) coupling parameters")
-    clamp = _options(scale, layout, shift, clamp, reverse)
+    clamp = _options(scale, layout, shift, clamp, reverse, logdet)
     if use_triton(x):
         refuse_transforms("affine_coupling")
         op = coupling_inverse if reverse else coupling_forward
-        return op(x, h, scale, layout, shift, clamp)
-    return _reference(x, h, scale, layout, shift, clamp, reverse)
+        y, ld = op(x, h, scale, layout, shift, clamp)
+        return y, (ld if logdet else None)
+    return _reference(x, h, scale, layout, shift, clamp, reverse, logdet)
 
 
-def additive_coupling(x: Tensor, h: Tensor, *, reverse: bool = False):
-    """Additive coupling ``yb = xb + h`` (h has C//2 channels); logdet is zeros (N,)."""
+def additive_coupling(x: Tensor, h: Tensor, *, reverse: bool = False, logdet: bool = True):
+    """Additive coupling ``yb = xb + h`` (h has C//2 channels); logdet is zeros (N,)
+    (``logdet=False``: None, as ``affine_coupling``)."""
     _check(x, h, 1, "C // 2 shifts")
     check_bool("reverse", reverse)
+    check_bool("logdet", logdet)
     if use_triton(x):
         refuse_transforms("additive_coupling")
         op = coupling_inverse if reverse else coupling_forward
-        return op(x, h, "additive", "halves", "before", 2.0)
-    return _reference(x, h, "additive", "halves", "before", 2.0, reverse)
+        y, ld = op(x, h, "additive", "halves", "before", 2.0)
+        return y, (ld if logdet else None)
+    return _reference(x, h, "additive", "halves", "before", 2.0, reverse, logdet)
