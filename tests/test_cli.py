@@ -84,3 +84,16 @@ def test_training_commands_share_their_run_options_with_their_own_defaults(modul
             given["no_progress"]) == (3, 8, 0.5, 7, 4, "cpu", "x", True, True)
     with pytest.raises(SystemExit):
         p.parse_args(["--epochs", "0"])
+
+
+@pytest.mark.parametrize("option", ["--lr", "--clip"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_non_finite_float_options_are_refused_naming_the_option(option, value, capsys):
+    from fastflow.cli import train
+
+    # --lr inf or --clip nan used to train on silently and end at a nan bits/dim
+    with pytest.raises(SystemExit) as exit_:
+        train._glow_parser().parse_args([option, value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert option in err and f"expected a finite positive number, got {value}" in err

@@ -242,8 +242,8 @@ def write_csv(path: str | os.PathLike, rows: list[dict]) -> Path:
 def positive(kind):
     def parse(text):
         value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+        if not 0 < value < math.inf:  # nan and inf too: a float option would take them
+            raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text}")
         return value
 
     return parse
