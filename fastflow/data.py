@@ -321,6 +321,9 @@ def load_image_sets(source: str = "digits", *, size: int | None = None,
             train_idx, test_idx = split_indices(len(levels), test_fraction, seed)
             if len(test_idx) == 0:
                 train_idx, test_idx = train_idx[1:], train_idx[:1]
+            if len(train_idx) == 0:
+                raise ValueError(f"--test-fraction: expected a share that leaves training "
+                                 f"images, got {test_fraction} of {len(levels)} images")
             train, test = levels[train_idx], levels[test_idx]
     if size is not None:
         train = _resize_levels(train, n_bins, size)

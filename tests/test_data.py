@@ -131,3 +131,12 @@ def test_digit_score_tells_digits_from_noise():
     assert data.digit_score(noise)["recognised"] < 0.3
     big = data.digit_score(torch.nn.functional.interpolate(real, size=16, mode="nearest"))
     assert big["recognised"] > 0.8
+
+
+def test_a_test_fraction_that_leaves_no_training_images_names_the_option(tmp_path):
+    np.save(tmp_path / "ten.npy", np.zeros((10, 8, 8), np.uint8))
+    # 0.96 of 10 rounds to all 10 held out: the trainer used to blame --batch-size instead
+    with pytest.raises(ValueError, match=r"--test-fraction: .*0\.96.* 10 images"):
+        data.load_image_sets(str(tmp_path / "ten.npy"), test_fraction=0.96)
+    train, test = data.load_image_sets(str(tmp_path / "ten.npy"), test_fraction=0.9)
+    assert (len(train), len(test)) == (1, 9)
