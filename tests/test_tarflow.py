@@ -224,3 +224,13 @@ def test_cuda_graph_sampler_equals_eager_steps():
         eager = model.reverse(z, y, guidance=guidance, graphs=False)
         graphed = model.reverse(z, y, guidance=guidance, graphs=True)
         torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_train_tarflow_resumed_at_an_epoch_boundary_reports_the_same_numbers(tmp_path):
+    # 2 steps per epoch; the evaluation generator used to restart from its seed on resume
+    common = ["--batch-size", "720"]
+    whole = _train(tmp_path / "whole", *common)["history"]
+    _train(tmp_path / "split", *common, "--epochs", "1")
+    resumed = _train(tmp_path / "split", *common, "--resume")["history"]
+    assert [e["step"] for e in whole["epochs"]] == [2, 4]
+    assert resumed == whole

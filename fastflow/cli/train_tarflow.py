@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     shuffle_gen = torch.Generator().manual_seed(args.seed)
     noise_gen = torch.Generator().manual_seed(args.seed + 1)
     eval_gen = torch.Generator().manual_seed(args.seed + 2)
-    generators = {"shuffle": shuffle_gen, "noise": noise_gen}
+    generators = {"shuffle": shuffle_gen, "noise": noise_gen, "eval": eval_gen}  # resumed
     start_epoch, step, history = resume_or_start(args, ckpt_path, model, opt, config,
                                                  generators, device)
     n_params = sum(p.numel() for p in model.parameters())

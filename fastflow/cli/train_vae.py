@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     eval_gen = torch.Generator().manual_seed(args.seed + 1)  # seeds the op's noise, on CPU
     shuffle_gen = torch.Generator().manual_seed(args.seed)
 
-    generators = {"shuffle": shuffle_gen}
+    generators = {"shuffle": shuffle_gen, "eval": eval_gen}  # all saved and resumed
     start_epoch, step, history = resume_or_start(args, ckpt_path, model, opt, config,
                                                  generators, device)
     for group in opt.param_groups:  # --lr applies on resume too (metrics record this value)
