@@ -168,6 +168,8 @@ def _load_folder(path: Path, size: int | None) -> torch.Tensor:
         try:
             with Image.open(file) as img:
                 img.load()
+                if img.mode.startswith("I;16"):  # 16-bit grey: its top 8 bits (convert clips)
+                    img = Image.fromarray((np.asarray(img) >> 8).astype(np.uint8))
                 if mode is None:
                     mode = "L" if img.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"
                 img = img.convert(mode)

@@ -140,3 +140,18 @@ def test_a_test_fraction_that_leaves_no_training_images_names_the_option(tmp_pat
         data.load_image_sets(str(tmp_path / "ten.npy"), test_fraction=0.96)
     train, test = data.load_image_sets(str(tmp_path / "ten.npy"), test_fraction=0.9)
     assert (len(train), len(test)) == (1, 9)
+
+
+def test_image_folder_16_bit_grey_pngs_keep_their_top_8_bits(tmp_path):
+    from PIL import Image
+
+    grey = np.arange(2 * 8 * 8, dtype=np.uint8).reshape(2, 8, 8) * 2
+    for i, image in enumerate(grey):  # 16-bit PNGs (mode I;16) of the same levels
+        Image.fromarray(image.astype(np.uint16) * 257).save(tmp_path / f"img{i}.png")
+    train, test = data.load_image_sets(str(tmp_path), test_fraction=0.5)
+    # convert("L") clipped every 16-bit value above 255 to white
+    both = torch.cat([train.levels, test.levels])
+    assert both.shape == (2, 1, 8, 8) and train.n_bins == 256
+    assert sorted(both.flatten().tolist()) == sorted(grey.flatten().tolist())
+    sized, _ = data.load_image_sets(str(tmp_path), size=4, test_fraction=0.5)
+    assert sized.shape == (1, 4, 4) and 0 < int(sized.levels.max()) < 255
