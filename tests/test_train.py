@@ -191,6 +191,36 @@ def test_fp16_scales_the_loss_and_backs_off_on_overflow():
                            params["blocks.0.prior.conv.weight"])
 
 
+
+def test_a_run_resumed_in_another_precision_keeps_its_gradients_unscaled():
+    """--resume --precision fp32 (or bf16) from an fp16 run's checkpoint used to take its
+    loss scale (2**16) and divide every gradient by it, the loss being unscaled."""
+    import copy
+
+    model, x = _tiny_glow()
+    cpu = torch.device("cpu")
+    fp16 = StepRunner(model.parameters(), torch.optim.Adam(model.parameters(), fused=True),
+                      device=cpu, precision="fp16")
+    saved = fp16.state_dict()
+    assert float(saved["scale"][0]) == 2.0 ** 16
+    grads = {}
+    for name in ("fresh", "resumed"):
+        m = copy.deepcopy(model)
+        runner = StepRunner(m.parameters(), torch.optim.Adam(m.parameters(), fused=True),
+                            device=cpu, precision="fp32")
+        if name == "resumed":
+            runner.load_state_dict(saved)
+        runner.step(lambda: {"bpd": bits_per_dim(*m(x)[:2], 64, 17)}, 0)
+        assert float(runner.scale) == 1.0, name
+        grads[name] = [p.grad for p in m.parameters()]
+    for fresh, resumed in zip(grads["fresh"], grads["resumed"]):
+        torch.testing.assert_close(resumed, fresh)
+    again = StepRunner(model.parameters(), torch.optim.Adam(model.parameters(), fused=True),
+                       device=cpu, precision="fp16")
+    again.scale.fill_(2.0 ** 10)
+    fp16.load_state_dict(again.state_dict())  # fp16 to fp16 keeps the scale
+    assert float(fp16.scale) == 2.0 ** 10
+
 def test_reversible_training_gives_the_stored_run(tmp_path, small_npz):
     """--reversible changes what backward keeps, not what it computes: the same run with
     and without it reports the same bits/dim (float32 rounding apart)."""

@@ -190,9 +190,15 @@ class StepRunner:
         return {k: v.detach() for k, v in terms.items()}
 
     def state_dict(self) -> dict:
-        return {"scale": self.scale.cpu(), "growth_tracker": self.growth_tracker.cpu()}
+        return {"scale": self.scale.cpu(), "growth_tracker": self.growth_tracker.cpu(),
+                "precision": self.precision}
 
     def load_state_dict(self, state: dict) -> None:
+        """The loss scale of an fp16 run, into an fp16 run only: the other precisions do not
+        scale the loss, so unscaling their gradients by it would shrink them (an older state,
+        without ``precision``, counts as fp16's)."""
+        if self.precision != "fp16" or state.get("precision", "fp16") != "fp16":
+            return
         self.scale.copy_(state["scale"])
         self.growth_tracker.copy_(state["growth_tracker"])
 
