@@ -52,6 +52,41 @@ def test_resume_at_an_epoch_boundary_reports_the_same_numbers(tmp_path, small_np
     assert [strip(e) for e in resumed["epochs"]] == [strip(e) for e in whole["epochs"]]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_resume_on_cuda_reports_the_same_numbers(tmp_path, small_npz):
+    """A checkpoint loads with map_location the GPU, which puts its RNG states there; they
+    are restored from CPU copies (torch takes no other), so resuming on CUDA works."""
+    common = ["--data", small_npz, "--batch-size", "16", "--test-fraction", "0.2", "--warmup",
+              "3", "--max-steps", "100", "--device", "cuda"]
+    whole = _run(tmp_path / "a", *common, "--epochs", "2")["history"]
+    _run(tmp_path / "b", *common, "--epochs", "1")
+    resumed = _run(tmp_path / "b", *common, "--epochs", "2", "--resume")["history"]
+    assert [e["step"] for e in resumed["epochs"]] == [4, 8]
+    assert resumed["epochs"][-1]["test"]["bpd"] == pytest.approx(
+        whole["epochs"][-1]["test"]["bpd"], rel=1e-4)
+
+
+def test_rng_states_are_restored_from_cpu_copies(monkeypatch):
+    """set_rng_state hands torch CPU tensors whatever device the loaded state is on."""
+    from fastflow.cli import common
+
+    gen = torch.Generator().manual_seed(3)
+    state = common.rng_state(gen)
+    moved = []
+
+    class Elsewhere(torch.Tensor):  # a state tensor as map_location="cuda" would leave it
+        def cpu(self):
+            moved.append(1)
+            return torch.Tensor(self).as_subclass(torch.Tensor)
+
+    state = {"cpu": state["cpu"].as_subclass(Elsewhere),
+             "generators": [g.as_subclass(Elsewhere) for g in state["generators"]]}
+    seen = []
+    monkeypatch.setattr(torch, "set_rng_state", lambda t: seen.append(type(t)))
+    common.set_rng_state(state, gen)
+    assert moved == [1, 1] and seen == [torch.Tensor]
+
+
 def test_resume_guards_and_new_lr(tmp_path, capsys):
     _run(tmp_path, "--max-steps", "3", "--epochs", "1", "--lr", "1e-3")
     with pytest.raises(SystemExit, match="--resume to continue it or --force"):

@@ -181,11 +181,14 @@ def rng_state(*generators: torch.Generator, device: torch.device | None = None) 
 
 def set_rng_state(state: dict, *generators: torch.Generator,
                   device: torch.device | None = None) -> None:
-    torch.set_rng_state(state["cpu"])
+    """Restore what ``rng_state`` saved. Every RNG state (a CUDA generator's too) is set
+    from a CPU byte tensor: a checkpoint loaded with ``map_location`` a GPU has them there,
+    so they come back to the CPU first (no copy when they already are)."""
+    torch.set_rng_state(state["cpu"].cpu())
     for gen, saved in zip(generators, state["generators"]):
-        gen.set_state(saved)
+        gen.set_state(saved.cpu())
     if device is not None and device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 def save_image_grid(path: str | os.PathLike, rows, titles=None, *, cell: int = 40) -> Path:
