@@ -87,6 +87,18 @@ def test_rng_states_are_restored_from_cpu_copies(monkeypatch):
     assert moved == [1, 1] and seen == [torch.Tensor]
 
 
+def test_resume_refuses_another_held_out_split(tmp_path, small_npz):
+    """--seed and --test-fraction draw the held-out images: resuming with other values would
+    train on test images and report their bits/dim as held out, so it is refused."""
+    common = ["--data", small_npz, "--batch-size", "16", "--epochs", "1", "--max-steps", "2"]
+    _run(tmp_path, *common, "--test-fraction", "0.2")
+    for extra in (["--test-fraction", "0.3"], ["--test-fraction", "0.2", "--seed", "1"]):
+        with pytest.raises(SystemExit, match=r"--seed, --test-fraction: .* held out its test "
+                                             r"images with \{'seed': 0, 'test_fraction': 0.2\}"):
+            _run(tmp_path, *common, *extra, "--epochs", "2", "--resume")
+    _run(tmp_path, *common, "--test-fraction", "0.2", "--epochs", "2", "--resume")
+
+
 def test_resume_guards_and_new_lr(tmp_path, capsys):
     _run(tmp_path, "--max-steps", "3", "--epochs", "1", "--lr", "1e-3")
     with pytest.raises(SystemExit, match="--resume to continue it or --force"):

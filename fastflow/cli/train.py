@@ -186,6 +186,18 @@ def _flat_row(entry: dict) -> dict:
     return row
 
 
+
+def _split_key(args) -> dict:
+    """The options that pick the held-out images (``load_image_sets``): the seed for the
+    digits (their share is fixed), the seed and ``--test-fraction`` for a folder or an
+    array; nothing for CIFAR-10 (its own test batch)."""
+    if args.data.startswith("cifar10:"):
+        return {}
+    if args.data == "digits":
+        return {"seed": args.seed}
+    return {"seed": args.seed, "test_fraction": args.test_fraction}
+
+
 def main(argv=None) -> int:
     """``python -m fastflow train``: returns the exit status."""
     from ..data import dequantize, load_image_sets
@@ -239,6 +251,7 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize, load_image_sets) -> int:
                          "images")
     n_pixel, n_bins = channels * height * width, train.n_bins
 
+    split = _split_key(args)  # what drew the held-out images, checked on --resume
     config = {"n_flow": args.n_flow, "n_block": args.n_block, "filter_size": args.filter_size,
               "conv_lu": not args.no_lu, "affine": not args.additive,
               "image": [channels, height, width], "n_bins": n_bins}
@@ -257,6 +270,12 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize, load_image_sets) -> int:
         if saved.get("config") != config:
             raise SystemExit(f"--resume: {ckpt_path} was trained with {saved.get('config')}, "
                              f"this run asks for {config}")
+        if saved.get("split", split) != split:  # checkpoints from before it was saved: as given
+            names = ", ".join("--" + k.replace("_", "-") for k in split)
+            raise SystemExit(f"{names}: {ckpt_path} held out its test images with {saved['split']}; "
+                             f"this run asks for {split}, which would train on some of them "
+                             "and report test bits/dim on images it has seen (pass the "
+                             "checkpoint's values)")
         try:
             model.load_state_dict(saved["model"])
             opt.load_state_dict(saved["optimizer"])
@@ -382,7 +401,8 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize, load_image_sets) -> int:
             rows, titles = picture_rows(model, test, args, device)
             save_image_grid(out / f"samples_epoch{epoch + 1:03d}.png", rows, titles)
             save_checkpoint(ckpt_path, model, opt, epoch=epoch + 1, step=step, history=history,
-                            config=config, lr=base_lr, step_runner=runner.state_dict(),
+                            config=config, split=split, lr=base_lr,
+                            step_runner=runner.state_dict(),
                             rng=rng_state(eval_gen, device=device), world_size=dist_.world)
 
     if not main_rank:
