@@ -404,13 +404,14 @@ def tarflow_clamp(a, clamp=None):
     return clamp * torch.where(neg, -th, th)
 
 
-def tarflow_params(h, *, clamp=None, guidance=0.0, guided=False, upcast=True):
+def tarflow_params(h, *, clamp=None, guidance=0.0, guided=False, upcast=True, dtype=None):
     """The shifted affine parameters (a, b), each (N, T, D), from the transformer's output
     projection ``h`` (B, T, 2D): token t takes ``h[:, t - 1]`` split into ``a = h[..., :D]``
     (soft-clamped) and ``b = h[..., D:]``; token 0 gets zeros. ``guided``: the batch is
     doubled, rows [0, N) conditional and [N, 2N) unconditional, combined as
-    ``p = p_c + guidance * (p_c - p_u)`` for p in (a, b) (classifier-free guidance)."""
-    cd = compute_dtype(h.dtype) if upcast else h.dtype
+    ``p = p_c + guidance * (p_c - p_u)`` for p in (a, b) (classifier-free guidance).
+    ``dtype``: the compute dtype (the head passes its input's; default: h's)."""
+    cd = dtype or (compute_dtype(h.dtype) if upcast else h.dtype)
     d = h.shape[-1] // 2
     hc = F.pad(h.to(cd)[:, :-1], (0, 0, 1, 0))
     a, b = tarflow_clamp(hc[..., :d], clamp), hc[..., d:]
@@ -431,7 +432,10 @@ def tarflow_head(x, h, *, clamp=None, order="same", reverse=False, guidance=0.0,
     ``reverse=True``: ``x`` holds z in ``order``; ``out = z * exp(a) + b`` in the block's
     order and ``logdet = +sum(a)`` (the inverse map's). Given h of the true x, the inverse is
     exact; with h of a guess it is one Jacobi update."""
-    a, b = tarflow_params(h, clamp=clamp, guidance=guidance, guided=guided, upcast=upcast)
+    # computed in x's compute dtype, whatever h's (the log-det's dtype follows the input)
+    cd = compute_dtype(x.dtype) if upcast else x.dtype
+    a, b = tarflow_params(h, clamp=clamp, guidance=guidance, guided=guided, upcast=upcast,
+                          dtype=cd)
     v = x.to(a.dtype)
     if reverse:
         if order == "reversed":

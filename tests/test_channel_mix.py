@@ -80,6 +80,33 @@ def test_backward_matches_reference(backend, shape, dtype):
                 assert_close(gg, ww, dtype, msg=f"{variant} reverse={reverse}")
 
 
+@pytest.mark.parametrize("shape", [(0, 3, 2, 2), (2, 3, 0, 2)], ids=str)
+def test_empty_input_backward_gives_empty_gradients(backend, shape):
+    """An input with no elements (N = 0 or H*W = 0) still gets its (empty) gradient, and
+    the parameters theirs (zeros), as the float64 reference: not "not used in the graph"."""
+    c = shape[1]
+    w, loc, scale = _params(c)
+    g = torch.randn(shape, dtype=torch.float64, device=DEVICE)
+    for variant in VARIANTS:
+        for reverse in (False, True):
+            a, l, s = _args(variant, w, loc, scale)
+            x = torch.randn(shape, dtype=torch.float32, device=DEVICE)
+            leaves = [t.detach().clone().requires_grad_() for t in (x, a, l, s) if t is not None]
+            full = iter(leaves)
+            args = [next(full) if t is not None else None for t in (x, a, l, s)]
+            out = ff.channel_mix(args[0], args[1], loc=args[2], scale=args[3], reverse=reverse)
+            got = torch.autograd.grad(out, leaves, g.float())
+            ref = [t.detach().double().requires_grad_() for t in (x, a, l, s) if t is not None]
+            full = iter(ref)
+            rargs = [next(full) if t is not None else None for t in (x, a, l, s)]
+            out_r = reference.actnorm_mix(rargs[0], rargs[1], rargs[2], rargs[3], reverse=reverse)
+            want = torch.autograd.grad(out_r, ref, g, allow_unused=True)
+            for gg, ww, leaf in zip(got, want, leaves):
+                ww = torch.zeros_like(leaf, dtype=torch.float64) if ww is None else ww
+                assert gg.shape == leaf.shape and gg.dtype == leaf.dtype
+                assert_close(gg, ww, torch.float32, msg=f"{variant} reverse={reverse}")
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_gradcheck_float64(backend, variant, reverse):

@@ -331,6 +331,24 @@ def test_layer_reverse_runs_a_subclass_inverse():
     assert Traced.calls == 2
 
 
+def test_layer_reverse_runs_an_instance_inverse():
+    """An ``inverse`` set on the instance (a wrapper, as ``ff.patch`` sets on other
+    libraries' modules) runs in ``reverse`` as a subclass's does."""
+    layer = ff.AffineCoupling(4, filter_size=8)
+    calls = []
+    own = layer.inverse
+
+    def traced(y):
+        calls.append(y)
+        x, ld = own(y)
+        return 2 * x, ld
+
+    layer.inverse = traced
+    y = torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(layer.reverse(y), 2 * own(y)[0], rtol=0, atol=0)
+    assert len(calls) == 1
+
+
 def test_bad_dtypes_devices_and_names_raise():
     x, h = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
     with pytest.raises(TypeError, match="x: expected a floating-point tensor"):

@@ -462,6 +462,31 @@ def test_flowstep_honours_hooks_and_subclasses(backend, conv_lu):
         assert_close(step.reverse(y2), x.double(), torch.float32, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("conv_lu", [True, False])
+def test_flowstep_fires_backward_hooks_of_its_actnorm_and_invconv(backend, conv_lu):
+    """Full backward hooks (and backward pre-hooks) on ``step.actnorm`` / ``step.invconv``
+    fire as when the modules are called one by one: the fused path, which calls neither,
+    is not taken while one is registered; the results are the fused path's."""
+    torch.manual_seed(0)
+    step = ff.FlowStep(4, filter_size=8, conv_lu=conv_lu).to(DEVICE)
+    x = torch.randn(2, 4, 3, 3, device=DEVICE, requires_grad=True)
+    y0, ld0 = step(x)  # initialises ActNorm (fused path)
+    g0 = torch.autograd.grad(y0.sum() + ld0.sum(), x)[0]
+    seen = []
+    handles = [step.actnorm.register_full_backward_hook(
+                   lambda m, gi, go: seen.append("actnorm")),
+               step.invconv.register_full_backward_pre_hook(
+                   lambda m, go: seen.append("invconv"))]
+    y1, ld1 = step(x)
+    g1 = torch.autograd.grad(y1.sum() + ld1.sum(), x)[0]
+    for hd in handles:
+        hd.remove()
+    assert sorted(seen) == ["actnorm", "invconv"]
+    assert_close(y1, y0.double(), torch.float32)
+    assert_close(ld1, ld0.double(), torch.float32)
+    assert_close(g1, g0.double(), torch.float32)
+
+
 # --------------------------------------------------------------------------------------
 # Oracles independent of reference.py
 # --------------------------------------------------------------------------------------

@@ -101,6 +101,25 @@ def test_gradcheck_float64(backend, clamp, order):
         assert torch.autograd.gradcheck(f, (x, h))
 
 
+@pytest.mark.parametrize("x_dtype,h_dtype", [(torch.float64, torch.float32),
+                                             (torch.float32, torch.float64),
+                                             (torch.bfloat16, torch.float64)], ids=str)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_mixed_dtypes_compute_in_the_dtype_of_x(backend, x_dtype, h_dtype, reverse):
+    """h in another dtype than x: the head computes in x's compute dtype (float64 for
+    float64 x, float32 otherwise), as the contract says: the log-det's dtype follows x,
+    and a float64 x is not rounded through a float32 h's precision."""
+    x, h = make((2, 5, 3), x_dtype)
+    h = (torch.randn(h.shape, device=DEVICE) * 0.7).to(h_dtype)
+    out, ld = ff.tarflow_head(x, h, clamp=2.0, order="reversed", reverse=reverse)
+    out_r, ld_r = reference.tarflow_head(x.double(), h.double(), clamp=2.0, order="reversed",
+                                         reverse=reverse)
+    cd = torch.float64 if x_dtype == torch.float64 else torch.float32
+    assert out.dtype == x_dtype and ld.dtype == cd and ld.shape == (2,)
+    assert_close(out, out_r, x_dtype)
+    assert_close(ld, ld_r, cd)
+
+
 def test_noncontiguous_inputs_and_expanded_gradients(backend):
     x, h = make((2, 6, 5))
     y0, ld0 = ff.tarflow_head(x, h, clamp=2.0, order="reversed")

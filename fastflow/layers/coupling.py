@@ -68,10 +68,11 @@ class AffineCoupling(nn.Module):
         return self._couple(y, True)
 
     def reverse(self, y):
-        """x alone: the op computes no log-det (sampling drops it), unless a subclass
-        overrides ``inverse`` (or ``_couple``), which is then what runs."""
-        cls = type(self)
-        if cls.inverse is not AffineCoupling.inverse or cls._couple is not AffineCoupling._couple:
+        """x alone: the op computes no log-det (sampling drops it), unless a subclass or
+        the instance itself overrides ``inverse`` (or ``_couple``), which is then what runs."""
+        cls, own = type(self), self.__dict__
+        if (cls.inverse is not AffineCoupling.inverse or cls._couple is not AffineCoupling._couple
+                or "inverse" in own or "_couple" in own):
             return self.inverse(y)[0]
         check_nchw("y", y, self.in_channel)
         return self._couple(y, True, logdet=False)[0]

@@ -13,9 +13,12 @@ from .coupling import AffineCoupling
 
 
 def _hooked(m: nn.Module) -> bool:
-    """Any forward hook (the module's own or a global one) that a fused pass would skip."""
-    return bool(m._forward_hooks or m._forward_pre_hooks or _module._global_forward_hooks
-                or _module._global_forward_pre_hooks)
+    """Any module hook (forward or backward, the module's own or a global one) that calling
+    ``m`` would run and a fused pass, which does not call it, would skip."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or m._backward_pre_hooks or _module._global_forward_hooks
+                or _module._global_forward_pre_hooks or _module._global_backward_hooks
+                or _module._global_backward_pre_hooks)
 
 
 class FlowStep(nn.Module):
@@ -29,7 +32,7 @@ class FlowStep(nn.Module):
 
     The fused pass reads ``actnorm``'s and ``invconv``'s tensors directly. It is taken only
     when they are exactly the stock ``ActNorm`` and ``InvConv2dLU``/``InvConv2d`` classes and
-    no forward hook is registered on them (or globally); otherwise the step calls
+    no forward or backward hook is registered on them (or globally); otherwise the step calls
     ``self.actnorm``, ``self.invconv`` (their ``forward``, or ``inverse`` in reverse) and
     ``self.coupling`` one after the other, so hooks fire and a subclass assigned there is
     used. ``reverse`` (sampling) calls their ``reverse``, which computes no log-det."""

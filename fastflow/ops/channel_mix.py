@@ -159,7 +159,10 @@ def _backward(ctx, grad):
     need_params = need[1] or any(need[3:5])
     d_x, d_w, d_l, d_s = channel_mix_backward(grad, x, matrix, loc, scale, ctx.reverse,
                                               need_params, ctx.weight_dtype)
-    keep = lambda g, i: g if (need[i] and g.numel() > 0) else None  # noqa: E731
+    # needed inputs always get theirs: d_x of an empty x is empty, not absent, and a needed
+    # parameter's gradient was computed (need_params); the empty placeholders of absent
+    # ones are never needed
+    keep = lambda g, i: g if need[i] else None  # noqa: E731
     return keep(d_x, 0), keep(d_w, 1), None, keep(d_l, 3), keep(d_s, 4), None
 
 
