@@ -16,6 +16,7 @@ import math
 import torch
 from torch import nn
 
+from .backend import compute_dtype
 from .layers import FlowStep, ZeroConv2d
 from .reference import gaussian_log_p
 from .reversible import ReversibleSequence
@@ -79,8 +80,11 @@ class Block(nn.Module):
             mean, log_sd = self._prior(output)
             z = mean + torch.exp(log_sd) * eps
             x = torch.cat([output, z], 1) if self.split else z
-        for flow in self.flows[::-1]:
-            x = flow.reverse(x)
+        flows = self.flows[::-1]
+        # every step's W^-1 from one batched assembly, in the compute dtype its mix reads
+        mats = FlowStep.inverse_matrices(flows, compute_dtype(x.dtype))
+        for i, flow in enumerate(flows):
+            x = flow.reverse(x) if mats is None else flow.reverse(x, w_inv=mats[i])
         return unsqueeze2x2(x)
 
 

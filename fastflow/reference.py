@@ -231,12 +231,18 @@ def lu_inverse_from_rows(rows, lower, upper, log_s, sign_s):
     """W^-1 = U^-1 L^-1 P^T for the permutation whose row gather is ``rows``
     (``W[i] = ((L + I)(U + D))[rows[i]]``), in the dtype of ``lower`` (pass float64): two
     triangular solves against P^T. The solvers read only the triangles they need (the unit
-    diagonal of L is implied), so neither L + I nor the strictly triangular parts are formed."""
-    c = log_s.shape[0]
+    diagonal of L is implied), so neither L + I nor the strictly triangular parts are formed.
+    Batched alike: ``rows``, ``log_s``, ``sign_s`` (..., C) and ``lower``, ``upper``
+    (..., C, C) give (..., C, C), one solve per matrix (Glow's blocks assemble all their
+    steps' inverses at once)."""
     d = lower.dtype
-    p_t = torch.eye(c, dtype=d, device=lower.device).index_select(1, rows)
+    index = rows if rows.dtype == torch.int64 else rows.long()
+    # P^T: column j is e_rows[j]
+    p_t = torch.zeros(lower.shape, dtype=d, device=lower.device).scatter_(
+        -2, index.unsqueeze(-2), 1.0)
     # sign_s (+-1, any float dtype) meets exp(log_s) in a product that promotes exactly
-    u_full = torch.diagonal_scatter(upper, _as(sign_s * torch.exp(_as(log_s, d)), d))
+    u_full = torch.diagonal_scatter(upper, _as(sign_s * torch.exp(_as(log_s, d)), d),
+                                    dim1=-2, dim2=-1)
     x = torch.linalg.solve_triangular(lower, p_t, upper=False, unitriangular=True)
     return torch.linalg.solve_triangular(u_full, x, upper=True)
 

@@ -31,6 +31,56 @@ def test_reconstruct_round_trip(backend, affine, conv_lu):
     torch.testing.assert_close(x_back, x, rtol=1e-9, atol=1e-9)
 
 
+def _reverse_step_by_step(model, z_list):
+    """Glow.reverse with every step assembling its own W^-1 (the path before blocks
+    batched them)."""
+    from fastflow.glow import unsqueeze2x2
+
+    x = None
+    for i, block in enumerate(model.blocks[::-1]):
+        z = z_list[-(i + 1)]
+        src = z if i == 0 else x
+        if block.split:
+            mean, log_sd = block._prior(src)
+            x = torch.cat([src, mean + torch.exp(log_sd) * z], 1)
+        else:
+            mean, log_sd = block._prior(src)
+            x = mean + torch.exp(log_sd) * z
+        for flow in block.flows[::-1]:
+            x = flow.reverse(x)
+        x = unsqueeze2x2(x)
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_reverse_with_batched_inverses_matches_step_by_step(backend, dtype):
+    """Block.reverse assembles all its steps' W^-1 in one batch (in the compute dtype its
+    mixes read): the samples are those of each step assembling its own."""
+    model, x = tiny_glow(dtype)
+    with torch.no_grad():
+        z = [0.7 * torch.randn(6, *s, dtype=dtype) for s in model.z_shapes(4, 4)]
+        got = model.reverse(z)
+        want = _reverse_step_by_step(model, z)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_inverse_matrices_batch_only_stock_fused_lu_steps():
+    steps = [ff.FlowStep(4, filter_size=8) for _ in range(3)]
+    mats = ff.FlowStep.inverse_matrices(steps, torch.float32)
+    assert len(mats) == 3 and all(m.dtype == torch.float32 and m.shape == (4, 4) for m in mats)
+    for m, s in zip(mats, steps):
+        torch.testing.assert_close(m, s.invconv.matrix(inverse=True).float(), rtol=0, atol=0)
+    assert ff.FlowStep.inverse_matrices([], torch.float32) is None
+    assert ff.FlowStep.inverse_matrices([ff.FlowStep(4, 8, conv_lu=False)], torch.float32) is None
+    assert ff.FlowStep.inverse_matrices(steps[:1] + [ff.FlowStep(6, 8)], torch.float32) is None
+    class MyActNorm(ff.ActNorm):  # a step that reverses through its modules one by one
+        pass
+
+    odd = ff.FlowStep(4, filter_size=8)
+    odd.actnorm = MyActNorm(4)
+    assert ff.FlowStep.inverse_matrices(steps + [odd], torch.float32) is None
+
+
 def test_logdet_equals_log_abs_det_of_the_jacobian(backend):
     """The model's logdet against slogdet of its full Jacobian x -> (z_1, z_2)."""
     model, x = tiny_glow()

@@ -202,6 +202,18 @@ class InvConv2dLU(_InvConvBase):
                                     w_dtype=cd if for_mix else None)
         return super().matrix_and_logdet(x, scale, inverse, for_mix=for_mix)
 
+    @staticmethod
+    def stacked_inverses(convs, dtype: torch.dtype) -> list:
+        """W^-1 of every layer in ``convs`` (``InvConv2dLU``s of one channel count), each
+        exactly as ``matrix(inverse=True)`` assembles it (float64 triangular solves), from
+        one batched assembly, then cast once to ``dtype``: a list of (C, C) views."""
+        d = torch.float64
+        stack = lambda name: torch.stack([getattr(m, name) for m in convs])  # noqa: E731
+        inv = reference.lu_inverse_from_rows(stack("w_rows"), stack("w_l").to(d),
+                                             stack("w_u").to(d), stack("w_s").to(d),
+                                             stack("s_sign"))
+        return list((inv if dtype == d else inv.to(dtype)).unbind(0))
+
     def calc_weight(self):
         """W as a (C, C, 1, 1) convolution weight in the parameters' dtype (rosinality's API)."""
         w, _ = self.weight_and_logdet(False)

@@ -3,6 +3,7 @@ affine coupling."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
@@ -67,7 +68,23 @@ class FlowStep(nn.Module):
         out, ld_coupling = self.coupling(out)
         return out, logdet + ld_coupling
 
-    def _inverse(self, y, logdet: bool):
+    @staticmethod
+    def inverse_matrices(steps, dtype: torch.dtype):
+        """W^-1 of each step in ``steps``, in ``dtype``, from one batched assembly (float64
+        triangular solves, as each step's own, then one cast): a list to pass to ``reverse``
+        as ``w_inv``, or None when the steps do not all take the fused path with an
+        ``InvConv2dLU`` of one channel count (each then assembles its own). Sampling a
+        Glow block costs one assembly instead of one per step (on a GPU, a dozen launches
+        per block rather than per step)."""
+        steps = list(steps)
+        if not steps or not all(type(s) is FlowStep and type(s.invconv) is InvConv2dLU
+                                and s._fusable(hooks=False) for s in steps):
+            return None
+        if len({s.in_channel for s in steps}) != 1:
+            return None
+        return InvConv2dLU.stacked_inverses([s.invconv for s in steps], dtype)
+
+    def _inverse(self, y, logdet: bool, w_inv=None):
         check_nchw("y", y, self.in_channel)
         if logdet:
             x, ld_coupling = self.coupling.inverse(y)
@@ -82,13 +99,17 @@ class FlowStep(nn.Module):
         an = self.actnorm
         if logdet:
             w_inv, ld = self.invconv.matrix_and_logdet(x, an.scale, inverse=True)
-        else:  # sampling: the matrix only
+        elif w_inv is None:  # sampling: the matrix only
             w_inv, ld = self.invconv.matrix(inverse=True), None
+        else:  # sampling with the matrix assembled for the whole block
+            ld = None
         x = channel_mix(x, w_inv, loc=an.loc, scale=an.scale, reverse=True)
         return x, (ld + ld_coupling if logdet else None)
 
     def inverse(self, y):
         return self._inverse(y, True)
 
-    def reverse(self, y):
-        return self._inverse(y, False)[0]
+    def reverse(self, y, *, w_inv=None):
+        """x alone (no log-det is computed). ``w_inv``: this step's W^-1 from
+        ``FlowStep.inverse_matrices`` (used on the fused path only)."""
+        return self._inverse(y, False, w_inv)[0]
