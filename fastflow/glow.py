@@ -59,8 +59,10 @@ class Block(nn.Module):
             out, logdet = self.flows(out)
         else:
             logdet = 0
-            for flow in self.flows:
-                out, det = flow(out)
+            # every step's W and log-det from one stacked assembly (None: each its own)
+            mats = FlowStep.forward_matrices(self.flows, out)
+            for i, flow in enumerate(self.flows):
+                out, det = flow(out) if mats is None else flow(out, w_ld=mats[i])
                 logdet = logdet + det
         if self.split:
             out, z_new = out.chunk(2, 1)

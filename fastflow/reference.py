@@ -161,8 +161,11 @@ def actnorm_logdet(scale, n: int, hw: int, dtype, *, extra=None, reverse=False):
 
 def per_sample(value, n: int, mult) -> torch.Tensor:
     """``mult * value`` (0-d) as an ordinary (n,) tensor: one in-place add on fresh zeros,
-    one cheap autograd node (``repeat`` costs twice as much on CPU, forward and backward)."""
-    return value.new_zeros(n).add_(value, alpha=mult)
+    one cheap autograd node (``repeat`` costs twice as much on CPU, forward and backward).
+    A (K,) value (one per layer of a stack) gives (K, n)."""
+    if value.dim() == 0:
+        return value.new_zeros(n).add_(value, alpha=mult)
+    return value.new_zeros((*value.shape, n)).add_(value.unsqueeze(-1), alpha=mult)
 
 
 def actnorm(x, loc, scale, *, reverse=False, upcast=True):
@@ -207,12 +210,13 @@ def channel_mix(x, weight, bias=None, *, upcast=True):
 
 
 def lu_factors(lower, upper, log_s, sign_s, eye=None):
-    """(L + I, U + diag(sign_s * exp(log_s))) from the strictly triangular parts."""
-    c = log_s.shape[0]
+    """(L + I, U + diag(sign_s * exp(log_s))) from the strictly triangular parts (stacks of
+    them alike: (..., C, C) and (..., C))."""
+    c = log_s.shape[-1]
     if eye is None:
         eye = torch.eye(c, dtype=lower.dtype, device=lower.device)
     l_full = torch.tril(lower, -1) + eye
-    u_full = torch.triu(upper, 1) + torch.diag(sign_s * torch.exp(log_s))
+    u_full = torch.triu(upper, 1) + torch.diag_embed(sign_s * torch.exp(log_s))
     return l_full, u_full
 
 
@@ -248,21 +252,29 @@ def lu_inverse_from_rows(rows, lower, upper, log_s, sign_s):
 
 
 def lu_weight_logdet(rows, lower, upper, log_s, sign_s, scale=None, *, n=1, ld_mult=1,
-                     ld_dtype=torch.float64):
+                     ld_dtype=torch.float64, w_dtype=None):
     """The fused LU op's spec: (W, logdet) with W = ``lu_weight`` in float64 for the
-    permutation whose row gather is ``rows`` (W[i] = ((L + I)(U + D))[rows[i]]) and
-    logdet (n,) = ld_mult * (sum(log_s) + sum(log|scale|)) (no scale term for None),
-    in ``ld_dtype`` (computed in float32 for a 16-bit one, float64 for float64)."""
+    permutation whose row gather is ``rows`` (W[i] = ((L + I)(U + D))[rows[i]]), rounded
+    once to ``w_dtype`` when given, and logdet (n,) = ld_mult * (sum(log_s) +
+    sum(log|scale|)) (no scale term for None), in ``ld_dtype`` (computed in float32 for a
+    16-bit one, float64 for float64). A stack of K layers (rows, log_s, sign_s (K, C);
+    lower, upper (K, C, C); scale K*C values) gives W (K, C, C) and logdet (K, n)."""
     d = torch.float64
-    eye = torch.eye(log_s.shape[0], dtype=d, device=log_s.device)
+    stacked = log_s.dim() == 2
+    eye = torch.eye(log_s.shape[-1], dtype=d, device=log_s.device)
     # float32 lower / upper / sign_s meet the float64 identity and exp(log_s) in adds and
     # products that promote exactly: no separate conversions
     l_full, u_full = lu_factors(lower, upper, _as(log_s, d), sign_s, eye)
-    w = (l_full @ u_full).index_select(0, rows if rows.dtype == torch.int64 else rows.long())
+    index = rows if rows.dtype == torch.int64 else rows.long()
+    m = l_full @ u_full
+    w = m.gather(-2, index.unsqueeze(-1).expand(m.shape)) if stacked else m.index_select(0, index)
+    if w_dtype is not None:
+        w = _as(w, w_dtype)
     cd = compute_dtype(ld_dtype)  # a 16-bit ld_dtype: summed in float32, rounded once
-    ld = _as(log_s, cd).sum()
+    ld = _as(log_s, cd).sum(-1)
     if scale is not None:
-        ld = ld + torch.log(torch.abs(_as(scale, cd))).sum()
+        log_sc = torch.log(torch.abs(_as(scale, cd)))
+        ld = ld + (log_sc.reshape(log_s.shape).sum(-1) if stacked else log_sc.sum())
     return w, _as(per_sample(ld, n, ld_mult), ld_dtype)
 
 

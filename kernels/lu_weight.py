@@ -48,13 +48,25 @@ def _lu_weight_kernel(
     ld_ptr,     # (N,) output log-det per sample, contiguous
     C, N, LD_MULT, N_T,
     s_l0, s_l1, s_u0, s_u1, s_ls, s_sg, s_rw, s_sc,
+    s_lb, s_ub, s_lsb, s_sgb, s_rwb, s_scb,  # strides between layers (program axis 1)
     HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """W[i, j] = sum_k Lf[rows[i], k] Uf[k, j] in float64 by a broadcast multiply-and-sum
     (no fp64 tl.dot), k only up to the tile's last column (Uf is upper triangular).
-    Program 0 also writes ld[n] = LD_MULT * (sum(log_s) + sum(log|scale|)) for every n."""
+    Program 0 also writes ld[n] = LD_MULT * (sum(log_s) + sum(log|scale|)) for every n.
+    Program axis 1 is the layer of a stack: each reads its own factors and writes its own
+    (C, C) W and (N,) log-det (the outputs are contiguous (K, C, C) and (K, N))."""
     pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    lower_ptr += b * s_lb
+    upper_ptr += b * s_ub
+    logs_ptr += b * s_lsb
+    sign_ptr += b * s_sgb
+    rows_ptr += b * s_rwb
+    scale_ptr += b * s_scb
+    w_ptr += b * C * C
+    ld_ptr += b * N
     jt = pid % N_T
     i, i_in, i64, j, j_in, j64, r = _matrix_tile(pid, N_T, C, rows_ptr, s_rw, BLOCK)
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float64)
@@ -111,6 +123,7 @@ def _lu_weight_bwd_kernel(
     dsc_ptr,    # (C,) output d scale, contiguous (HAS_SCALE)
     C, N, LD_MULT, N_T,
     s_dw0, s_dw1, s_dld, s_l0, s_l1, s_u0, s_u1, s_ls, s_sg, s_rw, s_sc,
+    s_dwb, s_dldb, s_lb, s_ub, s_lsb, s_sgb, s_rwb, s_scb,  # between layers (axis 1)
     HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -120,8 +133,22 @@ def _lu_weight_bwd_kernel(
                   a permuted row store, so no two programs write the same element;
     pid >= N_T^2: D = Lf^T dM = sum_i Lf[rows[i], :]^T dW[i, :];  d upper = triu(D, 1);
                   the diagonal tiles also write d log_s = diag(D) sign exp(log_s) + t and
-                  d scale = t / scale, t = LD_MULT * sum_n dld[n] (summed in a fixed order)."""
+                  d scale = t / scale, t = LD_MULT * sum_n dld[n] (summed in a fixed order).
+    Program axis 1 is the layer of a stack, as in the forward (outputs contiguous)."""
     pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    dw_ptr += b * s_dwb
+    dld_ptr += b * s_dldb
+    lower_ptr += b * s_lb
+    upper_ptr += b * s_ub
+    logs_ptr += b * s_lsb
+    sign_ptr += b * s_sgb
+    rows_ptr += b * s_rwb
+    scale_ptr += b * s_scb
+    dlow_ptr += b * C * C
+    dup_ptr += b * C * C
+    dlogs_ptr += b * C
+    dsc_ptr += b * C
     half = N_T * N_T
     if pid < half:
         kt = pid % N_T
@@ -188,21 +215,17 @@ def _lu_weight_bwd_kernel(
                 tl.store(dsc_ptr + k64, rounded_for(t_sum / sc, dsc_ptr), mask=k_in)
 
 
-def _vstride(v: torch.Tensor) -> int:
-    """The stride between a per-channel vector's values: 1-D any stride, else contiguous."""
-    return v.stride(0) if v.dim() == 1 else 1
-
-
-def launch_config(c: int, n: int, backward: bool = False) -> Launch:
+def launch_config(c: int, n: int, backward: bool = False, layers: int = 1) -> Launch:
     """The launch of ``_lu_weight_kernel`` (or of ``_lu_weight_bwd_kernel``) for a (C, C)
     weight and N samples: one program per (BLOCK, BLOCK) tile of W (twice as many in the
-    backward: d lower, then d upper). ``extra``: N_T (tiles per side)."""
+    backward: d lower, then d upper), times ``layers`` on axis 1 (a stack of K layers, as a
+    Glow block's steps: one launch for all). ``extra``: N_T (tiles per side)."""
     # 16 x 16 tiles: the (BLOCK, BLOCK_R, BLOCK) float64 product cube is 2048 doubles,
     # 16 per thread at 4 warps (C <= 96 in Glow: at most 36 tiles; W is tiny next to the
     # activations, so filling the device does not matter here)
     block = min(max(triton.next_power_of_2(c), 2), 16)
     n_t = triton.cdiv(c, block)
-    return Launch(grid=((2 if backward else 1) * n_t * n_t,),
+    return Launch(grid=((2 if backward else 1) * n_t * n_t, layers),
                   # BLOCK_R 8: the reduction step of the cube; BLOCK_N: log-det values per store
                   blocks={"BLOCK": block, "BLOCK_R": 8,
                           "BLOCK_N": min(max(triton.next_power_of_2(max(n, 1)), 2), 128)},
@@ -216,15 +239,31 @@ def launch_configs(c: int, n: int) -> dict[str, Launch]:
             "_lu_weight_bwd_kernel": launch_config(c, n, backward=True)}
 
 
-def _check_square(name: str, t: torch.Tensor, c: int, contiguous: bool = False):
-    assert t.shape == (c, c) and (not contiguous or t.is_contiguous()), (
-        f"{name}: expected {'a contiguous ' if contiguous else ''}({c}, {c}), got "
-        f"{tuple(t.shape)} strides {t.stride()}")
+def _layers(log_s: torch.Tensor) -> tuple[int, int]:
+    """(K, C): a (C,) log_s is one layer, a (K, C) one a stack of K."""
+    return (1, log_s.shape[0]) if log_s.dim() == 1 else tuple(log_s.shape)
 
 
-def _check_vector(name: str, t: torch.Tensor, c: int, contiguous: bool = False):
-    assert t.numel() == c and (t.dim() == 1 or t.is_contiguous()) and (
-        not contiguous or t.is_contiguous()), f"{name}: expected a vector of {c}, got {tuple(t.shape)}"
+def _matrix_strides(name: str, t: torch.Tensor, k: int, c: int) -> tuple[int, int, int]:
+    """(between layers, row, column) strides of a (C, C) or (K, C, C) matrix."""
+    shape = (c, c) if t.dim() == 2 else (k, c, c)
+    assert tuple(t.shape) == shape, f"{name}: expected {shape}, got {tuple(t.shape)}"
+    return (0 if t.dim() == 2 else t.stride(0)), t.stride(-2), t.stride(-1)
+
+
+def _vector(name: str, v: torch.Tensor, k: int, c: int) -> tuple[torch.Tensor, int, int]:
+    """(tensor, stride between layers, stride between values) of a per-channel vector:
+    (C,) any stride, (K, C) any strides, or any contiguous shape holding K*C values (a stack
+    of (1, C, 1, 1) ActNorm scales, say)."""
+    if v.dim() == 1 and k == 1:
+        assert v.numel() == c, f"{name}: expected {c} values, got {tuple(v.shape)}"
+        return v, 0, v.stride(0)
+    if v.dim() != 2:  # read flat through the pointer: no view op
+        assert v.is_contiguous() and v.numel() == k * c, (
+            f"{name}: expected {k * c} contiguous values, got {tuple(v.shape)}")
+        return v, (c if k > 1 else 0), 1
+    assert tuple(v.shape) == (k, c), f"{name}: expected ({k}, {c}), got {tuple(v.shape)}"
+    return v, v.stride(0), v.stride(1)
 
 
 def lu_weight_forward(lower, upper, log_s, sign_s, rows, scale, w, ld, *, ld_mult: int) -> None:
@@ -233,46 +272,62 @@ def lu_weight_forward(lower, upper, log_s, sign_s, rows, scale, w, ld, *, ld_mul
     P is applied as ``W[i] = M[rows[i]]``. Vectors (C,) with any stride (or contiguous of
     any shape, e.g. (1, C, 1, 1)), matrices any strides; one launch. W is computed in
     float64 whatever ``w``'s dtype (float64, or float32: rounded once on store).
+    A stack of K layers (log_s (K, C), lower / upper (K, C, C), sign_s / rows / scale
+    K*C values) fills ``w`` (K, C, C) and ``ld`` (K, N), still one launch.
     Validation is the caller's job."""
-    c = log_s.shape[0]
-    _check_square("w", w, c, contiguous=True)
+    k, c = _layers(log_s)
+    want_w = (c, c) if log_s.dim() == 1 else (k, c, c)
+    assert tuple(w.shape) == want_w and w.is_contiguous(), (
+        f"w: expected a contiguous {want_w}, got {tuple(w.shape)}")
     assert w.dtype in (torch.float64, torch.float32), f"w: expected float64 or float32, got {w.dtype}"
-    _check_square("lower", lower, c)
-    _check_square("upper", upper, c)
-    for name, v in (("sign_s", sign_s), ("rows", rows), ("scale", scale)):
-        assert v is None or _check_vector(name, v, c) is None
-    assert ld.dim() == 1 and ld.is_contiguous(), f"ld: expected a contiguous (N,), got {tuple(ld.shape)}"
-    n = ld.shape[0]
-    cfg = launch_config(c, n)
+    s_lb, s_l0, s_l1 = _matrix_strides("lower", lower, k, c)
+    s_ub, s_u0, s_u1 = _matrix_strides("upper", upper, k, c)
+    log_s, s_lsb, s_ls = _vector("log_s", log_s, k, c)
+    sign_s, s_sgb, s_sg = _vector("sign_s", sign_s, k, c)
+    rows, s_rwb, s_rw = _vector("rows", rows, k, c)
     has_scale = scale is not None
-    sc = scale if has_scale else log_s
+    sc, s_scb, s_sc = _vector("scale", scale, k, c) if has_scale else (log_s, s_lsb, s_ls)
+    want_ld = 1 if log_s.dim() == 1 else 2
+    assert ld.dim() == want_ld and ld.is_contiguous() and (want_ld == 1 or ld.shape[0] == k), (
+        f"ld: expected a contiguous {'(N,)' if want_ld == 1 else f'({k}, N)'}, got {tuple(ld.shape)}")
+    n = ld.shape[-1]
+    cfg = launch_config(c, n, layers=k)
     _lu_weight_kernel[cfg.grid](
         lower, upper, log_s, sign_s, rows, sc, w, ld,
         c, n, ld_mult, cfg.extra["N_T"],
-        lower.stride(0), lower.stride(1), upper.stride(0), upper.stride(1),
-        _vstride(log_s), _vstride(sign_s), _vstride(rows), _vstride(sc),
+        s_l0, s_l1, s_u0, s_u1, s_ls, s_sg, s_rw, s_sc,
+        s_lb, s_ub, s_lsb, s_sgb, s_rwb, s_scb,
         HAS_SCALE=has_scale, **cfg.meta)
 
 
 def lu_weight_backward(d_w, d_ld, lower, upper, log_s, sign_s, rows, scale,
                        d_lower, d_upper, d_log_s, d_scale, *, ld_mult: int) -> None:
     """Gradients of ``lu_weight`` written into ``d_lower``, ``d_upper`` (C, C) and
-    ``d_log_s``, ``d_scale`` (C,), all contiguous, in one launch."""
-    c = log_s.shape[0]
-    _check_square("d_w", d_w, c)
+    ``d_log_s``, ``d_scale`` (C,), all contiguous, in one launch (a stack of K layers as
+    in ``lu_weight_forward``: (K, C, C), K*C values, ``d_w`` (K, C, C), ``d_ld`` (K, N))."""
+    k, c = _layers(log_s)
+    s_dwb, s_dw0, s_dw1 = _matrix_strides("d_w", d_w, k, c)
     for name, t in (("d_lower", d_lower), ("d_upper", d_upper)):
-        _check_square(name, t, c, contiguous=True)
+        _matrix_strides(name, t, k, c)
+        assert t.is_contiguous(), f"{name}: expected contiguous, got strides {t.stride()}"
     for name, t in (("d_log_s", d_log_s), ("d_scale", d_scale)):
-        assert t is None or _check_vector(name, t, c, contiguous=True) is None
-    assert d_ld.dim() == 1, f"d_ld: expected (N,), got {tuple(d_ld.shape)}"
-    n = d_ld.shape[0]
-    cfg = launch_config(c, n, backward=True)
+        assert t is None or (t.is_contiguous() and t.numel() == k * c), (
+            f"{name}: expected {k * c} contiguous values, got {tuple(t.shape)}")
+    assert d_ld.dim() == log_s.dim(), f"d_ld: expected one row per layer, got {tuple(d_ld.shape)}"
+    n = d_ld.shape[-1]
+    s_dld = d_ld.stride(-1) if n > 0 else 0
+    s_dldb = d_ld.stride(0) if d_ld.dim() == 2 else 0
+    s_lb, s_l0, s_l1 = _matrix_strides("lower", lower, k, c)
+    s_ub, s_u0, s_u1 = _matrix_strides("upper", upper, k, c)
+    log_s, s_lsb, s_ls = _vector("log_s", log_s, k, c)
+    sign_s, s_sgb, s_sg = _vector("sign_s", sign_s, k, c)
+    rows, s_rwb, s_rw = _vector("rows", rows, k, c)
     has_scale = scale is not None
-    sc = scale if has_scale else log_s
+    sc, s_scb, s_sc = _vector("scale", scale, k, c) if has_scale else (log_s, s_lsb, s_ls)
+    cfg = launch_config(c, n, backward=True, layers=k)
     _lu_weight_bwd_kernel[cfg.grid](
         d_w, d_ld, lower, upper, log_s, sign_s, rows, sc, d_lower, d_upper, d_log_s,
         d_scale if has_scale else d_log_s, c, n, ld_mult, cfg.extra["N_T"],
-        d_w.stride(0), d_w.stride(1), d_ld.stride(0) if n > 0 else 0,
-        lower.stride(0), lower.stride(1), upper.stride(0), upper.stride(1),
-        _vstride(log_s), _vstride(sign_s), _vstride(rows), _vstride(sc),
+        s_dw0, s_dw1, s_dld, s_l0, s_l1, s_u0, s_u1, s_ls, s_sg, s_rw, s_sc,
+        s_dwb, s_dldb, s_lb, s_ub, s_lsb, s_sgb, s_rwb, s_scb,
         HAS_SCALE=has_scale, **cfg.meta)

@@ -196,7 +196,17 @@ def exercise_channel_mix(quick: bool, glow: bool, rec: Recorder):
 
 
 def exercise_lu_weight(quick: bool, glow: bool, rec: Recorder):
-    pass  # launched by every InvConv2dLU in exercise_channel_mix (FlowStep, conv_lu=True)
+    """One layer's launch comes with every InvConv2dLU in exercise_channel_mix (FlowStep,
+    conv_lu=True); a Glow block's stacked launch (all its steps' W at once) comes here."""
+    for dtype in DTYPES[:2] if quick else DTYPES:
+        k = ff.layers.flowstep.MIN_STACK
+        with rec.label(f"lu_weight stack of {k} {dtype}"):
+            steps = [ff.FlowStep(12, filter_size=8) for _ in range(k)]
+            x = torch.randn(2, 12, 4, 4, dtype=dtype)
+            for st in steps:
+                st.actnorm.initialize(x)
+            mats = ff.FlowStep.forward_matrices(steps, x)
+            (sum(w.sum() for w, _ in mats) + sum(ld.sum() for _, ld in mats)).backward()
 
 
 def exercise_gaussian(quick: bool, glow: bool, rec: Recorder):

@@ -8,9 +8,10 @@ import torch
 import fastflow as ff
 
 
-def tiny_glow(dtype=torch.float64, affine=True, conv_lu=True):
+def tiny_glow(dtype=torch.float64, affine=True, conv_lu=True, n_flow=2):
     torch.manual_seed(0)
-    model = ff.Glow(1, n_flow=2, n_block=2, affine=affine, conv_lu=conv_lu, filter_size=8).to(dtype)
+    model = ff.Glow(1, n_flow=n_flow, n_block=2, affine=affine, conv_lu=conv_lu,
+                    filter_size=8).to(dtype)
     with torch.no_grad():  # move the zero-initialised layers off zero so every path matters
         for name, p in model.named_parameters():
             if "net.4" in name or "prior" in name:
@@ -56,7 +57,7 @@ def _reverse_step_by_step(model, z_list):
 def test_reverse_with_batched_inverses_matches_step_by_step(backend, dtype):
     """Block.reverse assembles all its steps' W^-1 in one batch (in the compute dtype its
     mixes read): the samples are those of each step assembling its own."""
-    model, x = tiny_glow(dtype)
+    model, x = tiny_glow(dtype, n_flow=3)
     with torch.no_grad():
         z = [0.7 * torch.randn(6, *s, dtype=dtype) for s in model.z_shapes(4, 4)]
         got = model.reverse(z)
@@ -79,6 +80,78 @@ def test_inverse_matrices_batch_only_stock_fused_lu_steps():
     odd = ff.FlowStep(4, filter_size=8)
     odd.actnorm = MyActNorm(4)
     assert ff.FlowStep.inverse_matrices(steps + [odd], torch.float32) is None
+
+
+def _forward_step_by_step(model, x):
+    """Glow.forward with every step assembling its own W and log-det."""
+    from fastflow.glow import squeeze2x2
+    from fastflow.reference import gaussian_log_p
+
+    log_p_sum, logdet, z_outs, out = 0, 0, [], x
+    for block in model.blocks:
+        out, block_logdet = squeeze2x2(out), 0
+        for flow in block.flows:
+            out, det = flow(out)
+            block_logdet = block_logdet + det
+        logdet = logdet + block_logdet
+        if block.split:
+            out, z_new = out.chunk(2, 1)
+        else:
+            z_new = out
+        mean, log_sd = block._prior(out)
+        log_p_sum = log_p_sum + gaussian_log_p(z_new, mean, log_sd).reshape(x.shape[0], -1).sum(1)
+        z_outs.append(z_new)
+    return log_p_sum, logdet, z_outs
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_forward_with_stacked_matrices_matches_step_by_step(backend, dtype):
+    """Block.forward assembles all its steps' W and log-dets in one stacked call: the
+    outputs, log-dets and every parameter gradient are those of each step assembling its
+    own (bitwise on the Triton path; the reference's batched matmul may round the float64
+    W differently in its last bit)."""
+    from fastflow.glow import squeeze2x2
+
+    model, x = tiny_glow(dtype, n_flow=ff.layers.flowstep.MIN_STACK)
+    model.train()
+    assert ff.FlowStep.forward_matrices(model.blocks[0].flows, squeeze2x2(x)) is not None
+    results = []
+    for fn in (model, lambda v: _forward_step_by_step(model, v)):
+        log_p, logdet, z = fn(x)
+        loss = (log_p + logdet).sum() + sum((t * t).sum() for t in z)
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        results.append([log_p, logdet, *z, *grads])
+    tol = (dict(rtol=0, atol=0) if backend == "triton" else
+           dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_forward_matrices_only_for_ready_stock_lu_steps():
+    k = ff.layers.flowstep.MIN_STACK
+    steps = [ff.FlowStep(4, filter_size=8) for _ in range(k)]
+    x = torch.randn(2, 4, 3, 3)
+    assert ff.FlowStep.forward_matrices(steps, x) is None  # ActNorms not initialised yet
+    for s in steps:
+        s(x)
+    mats = ff.FlowStep.forward_matrices(steps, x)
+    assert len(mats) == k
+    assert ff.FlowStep.forward_matrices(steps[1:], x) is None  # too few to pay for a stack
+    for (w, ld), s in zip(mats, steps):
+        w1, ld1 = s.invconv.matrix_and_logdet(x, s.actnorm.scale, for_mix=True)
+        assert w.dtype == torch.float32 and ld.shape == (2,)
+        torch.testing.assert_close(w, w1.float(), rtol=1e-7, atol=1e-7)
+        torch.testing.assert_close(ld, ld1, rtol=1e-6, atol=1e-6)
+    assert ff.FlowStep.forward_matrices([ff.FlowStep(4, 8, conv_lu=False)], x) is None
+    assert ff.FlowStep.forward_matrices(steps + [ff.FlowStep(6, 8).eval()], x) is None
+    hooked = ff.FlowStep(4, filter_size=8).eval()
+    hooked.invconv.register_forward_hook(lambda *a: None)  # the step must call the module
+    assert ff.FlowStep.forward_matrices(steps + [hooked], x) is None
+    # a step handed (W, log-det) made for another input makes its own
+    x3 = torch.randn(3, 4, 3, 3)
+    y, ld = steps[0](x3, w_ld=mats[0])
+    y_ref, ld_ref = steps[0](x3)
+    assert ld.shape == (3,) and torch.equal(y, y_ref) and torch.equal(ld, ld_ref)
 
 
 def test_logdet_equals_log_abs_det_of_the_jacobian(backend):

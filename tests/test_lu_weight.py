@@ -128,7 +128,81 @@ def test_lu_weight_float32_w_from_the_same_launch():
         assert torch.equal(a, b)
     with ff.use_backend("reference"):
         w_ref = lu_weight(lower, upper, log_s, sign, rows, w_dtype=torch.float32)[0]
-    assert w_ref.dtype == torch.float64
+        w_ref64 = lu_weight(lower, upper, log_s, sign, rows)[0]
+    # the reference rounds its float64 W once to float32: the same values as the launch's
+    assert w_ref.dtype == torch.float32 and torch.equal(w_ref, w_ref64.float())
+
+
+def _same(a, b):
+    """Bitwise on the Triton path (each layer's programs do exactly a single layer's work);
+    within a few ulps on the reference path (a batched matmul may round differently)."""
+    if ff.backend.current_mode() == "triton":
+        assert torch.equal(a, b)
+    else:
+        eps = torch.finfo(a.dtype).eps
+        torch.testing.assert_close(a, b, rtol=4 * eps, atol=4 * eps)
+
+
+def _stack_of(k, c, dtype=torch.float64):
+    """K perturbed layers' (lower, upper, log_s, sign_s, rows, scale), each stacked on a new
+    first dimension (scale as K stacked (1, C, 1, 1) parameters)."""
+    layers = [_lu(c, dtype) for _ in range(k)]
+    pick = lambda i: torch.stack([layer[i] for layer in layers])  # noqa: E731
+    return pick(0), pick(1), pick(2), pick(3), pick(4), pick(6)
+
+
+@pytest.mark.parametrize("c", [3, 17])
+@pytest.mark.parametrize("w_dtype", [None, torch.float32])
+def test_lu_weight_stack_gives_each_layers_own_results(backend, c, w_dtype):
+    """A stack of K layers in one call (one launch on the Triton path): W (K, C, C) and
+    logdet (K, n), and all gradients, those of each layer called alone (bitwise on the
+    Triton path); and against
+    the float64 oracle (torch.linalg.det of the explicit W)."""
+    torch.manual_seed(c)
+    k, n = 3, 4
+    leaves = [t.clone().requires_grad_() for t in (*_stack_of(k, c)[:3], _stack_of(k, c)[5])]
+    lower, upper, log_s, scale = leaves
+    _, _, _, sign, rows, _ = _stack_of(k, c)
+    w, ld = lu_weight(lower, upper, log_s, sign, rows, scale=scale, n=n, ld_mult=-5,
+                      ld_dtype=torch.float32, w_dtype=w_dtype)
+    assert w.shape == (k, c, c) and ld.shape == (k, n) and ld.dtype == torch.float32
+    gw, gld = torch.randn_like(w), torch.randn_like(ld)
+    grads = torch.autograd.grad((w * gw).sum() + (ld * gld).sum(), leaves)
+    for i in range(k):
+        one = [t[i].detach().clone().requires_grad_() for t in leaves]
+        w1, ld1 = lu_weight(one[0], one[1], one[2], sign[i], rows[i], scale=one[3], n=n,
+                            ld_mult=-5, ld_dtype=torch.float32, w_dtype=w_dtype)
+        _same(w[i], w1)
+        _same(ld[i], ld1)
+        g1 = torch.autograd.grad((w1 * gw[i]).sum() + (ld1 * gld[i]).sum(), one)
+        for g, g_one in zip(grads, g1):
+            _same(g[i], g_one)
+        dense = reference.lu_weight(torch.eye(c, dtype=torch.float64)[rows[i].argsort()].T,
+                                    lower[i], upper[i], log_s[i], sign[i]).detach()
+        assert_close(w[i], dense, w_dtype or torch.float64)
+        want_ld = -5 * (torch.linalg.slogdet(dense)[1] + scale[i].abs().log().sum())
+        torch.testing.assert_close(ld[i].double(), want_ld.expand(n).detach(), rtol=1e-6, atol=1e-5)
+
+
+def test_lu_weight_stack_gradcheck_and_stride_zero_layers(backend):
+    """float64 gradcheck of a stack (K=2, C=3); a stack that is one layer expanded
+    (stride 0 between layers) gives that layer twice."""
+    torch.manual_seed(2)
+    lower, upper, log_s, sign, rows, scale = _stack_of(2, 3)
+    leaves = [t.clone().requires_grad_() for t in (lower, upper, log_s, scale)]
+
+    def f(lo, up, ls, sc):
+        return lu_weight(lo, up, ls, sign, rows, scale=sc, n=2, ld_mult=3)
+
+    assert torch.autograd.gradcheck(f, leaves)
+    w, ld = lu_weight(lower[0].expand(2, 3, 3), upper[0].expand(2, 3, 3), log_s[0].expand(2, 3),
+                      sign[0].expand(2, 3), rows[0].expand(2, 3), scale=scale[0].expand(2, 1, 3, 1, 1),
+                      n=2, ld_mult=3)
+    w1, ld1 = lu_weight(lower[0], upper[0], log_s[0], sign[0], rows[0], scale=scale[0], n=2,
+                        ld_mult=3)
+    for i in (0, 1):
+        _same(w[i], w1)
+        _same(ld[i], ld1)
 
 
 @pytest.mark.parametrize("ld_dtype", [torch.bfloat16, torch.float16])
@@ -184,8 +258,16 @@ def test_lu_weight_bad_inputs():
     lower, upper, log_s, sign, rows, _, scale = _lu(4)
     with pytest.raises(ValueError, match=r"^upper: expected shape \(4, 4\).*\(4, 3\)"):
         lu_weight(lower, upper[:, :3], log_s, sign, rows)
-    with pytest.raises(ValueError, match=r"^log_s: expected a 1-D tensor.*\(1, 4\)"):
+    with pytest.raises(ValueError, match=r"^log_s: expected a 1-D tensor \(C,\) or a stack "
+                                         r"\(K, C\).*\(1, 1, 4\)"):
+        lu_weight(lower, upper, log_s[None, None], sign, rows)
+    with pytest.raises(ValueError, match=r"^lower: expected shape \(1, 4, 4\).*\(4, 4\)"):
         lu_weight(lower, upper, log_s[None], sign, rows)
+    with pytest.raises(ValueError, match=r"^sign_s: expected shape \(2, 4\)"):
+        lu_weight(lower.expand(2, 4, 4), upper.expand(2, 4, 4), log_s.expand(2, 4), sign, rows)
+    with pytest.raises(ValueError, match=r"^scale: expected 4 values per layer.*2 layers"):
+        lu_weight(lower.expand(2, 4, 4), upper.expand(2, 4, 4), log_s.expand(2, 4),
+                  sign.expand(2, 4), rows.expand(2, 4), scale=scale)
     with pytest.raises(TypeError, match=r"^rows: expected an int64 or int32 tensor.*float64"):
         lu_weight(lower, upper, log_s, sign, rows.double())
     with pytest.raises(ValueError, match=r"^rows: expected shape \(4,\), got \(3,\)"):

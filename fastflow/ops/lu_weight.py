@@ -38,31 +38,42 @@ def _kernels():
 # --------------------------------------------------------------------------------------
 
 
-def _flat(v):
-    """A per-channel vector the kernels can read with one stride: 1-D as it is, else
-    contiguous (a (1, C, 1, 1) parameter is)."""
-    if v is None or v.dim() == 1 or v.is_contiguous():
+def _flat(v, layers: int):
+    """A per-channel vector the kernels can read with strides: 1-D (one layer) or 2-D (a
+    stack) as it is, else contiguous (a (1, C, 1, 1) parameter, or a stack of them, is)."""
+    if v is None or v.dim() == (1 if layers == 0 else 2) or v.is_contiguous():
         return v
-    return v.reshape(-1).contiguous()
+    return v.contiguous()
+
+
+def _stack(log_s) -> int:
+    """K for a stack of K layers (log_s (K, C)), 0 for one layer (log_s (C,))."""
+    return 0 if log_s.dim() == 1 else log_s.shape[0]
+
+
+def _shapes(log_s, n):
+    """(W's shape, the log-det's shape): (C, C) and (n,), or (K, C, C) and (K, n)."""
+    c, k = log_s.shape[-1], _stack(log_s)
+    return ((c, c), (n,)) if k == 0 else ((k, c, c), (k, n))
 
 
 @torch.library.custom_op("fastflow::lu_weight", mutates_args=())
 def lu_weight_op(lower: Tensor, upper: Tensor, log_s: Tensor, sign_s: Tensor, rows: Tensor,
                  scale: Optional[Tensor], n: int, ld_mult: int, ld_dtype: torch.dtype,
                  w_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    c = log_s.shape[0]
-    w = torch.empty((c, c), dtype=w_dtype, device=log_s.device)
-    ld = torch.empty((n,), dtype=ld_dtype, device=log_s.device)
+    w_shape, ld_shape = _shapes(log_s, n)
+    w = torch.empty(w_shape, dtype=w_dtype, device=log_s.device)
+    ld = torch.empty(ld_shape, dtype=ld_dtype, device=log_s.device)
     with device_guard(log_s):
-        _kernels().lu_weight_forward(lower, upper, log_s, sign_s, rows, _flat(scale), w, ld,
-                                     ld_mult=ld_mult)
+        _kernels().lu_weight_forward(lower, upper, log_s, sign_s, rows,
+                                     _flat(scale, _stack(log_s)), w, ld, ld_mult=ld_mult)
     return w, ld
 
 
 @lu_weight_op.register_fake
 def _(lower, upper, log_s, sign_s, rows, scale, n, ld_mult, ld_dtype, w_dtype):
-    c = log_s.shape[0]
-    return (log_s.new_empty((c, c), dtype=w_dtype), log_s.new_empty((n,), dtype=ld_dtype))
+    w_shape, ld_shape = _shapes(log_s, n)
+    return (log_s.new_empty(w_shape, dtype=w_dtype), log_s.new_empty(ld_shape, dtype=ld_dtype))
 
 
 @torch.library.custom_op("fastflow::lu_weight_backward", mutates_args=())
@@ -76,7 +87,7 @@ def lu_weight_backward(d_w: Tensor, d_ld: Tensor, lower: Tensor, upper: Tensor, 
             torch.empty(scale.shape, dtype=scale.dtype, device=scale.device))
     with device_guard(log_s):
         _kernels().lu_weight_backward(d_w, d_ld, lower, upper, log_s, sign_s, rows,
-                                      _flat(scale), d_l, d_u, d_s,
+                                      _flat(scale, _stack(log_s)), d_l, d_u, d_s,
                                       None if scale is None else d_sc, ld_mult=ld_mult)
     return d_l, d_u, d_s, d_sc
 
@@ -126,33 +137,42 @@ def lu_weight_logdet(lower: Tensor, upper: Tensor, log_s: Tensor, sign_s: Tensor
     compute dtype (the channel mix of float32 / 16-bit activations casts W to it anyway):
     the Triton path then stores W, computed in float64, rounded to float32 by the same
     launch (no separate cast; its gradient is taken in float32 too); the reference path
-    returns float64 whatever it is (its mix does the rounding)."""
+    computes it in float64 and rounds it once, the same values.
+
+    A stack of K layers at once (a Glow block's steps; one launch on the Triton path):
+    ``lower``, ``upper`` (K, C, C), ``log_s``, ``sign_s``, ``rows`` (K, C), ``scale`` K*C
+    values (e.g. K stacked (1, C, 1, 1) parameters) give W (K, C, C) and ``logdet``
+    (K, n), layer k's as that layer alone would give them."""
     for name, t in (("lower", lower), ("upper", upper), ("log_s", log_s), ("sign_s", sign_s)):
         check_float_tensor(name, t)
-    c = log_s.shape[0] if log_s.dim() == 1 else -1
-    if log_s.dim() != 1:
-        raise ValueError(f"log_s: expected a 1-D tensor (C,), got shape {tuple(log_s.shape)}")
+    if log_s.dim() not in (1, 2):
+        raise ValueError(f"log_s: expected a 1-D tensor (C,) or a stack (K, C), got shape "
+                         f"{tuple(log_s.shape)}")
+    vec = tuple(log_s.shape)
+    mat = (*vec, vec[-1])
+    c, k = vec[-1], (log_s.shape[0] if log_s.dim() == 2 else 1)
     for name, t in (("lower", lower), ("upper", upper)):
-        if tuple(t.shape) != (c, c):
-            raise ValueError(f"{name}: expected shape ({c}, {c}) (log_s has {c} values), got "
+        if tuple(t.shape) != mat:
+            raise ValueError(f"{name}: expected shape {mat} (log_s has shape {vec}), got "
                              f"{tuple(t.shape)}")
         check_same_device(name, t, "log_s", log_s)
-    if tuple(sign_s.shape) != (c,):
-        raise ValueError(f"sign_s: expected shape ({c},), got {tuple(sign_s.shape)}")
+    if tuple(sign_s.shape) != vec:
+        raise ValueError(f"sign_s: expected shape {vec}, got {tuple(sign_s.shape)}")
     check_same_device("sign_s", sign_s, "log_s", log_s)
     if not isinstance(rows, Tensor) or rows.dtype not in (torch.int64, torch.int32):
         got = rows.dtype if isinstance(rows, Tensor) else type(rows).__name__
         raise TypeError(f"rows: expected an int64 or int32 tensor (the permutation's row "
                         f"gather), got {got}")
-    if tuple(rows.shape) != (c,):
-        raise ValueError(f"rows: expected shape ({c},), got {tuple(rows.shape)}")
+    if tuple(rows.shape) != vec:
+        raise ValueError(f"rows: expected shape {vec}, got {tuple(rows.shape)}")
     check_same_device("rows", rows, "log_s", log_s)
     if scale is not None:
         check_float_tensor("scale", scale)
         check_same_device("scale", scale, "log_s", log_s)
-        if scale.numel() != c:
-            raise ValueError(f"scale: expected {c} values, one per channel, got shape "
-                             f"{tuple(scale.shape)}")
+        if scale.numel() != c * k or (k > 1 and scale.shape[0] != k):
+            raise ValueError(f"scale: expected {c} values per layer, one per channel"
+                             f"{f', for {k} layers' if k > 1 or log_s.dim() == 2 else ''}, "
+                             f"got shape {tuple(scale.shape)}")
     if not isinstance(ld_dtype, torch.dtype) or not ld_dtype.is_floating_point:
         raise TypeError(f"ld_dtype: expected a floating-point torch.dtype, got {ld_dtype!r}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
@@ -166,4 +186,4 @@ def lu_weight_logdet(lower: Tensor, upper: Tensor, log_s: Tensor, sign_s: Tensor
         return lu_weight_op(lower, upper, log_s, sign_s, rows, scale, n, ld_mult, ld_dtype,
                             w_dtype or torch.float64)
     return reference.lu_weight_logdet(rows, lower, upper, log_s, sign_s, scale, n=n,
-                                      ld_mult=ld_mult, ld_dtype=ld_dtype)
+                                      ld_mult=ld_mult, ld_dtype=ld_dtype, w_dtype=w_dtype)
