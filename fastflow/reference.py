@@ -271,7 +271,8 @@ def lu_weight_logdet(rows, lower, upper, log_s, sign_s, scale=None, *, n=1, ld_m
     if w_dtype is not None:
         w = _as(w, w_dtype)
     cd = compute_dtype(ld_dtype)  # a 16-bit ld_dtype: summed in float32, rounded once
-    ld = _as(log_s, cd).sum(-1)
+    ld = _as(log_s, cd).sum(-1) if stacked else _as(log_s, cd).sum()  # (a 0-d sum's
+    # backward is one expand; a dim sum's an unsqueeze as well)
     if scale is not None:
         log_sc = torch.log(torch.abs(_as(scale, cd)))
         ld = ld + (log_sc.reshape(log_s.shape).sum(-1) if stacked else log_sc.sum())
