@@ -350,6 +350,19 @@ def _count_step(model, x, backend):
     return fwd_bwd, len(aten.ops), saved
 
 
+def _count_sample(model, backend, dev):
+    """ATen ops + Triton launches of one ``reverse`` of fixed z (sampling, no grad)."""
+    with torch.no_grad():
+        _, _, zs = model(batch(FIG_CFG, dev))
+    run = sample_fn(model.reverse, FIG_CFG, [z.shape[1:] for z in zs], dev, torch.float32)
+    with ff.use_backend(backend):
+        run()  # warm-up outside the count
+        aten, launches = harness._AtenCounter(), harness._LaunchCounter()
+        with launches, aten:
+            run()
+    return {"aten": len(aten.ops), "launches": launches.count}
+
+
 def cpu_figures() -> list[dict]:
     """On CUDA when there is a GPU (compiled kernels), else on CPU with the Triton kernels
     interpreted: the counts are the same."""
@@ -384,6 +397,14 @@ def cpu_figures() -> list[dict]:
                  "eager": eager_saved, "fastflow": ours_saved,
                  "ratio": eager_saved / ours_saved if ours_saved else None,
                  "detail": f"fastflow reference path {ours_ref_saved}; floor {floor_saved}"})
+    e_s = _count_sample(models["eager"], "reference", dev)
+    o_s = _count_sample(models["fastflow"], "triton", dev)
+    r_s = _count_sample(models["fastflow"], "reference", dev)
+    rows.append({"figure": f"Glow sampling (reverse, no grad): ATen ops + Triton launches ({shape})",
+                 "eager": e_s["aten"], "fastflow": o_s["aten"] + o_s["launches"],
+                 "ratio": e_s["aten"] / (o_s["aten"] + o_s["launches"]),
+                 "detail": f"Triton path {o_s['aten']} ATen + {o_s['launches']} launches; "
+                           f"reference path {r_s['aten']} ATen"})
     return rows
 
 
