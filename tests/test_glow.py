@@ -137,9 +137,9 @@ def test_forward_matrices_only_for_ready_stock_lu_steps():
     mats = ff.FlowStep.forward_matrices(steps, x)
     assert len(mats) == k
     assert ff.FlowStep.forward_matrices(steps[1:], x) is None  # too few to pay for a stack
-    for (w, ld), s in zip(mats, steps):
+    for (w, ld, hw), s in zip(mats, steps):
         w1, ld1 = s.invconv.matrix_and_logdet(x, s.actnorm.scale, for_mix=True)
-        assert w.dtype == torch.float32 and ld.shape == (2,)
+        assert w.dtype == torch.float32 and ld.shape == (2,) and hw == 9
         torch.testing.assert_close(w, w1.float(), rtol=1e-7, atol=1e-7)
         torch.testing.assert_close(ld, ld1, rtol=1e-6, atol=1e-6)
     assert ff.FlowStep.forward_matrices([ff.FlowStep(4, 8, conv_lu=False)], x) is None
@@ -152,6 +152,31 @@ def test_forward_matrices_only_for_ready_stock_lu_steps():
     y, ld = steps[0](x3, w_ld=mats[0])
     y_ref, ld_ref = steps[0](x3)
     assert ld.shape == (3,) and torch.equal(y, y_ref) and torch.equal(ld, ld_ref)
+
+
+def test_stacked_matrices_not_used_for_an_input_of_another_size():
+    """A step's pre-hook that changes its input's H, W (the batch size unchanged) gets the
+    log-det of the input it runs on, not of the block's: the stacked log-dets are
+    H*W*(...) of the block input, so they must not be taken for another size (they were,
+    silently; only N and the dtype were compared)."""
+    from fastflow.glow import Block
+
+    torch.manual_seed(0)
+    block = Block(1, ff.layers.flowstep.MIN_STACK, split=False, filter_size=8)
+    x = torch.randn(2, 1, 6, 6)
+    block(x)  # ActNorm initialisation
+    crop = lambda module, args: (args[0][:, :, 1:, 1:],)  # noqa: E731
+    block.flows[1].register_forward_pre_hook(crop)
+    assert ff.FlowStep.forward_matrices(block.flows, torch.randn(2, 4, 3, 3)) is not None
+    with torch.no_grad():
+        out = squeeze = ff.glow.squeeze2x2(x)
+        want = 0
+        for flow in block.flows:
+            out, det = flow(out)
+            want = want + det
+        _, logdet, _, _ = block(x)
+    assert squeeze.shape[2:] == (3, 3) and out.shape[2:] == (2, 2)
+    torch.testing.assert_close(logdet, want, rtol=1e-6, atol=1e-5)
 
 
 def test_logdet_equals_log_abs_det_of_the_jacobian(backend):
