@@ -70,13 +70,15 @@ class FlowStep(nn.Module):
         the Triton path; on the CPU a dozen batched ops instead of a dozen per step): a list
         to pass to each step's forward as ``w_ld``, each exactly what the step computes for
         itself (H*W: the pixel count the log-det was made for, which a step compares with
-        its own input's). None (each step then makes its own) unless every step takes the fused path
-        with an ``InvConv2dLU``, all share C, no ActNorm still waits for its
-        data-dependent initialisation (which changes its scale during that step's forward),
-        and there are at least ``MIN_STACK`` steps."""
+        its own input's). None (each step then makes its own) unless every step takes the
+        fused path with an ``InvConv2dLU``, none has a forward pre-hook of its own (run
+        before the step, it may change the step's parameters or input), all share C, no
+        ActNorm still waits for its data-dependent initialisation (which changes its scale
+        during that step's forward), and there are at least ``MIN_STACK`` steps."""
         steps = list(steps)
         if len(steps) < MIN_STACK or not all(
                 type(s) is FlowStep and type(s.invconv) is InvConv2dLU and s._fusable(hooks=True)
+                and not s._forward_pre_hooks  # it runs before the step: may change its tensors
                 for s in steps):
             return None
         c = steps[0].in_channel
