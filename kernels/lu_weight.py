@@ -258,12 +258,12 @@ def _vector(name: str, v: torch.Tensor, k: int, c: int) -> tuple[torch.Tensor, i
     if v.dim() == 1 and k == 1:
         assert v.numel() == c, f"{name}: expected {c} values, got {tuple(v.shape)}"
         return v, 0, v.stride(0)
-    if v.dim() != 2:  # read flat through the pointer: no view op
-        assert v.is_contiguous() and v.numel() == k * c, (
-            f"{name}: expected {k * c} contiguous values, got {tuple(v.shape)}")
-        return v, (c if k > 1 else 0), 1
-    assert tuple(v.shape) == (k, c), f"{name}: expected ({k}, {c}), got {tuple(v.shape)}"
-    return v, v.stride(0), v.stride(1)
+    if v.dim() == 2 and tuple(v.shape) == (k, c):
+        return v, v.stride(0), v.stride(1)
+    # any other shape (a (C, 1) column too) is read flat through the pointer: no view op
+    assert v.is_contiguous() and v.numel() == k * c, (
+        f"{name}: expected ({k}, {c}) or {k * c} contiguous values, got {tuple(v.shape)}")
+    return v, (c if k > 1 else 0), 1
 
 
 def lu_weight_forward(lower, upper, log_s, sign_s, rows, scale, w, ld, *, ld_mult: int) -> None:

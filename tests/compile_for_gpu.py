@@ -206,7 +206,7 @@ def exercise_lu_weight(quick: bool, glow: bool, rec: Recorder):
             for st in steps:
                 st.actnorm.initialize(x)
             mats = ff.FlowStep.forward_matrices(steps, x)
-            (sum(w.sum() for w, _ in mats) + sum(ld.sum() for _, ld in mats)).backward()
+            (sum(w.sum() for w, _, _ in mats) + sum(ld.sum() for _, ld, _ in mats)).backward()
 
 
 def exercise_gaussian(quick: bool, glow: bool, rec: Recorder):

@@ -1,5 +1,6 @@
 """Multi-scale Glow built from the fused layers."""
 
+import copy
 import math
 
 import pytest
@@ -137,9 +138,9 @@ def test_forward_matrices_only_for_ready_stock_lu_steps():
     mats = ff.FlowStep.forward_matrices(steps, x)
     assert len(mats) == k
     assert ff.FlowStep.forward_matrices(steps[1:], x) is None  # too few to pay for a stack
-    for (w, ld), s in zip(mats, steps):
+    for (w, ld, hw), s in zip(mats, steps):
         w1, ld1 = s.invconv.matrix_and_logdet(x, s.actnorm.scale, for_mix=True)
-        assert w.dtype == torch.float32 and ld.shape == (2,)
+        assert w.dtype == torch.float32 and ld.shape == (2,) and hw == 9
         torch.testing.assert_close(w, w1.float(), rtol=1e-7, atol=1e-7)
         torch.testing.assert_close(ld, ld1, rtol=1e-6, atol=1e-6)
     assert ff.FlowStep.forward_matrices([ff.FlowStep(4, 8, conv_lu=False)], x) is None
@@ -152,6 +153,52 @@ def test_forward_matrices_only_for_ready_stock_lu_steps():
     y, ld = steps[0](x3, w_ld=mats[0])
     y_ref, ld_ref = steps[0](x3)
     assert ld.shape == (3,) and torch.equal(y, y_ref) and torch.equal(ld, ld_ref)
+
+
+def test_stacked_matrices_not_used_for_an_input_of_another_size():
+    """A step handed (W, log-det) made for an input of another H, W (the batch size and
+    dtype the same) makes its own: the stacked log-dets are H*W*(...) of the input they
+    were made for (they were taken silently; only N and the dtype were compared)."""
+    torch.manual_seed(0)
+    steps = [ff.FlowStep(4, filter_size=8) for _ in range(ff.layers.flowstep.MIN_STACK)]
+    x = torch.randn(2, 4, 3, 3)
+    for s in steps:
+        s(x)  # ActNorm initialisation
+    mats = ff.FlowStep.forward_matrices(steps, x)
+    x5 = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        y, ld = steps[0](x5, w_ld=mats[0])
+        y_ref, ld_ref = steps[0](x5)
+    assert torch.equal(y, y_ref) and torch.equal(ld, ld_ref)
+
+
+def test_stacked_matrices_wait_for_a_steps_pre_hook():
+    """A step's forward pre-hook runs before the step, and may change its parameters (a
+    constraint clamped in place, say): the block then leaves each step its own W and
+    log-det, made after the hook, as calling the steps one by one does. The stack was
+    assembled before any step's hook ran, from the parameters as they were."""
+    from fastflow.glow import Block
+
+    torch.manual_seed(0)
+    block = Block(1, ff.layers.flowstep.MIN_STACK, split=False, filter_size=8)
+    x = torch.randn(2, 1, 6, 6)
+    block(x)  # ActNorm initialisation
+
+    def constrain(step, args):
+        with torch.no_grad():
+            step.invconv.w_s.clamp_(min=0.0)
+            step.actnorm.scale.clamp_(min=1.0)
+
+    for flow in block.flows:
+        flow.register_forward_pre_hook(constrain)
+    step_by_step = copy.deepcopy(block)
+    out, logdet, _, _ = block(x)
+    want_out, want = ff.glow.squeeze2x2(x), 0
+    for flow in step_by_step.flows:
+        want_out, det = flow(want_out)
+        want = want + det
+    torch.testing.assert_close(logdet, want, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(out, want_out, rtol=1e-6, atol=1e-5)
 
 
 def test_logdet_equals_log_abs_det_of_the_jacobian(backend):

@@ -205,6 +205,32 @@ def test_lu_weight_stack_gradcheck_and_stride_zero_layers(backend):
         _same(ld[i], ld1)
 
 
+@pytest.mark.parametrize("stacked", [False, True])
+def test_lu_weight_scale_in_any_shape_of_c_values(backend, stacked):
+    """``scale`` is C values in any shape (the contract the argument checks state): a
+    (C, 1) column, contiguous or not, gives what the (1, C, 1, 1) ActNorm parameter gives,
+    gradient included, for one layer and for a stack of one (K=1). The Triton launch took
+    every 2-D scale for a (K, C) stack and refused (C, 1) with an AssertionError."""
+    c = 4
+    lower, upper, log_s, sign, rows, _, scale = _lu(c)
+    if stacked:
+        lower, upper, log_s, sign, rows = (t.unsqueeze(0) for t in (lower, upper, log_s, sign, rows))
+    want_leaf = scale.clone().requires_grad_()
+    w0, ld0 = lu_weight(lower, upper, log_s, sign, rows, scale=want_leaf, n=3, ld_mult=5)
+    (g0,) = torch.autograd.grad(ld0.sum() * 2 + w0.sum(), want_leaf)
+    wide = torch.zeros(c, 2, dtype=scale.dtype, device=DEVICE)
+    wide[:, 0] = scale.reshape(c)
+    for column in (scale.reshape(c, 1), wide[:, :1]):  # contiguous, then stride (2, 1)
+        leaf = column.detach().clone() if column.is_contiguous() else column.detach()
+        leaf.requires_grad_()
+        w, ld = lu_weight(lower, upper, log_s, sign, rows, scale=leaf, n=3, ld_mult=5)
+        (g,) = torch.autograd.grad(ld.sum() * 2 + w.sum(), leaf)
+        _same(w, w0)
+        _same(ld, ld0)
+        assert g.shape == (c, 1)
+        assert_close(g.reshape(c), g0.reshape(c), torch.float64)
+
+
 @pytest.mark.parametrize("ld_dtype", [torch.bfloat16, torch.float16])
 def test_lu_weight_half_precision_logdet(backend, ld_dtype):
     """A 16-bit ``ld_dtype``: the float64 log-det rounded once into it."""

@@ -65,17 +65,20 @@ class FlowStep(nn.Module):
 
     @staticmethod
     def forward_matrices(steps, x):
-        """(W, log-det) of each step in ``steps`` for the input ``x`` (N, C, H, W), from one
-        stacked ``lu_weight_logdet`` call (one launch forward and one backward on the
-        Triton path; on the CPU a dozen batched ops instead of a dozen per step): a list to
-        pass to each step's forward as ``w_ld``, each exactly what the step computes for
-        itself. None (each step then makes its own) unless every step takes the fused path
-        with an ``InvConv2dLU``, all share C, no ActNorm still waits for its
-        data-dependent initialisation (which changes its scale during that step's forward),
-        and there are at least ``MIN_STACK`` steps."""
+        """(W, log-det, H*W) of each step in ``steps`` for the input ``x`` (N, C, H, W),
+        from one stacked ``lu_weight_logdet`` call (one launch forward and one backward on
+        the Triton path; on the CPU a dozen batched ops instead of a dozen per step): a list
+        to pass to each step's forward as ``w_ld``, each exactly what the step computes for
+        itself (H*W: the pixel count the log-det was made for, which a step compares with
+        its own input's). None (each step then makes its own) unless every step takes the
+        fused path with an ``InvConv2dLU``, none has a forward pre-hook of its own (run
+        before the step, it may change the step's parameters or input), all share C, no
+        ActNorm still waits for its data-dependent initialisation (which changes its scale
+        during that step's forward), and there are at least ``MIN_STACK`` steps."""
         steps = list(steps)
         if len(steps) < MIN_STACK or not all(
                 type(s) is FlowStep and type(s.invconv) is InvConv2dLU and s._fusable(hooks=True)
+                and not s._forward_pre_hooks  # it runs before the step: may change its tensors
                 for s in steps):
             return None
         c = steps[0].in_channel
@@ -91,11 +94,13 @@ class FlowStep(nn.Module):
                                  scale=stack([s.actnorm for s in steps], "scale"),
                                  n=x.shape[0], ld_mult=x.shape[2] * x.shape[3], ld_dtype=cd,
                                  w_dtype=cd)
-        return list(zip(w.unbind(0), ld.unbind(0)))
+        hw = x.shape[2] * x.shape[3]
+        return [(w_k, ld_k, hw) for w_k, ld_k in zip(w.unbind(0), ld.unbind(0))]
 
     def forward(self, x, *, w_ld=None):
-        """``(y, logdet)``. ``w_ld``: this step's (W, log-det) from ``forward_matrices``
-        (used on the fused path only)."""
+        """``(y, logdet)``. ``w_ld``: this step's (W, log-det, H*W) from
+        ``forward_matrices`` (used on the fused path only, and only for an input of that
+        dtype, batch size and H*W)."""
         check_nchw("x", x, self.in_channel)
         if not self._fusable(hooks=True):
             out, logdet = self.actnorm(x)
@@ -107,12 +112,13 @@ class FlowStep(nn.Module):
         # with the LU layer on the Triton path, W comes in x's compute dtype from the one
         # lu_weight launch: the mix casts nothing
         if w_ld is not None and (w_ld[0].dtype != compute_dtype(x.dtype)
-                                 or w_ld[1].shape != (x.shape[0],)):
+                                 or w_ld[1].shape != (x.shape[0],)
+                                 or w_ld[2] != x.shape[2] * x.shape[3]):
             w_ld = None  # made for another input (a pre-hook changed x): not this one's
         if w_ld is None:
             w, logdet = self.invconv.matrix_and_logdet(x, an.scale, for_mix=True)
         else:  # assembled with the other steps of the block
-            w, logdet = w_ld
+            w, logdet = w_ld[:2]
         out = channel_mix(x, w, loc=an.loc, scale=an.scale)
         out, ld_coupling = self.coupling(out)
         return out, logdet + ld_coupling

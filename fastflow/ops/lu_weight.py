@@ -39,9 +39,12 @@ def _kernels():
 
 
 def _flat(v, layers: int):
-    """A per-channel vector the kernels can read with strides: 1-D (one layer) or 2-D (a
-    stack) as it is, else contiguous (a (1, C, 1, 1) parameter, or a stack of them, is)."""
-    if v is None or v.dim() == (1 if layers == 0 else 2) or v.is_contiguous():
+    """A per-channel vector the kernels can read with strides: 1-D (one layer, or a stack
+    of one) or (K, C) (a stack; (1, C) for one layer) as it is, else contiguous (a
+    (1, C, 1, 1) parameter, or a stack of them, is; a (C, 1) column is made so)."""
+    k = max(layers, 1)
+    if (v is None or v.is_contiguous() or (v.dim() == 1 and k == 1)
+            or (v.dim() == 2 and v.shape[0] == k)):
         return v
     return v.contiguous()
 
