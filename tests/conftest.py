@@ -24,6 +24,30 @@ settings.load_profile("fastflow")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+# What fastflow.backend says when the Triton path meets a CPU tensor without the interpreter.
+NEEDS_INTERPRETER = "on CPU tensors needs TRITON_INTERPRET=1"
+
+
+def interpreter_skip_reason(exc: BaseException, gpu: bool) -> str | None:
+    """On a GPU machine the kernels are compiled, not interpreted, so a test that runs the
+    Triton half of the ``backend`` fixture on CPU tensors cannot run there (its CUDA twin is
+    every test written on ``DEVICE``): the reason to skip it, None for any other failure."""
+    if gpu and isinstance(exc, RuntimeError) and NEEDS_INTERPRETER in str(exc):
+        return ("Triton path on CPU tensors: needs the interpreter, which a GPU run leaves off "
+                "(the compiled kernels are tested on CUDA tensors)")
+    return None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    try:
+        return (yield)
+    except RuntimeError as exc:
+        reason = interpreter_skip_reason(exc, torch.cuda.is_available())
+        if reason is None:
+            raise
+        pytest.skip(reason)
+
 # (rtol, atol) of an op's result against the float64 reference, per input dtype.
 TOLERANCES = {
     torch.float64: (1e-10, 1e-12),

@@ -94,3 +94,18 @@ def test_one_compute_dtype_helper():
                         (torch.float16, torch.float32), (torch.bfloat16, torch.float32)):
         assert _dtypes.compute_dtype(dtype) == want
         assert str(_layout.compute_type(dtype)) == {torch.float64: "fp64", torch.float32: "fp32"}[want]
+
+
+def test_a_gpu_run_skips_cpu_tensor_triton_tests_only_for_the_missing_interpreter(monkeypatch):
+    """conftest turns the Triton path's 'needs TRITON_INTERPRET=1' error into a skip on a GPU
+    machine (where the interpreter is off), and nothing else: the message it matches is the
+    one fastflow raises, and on a CPU machine it is never a skip."""
+    from conftest import interpreter_skip_reason
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with ff.use_backend("triton"), pytest.raises(RuntimeError) as caught:
+        ff.affine_coupling(torch.randn(1, 2, 1, 1), torch.randn(1, 2, 1, 1))
+    assert interpreter_skip_reason(caught.value, gpu=True)
+    assert interpreter_skip_reason(caught.value, gpu=False) is None
+    assert interpreter_skip_reason(RuntimeError("shape mismatch"), gpu=True) is None
+    assert interpreter_skip_reason(ValueError(str(caught.value)), gpu=True) is None
