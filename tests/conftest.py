@@ -24,6 +24,19 @@ settings.load_profile("fastflow")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+@pytest.fixture(scope="module")
+def on_device():
+    """Tensors made without a device go to ``DEVICE`` for a whole test module (its
+    module-scoped fixtures included): for the kernel-level tests, which call the launchers
+    directly, so that on a GPU machine they launch the compiled kernels on CUDA tensors
+    (a compiled kernel cannot read CPU memory). On a CPU machine nothing changes."""
+    if DEVICE == "cpu":
+        yield
+        return
+    with torch.device(DEVICE):
+        yield
+
+
 # What fastflow.backend says when the Triton path meets a CPU tensor without the interpreter.
 NEEDS_INTERPRETER = "on CPU tensors needs TRITON_INTERPRET=1"
 

@@ -13,6 +13,9 @@ from fastflow.kernels import coupling as cp
 from fastflow.kernels import gaussian as ga
 from fastflow.kernels import lu_weight as lw
 
+# the launchers are called directly: on a GPU machine their tensors must be CUDA ones
+pytestmark = pytest.mark.usefixtures("on_device")
+
 
 class Guarded:
     """A view of ``shape`` inside a NaN buffer padded by ``pad`` on both sides of each dim."""

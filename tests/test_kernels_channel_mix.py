@@ -9,6 +9,9 @@ from conftest import assert_close
 from fastflow import reference
 from fastflow.kernels import channel_mix as cm
 
+# the launchers are called directly: on a GPU machine their tensors must be CUDA ones
+pytestmark = pytest.mark.usefixtures("on_device")
+
 
 def _reference_grads(x, w, loc, scale, g, reverse):
     """d weight, d loc, d scale of sum(g * actnorm_mix(...)) by float64 autograd."""
@@ -108,13 +111,13 @@ def test_tf32x3_arithmetic_keeps_the_inverse_round_trip(c):
     while one tf32 pass misses 1e-4. The kernel's own tf32x3 round trip is the test above,
     on a GPU."""
     torch.manual_seed(c)
-    p = 2048
-    x = torch.randn(c, p, dtype=torch.float64)
-    wq = torch.linalg.qr(torch.randn(c, c, dtype=torch.float64))[0]
-    w = wq @ torch.diag(torch.rand(c, dtype=torch.float64) + 0.5)
+    p, cpu = 2048, dict(dtype=torch.float64, device="cpu")  # CPU arithmetic, on any machine
+    x = torch.randn(c, p, **cpu)
+    wq = torch.linalg.qr(torch.randn(c, c, **cpu))[0]
+    w = wq @ torch.diag(torch.rand(c, **cpu) + 0.5)
     v = torch.linalg.inv(w)
-    loc = 0.1 * torch.randn(c, 1, dtype=torch.float64)
-    scale = torch.rand(c, 1, dtype=torch.float64) + 0.5
+    loc = 0.1 * torch.randn(c, 1, **cpu)
+    scale = torch.rand(c, 1, **cpu) + 0.5
     err = {}
     for precision in ("ieee", "tf32x3", "tf32"):
         y = _emulated_dot(w.float(), (scale * (x + loc)).float(), precision)
