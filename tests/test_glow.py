@@ -8,6 +8,12 @@ import torch
 
 import fastflow as ff
 
+from conftest import DEVICE
+
+# models and tensors made without a device go to DEVICE: on a GPU machine the Triton half
+# of every backend test runs the compiled kernels on the whole Glow
+pytestmark = pytest.mark.usefixtures("on_device")
+
 
 def tiny_glow(dtype=torch.float64, affine=True, conv_lu=True, n_flow=2):
     torch.manual_seed(0)
@@ -230,7 +236,7 @@ def test_backends_agree_float32():
 def test_sample_shapes_and_temperature(backend):
     model, _ = tiny_glow()
     assert model.image_size == (4, 4)
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator(device=DEVICE).manual_seed(3)
     s = model.sample(5, temperature=0.7, generator=g)
     assert s.shape == (5, 1, 4, 4) and torch.isfinite(s).all()
     cold = model.sample(2, temperature=0.0)
