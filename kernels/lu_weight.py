@@ -37,6 +37,14 @@ def _matrix_tile(pid, N_T, C, rows_ptr, s_rw, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _layer_factors(b, lower_ptr, upper_ptr, logs_ptr, sign_ptr, rows_ptr, scale_ptr,
+                   s_lb, s_ub, s_lsb, s_sgb, s_rwb, s_scb):
+    """The factor pointers of layer ``b`` (int64) of a stack (strides 0: one layer)."""
+    return (lower_ptr + b * s_lb, upper_ptr + b * s_ub, logs_ptr + b * s_lsb,
+            sign_ptr + b * s_sgb, rows_ptr + b * s_rwb, scale_ptr + b * s_scb)
+
+
+@triton.jit
 def _lu_weight_kernel(
     lower_ptr,  # (C, C) L below the diagonal (entries on and above it are ignored)
     upper_ptr,  # (C, C) U above the diagonal (entries on and below it are ignored)
@@ -59,12 +67,9 @@ def _lu_weight_kernel(
     (C, C) W and (N,) log-det (the outputs are contiguous (K, C, C) and (K, N))."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    lower_ptr += b * s_lb
-    upper_ptr += b * s_ub
-    logs_ptr += b * s_lsb
-    sign_ptr += b * s_sgb
-    rows_ptr += b * s_rwb
-    scale_ptr += b * s_scb
+    lower_ptr, upper_ptr, logs_ptr, sign_ptr, rows_ptr, scale_ptr = _layer_factors(
+        b, lower_ptr, upper_ptr, logs_ptr, sign_ptr, rows_ptr, scale_ptr,
+        s_lb, s_ub, s_lsb, s_sgb, s_rwb, s_scb)
     w_ptr += b * C * C
     ld_ptr += b * N
     jt = pid % N_T
@@ -139,12 +144,9 @@ def _lu_weight_bwd_kernel(
     b = tl.program_id(1).to(tl.int64)
     dw_ptr += b * s_dwb
     dld_ptr += b * s_dldb
-    lower_ptr += b * s_lb
-    upper_ptr += b * s_ub
-    logs_ptr += b * s_lsb
-    sign_ptr += b * s_sgb
-    rows_ptr += b * s_rwb
-    scale_ptr += b * s_scb
+    lower_ptr, upper_ptr, logs_ptr, sign_ptr, rows_ptr, scale_ptr = _layer_factors(
+        b, lower_ptr, upper_ptr, logs_ptr, sign_ptr, rows_ptr, scale_ptr,
+        s_lb, s_ub, s_lsb, s_sgb, s_rwb, s_scb)
     dlow_ptr += b * C * C
     dup_ptr += b * C * C
     dlogs_ptr += b * C
@@ -266,6 +268,21 @@ def _vector(name: str, v: torch.Tensor, k: int, c: int) -> tuple[torch.Tensor, i
     return v, (c if k > 1 else 0), 1
 
 
+def _factor_args(lower, upper, log_s, sign_s, rows, scale, k: int, c: int):
+    """Both kernels' factor arguments: (the tensors, their strides within a layer, their
+    strides between layers), in the kernels' order; without a scale, log_s stands in for
+    it (HAS_SCALE off: never read)."""
+    s_lb, s_l0, s_l1 = _matrix_strides("lower", lower, k, c)
+    s_ub, s_u0, s_u1 = _matrix_strides("upper", upper, k, c)
+    log_s, s_lsb, s_ls = _vector("log_s", log_s, k, c)
+    sign_s, s_sgb, s_sg = _vector("sign_s", sign_s, k, c)
+    rows, s_rwb, s_rw = _vector("rows", rows, k, c)
+    sc, s_scb, s_sc = (log_s, s_lsb, s_ls) if scale is None else _vector("scale", scale, k, c)
+    return ((lower, upper, log_s, sign_s, rows, sc),
+            (s_l0, s_l1, s_u0, s_u1, s_ls, s_sg, s_rw, s_sc),
+            (s_lb, s_ub, s_lsb, s_sgb, s_rwb, s_scb))
+
+
 def lu_weight_forward(lower, upper, log_s, sign_s, rows, scale, w, ld, *, ld_mult: int) -> None:
     """W = P (L + I)(U + diag(sign_s exp(log_s))) into ``w`` (C, C) contiguous, and
     ``ld[:] = ld_mult * (sum(log_s) + sum(log|scale|))`` (scale None: no ActNorm term);
@@ -280,24 +297,15 @@ def lu_weight_forward(lower, upper, log_s, sign_s, rows, scale, w, ld, *, ld_mul
     assert tuple(w.shape) == want_w and w.is_contiguous(), (
         f"w: expected a contiguous {want_w}, got {tuple(w.shape)}")
     assert w.dtype in (torch.float64, torch.float32), f"w: expected float64 or float32, got {w.dtype}"
-    s_lb, s_l0, s_l1 = _matrix_strides("lower", lower, k, c)
-    s_ub, s_u0, s_u1 = _matrix_strides("upper", upper, k, c)
-    log_s, s_lsb, s_ls = _vector("log_s", log_s, k, c)
-    sign_s, s_sgb, s_sg = _vector("sign_s", sign_s, k, c)
-    rows, s_rwb, s_rw = _vector("rows", rows, k, c)
-    has_scale = scale is not None
-    sc, s_scb, s_sc = _vector("scale", scale, k, c) if has_scale else (log_s, s_lsb, s_ls)
     want_ld = 1 if log_s.dim() == 1 else 2
     assert ld.dim() == want_ld and ld.is_contiguous() and (want_ld == 1 or ld.shape[0] == k), (
         f"ld: expected a contiguous {'(N,)' if want_ld == 1 else f'({k}, N)'}, got {tuple(ld.shape)}")
+    factors, strides, layer_strides = _factor_args(lower, upper, log_s, sign_s, rows, scale, k, c)
     n = ld.shape[-1]
     cfg = launch_config(c, n, layers=k)
     _lu_weight_kernel[cfg.grid](
-        lower, upper, log_s, sign_s, rows, sc, w, ld,
-        c, n, ld_mult, cfg.extra["N_T"],
-        s_l0, s_l1, s_u0, s_u1, s_ls, s_sg, s_rw, s_sc,
-        s_lb, s_ub, s_lsb, s_sgb, s_rwb, s_scb,
-        HAS_SCALE=has_scale, **cfg.meta)
+        *factors, w, ld, c, n, ld_mult, cfg.extra["N_T"], *strides, *layer_strides,
+        HAS_SCALE=scale is not None, **cfg.meta)
 
 
 def lu_weight_backward(d_w, d_ld, lower, upper, log_s, sign_s, rows, scale,
@@ -317,17 +325,10 @@ def lu_weight_backward(d_w, d_ld, lower, upper, log_s, sign_s, rows, scale,
     n = d_ld.shape[-1]
     s_dld = d_ld.stride(-1) if n > 0 else 0
     s_dldb = d_ld.stride(0) if d_ld.dim() == 2 else 0
-    s_lb, s_l0, s_l1 = _matrix_strides("lower", lower, k, c)
-    s_ub, s_u0, s_u1 = _matrix_strides("upper", upper, k, c)
-    log_s, s_lsb, s_ls = _vector("log_s", log_s, k, c)
-    sign_s, s_sgb, s_sg = _vector("sign_s", sign_s, k, c)
-    rows, s_rwb, s_rw = _vector("rows", rows, k, c)
+    factors, strides, layer_strides = _factor_args(lower, upper, log_s, sign_s, rows, scale, k, c)
     has_scale = scale is not None
-    sc, s_scb, s_sc = _vector("scale", scale, k, c) if has_scale else (log_s, s_lsb, s_ls)
     cfg = launch_config(c, n, backward=True, layers=k)
     _lu_weight_bwd_kernel[cfg.grid](
-        d_w, d_ld, lower, upper, log_s, sign_s, rows, sc, d_lower, d_upper, d_log_s,
-        d_scale if has_scale else d_log_s, c, n, ld_mult, cfg.extra["N_T"],
-        s_dw0, s_dw1, s_dld, s_l0, s_l1, s_u0, s_u1, s_ls, s_sg, s_rw, s_sc,
-        s_dwb, s_dldb, s_lb, s_ub, s_lsb, s_sgb, s_rwb, s_scb,
-        HAS_SCALE=has_scale, **cfg.meta)
+        d_w, d_ld, *factors, d_lower, d_upper, d_log_s, d_scale if has_scale else d_log_s,
+        c, n, ld_mult, cfg.extra["N_T"], s_dw0, s_dw1, s_dld, *strides,
+        s_dwb, s_dldb, *layer_strides, HAS_SCALE=has_scale, **cfg.meta)

@@ -203,15 +203,21 @@ class InvConv2dLU(_InvConvBase):
         return super().matrix_and_logdet(x, scale, inverse, for_mix=for_mix)
 
     @staticmethod
+    def stacked_factors(convs) -> tuple:
+        """(w_l, w_u, w_s, s_sign, w_rows) of every layer in ``convs`` (``InvConv2dLU``s of
+        one channel count), each stacked on a new first dimension: ``lu_weight_logdet``'s
+        (lower, upper, log_s, sign_s, rows) for the whole stack."""
+        return tuple(torch.stack([getattr(m, name) for m in convs])
+                     for name in ("w_l", "w_u", "w_s", "s_sign", "w_rows"))
+
+    @staticmethod
     def stacked_inverses(convs, dtype: torch.dtype) -> list:
         """W^-1 of every layer in ``convs`` (``InvConv2dLU``s of one channel count), each
         exactly as ``matrix(inverse=True)`` assembles it (float64 triangular solves), from
         one batched assembly, then cast once to ``dtype``: a list of (C, C) views."""
         d = torch.float64
-        stack = lambda name: torch.stack([getattr(m, name) for m in convs])  # noqa: E731
-        inv = reference.lu_inverse_from_rows(stack("w_rows"), stack("w_l").to(d),
-                                             stack("w_u").to(d), stack("w_s").to(d),
-                                             stack("s_sign"))
+        lower, upper, log_s, sign_s, rows = InvConv2dLU.stacked_factors(convs)
+        inv = reference.lu_inverse_from_rows(rows, lower.to(d), upper.to(d), log_s.to(d), sign_s)
         return list((inv if dtype == d else inv.to(dtype)).unbind(0))
 
     def calc_weight(self):

@@ -87,14 +87,10 @@ class FlowStep(nn.Module):
             return None
         check_nchw("x", x, c)
         cd = compute_dtype(x.dtype)
-        convs = [s.invconv for s in steps]
-        stack = lambda mods, name: torch.stack([getattr(m, name) for m in mods])  # noqa: E731
-        w, ld = lu_weight_logdet(stack(convs, "w_l"), stack(convs, "w_u"), stack(convs, "w_s"),
-                                 stack(convs, "s_sign"), stack(convs, "w_rows"),
-                                 scale=stack([s.actnorm for s in steps], "scale"),
-                                 n=x.shape[0], ld_mult=x.shape[2] * x.shape[3], ld_dtype=cd,
-                                 w_dtype=cd)
         hw = x.shape[2] * x.shape[3]
+        w, ld = lu_weight_logdet(*InvConv2dLU.stacked_factors([s.invconv for s in steps]),
+                                 scale=torch.stack([s.actnorm.scale for s in steps]),
+                                 n=x.shape[0], ld_mult=hw, ld_dtype=cd, w_dtype=cd)
         return [(w_k, ld_k, hw) for w_k, ld_k in zip(w.unbind(0), ld.unbind(0))]
 
     def forward(self, x, *, w_ld=None):
