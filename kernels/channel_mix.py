@@ -54,8 +54,10 @@ PRECISIONS = ("ieee", "tf32x3")  # tl.dot input precisions mix() offers; "ieee" 
 
 
 @triton.jit
-def _mm(a, b, USE_DOT: tl.constexpr, PRECISION: tl.constexpr = "ieee"):
-    """a (M, K) @ b (K, P) in the dtype of the operands (both already in COMPUTE)."""
+def _mm(a, b, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """a (M, K) @ b (K, P) in the dtype of the operands (both already in COMPUTE).
+    ``PRECISION`` has no default: triton 3.6 hands a jit helper's default to ``tl.dot`` as
+    a plain str, which fails to compile ("'str' object has no attribute 'type'")."""
     if USE_DOT:
         r = tl.dot(a, b, input_precision=PRECISION)
     else:
@@ -191,7 +193,7 @@ def _reduce_kernel(
                         mask=q_in[:, None] & k_in[None, :], other=0.0).to(COMPUTE)
             if SHIFT:
                 v = tl.where(q_in[:, None], v + bk[None, :], 0.0)
-            gacc += _mm(g, v, USE_DOT)
+            gacc += _mm(g, v, USE_DOT, "ieee")  # the weight gradient: always exact
     if DIAG:
         tl.store(gpart_ptr + chunk.to(tl.int64) * C + k64, tl.sum(gacc, axis=1), mask=k_in)
     else:

@@ -88,6 +88,7 @@ class Recorder:
         self.kernels: dict[str, dict[int, object]] = {}
         self.programs: dict[tuple[str, int], set[int]] = {}
         self.launches: list[tuple[str, str, int]] = []
+        self.meta: dict[tuple[str, int], dict] = {}  # a specialisation's named scalar arguments
         self.case = ""
         self._orig = JITFunction.run
 
@@ -108,6 +109,9 @@ class Recorder:
             recorder.kernels.setdefault(name, {})[id(kernel)] = kernel
             programs = math.prod(grid) if isinstance(grid, tuple) else -1
             recorder.programs.setdefault((name, id(kernel)), set()).add(programs)
+            recorder.meta.setdefault((name, id(kernel)), {
+                k: v for k, v in kwargs.items() if isinstance(v, (bool, int, float, str))
+                or type(v).__name__ == "dtype"})
             recorder.launches.append((recorder.case, name, programs))
             return kernel
 
@@ -366,7 +370,8 @@ def main(argv=None) -> int:
         for c in cols:
             s[c] = max(s[c], u.get(c, 0))
         if u.get("STACK", 0) or u.get("SPILL_ST", 0) or u.get("SPILL_LD", 0) or u.get("LOCAL", 0):
-            failures.append(f"{name} spec {i} spills: {u}")
+            failures.append(f"{name} spec {i} spills: {u}; launched with "
+                            f"{rec.meta.get((name, key), {})}")
     print()
     print(f"{'kernel':24s} {'specs':>5s} " + " ".join(f"{'max ' + c:>14s}" for c in cols))
     for name, s in sorted(summary.items()):

@@ -2,6 +2,7 @@
 on this GPU-less machine, with no spill: see tests/compile_for_gpu.py (it exits 1 on a
 compile error, a spill, or a registered family it cannot reach)."""
 
+import ast
 import importlib
 import os
 import subprocess
@@ -39,3 +40,28 @@ def test_every_kernel_compiles_for_sm90_without_spills():
         assert name in rows, f"{name} was never compiled:\n{out.stdout[-4000:]}"
         specs, _reg, stack, spill_st, spill_ld, local = map(int, rows[name][1:7])
         assert specs >= 1 and stack == spill_st == spill_ld == local == 0, rows[name]
+
+
+def jit_functions_with_defaults(source: str) -> list[str]:
+    """The ``@triton.jit`` functions of ``source`` that give any parameter a default."""
+    found = []
+    for f in ast.walk(ast.parse(source)):
+        if isinstance(f, ast.FunctionDef) and any("jit" in ast.unparse(d) for d in f.decorator_list):
+            if f.args.defaults or any(d is not None for d in f.args.kw_defaults):
+                found.append(f.name)
+    return found
+
+
+def test_no_jit_function_has_a_default_argument():
+    """triton 3.6 (the GPU image's) hands a ``@triton.jit`` helper's default value to the
+    code inside it as a plain Python object: ``_mm``'s ``PRECISION: tl.constexpr = "ieee"``
+    reached ``tl.dot(input_precision=...)`` as a str and the channel-mix reduction failed to
+    compile ("'str' object has no attribute 'type'"; triton 3.9 accepts it, so only the
+    GPU would have shown it). Every argument is passed explicitly instead."""
+    kernels = Path(importlib.import_module("fastflow.kernels").__file__).parent
+    offenders = {p.name: jit_functions_with_defaults(p.read_text())
+                 for p in sorted(kernels.glob("*.py"))}
+    assert {k: v for k, v in offenders.items() if v} == {}
+    # the check itself sees a default where there is one
+    assert jit_functions_with_defaults(
+        "@triton.jit\ndef f(a, B: tl.constexpr = 1):\n    return a\n") == ["f"]
