@@ -485,6 +485,41 @@ def test_normflows_2d_coupling_block_and_left_alone(backend):
         assert "forward" not in model[name].__dict__
 
 
+def test_normflows_refused_coupling_inside_a_swapped_glow_block_is_listed(backend):
+    """A GlowBlock whose coupling block has a split_mode fastflow does not reproduce is
+    swapped (its 1x1 convolution and ActNorm fused) while that coupling block runs its own
+    code: the report lists it as left alone, with the reason, instead of hiding it."""
+    nf = pytest.importorskip("normflows")
+    model = Chain(nf.flows.GlowBlock(C, 8, split_mode="channel_inv", init_zeros=False),
+                  inverse_name="inverse").to(**D64)
+    _randomize(model)
+    x = torch.randn(N, C, H, W, **D64)
+    report, _, _ = _check_patch(model, _nf_density, _nf_sample, x, steps=2)
+    assert [(n, c) for n, c, _ in report.swapped] == [("flows.0", "GlowBlock")]
+    assert {n for n, *_ in report.parts} == {"flows.0.flows.1", "flows.0.flows.2"}
+    assert [(n, c) for n, c, _ in report.left_alone] == [("flows.0.flows.0",
+                                                          "AffineCouplingBlock")]
+    assert "split_mode 'channel_inv'" in report.left_alone[0][2]
+    assert "1 left alone" in str(report)
+
+
+@pytest.mark.parametrize("which", ["rosinality Flow", "normflows GlowBlock"])
+def test_a_recognised_layer_patched_as_the_model_is_counted_once(which):
+    """ff.patch(layer) on the layer itself: one swapped row, its children are parts."""
+    if which == "rosinality Flow":
+        layer, children = Flow(C), ("actnorm", "invconv", "coupling")
+    else:
+        nf = pytest.importorskip("normflows")
+        layer, children = nf.flows.GlowBlock(C, 8), ("flows.0", "flows.1", "flows.2")
+    report = ff.patch(layer)
+    assert [(n, c) for n, c, _ in report.swapped] == [("", type(layer).__name__)]
+    assert [(n, owner) for n, _, _, owner in report.parts] == [(n, "") for n in children]
+    assert report.left_alone == []
+    assert str(report).startswith("fastflow.patch: 1 swapped (3 submodules patched with "
+                                  "them), 0 left alone")
+
+
+
 # --------------------------------------------------------------------------------------
 # FrEIA
 # --------------------------------------------------------------------------------------
