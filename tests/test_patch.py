@@ -519,6 +519,21 @@ def test_a_recognised_layer_patched_as_the_model_is_counted_once(which):
                                   "them), 0 left alone")
 
 
+def test_normflows_initialised_under_inference_mode(backend):
+    """normflows' ActNorm initialises by assigning a new flag tensor: under
+    torch.inference_mode that is an inference tensor (no version counter to cache)."""
+    nf = pytest.importorskip("normflows")
+    model = Chain(nf.flows.GlowBlock(C, 8, init_zeros=False),
+                  inverse_name="inverse").to(**D64)
+    ref = copy.deepcopy(model)
+    ff.patch(model)
+    x = torch.randn(N, C, H, W, **D64)
+    with torch.inference_mode():
+        for _ in range(3):  # initialising call, then the fused ops
+            for direction in (_nf_density, _nf_sample):
+                for g, w in zip(direction(model, x), direction(ref, x)):
+                    assert_close(g, w)
+
 
 # --------------------------------------------------------------------------------------
 # FrEIA

@@ -84,8 +84,11 @@ def _buffers(m: nn.Module, *names: str) -> bool:
 def _flag_set(m: nn.Module, name: str) -> bool:
     """The init-flag buffer ``name`` is > 0. Read from the device once per buffer object and
     version: ``load_state_dict`` and in-place edits bump the version, ``.to()`` and the
-    peers' own initialisation put a new tensor there."""
+    peers' own initialisation put a new tensor there. An inference tensor (no version
+    counter) is read on every call."""
     buf = getattr(m, name)
+    if buf.is_inference():  # set under torch.inference_mode: no version to cache it by
+        return bool(buf > 0)
     seen = m.__dict__.get("_fastflow_flag_seen")
     if seen is not None and seen[0] is buf and seen[1] == buf._version:
         return True
