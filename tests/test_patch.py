@@ -535,6 +535,21 @@ def test_normflows_initialised_under_inference_mode(backend):
                     assert_close(g, w)
 
 
+def test_normflows_hooks_inside_a_coupling_block_run(backend):
+    nf = pytest.importorskip("normflows")
+    block = nf.flows.AffineCouplingBlock(nn.Conv2d(C // 2, C, 3, padding=1)).to(**D64)
+    ref = copy.deepcopy(block)
+    ff.patch(block)
+    seen = []
+    for m in (block, ref):
+        for i, f in enumerate(m.flows):
+            f.register_forward_hook(lambda mod, inp, out, i=i: seen.append(i))
+    x = torch.randn(N, C, H, W, **D64)
+    for g, w in zip(block(x), ref(x)):
+        assert_close(g, w)
+    assert seen == [0, 1, 2, 0, 1, 2]  # split, coupling, merge: patched, then unpatched
+
+
 # --------------------------------------------------------------------------------------
 # FrEIA
 # --------------------------------------------------------------------------------------
