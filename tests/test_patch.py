@@ -682,6 +682,30 @@ def test_copies_keep_the_patch():
         assert_close(got[1], want[1])
 
 
+def test_copies_of_a_reset_actnorm_initialise_again(backend):
+    """The flag read as set is remembered by tensor and version: a copy (deepcopy,
+    torch.save/load) of a model whose flag was reset must not inherit that memory (its
+    tensors' versions restart, so the copied flag's version could match the one seen)."""
+    fresh = Chain(Flow(C)).to(**D64).state_dict()
+    model = Chain(Flow(C)).to(**D64)
+    ff.patch(model)
+    x = torch.randn(N, C, H, W, **D64)
+    model(x)
+    model(x)  # the flag read as set
+    model.load_state_dict(fresh)  # back to an uninitialised ActNorm
+    ref = Chain(Flow(C)).to(**D64)
+    ref.load_state_dict(fresh)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    x2 = torch.randn(N, C, H, W, **D64) * 3 + 1
+    want = ref(x2)
+    for other in (copy.deepcopy(model), torch.load(buf, weights_only=False), model):
+        got = other(x2)  # initialises from x2, as the unpatched model does
+        assert_close(got[0], want[0])
+        assert_close(got[1], want[1])
+
+
 def test_bad_arguments():
     with pytest.raises(TypeError, match="model: expected a torch.nn.Module, got int"):
         ff.patch(3)
