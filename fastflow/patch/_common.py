@@ -29,7 +29,8 @@ class PatchReport:
       (reshapes such as Squeeze, channel Split/Merge, priors, networks outside a flow
       layer, unknown composites). Not listed: the model itself, pure containers
       (``ModuleList``, ``ModuleDict``, ``Sequential``), fastflow's own layers, and the
-      submodules of a recognised layer (its networks run inside it)."""
+      submodules of a recognised layer (its networks run inside it) other than recognised
+      layers it could not swap (a swapped GlowBlock's refused coupling block is listed)."""
 
     swapped: list = field(default_factory=list)
     left_alone: list = field(default_factory=list)
