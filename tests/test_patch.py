@@ -485,6 +485,71 @@ def test_normflows_2d_coupling_block_and_left_alone(backend):
         assert "forward" not in model[name].__dict__
 
 
+def test_normflows_refused_coupling_inside_a_swapped_glow_block_is_listed(backend):
+    """A GlowBlock whose coupling block has a split_mode fastflow does not reproduce is
+    swapped (its 1x1 convolution and ActNorm fused) while that coupling block runs its own
+    code: the report lists it as left alone, with the reason, instead of hiding it."""
+    nf = pytest.importorskip("normflows")
+    model = Chain(nf.flows.GlowBlock(C, 8, split_mode="channel_inv", init_zeros=False),
+                  inverse_name="inverse").to(**D64)
+    _randomize(model)
+    x = torch.randn(N, C, H, W, **D64)
+    report, _, _ = _check_patch(model, _nf_density, _nf_sample, x, steps=2)
+    assert [(n, c) for n, c, _ in report.swapped] == [("flows.0", "GlowBlock")]
+    assert {n for n, *_ in report.parts} == {"flows.0.flows.1", "flows.0.flows.2"}
+    assert [(n, c) for n, c, _ in report.left_alone] == [("flows.0.flows.0",
+                                                          "AffineCouplingBlock")]
+    assert "split_mode 'channel_inv'" in report.left_alone[0][2]
+    assert "1 left alone" in str(report)
+
+
+@pytest.mark.parametrize("which", ["rosinality Flow", "normflows GlowBlock"])
+def test_a_recognised_layer_patched_as_the_model_is_counted_once(which):
+    """ff.patch(layer) on the layer itself: one swapped row, its children are parts."""
+    if which == "rosinality Flow":
+        layer, children = Flow(C), ("actnorm", "invconv", "coupling")
+    else:
+        nf = pytest.importorskip("normflows")
+        layer, children = nf.flows.GlowBlock(C, 8), ("flows.0", "flows.1", "flows.2")
+    report = ff.patch(layer)
+    assert [(n, c) for n, c, _ in report.swapped] == [("", type(layer).__name__)]
+    assert [(n, owner) for n, _, _, owner in report.parts] == [(n, "") for n in children]
+    assert report.left_alone == []
+    assert str(report).startswith("fastflow.patch: 1 swapped (3 submodules patched with "
+                                  "them), 0 left alone")
+
+
+def test_normflows_initialised_under_inference_mode(backend):
+    """normflows' ActNorm initialises by assigning a new flag tensor: under
+    torch.inference_mode that is an inference tensor (no version counter to cache)."""
+    nf = pytest.importorskip("normflows")
+    model = Chain(nf.flows.GlowBlock(C, 8, init_zeros=False),
+                  inverse_name="inverse").to(**D64)
+    ref = copy.deepcopy(model)
+    ff.patch(model)
+    x = torch.randn(N, C, H, W, **D64)
+    with torch.inference_mode():
+        for _ in range(3):  # initialising call, then the fused ops
+            for direction in (_nf_density, _nf_sample):
+                for g, w in zip(direction(model, x), direction(ref, x)):
+                    assert_close(g, w)
+
+
+def test_normflows_hooks_inside_a_coupling_block_run(backend):
+    nf = pytest.importorskip("normflows")
+    block = nf.flows.AffineCouplingBlock(nn.Conv2d(C // 2, C, 3, padding=1)).to(**D64)
+    ref = copy.deepcopy(block)
+    ff.patch(block)
+    seen = []
+    for m in (block, ref):
+        for i, f in enumerate(m.flows):
+            f.register_forward_hook(lambda mod, inp, out, i=i: seen.append(i))
+    x = torch.randn(N, C, H, W, **D64)
+    for g, w in zip(block(x), ref(x)):
+        assert_close(g, w)
+    assert seen == [0, 1, 2, 0, 1, 2]  # split, coupling, merge: patched, then unpatched
+
+
 # --------------------------------------------------------------------------------------
 # FrEIA
 # --------------------------------------------------------------------------------------
@@ -613,6 +678,30 @@ def test_copies_keep_the_patch():
         for name, p in other.named_parameters():
             assert p is not dict(model.named_parameters())[name]
         got = other(x)
+        assert_close(got[0], want[0])
+        assert_close(got[1], want[1])
+
+
+def test_copies_of_a_reset_actnorm_initialise_again(backend):
+    """The flag read as set is remembered by tensor and version: a copy (deepcopy,
+    torch.save/load) of a model whose flag was reset must not inherit that memory (its
+    tensors' versions restart, so the copied flag's version could match the one seen)."""
+    fresh = Chain(Flow(C)).to(**D64).state_dict()
+    model = Chain(Flow(C)).to(**D64)
+    ff.patch(model)
+    x = torch.randn(N, C, H, W, **D64)
+    model(x)
+    model(x)  # the flag read as set
+    model.load_state_dict(fresh)  # back to an uninitialised ActNorm
+    ref = Chain(Flow(C)).to(**D64)
+    ref.load_state_dict(fresh)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    x2 = torch.randn(N, C, H, W, **D64) * 3 + 1
+    want = ref(x2)
+    for other in (copy.deepcopy(model), torch.load(buf, weights_only=False), model):
+        got = other(x2)  # initialises from x2, as the unpatched model does
         assert_close(got[0], want[0])
         assert_close(got[1], want[1])
 

@@ -107,7 +107,9 @@ def patch(model: nn.Module, *, dry_run: bool = False) -> PatchReport:
     inside = []  # prefixes of recognised layers and fastflow modules: their insides
 
     def enclosing(qualname, names):
-        return next((n for n in names if qualname.startswith(n + ".")), None)
+        # "" is the model itself, which encloses every other module
+        return next((n for n in names if qualname != n and
+                     (n == "" or qualname.startswith(n + "."))), None)
 
     for qualname, m in model.named_modules():
         if enclosing(qualname, [n for n, _ in inside if _ == "fastflow"]) is not None:
@@ -128,8 +130,9 @@ def patch(model: nn.Module, *, dry_run: bool = False) -> PatchReport:
             report.left_alone.append((qualname, cls, f"already patched: {m.__dict__[_MARK]}"))
             inside.append((qualname, "recognised"))
         elif isinstance(plan, str):
-            if unit is None:
-                report.left_alone.append((qualname, cls, plan))
+            # listed even inside a swapped layer (a GlowBlock's refused coupling block
+            # runs its own code)
+            report.left_alone.append((qualname, cls, plan))
             inside.append((qualname, "recognised"))
         else:
             if unit is None:

@@ -3,6 +3,7 @@ small helpers."""
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -28,7 +29,8 @@ class PatchReport:
       (reshapes such as Squeeze, channel Split/Merge, priors, networks outside a flow
       layer, unknown composites). Not listed: the model itself, pure containers
       (``ModuleList``, ``ModuleDict``, ``Sequential``), fastflow's own layers, and the
-      submodules of a recognised layer (its networks run inside it)."""
+      submodules of a recognised layer (its networks run inside it) other than recognised
+      layers it could not swap (a swapped GlowBlock's refused coupling block is listed)."""
 
     swapped: list = field(default_factory=list)
     left_alone: list = field(default_factory=list)
@@ -81,17 +83,25 @@ def _buffers(m: nn.Module, *names: str) -> bool:
     return all(isinstance(m._buffers.get(n), torch.Tensor) for n in names)
 
 
+# module -> (flag buffer, version) last read as set; kept outside the module so that its
+# copies (deepcopy, pickling: new tensors whose versions restart) read their flag again
+_FLAG_SEEN: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
 def _flag_set(m: nn.Module, name: str) -> bool:
     """The init-flag buffer ``name`` is > 0. Read from the device once per buffer object and
     version: ``load_state_dict`` and in-place edits bump the version, ``.to()`` and the
-    peers' own initialisation put a new tensor there."""
+    peers' own initialisation put a new tensor there. An inference tensor (no version
+    counter) is read on every call."""
     buf = getattr(m, name)
-    seen = m.__dict__.get("_fastflow_flag_seen")
+    if buf.is_inference():  # set under torch.inference_mode: no version to cache it by
+        return bool(buf > 0)
+    seen = _FLAG_SEEN.get(m)
     if seen is not None and seen[0] is buf and seen[1] == buf._version:
         return True
     if not bool(buf > 0):
         return False
-    m.__dict__["_fastflow_flag_seen"] = (buf, buf._version)
+    _FLAG_SEEN[m] = (buf, buf._version)
     return True
 
 

@@ -44,6 +44,8 @@ def _nf_coupling_block(m, z, inverse: bool):
 
 
 def _nf_coupling_block_forward(m, z):
+    if any(_hooked(f) for f in m.flows):  # calling its Split/AffineCoupling/Merge runs them
+        return type(m).forward(m, z)
     return _nf_coupling_block(m, z, False)
 
 
