@@ -65,7 +65,8 @@ class _Layer(nn.Module):
         ``mask`` (1, 1, 1, T) leaves open (0 up to pos, -inf after)."""
         b, _, c = u.shape
         qkv = self.qkv(self.norm1(u)).view(b, 1, 3, self.heads, c // self.heads)
-        kv_cache.index_copy_(1, pos, qkv[:, :, 1:])
+        # under autocast qkv is bfloat16/float16 and the cache keeps the model's dtype
+        kv_cache.index_copy_(1, pos, qkv[:, :, 1:].to(kv_cache.dtype))
         q = qkv[:, :, 0].transpose(1, 2)
         k, v = kv_cache[:, :, 0].transpose(1, 2), kv_cache[:, :, 1].transpose(1, 2)
         return self._finish(u, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))

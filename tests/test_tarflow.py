@@ -234,3 +234,19 @@ def test_train_tarflow_resumed_at_an_epoch_boundary_reports_the_same_numbers(tmp
     resumed = _train(tmp_path / "split", *common, "--resume")["history"]
     assert [e["step"] for e in whole["epochs"]] == [2, 4]
     assert resumed == whole
+
+
+@pytest.mark.parametrize("cache", ["static", "cat", "none"])
+def test_sampling_under_autocast_follows_the_uncast_sampler(backend, cache):
+    """Under torch.autocast the transformer runs in bfloat16 and the flow math in float32:
+    every sampler runs (the static KV cache used to fail with "index_copy_(): self and
+    source expected to have the same dtype") and stays within bfloat16 rounding of fp32."""
+    model = tiny(num_classes=4, dtype=torch.float32, clamp=2.0)
+    z = torch.randn(2, 4, 4, device=DEVICE)
+    y = torch.tensor([0, 3], device=DEVICE)
+    for guidance in (0.0, 1.5):
+        want = model.reverse(z, y, guidance=guidance, cache=cache)
+        with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+            got = model.reverse(z, y, guidance=guidance, cache=cache)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
