@@ -205,11 +205,11 @@ class TarFlow(nn.Module):
 
     # ---- checks and labels -------------------------------------------------------------
 
-    def _check_x(self, x):
-        check_float_tensor("x", x, ndim=4)
+    def _check_x(self, x, name="x"):
+        check_float_tensor(name, x, ndim=4)
         want = (self.in_channels, self.img_size, self.img_size)
         if tuple(x.shape[1:]) != want:
-            raise ValueError(f"x: expected shape (N, {want[0]}, {want[1]}, {want[2]}), got "
+            raise ValueError(f"{name}: expected shape (N, {want[0]}, {want[1]}, {want[2]}), got "
                              f"{tuple(x.shape)}")
 
     def _labels(self, y, n, device, drop=False):
@@ -270,7 +270,7 @@ class TarFlow(nn.Module):
 
     def _tokens(self, z):
         if z.dim() == 4:
-            self._check_x(z)
+            self._check_x(z, "z")
             return self.patchify(z)
         check_float_tensor("z", z, ndim=3)
         if tuple(z.shape[1:]) != (self.tokens, self.dim):

@@ -250,3 +250,11 @@ def test_sampling_under_autocast_follows_the_uncast_sampler(backend, cache):
             got = model.reverse(z, y, guidance=guidance, cache=cache)
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
+
+
+def test_reverse_names_z_for_a_bad_image_shaped_z():
+    model = ff.TarFlow(1, 4, 2, 8, 1, 1, head_dim=4)
+    with pytest.raises(ValueError, match=r"^z: expected shape \(N, 1, 4, 4\)"):
+        model.reverse(torch.randn(2, 1, 4, 5))
+    with pytest.raises(TypeError, match="^z: expected a floating"):
+        model.reverse(torch.zeros(2, 1, 4, 4, dtype=torch.long))
