@@ -258,3 +258,12 @@ def test_reverse_names_z_for_a_bad_image_shaped_z():
         model.reverse(torch.randn(2, 1, 4, 5))
     with pytest.raises(TypeError, match="^z: expected a floating"):
         model.reverse(torch.zeros(2, 1, 4, 4, dtype=torch.long))
+
+
+def test_train_tarflow_resume_applies_a_new_lr(tmp_path):
+    """README: with --resume "a new --lr is applied and recorded"; the optimizer's state
+    from the checkpoint used to bring the old learning rate back silently."""
+    _train(tmp_path, "--max-steps", "2", "--epochs", "1")
+    _train(tmp_path, "--resume", "--lr", "1e-5", "--max-steps", "3")
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert [g["lr"] for g in saved["optimizer"]["param_groups"]] == [1e-5]

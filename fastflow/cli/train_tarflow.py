@@ -97,6 +97,10 @@ def main(argv=None) -> int:
     generators = {"shuffle": shuffle_gen, "noise": noise_gen, "eval": eval_gen}  # resumed
     start_epoch, step, history = resume_or_start(args, ckpt_path, model, opt, config,
                                                  generators, device)
+    for group in opt.param_groups:  # --lr applies on resume too (metrics record this value)
+        if group["lr"] != args.lr:
+            print(f"--lr: using {args.lr:g} (the checkpoint had {group['lr']:g})")
+        group["lr"] = args.lr
     n_params = sum(p.numel() for p in model.parameters())
     print(f"train-tarflow: TarFlow on {len(x_train)} train / {len(x_test)} test digits "
           f"(1x{args.size}x{args.size}, {model.tokens} tokens of {model.dim}), {args.blocks} "
