@@ -267,3 +267,12 @@ def test_train_tarflow_resume_applies_a_new_lr(tmp_path):
     _train(tmp_path, "--resume", "--lr", "1e-5", "--max-steps", "3")
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert [g["lr"] for g in saved["optimizer"]["param_groups"]] == [1e-5]
+
+
+def test_train_tarflow_resume_without_a_checkpoint_says_so(tmp_path, capsys):
+    _train(tmp_path, "--max-steps", "1", "--epochs", "1", "--resume")
+    assert "no checkpoint" in capsys.readouterr().out
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match="--out"):
+        train_tarflow.main(["--out", str(blocker / "run"), "--max-steps", "1"])
