@@ -211,6 +211,9 @@ class TarFlow(nn.Module):
         if tuple(x.shape[1:]) != want:
             raise ValueError(f"{name}: expected shape (N, {want[0]}, {want[1]}, {want[2]}), got "
                              f"{tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError(f"{name}: expected at least one sample, shape (N >= 1, {want[0]}, "
+                             f"{want[1]}, {want[2]}), got {tuple(x.shape)}")
 
     def _labels(self, y, n, device, drop=False):
         """(N,) class indices: the null class when ``y`` is None (None for an unconditional
@@ -277,6 +280,9 @@ class TarFlow(nn.Module):
             raise ValueError(f"z: expected tokens (N, {self.tokens}, {self.dim}) or an image "
                              f"(N, {self.in_channels}, {self.img_size}, {self.img_size}), "
                              f"got {tuple(z.shape)}")
+        if z.shape[0] == 0:
+            raise ValueError(f"z: expected at least one sample, shape (N >= 1, {self.tokens}, "
+                             f"{self.dim}), got {tuple(z.shape)}")
         return z
 
     @torch.no_grad()

@@ -276,3 +276,17 @@ def test_train_tarflow_resume_without_a_checkpoint_says_so(tmp_path, capsys):
     blocker.write_text("")
     with pytest.raises(SystemExit, match="--out"):
         train_tarflow.main(["--out", str(blocker / "run"), "--max-steps", "1"])
+
+
+def test_an_empty_batch_is_refused_by_name():
+    """N = 0 used to die inside the attention with "cannot reshape tensor of 0 elements";
+    as in ff.Glow, it is refused up front."""
+    model = ff.TarFlow(1, 4, 2, 8, 2, 1, num_classes=3, head_dim=4)
+    with pytest.raises(ValueError, match=r"^x: expected at least one sample, "
+                                         r"shape \(N >= 1, 1, 4, 4\)"):
+        model(torch.randn(0, 1, 4, 4))
+    with pytest.raises(ValueError, match=r"^z: expected at least one sample, "
+                                         r"shape \(N >= 1, 4, 4\)"):
+        model.reverse(torch.randn(0, 4, 4))
+    with pytest.raises(ValueError, match=r"^z: expected at least one sample"):
+        model.reverse(torch.randn(0, 1, 4, 4), method="jacobi")
