@@ -166,6 +166,11 @@ class TarFlow(nn.Module):
             raise ValueError(f"patch_size: expected a divisor of img_size={img_size}, got {patch_size}")
         if not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes: expected a non-negative integer, got {num_classes!r}")
+        if not (isinstance(noise_std, (int, float)) and 0.0 <= noise_std < math.inf):
+            raise ValueError(f"noise_std: expected a finite number >= 0, got {noise_std!r}")
+        if not (isinstance(class_dropout, (int, float)) and 0.0 <= class_dropout <= 1.0):
+            raise ValueError(f"class_dropout: expected a probability in [0, 1], got "
+                             f"{class_dropout!r}")
         heads = max(1, channels // head_dim)
         if channels % heads:
             raise ValueError(f"channels: expected a multiple of the {heads} attention heads "

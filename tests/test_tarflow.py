@@ -290,3 +290,13 @@ def test_an_empty_batch_is_refused_by_name():
         model.reverse(torch.randn(0, 4, 4))
     with pytest.raises(ValueError, match=r"^z: expected at least one sample"):
         model.reverse(torch.randn(0, 1, 4, 4), method="jacobi")
+
+
+@pytest.mark.parametrize("kw", [{"noise_std": -0.1}, {"noise_std": float("nan")},
+                                {"class_dropout": 1.5}, {"class_dropout": -0.1}], ids=str)
+def test_bad_noise_and_dropout_are_refused(kw):
+    """A negative noise_std used to be accepted and then skip the denoising step in sample
+    while denoise() used noise_std**2; a class_dropout outside [0, 1] silently dropped every
+    label (or none)."""
+    with pytest.raises(ValueError, match=f"^{next(iter(kw))}: expected"):
+        ff.TarFlow(1, 4, 2, 8, 1, 1, num_classes=2, head_dim=4, **kw)
