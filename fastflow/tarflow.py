@@ -268,9 +268,11 @@ class TarFlow(nn.Module):
 
     def denoise(self, x, y=None):
         """One score step ``x + noise_std^2 * grad_x log p(x)``: removes the Gaussian noise
-        the model was trained with (Tweedie's formula)."""
-        with torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
+        the model was trained with (Tweedie's formula). Works under ``torch.no_grad`` and
+        ``torch.inference_mode`` too (inference tensors are copied out of it)."""
+        with torch.inference_mode(False), torch.enable_grad():
+            xg = x.detach().clone().requires_grad_(True)
+            y = y.clone() if isinstance(y, torch.Tensor) else y
             (grad,) = torch.autograd.grad(self.log_prob(xg, y, drop_labels=False).sum(), xg)
         return (x + self.noise_std ** 2 * grad).detach()
 

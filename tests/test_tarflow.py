@@ -331,3 +331,22 @@ def test_jacobian_is_block_triangular_in_token_order(backend, blocks):
         assert jac[off_diagonal].abs().max() == 0
         assert (jac.diagonal() > 0).all()
         torch.testing.assert_close(jac.diagonal().log().sum(), logdet[0], rtol=1e-12, atol=1e-12)
+
+
+def test_sample_under_inference_mode_denoises_as_under_no_grad():
+    """torch.inference_mode() around sampling used to fail in the denoising step with
+    "element 0 of tensors does not require grad and does not have a grad_fn"."""
+    model = tiny(num_classes=3, noise_std=0.3)
+    y = torch.tensor([0, 2], device=DEVICE)
+    with torch.no_grad():
+        want = model.sample(2, y, guidance=1.0, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        y_inf = torch.tensor([0, 2], device=DEVICE)
+        got = model.sample(2, y_inf, guidance=1.0, generator=torch.Generator().manual_seed(0))
+        x = torch.randn(2, 1, 4, 4, dtype=torch.float64, device=DEVICE)
+        denoised = model.denoise(x, y_inf)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(denoised, model.denoise(x.clone(), y), rtol=0, atol=0)
+    raw = model.sample(2, y, guidance=1.0, generator=torch.Generator().manual_seed(0),
+                       denoise=False)
+    assert (got - raw).abs().max() > 1e-6  # the denoising step did something
