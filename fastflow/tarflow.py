@@ -65,7 +65,8 @@ class _Layer(nn.Module):
         ``mask`` (1, 1, 1, T) leaves open (0 up to pos, -inf after)."""
         b, _, c = u.shape
         qkv = self.qkv(self.norm1(u)).view(b, 1, 3, self.heads, c // self.heads)
-        kv_cache.index_copy_(1, pos, qkv[:, :, 1:])
+        # under autocast qkv is bfloat16/float16 and the cache keeps the model's dtype
+        kv_cache.index_copy_(1, pos, qkv[:, :, 1:].to(kv_cache.dtype))
         q = qkv[:, :, 0].transpose(1, 2)
         k, v = kv_cache[:, :, 0].transpose(1, 2), kv_cache[:, :, 1].transpose(1, 2)
         return self._finish(u, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
@@ -165,6 +166,11 @@ class TarFlow(nn.Module):
             raise ValueError(f"patch_size: expected a divisor of img_size={img_size}, got {patch_size}")
         if not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes: expected a non-negative integer, got {num_classes!r}")
+        if not (isinstance(noise_std, (int, float)) and 0.0 <= noise_std < math.inf):
+            raise ValueError(f"noise_std: expected a finite number >= 0, got {noise_std!r}")
+        if not (isinstance(class_dropout, (int, float)) and 0.0 <= class_dropout <= 1.0):
+            raise ValueError(f"class_dropout: expected a probability in [0, 1], got "
+                             f"{class_dropout!r}")
         heads = max(1, channels // head_dim)
         if channels % heads:
             raise ValueError(f"channels: expected a multiple of the {heads} attention heads "
@@ -204,12 +210,15 @@ class TarFlow(nn.Module):
 
     # ---- checks and labels -------------------------------------------------------------
 
-    def _check_x(self, x):
-        check_float_tensor("x", x, ndim=4)
+    def _check_x(self, x, name="x"):
+        check_float_tensor(name, x, ndim=4)
         want = (self.in_channels, self.img_size, self.img_size)
         if tuple(x.shape[1:]) != want:
-            raise ValueError(f"x: expected shape (N, {want[0]}, {want[1]}, {want[2]}), got "
+            raise ValueError(f"{name}: expected shape (N, {want[0]}, {want[1]}, {want[2]}), got "
                              f"{tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError(f"{name}: expected at least one sample, shape (N >= 1, {want[0]}, "
+                             f"{want[1]}, {want[2]}), got {tuple(x.shape)}")
 
     def _labels(self, y, n, device, drop=False):
         """(N,) class indices: the null class when ``y`` is None (None for an unconditional
@@ -259,9 +268,11 @@ class TarFlow(nn.Module):
 
     def denoise(self, x, y=None):
         """One score step ``x + noise_std^2 * grad_x log p(x)``: removes the Gaussian noise
-        the model was trained with (Tweedie's formula)."""
-        with torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
+        the model was trained with (Tweedie's formula). Works under ``torch.no_grad`` and
+        ``torch.inference_mode`` too (inference tensors are copied out of it)."""
+        with torch.inference_mode(False), torch.enable_grad():
+            xg = x.detach().clone().requires_grad_(True)
+            y = y.clone() if isinstance(y, torch.Tensor) else y
             (grad,) = torch.autograd.grad(self.log_prob(xg, y, drop_labels=False).sum(), xg)
         return (x + self.noise_std ** 2 * grad).detach()
 
@@ -269,13 +280,16 @@ class TarFlow(nn.Module):
 
     def _tokens(self, z):
         if z.dim() == 4:
-            self._check_x(z)
+            self._check_x(z, "z")
             return self.patchify(z)
         check_float_tensor("z", z, ndim=3)
         if tuple(z.shape[1:]) != (self.tokens, self.dim):
             raise ValueError(f"z: expected tokens (N, {self.tokens}, {self.dim}) or an image "
                              f"(N, {self.in_channels}, {self.img_size}, {self.img_size}), "
                              f"got {tuple(z.shape)}")
+        if z.shape[0] == 0:
+            raise ValueError(f"z: expected at least one sample, shape (N >= 1, {self.tokens}, "
+                             f"{self.dim}), got {tuple(z.shape)}")
         return z
 
     @torch.no_grad()

@@ -234,3 +234,119 @@ def test_train_tarflow_resumed_at_an_epoch_boundary_reports_the_same_numbers(tmp
     resumed = _train(tmp_path / "split", *common, "--resume")["history"]
     assert [e["step"] for e in whole["epochs"]] == [2, 4]
     assert resumed == whole
+
+
+@pytest.mark.parametrize("cache", ["static", "cat", "none"])
+def test_sampling_under_autocast_follows_the_uncast_sampler(backend, cache):
+    """Under torch.autocast the transformer runs in bfloat16 and the flow math in float32:
+    every sampler runs (the static KV cache used to fail with "index_copy_(): self and
+    source expected to have the same dtype") and stays within bfloat16 rounding of fp32."""
+    model = tiny(num_classes=4, dtype=torch.float32, clamp=2.0)
+    z = torch.randn(2, 4, 4, device=DEVICE)
+    y = torch.tensor([0, 3], device=DEVICE)
+    for guidance in (0.0, 1.5):
+        want = model.reverse(z, y, guidance=guidance, cache=cache)
+        with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+            got = model.reverse(z, y, guidance=guidance, cache=cache)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
+
+
+def test_reverse_names_z_for_a_bad_image_shaped_z():
+    model = ff.TarFlow(1, 4, 2, 8, 1, 1, head_dim=4)
+    with pytest.raises(ValueError, match=r"^z: expected shape \(N, 1, 4, 4\)"):
+        model.reverse(torch.randn(2, 1, 4, 5))
+    with pytest.raises(TypeError, match="^z: expected a floating"):
+        model.reverse(torch.zeros(2, 1, 4, 4, dtype=torch.long))
+
+
+def test_train_tarflow_resume_applies_a_new_lr(tmp_path):
+    """README: with --resume "a new --lr is applied and recorded"; the optimizer's state
+    from the checkpoint used to bring the old learning rate back silently."""
+    _train(tmp_path, "--max-steps", "2", "--epochs", "1")
+    _train(tmp_path, "--resume", "--lr", "1e-5", "--max-steps", "3")
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert [g["lr"] for g in saved["optimizer"]["param_groups"]] == [1e-5]
+
+
+def test_train_tarflow_resume_without_a_checkpoint_says_so(tmp_path, capsys):
+    _train(tmp_path, "--max-steps", "1", "--epochs", "1", "--resume")
+    assert "no checkpoint" in capsys.readouterr().out
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match="--out"):
+        train_tarflow.main(["--out", str(blocker / "run"), "--max-steps", "1"])
+
+
+def test_an_empty_batch_is_refused_by_name():
+    """N = 0 used to die inside the attention with "cannot reshape tensor of 0 elements";
+    as in ff.Glow, it is refused up front."""
+    model = ff.TarFlow(1, 4, 2, 8, 2, 1, num_classes=3, head_dim=4)
+    with pytest.raises(ValueError, match=r"^x: expected at least one sample, "
+                                         r"shape \(N >= 1, 1, 4, 4\)"):
+        model(torch.randn(0, 1, 4, 4))
+    with pytest.raises(ValueError, match=r"^z: expected at least one sample, "
+                                         r"shape \(N >= 1, 4, 4\)"):
+        model.reverse(torch.randn(0, 4, 4))
+    with pytest.raises(ValueError, match=r"^z: expected at least one sample"):
+        model.reverse(torch.randn(0, 1, 4, 4), method="jacobi")
+
+
+@pytest.mark.parametrize("kw", [{"noise_std": -0.1}, {"noise_std": float("nan")},
+                                {"class_dropout": 1.5}, {"class_dropout": -0.1}], ids=str)
+def test_bad_noise_and_dropout_are_refused(kw):
+    """A negative noise_std used to be accepted and then skip the denoising step in sample
+    while denoise() used noise_std**2; a class_dropout outside [0, 1] silently dropped every
+    label (or none)."""
+    with pytest.raises(ValueError, match=f"^{next(iter(kw))}: expected"):
+        ff.TarFlow(1, 4, 2, 8, 1, 1, num_classes=2, head_dim=4, **kw)
+
+
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_jacobian_is_block_triangular_in_token_order(backend, blocks):
+    """9 tokens (odd) of 8 values: one block's Jacobian dz/dx is lower block-triangular in
+    its token order (token t depends on tokens < t only) with diagonal blocks
+    diag(exp(-a_t)); with any number of blocks log|det| equals the reported log-det."""
+    torch.manual_seed(3)
+    model = ff.TarFlow(2, 6, 2, 8, blocks, 2, num_classes=3, head_dim=4, clamp=2.0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    model = model.to(device=DEVICE, dtype=torch.float64).eval()
+    x = torch.randn(1, 2, 6, 6, dtype=torch.float64, device=DEVICE)
+    y = torch.tensor([1], device=DEVICE)
+    _, logdet = model(x, y)
+    n = model.tokens * model.dim  # 72: row i of the Jacobian from copy i of x
+    xs = x.repeat(n, 1, 1, 1).requires_grad_(True)
+    z = model(xs, y.repeat(n))[0].reshape(n, n)
+    (grad,) = torch.autograd.grad(z.diagonal().sum(), xs)
+    jac = model.patchify(grad).reshape(n, n)  # columns in token order
+    _, expected = torch.linalg.slogdet(jac)
+    torch.testing.assert_close(logdet[0], expected, rtol=1e-10, atol=1e-10)
+    if blocks == 1:
+        t = torch.arange(n, device=DEVICE) // model.dim
+        assert jac[t[:, None] < t[None, :]].abs().max() == 0  # no token sees its future
+        same = t[:, None] == t[None, :]
+        off_diagonal = same & ~torch.eye(n, dtype=torch.bool, device=DEVICE)
+        assert jac[off_diagonal].abs().max() == 0
+        assert (jac.diagonal() > 0).all()
+        torch.testing.assert_close(jac.diagonal().log().sum(), logdet[0], rtol=1e-12, atol=1e-12)
+
+
+def test_sample_under_inference_mode_denoises_as_under_no_grad():
+    """torch.inference_mode() around sampling used to fail in the denoising step with
+    "element 0 of tensors does not require grad and does not have a grad_fn"."""
+    model = tiny(num_classes=3, noise_std=0.3)
+    y = torch.tensor([0, 2], device=DEVICE)
+    with torch.no_grad():
+        want = model.sample(2, y, guidance=1.0, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        y_inf = torch.tensor([0, 2], device=DEVICE)
+        got = model.sample(2, y_inf, guidance=1.0, generator=torch.Generator().manual_seed(0))
+        x = torch.randn(2, 1, 4, 4, dtype=torch.float64, device=DEVICE)
+        denoised = model.denoise(x, y_inf)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(denoised, model.denoise(x.clone(), y), rtol=0, atol=0)
+    raw = model.sample(2, y, guidance=1.0, generator=torch.Generator().manual_seed(0),
+                       denoise=False)
+    assert (got - raw).abs().max() > 1e-6  # the denoising step did something

@@ -9,7 +9,7 @@ import argparse
 import torch
 
 from .common import (HelpFormatter, add_optimisation_options, add_run_options, backend_name,
-                     pick_device, positive, run_dir, save_image_grid, write_json)
+                     pick_device, positive, prepare_out, save_image_grid, write_json)
 from .loop import resume_or_start, train_epochs
 
 
@@ -69,8 +69,9 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
-    out = run_dir(args.out)
-    ckpt_path = out / "checkpoint.pt"
+    # OUT is not guarded (force): a fresh run overwrites; --resume without a checkpoint says so
+    ckpt_path = prepare_out(args.out, resume=args.resume, force=True)
+    out = ckpt_path.parent
     if args.size % args.patch_size:
         raise SystemExit(f"--patch-size: expected a divisor of --size {args.size}, got "
                          f"{args.patch_size}")
@@ -97,6 +98,10 @@ def main(argv=None) -> int:
     generators = {"shuffle": shuffle_gen, "noise": noise_gen, "eval": eval_gen}  # resumed
     start_epoch, step, history = resume_or_start(args, ckpt_path, model, opt, config,
                                                  generators, device)
+    for group in opt.param_groups:  # --lr applies on resume too (metrics record this value)
+        if group["lr"] != args.lr:
+            print(f"--lr: using {args.lr:g} (the checkpoint had {group['lr']:g})")
+        group["lr"] = args.lr
     n_params = sum(p.numel() for p in model.parameters())
     print(f"train-tarflow: TarFlow on {len(x_train)} train / {len(x_test)} test digits "
           f"(1x{args.size}x{args.size}, {model.tokens} tokens of {model.dim}), {args.blocks} "
