@@ -163,21 +163,21 @@ def _load_folder(path: Path, size: int | None) -> torch.Tensor:
     from PIL import Image
 
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    images, bad, mode = [], 0, None
+    images, bad = [], 0
     for file in files:
         try:
             with Image.open(file) as img:
                 img.load()
                 if img.mode.startswith("I;16"):  # 16-bit grey: its top 8 bits (convert clips)
                     img = Image.fromarray((np.asarray(img) >> 8).astype(np.uint8))
-                if mode is None:
-                    mode = "L" if img.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"
-                img = img.convert(mode)
+                img = img.convert("L" if img.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB")
                 if size is not None:
                     img = _center_crop_resize_pil(img, size)
                 images.append(np.asarray(img, dtype=np.uint8))
         except Exception:  # noqa: BLE001 - a broken file is skipped and counted, not fatal
             bad += 1
+    if any(im.ndim == 3 for im in images):  # any colour image: the grey ones become RGB
+        images = [np.repeat(im[..., None], 3, -1) if im.ndim == 2 else im for im in images]
     if bad:
         print(f"--data: skipped {bad} unreadable image file(s) in {path}", flush=True)
     if not images:

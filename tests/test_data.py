@@ -155,3 +155,19 @@ def test_image_folder_16_bit_grey_pngs_keep_their_top_8_bits(tmp_path):
     assert sorted(both.flatten().tolist()) == sorted(grey.flatten().tolist())
     sized, _ = data.load_image_sets(str(tmp_path), size=4, test_fraction=0.5)
     assert sized.shape == (1, 4, 4) and 0 < int(sized.levels.max()) < 255
+
+
+def test_image_folder_with_grey_and_colour_images_stays_in_colour(tmp_path):
+    """The first file's mode used to decide for the whole folder: one grey image sorted
+    first turned every colour image grey (pure red came back as level 76)."""
+    _png(tmp_path / "a_grey.png", np.full((8, 8), 200, np.uint8))
+    red = np.zeros((8, 8, 3), np.uint8)
+    red[..., 0] = 255
+    for i in range(3):
+        _png(tmp_path / f"b{i}.png", red)
+    train, test = data.load_image_sets(str(tmp_path), test_fraction=0.25)
+    both = torch.cat([train.levels, test.levels])
+    assert both.shape == (4, 3, 8, 8)
+    colours = sorted({tuple(px) for px in both.permute(0, 2, 3, 1).reshape(-1, 3).tolist()})
+    assert colours == [(200, 200, 200), (255, 0, 0)]
+
