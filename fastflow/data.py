@@ -160,7 +160,7 @@ def _load_array(path: Path) -> torch.Tensor:
 
 def _load_folder(path: Path, size: int | None) -> torch.Tensor:
     import numpy as np
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     images, bad = [], 0
@@ -168,6 +168,7 @@ def _load_folder(path: Path, size: int | None) -> torch.Tensor:
         try:
             with Image.open(file) as img:
                 img.load()
+                img = ImageOps.exif_transpose(img)  # as viewers show it (camera rotation)
                 if img.mode.startswith("I;16"):  # 16-bit grey: its top 8 bits (convert clips)
                     img = Image.fromarray((np.asarray(img) >> 8).astype(np.uint8))
                 img = img.convert("L" if img.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB")

@@ -171,3 +171,20 @@ def test_image_folder_with_grey_and_colour_images_stays_in_colour(tmp_path):
     colours = sorted({tuple(px) for px in both.permute(0, 2, 3, 1).reshape(-1, 3).tolist()})
     assert colours == [(200, 200, 200), (255, 0, 0)]
 
+
+def test_image_folder_applies_the_exif_orientation(tmp_path):
+    """A camera JPEG stored landscape with EXIF orientation 6 (shown rotated 90 degrees
+    clockwise) is read as every viewer shows it: portrait, its white half on top."""
+    from PIL import Image
+
+    stored = np.zeros((8, 16, 3), np.uint8)
+    stored[:, :8] = 255  # left half white, as stored
+    for i in range(2):
+        img = Image.fromarray(stored)
+        exif = img.getexif()
+        exif[0x0112] = 6
+        img.save(tmp_path / f"photo{i}.JPG", exif=exif, quality=100)
+    train, _ = data.load_image_sets(str(tmp_path), test_fraction=0.5)
+    assert train.shape == (3, 16, 8)
+    grey = train.levels[0].float().mean(0)
+    assert grey[:8].mean() > 250 and grey[8:].mean() < 5
