@@ -234,3 +234,16 @@ def test_train_tarflow_resumed_at_an_epoch_boundary_reports_the_same_numbers(tmp
     resumed = _train(tmp_path / "split", *common, "--resume")["history"]
     assert [e["step"] for e in whole["epochs"]] == [2, 4]
     assert resumed == whole
+
+
+def test_train_tarflow_resume_applies_a_new_lr_and_says_when_there_is_no_checkpoint(
+        tmp_path, capsys):
+    """A --lr given with --resume was recorded in metrics.json but the optimizer kept the
+    checkpoint's; --resume without a checkpoint started afresh without a word."""
+    _train(tmp_path, "--max-steps", "1", "--epochs", "1", "--resume", "--lr", "1e-3")
+    assert "no checkpoint at" in capsys.readouterr().out
+    metrics = _train(tmp_path, "--max-steps", "2", "--resume", "--lr", "1e-6")
+    assert "--lr: using 1e-06 (the checkpoint had 0.001)" in capsys.readouterr().out
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert metrics["config"]["lr"] == 1e-6
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [1e-6]

@@ -206,7 +206,7 @@ class StepRunner:
 def resume_or_start(args, ckpt_path: Path, model, opt, config: dict, generators: dict, device):
     """(start_epoch, step, history): from ``ckpt_path`` when ``--resume`` finds it (model,
     optimizer, the named generators' and torch's RNG states come back; a different
-    ``config`` is refused), else a fresh start."""
+    ``config`` is refused; ``--lr`` replaces the checkpoint's), else a fresh start."""
     if not (args.resume and ckpt_path.is_file()):
         return 0, 0, {"initial": None, "epochs": []}
     state = load_checkpoint(ckpt_path, model, opt, map_location=device)
@@ -216,6 +216,10 @@ def resume_or_start(args, ckpt_path: Path, model, opt, config: dict, generators:
     names = list(generators)
     set_rng_state(state["rng"], *(generators[k] for k in names), device=device)
     print(f"resumed from {ckpt_path} at epoch {state['epoch']}, step {state['step']}")
+    for group in opt.param_groups:  # --lr applies on resume too (metrics record this value)
+        if group["lr"] != args.lr:
+            print(f"--lr: using {args.lr:g} (the checkpoint had {group['lr']:g})")
+        group["lr"] = args.lr
     return state["epoch"], state["step"], state["history"]
 
 

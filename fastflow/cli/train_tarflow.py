@@ -9,7 +9,7 @@ import argparse
 import torch
 
 from .common import (HelpFormatter, add_optimisation_options, add_run_options, backend_name,
-                     pick_device, positive, run_dir, save_image_grid, write_json)
+                     pick_device, positive, prepare_out, save_image_grid, write_json)
 from .loop import resume_or_start, train_epochs
 
 
@@ -69,8 +69,8 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
-    out = run_dir(args.out)
-    ckpt_path = out / "checkpoint.pt"
+    ckpt_path = prepare_out(args.out, resume=args.resume, force=True)  # no --force: not guarded
+    out = ckpt_path.parent
     if args.size % args.patch_size:
         raise SystemExit(f"--patch-size: expected a divisor of --size {args.size}, got "
                          f"{args.patch_size}")

@@ -60,10 +60,6 @@ def main(argv=None) -> int:
     generators = {"shuffle": shuffle_gen, "eval": eval_gen}  # all saved and resumed
     start_epoch, step, history = resume_or_start(args, ckpt_path, model, opt, config,
                                                  generators, device)
-    for group in opt.param_groups:  # --lr applies on resume too (metrics record this value)
-        if group["lr"] != args.lr:
-            print(f"--lr: using {args.lr:g} (the checkpoint had {group['lr']:g})")
-        group["lr"] = args.lr
     n_params = sum(p.numel() for p in model.parameters())
     print(f"train-vae: {len(x_train)} train / {len(x_test)} test digits (1x8x8), "
           f"{n_params} parameters, latent {args.latent}, device {device}, "
