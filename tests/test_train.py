@@ -52,6 +52,24 @@ def test_resume_at_an_epoch_boundary_reports_the_same_numbers(tmp_path, small_np
     assert [strip(e) for e in resumed["epochs"]] == [strip(e) for e in whole["epochs"]]
 
 
+def test_resume_after_a_max_steps_stop_inside_an_epoch_reports_the_same_numbers(tmp_path,
+                                                                               small_npz):
+    """The checkpoint of a --max-steps stop after batch 2 of 4 was marked epoch 1 done: the
+    resumed run skipped that epoch's other batches (6 steps instead of 8, other numbers)."""
+    common = ["--data", small_npz, "--batch-size", "16", "--test-fraction", "0.2", "--warmup",
+              "3", "--epochs", "2"]
+    whole = _run(tmp_path / "a", *common, "--max-steps", "8")["history"]
+    _run(tmp_path / "b", *common, "--max-steps", "2")
+    with pytest.raises(SystemExit, match="--batch-size: .* stopped after batch 2 of epoch 1 "
+                                         "at --batch-size 16; got 8"):
+        _run(tmp_path / "b", *common, "--max-steps", "8", "--resume", "--batch-size", "8")
+    resumed = _run(tmp_path / "b", *common, "--max-steps", "8", "--resume")["history"]
+    timing = ("seconds", "images_per_s")
+    strip = lambda e: {k: v for k, v in e.items() if k not in timing}  # noqa: E731
+    assert [e["step"] for e in whole["epochs"]] == [4, 8]
+    assert [strip(e) for e in resumed["epochs"]] == [strip(e) for e in whole["epochs"]]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_resume_on_cuda_reports_the_same_numbers(tmp_path, small_npz):
     """A checkpoint loads with map_location the GPU, which puts its RNG states there; they
