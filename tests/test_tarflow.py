@@ -197,8 +197,9 @@ def test_train_tarflow_improves_and_resumes(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
     assert len(first["sampling"]["jacobi_iterations"]) == 2
     resumed = _train(tmp_path, "--resume")["history"]
-    assert [e["epoch"] for e in resumed["epochs"]] == [1, 2]
-    assert resumed["epochs"][0] == history["epochs"][0]
+    # 45 steps per epoch: the resumed run goes on inside epoch 1 (it used to skip to 2)
+    assert [e["epoch"] for e in resumed["epochs"]] == [1]
+    assert resumed["initial"] == history["initial"]
     assert resumed["epochs"][-1]["step"] == 8
     with pytest.raises(SystemExit, match="--resume"):
         _train(tmp_path, "--resume", "--channels", "8")
@@ -247,3 +248,15 @@ def test_train_tarflow_resume_applies_a_new_lr_and_says_when_there_is_no_checkpo
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert metrics["config"]["lr"] == 1e-6
     assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [1e-6]
+
+
+def test_train_tarflow_resumed_after_a_max_steps_stop_inside_an_epoch_reports_the_same_numbers(
+        tmp_path):
+    # 2 steps per epoch; a stop after step 1 was checkpointed as epoch 1 done, so the
+    # resumed run skipped that epoch's second batch
+    common = ["--batch-size", "720"]
+    whole = _train(tmp_path / "whole", *common)["history"]
+    _train(tmp_path / "split", *common, "--max-steps", "1")
+    resumed = _train(tmp_path / "split", *common, "--resume")["history"]
+    assert [e["step"] for e in whole["epochs"]] == [2, 4]
+    assert resumed == whole

@@ -95,8 +95,8 @@ def main(argv=None) -> int:
     noise_gen = torch.Generator().manual_seed(args.seed + 1)
     eval_gen = torch.Generator().manual_seed(args.seed + 2)
     generators = {"shuffle": shuffle_gen, "noise": noise_gen, "eval": eval_gen}  # resumed
-    start_epoch, step, history = resume_or_start(args, ckpt_path, model, opt, config,
-                                                 generators, device)
+    start_epoch, step, history, partial = resume_or_start(args, ckpt_path, model, opt, config,
+                                                          generators, device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"train-tarflow: TarFlow on {len(x_train)} train / {len(x_test)} test digits "
           f"(1x{args.size}x{args.size}, {model.tokens} tokens of {model.dim}), {args.blocks} "
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
         args, model=model, opt=opt, x_train=index, loss_terms=loss_terms, evaluate=evaluate,
         describe=lambda tr, te: f"train {tr['nll']:6.3f}  test {te['nll']:6.3f} nats/dim",
         ckpt_path=ckpt_path, config=config, generators=generators,
-        start=(start_epoch, step), history=history)
+        start=(start_epoch, step, partial), history=history)
 
     model.eval()
     n_show = 10
