@@ -147,6 +147,7 @@ def _load_array(path: Path) -> torch.Tensor:
         loaded = np.load(path, allow_pickle=False)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same message
         raise _data_error(f"cannot read {path}: {err}") from None
+    what = str(path)
     if isinstance(loaded, np.lib.npyio.NpzFile):
         with loaded:
             keys = list(loaded.keys())
@@ -154,8 +155,8 @@ def _load_array(path: Path) -> torch.Tensor:
             key = (preferred or keys or [None])[0]
             if key is None:
                 raise _data_error(f"{path} holds no arrays")
-            loaded = loaded[key]
-    return _to_nchw_uint8(loaded, str(path))
+            loaded, what = loaded[key], f"{path}: array {key!r} of {keys}"
+    return _to_nchw_uint8(loaded, what)
 
 
 def _load_folder(path: Path, size: int | None) -> torch.Tensor:

@@ -72,6 +72,16 @@ def test_arrays_npy_and_npz(tmp_path):
         data.load_image_sets(str(tmp_path / "float.npy"))
 
 
+def test_an_npz_error_names_the_array_it_read(tmp_path):
+    """With several arrays and none named x/images/arr_0 the first is read: its shape error
+    used to name only the file, not which array (here the labels) it had picked."""
+    np.savez(tmp_path / "two.npz", labels=np.zeros(10, np.uint8),
+             pictures=np.zeros((10, 8, 8), np.uint8))
+    with pytest.raises(ValueError, match=r"two\.npz: array 'labels' of \['labels', 'pictures'\]: "
+                                         r"expected images shaped"):
+        data.load_image_sets(str(tmp_path / "two.npz"))
+
+
 def _cifar_tree(root, n=3):
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
