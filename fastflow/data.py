@@ -309,9 +309,9 @@ def load_image_sets(source: str = "digits", *, size: int | None = None,
     else:
         n_bins = 256
         if source.startswith("cifar10:"):
-            (train, labels_train), (test, labels_test) = _load_cifar(Path(source[8:]))
+            (train, labels_train), (test, labels_test) = _load_cifar(Path(source[8:]).expanduser())
         else:
-            path = Path(source)
+            path = Path(source).expanduser()  # cifar10:~/x and --data=~/x: the shell leaves ~
             if path.is_dir():
                 levels = _load_folder(path, size)
             elif path.is_file() and path.suffix.lower() in (".npy", ".npz"):

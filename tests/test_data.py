@@ -110,6 +110,17 @@ def test_cifar10_python_batches(tmp_path):
         data.load_image_sets(f"cifar10:{tmp_path}")
 
 
+def test_a_home_relative_data_path_is_expanded(tmp_path, monkeypatch):
+    """The shell leaves the ~ of cifar10:~/... alone (it is not at a word's start), and the
+    path was used as given: 'missing ~/.../data_batch_1' for data that is there."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _cifar_tree(tmp_path / "datasets")
+    train, test = data.load_image_sets("cifar10:~/datasets")
+    assert len(train) == 15 and len(test) == 3
+    np.save(tmp_path / "grey.npy", np.zeros((4, 8, 8), np.uint8))
+    assert len(data.load_image_sets("~/grey.npy", test_fraction=0.25)[0]) == 3
+
+
 class _Planted:
     def __init__(self, marker):
         self.marker = marker
