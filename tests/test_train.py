@@ -70,6 +70,27 @@ def test_resume_after_a_max_steps_stop_inside_an_epoch_reports_the_same_numbers(
     assert [strip(e) for e in resumed["epochs"]] == [strip(e) for e in whole["epochs"]]
 
 
+def test_an_epoch_of_skipped_steps_has_no_train_bpd_and_metrics_stay_strict_json(tmp_path,
+                                                                                  monkeypatch):
+    """Every step non-finite (skipped): the epoch's train bits/dim was reported as 0.000,
+    and the NaN test bits/dim was written to metrics.json as NaN, which is not JSON."""
+    import fastflow.glow as glow
+
+    real = glow.bits_per_dim
+    monkeypatch.setattr(glow, "bits_per_dim", lambda *a, **k: real(*a, **k) * float("nan"))
+    _run(tmp_path, "--max-steps", "2", "--epochs", "1")
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    metrics = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=refuse)
+    entry = metrics["history"]["epochs"][-1]
+    assert entry["skipped"] == 2 and entry["step"] == 2
+    assert entry["train"]["bpd"] is None and entry["test"]["bpd"] is None
+    row = (tmp_path / "metrics.csv").read_text().splitlines()[1].split(",")
+    assert row[2] != "0.0"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_resume_on_cuda_reports_the_same_numbers(tmp_path, small_npz):
     """A checkpoint loads with map_location the GPU, which puts its RNG states there; they

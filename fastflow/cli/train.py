@@ -405,7 +405,7 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize, load_image_sets) -> int:
         last = epoch + 1 == args.epochs or (args.max_steps is not None and step >= args.max_steps)
         evaluate = last or (epoch + 1) % args.eval_every == 0
         entry = {"epoch": epoch + 1, "step": step,
-                 "train": {"bpd": float(sum_bpd / n_ok.clamp(min=1))},
+                 "train": {"bpd": float(sum_bpd / n_ok)},  # NaN when every step was skipped
                  "test": ({"bpd": evaluate_bpd(model, test, eval_gen, runner, device)}
                           if evaluate else None),
                  "skipped": int(runner.skipped.item()), "lr": runner.lr(step - 1),
