@@ -163,7 +163,7 @@ def _load_folder(path: Path, size: int | None) -> torch.Tensor:
     import numpy as np
     from PIL import Image, ImageOps
 
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = _image_files(path)
     images, bad = [], 0
     for file in files:
         try:
@@ -190,6 +190,20 @@ def _load_folder(path: Path, size: int | None) -> torch.Tensor:
         raise _data_error(f"images under {path} differ in size ({sorted(shapes)[:3]}...): "
                           "pass --size to center-crop and resize them")
     return _to_nchw_uint8(np.stack(images), str(path))
+
+
+def _image_files(path: Path) -> list[Path]:
+    """The PNG/JPEG files under ``path``, sorted, through symlinked folders too (rglob does
+    not enter them), each real folder once (a link back up is no cycle)."""
+    files, seen = [], set()
+    for root, dirs, names in os.walk(path, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        files += [Path(root, n) for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(p for p in files if p.is_file())
 
 
 def _center_crop_resize_pil(img, size: int):

@@ -41,6 +41,21 @@ def test_image_folder_recursive_skips_unreadable_files(tmp_path, capsys):
     assert sized.shape == (3, 8, 8) and sized.levels.dtype == torch.uint8
 
 
+def test_image_folder_follows_symlinked_folders_once(tmp_path):
+    """pathlib's rglob does not enter symlinked folders: a folder assembled from links to
+    the user's image folders silently lost their images. Links to a folder seen already
+    (here a link back to the root, a cycle) add nothing."""
+    rng = np.random.default_rng(3)
+    for i in range(3):
+        _png(tmp_path / "elsewhere" / f"img{i}.png", rng.integers(0, 256, (8, 8), np.uint8))
+    _png(tmp_path / "data" / "own.png", rng.integers(0, 256, (8, 8), np.uint8))
+    (tmp_path / "data" / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "data" / "loop").symlink_to(tmp_path / "data", target_is_directory=True)
+    (tmp_path / "data" / "one.png").symlink_to(tmp_path / "elsewhere" / "img0.png")
+    train, test = data.load_image_sets(str(tmp_path / "data"), test_fraction=0.2)
+    assert len(train) + len(test) == 5  # own, one.png, linked/img0..2
+
+
 def test_image_folder_errors_name_the_argument(tmp_path):
     with pytest.raises(ValueError, match="--data: no readable"):
         data.load_image_sets(str(tmp_path))
