@@ -59,7 +59,9 @@ def test_resume_after_a_max_steps_stop_inside_an_epoch_reports_the_same_numbers(
     common = ["--data", small_npz, "--batch-size", "16", "--test-fraction", "0.2", "--warmup",
               "3", "--epochs", "2"]
     whole = _run(tmp_path / "a", *common, "--max-steps", "8")["history"]
-    _run(tmp_path / "b", *common, "--max-steps", "2")
+    first = _run(tmp_path / "b", *common, "--max-steps", "2")["history"]
+    again = _run(tmp_path / "b", *common, "--max-steps", "2", "--resume")["history"]
+    assert again["epochs"] == first["epochs"]  # nothing left to run: the entry stays
     with pytest.raises(SystemExit, match="--batch-size: .* stopped after batch 2 of epoch 1 "
                                          "at --batch-size 16; got 8"):
         _run(tmp_path / "b", *common, "--max-steps", "8", "--resume", "--batch-size", "8")

@@ -165,6 +165,10 @@ def test_train_vae_resumed_after_a_max_steps_stop_inside_an_epoch_reports_the_sa
     whole_out, split_out = tmp_path / "whole", tmp_path / "split"
     assert cli(args + ["--out", str(whole_out)]) == 0
     assert cli(args + ["--out", str(split_out), "--max-steps", "1"]) == 0
+    first = json.loads((split_out / "metrics.json").read_text())["history"]
+    assert cli(args + ["--out", str(split_out), "--max-steps", "1", "--resume"]) == 0
+    again = json.loads((split_out / "metrics.json").read_text())["history"]
+    assert again == first  # nothing left to run: the entry stays
     with pytest.raises(SystemExit, match="--batch-size: .* stopped after batch 1 of epoch 1"):
         cli(args[:2] + ["700"] + args[3:] + ["--out", str(split_out), "--resume"])
     assert cli(args + ["--out", str(split_out), "--resume"]) == 0

@@ -217,13 +217,11 @@ def resume_or_start(args, ckpt_path: Path, model, opt, config: dict, generators:
     names = list(generators)
     set_rng_state(state["rng"], *(generators[k] for k in names), device=device)
     partial = state.get("partial")
-    if partial is not None:
-        state["history"]["epochs"].pop()  # its entry is written again when the epoch ends
-        if partial["batch_size"] != args.batch_size:
-            raise SystemExit(f"--batch-size: {ckpt_path} stopped after batch {partial['batch']} "
-                             f"of epoch {state['epoch'] + 1} at --batch-size "
-                             f"{partial['batch_size']}; got {args.batch_size}, which would skip "
-                             "or repeat images of that epoch (pass the checkpoint's value)")
+    if partial is not None and partial["batch_size"] != args.batch_size:
+        raise SystemExit(f"--batch-size: {ckpt_path} stopped after batch {partial['batch']} "
+                         f"of epoch {state['epoch'] + 1} at --batch-size "
+                         f"{partial['batch_size']}; got {args.batch_size}, which would skip "
+                         "or repeat images of that epoch (pass the checkpoint's value)")
     print(f"resumed from {ckpt_path} at epoch {state['epoch']}, step {state['step']}")
     for group in opt.param_groups:  # --lr applies on resume too (metrics record this value)
         if group["lr"] != args.lr:
@@ -253,6 +251,7 @@ def train_epochs(args, *, model, opt, x_train, loss_terms, evaluate, describe, c
         sums, seen, first = None, 0, 0
         order_state = generators["shuffle"].get_state()  # this epoch's order, for a resume
         if partial is not None:  # go on where the --max-steps stop left this epoch
+            history["epochs"].pop()  # its entry is written again when the epoch ends
             first, order_state = partial["batch"], partial["order"]
             generators["shuffle"].set_state(order_state)
             sums = torch.tensor(partial["sums"], dtype=torch.float64, device=x_train.device)

@@ -281,14 +281,12 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize, load_image_sets) -> int:
             opt.load_state_dict(saved["optimizer"])
             start_epoch, step, history = saved["epoch"], saved["step"], saved["history"]
             partial = saved.get("partial")  # an epoch a --max-steps stop left unfinished
-            if partial is not None:
-                history["epochs"].pop()  # its entry is written again when the epoch ends
-                if partial["batch_size"] != args.batch_size:
-                    raise SystemExit(
-                        f"--batch-size: {ckpt_path} stopped after batch {partial['batch']} "
-                        f"of epoch {start_epoch + 1} at --batch-size {partial['batch_size']}; "
-                        f"got {args.batch_size}, which would skip or repeat images of that "
-                        "epoch (pass the checkpoint's value)")
+            if partial is not None and partial["batch_size"] != args.batch_size:
+                raise SystemExit(
+                    f"--batch-size: {ckpt_path} stopped after batch {partial['batch']} "
+                    f"of epoch {start_epoch + 1} at --batch-size {partial['batch_size']}; "
+                    f"got {args.batch_size}, which would skip or repeat images of that "
+                    "epoch (pass the checkpoint's value)")
             set_rng_state(saved["rng"], eval_gen, device=device)
             old_lr, runner_state = float(saved["lr"]), saved["step_runner"]
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
@@ -362,6 +360,7 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize, load_image_sets) -> int:
         n_ok = torch.zeros((), dtype=torch.float64, device=device)
         first = 0
         if partial is not None:  # go on where the --max-steps stop left this epoch
+            history["epochs"].pop()  # its entry is written again when the epoch ends
             first = partial["batch"]
             gen.set_state(partial["noise"])
             runner.skipped.fill_(partial["skipped"])
