@@ -140,6 +140,23 @@ def test_resume_refuses_another_held_out_split(tmp_path, small_npz):
     _run(tmp_path, *common, "--test-fraction", "0.2", "--epochs", "2", "--resume")
 
 
+def test_resume_refuses_data_that_gained_images(tmp_path, small_npz):
+    """The held-out images are a permutation of range(N): with images added to the folder
+    or array, the same seed and --test-fraction hold out other ones, some of them trained
+    on, and the resumed run reported their bits/dim as held out."""
+    import numpy as np
+
+    common = ["--batch-size", "16", "--test-fraction", "0.2", "--max-steps", "2"]
+    _run(tmp_path / "out", "--data", small_npz, *common, "--epochs", "1")
+    images = np.load(small_npz)["images"]
+    grown = tmp_path / "grown.npz"
+    np.savez(grown, images=np.concatenate([images, images[:10]]))
+    with pytest.raises(SystemExit, match=r"--data: .* held out its test images from 80 "
+                                         r"images; .* now holds 90"):
+        _run(tmp_path / "out", "--data", str(grown), *common, "--epochs", "2", "--resume")
+    _run(tmp_path / "out", "--data", small_npz, *common, "--epochs", "2", "--resume")
+
+
 def test_resume_guards_and_new_lr(tmp_path, capsys):
     _run(tmp_path, "--max-steps", "3", "--epochs", "1", "--lr", "1e-3")
     with pytest.raises(SystemExit, match="--resume to continue it or --force"):

@@ -252,6 +252,7 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize, load_image_sets) -> int:
     n_pixel, n_bins = channels * height * width, train.n_bins
 
     split = _split_key(args)  # what drew the held-out images, checked on --resume
+    n_images = len(train) + len(test)  # and from how many
     config = {"n_flow": args.n_flow, "n_block": args.n_block, "filter_size": args.filter_size,
               "conv_lu": not args.no_lu, "affine": not args.additive,
               "image": [channels, height, width], "n_bins": n_bins}
@@ -276,6 +277,11 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize, load_image_sets) -> int:
                              f"this run asks for {split}, which would train on some of them "
                              "and report test bits/dim on images it has seen (pass the "
                              "checkpoint's values)")
+        if saved.get("n_images", n_images) != n_images:  # a permutation of range(n_images)
+            raise SystemExit(f"--data: {ckpt_path} held out its test images from "
+                             f"{saved['n_images']} images; {args.data} now holds {n_images}, "
+                             "so other images would be held out, some of them trained on "
+                             "(resume with the images it was trained on, or use a new --out)")
         try:
             model.load_state_dict(saved["model"])
             opt.load_state_dict(saved["optimizer"])
@@ -427,8 +433,8 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize, load_image_sets) -> int:
                 "sum_bpd": float(sum_bpd), "n_ok": float(n_ok),
                 "skipped": float(runner.skipped)}
             save_checkpoint(ckpt_path, model, opt, epoch=epoch + int(not unfinished), step=step,
-                            history=history, config=config, split=split, lr=base_lr,
-                            step_runner=runner.state_dict(), partial=left,
+                            history=history, config=config, split=split, n_images=n_images,
+                            lr=base_lr, step_runner=runner.state_dict(), partial=left,
                             rng=resume_rng or rng_state(eval_gen, device=device),
                             world_size=dist_.world)
 
