@@ -331,8 +331,10 @@ def load_image_sets(source: str = "digits", *, size: int | None = None,
             elif path.is_file() and path.suffix.lower() in (".npy", ".npz"):
                 levels = _load_array(path)
             else:
+                why = ("a file, not a folder or an .npy/.npz array" if path.exists()
+                       else "not found")
                 raise _data_error(f"expected 'digits', a folder of images, an .npy/.npz file "
-                                  f"or cifar10:ROOT, got {source!r} (not found)")
+                                  f"or cifar10:ROOT, got {source!r} ({why})")
             if len(levels) < 2:
                 raise _data_error(f"{source}: need at least 2 images (train and held-out), "
                                   f"got {len(levels)}")

@@ -66,6 +66,12 @@ def test_image_folder_errors_name_the_argument(tmp_path):
     assert data.load_image_sets(str(tmp_path), size=4)[0].shape == (1, 4, 4)
     with pytest.raises(ValueError, match="--data"):
         data.load_image_sets(str(tmp_path / "missing"))
+    # a file that is there but no array: it used to be called "not found"
+    with pytest.raises(ValueError, match=r"--data: .*a\.png'? \(a file, not a folder or an "
+                                         r"\.npy/\.npz array\)"):
+        data.load_image_sets(str(tmp_path / "a.png"))
+    with pytest.raises(ValueError, match=r"missing'? \(not found\)"):
+        data.load_image_sets(str(tmp_path / "missing"))
 
 
 def test_arrays_npy_and_npz(tmp_path):
