@@ -155,7 +155,11 @@ def _load_array(path: Path) -> torch.Tensor:
             key = (preferred or keys or [None])[0]
             if key is None:
                 raise _data_error(f"{path} holds no arrays")
-            loaded, what = loaded[key], f"{path}: array {key!r} of {keys}"
+            what = f"{path}: array {key!r} of {keys}"
+            try:  # members are read here, not by np.load
+                loaded = loaded[key]
+            except Exception as err:  # noqa: BLE001 - object arrays, damaged members
+                raise _data_error(f"cannot read {what}: {err}") from None
     return _to_nchw_uint8(loaded, what)
 
 

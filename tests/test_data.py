@@ -93,6 +93,14 @@ def test_arrays_npy_and_npz(tmp_path):
         data.load_image_sets(str(tmp_path / "float.npy"))
 
 
+def test_an_npz_member_that_cannot_be_read_names_the_file(tmp_path):
+    """An object array (or a damaged member) in an .npz fails when the member is read, after
+    the guarded np.load: the error named neither --data nor the file."""
+    np.savez(tmp_path / "objects.npz", x=np.array([{"a": 1}] * 3, dtype=object))
+    with pytest.raises(ValueError, match=r"--data: cannot read .*objects\.npz.*'x'"):
+        data.load_image_sets(str(tmp_path / "objects.npz"))
+
+
 def test_an_npz_error_names_the_array_it_read(tmp_path):
     """With several arrays and none named x/images/arr_0 the first is read: its shape error
     used to name only the file, not which array (here the labels) it had picked."""
