@@ -147,6 +147,7 @@ def _load_array(path: Path) -> torch.Tensor:
         loaded = np.load(path, allow_pickle=False)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same message
         raise _data_error(f"cannot read {path}: {err}") from None
+    what = str(path)
     if isinstance(loaded, np.lib.npyio.NpzFile):
         with loaded:
             keys = list(loaded.keys())
@@ -154,30 +155,35 @@ def _load_array(path: Path) -> torch.Tensor:
             key = (preferred or keys or [None])[0]
             if key is None:
                 raise _data_error(f"{path} holds no arrays")
-            loaded = loaded[key]
-    return _to_nchw_uint8(loaded, str(path))
+            what = f"{path}: array {key!r} of {keys}"
+            try:  # members are read here, not by np.load
+                loaded = loaded[key]
+            except Exception as err:  # noqa: BLE001 - object arrays, damaged members
+                raise _data_error(f"cannot read {what}: {err}") from None
+    return _to_nchw_uint8(loaded, what)
 
 
 def _load_folder(path: Path, size: int | None) -> torch.Tensor:
     import numpy as np
-    from PIL import Image
+    from PIL import Image, ImageOps
 
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    images, bad, mode = [], 0, None
+    files = _image_files(path)
+    images, bad = [], 0
     for file in files:
         try:
             with Image.open(file) as img:
                 img.load()
+                img = ImageOps.exif_transpose(img)  # as viewers show it (camera rotation)
                 if img.mode.startswith("I;16"):  # 16-bit grey: its top 8 bits (convert clips)
                     img = Image.fromarray((np.asarray(img) >> 8).astype(np.uint8))
-                if mode is None:
-                    mode = "L" if img.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"
-                img = img.convert(mode)
+                img = img.convert("L" if img.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB")
                 if size is not None:
                     img = _center_crop_resize_pil(img, size)
                 images.append(np.asarray(img, dtype=np.uint8))
         except Exception:  # noqa: BLE001 - a broken file is skipped and counted, not fatal
             bad += 1
+    if any(im.ndim == 3 for im in images):  # any colour image: the grey ones become RGB
+        images = [np.repeat(im[..., None], 3, -1) if im.ndim == 2 else im for im in images]
     if bad:
         print(f"--data: skipped {bad} unreadable image file(s) in {path}", flush=True)
     if not images:
@@ -188,6 +194,20 @@ def _load_folder(path: Path, size: int | None) -> torch.Tensor:
         raise _data_error(f"images under {path} differ in size ({sorted(shapes)[:3]}...): "
                           "pass --size to center-crop and resize them")
     return _to_nchw_uint8(np.stack(images), str(path))
+
+
+def _image_files(path: Path) -> list[Path]:
+    """The PNG/JPEG files under ``path``, sorted, through symlinked folders too (rglob does
+    not enter them), each real folder once (a link back up is no cycle)."""
+    files, seen = [], set()
+    for root, dirs, names in os.walk(path, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        files += [Path(root, n) for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(p for p in files if p.is_file())
 
 
 def _center_crop_resize_pil(img, size: int):
@@ -307,16 +327,18 @@ def load_image_sets(source: str = "digits", *, size: int | None = None,
     else:
         n_bins = 256
         if source.startswith("cifar10:"):
-            (train, labels_train), (test, labels_test) = _load_cifar(Path(source[8:]))
+            (train, labels_train), (test, labels_test) = _load_cifar(Path(source[8:]).expanduser())
         else:
-            path = Path(source)
+            path = Path(source).expanduser()  # cifar10:~/x and --data=~/x: the shell leaves ~
             if path.is_dir():
                 levels = _load_folder(path, size)
             elif path.is_file() and path.suffix.lower() in (".npy", ".npz"):
                 levels = _load_array(path)
             else:
+                why = ("a file, not a folder or an .npy/.npz array" if path.exists()
+                       else "not found")
                 raise _data_error(f"expected 'digits', a folder of images, an .npy/.npz file "
-                                  f"or cifar10:ROOT, got {source!r} (not found)")
+                                  f"or cifar10:ROOT, got {source!r} ({why})")
             if len(levels) < 2:
                 raise _data_error(f"{source}: need at least 2 images (train and held-out), "
                                   f"got {len(levels)}")

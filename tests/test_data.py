@@ -41,6 +41,21 @@ def test_image_folder_recursive_skips_unreadable_files(tmp_path, capsys):
     assert sized.shape == (3, 8, 8) and sized.levels.dtype == torch.uint8
 
 
+def test_image_folder_follows_symlinked_folders_once(tmp_path):
+    """pathlib's rglob does not enter symlinked folders: a folder assembled from links to
+    the user's image folders silently lost their images. Links to a folder seen already
+    (here a link back to the root, a cycle) add nothing."""
+    rng = np.random.default_rng(3)
+    for i in range(3):
+        _png(tmp_path / "elsewhere" / f"img{i}.png", rng.integers(0, 256, (8, 8), np.uint8))
+    _png(tmp_path / "data" / "own.png", rng.integers(0, 256, (8, 8), np.uint8))
+    (tmp_path / "data" / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "data" / "loop").symlink_to(tmp_path / "data", target_is_directory=True)
+    (tmp_path / "data" / "one.png").symlink_to(tmp_path / "elsewhere" / "img0.png")
+    train, test = data.load_image_sets(str(tmp_path / "data"), test_fraction=0.2)
+    assert len(train) + len(test) == 5  # own, one.png, linked/img0..2
+
+
 def test_image_folder_errors_name_the_argument(tmp_path):
     with pytest.raises(ValueError, match="--data: no readable"):
         data.load_image_sets(str(tmp_path))
@@ -50,6 +65,12 @@ def test_image_folder_errors_name_the_argument(tmp_path):
         data.load_image_sets(str(tmp_path))
     assert data.load_image_sets(str(tmp_path), size=4)[0].shape == (1, 4, 4)
     with pytest.raises(ValueError, match="--data"):
+        data.load_image_sets(str(tmp_path / "missing"))
+    # a file that is there but no array: it used to be called "not found"
+    with pytest.raises(ValueError, match=r"--data: .*a\.png'? \(a file, not a folder or an "
+                                         r"\.npy/\.npz array\)"):
+        data.load_image_sets(str(tmp_path / "a.png"))
+    with pytest.raises(ValueError, match=r"missing'? \(not found\)"):
         data.load_image_sets(str(tmp_path / "missing"))
 
 
@@ -70,6 +91,24 @@ def test_arrays_npy_and_npz(tmp_path):
     np.save(tmp_path / "float.npy", np.zeros((4, 8, 8), np.float32))
     with pytest.raises(ValueError, match="--data: .*uint8"):
         data.load_image_sets(str(tmp_path / "float.npy"))
+
+
+def test_an_npz_member_that_cannot_be_read_names_the_file(tmp_path):
+    """An object array (or a damaged member) in an .npz fails when the member is read, after
+    the guarded np.load: the error named neither --data nor the file."""
+    np.savez(tmp_path / "objects.npz", x=np.array([{"a": 1}] * 3, dtype=object))
+    with pytest.raises(ValueError, match=r"--data: cannot read .*objects\.npz.*'x'"):
+        data.load_image_sets(str(tmp_path / "objects.npz"))
+
+
+def test_an_npz_error_names_the_array_it_read(tmp_path):
+    """With several arrays and none named x/images/arr_0 the first is read: its shape error
+    used to name only the file, not which array (here the labels) it had picked."""
+    np.savez(tmp_path / "two.npz", labels=np.zeros(10, np.uint8),
+             pictures=np.zeros((10, 8, 8), np.uint8))
+    with pytest.raises(ValueError, match=r"two\.npz: array 'labels' of \['labels', 'pictures'\]: "
+                                         r"expected images shaped"):
+        data.load_image_sets(str(tmp_path / "two.npz"))
 
 
 def _cifar_tree(root, n=3):
@@ -98,6 +137,17 @@ def test_cifar10_python_batches(tmp_path):
     (folder / "data_batch_5").unlink()
     with pytest.raises(ValueError, match="--data: cifar10.*data_batch_5"):
         data.load_image_sets(f"cifar10:{tmp_path}")
+
+
+def test_a_home_relative_data_path_is_expanded(tmp_path, monkeypatch):
+    """The shell leaves the ~ of cifar10:~/... alone (it is not at a word's start), and the
+    path was used as given: 'missing ~/.../data_batch_1' for data that is there."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _cifar_tree(tmp_path / "datasets")
+    train, test = data.load_image_sets("cifar10:~/datasets")
+    assert len(train) == 15 and len(test) == 3
+    np.save(tmp_path / "grey.npy", np.zeros((4, 8, 8), np.uint8))
+    assert len(data.load_image_sets("~/grey.npy", test_fraction=0.25)[0]) == 3
 
 
 class _Planted:
@@ -155,3 +205,36 @@ def test_image_folder_16_bit_grey_pngs_keep_their_top_8_bits(tmp_path):
     assert sorted(both.flatten().tolist()) == sorted(grey.flatten().tolist())
     sized, _ = data.load_image_sets(str(tmp_path), size=4, test_fraction=0.5)
     assert sized.shape == (1, 4, 4) and 0 < int(sized.levels.max()) < 255
+
+
+def test_image_folder_with_grey_and_colour_images_stays_in_colour(tmp_path):
+    """The first file's mode used to decide for the whole folder: one grey image sorted
+    first turned every colour image grey (pure red came back as level 76)."""
+    _png(tmp_path / "a_grey.png", np.full((8, 8), 200, np.uint8))
+    red = np.zeros((8, 8, 3), np.uint8)
+    red[..., 0] = 255
+    for i in range(3):
+        _png(tmp_path / f"b{i}.png", red)
+    train, test = data.load_image_sets(str(tmp_path), test_fraction=0.25)
+    both = torch.cat([train.levels, test.levels])
+    assert both.shape == (4, 3, 8, 8)
+    colours = sorted({tuple(px) for px in both.permute(0, 2, 3, 1).reshape(-1, 3).tolist()})
+    assert colours == [(200, 200, 200), (255, 0, 0)]
+
+
+def test_image_folder_applies_the_exif_orientation(tmp_path):
+    """A camera JPEG stored landscape with EXIF orientation 6 (shown rotated 90 degrees
+    clockwise) is read as every viewer shows it: portrait, its white half on top."""
+    from PIL import Image
+
+    stored = np.zeros((8, 16, 3), np.uint8)
+    stored[:, :8] = 255  # left half white, as stored
+    for i in range(2):
+        img = Image.fromarray(stored)
+        exif = img.getexif()
+        exif[0x0112] = 6
+        img.save(tmp_path / f"photo{i}.JPG", exif=exif, quality=100)
+    train, _ = data.load_image_sets(str(tmp_path), test_fraction=0.5)
+    assert train.shape == (3, 16, 8)
+    grey = train.levels[0].float().mean(0)
+    assert grey[:8].mean() > 250 and grey[8:].mean() < 5

@@ -197,8 +197,9 @@ def test_train_tarflow_improves_and_resumes(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
     assert len(first["sampling"]["jacobi_iterations"]) == 2
     resumed = _train(tmp_path, "--resume")["history"]
-    assert [e["epoch"] for e in resumed["epochs"]] == [1, 2]
-    assert resumed["epochs"][0] == history["epochs"][0]
+    # 45 steps per epoch: the resumed run goes on inside epoch 1 (it used to skip to 2)
+    assert [e["epoch"] for e in resumed["epochs"]] == [1]
+    assert resumed["initial"] == history["initial"]
     assert resumed["epochs"][-1]["step"] == 8
     with pytest.raises(SystemExit, match="--resume"):
         _train(tmp_path, "--resume", "--channels", "8")
@@ -258,15 +259,6 @@ def test_reverse_names_z_for_a_bad_image_shaped_z():
         model.reverse(torch.randn(2, 1, 4, 5))
     with pytest.raises(TypeError, match="^z: expected a floating"):
         model.reverse(torch.zeros(2, 1, 4, 4, dtype=torch.long))
-
-
-def test_train_tarflow_resume_applies_a_new_lr(tmp_path):
-    """README: with --resume "a new --lr is applied and recorded"; the optimizer's state
-    from the checkpoint used to bring the old learning rate back silently."""
-    _train(tmp_path, "--max-steps", "2", "--epochs", "1")
-    _train(tmp_path, "--resume", "--lr", "1e-5", "--max-steps", "3")
-    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert [g["lr"] for g in saved["optimizer"]["param_groups"]] == [1e-5]
 
 
 def test_train_tarflow_resume_without_a_checkpoint_says_so(tmp_path, capsys):
@@ -350,3 +342,28 @@ def test_sample_under_inference_mode_denoises_as_under_no_grad():
     raw = model.sample(2, y, guidance=1.0, generator=torch.Generator().manual_seed(0),
                        denoise=False)
     assert (got - raw).abs().max() > 1e-6  # the denoising step did something
+
+
+def test_train_tarflow_resume_applies_a_new_lr_and_says_when_there_is_no_checkpoint(
+        tmp_path, capsys):
+    """A --lr given with --resume was recorded in metrics.json but the optimizer kept the
+    checkpoint's; --resume without a checkpoint started afresh without a word."""
+    _train(tmp_path, "--max-steps", "1", "--epochs", "1", "--resume", "--lr", "1e-3")
+    assert "no checkpoint at" in capsys.readouterr().out
+    metrics = _train(tmp_path, "--max-steps", "2", "--resume", "--lr", "1e-6")
+    assert "--lr: using 1e-06 (the checkpoint had 0.001)" in capsys.readouterr().out
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert metrics["config"]["lr"] == 1e-6
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [1e-6]
+
+
+def test_train_tarflow_resumed_after_a_max_steps_stop_inside_an_epoch_reports_the_same_numbers(
+        tmp_path):
+    # 2 steps per epoch; a stop after step 1 was checkpointed as epoch 1 done, so the
+    # resumed run skipped that epoch's second batch
+    common = ["--batch-size", "720"]
+    whole = _train(tmp_path / "whole", *common)["history"]
+    _train(tmp_path / "split", *common, "--max-steps", "1")
+    resumed = _train(tmp_path / "split", *common, "--resume")["history"]
+    assert [e["step"] for e in whole["epochs"]] == [2, 4]
+    assert resumed == whole

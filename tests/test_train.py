@@ -52,6 +52,47 @@ def test_resume_at_an_epoch_boundary_reports_the_same_numbers(tmp_path, small_np
     assert [strip(e) for e in resumed["epochs"]] == [strip(e) for e in whole["epochs"]]
 
 
+def test_resume_after_a_max_steps_stop_inside_an_epoch_reports_the_same_numbers(tmp_path,
+                                                                               small_npz):
+    """The checkpoint of a --max-steps stop after batch 2 of 4 was marked epoch 1 done: the
+    resumed run skipped that epoch's other batches (6 steps instead of 8, other numbers)."""
+    common = ["--data", small_npz, "--batch-size", "16", "--test-fraction", "0.2", "--warmup",
+              "3", "--epochs", "2"]
+    whole = _run(tmp_path / "a", *common, "--max-steps", "8")["history"]
+    first = _run(tmp_path / "b", *common, "--max-steps", "2")["history"]
+    again = _run(tmp_path / "b", *common, "--max-steps", "2", "--resume")["history"]
+    assert again["epochs"] == first["epochs"]  # nothing left to run: the entry stays
+    with pytest.raises(SystemExit, match="--batch-size: .* stopped after batch 2 of epoch 1 "
+                                         "at --batch-size 16; got 8"):
+        _run(tmp_path / "b", *common, "--max-steps", "8", "--resume", "--batch-size", "8")
+    resumed = _run(tmp_path / "b", *common, "--max-steps", "8", "--resume")["history"]
+    timing = ("seconds", "images_per_s")
+    strip = lambda e: {k: v for k, v in e.items() if k not in timing}  # noqa: E731
+    assert [e["step"] for e in whole["epochs"]] == [4, 8]
+    assert [strip(e) for e in resumed["epochs"]] == [strip(e) for e in whole["epochs"]]
+
+
+def test_an_epoch_of_skipped_steps_has_no_train_bpd_and_metrics_stay_strict_json(tmp_path,
+                                                                                  monkeypatch):
+    """Every step non-finite (skipped): the epoch's train bits/dim was reported as 0.000,
+    and the NaN test bits/dim was written to metrics.json as NaN, which is not JSON."""
+    import fastflow.glow as glow
+
+    real = glow.bits_per_dim
+    monkeypatch.setattr(glow, "bits_per_dim", lambda *a, **k: real(*a, **k) * float("nan"))
+    _run(tmp_path, "--max-steps", "2", "--epochs", "1")
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    metrics = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=refuse)
+    entry = metrics["history"]["epochs"][-1]
+    assert entry["skipped"] == 2 and entry["step"] == 2
+    assert entry["train"]["bpd"] is None and entry["test"]["bpd"] is None
+    row = (tmp_path / "metrics.csv").read_text().splitlines()[1].split(",")
+    assert row[2] != "0.0"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_resume_on_cuda_reports_the_same_numbers(tmp_path, small_npz):
     """A checkpoint loads with map_location the GPU, which puts its RNG states there; they
@@ -97,6 +138,23 @@ def test_resume_refuses_another_held_out_split(tmp_path, small_npz):
                                              r"images with \{'seed': 0, 'test_fraction': 0.2\}"):
             _run(tmp_path, *common, *extra, "--epochs", "2", "--resume")
     _run(tmp_path, *common, "--test-fraction", "0.2", "--epochs", "2", "--resume")
+
+
+def test_resume_refuses_data_that_gained_images(tmp_path, small_npz):
+    """The held-out images are a permutation of range(N): with images added to the folder
+    or array, the same seed and --test-fraction hold out other ones, some of them trained
+    on, and the resumed run reported their bits/dim as held out."""
+    import numpy as np
+
+    common = ["--batch-size", "16", "--test-fraction", "0.2", "--max-steps", "2"]
+    _run(tmp_path / "out", "--data", small_npz, *common, "--epochs", "1")
+    images = np.load(small_npz)["images"]
+    grown = tmp_path / "grown.npz"
+    np.savez(grown, images=np.concatenate([images, images[:10]]))
+    with pytest.raises(SystemExit, match=r"--data: .* held out its test images from 80 "
+                                         r"images; .* now holds 90"):
+        _run(tmp_path / "out", "--data", str(grown), *common, "--epochs", "2", "--resume")
+    _run(tmp_path / "out", "--data", small_npz, *common, "--epochs", "2", "--resume")
 
 
 def test_resume_guards_and_new_lr(tmp_path, capsys):

@@ -124,7 +124,8 @@ def test_train_vae_command_improves_elbo_and_resumes(tmp_path, capsys):
     assert cli(args + ["--max-steps", "35", "--resume"]) == 0  # the last --max-steps wins
     history2 = json.loads((out / "metrics.json").read_text())["history"]
     assert history2["initial"] == history["initial"]
-    assert [e["step"] for e in history2["epochs"]] == [25, 35]
+    # 45 steps per epoch: the resumed run finishes more of epoch 1 (it used to skip to 2)
+    assert [(e["epoch"], e["step"]) for e in history2["epochs"]] == [(1, 35)]
     assert "resumed from" in capsys.readouterr().out
 
 
@@ -152,4 +153,26 @@ def test_train_vae_resumed_at_an_epoch_boundary_reports_the_same_numbers(tmp_pat
     assert cli(args + ["--epochs", "2", "--out", str(split_out), "--resume"]) == 0
     whole, resumed = (json.loads((out / "metrics.json").read_text())["history"]
                       for out in (whole_out, split_out))
+    assert resumed == whole
+
+
+def test_train_vae_resumed_after_a_max_steps_stop_inside_an_epoch_reports_the_same_numbers(
+        tmp_path):
+    # 2 steps per epoch; a stop after step 1 was checkpointed as epoch 1 done, so the
+    # resumed run skipped that epoch's second batch
+    args = ["train-vae", "--batch-size", "720", "--no-progress", "--device", "cpu",
+            "--epochs", "2"]
+    whole_out, split_out = tmp_path / "whole", tmp_path / "split"
+    assert cli(args + ["--out", str(whole_out)]) == 0
+    assert cli(args + ["--out", str(split_out), "--max-steps", "1"]) == 0
+    first = json.loads((split_out / "metrics.json").read_text())["history"]
+    assert cli(args + ["--out", str(split_out), "--max-steps", "1", "--resume"]) == 0
+    again = json.loads((split_out / "metrics.json").read_text())["history"]
+    assert again == first  # nothing left to run: the entry stays
+    with pytest.raises(SystemExit, match="--batch-size: .* stopped after batch 1 of epoch 1"):
+        cli(args[:2] + ["700"] + args[3:] + ["--out", str(split_out), "--resume"])
+    assert cli(args + ["--out", str(split_out), "--resume"]) == 0
+    whole, resumed = (json.loads((out / "metrics.json").read_text())["history"]
+                      for out in (whole_out, split_out))
+    assert [e["step"] for e in whole["epochs"]] == [2, 4]
     assert resumed == whole

@@ -219,10 +219,23 @@ def save_image_grid(path: str | os.PathLike, rows, titles=None, *, cell: int = 4
     return path
 
 
+def _json_safe(value):
+    """NaN and the infinities as null: JSON has no such numbers (jq, JavaScript and strict
+    parsers refuse Python's NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def write_json(path: str | os.PathLike, data) -> Path:
+    """``data`` as indented JSON, written atomically; non-finite floats become null."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.write_text(json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
     return path
 

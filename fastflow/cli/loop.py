@@ -204,19 +204,30 @@ class StepRunner:
 
 
 def resume_or_start(args, ckpt_path: Path, model, opt, config: dict, generators: dict, device):
-    """(start_epoch, step, history): from ``ckpt_path`` when ``--resume`` finds it (model,
-    optimizer, the named generators' and torch's RNG states come back; a different
-    ``config`` is refused), else a fresh start."""
+    """(start_epoch, step, history, partial): from ``ckpt_path`` when ``--resume`` finds it
+    (model, optimizer, the named generators' and torch's RNG states come back; a different
+    ``config`` is refused; ``--lr`` replaces the checkpoint's), else a fresh start.
+    ``partial``: where a ``--max-steps`` stop left an epoch (``train_epochs`` goes on there)."""
     if not (args.resume and ckpt_path.is_file()):
-        return 0, 0, {"initial": None, "epochs": []}
+        return 0, 0, {"initial": None, "epochs": []}, None
     state = load_checkpoint(ckpt_path, model, opt, map_location=device)
     if state.get("config") != config:
         raise SystemExit(f"--resume: {ckpt_path} was trained with {state.get('config')}, "
                          f"got {config}")
     names = list(generators)
     set_rng_state(state["rng"], *(generators[k] for k in names), device=device)
+    partial = state.get("partial")
+    if partial is not None and partial["batch_size"] != args.batch_size:
+        raise SystemExit(f"--batch-size: {ckpt_path} stopped after batch {partial['batch']} "
+                         f"of epoch {state['epoch'] + 1} at --batch-size "
+                         f"{partial['batch_size']}; got {args.batch_size}, which would skip "
+                         "or repeat images of that epoch (pass the checkpoint's value)")
     print(f"resumed from {ckpt_path} at epoch {state['epoch']}, step {state['step']}")
-    return state["epoch"], state["step"], state["history"]
+    for group in opt.param_groups:  # --lr applies on resume too (metrics record this value)
+        if group["lr"] != args.lr:
+            print(f"--lr: using {args.lr:g} (the checkpoint had {group['lr']:g})")
+        group["lr"] = args.lr
+    return state["epoch"], state["step"], state["history"], partial
 
 
 def train_epochs(args, *, model, opt, x_train, loss_terms, evaluate, describe, ckpt_path,
@@ -224,28 +235,39 @@ def train_epochs(args, *, model, opt, x_train, loss_terms, evaluate, describe, c
     """Shuffled mini-batches (``generators["shuffle"]``), one optimizer step per batch on
     the first value of ``loss_terms(xb)`` (a dict of scalars, all averaged per epoch), then
     ``evaluate()`` on the test split, a line ``describe(train, test)`` and a checkpoint, per
-    epoch; until ``args.epochs`` or ``args.max_steps``. ``start`` = (epoch, step) to go on
-    from; returns the step count."""
+    epoch; until ``args.epochs`` or ``args.max_steps``. ``start`` = (epoch, step, partial)
+    to go on from (``resume_or_start``); returns the step count."""
+    import itertools
+
     from ..data import batches
 
-    epoch0, step = start
+    epoch0, step, partial = start
     steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
     t0 = time.perf_counter()
     names = list(generators)
     for epoch in range(epoch0, args.epochs):
         if args.max_steps is not None and step >= args.max_steps:
             break
-        sums, seen = None, 0
-        bar = progress(batches(x_train, args.batch_size, generator=generators["shuffle"]),
-                       total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
-                       enabled=not args.no_progress)
+        sums, seen, first = None, 0, 0
+        order_state = generators["shuffle"].get_state()  # this epoch's order, for a resume
+        if partial is not None:  # go on where the --max-steps stop left this epoch
+            history["epochs"].pop()  # its entry is written again when the epoch ends
+            first, order_state = partial["batch"], partial["order"]
+            generators["shuffle"].set_state(order_state)
+            sums = torch.tensor(partial["sums"], dtype=torch.float64, device=x_train.device)
+            seen = partial["seen"]
+            partial = None
+        walk = batches(x_train, args.batch_size, generator=generators["shuffle"])
+        bar = progress(itertools.islice(walk, first, None), total=steps_per_epoch - first,
+                       desc=f"epoch {epoch + 1}/{args.epochs}", enabled=not args.no_progress)
+        done = first
         for xb in bar:
             terms = loss_terms(xb)
             loss = next(iter(terms.values()))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            step += 1
+            step, done = step + 1, done + 1
             seen += xb.shape[0]
             batch = torch.stack([t.detach() for t in terms.values()]).double() * xb.shape[0]
             sums = batch if sums is None else sums + batch
@@ -254,13 +276,22 @@ def train_epochs(args, *, model, opt, x_train, loss_terms, evaluate, describe, c
             if args.max_steps is not None and step >= args.max_steps:
                 break
         bar.close()
+        # a --max-steps stop inside the epoch: the checkpoint records where, and the
+        # generators as they were before this extra evaluation, for --resume
+        unfinished = done < steps_per_epoch
+        resume_rng = rng_state(*(generators[k] for k in names), device=x_train.device) \
+            if unfinished else None
         train = dict(zip(terms, (sums / max(seen, 1)).tolist()))
         test = evaluate()
         history["epochs"].append({"epoch": epoch + 1, "step": step, "train": train,
                                   "test": test})
         print(f"epoch {epoch + 1:3d}/{args.epochs}  {describe(train, test)}  "
               f"{time.perf_counter() - t0:6.1f}s", flush=True)
-        save_checkpoint(ckpt_path, model, opt, epoch=epoch + 1, step=step, history=history,
-                        config=config,
-                        rng=rng_state(*(generators[k] for k in names), device=x_train.device))
+        left = None if not unfinished else {
+            "batch": done, "batch_size": args.batch_size, "order": order_state,
+            "sums": sums.tolist(), "seen": seen}
+        save_checkpoint(ckpt_path, model, opt, epoch=epoch + int(not unfinished), step=step,
+                        history=history, config=config, partial=left,
+                        rng=resume_rng or rng_state(*(generators[k] for k in names),
+                                                    device=x_train.device))
     return step

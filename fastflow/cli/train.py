@@ -252,6 +252,7 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize, load_image_sets) -> int:
     n_pixel, n_bins = channels * height * width, train.n_bins
 
     split = _split_key(args)  # what drew the held-out images, checked on --resume
+    n_images = len(train) + len(test)  # and from how many
     config = {"n_flow": args.n_flow, "n_block": args.n_block, "filter_size": args.filter_size,
               "conv_lu": not args.no_lu, "affine": not args.additive,
               "image": [channels, height, width], "n_bins": n_bins}
@@ -265,7 +266,7 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize, load_image_sets) -> int:
     history, step, start_epoch, base_lr = {"initial": None, "epochs": []}, 0, 0, args.lr or 1e-3
     saved = read_checkpoint(ckpt_path, map_location=device) if args.resume and \
         ckpt_path.is_file() else None
-    runner_state = None
+    runner_state, partial = None, None
     if saved is not None:
         if saved.get("config") != config:
             raise SystemExit(f"--resume: {ckpt_path} was trained with {saved.get('config')}, "
@@ -276,10 +277,22 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize, load_image_sets) -> int:
                              f"this run asks for {split}, which would train on some of them "
                              "and report test bits/dim on images it has seen (pass the "
                              "checkpoint's values)")
+        if saved.get("n_images", n_images) != n_images:  # a permutation of range(n_images)
+            raise SystemExit(f"--data: {ckpt_path} held out its test images from "
+                             f"{saved['n_images']} images; {args.data} now holds {n_images}, "
+                             "so other images would be held out, some of them trained on "
+                             "(resume with the images it was trained on, or use a new --out)")
         try:
             model.load_state_dict(saved["model"])
             opt.load_state_dict(saved["optimizer"])
             start_epoch, step, history = saved["epoch"], saved["step"], saved["history"]
+            partial = saved.get("partial")  # an epoch a --max-steps stop left unfinished
+            if partial is not None and partial["batch_size"] != args.batch_size:
+                raise SystemExit(
+                    f"--batch-size: {ckpt_path} stopped after batch {partial['batch']} "
+                    f"of epoch {start_epoch + 1} at --batch-size {partial['batch_size']}; "
+                    f"got {args.batch_size}, which would skip or repeat images of that "
+                    "epoch (pass the checkpoint's value)")
             set_rng_state(saved["rng"], eval_gen, device=device)
             old_lr, runner_state = float(saved["lr"]), saved["step_runner"]
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
@@ -287,6 +300,7 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize, load_image_sets) -> int:
                              f"checkpoint ({type(err).__name__}: {err})") from None
         base_lr = args.lr if args.lr is not None else old_lr
         say(f"resumed from {ckpt_path} at epoch {start_epoch}, step {step}"
+            + (f" (batch {partial['batch']} of epoch {start_epoch + 1})" if partial else "")
             + (f"; --lr {base_lr:g} replaces the checkpoint's {old_lr:g}"
                if base_lr != old_lr else f"; lr {base_lr:g}"))
     torch.manual_seed(args.seed + 1000 * dist_.rank + step)  # per-rank seeds from here on
@@ -350,8 +364,18 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize, load_image_sets) -> int:
         runner.skipped.zero_()
         sum_bpd = torch.zeros((), dtype=torch.float64, device=device)
         n_ok = torch.zeros((), dtype=torch.float64, device=device)
-        t_epoch, images = time.perf_counter(), 0
-        bar = progress(range(steps_per_epoch), total=steps_per_epoch,
+        first = 0
+        if partial is not None:  # go on where the --max-steps stop left this epoch
+            history["epochs"].pop()  # its entry is written again when the epoch ends
+            first = partial["batch"]
+            gen.set_state(partial["noise"])
+            runner.skipped.fill_(partial["skipped"])
+            if main_rank:  # the saved sums are all ranks' (all-reduced again below)
+                sum_bpd.fill_(partial["sum_bpd"])
+                n_ok.fill_(partial["n_ok"])
+            partial = None
+        t_epoch, images, batch = time.perf_counter(), 0, first
+        bar = progress(range(first, steps_per_epoch), total=steps_per_epoch - first,
                        desc=f"epoch {epoch + 1}/{args.epochs}",
                        enabled=main_rank and not args.no_progress, every=args.log_every)
         for i in bar:
@@ -364,7 +388,7 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize, load_image_sets) -> int:
             x = dist_.shard(dequantize(levels, n_bins, noise)).to(device, non_blocking=True)
             terms = graph.step(x) if graph is not None else runner.step(lambda: loss_fn(x))
             step += 1
-            images += len(idx)
+            images, batch = images + len(idx), i + 1
             ok = 1.0 - runner.found_inf.double()
             sum_bpd += torch.where(ok > 0, terms["bpd"].double(), 0.0) * x.shape[0] * ok
             n_ok += x.shape[0] * ok
@@ -379,10 +403,14 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize, load_image_sets) -> int:
             torch.distributed.all_reduce(sum_bpd)
             torch.distributed.all_reduce(n_ok)
         seconds = time.perf_counter() - t_epoch
+        # a --max-steps stop inside the epoch: the checkpoint records where, and the
+        # evaluation generator as it was before this extra evaluation, for --resume
+        unfinished = batch < steps_per_epoch
+        resume_rng = rng_state(eval_gen, device=device) if unfinished else None
         last = epoch + 1 == args.epochs or (args.max_steps is not None and step >= args.max_steps)
         evaluate = last or (epoch + 1) % args.eval_every == 0
         entry = {"epoch": epoch + 1, "step": step,
-                 "train": {"bpd": float(sum_bpd / n_ok.clamp(min=1))},
+                 "train": {"bpd": float(sum_bpd / n_ok)},  # NaN when every step was skipped
                  "test": ({"bpd": evaluate_bpd(model, test, eval_gen, runner, device)}
                           if evaluate else None),
                  "skipped": int(runner.skipped.item()), "lr": runner.lr(step - 1),
@@ -400,10 +428,15 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize, load_image_sets) -> int:
         if main_rank and evaluate:
             rows, titles = picture_rows(model, test, args, device)
             save_image_grid(out / f"samples_epoch{epoch + 1:03d}.png", rows, titles)
-            save_checkpoint(ckpt_path, model, opt, epoch=epoch + 1, step=step, history=history,
-                            config=config, split=split, lr=base_lr,
-                            step_runner=runner.state_dict(),
-                            rng=rng_state(eval_gen, device=device), world_size=dist_.world)
+            left = None if not unfinished else {
+                "batch": batch, "batch_size": args.batch_size, "noise": gen.get_state(),
+                "sum_bpd": float(sum_bpd), "n_ok": float(n_ok),
+                "skipped": float(runner.skipped)}
+            save_checkpoint(ckpt_path, model, opt, epoch=epoch + int(not unfinished), step=step,
+                            history=history, config=config, split=split, n_images=n_images,
+                            lr=base_lr, step_runner=runner.state_dict(), partial=left,
+                            rng=resume_rng or rng_state(eval_gen, device=device),
+                            world_size=dist_.world)
 
     if not main_rank:
         return 0

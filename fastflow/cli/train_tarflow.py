@@ -69,8 +69,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
-    # OUT is not guarded (force): a fresh run overwrites; --resume without a checkpoint says so
-    ckpt_path = prepare_out(args.out, resume=args.resume, force=True)
+    ckpt_path = prepare_out(args.out, resume=args.resume, force=True)  # no --force: not guarded
     out = ckpt_path.parent
     if args.size % args.patch_size:
         raise SystemExit(f"--patch-size: expected a divisor of --size {args.size}, got "
@@ -96,12 +95,8 @@ def main(argv=None) -> int:
     noise_gen = torch.Generator().manual_seed(args.seed + 1)
     eval_gen = torch.Generator().manual_seed(args.seed + 2)
     generators = {"shuffle": shuffle_gen, "noise": noise_gen, "eval": eval_gen}  # resumed
-    start_epoch, step, history = resume_or_start(args, ckpt_path, model, opt, config,
-                                                 generators, device)
-    for group in opt.param_groups:  # --lr applies on resume too (metrics record this value)
-        if group["lr"] != args.lr:
-            print(f"--lr: using {args.lr:g} (the checkpoint had {group['lr']:g})")
-        group["lr"] = args.lr
+    start_epoch, step, history, partial = resume_or_start(args, ckpt_path, model, opt, config,
+                                                          generators, device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"train-tarflow: TarFlow on {len(x_train)} train / {len(x_test)} test digits "
           f"(1x{args.size}x{args.size}, {model.tokens} tokens of {model.dim}), {args.blocks} "
@@ -125,7 +120,7 @@ def main(argv=None) -> int:
         args, model=model, opt=opt, x_train=index, loss_terms=loss_terms, evaluate=evaluate,
         describe=lambda tr, te: f"train {tr['nll']:6.3f}  test {te['nll']:6.3f} nats/dim",
         ckpt_path=ckpt_path, config=config, generators=generators,
-        start=(start_epoch, step), history=history)
+        start=(start_epoch, step, partial), history=history)
 
     model.eval()
     n_show = 10

@@ -58,12 +58,8 @@ def main(argv=None) -> int:
     shuffle_gen = torch.Generator().manual_seed(args.seed)
 
     generators = {"shuffle": shuffle_gen, "eval": eval_gen}  # all saved and resumed
-    start_epoch, step, history = resume_or_start(args, ckpt_path, model, opt, config,
-                                                 generators, device)
-    for group in opt.param_groups:  # --lr applies on resume too (metrics record this value)
-        if group["lr"] != args.lr:
-            print(f"--lr: using {args.lr:g} (the checkpoint had {group['lr']:g})")
-        group["lr"] = args.lr
+    start_epoch, step, history, partial = resume_or_start(args, ckpt_path, model, opt, config,
+                                                          generators, device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"train-vae: {len(x_train)} train / {len(x_test)} test digits (1x8x8), "
           f"{n_params} parameters, latent {args.latent}, device {device}, "
@@ -84,7 +80,8 @@ def main(argv=None) -> int:
     step = train_epochs(args, model=model, opt=opt, x_train=x_train, loss_terms=loss_terms,
                         evaluate=lambda: _evaluate(model, x_test, 256, eval_gen),
                         describe=describe, ckpt_path=ckpt_path, config=config,
-                        generators=generators, start=(start_epoch, step), history=history)
+                        generators=generators, start=(start_epoch, step, partial),
+                        history=history)
 
     model.eval()
     originals = x_test[:12]
