@@ -7,6 +7,7 @@ working directory elsewhere, so neither the checkout nor an editable install can
 missing file. The expected module list is read from the source tree, so a new module or
 subpackage is covered without editing this test."""
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -33,9 +34,27 @@ def _source_modules() -> set[str]:
     return out
 
 
+def _builds_wheels(setuptools_version: str) -> bool:
+    """Whether this venv's setuptools builds wheels with --no-build-isolation: itself from
+    70.1 on, older ones through the separate ``wheel`` package (a fresh Python 3.11 venv
+    has setuptools 65 and no wheel: "invalid command 'bdist_wheel'")."""
+    major_minor = tuple(int(p) for p in setuptools_version.split(".")[:2] if p.isdigit())
+    if major_minor >= (70, 1):
+        return True
+    return importlib.util.find_spec("wheel") is not None
+
+
+def test_builds_wheels_reads_the_setuptools_version():
+    assert _builds_wheels("84.2.1") and _builds_wheels("70.1.0")
+    assert _builds_wheels("65.5.0") == (importlib.util.find_spec("wheel") is not None)
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
-    pytest.importorskip("setuptools")
+    setuptools = pytest.importorskip("setuptools")
+    if not _builds_wheels(setuptools.__version__):
+        pytest.skip(f"setuptools {setuptools.__version__} without the wheel package cannot "
+                    "build a wheel offline (setuptools >= 70.1 can, or any with wheel)")
     src = tmp_path_factory.mktemp("src")
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
     for name in BUILD_INPUTS:
