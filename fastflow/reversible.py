@@ -267,6 +267,15 @@ def _stages(step):
                     f"got {type(step).__name__}")
 
 
+def _stock(step) -> bool:
+    """The step (and a FlowStep's actnorm, invconv and coupling) is exactly fastflow's
+    class: the stages recompute those classes' maths, which a subclass may override."""
+    if type(step) is FlowStep:
+        return (type(step.actnorm) is ActNorm and type(step.invconv) in (InvConv2d, InvConv2dLU)
+                and type(step.coupling) is AffineCoupling)
+    return type(step) in _STEP_TYPES
+
+
 def _uninitialised_actnorm(step) -> bool:
     for m in step.modules():
         if isinstance(m, ActNorm):
@@ -401,8 +410,10 @@ class ReversibleSequence(nn.ModuleList):
     condition estimate exceeds ``fallback_cond``) and how it meets autocast and DDP.
 
     The reversible path runs when gradients are being recorded and some parameter or the
-    input requires grad; otherwise (inference, no grad) and for a call that initialises an
-    ActNorm, the steps run one after the other the ordinary way."""
+    input requires grad; otherwise (inference, no grad), for a call that initialises an
+    ActNorm and for a chain holding a subclass of a step type (a FlowStep's actnorm,
+    invconv or coupling included: the reversible stages would bypass its overrides), the
+    steps run one after the other the ordinary way."""
 
     def __init__(self, steps: Iterable[nn.Module] = (), *, fallback_slots: int = 2,
                  fallback_cond: float = 1e3):
@@ -444,6 +455,8 @@ class ReversibleSequence(nn.ModuleList):
     def _use_reversible(self, x) -> bool:
         if len(self) == 0 or not torch.is_grad_enabled():
             return False
+        if not all(_stock(s) for s in self):
+            return False  # a subclass's own maths: only its forward computes them
         if self.training and any(_uninitialised_actnorm(s) for s in self):
             return False  # the initialising call runs the ordinary way
         return x.requires_grad or any(p.requires_grad for p in self.parameters())

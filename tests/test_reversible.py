@@ -107,6 +107,58 @@ def test_chains_give_the_stored_gradients(dtype):
     _compare_seq(steps, dtype)
 
 
+class _ExpCoupling(ff.AffineCoupling):
+    """A coupling with exp scales: a subclass that overrides the coupling's maths."""
+
+    def _couple(self, x, reverse, logdet=True):
+        h = self.net(x[:, :self.in_channel - self.in_channel // 2])
+        return ff.affine_coupling(x, h, scale="exp", reverse=reverse, logdet=logdet)
+
+
+class _DoublingActNorm(ff.ActNorm):
+    def forward(self, x):
+        y, ld = super().forward(x)
+        return 2 * y, ld + x[0].numel() * torch.log(torch.tensor(2.0, dtype=ld.dtype))
+
+
+def _flowstep_with_exp_coupling(c):
+    step = ff.FlowStep(c, filter_size=8).double()
+    step.coupling = _ExpCoupling(c, filter_size=8).double()
+    return step
+
+
+@pytest.mark.parametrize("make", [lambda c: _ExpCoupling(c, filter_size=8).double(),
+                                  _flowstep_with_exp_coupling,
+                                  lambda c: _DoublingActNorm(c).double()],
+                         ids=["coupling", "flowstep_coupling", "actnorm"])
+def test_subclassed_steps_compute_what_they_define(make):
+    """A subclass of a step type (or in a FlowStep's actnorm / invconv / coupling) that
+    overrides its maths: the chain computes what the modules called one by one compute,
+    with their gradients (the reversible stages recompute the stock classes' maths, and
+    gave another y and log-det while the chain's input or parameters required grad)."""
+    torch.manual_seed(0)
+    seq = ReversibleSequence([make(4)])
+    with torch.no_grad():
+        for p in seq.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    for m in seq.modules():
+        if isinstance(m, ff.ActNorm):
+            m.initialized.fill_(1)
+            m._initialized = True
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    with torch.no_grad():
+        want_y, want_ld = x, 0
+        for step in seq:
+            want_y, ld = step(want_y)
+            want_ld = want_ld + ld
+    wy, wl = torch.randn_like(x), torch.randn(2, dtype=torch.float64)
+    y0, ld0, want = _seq_grads(seq, x, False, wy, wl)
+    y1, ld1, got = _seq_grads(seq, x, True, wy, wl)
+    torch.testing.assert_close(y1, want_y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ld1, want_ld, rtol=1e-12, atol=1e-12)
+    _check_grads(got, want, TOL[torch.float64])
+
+
 def test_triton_backend_gives_the_stored_gradients():
     """The fused inverse and the from-output coupling backward on the (interpreted)
     kernels."""
