@@ -410,10 +410,10 @@ class ReversibleSequence(nn.ModuleList):
     condition estimate exceeds ``fallback_cond``) and how it meets autocast and DDP.
 
     The reversible path runs when gradients are being recorded and some parameter or the
-    input requires grad; otherwise (inference, no grad), for a call that initialises an
-    ActNorm and for a chain holding a subclass of a step type (a FlowStep's actnorm,
-    invconv or coupling included: the reversible stages would bypass its overrides), the
-    steps run one after the other the ordinary way."""
+    input requires grad; otherwise (inference, no grad, an empty batch), for a call that
+    initialises an ActNorm and for a chain holding a subclass of a step type (a FlowStep's
+    actnorm, invconv or coupling included: the reversible stages would bypass its
+    overrides), the steps run one after the other the ordinary way."""
 
     def __init__(self, steps: Iterable[nn.Module] = (), *, fallback_slots: int = 2,
                  fallback_cond: float = 1e3):
@@ -453,8 +453,8 @@ class ReversibleSequence(nn.ModuleList):
         return x, logdet
 
     def _use_reversible(self, x) -> bool:
-        if len(self) == 0 or not torch.is_grad_enabled():
-            return False
+        if len(self) == 0 or x.numel() == 0 or not torch.is_grad_enabled():
+            return False  # (an empty batch: nothing to rebuild)
         if not all(_stock(s) for s in self):
             return False  # a subclass's own maths: only its forward computes them
         if self.training and any(_uninitialised_actnorm(s) for s in self):

@@ -159,6 +159,25 @@ def test_subclassed_steps_compute_what_they_define(make):
     _check_grads(got, want, TOL[torch.float64])
 
 
+def test_empty_batch_gives_the_stored_results():
+    """An empty batch (every layer takes one): the ordinary results, zero parameter
+    gradients (the reversible forward's condition check took amin() of no elements)."""
+    torch.manual_seed(0)
+    steps = [_layer(k, 5, torch.float64) for k in ("flowstep_lu", "coupling", "actnorm")]
+    seq = ReversibleSequence(steps)
+    _perturb(seq)
+    seq(torch.randn(3, 5, 3, 4, dtype=torch.float64))  # ActNorm initialisation
+    shape = (0, 5, 3, 4)
+    x = torch.randn(*shape, dtype=torch.float64)
+    wy, wl = torch.randn_like(x), torch.randn(shape[0], dtype=torch.float64)
+    y0, ld0, want = _seq_grads(seq, x, False, wy, wl)
+    y1, ld1, got = _seq_grads(seq, x, True, wy, wl)
+    assert y1.shape == shape and ld1.shape == (shape[0],)
+    torch.testing.assert_close(ld1, ld0, rtol=0, atol=0)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+
+
 def test_triton_backend_gives_the_stored_gradients():
     """The fused inverse and the from-output coupling backward on the (interpreted)
     kernels."""
