@@ -78,6 +78,7 @@ from torch import nn
 from . import reference
 from .backend import current_mode, use_backend
 from .layers import ActNorm, AffineCoupling, FlowStep, InvConv2d, InvConv2dLU
+from .ops._checks import check_nchw
 from .ops.channel_mix import actnorm_invconv, channel_mix
 from .ops.coupling import additive_coupling, affine_coupling, coupling_backward
 
@@ -462,6 +463,8 @@ class ReversibleSequence(nn.ModuleList):
         return x.requires_grad or any(p.requires_grad for p in self.parameters())
 
     def forward(self, x):
+        if len(self):  # the reversible path's stages would fail inside on bad input
+            check_nchw("x", x, self[0].in_channel)
         if not self._use_reversible(x):
             return self._ordinary(x)
         return _run_reversible(self, x)

@@ -379,6 +379,21 @@ def test_bad_arguments():
         ff.Glow(1, 1, 1, reversible="yes")
 
 
+@pytest.mark.parametrize("steps", [lambda: [ff.FlowStep(4, filter_size=8)],
+                                   lambda: [ff.ActNorm(4), ff.InvConv2d(4)],
+                                   lambda: [ff.AffineCoupling(4, filter_size=8)]],
+                         ids=["flowstep", "actnorm_invconv", "coupling"])
+def test_bad_input_on_the_reversible_path_names_x(steps):
+    """With grad on, bad input gets the ordinary path's error naming x (it was a reshape
+    RuntimeError or an IndexError from inside the chain)."""
+    seq = ReversibleSequence(steps())
+    seq(torch.randn(2, 4, 3, 3))  # ActNorm initialisation
+    with pytest.raises(ValueError, match=r"x: expected 4 channels"):
+        seq(torch.randn(2, 6, 3, 3, requires_grad=True))
+    with pytest.raises(ValueError, match=r"x: expected a 4-D tensor"):
+        seq(torch.randn(4, 3, 3, requires_grad=True))
+
+
 def test_memory_flat_in_n_flow_both_ways():
     """Bytes autograd's saved_tensors_hooks see kept after forward, and bytes of every
     storage forward created that is still alive (graph, ctx, anything reachable): flat in
