@@ -40,7 +40,7 @@ What else it meets:
   walk would not find them and mark them unused. A module that appears twice in one chain
   has its hooks fire twice, which DDP refuses.
 * No state is updated by the recompute: it never calls a step's ``forward`` (so no ActNorm
-  initialisation, no hooks of the step modules) and builds W without the no-grad caches.
+  initialisation, no hooks of the step modules) and builds W afresh (the layers cache nothing).
 * Module hooks registered on the steps (or their ActNorm / 1x1 convolution / coupling
   submodules) do not run on the reversible path: the steps' ``forward`` is not called
   (the coupling networks are, and their hooks run in forward and again in the recompute).
