@@ -40,7 +40,7 @@ What else it meets:
   walk would not find them and mark them unused. A module that appears twice in one chain
   has its hooks fire twice, which DDP refuses.
 * No state is updated by the recompute: it never calls a step's ``forward`` (so no ActNorm
-  initialisation, no hooks of the step modules) and builds W without the no-grad caches.
+  initialisation, no hooks of the step modules) and builds W afresh (the layers cache nothing).
 * Module hooks registered on the steps (or their ActNorm / 1x1 convolution / coupling
   submodules) do not run on the reversible path: the steps' ``forward`` is not called
   (the coupling networks are, and their hooks run in forward and again in the recompute).
@@ -78,6 +78,7 @@ from torch import nn
 from . import reference
 from .backend import current_mode, use_backend
 from .layers import ActNorm, AffineCoupling, FlowStep, InvConv2d, InvConv2dLU
+from .ops._checks import check_nchw
 from .ops.channel_mix import actnorm_invconv, channel_mix
 from .ops.coupling import additive_coupling, affine_coupling, coupling_backward
 
@@ -267,6 +268,15 @@ def _stages(step):
                     f"got {type(step).__name__}")
 
 
+def _stock(step) -> bool:
+    """The step (and a FlowStep's actnorm, invconv and coupling) is exactly fastflow's
+    class: the stages recompute those classes' maths, which a subclass may override."""
+    if type(step) is FlowStep:
+        return (type(step.actnorm) is ActNorm and type(step.invconv) in (InvConv2d, InvConv2dLU)
+                and type(step.coupling) is AffineCoupling)
+    return type(step) in _STEP_TYPES
+
+
 def _uninitialised_actnorm(step) -> bool:
     for m in step.modules():
         if isinstance(m, ActNorm):
@@ -401,8 +411,10 @@ class ReversibleSequence(nn.ModuleList):
     condition estimate exceeds ``fallback_cond``) and how it meets autocast and DDP.
 
     The reversible path runs when gradients are being recorded and some parameter or the
-    input requires grad; otherwise (inference, no grad) and for a call that initialises an
-    ActNorm, the steps run one after the other the ordinary way."""
+    input requires grad; otherwise (inference, no grad, an empty batch), for a call that
+    initialises an ActNorm and for a chain holding a subclass of a step type (a FlowStep's
+    actnorm, invconv or coupling included: the reversible stages would bypass its
+    overrides), the steps run one after the other the ordinary way."""
 
     def __init__(self, steps: Iterable[nn.Module] = (), *, fallback_slots: int = 2,
                  fallback_cond: float = 1e3):
@@ -442,13 +454,17 @@ class ReversibleSequence(nn.ModuleList):
         return x, logdet
 
     def _use_reversible(self, x) -> bool:
-        if len(self) == 0 or not torch.is_grad_enabled():
-            return False
+        if len(self) == 0 or x.numel() == 0 or not torch.is_grad_enabled():
+            return False  # (an empty batch: nothing to rebuild)
+        if not all(_stock(s) for s in self):
+            return False  # a subclass's own maths: only its forward computes them
         if self.training and any(_uninitialised_actnorm(s) for s in self):
             return False  # the initialising call runs the ordinary way
         return x.requires_grad or any(p.requires_grad for p in self.parameters())
 
     def forward(self, x):
+        if len(self):  # the reversible path's stages would fail inside on bad input
+            check_nchw("x", x, self[0].in_channel)
         if not self._use_reversible(x):
             return self._ordinary(x)
         return _run_reversible(self, x)

@@ -118,6 +118,34 @@ def test_invconv_lu_logdet_against_slogdet(backend, c, h, w):
     assert_close(ld_inv, -slogdet.expand(2), torch.float64, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("param_dtype,dtype", [(torch.bfloat16, torch.bfloat16),
+                                               (torch.float16, torch.float16),
+                                               (torch.bfloat16, torch.float32),
+                                               (torch.float32, torch.float64)], ids=str)
+def test_invconv_lu_inverse_logdet_in_the_compute_dtype(backend, param_dtype, dtype):
+    """The inverse map's log-det is -H*W*sum(w_s) summed in x's compute dtype, as the
+    forward one, whatever the parameters' dtype (it was summed in theirs: a bfloat16
+    layer's inverse log-det was 2 nats off, a FlowStep's 7; float32 parameters with float64
+    input gave a float32 sum)."""
+    layer = ff.InvConv2dLU(48).to(DEVICE, param_dtype)
+    with torch.no_grad():
+        layer.w_s.copy_(torch.rand(48) * 0.5)
+    x = torch.randn(2, 48, 16, 16, device=DEVICE).to(dtype)
+    exact = (256 * layer.w_s.detach().double().sum()).expand(2)
+    tol = torch.float64 if dtype == torch.float64 else torch.float32
+    y, ld = layer(x)
+    assert_close(ld, exact, tol)
+    assert_close(layer.inverse(y)[1], -exact, tol)
+    if param_dtype == dtype:  # a whole half-precision FlowStep: its inverse undoes its log-det
+        step = ff.FlowStep(48, filter_size=8).to(DEVICE, param_dtype)
+        step.invconv.load_state_dict(layer.state_dict())
+        _perturb(step.actnorm)
+        step.actnorm.initialized.fill_(1)
+        step.actnorm._initialized = True
+        y, ld = step(x)
+        assert_close(step.inverse(y)[1], -ld.double(), tol, rtol=1e-5, atol=1e-3)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_invconv_lu_low_precision_inputs(backend, dtype):
     layer = _perturb(ff.InvConv2dLU(6).to(DEVICE))

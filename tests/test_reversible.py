@@ -107,6 +107,77 @@ def test_chains_give_the_stored_gradients(dtype):
     _compare_seq(steps, dtype)
 
 
+class _ExpCoupling(ff.AffineCoupling):
+    """A coupling with exp scales: a subclass that overrides the coupling's maths."""
+
+    def _couple(self, x, reverse, logdet=True):
+        h = self.net(x[:, :self.in_channel - self.in_channel // 2])
+        return ff.affine_coupling(x, h, scale="exp", reverse=reverse, logdet=logdet)
+
+
+class _DoublingActNorm(ff.ActNorm):
+    def forward(self, x):
+        y, ld = super().forward(x)
+        return 2 * y, ld + x[0].numel() * torch.log(torch.tensor(2.0, dtype=ld.dtype))
+
+
+def _flowstep_with_exp_coupling(c):
+    step = ff.FlowStep(c, filter_size=8).double()
+    step.coupling = _ExpCoupling(c, filter_size=8).double()
+    return step
+
+
+@pytest.mark.parametrize("make", [lambda c: _ExpCoupling(c, filter_size=8).double(),
+                                  _flowstep_with_exp_coupling,
+                                  lambda c: _DoublingActNorm(c).double()],
+                         ids=["coupling", "flowstep_coupling", "actnorm"])
+def test_subclassed_steps_compute_what_they_define(make):
+    """A subclass of a step type (or in a FlowStep's actnorm / invconv / coupling) that
+    overrides its maths: the chain computes what the modules called one by one compute,
+    with their gradients (the reversible stages recompute the stock classes' maths, and
+    gave another y and log-det while the chain's input or parameters required grad)."""
+    torch.manual_seed(0)
+    seq = ReversibleSequence([make(4)])
+    with torch.no_grad():
+        for p in seq.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    for m in seq.modules():
+        if isinstance(m, ff.ActNorm):
+            m.initialized.fill_(1)
+            m._initialized = True
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    with torch.no_grad():
+        want_y, want_ld = x, 0
+        for step in seq:
+            want_y, ld = step(want_y)
+            want_ld = want_ld + ld
+    wy, wl = torch.randn_like(x), torch.randn(2, dtype=torch.float64)
+    y0, ld0, want = _seq_grads(seq, x, False, wy, wl)
+    y1, ld1, got = _seq_grads(seq, x, True, wy, wl)
+    torch.testing.assert_close(y1, want_y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ld1, want_ld, rtol=1e-12, atol=1e-12)
+    _check_grads(got, want, TOL[torch.float64])
+
+
+def test_empty_batch_gives_the_stored_results():
+    """An empty batch (every layer takes one): the ordinary results, zero parameter
+    gradients (the reversible forward's condition check took amin() of no elements)."""
+    torch.manual_seed(0)
+    steps = [_layer(k, 5, torch.float64) for k in ("flowstep_lu", "coupling", "actnorm")]
+    seq = ReversibleSequence(steps)
+    _perturb(seq)
+    seq(torch.randn(3, 5, 3, 4, dtype=torch.float64))  # ActNorm initialisation
+    shape = (0, 5, 3, 4)
+    x = torch.randn(*shape, dtype=torch.float64)
+    wy, wl = torch.randn_like(x), torch.randn(shape[0], dtype=torch.float64)
+    y0, ld0, want = _seq_grads(seq, x, False, wy, wl)
+    y1, ld1, got = _seq_grads(seq, x, True, wy, wl)
+    assert y1.shape == shape and ld1.shape == (shape[0],)
+    torch.testing.assert_close(ld1, ld0, rtol=0, atol=0)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+
+
 def test_triton_backend_gives_the_stored_gradients():
     """The fused inverse and the from-output coupling backward on the (interpreted)
     kernels."""
@@ -306,6 +377,21 @@ def test_bad_arguments():
         ReversibleSequence([ff.ActNorm(2)], fallback_cond=0.5)
     with pytest.raises(TypeError, match="reversible: expected a bool"):
         ff.Glow(1, 1, 1, reversible="yes")
+
+
+@pytest.mark.parametrize("steps", [lambda: [ff.FlowStep(4, filter_size=8)],
+                                   lambda: [ff.ActNorm(4), ff.InvConv2d(4)],
+                                   lambda: [ff.AffineCoupling(4, filter_size=8)]],
+                         ids=["flowstep", "actnorm_invconv", "coupling"])
+def test_bad_input_on_the_reversible_path_names_x(steps):
+    """With grad on, bad input gets the ordinary path's error naming x (it was a reshape
+    RuntimeError or an IndexError from inside the chain)."""
+    seq = ReversibleSequence(steps())
+    seq(torch.randn(2, 4, 3, 3))  # ActNorm initialisation
+    with pytest.raises(ValueError, match=r"x: expected 4 channels"):
+        seq(torch.randn(2, 6, 3, 3, requires_grad=True))
+    with pytest.raises(ValueError, match=r"x: expected a 4-D tensor"):
+        seq(torch.randn(4, 3, 3, requires_grad=True))
 
 
 def test_memory_flat_in_n_flow_both_ways():

@@ -194,13 +194,15 @@ class InvConv2dLU(_InvConvBase):
         (ActNorm's ``scale`` term included) come from one ``lu_weight`` launch (its backward
         is one more); with ``for_mix`` and float32 (or 16-bit) ``x``, the Triton path's
         launch writes W (computed in float64) in float32, so the mix needs no cast."""
+        cd = compute_dtype(x.dtype)
         if not inverse:
-            cd = compute_dtype(x.dtype)
             return lu_weight_logdet(self.w_l, self.w_u, self.w_s, self.s_sign, self.w_rows,
                                     scale=scale, n=x.shape[0],
                                     ld_mult=x.shape[2] * x.shape[3], ld_dtype=cd,
                                     w_dtype=cd if for_mix else None)
-        return super().matrix_and_logdet(x, scale, inverse, for_mix=for_mix)
+        # sum(w_s) in x's compute dtype, as going forward (not in the parameters' dtype:
+        # a bfloat16 layer's sum was rounded to 8 bits, then multiplied by H*W)
+        return self._assemble(True), _per_sample(self.w_s.sum(dtype=cd), x, True, scale)
 
     @staticmethod
     def stacked_factors(convs) -> tuple:
