@@ -268,6 +268,20 @@ def _stages(step):
                     f"got {type(step).__name__}")
 
 
+def _check_logdet_flags(steps) -> None:
+    """Every ActNorm of the chain (a step, or a FlowStep's) returns its log-det: one built
+    with ``logdet=False`` returns y alone, which the chain would unpack as (y, logdet) (a
+    batch of two split into two samples) on the ordinary path and ignore on the reversible
+    one."""
+    for i, s in enumerate(steps):
+        an = s.actnorm if isinstance(s, FlowStep) else s
+        if isinstance(an, ActNorm) and not an.logdet:
+            where = f"steps[{i}]" + (".actnorm" if an is not s else "")
+            raise ValueError(f"{where}: expected an ActNorm that returns its log-det "
+                             f"(logdet=True), got one with logdet=False (it returns y alone; "
+                             f"the chain sums its steps' log-dets)")
+
+
 def _stock(step) -> bool:
     """The step (and a FlowStep's actnorm, invconv and coupling) is exactly fastflow's
     class: the stages recompute those classes' maths, which a subclass may override."""
@@ -431,6 +445,7 @@ class ReversibleSequence(nn.ModuleList):
                 or math.isnan(fallback_cond) or fallback_cond <= 1:
             raise ValueError(f"fallback_cond: expected a number > 1 (inf disables the "
                              f"fallback), got {fallback_cond!r}")
+        _check_logdet_flags(steps)
         super().__init__(steps)
         self.fallback_slots = fallback_slots
         self.fallback_cond = float(fallback_cond)
@@ -463,6 +478,7 @@ class ReversibleSequence(nn.ModuleList):
         return x.requires_grad or any(p.requires_grad for p in self.parameters())
 
     def forward(self, x):
+        _check_logdet_flags(self)  # (a flag may have been changed since the chain was built)
         if len(self):  # the reversible path's stages would fail inside on bad input
             check_nchw("x", x, self[0].in_channel)
         if not self._use_reversible(x):

@@ -453,3 +453,21 @@ def test_torch_compile_runs_the_chain_eagerly_with_the_same_gradients():
     _, want = _glow_grads(stored, x)
     _, got = _glow_grads(compiled, x)
     _check_grads({n.removeprefix("_orig_mod."): g for n, g in got.items()}, want, 1e-4)
+
+
+def test_an_actnorm_without_its_logdet_is_refused():
+    ActNorm, FlowStep = ff.ActNorm, ff.FlowStep
+    """ActNorm(logdet=False) returns y alone: the chain's ordinary path unpacked it as
+    (y, logdet), so a batch of two became a one-sample "y" and a "log-det" that was the
+    second sample, silently; the reversible path ignored the flag. Refused by name, when
+    the chain is built and when the flag is changed afterwards."""
+    with pytest.raises(ValueError, match=r"^steps\[1\]: expected an ActNorm that returns its "
+                                         r"log-det \(logdet=True\)"):
+        ReversibleSequence([ActNorm(4), ActNorm(4, logdet=False)])
+    seq = ReversibleSequence([FlowStep(4, filter_size=8), ActNorm(4)])
+    seq[0].actnorm.logdet = False
+    with pytest.raises(ValueError, match=r"^steps\[0\]\.actnorm: expected an ActNorm"):
+        seq(torch.randn(2, 4, 3, 3))
+    seq[0].actnorm.logdet = True
+    y, ld = seq(torch.randn(2, 4, 3, 3))
+    assert y.shape == (2, 4, 3, 3) and ld.shape == (2,)
