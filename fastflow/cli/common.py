@@ -163,7 +163,15 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
                     map_location=None) -> dict:
     """Restore ``model`` (and ``optimizer``) from ``save_checkpoint``'s file; returns the
     extra state saved with it (see ``read_checkpoint`` for the errors)."""
-    payload = read_checkpoint(path, map_location)
+    return restore_checkpoint(read_checkpoint(path, map_location), path, model, optimizer)
+
+
+def restore_checkpoint(payload: dict, path: str | os.PathLike, model: torch.nn.Module,
+                       optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """``load_checkpoint`` of a ``payload`` already read (and checked) with
+    ``read_checkpoint``: its model and optimizer states go into ``model``/``optimizer``;
+    the rest is returned."""
+    payload = dict(payload)
     try:
         model.load_state_dict(payload.pop("model"))
         opt_state = payload.pop("optimizer", None)

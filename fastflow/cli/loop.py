@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .common import (PRECISIONS, check_resume_data, load_checkpoint, progress, rng_state,
-                     save_checkpoint, set_rng_state)
+from .common import (PRECISIONS, check_resume_data, progress, read_checkpoint,
+                     restore_checkpoint, rng_state, save_checkpoint, set_rng_state)
 
 
 class Distributed:
@@ -217,7 +217,9 @@ def resume_or_start(args, ckpt_path: Path, model, opt, config: dict, generators:
     on)."""
     if not (args.resume and ckpt_path.is_file()):
         return 0, 0, {"initial": None, "epochs": []}, None
-    state = load_checkpoint(ckpt_path, model, opt, map_location=device)
+    # what it was trained on is checked first: another --data or --size is named as such,
+    # not as a state dict that does not fit the model
+    state = read_checkpoint(ckpt_path, map_location=device)
     saved_config = state.get("config")
     if isinstance(saved_config, dict) and legacy:
         saved_config = {**legacy, **saved_config}
@@ -227,6 +229,7 @@ def resume_or_start(args, ckpt_path: Path, model, opt, config: dict, generators:
     if data is not None:
         check_resume_data(state, ckpt_path, data["split"], data["n_images"], args.data,
                           metric=metric)
+    state = restore_checkpoint(state, ckpt_path, model, opt)
     names = list(generators)
     set_rng_state(state["rng"], *(generators[k] for k in names), device=device)
     partial = state.get("partial")
