@@ -12,8 +12,8 @@ COMMANDS = {
     "demo": ("fastflow.cli.demo:main", "the main job: benchmark table, then a short training run"),
     "bench": ("fastflow.cli.bench:main", "print and save the benchmark tables for this device"),
     "train": ("fastflow.cli.train:main", "train a multi-scale Glow (digits or your images)"),
-    "train-vae": ("fastflow.cli.train_vae:main", "train the small VAE on the embedded digits"),
-    "train-tarflow": ("fastflow.cli.train_tarflow:main", "train a small TarFlow on the embedded digits"),
+    "train-vae": ("fastflow.cli.train_vae:main", "train the small VAE (digits or your images)"),
+    "train-tarflow": ("fastflow.cli.train_tarflow:main", "train a small TarFlow (digits or your images)"),
 }
 
 

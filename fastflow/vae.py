@@ -81,7 +81,10 @@ class ConvVAE(nn.Module):
     def terms(self, x, generator=None):
         """(recon, kl) per sample: the two terms of -ELBO."""
         out, kl, *_ = self(x, generator=generator)
-        return self.recon_nll(out, x), kl.to(out.dtype)
+        recon = self.recon_nll(out, x)
+        # recon's dtype, not the decoder's: under autocast the decoder gives bfloat16/float16
+        # while the likelihood (and so the loss) is float32
+        return recon, kl.to(recon.dtype)
 
     def elbo(self, x, generator=None):
         """The evidence lower bound per sample (N,) (one noise draw)."""

@@ -3,8 +3,11 @@
 ``load_checkpoint`` (model + optimizer + any state, resumable, loaded with
 ``weights_only=True``), ``prepare_out`` (``--out`` checked before training), ``rng_state``,
 ``save_image_grid`` (a PNG of image rows, drawn with Pillow), ``write_json``/``write_csv``,
-``positive`` (an argparse type), ``add_optimisation_options``/``add_run_options`` (the
-options every training command has), ``HelpFormatter`` and ``backend_name``."""
+``positive`` (an argparse type), ``add_optimisation_options``/``add_run_options``/
+``add_data_options``/``add_precision_option`` (the options every training command has),
+``load_data``/``split_key``/``check_resume_data`` (``--data`` read, and checked on
+``--resume``, the same way by every training command), ``HelpFormatter`` and
+``backend_name``."""
 
 from __future__ import annotations
 
@@ -20,6 +23,9 @@ import torch
 
 
 HelpFormatter = argparse.ArgumentDefaultsHelpFormatter  # every command's --help shows defaults
+
+# ``--precision``: the autocast dtype of the training step, evaluation and sampling
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -157,7 +163,15 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
                     map_location=None) -> dict:
     """Restore ``model`` (and ``optimizer``) from ``save_checkpoint``'s file; returns the
     extra state saved with it (see ``read_checkpoint`` for the errors)."""
-    payload = read_checkpoint(path, map_location)
+    return restore_checkpoint(read_checkpoint(path, map_location), path, model, optimizer)
+
+
+def restore_checkpoint(payload: dict, path: str | os.PathLike, model: torch.nn.Module,
+                       optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """``load_checkpoint`` of a ``payload`` already read (and checked) with
+    ``read_checkpoint``: its model and optimizer states go into ``model``/``optimizer``;
+    the rest is returned."""
+    payload = dict(payload)
     try:
         model.load_state_dict(payload.pop("model"))
         opt_state = payload.pop("optimizer", None)
@@ -292,6 +306,77 @@ def add_run_options(parser, *, out: str, force: bool = True) -> None:
         parser.add_argument("--force", action="store_true",
                             help="start a fresh run over an existing OUT/checkpoint.pt")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_data_options(parser, *, test_fraction_help: str = "held-out share of the images "
+                     "(digits: 0.2; CIFAR: its test batch)") -> None:
+    """``--data``, ``--size``, ``--n-bits`` and ``--test-fraction`` on ``parser`` (read by
+    ``load_data``)."""
+    parser.add_argument("--data", default="digits",
+                        help="digits (bundled), a folder of PNG/JPEG images (recursive), an "
+                             ".npy/.npz uint8 array (N,H,W) or (N,H,W,C), or cifar10:ROOT "
+                             "(CIFAR-10's python batches, already on disk)")
+    parser.add_argument("--size", type=positive(int), default=None,
+                        help="center-crop and resize the images to SIZE x SIZE (None: as "
+                             "stored)")
+    parser.add_argument("--n-bits", type=positive(int), default=None,
+                        help="keep the top N bits of 8-bit images (Glow's 5-bit setting); the "
+                             "bits/dim constant follows")
+    parser.add_argument("--test-fraction", type=float, default=0.1, help=test_fraction_help)
+
+
+def add_precision_option(parser, *, help: str) -> None:  # noqa: A002 - argparse's name
+    """``--precision fp32|bf16|fp16`` on ``parser`` (``StepRunner`` runs it)."""
+    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help=help)
+
+
+def check_test_fraction(args) -> None:
+    if not 0 < args.test_fraction < 1:
+        raise SystemExit(f"--test-fraction: expected a number in (0, 1), got {args.test_fraction}")
+
+
+def load_data(args):
+    """(train, test) ``ImageSet``s of ``--data`` with ``--size``, ``--n-bits``,
+    ``--test-fraction`` and ``--seed`` (which draws the held-out images); a bad source or
+    option is one line naming it (SystemExit), not a traceback."""
+    from ..data import load_image_sets
+
+    check_test_fraction(args)
+    try:
+        return load_image_sets(args.data, size=args.size, n_bits=args.n_bits,
+                               test_fraction=args.test_fraction, seed=args.seed)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+
+
+def split_key(args) -> dict:
+    """The options that pick the held-out images (``load_image_sets``): the seed for the
+    digits (their share is fixed), the seed and ``--test-fraction`` for a folder or an
+    array; nothing for CIFAR-10 (its own test batch)."""
+    if args.data.startswith("cifar10:"):
+        return {}
+    if args.data == "digits":
+        return {"seed": args.seed}
+    return {"seed": args.seed, "test_fraction": args.test_fraction}
+
+
+def check_resume_data(saved: dict, ckpt_path, split: dict, n_images: int, data: str, *,
+                      metric: str = "test bits/dim") -> None:
+    """Refuse to resume ``saved`` (a checkpoint's dict) when its held-out images were drawn
+    with other options (``split_key``) or from another number of images: the run would
+    train on some of them and report held-out numbers on images it has seen. Checkpoints
+    from before these were saved: as given."""
+    if saved.get("split", split) != split:
+        names = ", ".join("--" + k.replace("_", "-") for k in split)
+        raise SystemExit(f"{names}: {ckpt_path} held out its test images with {saved['split']}; "
+                         f"this run asks for {split}, which would train on some of them "
+                         f"and report {metric} on images it has seen (pass the "
+                         "checkpoint's values)")
+    if saved.get("n_images", n_images) != n_images:  # a permutation of range(n_images)
+        raise SystemExit(f"--data: {ckpt_path} held out its test images from "
+                         f"{saved['n_images']} images; {data} now holds {n_images}, "
+                         "so other images would be held out, some of them trained on "
+                         "(resume with the images it was trained on, or use a new --out)")
 
 
 def backend_name(device: torch.device) -> str:

@@ -1,7 +1,8 @@
 """The training machinery both trainers share: ``Distributed`` (torchrun set-up),
 ``StepRunner`` (one optimizer step: autocast, loss scaling, warmup, clipping and a skip of
 non-finite steps decided on the device), ``epoch_order`` (the same global order on every
-rank, whatever the number of processes), ``resume_or_start`` and the VAE's epoch loop."""
+rank, whatever the number of processes), ``resume_or_start`` and the epoch loop of
+``train-vae`` and ``train-tarflow`` (``train_epochs``, on a ``StepRunner``)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .common import load_checkpoint, progress, rng_state, save_checkpoint, set_rng_state
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from .common import (PRECISIONS, check_resume_data, progress, read_checkpoint,
+                     restore_checkpoint, rng_state, save_checkpoint, set_rng_state)
 
 
 class Distributed:
@@ -203,17 +203,33 @@ class StepRunner:
         self.growth_tracker.copy_(state["growth_tracker"])
 
 
-def resume_or_start(args, ckpt_path: Path, model, opt, config: dict, generators: dict, device):
+def resume_or_start(args, ckpt_path: Path, model, opt, config: dict, generators: dict, device,
+                    *, runner: StepRunner | None = None, data: dict | None = None,
+                    legacy: dict | None = None, metric: str = "test bits/dim"):
     """(start_epoch, step, history, partial): from ``ckpt_path`` when ``--resume`` finds it
     (model, optimizer, the named generators' and torch's RNG states come back; a different
     ``config`` is refused; ``--lr`` replaces the checkpoint's), else a fresh start.
-    ``partial``: where a ``--max-steps`` stop left an epoch (``train_epochs`` goes on there)."""
+    ``partial``: where a ``--max-steps`` stop left an epoch (``train_epochs`` goes on there).
+    ``runner``: its optimizer binding is renewed and an fp16 loss scale comes back.
+    ``data``: ``{"split": split_key(args), "n_images": N}``, refused as ``train`` refuses
+    them (``check_resume_data``; ``metric`` names the held-out numbers). ``legacy``: the
+    values of config keys that checkpoints from before them lack (what they were trained
+    on)."""
     if not (args.resume and ckpt_path.is_file()):
         return 0, 0, {"initial": None, "epochs": []}, None
-    state = load_checkpoint(ckpt_path, model, opt, map_location=device)
-    if state.get("config") != config:
+    # what it was trained on is checked first: another --data or --size is named as such,
+    # not as a state dict that does not fit the model
+    state = read_checkpoint(ckpt_path, map_location=device)
+    saved_config = state.get("config")
+    if isinstance(saved_config, dict) and legacy:
+        saved_config = {**legacy, **saved_config}
+    if saved_config != config:
         raise SystemExit(f"--resume: {ckpt_path} was trained with {state.get('config')}, "
                          f"got {config}")
+    if data is not None:
+        check_resume_data(state, ckpt_path, data["split"], data["n_images"], args.data,
+                          metric=metric)
+    state = restore_checkpoint(state, ckpt_path, model, opt)
     names = list(generators)
     set_rng_state(state["rng"], *(generators[k] for k in names), device=device)
     partial = state.get("partial")
@@ -224,74 +240,93 @@ def resume_or_start(args, ckpt_path: Path, model, opt, config: dict, generators:
                          "or repeat images of that epoch (pass the checkpoint's value)")
     print(f"resumed from {ckpt_path} at epoch {state['epoch']}, step {state['step']}")
     for group in opt.param_groups:  # --lr applies on resume too (metrics record this value)
-        if group["lr"] != args.lr:
-            print(f"--lr: using {args.lr:g} (the checkpoint had {group['lr']:g})")
+        old = float(group["lr"])  # a tensor when a StepRunner saved it
+        if old != args.lr:
+            print(f"--lr: using {args.lr:g} (the checkpoint had {old:g})")
         group["lr"] = args.lr
+        if opt.defaults.get("fused"):  # a checkpoint of the unfused optimizer: fused again
+            group["fused"], group["foreach"] = True, None
+    if runner is not None:
+        runner.base_lr = args.lr
+        runner.bind()  # the optimizer reads the runner's lr tensor again
+        if state.get("step_runner") is not None:
+            runner.load_state_dict(state["step_runner"])
     return state["epoch"], state["step"], state["history"], partial
 
 
-def train_epochs(args, *, model, opt, x_train, loss_terms, evaluate, describe, ckpt_path,
-                 config, generators, start, history) -> int:
-    """Shuffled mini-batches (``generators["shuffle"]``), one optimizer step per batch on
-    the first value of ``loss_terms(xb)`` (a dict of scalars, all averaged per epoch), then
-    ``evaluate()`` on the test split, a line ``describe(train, test)`` and a checkpoint, per
-    epoch; until ``args.epochs`` or ``args.max_steps``. ``start`` = (epoch, step, partial)
-    to go on from (``resume_or_start``); returns the step count."""
+def train_epochs(args, *, model, runner: StepRunner, x_train, loss_terms, evaluate, describe,
+                 ckpt_path, config, generators, start, history, save: dict | None = None) -> int:
+    """Shuffled mini-batches (``generators["shuffle"]``), one ``runner`` step per batch on
+    the first value of ``loss_terms(xb)`` (a dict of scalars, all averaged per epoch over
+    the steps that were taken), then ``evaluate()`` on the test split, a line
+    ``describe(train, test)`` (plus the non-finite steps skipped, if any) and a checkpoint
+    (with ``save``'s entries and the runner's state), per epoch; until ``args.epochs`` or
+    ``args.max_steps``. ``start`` = (epoch, step, partial) to go on from
+    (``resume_or_start``); returns the step count. Nothing reads the device per step
+    except the progress bar's updates."""
     import itertools
 
     from ..data import batches
 
+    opt = runner.opt
     epoch0, step, partial = start
     steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
     t0 = time.perf_counter()
     names = list(generators)
+    device = x_train.device
+    runner.start(step)
     for epoch in range(epoch0, args.epochs):
         if args.max_steps is not None and step >= args.max_steps:
             break
-        sums, seen, first = None, 0, 0
+        sums, seen, first = None, torch.zeros((), dtype=torch.float64, device=device), 0
+        runner.skipped.zero_()
         order_state = generators["shuffle"].get_state()  # this epoch's order, for a resume
         if partial is not None:  # go on where the --max-steps stop left this epoch
             history["epochs"].pop()  # its entry is written again when the epoch ends
             first, order_state = partial["batch"], partial["order"]
             generators["shuffle"].set_state(order_state)
-            sums = torch.tensor(partial["sums"], dtype=torch.float64, device=x_train.device)
-            seen = partial["seen"]
+            sums = torch.tensor(partial["sums"], dtype=torch.float64, device=device)
+            seen.fill_(partial["seen"])
+            runner.skipped.fill_(partial.get("skipped", 0))
             partial = None
         walk = batches(x_train, args.batch_size, generator=generators["shuffle"])
         bar = progress(itertools.islice(walk, first, None), total=steps_per_epoch - first,
                        desc=f"epoch {epoch + 1}/{args.epochs}", enabled=not args.no_progress)
         done = first
         for xb in bar:
-            terms = loss_terms(xb)
-            loss = next(iter(terms.values()))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            terms = runner.step(lambda: loss_terms(xb))
             step, done = step + 1, done + 1
-            seen += xb.shape[0]
-            batch = torch.stack([t.detach() for t in terms.values()]).double() * xb.shape[0]
+            ok = 1.0 - runner.found_inf.double()  # 0 for a skipped step: not averaged
+            batch = torch.stack(list(terms.values())).double()
+            batch = torch.where(ok > 0, batch, 0.0) * (xb.shape[0] * ok)
+            seen += xb.shape[0] * ok
             sums = batch if sums is None else sums + batch
-            if step % 10 == 0:
-                bar.set_postfix_str(f"{next(iter(terms))} {loss.item():.3f}")
+            if step % 10 == 0 and not args.no_progress:
+                bar.set_postfix_str(f"{next(iter(terms))} "
+                                    f"{float(sums[0] / seen.clamp(min=1)):.3f}")
             if args.max_steps is not None and step >= args.max_steps:
                 break
         bar.close()
         # a --max-steps stop inside the epoch: the checkpoint records where, and the
         # generators as they were before this extra evaluation, for --resume
         unfinished = done < steps_per_epoch
-        resume_rng = rng_state(*(generators[k] for k in names), device=x_train.device) \
+        resume_rng = rng_state(*(generators[k] for k in names), device=device) \
             if unfinished else None
-        train = dict(zip(terms, (sums / max(seen, 1)).tolist()))
+        # NaN when every step of the epoch was skipped
+        train = dict(zip(terms, (sums / seen).tolist()))
+        skipped = int(runner.skipped.item())  # the one read of the count, per epoch
         test = evaluate()
         history["epochs"].append({"epoch": epoch + 1, "step": step, "train": train,
-                                  "test": test})
-        print(f"epoch {epoch + 1:3d}/{args.epochs}  {describe(train, test)}  "
-              f"{time.perf_counter() - t0:6.1f}s", flush=True)
+                                  "test": test, "skipped": skipped})
+        print(f"epoch {epoch + 1:3d}/{args.epochs}  {describe(train, test)}"
+              + (f"  skipped {skipped} non-finite step(s)" if skipped else "")
+              + f"  {time.perf_counter() - t0:6.1f}s", flush=True)
         left = None if not unfinished else {
             "batch": done, "batch_size": args.batch_size, "order": order_state,
-            "sums": sums.tolist(), "seen": seen}
+            "sums": sums.tolist(), "seen": float(seen), "skipped": skipped}
         save_checkpoint(ckpt_path, model, opt, epoch=epoch + int(not unfinished), step=step,
                         history=history, config=config, partial=left,
+                        step_runner=runner.state_dict(), **(save or {}),
                         rng=resume_rng or rng_state(*(generators[k] for k in names),
-                                                    device=x_train.device))
+                                                    device=device))
     return step

@@ -11,10 +11,12 @@ import time
 import torch
 
 from ..data import DIGIT_LEVELS
-from .common import (HelpFormatter, add_optimisation_options, add_run_options, backend_name,
-                     positive, prepare_out, progress, read_checkpoint, rng_state,
-                     save_checkpoint, save_image_grid, set_rng_state, write_csv, write_json)
-from .loop import (PRECISIONS, Distributed, StepRunner, epoch_generator, epoch_order)
+from .common import (HelpFormatter, add_data_options, add_optimisation_options,
+                     add_precision_option, add_run_options, backend_name, check_resume_data,
+                     check_test_fraction, load_data, positive, prepare_out, progress,
+                     read_checkpoint, rng_state, save_checkpoint, save_image_grid,
+                     set_rng_state, split_key, write_csv, write_json)
+from .loop import Distributed, StepRunner, epoch_generator, epoch_order
 
 INIT_IMAGES = 512  # ActNorm's data-dependent initialisation: this many training images
 
@@ -36,18 +38,9 @@ def _glow_parser():
         description="Train a multi-scale Glow. Several processes: torchrun --nproc_per_node N "
                     "-m fastflow train ... (DistributedDataParallel; rank 0 writes).")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="digits",
-                   help="digits (bundled), a folder of PNG/JPEG images (recursive), an "
-                        ".npy/.npz uint8 array (N,H,W) or (N,H,W,C), or cifar10:ROOT "
-                        "(CIFAR-10's python batches, already on disk)")
-    g.add_argument("--size", type=positive(int), default=None,
-                   help="center-crop and resize the images to SIZE x SIZE (None: as stored)")
-    g.add_argument("--n-bits", type=positive(int), default=None,
-                   help="keep the top N bits of 8-bit images (Glow's 5-bit setting); the "
-                        "bits/dim constant follows")
+    add_data_options(g, test_fraction_help="held-out share for test bits/dim (digits: 0.2; "
+                                           "CIFAR: its test batch)")
     g.add_argument("--hflip", action="store_true", help="random horizontal flips")
-    g.add_argument("--test-fraction", type=float, default=0.1,
-                   help="held-out share for test bits/dim (digits: 0.2; CIFAR: its test batch)")
     g = p.add_argument_group("model")
     g.add_argument("--n-flow", type=positive(int), default=8, help="steps per block")
     g.add_argument("--n-block", type=positive(int), default=2, help="squeeze levels")
@@ -63,9 +56,9 @@ def _glow_parser():
     g.add_argument("--warmup", type=int, default=100, help="linear learning-rate warmup steps")
     g.add_argument("--clip", type=positive(float), default=None,
                    help="clip the gradient norm to this value (None: no clipping)")
-    g.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
-                   help="autocast dtype of the coupling networks and priors (flow layers, "
-                        "log-dets and the likelihood stay float32); fp16 scales the loss")
+    add_precision_option(g, help="autocast dtype of the coupling networks and priors (flow "
+                                 "layers, log-dets and the likelihood stay float32); fp16 "
+                                 "scales the loss")
     g = p.add_argument_group("run")
     add_run_options(g, out="runs/glow")
     g.add_argument("--temperature", type=_temperatures, default=[0.7],
@@ -187,25 +180,13 @@ def _flat_row(entry: dict) -> dict:
 
 
 
-def _split_key(args) -> dict:
-    """The options that pick the held-out images (``load_image_sets``): the seed for the
-    digits (their share is fixed), the seed and ``--test-fraction`` for a folder or an
-    array; nothing for CIFAR-10 (its own test batch)."""
-    if args.data.startswith("cifar10:"):
-        return {}
-    if args.data == "digits":
-        return {"seed": args.seed}
-    return {"seed": args.seed, "test_fraction": args.test_fraction}
-
-
 def main(argv=None) -> int:
     """``python -m fastflow train``: returns the exit status."""
-    from ..data import dequantize, load_image_sets
+    from ..data import dequantize
     from ..glow import Glow, bits_per_dim
 
     args = _glow_parser().parse_args(argv)
-    if not 0 < args.test_fraction < 1:
-        raise SystemExit(f"--test-fraction: expected a number in (0, 1), got {args.test_fraction}")
+    check_test_fraction(args)
     if args.warmup < 0:
         raise SystemExit(f"--warmup: expected a step count >= 0, got {args.warmup}")
     if args.cuda_graph and args.compile:
@@ -217,12 +198,12 @@ def main(argv=None) -> int:
                          "DistributedDataParallel all-reduces are not captured)")
     dist_ = Distributed(args.device)
     try:
-        return _train(args, dist_, Glow, bits_per_dim, dequantize, load_image_sets)
+        return _train(args, dist_, Glow, bits_per_dim, dequantize)
     finally:
         dist_.close()
 
 
-def _train(args, dist_, Glow, bits_per_dim, dequantize, load_image_sets) -> int:
+def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
     device, main_rank = dist_.device, dist_.is_main
     if args.cuda_graph and device.type != "cuda":
         raise SystemExit(f"--cuda-graph: needs a CUDA device, got {device}")
@@ -232,11 +213,7 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize, load_image_sets) -> int:
     out = ckpt_path.parent
     say = print if main_rank else (lambda *a, **k: None)
 
-    try:
-        train, test = load_image_sets(args.data, size=args.size, n_bits=args.n_bits,
-                                      test_fraction=args.test_fraction, seed=args.seed)
-    except ValueError as err:
-        raise SystemExit(str(err)) from None
+    train, test = load_data(args)
     channels, height, width = train.shape
     side = 2 ** args.n_block
     if height % side or width % side:
@@ -251,7 +228,7 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize, load_image_sets) -> int:
                          "images")
     n_pixel, n_bins = channels * height * width, train.n_bins
 
-    split = _split_key(args)  # what drew the held-out images, checked on --resume
+    split = split_key(args)  # what drew the held-out images, checked on --resume
     n_images = len(train) + len(test)  # and from how many
     config = {"n_flow": args.n_flow, "n_block": args.n_block, "filter_size": args.filter_size,
               "conv_lu": not args.no_lu, "affine": not args.additive,
@@ -271,17 +248,7 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize, load_image_sets) -> int:
         if saved.get("config") != config:
             raise SystemExit(f"--resume: {ckpt_path} was trained with {saved.get('config')}, "
                              f"this run asks for {config}")
-        if saved.get("split", split) != split:  # checkpoints from before it was saved: as given
-            names = ", ".join("--" + k.replace("_", "-") for k in split)
-            raise SystemExit(f"{names}: {ckpt_path} held out its test images with {saved['split']}; "
-                             f"this run asks for {split}, which would train on some of them "
-                             "and report test bits/dim on images it has seen (pass the "
-                             "checkpoint's values)")
-        if saved.get("n_images", n_images) != n_images:  # a permutation of range(n_images)
-            raise SystemExit(f"--data: {ckpt_path} held out its test images from "
-                             f"{saved['n_images']} images; {args.data} now holds {n_images}, "
-                             "so other images would be held out, some of them trained on "
-                             "(resume with the images it was trained on, or use a new --out)")
+        check_resume_data(saved, ckpt_path, split, n_images, args.data)
         try:
             model.load_state_dict(saved["model"])
             opt.load_state_dict(saved["optimizer"])

@@ -1,6 +1,8 @@
 """``python -m fastflow train-tarflow``: a small class-conditional TarFlow on the embedded
-digits, trained with Gaussian input noise (TarFlow's recipe) and sampled with the KV-cache
-sampler, the Jacobi sampler and classifier-free guidance, then denoised by one score step."""
+digits or the user's images (``--data``; sources without labels train it unconditional),
+trained with Gaussian input noise (TarFlow's recipe) in fp32, bf16 or fp16 (``--precision``)
+and sampled with the KV-cache sampler, the Jacobi sampler and classifier-free guidance, then
+denoised by one score step."""
 
 from __future__ import annotations
 
@@ -8,28 +10,39 @@ import argparse
 
 import torch
 
-from .common import (HelpFormatter, add_optimisation_options, add_run_options, backend_name,
-                     pick_device, positive, prepare_out, save_image_grid, write_json)
-from .loop import resume_or_start, train_epochs
+from .common import (HelpFormatter, add_data_options, add_optimisation_options,
+                     add_precision_option, add_run_options, backend_name, load_data,
+                     pick_device, positive, prepare_out, save_image_grid, split_key,
+                     write_json)
+from .loop import StepRunner, resume_or_start, train_epochs
 
 
 def _parser():
     p = argparse.ArgumentParser(prog="python -m fastflow train-tarflow",
                                 formatter_class=HelpFormatter,
-                                description="Train a small TarFlow on the bundled digits.")
-    add_optimisation_options(p, epochs=6, lr=2e-3, lr_help="AdamW learning rate")
-    p.add_argument("--size", type=positive(int), default=8, help="image side (digits resized)")
-    p.add_argument("--patch-size", type=positive(int), default=2)
-    p.add_argument("--channels", type=positive(int), default=32, help="transformer width")
-    p.add_argument("--blocks", type=positive(int), default=4, help="autoregressive flow blocks")
-    p.add_argument("--layers", type=positive(int), default=1, help="transformer layers per block")
-    p.add_argument("--head-dim", type=positive(int), default=16, help="attention head width")
-    p.add_argument("--noise-std", type=positive(float), default=0.1,
+                                description="Train a small TarFlow on the bundled digits or "
+                                            "your images (--data).")
+    g = p.add_argument_group("data")
+    add_data_options(g)  # --size: the image side of the model too
+    g = p.add_argument_group("optimisation")
+    add_optimisation_options(g, epochs=6, lr=2e-3, lr_help="AdamW learning rate")
+    add_precision_option(g, help="autocast dtype of the training step, evaluation and sampling "
+                                 "(the transformer follows it; the flow math and the "
+                                 "likelihood stay float32); fp16 scales the loss")
+    g = p.add_argument_group("model")
+    g.add_argument("--patch-size", type=positive(int), default=2)
+    g.add_argument("--channels", type=positive(int), default=32, help="transformer width")
+    g.add_argument("--blocks", type=positive(int), default=4, help="autoregressive flow blocks")
+    g.add_argument("--layers", type=positive(int), default=1, help="transformer layers per block")
+    g.add_argument("--head-dim", type=positive(int), default=16, help="attention head width")
+    g.add_argument("--noise-std", type=positive(float), default=0.1,
                    help="Gaussian noise added to the [-1, 1] images while training")
-    p.add_argument("--unconditional", action="store_true", help="no class labels")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance of samples")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    add_run_options(p, out="runs/tarflow", force=False)  # no --force: OUT is not guarded
+    g.add_argument("--unconditional", action="store_true",
+                   help="no class labels (so always for a source without labels)")
+    g.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance of samples")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    g = p.add_argument_group("run")
+    add_run_options(g, out="runs/tarflow", force=False)  # no --force: OUT is not guarded
     return p
 
 
@@ -49,21 +62,21 @@ def nll_per_dim(model, x, y, noise_std, generator):
 
 
 @torch.no_grad()
-def _evaluate(model, x, y, noise_std, generator, batch_size=256):
+def _evaluate(model, x, y, noise_std, generator, runner, batch_size=256):
     was = model.training
     model.eval()
     total = 0.0
     for i in range(0, len(x), batch_size):
         yb = None if y is None else y[i:i + batch_size]
-        total += nll_per_dim(model, x[i:i + batch_size], yb, noise_std, generator).item() * \
-            len(x[i:i + batch_size])
+        with runner.autocast():
+            nll = nll_per_dim(model, x[i:i + batch_size], yb, noise_std, generator)
+        total += nll.item() * len(x[i:i + batch_size])
     model.train(was)
     return {"nll": total / len(x)}
 
 
 def main(argv=None) -> int:
     """``python -m fastflow train-tarflow``: returns the exit status."""
-    from ..data import digits
     from ..tarflow import TarFlow
 
     args = _parser().parse_args(argv)
@@ -71,39 +84,55 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     ckpt_path = prepare_out(args.out, resume=args.resume, force=True)  # no --force: not guarded
     out = ckpt_path.parent
-    if args.size % args.patch_size:
-        raise SystemExit(f"--patch-size: expected a divisor of --size {args.size}, got "
-                         f"{args.patch_size}")
+
+    train, test = load_data(args)
+    channels, height, width = train.shape
+    if height != width:
+        raise SystemExit(f"--size: the images are {height}x{width}; TarFlow needs square "
+                         "images (pass --size)")
+    size = height
+    if size % args.patch_size:
+        raise SystemExit(f"--patch-size: expected a divisor of the image side (--size) {size}, "
+                         f"got {args.patch_size}")
     if args.channels % max(1, args.channels // args.head_dim):
         raise SystemExit(f"--channels: expected a multiple of channels // head_dim, got "
                          f"{args.channels}")
 
-    images, labels = digits("train", size=args.size)
-    test_images, test_labels = digits("test", size=args.size)
-    x_train, y_train = to_model(images).to(device), labels.to(device)
-    x_test, y_test = to_model(test_images).to(device), test_labels.to(device)
-    num_classes = 0 if args.unconditional else 10
-    if num_classes == 0:
-        y_train = y_test = None
-    config = {"size": args.size, "patch_size": args.patch_size, "channels": args.channels,
+    x_train, x_test = to_model(train.as_float()).to(device), to_model(test.as_float()).to(device)
+    labelled = train.labels is not None and test.labels is not None
+    if not labelled and not args.unconditional:
+        print(f"train-tarflow: {args.data} has no class labels; training unconditional")
+    num_classes = 0 if args.unconditional or not labelled else \
+        int(max(train.labels.max(), test.labels.max())) + 1
+    y_train = y_test = None
+    if num_classes:
+        y_train, y_test = train.labels.to(device), test.labels.to(device)
+    config = {"size": size, "patch_size": args.patch_size, "channels": args.channels,
               "blocks": args.blocks, "layers": args.layers, "head_dim": args.head_dim,
-              "noise_std": args.noise_std, "num_classes": num_classes}
-    model = TarFlow(1, args.size, args.patch_size, args.channels, args.blocks, args.layers,
+              "noise_std": args.noise_std, "num_classes": num_classes,
+              "image": [channels, height, width], "n_bins": train.n_bins}
+    model = TarFlow(channels, size, args.patch_size, args.channels, args.blocks, args.layers,
                     num_classes, head_dim=args.head_dim, noise_std=args.noise_std).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4, fused=True)
+    runner = StepRunner(model.parameters(), opt, device=device, precision=args.precision,
+                        base_lr=args.lr)
+    data = {"split": split_key(args), "n_images": len(train) + len(test)}
     shuffle_gen = torch.Generator().manual_seed(args.seed)
     noise_gen = torch.Generator().manual_seed(args.seed + 1)
     eval_gen = torch.Generator().manual_seed(args.seed + 2)
     generators = {"shuffle": shuffle_gen, "noise": noise_gen, "eval": eval_gen}  # resumed
-    start_epoch, step, history, partial = resume_or_start(args, ckpt_path, model, opt, config,
-                                                          generators, device)
+    start_epoch, step, history, partial = resume_or_start(
+        args, ckpt_path, model, opt, config, generators, device, runner=runner, data=data,
+        legacy={"image": [1, size, size], "n_bins": 17}, metric="test nats/dim")
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"train-tarflow: TarFlow on {len(x_train)} train / {len(x_test)} test digits "
-          f"(1x{args.size}x{args.size}, {model.tokens} tokens of {model.dim}), {args.blocks} "
-          f"blocks x {args.layers} layers, width {args.channels}, "
+    print(f"train-tarflow: TarFlow on {len(x_train)} train / {len(x_test)} test images from "
+          f"{args.data} ({channels}x{size}x{size}, {model.tokens} tokens of {model.dim}), "
+          f"{args.blocks} blocks x {args.layers} layers, width {args.channels}, "
           f"{'unconditional' if num_classes == 0 else f'{num_classes} classes'}, "
-          f"{n_params} parameters, device {device}, fastflow backend {backend_name(device)}")
-    evaluate = lambda: _evaluate(model, x_test, y_test, args.noise_std, eval_gen)  # noqa: E731
+          f"{n_params} parameters, {args.precision}, device {device}, "
+          f"fastflow backend {backend_name(device)}")
+    evaluate = lambda: _evaluate(model, x_test, y_test, args.noise_std, eval_gen,  # noqa: E731
+                                 runner)
     if history["initial"] is None:
         history["initial"] = evaluate()
         print(f"before training: test {history['initial']['nll']:.3f} nats/dim")
@@ -117,38 +146,41 @@ def main(argv=None) -> int:
 
     model.train()
     step = train_epochs(
-        args, model=model, opt=opt, x_train=index, loss_terms=loss_terms, evaluate=evaluate,
+        args, model=model, runner=runner, x_train=index, loss_terms=loss_terms,
+        evaluate=evaluate,
         describe=lambda tr, te: f"train {tr['nll']:6.3f}  test {te['nll']:6.3f} nats/dim",
         ckpt_path=ckpt_path, config=config, generators=generators,
-        start=(start_epoch, step, partial), history=history)
+        start=(start_epoch, step, partial), history=history, save=data)
 
     model.eval()
     n_show = 10
-    y_show = None if num_classes == 0 else torch.arange(n_show, device=device) % 10
+    y_show = None if num_classes == 0 else torch.arange(n_show, device=device) % num_classes
     guidance = 0.0 if num_classes == 0 else args.guidance
     gen = torch.Generator(device=device).manual_seed(args.seed)
     z = torch.randn(n_show, model.tokens, model.dim, generator=gen, device=device) * args.temperature
     stats = {}
-    with torch.no_grad():
+    with torch.no_grad(), runner.autocast():
         raw = model.reverse(z, y_show, guidance=guidance)
         raw_jacobi = model.reverse(z, y_show, guidance=guidance, method="jacobi", stats=stats)
-        data = x_test[:n_show]
-        z_data, _ = model(data, None if y_test is None else y_test[:n_show])
+        data_rows = x_test[:n_show]
+        z_data, _ = model(data_rows, None if y_test is None else y_test[:n_show])
         recon = model.reverse(z_data, None if y_test is None else y_test[:n_show])
-    samples = model.denoise(raw, y_show)
+    with runner.autocast():
+        samples = model.denoise(raw, y_show)
+    raw, raw_jacobi, recon, samples = (t.float() for t in (raw, raw_jacobi, recon, samples))
     jacobi_gap = (raw - raw_jacobi).abs().max().item()
     picture = save_image_grid(out / "tarflow_samples.png",
-                              [to_image(data), to_image(recon), to_image(raw), to_image(samples),
-                               to_image(raw_jacobi)],
+                              [to_image(data_rows), to_image(recon), to_image(raw),
+                               to_image(samples), to_image(raw_jacobi)],
                               ["data", "x->z->x", f"w={guidance}", "denoised", "jacobi"])
     sampling = {"guidance": guidance, "temperature": args.temperature,
                 "jacobi_iterations": stats.get("jacobi_iterations"), "tokens": model.tokens,
                 "jacobi_vs_sequential_max_abs": jacobi_gap}
-    write_json(out / "metrics.json", {"config": vars(args), "history": history,
-                                      "sampling": sampling})
+    write_json(out / "metrics.json", {"config": vars(args), "model": config,
+                                      "history": history, "sampling": sampling})
     final = (history["epochs"][-1]["test"] if history["epochs"] else history["initial"])["nll"]
     print(f"sampling: Jacobi iterations per block {sampling['jacobi_iterations']} for "
           f"{model.tokens} tokens, max |jacobi - sequential| {jacobi_gap:.2e}")
-    print(f"done: {step} steps, test {history['initial']['nll']:.3f} -> {final:.3f} nats/dim; "
-          f"wrote {picture}, {ckpt_path}, {out / 'metrics.json'}")
+    print(f"done: {step} steps, test {history['initial']['nll']:.3f} -> {final:.3f} nats/dim "
+          f"({args.precision}); wrote {picture}, {ckpt_path}, {out / 'metrics.json'}")
     return 0

@@ -1,4 +1,5 @@
-"""``python -m fastflow train-vae``: the small conv VAE on the embedded digits."""
+"""``python -m fastflow train-vae``: the small conv VAE on the embedded digits or the user's
+images (``--data``), in fp32, bf16 or fp16 (``--precision``)."""
 
 from __future__ import annotations
 
@@ -6,32 +7,44 @@ import argparse
 
 import torch
 
-from .common import (HelpFormatter, add_optimisation_options, add_run_options, backend_name,
-                     pick_device, positive, prepare_out, save_image_grid, write_json)
-from .loop import resume_or_start, train_epochs
+from .common import (HelpFormatter, add_data_options, add_optimisation_options,
+                     add_precision_option, add_run_options, backend_name, load_data,
+                     pick_device, positive, prepare_out, save_image_grid, split_key,
+                     write_json)
+from .loop import StepRunner, resume_or_start, train_epochs
 
 
 def _vae_parser():
     p = argparse.ArgumentParser(prog="python -m fastflow train-vae",
                                 formatter_class=HelpFormatter,
-                                description="Train the small conv VAE on the bundled 8x8 digits.")
-    add_optimisation_options(p, epochs=10, lr=2e-3)
-    p.add_argument("--latent", type=positive(int), default=8)
-    p.add_argument("--hidden", type=positive(int), default=32, help="conv channels")
-    p.add_argument("--likelihood", choices=("bernoulli", "gaussian"), default="bernoulli")
-    add_run_options(p, out="runs/vae")
+                                description="Train the small conv VAE on the bundled 8x8 digits "
+                                            "or your images (--data).")
+    g = p.add_argument_group("data")
+    add_data_options(g)
+    g = p.add_argument_group("model")
+    g.add_argument("--latent", type=positive(int), default=8)
+    g.add_argument("--hidden", type=positive(int), default=32, help="conv channels")
+    g.add_argument("--likelihood", choices=("bernoulli", "gaussian"), default="bernoulli")
+    g = p.add_argument_group("optimisation")
+    add_optimisation_options(g, epochs=10, lr=2e-3)
+    add_precision_option(g, help="autocast dtype of the training step, evaluation and sampling "
+                                 "(the likelihood and KL stay float32); fp16 scales the loss")
+    g = p.add_argument_group("run")
+    add_run_options(g, out="runs/vae")
     return p
 
 
 @torch.no_grad()
-def _evaluate(model, x, batch_size, generator):
-    """Mean -ELBO, recon and KL over ``x`` (one noise draw per sample)."""
+def _evaluate(model, x, batch_size, generator, runner):
+    """Mean -ELBO, recon and KL over ``x`` (one noise draw per sample), under the run's
+    autocast."""
     from ..data import batches
 
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64)
     for xb in batches(x, batch_size, shuffle=False):
-        recon, kl = model.terms(xb, generator=generator)
+        with runner.autocast():
+            recon, kl = model.terms(xb, generator=generator)
         totals += torch.stack([recon.sum(), kl.sum()]).double().cpu()
     model.train()
     recon, kl = (totals / x.shape[0]).tolist()
@@ -40,7 +53,6 @@ def _evaluate(model, x, batch_size, generator):
 
 def main(argv=None) -> int:
     """``python -m fastflow train-vae``: returns the exit status."""
-    from ..data import digits
     from ..vae import ConvVAE
 
     args = _vae_parser().parse_args(argv)
@@ -49,23 +61,36 @@ def main(argv=None) -> int:
     ckpt_path = prepare_out(args.out, resume=args.resume, force=args.force)
     out = ckpt_path.parent
 
-    x_train = digits("train")[0].to(device)
-    x_test = digits("test")[0].to(device)
+    train, test = load_data(args)
+    channels, height, width = train.shape
+    if height != width or height % 2:
+        raise SystemExit(f"--size: the images are {height}x{width}; the VAE needs square "
+                         "images with an even side (pass --size)")
+    # the Bernoulli likelihood wants values in [0, 1]: levels / (n_bins - 1)
+    x_train, x_test = train.as_float().to(device), test.as_float().to(device)
     config = {k: getattr(args, k) for k in ("latent", "hidden", "likelihood")}
-    model = ConvVAE(channels=1, size=8, **config).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    config.update(image=[channels, height, width], n_bins=train.n_bins)
+    model = ConvVAE(channels=channels, size=height,
+                    **{k: getattr(args, k) for k in ("latent", "hidden", "likelihood")}).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)
     eval_gen = torch.Generator().manual_seed(args.seed + 1)  # seeds the op's noise, on CPU
     shuffle_gen = torch.Generator().manual_seed(args.seed)
+    runner = StepRunner(model.parameters(), opt, device=device, precision=args.precision,
+                        base_lr=args.lr)
+    data = {"split": split_key(args), "n_images": len(train) + len(test)}
 
     generators = {"shuffle": shuffle_gen, "eval": eval_gen}  # all saved and resumed
-    start_epoch, step, history, partial = resume_or_start(args, ckpt_path, model, opt, config,
-                                                          generators, device)
+    start_epoch, step, history, partial = resume_or_start(
+        args, ckpt_path, model, opt, config, generators, device, runner=runner, data=data,
+        legacy={"image": [1, 8, 8], "n_bins": 17}, metric="test -ELBO")
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"train-vae: {len(x_train)} train / {len(x_test)} test digits (1x8x8), "
-          f"{n_params} parameters, latent {args.latent}, device {device}, "
+    print(f"train-vae: {len(x_train)} train / {len(x_test)} test images from {args.data} "
+          f"({channels}x{height}x{width}, {train.n_bins} levels), {n_params} parameters, "
+          f"latent {args.latent}, {args.precision}, device {device}, "
           f"fastflow backend {backend_name(device)}")
+    evaluate = lambda: _evaluate(model, x_test, 256, eval_gen, runner)  # noqa: E731
     if history["initial"] is None:
-        history["initial"] = _evaluate(model, x_test, 256, eval_gen)
+        history["initial"] = evaluate()
         print(f"before training: test -ELBO {history['initial']['neg_elbo']:.3f} nats")
 
     def loss_terms(xb):
@@ -77,21 +102,20 @@ def main(argv=None) -> int:
                 f"KL {train['kl']:6.3f})  test -ELBO {test['neg_elbo']:8.3f} "
                 f"(recon {test['recon']:7.3f} + KL {test['kl']:6.3f})")
 
-    step = train_epochs(args, model=model, opt=opt, x_train=x_train, loss_terms=loss_terms,
-                        evaluate=lambda: _evaluate(model, x_test, 256, eval_gen),
-                        describe=describe, ckpt_path=ckpt_path, config=config,
-                        generators=generators, start=(start_epoch, step, partial),
-                        history=history)
+    step = train_epochs(args, model=model, runner=runner, x_train=x_train,
+                        loss_terms=loss_terms, evaluate=evaluate, describe=describe,
+                        ckpt_path=ckpt_path, config=config, generators=generators,
+                        start=(start_epoch, step, partial), history=history, save=data)
 
     model.eval()
     originals = x_test[:12]
-    picture = save_image_grid(
-        out / "vae_samples.png",
-        [originals, model.reconstruct(originals),
-         model.sample(12, generator=torch.Generator(device=device).manual_seed(args.seed))],
-        ["data", "recon", "samples"])
-    write_json(out / "metrics.json", {"config": vars(args), "history": history})
+    with runner.autocast():
+        rows = [originals, model.reconstruct(originals),
+                model.sample(12, generator=torch.Generator(device=device).manual_seed(args.seed))]
+    picture = save_image_grid(out / "vae_samples.png", rows, ["data", "recon", "samples"])
+    write_json(out / "metrics.json", {"config": vars(args), "model": config, "history": history})
     final = history["epochs"][-1]["test"] if history["epochs"] else history["initial"]
     print(f"done: {step} steps, test -ELBO {history['initial']['neg_elbo']:.3f} -> "
-          f"{final['neg_elbo']:.3f} nats; wrote {picture}, {ckpt_path}, {out / 'metrics.json'}")
+          f"{final['neg_elbo']:.3f} nats ({args.precision}); wrote {picture}, {ckpt_path}, "
+          f"{out / 'metrics.json'}")
     return 0
