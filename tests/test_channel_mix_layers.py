@@ -495,3 +495,20 @@ def test_layer_bad_inputs(kind):
         layer.reverse(torch.randn(2, 5, 5, 5))
     with pytest.raises(ValueError, match=r"^in_channel: expected a positive"):
         getattr(ff, kind)(0)
+
+
+@pytest.mark.parametrize("make, name", [
+    (lambda v: ff.ActNorm(4, logdet=v), "logdet"),
+    (lambda v: ff.AffineCoupling(4, filter_size=8, affine=v), "affine"),
+    (lambda v: ff.FlowStep(4, filter_size=8, affine=v), "affine"),
+    (lambda v: ff.FlowStep(4, filter_size=8, conv_lu=v), "conv_lu"),
+    (lambda v: ff.GaussianReparam(sample_in_eval=v), "sample_in_eval"),
+    (lambda v: ff.Glow(1, 1, 1, filter_size=8, conv_lu=v), "conv_lu"),
+], ids=["actnorm", "coupling", "flowstep-affine", "flowstep-conv_lu", "gaussian", "glow"])
+def test_layer_flags_must_be_bools(make, name):
+    """A flag passed as the string "False" (a config file, a command line) used to be taken
+    as true: affine=\"False\" built an affine coupling, logdet=\"False\" kept the log-det.
+    Refused by name, as the ops' flags are."""
+    with pytest.raises(TypeError, match=rf"^{name}: expected a bool \(True or False\), got 'False'"):
+        make("False")
+    make(False)  # the real flag is accepted

@@ -24,7 +24,7 @@ from torch import nn
 
 from .. import reference
 from ..backend import compute_dtype
-from ..ops._checks import check_nchw
+from ..ops._checks import check_bool, check_nchw
 from ..ops.channel_mix import actnorm_invconv, channel_mix
 from ..ops.lu_weight import lu_weight_logdet
 
@@ -61,7 +61,7 @@ class ActNorm(nn.Module):
         self.loc = nn.Parameter(torch.zeros(1, in_channel, 1, 1))
         self.scale = nn.Parameter(torch.ones(1, in_channel, 1, 1))
         self.register_buffer("initialized", torch.tensor(0, dtype=torch.uint8))
-        self.logdet = logdet
+        self.logdet = check_bool("logdet", logdet)
         self._initialized = False
         self.register_load_state_dict_post_hook(ActNorm._sync_flag)
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops._checks import check_nchw
+from ..ops._checks import check_bool, check_nchw
 from ..ops.coupling import additive_coupling, affine_coupling
 
 
@@ -38,7 +38,7 @@ class AffineCoupling(nn.Module):
         if in_channel < 2:
             raise ValueError(f"in_channel: expected at least 2 channels, got {in_channel}")
         self.in_channel = in_channel
-        self.affine = affine
+        self.affine = check_bool("affine", affine)
         ca, cb = in_channel - in_channel // 2, in_channel // 2
         self.net = nn.Sequential(
             nn.Conv2d(ca, filter_size, 3, padding=1),

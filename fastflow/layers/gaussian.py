@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..ops._checks import check_bool
 from ..ops.gaussian import reparameterize_kl
 from ..reference import REDUCTIONS
 
@@ -20,7 +21,7 @@ class GaussianReparam(nn.Module):
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
         self.reduction = reduction
-        self.sample_in_eval = sample_in_eval
+        self.sample_in_eval = check_bool("sample_in_eval", sample_in_eval)
 
     def forward(self, mu, logvar, generator=None):
         if not self.training and not self.sample_in_eval:
