@@ -128,6 +128,8 @@ class FlowStep(nn.Module):
         ``InvConv2dLU`` of one channel count (each then assembles its own). Sampling a
         Glow block costs one assembly instead of one per step (on a GPU, a dozen launches
         per block rather than per step)."""
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype: expected a floating torch.dtype for W^-1, got {dtype!r}")
         steps = list(steps)
         if not steps or not all(type(s) is FlowStep and type(s.invconv) is InvConv2dLU
                                 and s._fusable(hooks=False) for s in steps):
