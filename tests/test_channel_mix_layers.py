@@ -522,3 +522,15 @@ def test_inverse_matrices_refuses_a_non_floating_dtype():
     (w_inv, _) = ff.FlowStep.inverse_matrices(steps, torch.float64)
     torch.testing.assert_close(w_inv @ steps[0].invconv.matrix().double(),
                                torch.eye(4, dtype=torch.float64))
+
+
+def test_weight_and_logdet_sums_in_float64_like_the_matrix():
+    """InvConv2dLU.weight_and_logdet() gives W in float64; its log|det W| came in the
+    parameters' dtype (a bfloat16 layer's sum rounded to 8 bits), unlike InvConv2d's."""
+    layer = ff.InvConv2dLU(48).to(torch.bfloat16)
+    with torch.no_grad():
+        layer.w_s.normal_()
+    w, ld = layer.weight_and_logdet()
+    assert w.dtype == ld.dtype == torch.float64
+    assert ld.item() == layer.w_s.double().sum().item()
+    torch.testing.assert_close(ld, torch.linalg.slogdet(w)[1], rtol=1e-12, atol=1e-10)

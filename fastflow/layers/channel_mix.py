@@ -183,8 +183,10 @@ class InvConv2dLU(_InvConvBase):
                                               self.w_s.to(d), self.s_sign)
 
     def weight_and_logdet(self, inverse: bool = False):
-        """(W or W^-1 as a float64 (C, C) matrix, log|det W| = sum(w_s))."""
-        return self._assemble(inverse), self.w_s.sum()
+        """(W or W^-1 as a float64 (C, C) matrix, log|det W| = sum(w_s) in float64, as the
+        matrix: summed in the parameters' dtype it was rounded to 8 bits for a bfloat16
+        layer)."""
+        return self._assemble(inverse), self.w_s.sum(dtype=torch.float64)
 
     def matrix(self, inverse: bool = False):
         return self._assemble(inverse)
