@@ -157,6 +157,23 @@ def test_resume_refuses_data_that_gained_images(tmp_path, small_npz):
     _run(tmp_path / "out", "--data", small_npz, *common, "--epochs", "2", "--resume")
 
 
+def test_resume_refuses_other_images_of_the_same_shape_and_count(tmp_path, small_npz):
+    """One pixel changed: the same shape, count and held-out split, which resumed silently
+    and went on training on other images than the run's history says."""
+    import numpy as np
+
+    common = ["--batch-size", "16", "--test-fraction", "0.2", "--max-steps", "2"]
+    _run(tmp_path / "out", "--data", small_npz, *common, "--epochs", "1")
+    images = np.load(small_npz)["images"]
+    images[40, 4, 4] ^= 1
+    other = tmp_path / "other.npz"
+    np.savez(other, images=images)
+    with pytest.raises(SystemExit, match=r"^--data: .* was trained on other images than "
+                                         r".*other\.npz holds now"):
+        _run(tmp_path / "out", "--data", str(other), *common, "--epochs", "2", "--resume")
+    _run(tmp_path / "out", "--data", small_npz, *common, "--epochs", "2", "--resume")
+
+
 def test_resume_guards_and_new_lr(tmp_path, capsys):
     _run(tmp_path, "--max-steps", "3", "--epochs", "1", "--lr", "1e-3")
     with pytest.raises(SystemExit, match="--resume to continue it or --force"):

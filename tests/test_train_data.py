@@ -176,6 +176,28 @@ def test_resume_with_other_data_is_refused(command, tmp_path, rgb_npz):
 
 
 @pytest.mark.parametrize("command", ["vae", "tarflow"])
+def test_resume_on_other_images_of_the_same_shape_and_count_is_refused(command, tmp_path,
+                                                                       rgb_npz):
+    # one pixel changed: the same shape, count and split, which resumed silently and went
+    # on training on other images than the run's history says
+    out = tmp_path / "run"
+    _run(command, out, "--data", str(rgb_npz))
+    images = np.load(rgb_npz)["x"]
+    images[7, 3, 3, 1] ^= 1
+    other = tmp_path / "other.npz"
+    np.savez(other, x=images)
+    with pytest.raises(SystemExit, match=r"^--data: .* was trained on other images than "
+                                         r".*other\.npz holds now"):
+        _run(command, out, "--data", str(other), "--resume", "--max-steps", "3")
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert len(state["fingerprint"]) == 4
+    del state["fingerprint"]  # a checkpoint from before the fingerprint: as given
+    torch.save(state, out / "checkpoint.pt")
+    metrics = _run(command, out, "--data", str(other), "--resume", "--max-steps", "3")
+    assert metrics["history"]["epochs"][-1]["step"] == 3
+
+
+@pytest.mark.parametrize("command", ["vae", "tarflow"])
 def test_a_checkpoint_from_before_data_and_precision_resumes(command, tmp_path, capsys):
     # made by the unfused Adam/AdamW on the digits, without image/n_bins, split, n_images
     # or step_runner: it resumes on the digits (and a fused step again), not elsewhere

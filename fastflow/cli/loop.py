@@ -211,8 +211,9 @@ def resume_or_start(args, ckpt_path: Path, model, opt, config: dict, generators:
     ``config`` is refused; ``--lr`` replaces the checkpoint's), else a fresh start.
     ``partial``: where a ``--max-steps`` stop left an epoch (``train_epochs`` goes on there).
     ``runner``: its optimizer binding is renewed and an fp16 loss scale comes back.
-    ``data``: ``{"split": split_key(args), "n_images": N}``, refused as ``train`` refuses
-    them (``check_resume_data``; ``metric`` names the held-out numbers). ``legacy``: the
+    ``data``: ``{"split": split_key(args), "n_images": N, "fingerprint":
+    data_fingerprint(...)}``, refused as ``train`` refuses them (``check_resume_data``;
+    ``metric`` names the held-out numbers). ``legacy``: the
     values of config keys that checkpoints from before them lack (what they were trained
     on)."""
     if not (args.resume and ckpt_path.is_file()):
@@ -228,7 +229,7 @@ def resume_or_start(args, ckpt_path: Path, model, opt, config: dict, generators:
                          f"got {config}")
     if data is not None:
         check_resume_data(state, ckpt_path, data["split"], data["n_images"], args.data,
-                          metric=metric)
+                          fingerprint=data.get("fingerprint"), metric=metric)
     state = restore_checkpoint(state, ckpt_path, model, opt)
     names = list(generators)
     set_rng_state(state["rng"], *(generators[k] for k in names), device=device)

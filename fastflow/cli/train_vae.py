@@ -8,9 +8,9 @@ import argparse
 import torch
 
 from .common import (HelpFormatter, add_data_options, add_optimisation_options,
-                     add_precision_option, add_run_options, backend_name, load_data,
-                     pick_device, positive, prepare_out, save_image_grid, split_key,
-                     write_json)
+                     add_precision_option, add_run_options, backend_name, data_fingerprint,
+                     load_data, pick_device, positive, prepare_out, save_image_grid,
+                     split_key, write_json)
 from .loop import StepRunner, resume_or_start, train_epochs
 
 
@@ -77,7 +77,8 @@ def main(argv=None) -> int:
     shuffle_gen = torch.Generator().manual_seed(args.seed)
     runner = StepRunner(model.parameters(), opt, device=device, precision=args.precision,
                         base_lr=args.lr)
-    data = {"split": split_key(args), "n_images": len(train) + len(test)}
+    data = {"split": split_key(args), "n_images": len(train) + len(test),
+            "fingerprint": data_fingerprint(train, test)}
 
     generators = {"shuffle": shuffle_gen, "eval": eval_gen}  # all saved and resumed
     start_epoch, step, history, partial = resume_or_start(
