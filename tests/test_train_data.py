@@ -198,6 +198,29 @@ def test_resume_on_other_images_of_the_same_shape_and_count_is_refused(command, 
 
 
 @pytest.mark.parametrize("command", ["vae", "tarflow"])
+def test_resume_without_lr_keeps_the_checkpoints(command, tmp_path, capsys):
+    # --lr defaulted to 2e-3, so a resume without it reset the learning rate (with a
+    # message) where train keeps the checkpoint's
+    assert _run(command, tmp_path, "--max-steps", "1")["config"]["lr"] == 2e-3
+    _run(command, tmp_path, "--max-steps", "2", "--resume", "--lr", "1e-3")
+    capsys.readouterr()
+    metrics = _run(command, tmp_path, "--max-steps", "3", "--resume")
+    assert "--lr:" not in capsys.readouterr().out
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert metrics["config"]["lr"] == state["lr"] == 1e-3
+    assert [float(g["lr"]) for g in state["optimizer"]["param_groups"]] == [1e-3]
+    # a checkpoint from before "lr" was saved: its optimizer's
+    del state["lr"]
+    torch.save(state, tmp_path / "checkpoint.pt")
+    assert _run(command, tmp_path, "--max-steps", "4", "--resume")["config"]["lr"] == 1e-3
+    assert "--lr:" not in capsys.readouterr().out
+    module, _ = TINY[command]
+    parser = module._vae_parser() if command == "vae" else module._parser()
+    assert "(None: 0.002, or with --resume the checkpoint's" in \
+        " ".join(parser.format_help().split())
+
+
+@pytest.mark.parametrize("command", ["vae", "tarflow"])
 def test_a_checkpoint_from_before_data_and_precision_resumes(command, tmp_path, capsys):
     # made by the unfused Adam/AdamW on the digits, without image/n_bins, split, n_images
     # or step_runner: it resumes on the digits (and a fused step again), not elsewhere

@@ -16,6 +16,8 @@ from .common import (HelpFormatter, add_data_options, add_optimisation_options,
                      split_key, write_json)
 from .loop import StepRunner, resume_or_start, train_epochs
 
+LR = 2e-3  # --lr's default on a fresh run
+
 
 def _parser():
     p = argparse.ArgumentParser(prog="python -m fastflow train-tarflow",
@@ -25,7 +27,9 @@ def _parser():
     g = p.add_argument_group("data")
     add_data_options(g)  # --size: the image side of the model too
     g = p.add_argument_group("optimisation")
-    add_optimisation_options(g, epochs=6, lr=2e-3, lr_help="AdamW learning rate")
+    add_optimisation_options(g, epochs=6, lr=None,
+                             lr_help=f"AdamW learning rate (None: {LR:g}, or with --resume the "
+                                     "checkpoint's; a value given with --resume replaces it)")
     add_precision_option(g, help="autocast dtype of the training step, evaluation and sampling "
                                  "(the transformer follows it; the flow math and the "
                                  "likelihood stay float32); fp16 scales the loss")
@@ -113,9 +117,10 @@ def main(argv=None) -> int:
               "image": [channels, height, width], "n_bins": train.n_bins}
     model = TarFlow(channels, size, args.patch_size, args.channels, args.blocks, args.layers,
                     num_classes, head_dim=args.head_dim, noise_std=args.noise_std).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr or LR, weight_decay=1e-4,
+                            fused=True)
     runner = StepRunner(model.parameters(), opt, device=device, precision=args.precision,
-                        base_lr=args.lr)
+                        base_lr=args.lr or LR)
     data = {"split": split_key(args), "n_images": len(train) + len(test),
             "fingerprint": data_fingerprint(train, test)}
     shuffle_gen = torch.Generator().manual_seed(args.seed)
@@ -177,8 +182,8 @@ def main(argv=None) -> int:
     sampling = {"guidance": guidance, "temperature": args.temperature,
                 "jacobi_iterations": stats.get("jacobi_iterations"), "tokens": model.tokens,
                 "jacobi_vs_sequential_max_abs": jacobi_gap}
-    write_json(out / "metrics.json", {"config": vars(args), "model": config,
-                                      "history": history, "sampling": sampling})
+    write_json(out / "metrics.json", {"config": {**vars(args), "lr": runner.base_lr},  # used
+                                      "model": config, "history": history, "sampling": sampling})
     final = (history["epochs"][-1]["test"] if history["epochs"] else history["initial"])["nll"]
     print(f"sampling: Jacobi iterations per block {sampling['jacobi_iterations']} for "
           f"{model.tokens} tokens, max |jacobi - sequential| {jacobi_gap:.2e}")

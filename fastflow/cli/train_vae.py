@@ -13,6 +13,8 @@ from .common import (HelpFormatter, add_data_options, add_optimisation_options,
                      split_key, write_json)
 from .loop import StepRunner, resume_or_start, train_epochs
 
+LR = 2e-3  # --lr's default on a fresh run
+
 
 def _vae_parser():
     p = argparse.ArgumentParser(prog="python -m fastflow train-vae",
@@ -26,7 +28,9 @@ def _vae_parser():
     g.add_argument("--hidden", type=positive(int), default=32, help="conv channels")
     g.add_argument("--likelihood", choices=("bernoulli", "gaussian"), default="bernoulli")
     g = p.add_argument_group("optimisation")
-    add_optimisation_options(g, epochs=10, lr=2e-3)
+    add_optimisation_options(g, epochs=10, lr=None,
+                             lr_help=f"Adam learning rate (None: {LR:g}, or with --resume the "
+                                     "checkpoint's; a value given with --resume replaces it)")
     add_precision_option(g, help="autocast dtype of the training step, evaluation and sampling "
                                  "(the likelihood and KL stay float32); fp16 scales the loss")
     g = p.add_argument_group("run")
@@ -72,11 +76,11 @@ def main(argv=None) -> int:
     config.update(image=[channels, height, width], n_bins=train.n_bins)
     model = ConvVAE(channels=channels, size=height,
                     **{k: getattr(args, k) for k in ("latent", "hidden", "likelihood")}).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr or LR, fused=True)
     eval_gen = torch.Generator().manual_seed(args.seed + 1)  # seeds the op's noise, on CPU
     shuffle_gen = torch.Generator().manual_seed(args.seed)
     runner = StepRunner(model.parameters(), opt, device=device, precision=args.precision,
-                        base_lr=args.lr)
+                        base_lr=args.lr or LR)
     data = {"split": split_key(args), "n_images": len(train) + len(test),
             "fingerprint": data_fingerprint(train, test)}
 
@@ -114,7 +118,8 @@ def main(argv=None) -> int:
         rows = [originals, model.reconstruct(originals),
                 model.sample(12, generator=torch.Generator(device=device).manual_seed(args.seed))]
     picture = save_image_grid(out / "vae_samples.png", rows, ["data", "recon", "samples"])
-    write_json(out / "metrics.json", {"config": vars(args), "model": config, "history": history})
+    write_json(out / "metrics.json", {"config": {**vars(args), "lr": runner.base_lr},  # used
+                                      "model": config, "history": history})
     final = history["epochs"][-1]["test"] if history["epochs"] else history["initial"]
     print(f"done: {step} steps, test -ELBO {history['initial']['neg_elbo']:.3f} -> "
           f"{final['neg_elbo']:.3f} nats ({args.precision}); wrote {picture}, {ckpt_path}, "
