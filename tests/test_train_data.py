@@ -94,6 +94,19 @@ def test_bad_sources_are_refused_naming_data(command, tmp_path):
         _run(command, tmp_path / "run", "--test-fraction", "1.5")
 
 
+def test_guidance_without_class_labels_is_refused(tmp_path, rgb_npz):
+    # it was ignored silently: the samples were drawn unguided
+    with pytest.raises(SystemExit, match=r"^--guidance: expected none with --unconditional "
+                                         r".*got --guidance 3$"):
+        _run("tarflow", tmp_path, "--unconditional", "--guidance", "3")
+    with pytest.raises(SystemExit, match=r"^--guidance: expected none for .*rgb\.npz, which "
+                                         r"has no class labels .*got --guidance 2\.5$"):
+        _run("tarflow", tmp_path, "--data", str(rgb_npz), "--guidance", "2.5")
+    assert _run("tarflow", tmp_path, "--unconditional")["sampling"]["guidance"] == 0.0
+    assert _run("tarflow", tmp_path / "labelled")["sampling"]["guidance"] == 1.0
+    assert _run("tarflow", tmp_path / "given", "--guidance", "2")["sampling"]["guidance"] == 2.0
+
+
 def test_odd_or_unsquare_images_are_refused_naming_size(tmp_path):
     path = tmp_path / "odd.npz"
     np.savez(path, x=np.zeros((6, 7, 7), np.uint8))

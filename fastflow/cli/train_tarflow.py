@@ -17,6 +17,7 @@ from .common import (HelpFormatter, add_data_options, add_optimisation_options,
 from .loop import StepRunner, resume_or_start, train_epochs
 
 LR = 2e-3  # --lr's default on a fresh run
+GUIDANCE = 1.0  # --guidance's default (class-conditional models)
 
 
 def _parser():
@@ -43,7 +44,10 @@ def _parser():
                    help="Gaussian noise added to the [-1, 1] images while training")
     g.add_argument("--unconditional", action="store_true",
                    help="no class labels (so always for a source without labels)")
-    g.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance of samples")
+    g.add_argument("--guidance", type=float, default=None,
+                   help=f"classifier-free guidance of samples (None: {GUIDANCE:g}; a class-"
+                        "conditional model only: refused with --unconditional or a source "
+                        "without labels)")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     g = p.add_argument_group("run")
     add_run_options(g, out="runs/tarflow", force=False)  # no --force: OUT is not guarded
@@ -84,6 +88,9 @@ def main(argv=None) -> int:
     from ..tarflow import TarFlow
 
     args = _parser().parse_args(argv)
+    if args.unconditional and args.guidance is not None:
+        raise SystemExit(f"--guidance: expected none with --unconditional (classifier-free "
+                         f"guidance needs class labels), got --guidance {args.guidance:g}")
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
     ckpt_path = prepare_out(args.out, resume=args.resume, force=True)  # no --force: not guarded
@@ -105,6 +112,10 @@ def main(argv=None) -> int:
     x_train, x_test = to_model(train.as_float()).to(device), to_model(test.as_float()).to(device)
     labelled = train.labels is not None and test.labels is not None
     if not labelled and not args.unconditional:
+        if args.guidance is not None:
+            raise SystemExit(f"--guidance: expected none for {args.data}, which has no class "
+                             "labels (classifier-free guidance needs them), got --guidance "
+                             f"{args.guidance:g}")
         print(f"train-tarflow: {args.data} has no class labels; training unconditional")
     num_classes = 0 if args.unconditional or not labelled else \
         int(max(train.labels.max(), test.labels.max())) + 1
@@ -161,7 +172,7 @@ def main(argv=None) -> int:
     model.eval()
     n_show = 10
     y_show = None if num_classes == 0 else torch.arange(n_show, device=device) % num_classes
-    guidance = 0.0 if num_classes == 0 else args.guidance
+    guidance = 0.0 if num_classes == 0 else GUIDANCE if args.guidance is None else args.guidance
     gen = torch.Generator(device=device).manual_seed(args.seed)
     z = torch.randn(n_show, model.tokens, model.dim, generator=gen, device=device) * args.temperature
     stats = {}
