@@ -69,18 +69,27 @@ def nll_per_dim(model, x, y, noise_std, generator):
     return -model.log_prob(noisy, y).mean() / x[0].numel()
 
 
+def batch_input(levels: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """Integer images to the model's [-1, 1], a batch at a time (the whole set as floats
+    would be 4x its uint8 size)."""
+    from ..data import levels_to_unit
+
+    return to_model(levels_to_unit(levels, n_bins))
+
+
 @torch.no_grad()
-def _evaluate(model, x, y, noise_std, generator, runner, batch_size=256):
+def _evaluate(model, levels, n_bins, y, noise_std, generator, runner, batch_size=256):
     was = model.training
     model.eval()
     total = 0.0
-    for i in range(0, len(x), batch_size):
+    for i in range(0, len(levels), batch_size):
         yb = None if y is None else y[i:i + batch_size]
+        xb = batch_input(levels[i:i + batch_size], n_bins)
         with runner.autocast():
-            nll = nll_per_dim(model, x[i:i + batch_size], yb, noise_std, generator)
-        total += nll.item() * len(x[i:i + batch_size])
+            nll = nll_per_dim(model, xb, yb, noise_std, generator)
+        total += nll.item() * len(xb)
     model.train(was)
-    return {"nll": total / len(x)}
+    return {"nll": total / len(levels)}
 
 
 def main(argv=None) -> int:
@@ -109,7 +118,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--channels: expected a multiple of channels // head_dim, got "
                          f"{args.channels}")
 
-    x_train, x_test = to_model(train.as_float()).to(device), to_model(test.as_float()).to(device)
+    x_train, x_test, n_bins = train.levels.to(device), test.levels.to(device), train.n_bins
     labelled = train.labels is not None and test.labels is not None
     if not labelled and not args.unconditional:
         if args.guidance is not None:
@@ -148,8 +157,8 @@ def main(argv=None) -> int:
           f"{'unconditional' if num_classes == 0 else f'{num_classes} classes'}, "
           f"{n_params} parameters, {args.precision}, device {device}, "
           f"fastflow backend {backend_name(device)}")
-    evaluate = lambda: _evaluate(model, x_test, y_test, args.noise_std, eval_gen,  # noqa: E731
-                                 runner)
+    evaluate = lambda: _evaluate(model, x_test, n_bins, y_test, args.noise_std,  # noqa: E731
+                                 eval_gen, runner)
     if history["initial"] is None:
         history["initial"] = evaluate()
         print(f"before training: test {history['initial']['nll']:.3f} nats/dim")
@@ -159,7 +168,8 @@ def main(argv=None) -> int:
 
     def loss_terms(idx):
         yb = None if y_train is None else y_train[idx]
-        return {"nll": nll_per_dim(model, x_train[idx], yb, args.noise_std, noise_gen)}
+        return {"nll": nll_per_dim(model, batch_input(x_train[idx], n_bins), yb, args.noise_std,
+                                   noise_gen)}
 
     model.train()
     step = train_epochs(
@@ -179,7 +189,7 @@ def main(argv=None) -> int:
     with torch.no_grad(), runner.autocast():
         raw = model.reverse(z, y_show, guidance=guidance)
         raw_jacobi = model.reverse(z, y_show, guidance=guidance, method="jacobi", stats=stats)
-        data_rows = x_test[:n_show]
+        data_rows = batch_input(x_test[:n_show], n_bins)
         z_data, _ = model(data_rows, None if y_test is None else y_test[:n_show])
         recon = model.reverse(z_data, None if y_test is None else y_test[:n_show])
     with runner.autocast():

@@ -39,24 +39,25 @@ def _vae_parser():
 
 
 @torch.no_grad()
-def _evaluate(model, x, batch_size, generator, runner):
-    """Mean -ELBO, recon and KL over ``x`` (one noise draw per sample), under the run's
-    autocast."""
-    from ..data import batches
+def _evaluate(model, levels, n_bins, batch_size, generator, runner):
+    """Mean -ELBO, recon and KL over the images ``levels`` (one noise draw per sample),
+    under the run's autocast."""
+    from ..data import batches, levels_to_unit
 
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64)
-    for xb in batches(x, batch_size, shuffle=False):
+    for xb in batches(levels, batch_size, shuffle=False):
         with runner.autocast():
-            recon, kl = model.terms(xb, generator=generator)
+            recon, kl = model.terms(levels_to_unit(xb, n_bins), generator=generator)
         totals += torch.stack([recon.sum(), kl.sum()]).double().cpu()
     model.train()
-    recon, kl = (totals / x.shape[0]).tolist()
+    recon, kl = (totals / levels.shape[0]).tolist()
     return {"neg_elbo": recon + kl, "recon": recon, "kl": kl}
 
 
 def main(argv=None) -> int:
     """``python -m fastflow train-vae``: returns the exit status."""
+    from ..data import levels_to_unit
     from ..vae import ConvVAE
 
     args = _vae_parser().parse_args(argv)
@@ -70,8 +71,9 @@ def main(argv=None) -> int:
     if height != width or height % 2:
         raise SystemExit(f"--size: the images are {height}x{width}; the VAE needs square "
                          "images with an even side (pass --size)")
-    # the Bernoulli likelihood wants values in [0, 1]: levels / (n_bins - 1)
-    x_train, x_test = train.as_float().to(device), test.as_float().to(device)
+    # the Bernoulli likelihood wants values in [0, 1]: levels / (n_bins - 1), made per batch
+    # (as train does: the whole set as floats would be 4x its uint8 size)
+    x_train, x_test, n_bins = train.levels.to(device), test.levels.to(device), train.n_bins
     config = {k: getattr(args, k) for k in ("latent", "hidden", "likelihood")}
     config.update(image=[channels, height, width], n_bins=train.n_bins)
     model = ConvVAE(channels=channels, size=height,
@@ -93,13 +95,13 @@ def main(argv=None) -> int:
           f"({channels}x{height}x{width}, {train.n_bins} levels), {n_params} parameters, "
           f"latent {args.latent}, {args.precision}, device {device}, "
           f"fastflow backend {backend_name(device)}")
-    evaluate = lambda: _evaluate(model, x_test, 256, eval_gen, runner)  # noqa: E731
+    evaluate = lambda: _evaluate(model, x_test, n_bins, 256, eval_gen, runner)  # noqa: E731
     if history["initial"] is None:
         history["initial"] = evaluate()
         print(f"before training: test -ELBO {history['initial']['neg_elbo']:.3f} nats")
 
     def loss_terms(xb):
-        terms = model.loss(xb)
+        terms = model.loss(levels_to_unit(xb, n_bins))
         return {"neg_elbo": terms["loss"], "recon": terms["recon"], "kl": terms["kl"]}
 
     def describe(train, test):
@@ -113,7 +115,7 @@ def main(argv=None) -> int:
                         start=(start_epoch, step, partial), history=history, save=data)
 
     model.eval()
-    originals = x_test[:12]
+    originals = levels_to_unit(x_test[:12], n_bins)
     with runner.autocast():
         rows = [originals, model.reconstruct(originals),
                 model.sample(12, generator=torch.Generator(device=device).manual_seed(args.seed))]
