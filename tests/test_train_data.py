@@ -266,18 +266,24 @@ def test_resume_without_lr_keeps_the_checkpoints(command, tmp_path, capsys):
 
 @pytest.mark.parametrize("command", ["vae", "tarflow"])
 def test_a_checkpoint_from_before_data_and_precision_resumes(command, tmp_path, capsys):
-    # made by the unfused Adam/AdamW on the digits, without image/n_bins, split, n_images
-    # or step_runner: it resumes on the digits (and a fused step again), not elsewhere
+    # made by the unfused Adam/AdamW on the digits, without image/n_bins, split, n_images,
+    # step_runner, fingerprint or lr: it resumes on the digits (and a fused step again), not
+    # elsewhere
     _run(command, tmp_path, "--max-steps", "1")
     path = tmp_path / "checkpoint.pt"
     state = torch.load(path, weights_only=True)
-    for key in ("split", "n_images", "step_runner"):
+    for key in ("split", "n_images", "step_runner", "fingerprint", "lr"):
         state.pop(key)
     for key in ("image", "n_bins"):
         state["config"].pop(key)
     for group in state["optimizer"]["param_groups"]:
         group.update(fused=None, lr=float(group["lr"]))
     torch.save(state, path)
+    # they held out the digits with seed 0 whatever --seed: another seed holds out others
+    # (some of them trained on), which resumed silently
+    with pytest.raises(SystemExit, match=r"^--seed: .* held out its test images with "
+                                         r"\{'seed': 0\}; this run asks for \{'seed': 1\}"):
+        _run(command, tmp_path, "--max-steps", "2", "--resume", "--seed", "1")
     metrics = _run(command, tmp_path, "--max-steps", "2", "--resume")
     assert "resumed from" in capsys.readouterr().out
     assert metrics["history"]["epochs"][-1]["step"] == 2

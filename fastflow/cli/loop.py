@@ -205,7 +205,8 @@ class StepRunner:
 
 def resume_or_start(args, ckpt_path: Path, model, opt, config: dict, generators: dict, device,
                     *, runner: StepRunner | None = None, data: dict | None = None,
-                    legacy: dict | None = None, metric: str = "test bits/dim"):
+                    legacy: dict | None = None, legacy_split: dict | None = None,
+                    metric: str = "test bits/dim"):
     """(start_epoch, step, history, partial): from ``ckpt_path`` when ``--resume`` finds it
     (model, optimizer, the named generators' and torch's RNG states come back; a different
     ``config`` is refused; ``--lr`` replaces the checkpoint's learning rate, None keeps it),
@@ -216,7 +217,8 @@ def resume_or_start(args, ckpt_path: Path, model, opt, config: dict, generators:
     data_fingerprint(...)}``, refused as ``train`` refuses them (``check_resume_data``;
     ``metric`` names the held-out numbers). ``legacy``: the
     values of config keys that checkpoints from before them lack (what they were trained
-    on)."""
+    on); ``legacy_split``: the ``split_key`` of checkpoints from before it was saved (how
+    they held out their test images)."""
     if not (args.resume and ckpt_path.is_file()):
         return 0, 0, {"initial": None, "epochs": []}, None
     # what it was trained on is checked first: another --data or --size is named as such,
@@ -229,6 +231,8 @@ def resume_or_start(args, ckpt_path: Path, model, opt, config: dict, generators:
         raise SystemExit(f"--resume: {ckpt_path} was trained with {state.get('config')}, "
                          f"got {config}")
     if data is not None:
+        if legacy_split is not None and "split" not in state:
+            state = {**state, "split": legacy_split}
         check_resume_data(state, ckpt_path, data["split"], data["n_images"], args.data,
                           fingerprint=data.get("fingerprint"), metric=metric)
     state = restore_checkpoint(state, ckpt_path, model, opt)

@@ -147,9 +147,11 @@ def main(argv=None) -> int:
     noise_gen = torch.Generator().manual_seed(args.seed + 1)
     eval_gen = torch.Generator().manual_seed(args.seed + 2)
     generators = {"shuffle": shuffle_gen, "noise": noise_gen, "eval": eval_gen}  # resumed
+    # checkpoints from before --data: the digits, held out with seed 0 whatever --seed
     start_epoch, step, history, partial = resume_or_start(
         args, ckpt_path, model, opt, config, generators, device, runner=runner, data=data,
-        legacy={"image": [1, size, size], "n_bins": 17}, metric="test nats/dim")
+        legacy={"image": [1, size, size], "n_bins": 17},
+        legacy_split={"seed": 0}, metric="test nats/dim")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"train-tarflow: TarFlow on {len(x_train)} train / {len(x_test)} test images from "
           f"{args.data} ({channels}x{size}x{size}, {model.tokens} tokens of {model.dim}), "

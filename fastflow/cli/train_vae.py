@@ -87,9 +87,11 @@ def main(argv=None) -> int:
             "fingerprint": data_fingerprint(train, test)}
 
     generators = {"shuffle": shuffle_gen, "eval": eval_gen}  # all saved and resumed
+    # checkpoints from before --data: the digits, held out with seed 0 whatever --seed
     start_epoch, step, history, partial = resume_or_start(
         args, ckpt_path, model, opt, config, generators, device, runner=runner, data=data,
-        legacy={"image": [1, 8, 8], "n_bins": 17}, metric="test -ELBO")
+        legacy={"image": [1, 8, 8], "n_bins": 17},
+        legacy_split={"seed": 0}, metric="test -ELBO")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"train-vae: {len(x_train)} train / {len(x_test)} test images from {args.data} "
           f"({channels}x{height}x{width}, {train.n_bins} levels), {n_params} parameters, "
