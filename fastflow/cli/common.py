@@ -3,7 +3,7 @@
 ``load_checkpoint`` (model + optimizer + any state, resumable, loaded with
 ``weights_only=True``), ``prepare_out`` (``--out`` checked before training), ``rng_state``,
 ``save_image_grid`` (a PNG of image rows, drawn with Pillow), ``write_json``/``write_csv``,
-``positive`` (an argparse type), ``add_optimisation_options``/``add_run_options``/
+``positive``/``finite`` (argparse types), ``add_optimisation_options``/``add_run_options``/
 ``add_data_options``/``add_precision_option`` (the options every training command has),
 ``load_data``/``split_key``/``data_fingerprint``/``check_resume_data`` (``--data`` read,
 and checked on ``--resume``, the same way by every training command), ``HelpFormatter`` and
@@ -278,6 +278,14 @@ def positive(kind):
         return value
 
     return parse
+
+
+def finite(text):
+    """An argparse type: a finite float (nan and inf, which float() takes, are refused)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return value
 
 
 def add_optimisation_options(parser, *, epochs: int, lr: float | None,

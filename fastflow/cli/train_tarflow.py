@@ -12,7 +12,7 @@ import torch
 
 from .common import (HelpFormatter, add_data_options, add_optimisation_options,
                      add_precision_option, add_run_options, backend_name, data_fingerprint,
-                     load_data, pick_device, positive, prepare_out, save_image_grid,
+                     finite, load_data, pick_device, positive, prepare_out, save_image_grid,
                      split_key, write_json)
 from .loop import StepRunner, resume_or_start, train_epochs
 
@@ -44,11 +44,12 @@ def _parser():
                    help="Gaussian noise added to the [-1, 1] images while training")
     g.add_argument("--unconditional", action="store_true",
                    help="no class labels (so always for a source without labels)")
-    g.add_argument("--guidance", type=float, default=None,
+    g.add_argument("--guidance", type=finite, default=None,
                    help=f"classifier-free guidance of samples (None: {GUIDANCE:g}; a class-"
                         "conditional model only: refused with --unconditional or a source "
                         "without labels)")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    g.add_argument("--temperature", type=positive(float), default=1.0,
+                   help="sampling temperature")
     g = p.add_argument_group("run")
     add_run_options(g, out="runs/tarflow", force=False)  # no --force: OUT is not guarded
     return p
