@@ -13,8 +13,8 @@ import torch
 from ..data import DIGIT_LEVELS
 from .common import (HelpFormatter, add_data_options, add_optimisation_options,
                      add_precision_option, add_run_options, backend_name, check_resume_data,
-                     check_test_fraction, data_fingerprint, load_data, positive, prepare_out, progress,
-                     read_checkpoint, rng_state, save_checkpoint, save_image_grid,
+                     check_test_fraction, data_fingerprint, load_data, positive, prepare_out,
+                     progress, read_checkpoint, rng_state, save_checkpoint, save_image_grid,
                      set_rng_state, split_key, write_csv, write_json)
 from .loop import Distributed, StepRunner, epoch_generator, epoch_order
 
@@ -403,7 +403,8 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
                 "skipped": float(runner.skipped)}
             save_checkpoint(ckpt_path, model, opt, epoch=epoch + int(not unfinished), step=step,
                             history=history, config=config, split=split, n_images=n_images,
-                            fingerprint=fingerprint, lr=base_lr, step_runner=runner.state_dict(), partial=left,
+                            fingerprint=fingerprint, lr=base_lr,
+                            step_runner=runner.state_dict(), partial=left,
                             rng=resume_rng or rng_state(eval_gen, device=device),
                             world_size=dist_.world)
 
