@@ -132,7 +132,7 @@ def evaluate_bpd(model, images, generator, runner, device, batch_size: int = 256
 @torch.no_grad()
 def picture_rows(model, test, args, device):
     """The grid: data, x -> z -> x, then one row of samples per temperature."""
-    from ..data import dequantize
+    from ..data import dequantize, levels_to_unit
 
     touch_parameters(model)
     model.eval()
@@ -140,7 +140,8 @@ def picture_rows(model, test, args, device):
     data = test.levels[:n]
     x = dequantize(data, test.n_bins, torch.full(data.shape, 0.5)).to(device)
     _, _, z = model(x)
-    rows = [test.as_float()[:n], to_unit(model.reverse(z, reconstruct=True), test.n_bins)]
+    rows = [levels_to_unit(data, test.n_bins),  # these n, not the whole held-out set
+            to_unit(model.reverse(z, reconstruct=True), test.n_bins)]
     titles = ["data", "x->z->x"]
     for t in args.temperature:
         gen = torch.Generator(device=device).manual_seed(args.seed)
