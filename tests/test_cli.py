@@ -63,8 +63,8 @@ def test_demo_writes_grids_before_and_after_and_improves(tmp_path, capsys):
 
 @pytest.mark.parametrize("module, parser, defaults", [
     ("train", "_glow_parser", {"epochs": 20, "lr": None, "out": "runs/glow", "force": False}),
-    ("train_vae", "_vae_parser", {"epochs": 10, "lr": 2e-3, "out": "runs/vae", "force": False}),
-    ("train_tarflow", "_parser", {"epochs": 6, "lr": 2e-3, "out": "runs/tarflow"}),
+    ("train_vae", "_vae_parser", {"epochs": 10, "lr": None, "out": "runs/vae", "force": False}),
+    ("train_tarflow", "_parser", {"epochs": 6, "lr": None, "out": "runs/tarflow"}),
 ])
 def test_training_commands_share_their_run_options_with_their_own_defaults(module, parser,
                                                                             defaults):
@@ -97,3 +97,21 @@ def test_non_finite_float_options_are_refused_naming_the_option(option, value, c
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert option in err and f"expected a finite positive number, got {value}" in err
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--temperature", "nan", "expected a finite positive number, got nan"),
+    ("--temperature", "0", "expected a finite positive number, got 0"),
+    ("--guidance", "nan", "expected a finite number, got nan"),
+    ("--guidance", "inf", "expected a finite number, got inf"),
+])
+def test_train_tarflow_sampling_options_are_refused_naming_the_option(option, value, message,
+                                                                      capsys):
+    from fastflow.cli import train_tarflow
+
+    # --temperature nan or --guidance inf trained on and then drew NaN samples silently
+    with pytest.raises(SystemExit) as exit_:
+        train_tarflow._parser().parse_args([option, value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert option in err and message in err

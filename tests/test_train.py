@@ -157,6 +157,39 @@ def test_resume_refuses_data_that_gained_images(tmp_path, small_npz):
     _run(tmp_path / "out", "--data", small_npz, *common, "--epochs", "2", "--resume")
 
 
+def test_resume_refuses_other_images_of_the_same_shape_and_count(tmp_path, small_npz):
+    """One pixel changed: the same shape, count and held-out split, which resumed silently
+    and went on training on other images than the run's history says."""
+    import numpy as np
+
+    common = ["--batch-size", "16", "--test-fraction", "0.2", "--max-steps", "2"]
+    _run(tmp_path / "out", "--data", small_npz, *common, "--epochs", "1")
+    images = np.load(small_npz)["images"]
+    images[40, 4, 4] ^= 1
+    other = tmp_path / "other.npz"
+    np.savez(other, images=images)
+    with pytest.raises(SystemExit, match=r"^--data: .* was trained on other images than "
+                                         r".*other\.npz holds now"):
+        _run(tmp_path / "out", "--data", str(other), *common, "--epochs", "2", "--resume")
+    _run(tmp_path / "out", "--data", small_npz, *common, "--epochs", "2", "--resume")
+
+
+def test_the_picture_rows_convert_only_the_images_they_show(tmp_path, small_npz, monkeypatch):
+    """Every sample grid made a float copy of the whole held-out set (120 MB for CIFAR-10's)
+    for its first n_samples images."""
+    from fastflow import data
+
+    converted = []
+    as_float, to_unit = data.ImageSet.as_float, getattr(data, "levels_to_unit", None)
+    monkeypatch.setattr(data.ImageSet, "as_float",
+                        lambda self: converted.append(len(self)) or as_float(self))
+    monkeypatch.setattr(data, "levels_to_unit", lambda levels, n_bins: converted.append(
+        len(levels)) or to_unit(levels, n_bins), raising=False)
+    _run(tmp_path, "--data", small_npz, "--test-fraction", "0.5", "--batch-size", "16",
+         "--epochs", "1", "--max-steps", "1", "--n-samples", "3")
+    assert converted and max(converted) == 3, converted
+
+
 def test_resume_guards_and_new_lr(tmp_path, capsys):
     _run(tmp_path, "--max-steps", "3", "--epochs", "1", "--lr", "1e-3")
     with pytest.raises(SystemExit, match="--resume to continue it or --force"):

@@ -81,6 +81,37 @@ def test_tarflow_on_the_digits_stays_class_conditional(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command", ["vae", "tarflow"])
+def test_images_become_floats_a_batch_at_a_time(command, tmp_path, monkeypatch):
+    # train-vae and train-tarflow made floats of the whole training set up front (4x its
+    # uint8 size: 600 MB for CIFAR-10) where train converts per batch; the first step's loss
+    # is still the one of its batch converted alone
+    from fastflow import data
+    from fastflow.tarflow import TarFlow
+    from fastflow.vae import ConvVAE
+
+    converted = []
+    as_float, to_unit = data.ImageSet.as_float, getattr(data, "levels_to_unit", None)
+    monkeypatch.setattr(data.ImageSet, "as_float",
+                        lambda self: converted.append(len(self)) or as_float(self))
+    monkeypatch.setattr(data, "levels_to_unit", lambda levels, n_bins: converted.append(
+        len(levels)) or to_unit(levels, n_bins), raising=False)
+    metrics = _run(command, tmp_path, "--max-steps", "1", "--batch-size", "32")
+    assert converted and max(converted) <= 256, converted  # the evaluation's batches
+    train, _ = data.load_image_sets("digits", seed=0)
+    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:32]
+    x = train.levels[idx].float() / 16
+    torch.manual_seed(0)
+    with torch.no_grad():
+        if command == "vae":
+            loss = ConvVAE(channels=1, size=8, latent=4, hidden=8).loss(x)["loss"]
+        else:
+            model = TarFlow(1, 8, 2, 16, 2, 1, 10, head_dim=8, noise_std=0.1)
+            loss = train_tarflow.nll_per_dim(model, 2 * x - 1, train.labels[idx], 0.1,
+                                             torch.Generator().manual_seed(1))
+    assert metrics["history"]["epochs"][0]["train"][CLOSE[command][0]] == float(loss)
+
+
+@pytest.mark.parametrize("command", ["vae", "tarflow"])
 def test_bad_sources_are_refused_naming_data(command, tmp_path):
     with pytest.raises(SystemExit, match=r"^--data: .*\(not found\)"):
         _run(command, tmp_path / "run", "--data", str(tmp_path / "missing"))
@@ -92,6 +123,19 @@ def test_bad_sources_are_refused_naming_data(command, tmp_path):
         _run(command, tmp_path / "run", "--data", str(tmp_path / "empty"))
     with pytest.raises(SystemExit, match=r"^--test-fraction: expected a number in \(0, 1\)"):
         _run(command, tmp_path / "run", "--test-fraction", "1.5")
+
+
+def test_guidance_without_class_labels_is_refused(tmp_path, rgb_npz):
+    # it was ignored silently: the samples were drawn unguided
+    with pytest.raises(SystemExit, match=r"^--guidance: expected none with --unconditional "
+                                         r".*got --guidance 3$"):
+        _run("tarflow", tmp_path, "--unconditional", "--guidance", "3")
+    with pytest.raises(SystemExit, match=r"^--guidance: expected none for .*rgb\.npz, which "
+                                         r"has no class labels .*got --guidance 2\.5$"):
+        _run("tarflow", tmp_path, "--data", str(rgb_npz), "--guidance", "2.5")
+    assert _run("tarflow", tmp_path, "--unconditional")["sampling"]["guidance"] == 0.0
+    assert _run("tarflow", tmp_path / "labelled")["sampling"]["guidance"] == 1.0
+    assert _run("tarflow", tmp_path / "given", "--guidance", "2")["sampling"]["guidance"] == 2.0
 
 
 def test_odd_or_unsquare_images_are_refused_naming_size(tmp_path):
@@ -176,19 +220,70 @@ def test_resume_with_other_data_is_refused(command, tmp_path, rgb_npz):
 
 
 @pytest.mark.parametrize("command", ["vae", "tarflow"])
+def test_resume_on_other_images_of_the_same_shape_and_count_is_refused(command, tmp_path,
+                                                                       rgb_npz):
+    # one pixel changed: the same shape, count and split, which resumed silently and went
+    # on training on other images than the run's history says
+    out = tmp_path / "run"
+    _run(command, out, "--data", str(rgb_npz))
+    images = np.load(rgb_npz)["x"]
+    images[7, 3, 3, 1] ^= 1
+    other = tmp_path / "other.npz"
+    np.savez(other, x=images)
+    with pytest.raises(SystemExit, match=r"^--data: .* was trained on other images than "
+                                         r".*other\.npz holds now"):
+        _run(command, out, "--data", str(other), "--resume", "--max-steps", "3")
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert len(state["fingerprint"]) == 4
+    del state["fingerprint"]  # a checkpoint from before the fingerprint: as given
+    torch.save(state, out / "checkpoint.pt")
+    metrics = _run(command, out, "--data", str(other), "--resume", "--max-steps", "3")
+    assert metrics["history"]["epochs"][-1]["step"] == 3
+
+
+@pytest.mark.parametrize("command", ["vae", "tarflow"])
+def test_resume_without_lr_keeps_the_checkpoints(command, tmp_path, capsys):
+    # --lr defaulted to 2e-3, so a resume without it reset the learning rate (with a
+    # message) where train keeps the checkpoint's
+    assert _run(command, tmp_path, "--max-steps", "1")["config"]["lr"] == 2e-3
+    _run(command, tmp_path, "--max-steps", "2", "--resume", "--lr", "1e-3")
+    capsys.readouterr()
+    metrics = _run(command, tmp_path, "--max-steps", "3", "--resume")
+    assert "--lr:" not in capsys.readouterr().out
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert metrics["config"]["lr"] == state["lr"] == 1e-3
+    assert [float(g["lr"]) for g in state["optimizer"]["param_groups"]] == [1e-3]
+    # a checkpoint from before "lr" was saved: its optimizer's
+    del state["lr"]
+    torch.save(state, tmp_path / "checkpoint.pt")
+    assert _run(command, tmp_path, "--max-steps", "4", "--resume")["config"]["lr"] == 1e-3
+    assert "--lr:" not in capsys.readouterr().out
+    module, _ = TINY[command]
+    parser = module._vae_parser() if command == "vae" else module._parser()
+    assert "(None: 0.002, or with --resume the checkpoint's" in \
+        " ".join(parser.format_help().split())
+
+
+@pytest.mark.parametrize("command", ["vae", "tarflow"])
 def test_a_checkpoint_from_before_data_and_precision_resumes(command, tmp_path, capsys):
-    # made by the unfused Adam/AdamW on the digits, without image/n_bins, split, n_images
-    # or step_runner: it resumes on the digits (and a fused step again), not elsewhere
+    # made by the unfused Adam/AdamW on the digits, without image/n_bins, split, n_images,
+    # step_runner, fingerprint or lr: it resumes on the digits (and a fused step again), not
+    # elsewhere
     _run(command, tmp_path, "--max-steps", "1")
     path = tmp_path / "checkpoint.pt"
     state = torch.load(path, weights_only=True)
-    for key in ("split", "n_images", "step_runner"):
+    for key in ("split", "n_images", "step_runner", "fingerprint", "lr"):
         state.pop(key)
     for key in ("image", "n_bins"):
         state["config"].pop(key)
     for group in state["optimizer"]["param_groups"]:
         group.update(fused=None, lr=float(group["lr"]))
     torch.save(state, path)
+    # they held out the digits with seed 0 whatever --seed: another seed holds out others
+    # (some of them trained on), which resumed silently
+    with pytest.raises(SystemExit, match=r"^--seed: .* held out its test images with "
+                                         r"\{'seed': 0\}; this run asks for \{'seed': 1\}"):
+        _run(command, tmp_path, "--max-steps", "2", "--resume", "--seed", "1")
     metrics = _run(command, tmp_path, "--max-steps", "2", "--resume")
     assert "resumed from" in capsys.readouterr().out
     assert metrics["history"]["epochs"][-1]["step"] == 2

@@ -205,16 +205,20 @@ class StepRunner:
 
 def resume_or_start(args, ckpt_path: Path, model, opt, config: dict, generators: dict, device,
                     *, runner: StepRunner | None = None, data: dict | None = None,
-                    legacy: dict | None = None, metric: str = "test bits/dim"):
+                    legacy: dict | None = None, legacy_split: dict | None = None,
+                    metric: str = "test bits/dim"):
     """(start_epoch, step, history, partial): from ``ckpt_path`` when ``--resume`` finds it
     (model, optimizer, the named generators' and torch's RNG states come back; a different
-    ``config`` is refused; ``--lr`` replaces the checkpoint's), else a fresh start.
+    ``config`` is refused; ``--lr`` replaces the checkpoint's learning rate, None keeps it),
+    else a fresh start.
     ``partial``: where a ``--max-steps`` stop left an epoch (``train_epochs`` goes on there).
     ``runner``: its optimizer binding is renewed and an fp16 loss scale comes back.
-    ``data``: ``{"split": split_key(args), "n_images": N}``, refused as ``train`` refuses
-    them (``check_resume_data``; ``metric`` names the held-out numbers). ``legacy``: the
+    ``data``: ``{"split": split_key(args), "n_images": N, "fingerprint":
+    data_fingerprint(...)}``, refused as ``train`` refuses them (``check_resume_data``;
+    ``metric`` names the held-out numbers). ``legacy``: the
     values of config keys that checkpoints from before them lack (what they were trained
-    on)."""
+    on); ``legacy_split``: the ``split_key`` of checkpoints from before it was saved (how
+    they held out their test images)."""
     if not (args.resume and ckpt_path.is_file()):
         return 0, 0, {"initial": None, "epochs": []}, None
     # what it was trained on is checked first: another --data or --size is named as such,
@@ -227,8 +231,10 @@ def resume_or_start(args, ckpt_path: Path, model, opt, config: dict, generators:
         raise SystemExit(f"--resume: {ckpt_path} was trained with {state.get('config')}, "
                          f"got {config}")
     if data is not None:
+        if legacy_split is not None and "split" not in state:
+            state = {**state, "split": legacy_split}
         check_resume_data(state, ckpt_path, data["split"], data["n_images"], args.data,
-                          metric=metric)
+                          fingerprint=data.get("fingerprint"), metric=metric)
     state = restore_checkpoint(state, ckpt_path, model, opt)
     names = list(generators)
     set_rng_state(state["rng"], *(generators[k] for k in names), device=device)
@@ -239,15 +245,18 @@ def resume_or_start(args, ckpt_path: Path, model, opt, config: dict, generators:
                          f"{partial['batch_size']}; got {args.batch_size}, which would skip "
                          "or repeat images of that epoch (pass the checkpoint's value)")
     print(f"resumed from {ckpt_path} at epoch {state['epoch']}, step {state['step']}")
-    for group in opt.param_groups:  # --lr applies on resume too (metrics record this value)
-        old = float(group["lr"])  # a tensor when a StepRunner saved it
-        if old != args.lr:
-            print(f"--lr: using {args.lr:g} (the checkpoint had {old:g})")
-        group["lr"] = args.lr
+    # --lr applies on resume too; without it the checkpoint's (older checkpoints: the
+    # optimizer's, a tensor when a StepRunner saved it)
+    old = float(state.get("lr", opt.param_groups[0]["lr"]))
+    lr = old if args.lr is None else args.lr
+    if lr != old:
+        print(f"--lr: using {lr:g} (the checkpoint had {old:g})")
+    for group in opt.param_groups:
+        group["lr"] = lr
         if opt.defaults.get("fused"):  # a checkpoint of the unfused optimizer: fused again
             group["fused"], group["foreach"] = True, None
     if runner is not None:
-        runner.base_lr = args.lr
+        runner.base_lr = lr
         runner.bind()  # the optimizer reads the runner's lr tensor again
         if state.get("step_runner") is not None:
             runner.load_state_dict(state["step_runner"])
@@ -325,7 +334,7 @@ def train_epochs(args, *, model, runner: StepRunner, x_train, loss_terms, evalua
             "batch": done, "batch_size": args.batch_size, "order": order_state,
             "sums": sums.tolist(), "seen": float(seen), "skipped": skipped}
         save_checkpoint(ckpt_path, model, opt, epoch=epoch + int(not unfinished), step=step,
-                        history=history, config=config, partial=left,
+                        history=history, config=config, partial=left, lr=runner.base_lr,
                         step_runner=runner.state_dict(), **(save or {}),
                         rng=resume_rng or rng_state(*(generators[k] for k in names),
                                                     device=device))

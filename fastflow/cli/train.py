@@ -13,8 +13,8 @@ import torch
 from ..data import DIGIT_LEVELS
 from .common import (HelpFormatter, add_data_options, add_optimisation_options,
                      add_precision_option, add_run_options, backend_name, check_resume_data,
-                     check_test_fraction, load_data, positive, prepare_out, progress,
-                     read_checkpoint, rng_state, save_checkpoint, save_image_grid,
+                     check_test_fraction, data_fingerprint, load_data, positive, prepare_out,
+                     progress, read_checkpoint, rng_state, save_checkpoint, save_image_grid,
                      set_rng_state, split_key, write_csv, write_json)
 from .loop import Distributed, StepRunner, epoch_generator, epoch_order
 
@@ -132,7 +132,7 @@ def evaluate_bpd(model, images, generator, runner, device, batch_size: int = 256
 @torch.no_grad()
 def picture_rows(model, test, args, device):
     """The grid: data, x -> z -> x, then one row of samples per temperature."""
-    from ..data import dequantize
+    from ..data import dequantize, levels_to_unit
 
     touch_parameters(model)
     model.eval()
@@ -140,7 +140,8 @@ def picture_rows(model, test, args, device):
     data = test.levels[:n]
     x = dequantize(data, test.n_bins, torch.full(data.shape, 0.5)).to(device)
     _, _, z = model(x)
-    rows = [test.as_float()[:n], to_unit(model.reverse(z, reconstruct=True), test.n_bins)]
+    rows = [levels_to_unit(data, test.n_bins),  # these n, not the whole held-out set
+            to_unit(model.reverse(z, reconstruct=True), test.n_bins)]
     titles = ["data", "x->z->x"]
     for t in args.temperature:
         gen = torch.Generator(device=device).manual_seed(args.seed)
@@ -230,6 +231,7 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
 
     split = split_key(args)  # what drew the held-out images, checked on --resume
     n_images = len(train) + len(test)  # and from how many
+    fingerprint = data_fingerprint(train, test)  # and which images
     config = {"n_flow": args.n_flow, "n_block": args.n_block, "filter_size": args.filter_size,
               "conv_lu": not args.no_lu, "affine": not args.additive,
               "image": [channels, height, width], "n_bins": n_bins}
@@ -248,7 +250,8 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
         if saved.get("config") != config:
             raise SystemExit(f"--resume: {ckpt_path} was trained with {saved.get('config')}, "
                              f"this run asks for {config}")
-        check_resume_data(saved, ckpt_path, split, n_images, args.data)
+        check_resume_data(saved, ckpt_path, split, n_images, args.data,
+                          fingerprint=fingerprint)
         try:
             model.load_state_dict(saved["model"])
             opt.load_state_dict(saved["optimizer"])
@@ -401,7 +404,8 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
                 "skipped": float(runner.skipped)}
             save_checkpoint(ckpt_path, model, opt, epoch=epoch + int(not unfinished), step=step,
                             history=history, config=config, split=split, n_images=n_images,
-                            lr=base_lr, step_runner=runner.state_dict(), partial=left,
+                            fingerprint=fingerprint, lr=base_lr,
+                            step_runner=runner.state_dict(), partial=left,
                             rng=resume_rng or rng_state(eval_gen, device=device),
                             world_size=dist_.world)
 

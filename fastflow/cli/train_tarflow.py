@@ -11,10 +11,13 @@ import argparse
 import torch
 
 from .common import (HelpFormatter, add_data_options, add_optimisation_options,
-                     add_precision_option, add_run_options, backend_name, load_data,
-                     pick_device, positive, prepare_out, save_image_grid, split_key,
-                     write_json)
+                     add_precision_option, add_run_options, backend_name, data_fingerprint,
+                     finite, load_data, pick_device, positive, prepare_out, save_image_grid,
+                     split_key, write_json)
 from .loop import StepRunner, resume_or_start, train_epochs
+
+LR = 2e-3  # --lr's default on a fresh run
+GUIDANCE = 1.0  # --guidance's default (class-conditional models)
 
 
 def _parser():
@@ -25,7 +28,9 @@ def _parser():
     g = p.add_argument_group("data")
     add_data_options(g)  # --size: the image side of the model too
     g = p.add_argument_group("optimisation")
-    add_optimisation_options(g, epochs=6, lr=2e-3, lr_help="AdamW learning rate")
+    add_optimisation_options(g, epochs=6, lr=None,
+                             lr_help=f"AdamW learning rate (None: {LR:g}, or with --resume the "
+                                     "checkpoint's; a value given with --resume replaces it)")
     add_precision_option(g, help="autocast dtype of the training step, evaluation and sampling "
                                  "(the transformer follows it; the flow math and the "
                                  "likelihood stay float32); fp16 scales the loss")
@@ -39,8 +44,12 @@ def _parser():
                    help="Gaussian noise added to the [-1, 1] images while training")
     g.add_argument("--unconditional", action="store_true",
                    help="no class labels (so always for a source without labels)")
-    g.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance of samples")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    g.add_argument("--guidance", type=finite, default=None,
+                   help=f"classifier-free guidance of samples (None: {GUIDANCE:g}; a class-"
+                        "conditional model only: refused with --unconditional or a source "
+                        "without labels)")
+    g.add_argument("--temperature", type=positive(float), default=1.0,
+                   help="sampling temperature")
     g = p.add_argument_group("run")
     add_run_options(g, out="runs/tarflow", force=False)  # no --force: OUT is not guarded
     return p
@@ -61,18 +70,27 @@ def nll_per_dim(model, x, y, noise_std, generator):
     return -model.log_prob(noisy, y).mean() / x[0].numel()
 
 
+def batch_input(levels: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """Integer images to the model's [-1, 1], a batch at a time (the whole set as floats
+    would be 4x its uint8 size)."""
+    from ..data import levels_to_unit
+
+    return to_model(levels_to_unit(levels, n_bins))
+
+
 @torch.no_grad()
-def _evaluate(model, x, y, noise_std, generator, runner, batch_size=256):
+def _evaluate(model, levels, n_bins, y, noise_std, generator, runner, batch_size=256):
     was = model.training
     model.eval()
     total = 0.0
-    for i in range(0, len(x), batch_size):
+    for i in range(0, len(levels), batch_size):
         yb = None if y is None else y[i:i + batch_size]
+        xb = batch_input(levels[i:i + batch_size], n_bins)
         with runner.autocast():
-            nll = nll_per_dim(model, x[i:i + batch_size], yb, noise_std, generator)
-        total += nll.item() * len(x[i:i + batch_size])
+            nll = nll_per_dim(model, xb, yb, noise_std, generator)
+        total += nll.item() * len(xb)
     model.train(was)
-    return {"nll": total / len(x)}
+    return {"nll": total / len(levels)}
 
 
 def main(argv=None) -> int:
@@ -80,6 +98,9 @@ def main(argv=None) -> int:
     from ..tarflow import TarFlow
 
     args = _parser().parse_args(argv)
+    if args.unconditional and args.guidance is not None:
+        raise SystemExit(f"--guidance: expected none with --unconditional (classifier-free "
+                         f"guidance needs class labels), got --guidance {args.guidance:g}")
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
     ckpt_path = prepare_out(args.out, resume=args.resume, force=True)  # no --force: not guarded
@@ -98,9 +119,13 @@ def main(argv=None) -> int:
         raise SystemExit(f"--channels: expected a multiple of channels // head_dim, got "
                          f"{args.channels}")
 
-    x_train, x_test = to_model(train.as_float()).to(device), to_model(test.as_float()).to(device)
+    x_train, x_test, n_bins = train.levels.to(device), test.levels.to(device), train.n_bins
     labelled = train.labels is not None and test.labels is not None
     if not labelled and not args.unconditional:
+        if args.guidance is not None:
+            raise SystemExit(f"--guidance: expected none for {args.data}, which has no class "
+                             "labels (classifier-free guidance needs them), got --guidance "
+                             f"{args.guidance:g}")
         print(f"train-tarflow: {args.data} has no class labels; training unconditional")
     num_classes = 0 if args.unconditional or not labelled else \
         int(max(train.labels.max(), test.labels.max())) + 1
@@ -113,17 +138,21 @@ def main(argv=None) -> int:
               "image": [channels, height, width], "n_bins": train.n_bins}
     model = TarFlow(channels, size, args.patch_size, args.channels, args.blocks, args.layers,
                     num_classes, head_dim=args.head_dim, noise_std=args.noise_std).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr or LR, weight_decay=1e-4,
+                            fused=True)
     runner = StepRunner(model.parameters(), opt, device=device, precision=args.precision,
-                        base_lr=args.lr)
-    data = {"split": split_key(args), "n_images": len(train) + len(test)}
+                        base_lr=args.lr or LR)
+    data = {"split": split_key(args), "n_images": len(train) + len(test),
+            "fingerprint": data_fingerprint(train, test)}
     shuffle_gen = torch.Generator().manual_seed(args.seed)
     noise_gen = torch.Generator().manual_seed(args.seed + 1)
     eval_gen = torch.Generator().manual_seed(args.seed + 2)
     generators = {"shuffle": shuffle_gen, "noise": noise_gen, "eval": eval_gen}  # resumed
+    # checkpoints from before --data: the digits, held out with seed 0 whatever --seed
     start_epoch, step, history, partial = resume_or_start(
         args, ckpt_path, model, opt, config, generators, device, runner=runner, data=data,
-        legacy={"image": [1, size, size], "n_bins": 17}, metric="test nats/dim")
+        legacy={"image": [1, size, size], "n_bins": 17},
+        legacy_split={"seed": 0}, metric="test nats/dim")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"train-tarflow: TarFlow on {len(x_train)} train / {len(x_test)} test images from "
           f"{args.data} ({channels}x{size}x{size}, {model.tokens} tokens of {model.dim}), "
@@ -131,8 +160,8 @@ def main(argv=None) -> int:
           f"{'unconditional' if num_classes == 0 else f'{num_classes} classes'}, "
           f"{n_params} parameters, {args.precision}, device {device}, "
           f"fastflow backend {backend_name(device)}")
-    evaluate = lambda: _evaluate(model, x_test, y_test, args.noise_std, eval_gen,  # noqa: E731
-                                 runner)
+    evaluate = lambda: _evaluate(model, x_test, n_bins, y_test, args.noise_std,  # noqa: E731
+                                 eval_gen, runner)
     if history["initial"] is None:
         history["initial"] = evaluate()
         print(f"before training: test {history['initial']['nll']:.3f} nats/dim")
@@ -142,7 +171,8 @@ def main(argv=None) -> int:
 
     def loss_terms(idx):
         yb = None if y_train is None else y_train[idx]
-        return {"nll": nll_per_dim(model, x_train[idx], yb, args.noise_std, noise_gen)}
+        return {"nll": nll_per_dim(model, batch_input(x_train[idx], n_bins), yb, args.noise_std,
+                                   noise_gen)}
 
     model.train()
     step = train_epochs(
@@ -155,14 +185,14 @@ def main(argv=None) -> int:
     model.eval()
     n_show = 10
     y_show = None if num_classes == 0 else torch.arange(n_show, device=device) % num_classes
-    guidance = 0.0 if num_classes == 0 else args.guidance
+    guidance = 0.0 if num_classes == 0 else GUIDANCE if args.guidance is None else args.guidance
     gen = torch.Generator(device=device).manual_seed(args.seed)
     z = torch.randn(n_show, model.tokens, model.dim, generator=gen, device=device) * args.temperature
     stats = {}
     with torch.no_grad(), runner.autocast():
         raw = model.reverse(z, y_show, guidance=guidance)
         raw_jacobi = model.reverse(z, y_show, guidance=guidance, method="jacobi", stats=stats)
-        data_rows = x_test[:n_show]
+        data_rows = batch_input(x_test[:n_show], n_bins)
         z_data, _ = model(data_rows, None if y_test is None else y_test[:n_show])
         recon = model.reverse(z_data, None if y_test is None else y_test[:n_show])
     with runner.autocast():
@@ -176,8 +206,8 @@ def main(argv=None) -> int:
     sampling = {"guidance": guidance, "temperature": args.temperature,
                 "jacobi_iterations": stats.get("jacobi_iterations"), "tokens": model.tokens,
                 "jacobi_vs_sequential_max_abs": jacobi_gap}
-    write_json(out / "metrics.json", {"config": vars(args), "model": config,
-                                      "history": history, "sampling": sampling})
+    write_json(out / "metrics.json", {"config": {**vars(args), "lr": runner.base_lr},  # used
+                                      "model": config, "history": history, "sampling": sampling})
     final = (history["epochs"][-1]["test"] if history["epochs"] else history["initial"])["nll"]
     print(f"sampling: Jacobi iterations per block {sampling['jacobi_iterations']} for "
           f"{model.tokens} tokens, max |jacobi - sequential| {jacobi_gap:.2e}")

@@ -8,10 +8,12 @@ import argparse
 import torch
 
 from .common import (HelpFormatter, add_data_options, add_optimisation_options,
-                     add_precision_option, add_run_options, backend_name, load_data,
-                     pick_device, positive, prepare_out, save_image_grid, split_key,
-                     write_json)
+                     add_precision_option, add_run_options, backend_name, data_fingerprint,
+                     load_data, pick_device, positive, prepare_out, save_image_grid,
+                     split_key, write_json)
 from .loop import StepRunner, resume_or_start, train_epochs
+
+LR = 2e-3  # --lr's default on a fresh run
 
 
 def _vae_parser():
@@ -26,7 +28,9 @@ def _vae_parser():
     g.add_argument("--hidden", type=positive(int), default=32, help="conv channels")
     g.add_argument("--likelihood", choices=("bernoulli", "gaussian"), default="bernoulli")
     g = p.add_argument_group("optimisation")
-    add_optimisation_options(g, epochs=10, lr=2e-3)
+    add_optimisation_options(g, epochs=10, lr=None,
+                             lr_help=f"Adam learning rate (None: {LR:g}, or with --resume the "
+                                     "checkpoint's; a value given with --resume replaces it)")
     add_precision_option(g, help="autocast dtype of the training step, evaluation and sampling "
                                  "(the likelihood and KL stay float32); fp16 scales the loss")
     g = p.add_argument_group("run")
@@ -35,24 +39,25 @@ def _vae_parser():
 
 
 @torch.no_grad()
-def _evaluate(model, x, batch_size, generator, runner):
-    """Mean -ELBO, recon and KL over ``x`` (one noise draw per sample), under the run's
-    autocast."""
-    from ..data import batches
+def _evaluate(model, levels, n_bins, batch_size, generator, runner):
+    """Mean -ELBO, recon and KL over the images ``levels`` (one noise draw per sample),
+    under the run's autocast."""
+    from ..data import batches, levels_to_unit
 
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64)
-    for xb in batches(x, batch_size, shuffle=False):
+    for xb in batches(levels, batch_size, shuffle=False):
         with runner.autocast():
-            recon, kl = model.terms(xb, generator=generator)
+            recon, kl = model.terms(levels_to_unit(xb, n_bins), generator=generator)
         totals += torch.stack([recon.sum(), kl.sum()]).double().cpu()
     model.train()
-    recon, kl = (totals / x.shape[0]).tolist()
+    recon, kl = (totals / levels.shape[0]).tolist()
     return {"neg_elbo": recon + kl, "recon": recon, "kl": kl}
 
 
 def main(argv=None) -> int:
     """``python -m fastflow train-vae``: returns the exit status."""
+    from ..data import levels_to_unit
     from ..vae import ConvVAE
 
     args = _vae_parser().parse_args(argv)
@@ -66,35 +71,39 @@ def main(argv=None) -> int:
     if height != width or height % 2:
         raise SystemExit(f"--size: the images are {height}x{width}; the VAE needs square "
                          "images with an even side (pass --size)")
-    # the Bernoulli likelihood wants values in [0, 1]: levels / (n_bins - 1)
-    x_train, x_test = train.as_float().to(device), test.as_float().to(device)
+    # the Bernoulli likelihood wants values in [0, 1]: levels / (n_bins - 1), made per batch
+    # (as train does: the whole set as floats would be 4x its uint8 size)
+    x_train, x_test, n_bins = train.levels.to(device), test.levels.to(device), train.n_bins
     config = {k: getattr(args, k) for k in ("latent", "hidden", "likelihood")}
     config.update(image=[channels, height, width], n_bins=train.n_bins)
     model = ConvVAE(channels=channels, size=height,
                     **{k: getattr(args, k) for k in ("latent", "hidden", "likelihood")}).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr or LR, fused=True)
     eval_gen = torch.Generator().manual_seed(args.seed + 1)  # seeds the op's noise, on CPU
     shuffle_gen = torch.Generator().manual_seed(args.seed)
     runner = StepRunner(model.parameters(), opt, device=device, precision=args.precision,
-                        base_lr=args.lr)
-    data = {"split": split_key(args), "n_images": len(train) + len(test)}
+                        base_lr=args.lr or LR)
+    data = {"split": split_key(args), "n_images": len(train) + len(test),
+            "fingerprint": data_fingerprint(train, test)}
 
     generators = {"shuffle": shuffle_gen, "eval": eval_gen}  # all saved and resumed
+    # checkpoints from before --data: the digits, held out with seed 0 whatever --seed
     start_epoch, step, history, partial = resume_or_start(
         args, ckpt_path, model, opt, config, generators, device, runner=runner, data=data,
-        legacy={"image": [1, 8, 8], "n_bins": 17}, metric="test -ELBO")
+        legacy={"image": [1, 8, 8], "n_bins": 17},
+        legacy_split={"seed": 0}, metric="test -ELBO")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"train-vae: {len(x_train)} train / {len(x_test)} test images from {args.data} "
           f"({channels}x{height}x{width}, {train.n_bins} levels), {n_params} parameters, "
           f"latent {args.latent}, {args.precision}, device {device}, "
           f"fastflow backend {backend_name(device)}")
-    evaluate = lambda: _evaluate(model, x_test, 256, eval_gen, runner)  # noqa: E731
+    evaluate = lambda: _evaluate(model, x_test, n_bins, 256, eval_gen, runner)  # noqa: E731
     if history["initial"] is None:
         history["initial"] = evaluate()
         print(f"before training: test -ELBO {history['initial']['neg_elbo']:.3f} nats")
 
     def loss_terms(xb):
-        terms = model.loss(xb)
+        terms = model.loss(levels_to_unit(xb, n_bins))
         return {"neg_elbo": terms["loss"], "recon": terms["recon"], "kl": terms["kl"]}
 
     def describe(train, test):
@@ -108,12 +117,13 @@ def main(argv=None) -> int:
                         start=(start_epoch, step, partial), history=history, save=data)
 
     model.eval()
-    originals = x_test[:12]
+    originals = levels_to_unit(x_test[:12], n_bins)
     with runner.autocast():
         rows = [originals, model.reconstruct(originals),
                 model.sample(12, generator=torch.Generator(device=device).manual_seed(args.seed))]
     picture = save_image_grid(out / "vae_samples.png", rows, ["data", "recon", "samples"])
-    write_json(out / "metrics.json", {"config": vars(args), "model": config, "history": history})
+    write_json(out / "metrics.json", {"config": {**vars(args), "lr": runner.base_lr},  # used
+                                      "model": config, "history": history})
     final = history["epochs"][-1]["test"] if history["epochs"] else history["initial"]
     print(f"done: {step} steps, test -ELBO {history['initial']['neg_elbo']:.3f} -> "
           f"{final['neg_elbo']:.3f} nats ({args.precision}); wrote {picture}, {ckpt_path}, "
