@@ -270,13 +270,14 @@ def copy_bandwidth(device: str, nbytes: int = 1 << 28, reps: int = 20) -> float:
     return 2 * src.numel() * 4 / statistics.median(t.elapsed() for t in times)
 
 
-def measure(case: Case, device: str, copy_bw: float | None, reps: int = 20) -> list[dict]:
+def measure(case: Case, device: str, copy_bw: float | None, reps: int = 20,
+            warmup: int = 3) -> list[dict]:
     """One row per implementation of ``case``."""
     rows = []
     for impl in case.impls:
         inputs = case.make_inputs()
         try:
-            r = time_impl(impl, inputs, device, reps=reps)
+            r = time_impl(impl, inputs, device, reps=reps, warmup=warmup)
         except Exception as e:  # a peer that cannot run this case is reported, not fatal
             rows.append({"op": case.op, "shape": case.shape, "dtype": str(case.dtype).replace("torch.", ""),
                          "impl": impl.name, "error": f"{type(e).__name__}: {e}"[:200]})

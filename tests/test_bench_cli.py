@@ -156,3 +156,24 @@ def test_fwd_bwd_closure_runs_forward_and_backward(run_py):
     seen.clear()
     run()
     assert seen == [torch.Size([3, 4])] and x.grad is None  # autograd.grad: no .grad written
+
+
+def test_warmup_reaches_the_per_op_timings(run_py, tmp_path, monkeypatch):
+    """--warmup is the number of untimed calls before every timed row, as the header and
+    the saved info say, for the per-op suites too (measure used its own default of 3)."""
+    import harness
+    seen = []
+    real = harness.time_impl
+
+    def spy(impl, inputs, device, reps=20, warmup=3):
+        seen.append(warmup)
+        return real(impl, inputs, device, reps=reps, warmup=warmup)
+
+    monkeypatch.setattr(harness, "time_impl", spy)
+    monkeypatch.chdir(tmp_path)
+    assert run_py.main(["--suites", "gaussian", "--quick", "--no-figures", "--reps", "1",
+                        "--warmup", "0"]) == 0
+    assert seen and set(seen) == {0}
+    saved = json.loads(next((tmp_path / "runs" / "bench").glob("bench-*.json")).read_text())
+    assert saved["info"]["warmup"] == 0
+    assert {r["warmup"] for r in saved["timings"] if "error" not in r} == {0}
