@@ -177,3 +177,18 @@ def test_warmup_reaches_the_per_op_timings(run_py, tmp_path, monkeypatch):
     saved = json.loads(next((tmp_path / "runs" / "bench").glob("bench-*.json")).read_text())
     assert saved["info"]["warmup"] == 0
     assert {r["warmup"] for r in saved["timings"] if "error" not in r} == {0}
+
+
+def test_timers_refuse_bad_arguments_by_name(run_py):
+    """No functions to interleave (was ZeroDivisionError: integer modulo by zero) and a
+    negative warm-up (was taken silently as none) are refused naming the argument."""
+    import harness
+    with pytest.raises(ValueError, match="fns: expected at least one function to time"):
+        harness.time_interleaved({}, "cpu", reps=2)
+    impl = harness.Impl("x", lambda t: t * 2)
+    for call in (lambda: harness.time_fn(lambda: None, "cpu", reps=2, warmup=-1),
+                 lambda: harness.time_interleaved({"a": lambda: None}, "cpu", reps=2, warmup=-1),
+                 lambda: harness.time_impl(impl, (torch.ones(2, requires_grad=True),), "cpu",
+                                           reps=2, warmup=-1)):
+        with pytest.raises(ValueError, match="warmup: expected at least 0, got -1"):
+            call()
