@@ -131,10 +131,16 @@ def summary(seconds: list[float]) -> dict:
             "n": len(s)}
 
 
-def time_fn(fn: Callable[[], Any], device: str, reps: int = 20, warmup: int = 3) -> dict:
-    """``summary`` of ``reps`` timed calls of ``fn()`` after ``warmup`` untimed ones."""
+def _check_counts(reps: int, warmup: int):
     if reps < 1:
         raise ValueError(f"reps: expected at least 1, got {reps}")
+    if warmup < 0:
+        raise ValueError(f"warmup: expected at least 0, got {warmup}")
+
+
+def time_fn(fn: Callable[[], Any], device: str, reps: int = 20, warmup: int = 3) -> dict:
+    """``summary`` of ``reps`` timed calls of ``fn()`` after ``warmup`` untimed ones."""
+    _check_counts(reps, warmup)
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -155,8 +161,9 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], device: str, reps: int =
     untimed rounds. For ratios: a change in the machine's load during the run reaches every
     function alike, where timing one after the other would credit it to whichever ran
     while the machine was busy."""
-    if reps < 1:
-        raise ValueError(f"reps: expected at least 1, got {reps}")
+    _check_counts(reps, warmup)
+    if not fns:
+        raise ValueError("fns: expected at least one function to time, got none")
     names = list(fns)
     for _ in range(warmup):
         for name in names:
@@ -201,8 +208,7 @@ def flag_row(row: dict) -> dict:
 def time_impl(impl: Impl, inputs, device: str, reps: int = 20, warmup: int = 3) -> dict:
     """Forward, backward and forward+backward: median, quartiles and range (seconds), and
     peak memory on CUDA. Backward is timed on a fresh forward each repetition."""
-    if reps < 1:
-        raise ValueError(f"reps: expected at least 1, got {reps}")
+    _check_counts(reps, warmup)
     outs0 = _tensors(impl.fn(*inputs))
     has_grad = any(o.requires_grad for o in outs0)
     _, grads = _grad_outputs(outs0)
@@ -270,13 +276,14 @@ def copy_bandwidth(device: str, nbytes: int = 1 << 28, reps: int = 20) -> float:
     return 2 * src.numel() * 4 / statistics.median(t.elapsed() for t in times)
 
 
-def measure(case: Case, device: str, copy_bw: float | None, reps: int = 20) -> list[dict]:
+def measure(case: Case, device: str, copy_bw: float | None, reps: int = 20,
+            warmup: int = 3) -> list[dict]:
     """One row per implementation of ``case``."""
     rows = []
     for impl in case.impls:
         inputs = case.make_inputs()
         try:
-            r = time_impl(impl, inputs, device, reps=reps)
+            r = time_impl(impl, inputs, device, reps=reps, warmup=warmup)
         except Exception as e:  # a peer that cannot run this case is reported, not fatal
             rows.append({"op": case.op, "shape": case.shape, "dtype": str(case.dtype).replace("torch.", ""),
                          "impl": impl.name, "error": f"{type(e).__name__}: {e}"[:200]})

@@ -12,7 +12,8 @@ squeeze 2x2, split with a zero-initialised convolutional prior, a learned top pr
 
 One deliberate difference: rosinality's ActNorm reads its ``initialized`` buffer with
 ``.item()`` on every call (a host sync per step on a GPU); here a Python flag mirrors it,
-so the peer is timed without that sync.
+so the peer is timed without that sync. As there, the first forward initialises, in
+training or eval mode (fastflow's ActNorm waits for one in training mode).
 
 ``FloorGlow`` is the same model with every flow layer replaced by identity: only the
 coupling networks and the priors run (the benchmark's floor).
@@ -66,7 +67,7 @@ class ActNorm(nn.Module):
         self._init = True
 
     def forward(self, x):
-        if self.training and not self._init:
+        if not self._init:  # rosinality: the first forward, in training or eval mode
             self._initialize(x)
         logdet = x.shape[2] * x.shape[3] * torch.sum(torch.log(torch.abs(self.scale)))
         return self.scale * (x + self.loc), logdet

@@ -192,7 +192,8 @@ def _run(args) -> int:
             if not args.no_timing:
                 rows = []
                 for case in (suite.cases(device, args.quick) if hasattr(suite, "cases") else []):
-                    rows += harness.measure(case, device, copy_bw, reps=args.reps)
+                    rows += harness.measure(case, device, copy_bw, reps=args.reps,
+                                            warmup=args.warmup)
                 rows = [add_ms(r) for r in rows]
                 if rows:
                     say(f"## {name}: times{note}\n\n{table(rows, TIME_COLS)}\n")

@@ -103,8 +103,12 @@ class Glow(nn.Module):
     def __init__(self, in_channel: int, n_flow: int, n_block: int, affine: bool = True,
                  conv_lu: bool = True, filter_size: int = 512, reversible: bool = False):
         super().__init__()
-        if n_block < 1 or n_flow < 1:
-            raise ValueError(f"n_flow, n_block: expected at least 1 each, got {n_flow}, {n_block}")
+        for name, v in (("in_channel", in_channel), ("n_flow", n_flow), ("n_block", n_block),
+                        ("filter_size", filter_size)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name}: expected a positive integer, got {v!r}")
+            if v < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
         if not isinstance(reversible, bool):
             raise TypeError(f"reversible: expected a bool, got {type(reversible).__name__}")
         self.in_channel, self.n_block, self.reversible = in_channel, n_block, reversible
@@ -226,5 +230,9 @@ class Glow(nn.Module):
 def bits_per_dim(log_p, logdet, n_pixel: int, n_bins: int = 256):
     """Mean negative log-likelihood in bits per dimension, with Glow's dequantisation
     constant ``-log(n_bins) * n_pixel`` (``n_pixel`` = C*H*W)."""
+    if not n_pixel > 0:
+        raise ValueError(f"n_pixel: expected the positive count C*H*W of one image, got {n_pixel!r}")
+    if not n_bins >= 1:
+        raise ValueError(f"n_bins: expected a positive number of quantisation bins, got {n_bins!r}")
     ll = log_p + logdet - math.log(n_bins) * n_pixel
     return (-ll / (math.log(2) * n_pixel)).mean()

@@ -156,3 +156,39 @@ def test_fwd_bwd_closure_runs_forward_and_backward(run_py):
     seen.clear()
     run()
     assert seen == [torch.Size([3, 4])] and x.grad is None  # autograd.grad: no .grad written
+
+
+def test_warmup_reaches_the_per_op_timings(run_py, tmp_path, monkeypatch):
+    """--warmup is the number of untimed calls before every timed row, as the header and
+    the saved info say, for the per-op suites too (measure used its own default of 3)."""
+    import harness
+    seen = []
+    real = harness.time_impl
+
+    def spy(impl, inputs, device, reps=20, warmup=3):
+        seen.append(warmup)
+        return real(impl, inputs, device, reps=reps, warmup=warmup)
+
+    monkeypatch.setattr(harness, "time_impl", spy)
+    monkeypatch.chdir(tmp_path)
+    assert run_py.main(["--suites", "gaussian", "--quick", "--no-figures", "--reps", "1",
+                        "--warmup", "0"]) == 0
+    assert seen and set(seen) == {0}
+    saved = json.loads(next((tmp_path / "runs" / "bench").glob("bench-*.json")).read_text())
+    assert saved["info"]["warmup"] == 0
+    assert {r["warmup"] for r in saved["timings"] if "error" not in r} == {0}
+
+
+def test_timers_refuse_bad_arguments_by_name(run_py):
+    """No functions to interleave (was ZeroDivisionError: integer modulo by zero) and a
+    negative warm-up (was taken silently as none) are refused naming the argument."""
+    import harness
+    with pytest.raises(ValueError, match="fns: expected at least one function to time"):
+        harness.time_interleaved({}, "cpu", reps=2)
+    impl = harness.Impl("x", lambda t: t * 2)
+    for call in (lambda: harness.time_fn(lambda: None, "cpu", reps=2, warmup=-1),
+                 lambda: harness.time_interleaved({"a": lambda: None}, "cpu", reps=2, warmup=-1),
+                 lambda: harness.time_impl(impl, (torch.ones(2, requires_grad=True),), "cpu",
+                                           reps=2, warmup=-1)):
+        with pytest.raises(ValueError, match="warmup: expected at least 0, got -1"):
+            call()

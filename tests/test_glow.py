@@ -337,3 +337,24 @@ def test_reverse_with_wrong_z_shapes_names_the_tensor_and_the_shape():
         model.reverse([good[0], torch.randn(3, 8)])
     with pytest.raises(ValueError, match="z_list: expected 2 tensors, got 3"):
         model.reverse(good + good[:1])
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(in_channel=3, n_flow=2, n_block=1.0), "n_block"),
+    (dict(in_channel=3, n_flow=2.0, n_block=1), "n_flow"),
+    (dict(in_channel=3.0, n_flow=2, n_block=1), "in_channel"),
+    (dict(in_channel=3, n_flow=2, n_block=True), "n_block"),
+    (dict(in_channel=3, n_flow=2, n_block=1, filter_size=0), "filter_size"),
+    (dict(in_channel=3, n_flow=0, n_block=1), "n_flow"),
+])
+def test_glow_sizes_must_be_positive_integers_named(kwargs, name):
+    with pytest.raises((TypeError, ValueError), match=rf"^{name}: expected a positive integer"):
+        ff.Glow(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,name", [(dict(n_pixel=0), "n_pixel"), (dict(n_pixel=-12), "n_pixel"),
+                                         (dict(n_pixel=12, n_bins=0), "n_bins")])
+def test_bits_per_dim_refuses_a_non_positive_count(kwargs, name):
+    # n_pixel=0 gave nan, n_pixel=-12 a plausible 8.0 bits/dim, n_bins=0 "math domain error"
+    with pytest.raises(ValueError, match=rf"^{name}: expected"):
+        ff.bits_per_dim(torch.zeros(2), torch.zeros(2), **kwargs)

@@ -59,3 +59,23 @@ def test_floor_runs_the_networks_and_priors_only():
                    for m in (f.actnorm, f.invconv) for p in m.parameters()]
     assert all(p.grad is not None for p in nets + priors)
     assert all(p.grad is None for p in flow_layers)
+
+
+def test_peer_actnorm_initialises_on_its_first_forward_in_eval_mode_too():
+    """rosinality's ActNorm initialises on its first forward whatever the mode (it reads its
+    ``initialized`` buffer, not ``self.training``); so must the peer that stands for it."""
+    torch.manual_seed(0)
+    peer = peer_glow.Glow(3, n_flow=1, n_block=1, filter_size=8).double().eval()
+    x = torch.rand(4, 3, 4, 4, dtype=torch.float64) - 0.5
+    with torch.no_grad():
+        peer(x)
+    an = peer.blocks[0].flows[0].actnorm
+    flat = peer_glow.squeeze(x).transpose(0, 1).reshape(12, -1)
+    assert an.initialized.item() == 1
+    torch.testing.assert_close(an.loc.flatten(), -flat.mean(1))
+    torch.testing.assert_close(an.scale.flatten(), 1 / (flat.std(1) + 1e-6))
+    before = an.loc.detach().clone()
+    peer.train()
+    with torch.no_grad():
+        peer(x + 1)  # once only
+    torch.testing.assert_close(an.loc.detach(), before)
