@@ -98,7 +98,13 @@ class Glow(nn.Module):
     rebuilds every step's input from its output instead of keeping activations (the same
     gradients to rounding; activation memory flat in ``n_flow``; see
     ``fastflow.reversible``). Parameter names and the state dict are the same either way.
-    ``fallback_count`` / ``fallback_overflow`` sum the blocks' counters."""
+    ``fallback_count`` / ``fallback_overflow`` sum the blocks' counters.
+
+    One difference from rosinality/glow-pytorch's constructor: ``conv_lu=False`` gives plain
+    1x1 convolutions in every block, where rosinality's last block ignores the argument and
+    keeps the LU layer. A rosinality checkpoint trained with ``conv_lu=False`` therefore does
+    not load into ``Glow(..., conv_lu=False)`` (a strict ``load_state_dict`` names the last
+    block's keys); the default ``conv_lu=True`` models are the same in both."""
 
     def __init__(self, in_channel: int, n_flow: int, n_block: int, affine: bool = True,
                  conv_lu: bool = True, filter_size: int = 512, reversible: bool = False):
