@@ -35,6 +35,7 @@ fi
 echo "gpu_check: python $PY"
 SITE=$(mktemp -d /tmp/fastflow-site.XXXX)
 cp -r fastflow "$SITE/"
+rm -rf "$SITE/fastflow/kernels"  # a checkout's fastflow/kernels -> ../kernels link came along
 cp -r kernels "$SITE/fastflow/kernels"
 if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl || echo "peer wheels did not install"

@@ -83,6 +83,7 @@ def _head_kernel(
     c = tl.load(coef_ptr).to(COMPUTE)
     w = tl.load(coef_ptr + 1).to(COMPUTE)
     h_row = h_ptr + n * s_h_n + (t64 - 1) * s_h_t
+    n_half = n * 0 + N  # the unconditional half is N rows on: int64 (N * stride passes 2^31)
     if REVERSE:
         in_row = in_ptr + n * s_in_n + st64 * s_in_t
         out_row = out_ptr + n * s_out_n + t64 * s_out_t
@@ -99,8 +100,9 @@ def _head_kernel(
         b = tl.load(h_row + (d64 + D) * s_h_d, mask=shifted, other=0.0).to(COMPUTE)
         a, _ = _clamp_a(raw, c, CLAMP)
         if GUIDED:
-            raw_u = tl.load(h_row + N * s_h_n + d64 * s_h_d, mask=shifted, other=0.0).to(COMPUTE)
-            b_u = tl.load(h_row + N * s_h_n + (d64 + D) * s_h_d, mask=shifted, other=0.0).to(COMPUTE)
+            hu_row = h_row + n_half * s_h_n
+            raw_u = tl.load(hu_row + d64 * s_h_d, mask=shifted, other=0.0).to(COMPUTE)
+            b_u = tl.load(hu_row + (d64 + D) * s_h_d, mask=shifted, other=0.0).to(COMPUTE)
             a_u, _ = _clamp_a(raw_u, c, CLAMP)
             a = a + w * (a - a_u)
             b = b + w * (b - b_u)
@@ -115,7 +117,7 @@ def _head_kernel(
             dmax = tl.maximum(dmax, tl.where(inside, tl.abs(out - old), 0.0))
         tl.store(out_row + d64 * s_out_d, out.to(out_ptr.dtype.element_ty), mask=inside)
         if GUIDED:  # the unconditional half of the next pass sees the same tokens
-            tl.store(out_row + N * s_out_n + d64 * s_out_d, out.to(out_ptr.dtype.element_ty),
+            tl.store(out_row + n_half * s_out_n + d64 * s_out_d, out.to(out_ptr.dtype.element_ty),
                      mask=inside)
     total = tl.sum(tl.sum(acc, axis=1), axis=0)
     if REVERSE:
@@ -213,12 +215,13 @@ def _head_step_kernel(
         c = tl.load(coef_ptr).to(COMPUTE)
         w = tl.load(coef_ptr + 1).to(COMPUTE)
         h_row = h_ptr + n * s_h_n
+        hu_row = h_row + (n * 0 + N) * s_h_n  # int64, as in _head_kernel
         a, _ = _clamp_a(tl.load(h_row + d64 * s_h_d, mask=inside, other=0.0).to(COMPUTE), c, CLAMP)
         b = tl.load(h_row + (d64 + D) * s_h_d, mask=inside, other=0.0).to(COMPUTE)
         if GUIDED:
-            a_u, _ = _clamp_a(tl.load(h_row + N * s_h_n + d64 * s_h_d, mask=inside,
+            a_u, _ = _clamp_a(tl.load(hu_row + d64 * s_h_d, mask=inside,
                                       other=0.0).to(COMPUTE), c, CLAMP)
-            b_u = tl.load(h_row + N * s_h_n + (d64 + D) * s_h_d, mask=inside, other=0.0).to(COMPUTE)
+            b_u = tl.load(hu_row + (d64 + D) * s_h_d, mask=inside, other=0.0).to(COMPUTE)
             a = a + w * (a - a_u)
             b = b + w * (b - b_u)
         x = zt * tl.exp(a) + b

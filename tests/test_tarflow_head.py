@@ -205,6 +205,32 @@ def test_jacobi_update_matches_reference(backend, guidance):
     torch.testing.assert_close(change, (want - old).abs().amax(), rtol=1e-12, atol=1e-12)
 
 
+def test_guided_rows_past_2_31_elements():
+    """Guidance reads the unconditional half of h, N rows on: N * stride(0) of h past 2^31
+    was an int32 product in the kernels (it wrapped to a negative offset). h here is a view
+    whose rows lie 2^30 elements apart in a 6 GiB float16 storage that is never written
+    (only the rows read are touched); Triton path only (the reference would copy it)."""
+    if DEVICE == "cpu" and not ff.backend.interpreter_enabled():
+        pytest.skip("needs TRITON_INTERPRET=1 on CPU")
+    if DEVICE == "cuda" and torch.cuda.mem_get_info()[0] < 8 * 2**30:
+        pytest.skip("needs 8 GB free on the GPU")
+    n, t_count, d, stride = 2, 3, 4, 2**30
+    z = torch.randn(n, t_count, d, device=DEVICE)
+    small = torch.randn(2 * n, t_count, 2 * d, device=DEVICE).half()
+    base = torch.empty(3 * stride + small[0].numel(), dtype=torch.float16, device=DEVICE)
+    h = base.as_strided(small.shape, (stride, 2 * d, 1))
+    for r in range(2 * n):
+        h[r].copy_(small[r])
+    want, _ = reference.tarflow_head(z, small.float(), clamp=2.0, reverse=True, guidance=0.7,
+                                     guided=True)
+    out = torch.zeros(2 * n, t_count, d, device=DEVICE)
+    with ff.use_backend("triton"):
+        head = ops.HeadSampler(z, None, None, None, clamp=2.0, guidance=0.7, guided=True)
+        head.jacobi(h, out)
+    torch.testing.assert_close(out[:n], want, rtol=1e-5, atol=1e-5)
+    del base, h
+
+
 def test_bad_inputs_name_the_argument():
     x, h = make((2, 3, 4))
     with pytest.raises(ValueError, match="h: expected shape"):
