@@ -114,7 +114,11 @@ def _head_kernel(
         acc += tl.where(inside, a, 0.0)
         if DELTA:  # Jacobi: the output buffer holds the previous iterate
             old = tl.load(out_row + d64 * s_out_d, mask=inside, other=0.0).to(COMPUTE)
-            dmax = tl.maximum(dmax, tl.where(inside, tl.abs(out - old), 0.0))
+            change = tl.abs(out - old)
+            # a NaN change (a diverged iterate) counts as +inf: compiled max drops NaN
+            # operands (the interpreter's numpy keeps them), which would read as converged
+            change = tl.where(change == change, change, float("inf"))
+            dmax = tl.maximum(dmax, tl.where(inside, change, 0.0))
         tl.store(out_row + d64 * s_out_d, out.to(out_ptr.dtype.element_ty), mask=inside)
         if GUIDED:  # the unconditional half of the next pass sees the same tokens
             tl.store(out_row + n_half * s_out_n + d64 * s_out_d, out.to(out_ptr.dtype.element_ty),

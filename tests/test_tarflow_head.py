@@ -205,6 +205,23 @@ def test_jacobi_update_matches_reference(backend, guidance):
     torch.testing.assert_close(change, (want - old).abs().amax(), rtol=1e-12, atol=1e-12)
 
 
+def test_jacobi_change_of_a_nan_iterate_is_inf(backend):
+    """A NaN in the update (a diverged iterate) is reported as an infinite change on both
+    paths. The compiled kernel's max drops NaN operands (the interpreter's numpy keeps
+    them), so on a GPU a NaN iterate read as a change of 0: converged, sampling stopped."""
+    n, t_count, d = 2, 5, 3
+    z = torch.randn(n, t_count, d, device=DEVICE)
+    h = torch.randn(n, t_count, 2 * d, device=DEVICE)
+    h[1, 2, d + 1] = float("nan")  # one token's shift
+    buf = torch.randn(n, t_count, d, device=DEVICE)
+    head = ops.HeadSampler(z, None, None, None, clamp=2.0, guidance=0.0, guided=False)
+    change = head.jacobi(h, buf)
+    assert torch.isposinf(change), change
+    assert torch.isnan(buf).any()  # the iterate itself keeps the NaN
+    finite = torch.randn(n, t_count, 2 * d, device=DEVICE)
+    assert torch.isfinite(head.jacobi(finite, torch.randn_like(buf)))
+
+
 def test_guided_rows_past_2_31_elements():
     """Guidance reads the unconditional half of h, N rows on: N * stride(0) of h past 2^31
     was an int32 product in the kernels (it wrapped to a negative offset). h here is a view

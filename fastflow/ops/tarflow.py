@@ -16,6 +16,8 @@ on the host.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -181,7 +183,8 @@ class HeadSampler:
     def jacobi(self, h, out):
         """One Jacobi update of all tokens from ``h`` (B, T, 2D), the transformer's output
         for the current iterate held in ``out`` (B, T, D; both halves written when guided):
-        ``out`` is overwritten in place; returns the largest change (0-d device tensor)."""
+        ``out`` is overwritten in place; returns the largest change (0-d device tensor; +inf
+        where the update is NaN anywhere: a diverged iterate never reads as converged)."""
         if self.triton:
             with device_guard(self.z):
                 return _kernels().head_forward(self.z, h, clamp=self.clamp, order=self.order,
@@ -192,6 +195,7 @@ class HeadSampler:
                                         reverse=True, guidance=self.guidance, guided=self.guided)
         n = self.z.shape[0]
         view = out.view(-1, n, *out.shape[1:])
-        change = (view[0] - new).abs().amax()
+        # NaN (a diverged iterate) reported as +inf, as the kernel does: never "converged"
+        change = (view[0] - new).abs().amax().nan_to_num(nan=math.inf, posinf=math.inf)
         view.copy_(new.unsqueeze(0).expand_as(view))
         return change
