@@ -24,6 +24,16 @@ settings.load_profile("fastflow")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+# On a GPU, the coupling networks' float32 convolutions would run in TF32 (cuDNN's default)
+# and cuDNN may pick non-deterministic backward algorithms: the tests compare float32 models
+# with float64 oracles, compiled with eager runs, and one backward with another bitwise, so
+# they ask for exact float32 and deterministic convolutions. (fastflow's own kernels use no
+# TF32 unless asked; the benchmarks keep torch's defaults.) No effect on a CPU machine.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.deterministic = True
+torch.backends.cudnn.benchmark = False
+
 @pytest.fixture(scope="module")
 def on_device():
     """Tensors made without a device go to ``DEVICE`` for a whole test module (its
