@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -115,3 +116,21 @@ def test_train_tarflow_sampling_options_are_refused_naming_the_option(option, va
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert option in err and message in err
+
+
+def test_demo_summary_of_a_diverged_run(tmp_path, capsys, monkeypatch):
+    """metrics.json stores a NaN or infinite bits/dim as null; the demo's closing line then
+    failed with "unsupported format string passed to NoneType" instead of saying so."""
+    score = {"recognised": 0.0, "n": 200, "confidence": 0.8, "classes": 0}
+
+    def diverged_run(argv):
+        out = Path(argv[argv.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        history = {"initial": {"bpd": 4.2, "digits": {"1.0": score}},
+                   "epochs": [{"test": {"bpd": None}, "digits": {"1.0": score}}]}
+        (out / "metrics.json").write_text(json.dumps({"history": history}))
+        return 0
+
+    monkeypatch.setattr(demo.train, "main", diverged_run)
+    assert demo.main(["--skip-bench", "--out", str(tmp_path)]) == 0
+    assert "test bits/dim 4.200 -> not finite" in capsys.readouterr().out

@@ -26,6 +26,11 @@ DEMO_BATCH = "64"
 DEMO_TEMPERATURES = "0.8,1.0"
 
 
+def _bpd(value) -> str:
+    """A bits/dim from metrics.json, where a NaN or infinite one is stored as null."""
+    return "not finite" if value is None else f"{value:.3f}"
+
+
 def main(argv=None) -> int:
     """``python -m fastflow demo`` (``make demo``): the benchmark tables for this device, then
     a short Glow training run on the embedded digits; writes the sample grids before and
@@ -68,8 +73,8 @@ def main(argv=None) -> int:
     before, after = history["initial"], (history["epochs"] or [history["initial"]])[-1]
     t_best = max(after["digits"], key=lambda t: after["digits"][t]["recognised"])
     score = after["digits"][t_best]
-    print(f"\ndemo: {wall:.0f} s for the Glow run; test bits/dim {before['bpd']:.3f} -> "
-          f"{after['test']['bpd'] if 'test' in after else after['bpd']:.3f}; a digit "
+    print(f"\ndemo: {wall:.0f} s for the Glow run; test bits/dim {_bpd(before['bpd'])} -> "
+          f"{_bpd(after['test']['bpd'] if 'test' in after else after['bpd'])}; a digit "
           f"classifier recognises {score['recognised']:.0%} of {score['n']} samples at "
           f"T={t_best} with confidence >= {score['confidence']} ({score['classes']} of 10 "
           f"classes; before training: {before['digits'][t_best]['recognised']:.0%}).\n"
