@@ -182,6 +182,22 @@ def test_weight_layouts(backend):
     assert_close(out, reference.channel_mix(x.double(), wide.double()), torch.float32)
 
 
+
+def test_non_square_weight_keeps_channels_last(backend):
+    """A (Co, C) weight with Co != C on a channels_last x: the output is channels_last on
+    both backends, as the op's fake (torch.compile's) implementation says it is (the
+    Triton launch used to allocate the (N, Co, H, W) output in NCHW)."""
+    x = torch.randn(2, 3, 4, 5, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    w, loc, scale = _params(3, torch.float32, co=5)
+    for args in ((w, None, None), (w, loc, scale)):
+        out = ff.channel_mix(x, args[0], loc=args[1], scale=args[2])
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert_close(out, reference.actnorm_mix(x.double(), *args), torch.float32)
+    if backend == "triton":
+        from fastflow.ops.channel_mix import channel_mix_op
+        torch.library.opcheck(channel_mix_op, (x, w, w.float(), None, None, False),
+                              test_utils="test_faketensor")
+
 def test_bitwise_deterministic(backend):
     # enough pixels for several reduction chunks, summed in a fixed order
     x = torch.randn(3, 6, 9, 11, device=DEVICE)
