@@ -38,11 +38,15 @@ def nchw(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
     return t, (t.stride(0), t.stride(1), sp)
 
 
-def output_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """An uninitialised output shaped like ``t``: channels_last if ``t`` is, else NCHW."""
+def output_like(t: torch.Tensor, dtype: torch.dtype | None = None,
+                shape: tuple | None = None) -> torch.Tensor:
+    """An uninitialised output shaped like ``t`` (or ``shape``, e.g. another channel
+    count): channels_last if ``t`` is, else NCHW."""
+    shape = t.shape if shape is None else shape
     if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.empty_like(t, dtype=dtype, memory_format=torch.channels_last)
-    return torch.empty(t.shape, dtype=dtype or t.dtype, device=t.device)
+        return torch.empty(shape, dtype=dtype or t.dtype, device=t.device,
+                           memory_format=torch.channels_last)
+    return torch.empty(shape, dtype=dtype or t.dtype, device=t.device)
 
 
 # The device the tile sizes aim to fill: an H100 SXM has 132 SMs (an H200 too). A constant,

@@ -230,8 +230,7 @@ def mix(inp: torch.Tensor, a: torch.Tensor | None, *, transpose_a: bool = False,
             f"{name}: expected a contiguous vector of {size}, got {tuple(v.shape)}")
     hw = hh * ww
     if out is None:
-        out = output_like(inp, out_dtype) if co == c else torch.empty(
-            (n, co, hh, ww), dtype=out_dtype or inp.dtype, device=inp.device)
+        out = output_like(inp, out_dtype, (n, co, hh, ww))
     assert out.shape == (n, co, hh, ww), f"out: expected {(n, co, hh, ww)}, got {tuple(out.shape)}"
     if out.numel() == 0:
         return out

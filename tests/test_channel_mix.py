@@ -182,6 +182,44 @@ def test_weight_layouts(backend):
     assert_close(out, reference.channel_mix(x.double(), wide.double()), torch.float32)
 
 
+
+def test_non_square_weight_keeps_channels_last(backend):
+    """A (Co, C) weight with Co != C on a channels_last x: the output is channels_last on
+    both backends, as the op's fake (torch.compile's) implementation says it is (the
+    Triton launch used to allocate the (N, Co, H, W) output in NCHW)."""
+    x = torch.randn(2, 3, 4, 5, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    w, loc, scale = _params(3, torch.float32, co=5)
+    for args in ((w, None, None), (w, loc, scale)):
+        out = ff.channel_mix(x, args[0], loc=args[1], scale=args[2])
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert_close(out, reference.actnorm_mix(x.double(), *args), torch.float32)
+    if backend == "triton":
+        from fastflow.ops.channel_mix import channel_mix_op
+        torch.library.opcheck(channel_mix_op, (x, w, w.float(), None, None, False),
+                              test_utils="test_faketensor")
+
+
+@pytest.mark.parametrize("an", [False, True])
+def test_transposed_weight_gradient_matches_the_fake(backend, an):
+    """A transposed weight (torch.linalg.inv returns one): its gradient is right, and on the
+    Triton path the backward op's output strides are those its fake implementation gives
+    torch.compile (it allocated d weight contiguous, the fake like the weight: a compiled
+    training step stopped with 'expected ... stride 4==1')."""
+    x = torch.randn(2, 4, 3, 3, device=DEVICE)
+    w0, loc, scale = _params(4, torch.float32)
+    wt = w0.float().T.contiguous().T.requires_grad_()  # strides (1, 4)
+    args = (loc, scale) if an else (None, None)
+    out = ff.channel_mix(x, wt, loc=args[0], scale=args[1])
+    g = torch.randn_like(out)
+    out.backward(g)
+    w64 = wt.detach().double().requires_grad_()
+    reference.actnorm_mix(x.double(), w64, *args).backward(g.double())
+    assert_close(wt.grad, w64.grad, torch.float32)
+    if backend == "triton":
+        from fastflow.ops.channel_mix import channel_mix_backward
+        torch.library.opcheck(channel_mix_backward, (g, x, wt.detach(), *args, False, True,
+                                                     torch.float32), test_utils="test_faketensor")
+
 def test_bitwise_deterministic(backend):
     # enough pixels for several reduction chunks, summed in a fixed order
     x = torch.randn(3, 6, 9, 11, device=DEVICE)

@@ -47,6 +47,29 @@ def test_lu_weight_matches_reference_and_slogdet(backend, c):
     assert lu_weight(lower, upper, log_s, sign, rows, n=0)[1].shape == (0,)
 
 
+def test_lu_weight_transposed_factors_gradients_match_the_fake(backend):
+    """Transposed lower / upper and a strided log_s: right gradients, and on the Triton
+    path the backward op's outputs have the strides its fake gives torch.compile (the fake
+    copied a transposed lower's strides with empty_like; the kernel writes contiguous)."""
+    c = 5
+    lower, upper, log_s, sign, rows, _, scale = _lu(c)
+    factors = (lower.T.contiguous().T, upper.T.contiguous().T,
+               torch.stack([log_s, log_s], 1)[:, 0], scale)
+    leaves = [t.detach().requires_grad_() for t in factors]  # keeping their strides
+    w, ld = lu_weight(*leaves[:3], sign, rows, scale=leaves[3], n=2, ld_mult=3)
+    gw = torch.randn(c, c, dtype=torch.float64, device=DEVICE)
+    gld = torch.randn(2, dtype=torch.float64, device=DEVICE)
+    got = torch.autograd.grad((w, ld), leaves, (gw, gld))
+    ref = [t.detach().requires_grad_() for t in factors]
+    wr, ldr = reference.lu_weight_logdet(rows, *ref[:3], sign, ref[3], n=2, ld_mult=3)
+    want = torch.autograd.grad((wr, ldr), ref, (gw, gld))
+    for a, b in zip(got, want):
+        assert_close(a, b, torch.float64)
+    if backend == "triton":
+        from fastflow.ops.lu_weight import lu_weight_backward
+        torch.library.opcheck(lu_weight_backward, (gw, gld, *factors[:3], sign, rows,
+                                                   factors[3], 3), test_utils="test_faketensor")
+
 @pytest.mark.parametrize("c", [1, 3, 17])
 def test_lu_weight_gradcheck_float64(backend, c):
     lower, upper, log_s, sign, rows, _, scale = _lu(c)

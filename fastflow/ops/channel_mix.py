@@ -109,8 +109,9 @@ def _triton_backward(grad, src, a, loc, scale, reverse, need_params, weight_dtyp
         # written by the kernels in the parameters' own shapes and dtypes: G[o, k] =
         # sum g[o] (src[k] + shift[k]) and gsum[o] = sum g[o] reduced, then turned into
         # d weight, d loc, d scale by one finishing launch
-        if a is not None:  # in the weight's dtype, whatever the matrix's
-            d_w = torch.empty(a.shape, dtype=weight_dtype, device=a.device)
+        if a is not None:  # in the weight's dtype, whatever the matrix's; with its strides
+            # where it is dense (a transposed weight), as the fake says: any strides will do
+            d_w = torch.empty_like(a, dtype=weight_dtype)
         if has_an:
             d_l = torch.empty(loc.shape, dtype=loc.dtype, device=loc.device)
             d_s = torch.empty(scale.shape, dtype=scale.dtype, device=scale.device)
@@ -141,7 +142,8 @@ def _(grad, src, matrix, loc, scale, reverse, need_params, weight_dtype):
     outs = [empty_output(src)]
     for p, dt in ((matrix, weight_dtype), (loc, None), (scale, None)):
         outs.append(src.new_empty(0) if (p is None or not need_params)
-                    else torch.empty_like(p, dtype=dt or p.dtype))
+                    else torch.empty_like(p, dtype=dt) if p is matrix
+                    else p.new_empty(p.shape))  # the kernels write loc's, scale's contiguous
     return tuple(outs)
 
 

@@ -97,8 +97,10 @@ def lu_weight_backward(d_w: Tensor, d_ld: Tensor, lower: Tensor, upper: Tensor, 
 
 @lu_weight_backward.register_fake
 def _(d_w, d_ld, lower, upper, log_s, sign_s, rows, scale, ld_mult):
-    return (torch.empty_like(lower), torch.empty_like(upper), torch.empty_like(log_s),
-            log_s.new_empty(0) if scale is None else torch.empty_like(scale))
+    # contiguous, as the kernel writes them (empty_like would copy a transposed lower's strides)
+    return (lower.new_empty(lower.shape), upper.new_empty(upper.shape),
+            log_s.new_empty(log_s.shape), log_s.new_empty(0) if scale is None
+            else scale.new_empty(scale.shape))
 
 
 def _lu_setup_context(ctx, inputs, output):
