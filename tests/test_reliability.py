@@ -349,6 +349,15 @@ def test_triton_path_refuses_double_backward_and_func_grad_at_the_first_call():
             torch.func.grad(lambda a: ff.reparameterize_kl(a, a)[1].sum())(x.detach())
         with pytest.raises(NotImplementedError, match=r"torch.func"):
             torch.func.grad(lambda a: ff.channel_mix(a, torch.eye(4)).sum())(x.detach())
+        # the TarFlow head too (it failed with torch's "no autograd formula" at the second
+        # backward and "must override setup_context" under torch.func)
+        tok = torch.randn(2, 3, 4, device=DEVICE, requires_grad=True)
+        th = torch.randn(2, 3, 8, device=DEVICE, requires_grad=True)
+        z, tld = ff.tarflow_head(tok, th)
+        with pytest.raises(NotImplementedError, match=r"tarflow_head: double backward"):
+            torch.autograd.grad(z.sum() + tld.sum(), (tok, th), create_graph=True)
+        with pytest.raises(NotImplementedError, match=r"tarflow_head: torch.func"):
+            torch.func.grad(lambda a: ff.tarflow_head(a, th.detach())[1].sum())(tok.detach())
         # first derivatives are unaffected
         gx, _ = torch.autograd.grad(y.sum() + ld.sum(), (x, h))
         assert torch.isfinite(gx).all()

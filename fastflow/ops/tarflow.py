@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backend import compute_dtype, device_guard, use_triton
+from ..backend import (compute_dtype, device_guard, refuse_double_backward, refuse_transforms,
+                       use_triton)
 from ._checks import check_choice, check_float_tensor, check_same_device
 
 
@@ -75,6 +76,7 @@ def _setup_context(ctx, inputs, output):
 
 def _make_backward(reverse: bool):
     def backward(ctx, grad_out, grad_logdet):
+        refuse_double_backward("tarflow_head")
         src, h = ctx.saved_tensors
         grad_src, grad_h = tarflow_head_backward(grad_out, grad_logdet, src, h, *ctx.params,
                                                  reverse)
@@ -129,6 +131,7 @@ def tarflow_head(x: Tensor, h: Tensor, *, clamp: float | None = None, order: str
     check_choice("order", order, reference.TARFLOW_ORDERS)
     c = _check_clamp(clamp)
     if use_triton(x):
+        refuse_transforms("tarflow_head")
         op = tarflow_head_inverse if reverse else tarflow_head_forward
         return op(x, h, c, order)
     return reference.tarflow_head(x, h, clamp=clamp, order=order, reverse=reverse)
