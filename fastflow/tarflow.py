@@ -236,6 +236,13 @@ class TarFlow(nn.Module):
                             f"{getattr(y, 'dtype', type(y).__name__)}")
         if tuple(y.shape) != (n,):
             raise ValueError(f"y: expected shape ({n},), one label per sample, got {tuple(y.shape)}")
+        if y.device.type == "cpu":  # read in place (no op, nothing to wait for); on a GPU
+            # the check would wait for the device: an index past the embedding fails in
+            # the lookup there, and y == num_classes counts as the null class
+            values = y.detach().numpy()
+            if values.size and (values.min() < 0 or values.max() >= self.num_classes):
+                raise ValueError(f"y: expected class indices in [0, {self.num_classes}), got "
+                                 f"values from {values.min()} to {values.max()}")
         y = y.to(device=device, dtype=torch.long)
         if drop and self.class_dropout > 0:
             y = torch.where(torch.rand(n, device=device) < self.class_dropout, null, y)

@@ -367,3 +367,17 @@ def test_train_tarflow_resumed_after_a_max_steps_stop_inside_an_epoch_reports_th
     resumed = _train(tmp_path / "split", *common, "--resume")["history"]
     assert [e["step"] for e in whole["epochs"]] == [2, 4]
     assert resumed == whole
+
+
+def test_labels_outside_the_classes_are_refused_on_cpu():
+    """y == num_classes was silently taken as the null (unconditional) class, and y < 0 or
+    y > num_classes failed inside the embedding with 'index out of range in self'."""
+    model = ff.TarFlow(1, 4, 2, 8, 1, 1, num_classes=3, head_dim=4)
+    x = torch.randn(2, 1, 4, 4)
+    for bad in ([0, 3], [-1, 0], [5, 1]):
+        with pytest.raises(ValueError, match=r"^y: expected class indices in \[0, 3\)"):
+            model(x, torch.tensor(bad))
+    with pytest.raises(ValueError, match=r"^y: expected class indices"):
+        model.sample(2, torch.tensor([0, 3]))
+    z, ld = model(x, torch.tensor([0, 2]))
+    assert z.shape == (2, 4, 4) and ld.shape == (2,)
