@@ -1,4 +1,5 @@
-"""A small convolutional VAE for (C, S, S) images in [0, 1], built on ``GaussianReparam``.
+"""A small convolutional VAE for (C, S, S) images in [0, 1] (the Bernoulli likelihood refuses
+others on CPU tensors), built on ``GaussianReparam``.
 
 Encoder: conv3x3 -> ReLU -> conv3x3 stride 2 -> ReLU -> linear to (mu, logvar).
 Decoder: linear -> ReLU -> transposed conv stride 2 -> ReLU -> conv3x3 to per-pixel logits
@@ -69,9 +70,21 @@ class ConvVAE(nn.Module):
         z, kl = self.reparam(mu, logvar, generator=generator)
         return self.decode(z), kl, mu, logvar, z
 
+    def _check_unit_interval(self, x):
+        """The Bernoulli likelihood is defined for pixels in [0, 1]; anything else (say images
+        in [0, 255]) gave a negative -log p(x | z) silently. Read on CPU tensors only: on a
+        GPU the check would wait for the device every step (not made there)."""
+        if x.device.type == "cpu" and x.numel():
+            lo, hi = torch.aminmax(x.detach())
+            lo, hi = float(lo), float(hi)
+            if not (lo >= 0.0 and hi <= 1.0):  # NaN fails too
+                raise ValueError(f"x: expected pixels in [0, 1] for the Bernoulli likelihood, "
+                                 f"got values from {lo} to {hi}")
+
     def recon_nll(self, out, x):
         """-log p(x | z) per sample, summed over pixels."""
         if self.likelihood == "bernoulli":
+            self._check_unit_interval(x)
             nll = F.binary_cross_entropy_with_logits(out, x, reduction="none")
         else:
             var = torch.exp(2 * self.log_scale)

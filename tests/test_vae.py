@@ -176,3 +176,20 @@ def test_train_vae_resumed_after_a_max_steps_stop_inside_an_epoch_reports_the_sa
                       for out in (whole_out, split_out))
     assert [e["step"] for e in whole["epochs"]] == [2, 4]
     assert resumed == whole
+
+
+def test_bernoulli_likelihood_refuses_pixels_outside_0_1():
+    # images in [0, 255] (a forgotten / 255) gave a large negative "-log p(x | z)" and an
+    # ELBO far above 0, silently; the Bernoulli likelihood is defined for x in [0, 1]
+    torch.manual_seed(0)
+    model = ConvVAE(latent=2, hidden=4)
+    x = data.digits("test")[0][:3]
+    for bad in (x * 255, x - 0.5, torch.where(x > 0.5, float("nan"), x)):
+        for call in (model.loss, model.elbo, model.terms):
+            with pytest.raises(ValueError, match=r"x: .*\[0, 1\]"):
+                call(bad)
+        with pytest.raises(ValueError, match=r"x: .*\[0, 1\]"):
+            model.recon_nll(torch.zeros_like(bad), bad)
+    # the edges and grey levels in between are fine; the Gaussian likelihood takes any x
+    assert torch.isfinite(model.loss(x.round())["loss"])
+    assert torch.isfinite(ConvVAE(latent=2, hidden=4, likelihood="gaussian").loss(x * 255)["loss"])
