@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backend import compute_dtype
 from .layers.gaussian import GaussianReparam
 
 LIKELIHOODS = ("bernoulli", "gaussian")
@@ -82,21 +83,25 @@ class ConvVAE(nn.Module):
                                  f"got values from {lo} to {hi}")
 
     def recon_nll(self, out, x):
-        """-log p(x | z) per sample, summed over pixels."""
+        """-log p(x | z) per sample, summed over pixels: float32 (float64 for float64), as
+        the KL, whatever the model's dtype (a bfloat16 model summed it in bfloat16)."""
+        cd = torch.promote_types(compute_dtype(out.dtype), compute_dtype(x.dtype))
+        out, x = out.to(cd), x.to(cd)
         if self.likelihood == "bernoulli":
             self._check_unit_interval(x)
             nll = F.binary_cross_entropy_with_logits(out, x, reduction="none")
         else:
-            var = torch.exp(2 * self.log_scale)
-            nll = 0.5 * (x - out) ** 2 / var + self.log_scale + 0.5 * math.log(2 * math.pi)
+            log_scale = self.log_scale.to(cd)
+            var = torch.exp(2 * log_scale)
+            nll = 0.5 * (x - out) ** 2 / var + log_scale + 0.5 * math.log(2 * math.pi)
         return nll.flatten(1).sum(dim=1)
 
     def terms(self, x, generator=None):
         """(recon, kl) per sample: the two terms of -ELBO."""
         out, kl, *_ = self(x, generator=generator)
         recon = self.recon_nll(out, x)
-        # recon's dtype, not the decoder's: under autocast the decoder gives bfloat16/float16
-        # while the likelihood (and so the loss) is float32
+        # recon's dtype, not the decoder's: under autocast (or for a half-precision model) the
+        # decoder gives bfloat16/float16 while the likelihood (and so the loss) is float32
         return recon, kl.to(recon.dtype)
 
     def elbo(self, x, generator=None):
