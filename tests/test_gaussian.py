@@ -419,3 +419,19 @@ def _compile_matches_eager():
         runs.append((z, kl, *grads))
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_eval_posterior_mean_is_mu_even_where_the_scale_overflows(backend):
+    # sample_in_eval=False returned z = mu + exp(logvar / 2) * 0, NaN wherever exp overflows
+    # (logvar > ~177 in float32), and a NaN gradient for logvar; the posterior mean is mu
+    layer = ff.GaussianReparam(sample_in_eval=False).eval()
+    mu = torch.tensor([[1.0, -2.0], [0.5, 3.0]], device=DEVICE, requires_grad=True)
+    logvar = torch.tensor([[200.0, 0.0], [-1.0, 1.0]], device=DEVICE, requires_grad=True)
+    z, kl = layer(mu, logvar)
+    assert torch.equal(z, mu)
+    z.sum().backward()
+    assert torch.equal(mu.grad, torch.ones_like(mu))
+    # z does not depend on logvar (no gradient, or a zero one), never NaN
+    assert logvar.grad is None or torch.equal(logvar.grad, torch.zeros_like(logvar))
+    (z.sum() + kl.sum()).backward()
+    assert torch.isfinite(mu.grad).all()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..backend import memory_format_of
 from ..ops._checks import check_bool
 from ..ops.gaussian import reparameterize_kl
 from ..reference import REDUCTIONS
@@ -25,9 +26,10 @@ class GaussianReparam(nn.Module):
 
     def forward(self, mu, logvar, generator=None):
         if not self.training and not self.sample_in_eval:
-            z, kl = reparameterize_kl(mu, logvar, mu.new_zeros(()).expand(mu.shape),
+            _, kl = reparameterize_kl(mu, logvar, mu.new_zeros(()).expand(mu.shape),
                                       reduction=self.reduction)
-            return z, kl
+            # mu itself, not the op's mu + exp(logvar / 2) * 0: NaN where exp overflows
+            return mu.clone(memory_format=memory_format_of(mu)), kl
         return reparameterize_kl(mu, logvar, reduction=self.reduction, generator=generator)
 
     def extra_repr(self) -> str:
