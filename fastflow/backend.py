@@ -9,13 +9,16 @@ The choice is made per call, from the tensor's device and the selected mode:
 * ``"reference"``: always plain PyTorch.
 
 The mode comes from ``fastflow.use_backend(...)`` when one is active, else from the
-``FASTFLOW_BACKEND`` environment variable, read at call time. Nothing here touches a GPU
+``FASTFLOW_BACKEND`` environment variable, read at call time. Each thread and each asyncio task has
+its own ``use_backend`` blocks (a new thread starts with none), and a block that is left
+out of order (a generator suspended inside one) ends only its own mode. Nothing here touches a GPU
 and the Triton kernels are imported only when first needed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import os
 import threading
@@ -26,7 +29,20 @@ from .kernels._dtypes import compute_dtype  # noqa: F401  (the one compute-dtype
 
 MODES = ("auto", "triton", "reference")
 
+# The active ``use_backend`` blocks, innermost last, as a tuple held in a context variable:
+# each thread, and each asyncio task (which runs in a copy of its creator's context), sees its
+# own, so a block in one never changes the mode of another.
+_blocks: contextvars.ContextVar = contextvars.ContextVar("fastflow_backend_blocks", default=())
+# The same tuple per thread, for torch.compile: dynamo cannot trace ``ContextVar.get`` (it
+# would break the graph) but traces and guards this thread-local, so a compiled function
+# recompiles when the mode changes. It equals ``_blocks`` except while asyncio tasks of one
+# thread interleave blocks (it then holds the last block entered or left in the thread).
 _local = threading.local()
+
+
+def _set_blocks(blocks: tuple):
+    _blocks.set(blocks)
+    _local.blocks = blocks
 
 
 def _check_mode(mode, where):
@@ -37,9 +53,9 @@ def _check_mode(mode, where):
 
 def current_mode() -> str:
     """The active mode: the innermost ``use_backend`` block, else ``FASTFLOW_BACKEND``."""
-    stack = getattr(_local, "stack", None)
-    if stack:
-        return stack[-1]
+    blocks = getattr(_local, "blocks", ()) if torch.compiler.is_compiling() else _blocks.get()
+    if blocks:
+        return blocks[-1][0]
     return _env_mode(_env_value())
 
 
@@ -69,14 +85,19 @@ def _env_mode(raw: str) -> str:
 def use_backend(mode: str):
     """Run the ops inside the block with ``mode`` ("auto", "triton" or "reference")."""
     _check_mode(mode, "use_backend(mode)")
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
-    stack.append(mode)
+    entry = (mode,)  # this block's own entry: removed by identity on exit
+    _set_blocks(_blocks.get() + (entry,))
     try:
         yield
     finally:
-        stack.pop()
+        # Blocks need not exit in the order they entered: a generator suspended inside one
+        # exits when it is resumed or closed, possibly inside a block the caller opened later.
+        # Remove this block's entry, not whichever is innermost now.
+        blocks = _blocks.get()
+        if blocks and blocks[-1] is entry:
+            _set_blocks(blocks[:-1])
+        else:
+            _set_blocks(tuple(b for b in blocks if b is not entry))
 
 
 def interpreter_enabled() -> bool:

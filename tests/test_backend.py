@@ -109,3 +109,99 @@ def test_a_gpu_run_skips_cpu_tensor_triton_tests_only_for_the_missing_interprete
     assert interpreter_skip_reason(caught.value, gpu=False) is None
     assert interpreter_skip_reason(RuntimeError("shape mismatch"), gpu=True) is None
     assert interpreter_skip_reason(ValueError(str(caught.value)), gpu=True) is None
+
+
+def test_blocks_left_out_of_order_remove_their_own_mode(monkeypatch):
+    """A generator suspended inside a block exits it when resumed, possibly inside a block
+    its caller opened later: that must end the generator's block, not the caller's; and an
+    exception leaving a block restores the mode before it."""
+    monkeypatch.delenv("FASTFLOW_BACKEND", raising=False)
+
+    def gen():
+        with ff.use_backend("triton"):
+            yield
+
+    g = gen()
+    next(g)
+    assert ff.current_mode() == "triton"
+    with ff.use_backend("reference"):
+        next(g, None)  # the generator leaves its triton block
+        assert ff.current_mode() == "reference"
+    assert ff.current_mode() == "auto"
+    with pytest.raises(KeyError), ff.use_backend("reference"):
+        raise KeyError
+    assert ff.current_mode() == "auto"
+
+
+def test_each_thread_and_asyncio_task_has_its_own_mode(monkeypatch):
+    import asyncio
+    import threading
+
+    monkeypatch.delenv("FASTFLOW_BACKEND", raising=False)
+    seen = []
+
+    async def task(mode, first_wait):
+        with ff.use_backend(mode):
+            for wait in (first_wait, 0.02):
+                await asyncio.sleep(wait)  # the other task enters or leaves its block here
+                seen.append((mode, ff.current_mode()))
+
+    async def both():
+        await asyncio.gather(task("triton", 0.01), task("reference", 0.0))
+
+    asyncio.run(both())
+    assert sorted(seen) == [("reference", "reference")] * 2 + [("triton", "triton")] * 2
+    assert ff.current_mode() == "auto"
+
+    entered, release = threading.Event(), threading.Event()
+
+    def other():
+        with ff.use_backend("triton"):
+            entered.set()
+            release.wait(10)
+
+    t = threading.Thread(target=other)
+    t.start()
+    try:
+        entered.wait(10)
+        assert ff.current_mode() == "auto"  # the other thread's block does not leak here
+        with ff.use_backend("reference"):
+            seen_there = []
+            u = threading.Thread(target=lambda: seen_there.append(ff.current_mode()))
+            u.start()
+            u.join()
+            assert seen_there == ["auto"]  # nor this thread's block into a new thread
+    finally:
+        release.set()
+        t.join()
+
+
+def test_compiled_function_follows_the_mode_between_calls(monkeypatch):
+    """torch.compile(fullgraph=True) reads the mode while tracing and guards on it: a change
+    of use_backend block or of FASTFLOW_BACKEND between calls runs the other path."""
+    monkeypatch.delenv("FASTFLOW_BACKEND", raising=False)
+    ran = []
+
+    def record(gm, inputs):
+        path = "triton" if "fastflow" in str(gm.graph) else "reference"
+
+        def run(*args):
+            ran.append(path)
+            return gm.forward(*args)
+        return run
+
+    compiled = torch.compile(lambda x, h: ff.affine_coupling(x, h), fullgraph=True,
+                             backend=record)
+    x, h = torch.randn(1, 2, 2, 2), torch.randn(1, 2, 2, 2)
+    torch._dynamo.reset()
+    compiled(x, h)
+    for mode in ("triton", "reference", "triton", "auto"):
+        with ff.use_backend(mode):
+            compiled(x, h)
+    with ff.use_backend("triton"), ff.use_backend("reference"):
+        compiled(x, h)
+    for mode in ("triton", "reference"):
+        monkeypatch.setenv("FASTFLOW_BACKEND", mode)
+        compiled(x, h)
+    assert ran == ["reference", "triton", "reference", "triton", "reference", "reference",
+                   "triton", "reference"]
