@@ -5,8 +5,9 @@
 ``save_image_grid`` (a PNG of image rows, drawn with Pillow), ``write_json``/``write_csv``,
 ``positive``/``finite`` (argparse types), ``add_optimisation_options``/``add_run_options``/
 ``add_data_options``/``add_precision_option`` (the options every training command has),
-``load_data``/``split_key``/``data_fingerprint``/``check_resume_data`` (``--data`` read,
-and checked on ``--resume``, the same way by every training command), ``HelpFormatter`` and
+``load_data``/``split_key``/``data_fingerprint``/``resume_data``/``check_resume_data``/
+``check_resume_batch`` (``--data`` read, and checked on ``--resume``, the same way by every
+training command), ``HelpFormatter`` and
 ``backend_name``."""
 
 from __future__ import annotations
@@ -379,14 +380,23 @@ def data_fingerprint(train, test) -> list[int]:
     return [crc(train.levels), crc(test.levels), crc(train.labels), crc(test.labels)]
 
 
-def check_resume_data(saved: dict, ckpt_path, split: dict, n_images: int, data: str, *,
-                      fingerprint: list[int] | None = None,
+def resume_data(args, train, test) -> dict:
+    """What a checkpoint keeps of the images it was trained on, for ``check_resume_data``:
+    ``{"split": split_key(args), "n_images": N, "fingerprint": data_fingerprint(...)}``
+    (saved with the checkpoint's other entries)."""
+    return {"split": split_key(args), "n_images": len(train) + len(test),
+            "fingerprint": data_fingerprint(train, test)}
+
+
+def check_resume_data(saved: dict, ckpt_path, data: dict, source: str, *,
                       metric: str = "test bits/dim") -> None:
-    """Refuse to resume ``saved`` (a checkpoint's dict) when its held-out images were drawn
-    with other options (``split_key``) or from another number of images: the run would
-    train on some of them and report held-out numbers on images it has seen; or when its
-    images differ (``data_fingerprint``): it would go on training on other images. Checkpoints
-    from before these were saved: as given."""
+    """Refuse to resume ``saved`` (a checkpoint's dict) against ``data`` (``resume_data`` of
+    this run, whose ``--data`` is ``source``) when its held-out images were drawn with other
+    options (``split_key``) or from another number of images: the run would train on some
+    of them and report held-out numbers on images it has seen; or when its images differ
+    (``data_fingerprint``): it would go on training on other images. Checkpoints from
+    before these were saved: as given."""
+    split, n_images, fingerprint = data["split"], data["n_images"], data["fingerprint"]
     if saved.get("split", split) != split:
         names = ", ".join("--" + k.replace("_", "-") for k in split)
         raise SystemExit(f"{names}: {ckpt_path} held out its test images with {saved['split']}; "
@@ -395,14 +405,25 @@ def check_resume_data(saved: dict, ckpt_path, split: dict, n_images: int, data: 
                          "checkpoint's values)")
     if saved.get("n_images", n_images) != n_images:  # a permutation of range(n_images)
         raise SystemExit(f"--data: {ckpt_path} held out its test images from "
-                         f"{saved['n_images']} images; {data} now holds {n_images}, "
+                         f"{saved['n_images']} images; {source} now holds {n_images}, "
                          "so other images would be held out, some of them trained on "
                          "(resume with the images it was trained on, or use a new --out)")
-    if fingerprint is not None and saved.get("fingerprint", fingerprint) != fingerprint:
-        raise SystemExit(f"--data: {ckpt_path} was trained on other images than {data} holds "
+    if saved.get("fingerprint", fingerprint) != fingerprint:
+        raise SystemExit(f"--data: {ckpt_path} was trained on other images than {source} holds "
                          f"now (the same shape and count, other pixels or labels: CRC32s "
                          f"{saved['fingerprint']}, got {fingerprint}); resume with the "
                          "images it was trained on, or use a new --out")
+
+
+def check_resume_batch(partial: dict | None, ckpt_path, epoch: int, batch_size: int) -> None:
+    """Refuse to go on with an epoch that a ``--max-steps`` stop left unfinished (``partial``,
+    saved after ``epoch`` finished epochs) at another ``--batch-size``: the rest of that
+    epoch's order would skip or repeat images."""
+    if partial is not None and partial["batch_size"] != batch_size:
+        raise SystemExit(f"--batch-size: {ckpt_path} stopped after batch {partial['batch']} "
+                         f"of epoch {epoch + 1} at --batch-size {partial['batch_size']}; "
+                         f"got {batch_size}, which would skip or repeat images of that epoch "
+                         "(pass the checkpoint's value)")
 
 
 def backend_name(device: torch.device) -> str:

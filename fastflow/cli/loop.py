@@ -6,6 +6,7 @@ rank, whatever the number of processes), ``resume_or_start`` and the epoch loop 
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import time
@@ -14,8 +15,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .common import (PRECISIONS, check_resume_data, progress, read_checkpoint,
-                     restore_checkpoint, rng_state, save_checkpoint, set_rng_state)
+from .common import (PRECISIONS, check_resume_batch, check_resume_data, progress,
+                     read_checkpoint, restore_checkpoint, rng_state, save_checkpoint,
+                     set_rng_state)
 
 
 class Distributed:
@@ -213,8 +215,8 @@ def resume_or_start(args, ckpt_path: Path, model, opt, config: dict, generators:
     else a fresh start.
     ``partial``: where a ``--max-steps`` stop left an epoch (``train_epochs`` goes on there).
     ``runner``: its optimizer binding is renewed and an fp16 loss scale comes back.
-    ``data``: ``{"split": split_key(args), "n_images": N, "fingerprint":
-    data_fingerprint(...)}``, refused as ``train`` refuses them (``check_resume_data``;
+    ``data``: ``resume_data(args, train, test)``, refused as ``train`` refuses it
+    (``check_resume_data``;
     ``metric`` names the held-out numbers). ``legacy``: the
     values of config keys that checkpoints from before them lack (what they were trained
     on); ``legacy_split``: the ``split_key`` of checkpoints from before it was saved (how
@@ -233,17 +235,12 @@ def resume_or_start(args, ckpt_path: Path, model, opt, config: dict, generators:
     if data is not None:
         if legacy_split is not None and "split" not in state:
             state = {**state, "split": legacy_split}
-        check_resume_data(state, ckpt_path, data["split"], data["n_images"], args.data,
-                          fingerprint=data.get("fingerprint"), metric=metric)
+        check_resume_data(state, ckpt_path, data, args.data, metric=metric)
     state = restore_checkpoint(state, ckpt_path, model, opt)
     names = list(generators)
     set_rng_state(state["rng"], *(generators[k] for k in names), device=device)
     partial = state.get("partial")
-    if partial is not None and partial["batch_size"] != args.batch_size:
-        raise SystemExit(f"--batch-size: {ckpt_path} stopped after batch {partial['batch']} "
-                         f"of epoch {state['epoch'] + 1} at --batch-size "
-                         f"{partial['batch_size']}; got {args.batch_size}, which would skip "
-                         "or repeat images of that epoch (pass the checkpoint's value)")
+    check_resume_batch(partial, ckpt_path, state["epoch"], args.batch_size)
     print(f"resumed from {ckpt_path} at epoch {state['epoch']}, step {state['step']}")
     # --lr applies on resume too; without it the checkpoint's (older checkpoints: the
     # optimizer's, a tensor when a StepRunner saved it)
@@ -273,8 +270,6 @@ def train_epochs(args, *, model, runner: StepRunner, x_train, loss_terms, evalua
     ``args.max_steps``. ``start`` = (epoch, step, partial) to go on from
     (``resume_or_start``); returns the step count. Nothing reads the device per step
     except the progress bar's updates."""
-    import itertools
-
     from ..data import batches
 
     opt = runner.opt

@@ -12,10 +12,10 @@ import torch
 
 from ..data import DIGIT_LEVELS
 from .common import (HelpFormatter, add_data_options, add_optimisation_options,
-                     add_precision_option, add_run_options, backend_name, check_resume_data,
-                     check_test_fraction, data_fingerprint, load_data, positive, prepare_out,
-                     progress, read_checkpoint, rng_state, save_checkpoint, save_image_grid,
-                     set_rng_state, split_key, write_csv, write_json)
+                     add_precision_option, add_run_options, backend_name, check_resume_batch,
+                     check_resume_data, check_test_fraction, load_data, positive, prepare_out,
+                     progress, read_checkpoint, resume_data, rng_state, save_checkpoint,
+                     save_image_grid, set_rng_state, write_csv, write_json)
 from .loop import Distributed, StepRunner, epoch_generator, epoch_order
 
 INIT_IMAGES = 512  # ActNorm's data-dependent initialisation: this many training images
@@ -180,7 +180,6 @@ def _flat_row(entry: dict) -> dict:
     return row
 
 
-
 def main(argv=None) -> int:
     """``python -m fastflow train``: returns the exit status."""
     from ..data import dequantize
@@ -229,9 +228,7 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
                          "images")
     n_pixel, n_bins = channels * height * width, train.n_bins
 
-    split = split_key(args)  # what drew the held-out images, checked on --resume
-    n_images = len(train) + len(test)  # and from how many
-    fingerprint = data_fingerprint(train, test)  # and which images
+    data = resume_data(args, train, test)  # the held-out split and the images, for --resume
     config = {"n_flow": args.n_flow, "n_block": args.n_block, "filter_size": args.filter_size,
               "conv_lu": not args.no_lu, "affine": not args.additive,
               "image": [channels, height, width], "n_bins": n_bins}
@@ -250,19 +247,13 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
         if saved.get("config") != config:
             raise SystemExit(f"--resume: {ckpt_path} was trained with {saved.get('config')}, "
                              f"this run asks for {config}")
-        check_resume_data(saved, ckpt_path, split, n_images, args.data,
-                          fingerprint=fingerprint)
+        check_resume_data(saved, ckpt_path, data, args.data)
         try:
             model.load_state_dict(saved["model"])
             opt.load_state_dict(saved["optimizer"])
             start_epoch, step, history = saved["epoch"], saved["step"], saved["history"]
             partial = saved.get("partial")  # an epoch a --max-steps stop left unfinished
-            if partial is not None and partial["batch_size"] != args.batch_size:
-                raise SystemExit(
-                    f"--batch-size: {ckpt_path} stopped after batch {partial['batch']} "
-                    f"of epoch {start_epoch + 1} at --batch-size {partial['batch_size']}; "
-                    f"got {args.batch_size}, which would skip or repeat images of that "
-                    "epoch (pass the checkpoint's value)")
+            check_resume_batch(partial, ckpt_path, start_epoch, args.batch_size)
             set_rng_state(saved["rng"], eval_gen, device=device)
             old_lr, runner_state = float(saved["lr"]), saved["step_runner"]
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
@@ -403,8 +394,7 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
                 "sum_bpd": float(sum_bpd), "n_ok": float(n_ok),
                 "skipped": float(runner.skipped)}
             save_checkpoint(ckpt_path, model, opt, epoch=epoch + int(not unfinished), step=step,
-                            history=history, config=config, split=split, n_images=n_images,
-                            fingerprint=fingerprint, lr=base_lr,
+                            history=history, config=config, **data, lr=base_lr,
                             step_runner=runner.state_dict(), partial=left,
                             rng=resume_rng or rng_state(eval_gen, device=device),
                             world_size=dist_.world)

@@ -11,9 +11,9 @@ import argparse
 import torch
 
 from .common import (HelpFormatter, add_data_options, add_optimisation_options,
-                     add_precision_option, add_run_options, backend_name, data_fingerprint,
-                     finite, load_data, pick_device, positive, prepare_out, save_image_grid,
-                     split_key, write_json)
+                     add_precision_option, add_run_options, backend_name, finite, load_data,
+                     pick_device, positive, prepare_out, resume_data, save_image_grid,
+                     write_json)
 from .loop import StepRunner, resume_or_start, train_epochs
 
 LR = 2e-3  # --lr's default on a fresh run
@@ -142,8 +142,7 @@ def main(argv=None) -> int:
                             fused=True)
     runner = StepRunner(model.parameters(), opt, device=device, precision=args.precision,
                         base_lr=args.lr or LR)
-    data = {"split": split_key(args), "n_images": len(train) + len(test),
-            "fingerprint": data_fingerprint(train, test)}
+    data = resume_data(args, train, test)
     shuffle_gen = torch.Generator().manual_seed(args.seed)
     noise_gen = torch.Generator().manual_seed(args.seed + 1)
     eval_gen = torch.Generator().manual_seed(args.seed + 2)

@@ -8,9 +8,9 @@ import argparse
 import torch
 
 from .common import (HelpFormatter, add_data_options, add_optimisation_options,
-                     add_precision_option, add_run_options, backend_name, data_fingerprint,
-                     load_data, pick_device, positive, prepare_out, save_image_grid,
-                     split_key, write_json)
+                     add_precision_option, add_run_options, backend_name, load_data,
+                     pick_device, positive, prepare_out, resume_data, save_image_grid,
+                     write_json)
 from .loop import StepRunner, resume_or_start, train_epochs
 
 LR = 2e-3  # --lr's default on a fresh run
@@ -74,17 +74,15 @@ def main(argv=None) -> int:
     # the Bernoulli likelihood wants values in [0, 1]: levels / (n_bins - 1), made per batch
     # (as train does: the whole set as floats would be 4x its uint8 size)
     x_train, x_test, n_bins = train.levels.to(device), test.levels.to(device), train.n_bins
-    config = {k: getattr(args, k) for k in ("latent", "hidden", "likelihood")}
-    config.update(image=[channels, height, width], n_bins=train.n_bins)
-    model = ConvVAE(channels=channels, size=height,
-                    **{k: getattr(args, k) for k in ("latent", "hidden", "likelihood")}).to(device)
+    hyper = {k: getattr(args, k) for k in ("latent", "hidden", "likelihood")}
+    config = {**hyper, "image": [channels, height, width], "n_bins": train.n_bins}
+    model = ConvVAE(channels=channels, size=height, **hyper).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr or LR, fused=True)
     eval_gen = torch.Generator().manual_seed(args.seed + 1)  # seeds the op's noise, on CPU
     shuffle_gen = torch.Generator().manual_seed(args.seed)
     runner = StepRunner(model.parameters(), opt, device=device, precision=args.precision,
                         base_lr=args.lr or LR)
-    data = {"split": split_key(args), "n_images": len(train) + len(test),
-            "fingerprint": data_fingerprint(train, test)}
+    data = resume_data(args, train, test)
 
     generators = {"shuffle": shuffle_gen, "eval": eval_gen}  # all saved and resumed
     # checkpoints from before --data: the digits, held out with seed 0 whatever --seed
