@@ -47,6 +47,22 @@ def on_device():
         yield
 
 
+@pytest.fixture
+def float_conversions(monkeypatch):
+    """The image counts a test's code turns into floats (``ImageSet.as_float``,
+    ``data.levels_to_unit``), in call order: the training commands must convert batches,
+    never a whole set."""
+    from fastflow import data
+
+    counts = []
+    as_float, to_unit = data.ImageSet.as_float, data.levels_to_unit
+    monkeypatch.setattr(data.ImageSet, "as_float",
+                        lambda self: counts.append(len(self)) or as_float(self))
+    monkeypatch.setattr(data, "levels_to_unit", lambda levels, n_bins: counts.append(
+        len(levels)) or to_unit(levels, n_bins))
+    return counts
+
+
 # What fastflow.backend says when the Triton path meets a CPU tensor without the interpreter.
 NEEDS_INTERPRETER = "on CPU tensors needs TRITON_INTERPRET=1"
 

@@ -227,11 +227,15 @@ def test_cuda_graph_sampler_equals_eager_steps():
         torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
 
 
-def test_train_tarflow_resumed_at_an_epoch_boundary_reports_the_same_numbers(tmp_path):
-    # 2 steps per epoch; the evaluation generator used to restart from its seed on resume
+@pytest.mark.parametrize("stop", [["--epochs", "1"], ["--max-steps", "1"]],
+                         ids=["epoch-boundary", "inside-an-epoch"])
+def test_train_tarflow_resumed_reports_the_same_numbers(tmp_path, stop):
+    """2 steps per epoch. At an epoch boundary the evaluation generator used to restart from
+    its seed on resume; after a --max-steps stop inside an epoch, the checkpoint marked the
+    epoch done, so the resumed run skipped that epoch's second batch."""
     common = ["--batch-size", "720"]
     whole = _train(tmp_path / "whole", *common)["history"]
-    _train(tmp_path / "split", *common, "--epochs", "1")
+    _train(tmp_path / "split", *common, *stop)
     resumed = _train(tmp_path / "split", *common, "--resume")["history"]
     assert [e["step"] for e in whole["epochs"]] == [2, 4]
     assert resumed == whole
@@ -355,18 +359,6 @@ def test_train_tarflow_resume_applies_a_new_lr_and_says_when_there_is_no_checkpo
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert metrics["config"]["lr"] == 1e-6
     assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [1e-6]
-
-
-def test_train_tarflow_resumed_after_a_max_steps_stop_inside_an_epoch_reports_the_same_numbers(
-        tmp_path):
-    # 2 steps per epoch; a stop after step 1 was checkpointed as epoch 1 done, so the
-    # resumed run skipped that epoch's second batch
-    common = ["--batch-size", "720"]
-    whole = _train(tmp_path / "whole", *common)["history"]
-    _train(tmp_path / "split", *common, "--max-steps", "1")
-    resumed = _train(tmp_path / "split", *common, "--resume")["history"]
-    assert [e["step"] for e in whole["epochs"]] == [2, 4]
-    assert resumed == whole
 
 
 def test_labels_outside_the_classes_are_refused_on_cpu():

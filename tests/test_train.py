@@ -174,19 +174,13 @@ def test_resume_refuses_other_images_of_the_same_shape_and_count(tmp_path, small
     _run(tmp_path / "out", "--data", small_npz, *common, "--epochs", "2", "--resume")
 
 
-def test_the_picture_rows_convert_only_the_images_they_show(tmp_path, small_npz, monkeypatch):
+def test_the_picture_rows_convert_only_the_images_they_show(tmp_path, small_npz,
+                                                         float_conversions):
     """Every sample grid made a float copy of the whole held-out set (120 MB for CIFAR-10's)
     for its first n_samples images."""
-    from fastflow import data
-
-    converted = []
-    as_float, to_unit = data.ImageSet.as_float, getattr(data, "levels_to_unit", None)
-    monkeypatch.setattr(data.ImageSet, "as_float",
-                        lambda self: converted.append(len(self)) or as_float(self))
-    monkeypatch.setattr(data, "levels_to_unit", lambda levels, n_bins: converted.append(
-        len(levels)) or to_unit(levels, n_bins), raising=False)
     _run(tmp_path, "--data", small_npz, "--test-fraction", "0.5", "--batch-size", "16",
          "--epochs", "1", "--max-steps", "1", "--n-samples", "3")
+    converted = float_conversions
     assert converted and max(converted) == 3, converted
 
 

@@ -81,7 +81,7 @@ def test_tarflow_on_the_digits_stays_class_conditional(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command", ["vae", "tarflow"])
-def test_images_become_floats_a_batch_at_a_time(command, tmp_path, monkeypatch):
+def test_images_become_floats_a_batch_at_a_time(command, tmp_path, float_conversions):
     # train-vae and train-tarflow made floats of the whole training set up front (4x its
     # uint8 size: 600 MB for CIFAR-10) where train converts per batch; the first step's loss
     # is still the one of its batch converted alone
@@ -89,13 +89,8 @@ def test_images_become_floats_a_batch_at_a_time(command, tmp_path, monkeypatch):
     from fastflow.tarflow import TarFlow
     from fastflow.vae import ConvVAE
 
-    converted = []
-    as_float, to_unit = data.ImageSet.as_float, getattr(data, "levels_to_unit", None)
-    monkeypatch.setattr(data.ImageSet, "as_float",
-                        lambda self: converted.append(len(self)) or as_float(self))
-    monkeypatch.setattr(data, "levels_to_unit", lambda levels, n_bins: converted.append(
-        len(levels)) or to_unit(levels, n_bins), raising=False)
     metrics = _run(command, tmp_path, "--max-steps", "1", "--batch-size", "32")
+    converted = float_conversions
     assert converted and max(converted) <= 256, converted  # the evaluation's batches
     train, _ = data.load_image_sets("digits", seed=0)
     idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:32]
