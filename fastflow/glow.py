@@ -18,6 +18,7 @@ from torch import nn
 
 from .backend import compute_dtype
 from .layers import FlowStep, ZeroConv2d
+from .ops._checks import check_module_device, first_parameter
 from .reference import gaussian_log_p
 from .reversible import ReversibleSequence
 
@@ -163,6 +164,7 @@ class Glow(nn.Module):
         if x.shape[2] % side or x.shape[3] % side or x.shape[2] == 0 or x.shape[3] == 0:
             raise ValueError(f"x: expected shape (N, {self.in_channel}, H, W) with H and W "
                              f"divisible by {side}, got {tuple(x.shape)}")
+        check_module_device("x", x, first_parameter(self))
 
     def forward(self, x):
         self._check(x)
@@ -183,6 +185,9 @@ class Glow(nn.Module):
             if not isinstance(z, torch.Tensor) or z.dim() != 4:
                 got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
                 raise ValueError(f"z_list[{i}]: expected a 4-D tensor (N, C, H, W), got {got}")
+        param = first_parameter(self)
+        for i, z in enumerate(z_list):
+            check_module_device(f"z_list[{i}]", z, param)
         top = z_list[-1]
         scale = 2 ** self.n_block
         height, width = top.shape[2] * scale, top.shape[3] * scale

@@ -78,7 +78,7 @@ from torch import nn
 from . import reference
 from .backend import current_mode, use_backend
 from .layers import ActNorm, AffineCoupling, FlowStep, InvConv2d, InvConv2dLU
-from .ops._checks import check_nchw
+from .ops._checks import check_module_device, check_nchw, first_parameter
 from .ops.channel_mix import actnorm_invconv, channel_mix
 from .ops.coupling import additive_coupling, affine_coupling, coupling_backward
 
@@ -481,6 +481,7 @@ class ReversibleSequence(nn.ModuleList):
         _check_logdet_flags(self)  # (a flag may have been changed since the chain was built)
         if len(self):  # the reversible path's stages would fail inside on bad input
             check_nchw("x", x, self[0].in_channel)
+            check_module_device("x", x, first_parameter(self))
         if not self._use_reversible(x):
             return self._ordinary(x)
         return _run_reversible(self, x)

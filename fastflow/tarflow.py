@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops._checks import check_choice, check_float_tensor
+from .ops._checks import check_choice, check_float_tensor, check_module_device, first_parameter
 from .ops.tarflow import HeadSampler, tarflow_head
 
 METHODS = ("sequential", "jacobi")
@@ -219,6 +219,7 @@ class TarFlow(nn.Module):
         if x.shape[0] == 0:
             raise ValueError(f"{name}: expected at least one sample, shape (N >= 1, {want[0]}, "
                              f"{want[1]}, {want[2]}), got {tuple(x.shape)}")
+        check_module_device(name, x, first_parameter(self))
 
     def _labels(self, y, n, device, drop=False):
         """(N,) class indices: the null class when ``y`` is None (None for an unconditional
@@ -297,6 +298,7 @@ class TarFlow(nn.Module):
         if z.shape[0] == 0:
             raise ValueError(f"z: expected at least one sample, shape (N >= 1, {self.tokens}, "
                              f"{self.dim}), got {tuple(z.shape)}")
+        check_module_device("z", z, first_parameter(self))
         return z
 
     @torch.no_grad()

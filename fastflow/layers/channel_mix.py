@@ -24,7 +24,7 @@ from torch import nn
 
 from .. import reference
 from ..backend import compute_dtype
-from ..ops._checks import check_bool, check_nchw
+from ..ops._checks import check_bool, check_module_device, check_nchw
 from ..ops.channel_mix import actnorm_invconv, channel_mix
 from ..ops.lu_weight import lu_weight_logdet
 
@@ -86,12 +86,14 @@ class ActNorm(nn.Module):
 
     def forward(self, x):
         check_nchw("x", x, self.in_channel)
+        check_module_device("x", x, self.loc)
         self.maybe_initialize(x)
         y, ld = actnorm_invconv(x, self.loc, self.scale, None)
         return (y, ld) if self.logdet else y
 
     def inverse(self, y):
         check_nchw("y", y, self.in_channel)
+        check_module_device("y", y, self.loc)
         return actnorm_invconv(y, self.loc, self.scale, None, reverse=True)
 
     def reverse(self, y):
@@ -107,6 +109,10 @@ def _random_rotation(in_channel: int) -> torch.Tensor:
 
 class _InvConvBase(nn.Module):
     in_channel: int
+
+    def device_parameter(self) -> torch.Tensor:
+        """A parameter whose device is the layer's (inputs must be on it)."""
+        raise NotImplementedError
 
     def weight_and_logdet(self, inverse: bool = False):
         raise NotImplementedError
@@ -127,11 +133,13 @@ class _InvConvBase(nn.Module):
 
     def forward(self, x):
         check_nchw("x", x, self.in_channel)
+        check_module_device("x", x, self.device_parameter())
         w, ld = self.matrix_and_logdet(x)
         return channel_mix(x, w), ld
 
     def inverse(self, y):
         check_nchw("y", y, self.in_channel)
+        check_module_device("y", y, self.device_parameter())
         w_inv, ld = self.matrix_and_logdet(y, inverse=True)
         return channel_mix(y, w_inv), ld
 
@@ -165,6 +173,9 @@ class InvConv2dLU(_InvConvBase):
         self.w_s = nn.Parameter(torch.log(torch.abs(w_s)).float())
         self.w_u = nn.Parameter(torch.triu(w_u, 1).float())
         self.register_load_state_dict_post_hook(InvConv2dLU._sync_rows)
+
+    def device_parameter(self):
+        return self.w_s
 
     @staticmethod
     def _sync_rows(module, incompatible_keys):
@@ -241,6 +252,9 @@ class InvConv2d(_InvConvBase):
         self.in_channel = in_channel
         q = _random_rotation(in_channel)
         self.weight = nn.Parameter(q.float()[:, :, None, None].contiguous())  # QR gives column-major
+
+    def device_parameter(self):
+        return self.weight
 
     def weight_and_logdet(self, inverse: bool = False):
         """(W, or W^-1 as float64 (C, C); log|det W| in float64)."""

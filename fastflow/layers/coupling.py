@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops._checks import check_bool, check_nchw
+from ..ops._checks import check_bool, check_module_device, check_nchw, first_parameter
 from ..ops.coupling import additive_coupling, affine_coupling
 
 
@@ -59,12 +59,16 @@ class AffineCoupling(nn.Module):
             return affine_coupling(x, h, reverse=reverse, logdet=logdet)
         return additive_coupling(x, h, reverse=reverse, logdet=logdet)
 
+    def _check(self, name, x):
+        check_nchw(name, x, self.in_channel)
+        check_module_device(name, x, first_parameter(self.net))
+
     def forward(self, x):
-        check_nchw("x", x, self.in_channel)
+        self._check("x", x)
         return self._couple(x, False)
 
     def inverse(self, y):
-        check_nchw("y", y, self.in_channel)
+        self._check("y", y)
         return self._couple(y, True)
 
     def reverse(self, y):
@@ -74,5 +78,5 @@ class AffineCoupling(nn.Module):
         if (cls.inverse is not AffineCoupling.inverse or cls._couple is not AffineCoupling._couple
                 or "inverse" in own or "_couple" in own):
             return self.inverse(y)[0]
-        check_nchw("y", y, self.in_channel)
+        self._check("y", y)
         return self._couple(y, True, logdet=False)[0]

@@ -10,7 +10,7 @@ from torch.nn.modules import module as _module
 from ..backend import compute_dtype
 from ..ops.channel_mix import channel_mix
 from ..ops.lu_weight import lu_weight_logdet
-from ..ops._checks import check_bool, check_nchw
+from ..ops._checks import check_bool, check_module_device, check_nchw
 from .channel_mix import ActNorm, InvConv2d, InvConv2dLU
 from .coupling import AffineCoupling
 
@@ -99,13 +99,14 @@ class FlowStep(nn.Module):
         ``forward_matrices`` (used on the fused path only, and only for an input of that
         dtype, batch size and H*W)."""
         check_nchw("x", x, self.in_channel)
-        if not self._fusable(hooks=True):
+        if not self._fusable(hooks=True):  # each submodule checks x itself
             out, logdet = self.actnorm(x)
             out, ld = self.invconv(out)
             out, ld_coupling = self.coupling(out)
             return out, logdet + ld + ld_coupling
-        self.actnorm.maybe_initialize(x)
         an = self.actnorm
+        check_module_device("x", x, an.loc)  # before the ActNorm initialises from x
+        an.maybe_initialize(x)
         # with the LU layer on the Triton path, W comes in x's compute dtype from the one
         # lu_weight launch: the mix casts nothing
         if w_ld is not None and (w_ld[0].dtype != compute_dtype(x.dtype)

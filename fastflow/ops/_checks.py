@@ -36,6 +36,20 @@ def check_same_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tens
         raise ValueError(f"{name}: expected a tensor on {ref_name}'s device {ref.device}, got {t.device}")
 
 
+def check_module_device(name: str, t: torch.Tensor, param):
+    """``t``, an input of a module, must be on the device of ``param``, one of the module's
+    parameters (None: a module without any, nothing to check). Checked before the module
+    does anything with ``t`` (an ActNorm initialises from nothing it then refuses)."""
+    if param is not None and t.device != param.device:
+        raise ValueError(f"{name}: expected a tensor on the module's device {param.device} "
+                         f"(where its parameters are), got {t.device}")
+
+
+def first_parameter(module):
+    """One parameter of ``module`` (its device is the module's), or None when it has none."""
+    return next(module.parameters(), None)
+
+
 def check_choice(name: str, value, choices):
     if value not in choices:
         raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
