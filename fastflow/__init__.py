@@ -12,7 +12,7 @@ from .layers import AffineCoupling
 from .layers import ActNorm, FlowStep, InvConv2d, InvConv2dLU
 from .layers import GaussianReparam
 from .glow import Glow, bits_per_dim
-from .reversible import ReversibleSequence
+from .layers import ReversibleSequence
 from .ops.tarflow import tarflow_head
 from .tarflow import TarFlow
 from .patch import PatchReport, patch

@@ -6,7 +6,7 @@ changing an import: each block squeezes 2x2 pixels into channels, runs ``n_flow`
 which are scored by a Gaussian whose mean and log-sd a zero-initialised convolution
 predicts from the other half. The last block scores everything under a learned prior.
 With ``reversible=True`` each block's steps are a ``fastflow.ReversibleSequence``: training
-keeps no per-step activations (see ``fastflow.reversible``).
+keeps no per-step activations (see ``fastflow.layers.reversible``).
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ import torch
 from torch import nn
 
 from .backend import compute_dtype
-from .layers import FlowStep, ZeroConv2d
+from .layers import FlowStep, ReversibleSequence, ZeroConv2d
 from .ops._checks import check_module_device, first_parameter
 from .reference import gaussian_log_p
-from .reversible import ReversibleSequence
 
 
 def squeeze2x2(x):
@@ -98,7 +97,7 @@ class Glow(nn.Module):
     ``reversible=True``: each block's steps form a ``ReversibleSequence``, whose backward
     rebuilds every step's input from its output instead of keeping activations (the same
     gradients to rounding; activation memory flat in ``n_flow``; see
-    ``fastflow.reversible``). Parameter names and the state dict are the same either way.
+    ``fastflow.layers.reversible``). Parameter names and the state dict are the same either way.
     ``fallback_count`` / ``fallback_overflow`` sum the blocks' counters.
 
     One difference from rosinality/glow-pytorch's constructor: ``conv_lu=False`` gives plain

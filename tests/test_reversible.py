@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastflow as ff
-from fastflow.reversible import ReversibleSequence
+from fastflow.layers.reversible import ReversibleSequence
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOL = {torch.float64: 1e-8, torch.float32: 1e-4}
@@ -286,7 +286,7 @@ def test_bf16_autocast_replays_the_forward_autocast_state(triton_backend):
     errs = [_rel(got[n], want[n]) for n in want]
     assert max(errs) < 1e-4, max(errs)
     # the replay matters: recomputing in float32 instead gives visibly different gradients
-    from fastflow import reversible as R
+    from fastflow.layers import reversible as R
     original = R._autocast_state
     R._autocast_state = lambda device_type: (device_type, False, None, True)
     try:

@@ -75,12 +75,14 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from . import reference
-from .backend import current_mode, use_backend
-from .layers import ActNorm, AffineCoupling, FlowStep, InvConv2d, InvConv2dLU
-from .ops._checks import check_module_device, check_nchw, first_parameter
-from .ops.channel_mix import actnorm_invconv, channel_mix
-from .ops.coupling import additive_coupling, affine_coupling, coupling_backward
+from .. import reference
+from ..backend import current_mode, use_backend
+from ..ops._checks import check_module_device, check_nchw, first_parameter
+from ..ops.channel_mix import actnorm_invconv, channel_mix
+from ..ops.coupling import additive_coupling, affine_coupling, coupling_backward
+from .channel_mix import ActNorm, InvConv2d, InvConv2dLU
+from .coupling import AffineCoupling
+from .flowstep import FlowStep
 
 __all__ = ["ReversibleSequence"]
 
