@@ -172,7 +172,7 @@ def jacobi_figures(quick: bool) -> list[dict]:
         with ff.use_backend("reference"):
             train_tarflow.main(argv)
         model = ff.TarFlow(1, size, patch, 32, 4, 1, 10, head_dim=16, noise_std=0.1)
-        model.load_state_dict(torch.load(out / "checkpoint.pt", weights_only=False)["model"])
+        model.load_state_dict(torch.load(out / "checkpoint.pt", weights_only=True)["model"])
         model.eval()
         gen = torch.Generator().manual_seed(0)
         z = torch.randn(32, model.tokens, model.dim, generator=gen)

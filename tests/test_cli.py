@@ -134,3 +134,26 @@ def test_demo_summary_of_a_diverged_run(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(demo.train, "main", diverged_run)
     assert demo.main(["--skip-bench", "--out", str(tmp_path)]) == 0
     assert "test bits/dim 4.200 -> not finite" in capsys.readouterr().out
+
+
+def test_every_checkpoint_load_uses_weights_only():
+    """DESIGN.md: checkpoints are loaded with ``weights_only=True``. Every ``torch.load``
+    call of the package, the benchmarks and the scripts passes ``weights_only=True`` (a
+    planted checkpoint cannot run code in any of them)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    files = [p for d in ("fastflow", "kernels", "benchmarks") for p in (root / d).rglob("*.py")]
+    calls, unsafe = 0, []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "load" and isinstance(node.func.value, ast.Name)
+                    and node.func.value.id == "torch"):
+                calls += 1
+                kw = {k.arg: k.value for k in node.keywords}
+                if not (isinstance(kw.get("weights_only"), ast.Constant)
+                        and kw["weights_only"].value is True):
+                    unsafe.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert calls >= 1  # the checker finds the calls it checks
+    assert unsafe == []
