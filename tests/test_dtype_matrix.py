@@ -163,3 +163,73 @@ def test_vae_sample_and_reconstruct_keep_the_model_dtype_under_autocast():
         r = model.reconstruct(x)
     assert s.dtype == torch.float32 and r.dtype == torch.float32, (s.dtype, r.dtype)
     torch.testing.assert_close(s, want_s, rtol=0, atol=0.05)
+
+
+# --------------------------------------------------------------------------------------
+# Mixed dtypes between arguments: the main input decides (docs/DESIGN.md), both backends
+# --------------------------------------------------------------------------------------
+
+_MIXED = [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+          (torch.float16, torch.float64), (torch.float64, torch.float16)]
+
+
+def _mixed_calls():
+    """name -> (make the (main, other) inputs in given dtypes, the call)."""
+    def coupling(main, other):
+        return (torch.randn(2, 5, 3, 4, device=DEVICE).to(main),
+                (0.5 * torch.randn(2, 4, 3, 4, device=DEVICE)).to(other))
+
+    def reparam(main, other):
+        return torch.randn(3, 6, device=DEVICE).to(main), torch.randn(3, 6, device=DEVICE).to(other)
+
+    def head(main, other):
+        return (torch.randn(2, 5, 3, device=DEVICE).to(main),
+                (0.5 * torch.randn(2, 5, 6, device=DEVICE)).to(other))
+
+    def mix(main, other):
+        return torch.randn(2, 4, 3, 3, device=DEVICE).to(main), torch.randn(4, 4, device=DEVICE).to(other)
+
+    eps = torch.randn(3, 6, device=DEVICE).to(torch.bfloat16)  # a third dtype, fixed
+    return {
+        "affine_coupling": (coupling, lambda a, b: ff.affine_coupling(a, b)),
+        "additive_coupling": (coupling, lambda a, b: ff.additive_coupling(a, b[:, :2])),
+        "reparameterize_kl": (reparam, lambda a, b: ff.reparameterize_kl(a, b, eps)),
+        "tarflow_head": (head, lambda a, b: ff.tarflow_head(a, b, clamp=2.0)),
+        "channel_mix": (mix, lambda a, b: (ff.channel_mix(a, b), None)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_mixed_calls()))
+@pytest.mark.parametrize("main,other", _MIXED)
+def test_mixed_argument_dtypes_follow_the_main_input(backend, name, main, other):
+    """The result is bitwise the call with the other argument cast to the main input's
+    compute dtype first; outputs in the main input's dtype, log-dets / KL in its compute
+    dtype, each gradient in its own argument's dtype."""
+    torch.manual_seed(0)
+    make, call = _mixed_calls()[name]
+    cd = torch.float64 if main == torch.float64 else torch.float32
+    a0, b0 = make(main, other)
+
+    def run(b_dtype):
+        a = a0.clone().requires_grad_(True)
+        b = b0.to(b_dtype).requires_grad_(True)
+        out, ld = call(a, b)
+        loss = out.float().square().sum() + (0 if ld is None else ld.sum())
+        return out, ld, *torch.autograd.grad(loss, (a, b))
+
+    out, ld, ga, gb = run(other)
+    assert out.dtype == main and ga.dtype == main and gb.dtype == other, (
+        out.dtype, ga.dtype, gb.dtype)
+    if ld is not None:
+        assert ld.dtype == cd, ld.dtype
+    w_out, w_ld, w_ga, w_gb = run(cd)
+    torch.testing.assert_close(out, w_out, rtol=0, atol=0, msg="output")
+    if ld is not None:
+        torch.testing.assert_close(ld, w_ld, rtol=0, atol=0, msg="log-det / KL")
+    torch.testing.assert_close(ga, w_ga, rtol=0, atol=0, msg="main input's gradient")
+    if backend == "triton" and DEV == "cpu" and other == torch.bfloat16:
+        # the interpreter truncates float32 -> bfloat16 (a compiled kernel rounds): one ulp
+        torch.testing.assert_close(gb.float(), w_gb.float(), rtol=torch.finfo(other).eps,
+                                   atol=0, msg="other's gradient")
+    else:
+        torch.testing.assert_close(gb, w_gb.to(other), rtol=0, atol=0, msg="other's gradient")
