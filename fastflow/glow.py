@@ -19,7 +19,7 @@ from torch import nn
 from .backend import compute_dtype
 from .layers import FlowStep, ReversibleSequence, ZeroConv2d
 from .ops._checks import check_module_device, first_parameter
-from .reference import gaussian_log_p
+from .reference import flow_cat, flow_halves, gaussian_log_p
 
 
 def squeeze2x2(x):
@@ -65,7 +65,7 @@ class Block(nn.Module):
                 out, det = flow(out) if mats is None else flow(out, w_ld=mats[i])
                 logdet = logdet + det
         if self.split:
-            out, z_new = out.chunk(2, 1)
+            out, z_new = flow_halves(out)  # chunk(2, 1) (no cat in backward under autocast)
             mean, log_sd = self._prior(out)
         else:
             z_new = out
@@ -77,11 +77,13 @@ class Block(nn.Module):
         """``reconstruct``: ``eps`` is the block's z itself; else standard-normal noise
         scaled by the prior (sampling)."""
         if reconstruct:
-            x = torch.cat([output, eps], 1) if self.split else eps
+            x = flow_cat([output, eps], 1) if self.split else eps
         else:
             mean, log_sd = self._prior(output)
-            z = mean + torch.exp(log_sd) * eps
-            x = torch.cat([output, z], 1) if self.split else z
+            # in the latents' dtype: the prior's mean and log-sd follow autocast (or a 16-bit
+            # model of the other kind), which would otherwise promote z and the sample
+            z = (mean + torch.exp(log_sd) * eps).to(eps.dtype)
+            x = flow_cat([output, z], 1) if self.split else z
         flows = self.flows[::-1]
         # every step's W^-1 from one batched assembly, in the compute dtype its mix reads
         mats = FlowStep.inverse_matrices(flows, compute_dtype(x.dtype))

@@ -40,10 +40,43 @@ def _channels_last(t: torch.Tensor) -> bool:
         memory_format=torch.channels_last)
 
 
+def _outside_autocast(op, tensors, dim):
+    """``op(tensors, dim)`` (``torch.cat`` or ``torch.stack``) with autocast off while it is
+    on: autocast's "promote" policy for cat and stack refuses a 16-bit tensor of the other
+    kind than its own dtype (float16 under CPU bfloat16 autocast, bfloat16 under CUDA
+    float16 autocast: "Unexpected floating ScalarType in at::autocast::prioritize"), and flow
+    tensors never follow autocast anyway. Mixed dtypes promote as without autocast."""
+    if torch.is_autocast_enabled(tensors[0].device.type):
+        with torch.autocast(tensors[0].device.type, enabled=False):
+            return op(tensors, dim)
+    return op(tensors, dim)
+
+
+def flow_cat(tensors, dim: int = 0) -> torch.Tensor:
+    """``torch.cat`` of flow tensors, whatever autocast is on (see ``_outside_autocast``)."""
+    return _outside_autocast(torch.cat, tensors, dim)
+
+
+def flow_stack(tensors, dim: int = 0) -> torch.Tensor:
+    """``torch.stack`` of flow tensors, whatever autocast is on (see ``_outside_autocast``)."""
+    return _outside_autocast(torch.stack, tensors, dim)
+
+
+def flow_halves(x: torch.Tensor):
+    """``x.chunk(2, 1)``: (C - C//2, C//2) channels. Under autocast, two narrowed views
+    instead: chunk's backward is a ``cat``, which autocast refuses for a 16-bit gradient of
+    the other kind than its own dtype when backward runs inside the autocast block (see
+    ``_outside_autocast``); a narrow's backward is no cat."""
+    if torch.is_autocast_enabled(x.device.type):
+        ca = x.shape[1] - x.shape[1] // 2
+        return x.narrow(1, 0, ca), x.narrow(1, ca, x.shape[1] - ca)
+    return x.chunk(2, dim=1)
+
+
 def _with_halves(x: torch.Tensor, xa: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
     """``cat([xa, yb], 1)`` in x's dtype and memory format (one ``cat``: on CPU it beats
-    writing both halves into a preallocated output)."""
-    y = torch.cat([xa, _as(yb, x.dtype)], dim=1)
+    writing both halves into a preallocated output), whatever autocast is on."""
+    y = flow_cat([xa, _as(yb, x.dtype)], dim=1)
     if _channels_last(x) and not y.is_contiguous(memory_format=torch.channels_last):
         y = y.contiguous(memory_format=torch.channels_last)
     return y
@@ -109,7 +142,7 @@ def affine_coupling(x, h, *, scale="sigmoid", layout="halves", shift="before", c
     """Affine coupling: returns (y, logdet); ``reverse=True`` maps y back to x.
     ``logdet=False`` (sampling) computes no log-det and returns (y, None)."""
     cd = compute_dtype(x.dtype) if upcast else x.dtype
-    xa, xb = x.chunk(2, dim=1)  # (C - C//2, C//2) channels, as ``split_channels``
+    xa, xb = flow_halves(x)  # (C - C//2, C//2) channels, as ``split_channels``
     xb = _as(xb, cd)
     raw, t = coupling_params(_as(h, cd), xb.shape[1], layout)
     if not reverse:
@@ -137,7 +170,7 @@ def additive_coupling(x, h, *, reverse=False, upcast=True, logdet=True):
     """Additive coupling: yb = xb + h (h has Cb channels); the log-det is zero (None for
     ``logdet=False``)."""
     cd = compute_dtype(x.dtype) if upcast else x.dtype
-    xa, xb = x.chunk(2, dim=1)
+    xa, xb = flow_halves(x)
     xb, hf = _as(xb, cd), _as(h, cd)
     yb = xb - hf if reverse else xb + hf
     return (_with_halves(x, xa, yb),
@@ -394,7 +427,13 @@ def reparameterize_kl(mu, logvar, eps=None, *, reduction="none", generator=None,
 
 
 def gaussian_log_p(x, mean, log_sd):
-    """Elementwise log N(x; mean, exp(log_sd)^2)."""
+    """Elementwise log N(x; mean, exp(log_sd)^2), in the compute dtype of the three (float32,
+    float64 if any is float64), whatever their dtypes: a 16-bit model's, or the bfloat16
+    mean and log-sd of a prior network under autocast, would otherwise round every term
+    (and the caller's per-sample sum) to 16 bits."""
+    cd = compute_dtype(torch.promote_types(torch.promote_types(x.dtype, mean.dtype),
+                                           log_sd.dtype))
+    x, mean, log_sd = _as(x, cd), _as(mean, cd), _as(log_sd, cd)
     return -0.5 * math.log(2 * math.pi) - log_sd - 0.5 * (x - mean) ** 2 / torch.exp(2 * log_sd)
 
 

@@ -121,13 +121,14 @@ class ConvVAE(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, generator=None):
-        """``n`` images decoded from z ~ N(0, I) (pixel means in [0, 1])."""
+        """``n`` images decoded from z ~ N(0, I) (pixel means in [0, 1]), in the model's
+        dtype (under autocast too, where the decoder gives bfloat16/float16)."""
         p = next(self.parameters())
         z = torch.randn(n, self.latent, generator=generator, device=p.device, dtype=p.dtype)
-        return self.mean_image(self.decode(z))
+        return self.mean_image(self.decode(z).to(p.dtype))
 
     @torch.no_grad()
     def reconstruct(self, x):
-        """Pixel means decoded from the posterior means."""
+        """Pixel means decoded from the posterior means, in x's dtype (under autocast too)."""
         mu, _ = self.encode(x)
-        return self.mean_image(self.decode(mu))
+        return self.mean_image(self.decode(mu).to(x.dtype))

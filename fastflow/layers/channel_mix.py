@@ -222,7 +222,7 @@ class InvConv2dLU(_InvConvBase):
         """(w_l, w_u, w_s, s_sign, w_rows) of every layer in ``convs`` (``InvConv2dLU``s of
         one channel count), each stacked on a new first dimension: ``lu_weight_logdet``'s
         (lower, upper, log_s, sign_s, rows) for the whole stack."""
-        return tuple(torch.stack([getattr(m, name) for m in convs])
+        return tuple(reference.flow_stack([getattr(m, name) for m in convs])
                      for name in ("w_l", "w_u", "w_s", "s_sign", "w_rows"))
 
     @staticmethod

@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn.modules import module as _module
 
 from ..backend import compute_dtype
+from ..reference import flow_stack
 from ..ops.channel_mix import channel_mix
 from ..ops.lu_weight import lu_weight_logdet
 from ..ops._checks import check_bool, check_module_device, check_nchw
@@ -90,7 +91,7 @@ class FlowStep(nn.Module):
         cd = compute_dtype(x.dtype)
         hw = x.shape[2] * x.shape[3]
         w, ld = lu_weight_logdet(*InvConv2dLU.stacked_factors([s.invconv for s in steps]),
-                                 scale=torch.stack([s.actnorm.scale for s in steps]),
+                                 scale=flow_stack([s.actnorm.scale for s in steps]),
                                  n=x.shape[0], ld_mult=hw, ld_dtype=cd, w_dtype=cd)
         return [(w_k, ld_k, hw) for w_k, ld_k in zip(w.unbind(0), ld.unbind(0))]
 

@@ -133,7 +133,8 @@ def _mix_conds(stages, x, check=True):
     cond = w.abs().sum(2).amax(1) * w_inv.abs().sum(2).amax(1)
     if any(sp is not None for sp in spreads):
         ones = torch.ones_like(next(sp for sp in spreads if sp is not None))
-        a = torch.stack([ones if sp is None else sp for sp in spreads]).abs().to(torch.float64)
+        a = reference.flow_stack([ones if sp is None else sp for sp in spreads]).abs().to(
+            torch.float64)
         cond = cond * (a.amax(1) / a.amin(1))
     return prepared, cond
 
