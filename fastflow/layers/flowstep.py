@@ -10,7 +10,7 @@ from torch.nn.modules import module as _module
 from ..backend import compute_dtype
 from ..ops.channel_mix import channel_mix
 from ..ops.lu_weight import lu_weight_logdet
-from ..ops._checks import check_bool, check_module_device, check_nchw
+from ..ops._checks import check_bool, check_count, check_module_device, check_nchw
 from .channel_mix import ActNorm, InvConv2d, InvConv2dLU
 from .coupling import AffineCoupling
 
@@ -53,6 +53,7 @@ class FlowStep(nn.Module):
                  conv_lu: bool = True):
         super().__init__()
         check_bool("conv_lu", conv_lu)  # (affine: checked by AffineCoupling)
+        in_channel = check_count("in_channel", in_channel)
         self.in_channel = in_channel
         self.actnorm = ActNorm(in_channel)
         self.invconv = InvConv2dLU(in_channel) if conv_lu else InvConv2d(in_channel)
