@@ -66,7 +66,7 @@ t=$(part_timeout "${BENCH_TIMEOUT:-130}")
 if [ "$t" -lt 30 ]; then
   echo "gpu_check: op tables skipped, ${t} s left of BUDGET=$BUDGET" | tee "$OUT/bench.log"; rc=1
 else
-  timeout "$t" $PY benchmarks/run.py --out "$OUT" --reps 30 --suites coupling,channel_mix,gaussian 2>&1 | tee "$OUT/bench.log" | tail -n 80
+  timeout "$t" $PY benchmarks/run.py --out "$OUT" --reps 30 --suites coupling,channel_mix,gaussian,tarflow_head 2>&1 | tee "$OUT/bench.log" | tail -n 80
   rc=${PIPESTATUS[0]}
 fi
 echo "bench exit: $rc" | tee -a "$OUT/bench.log"

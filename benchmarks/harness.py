@@ -24,6 +24,26 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 
+# The timed op suites, from the one registry of kernel families (``fastflow.kernels.FAMILIES``,
+# which the GPU compile check and the tests iterate too): the suite (``suite_<name>.py``) that
+# times each family's op, forward, backward and forward+backward. lu_weight is timed inside
+# channel_mix's fastflow row (W and the log-det from one lu_weight launch, as FlowStep runs).
+FAMILY_SUITES = {"coupling": "coupling", "channel_mix": "channel_mix",
+                 "lu_weight": "channel_mix", "gaussian": "gaussian", "tarflow": "tarflow_head"}
+
+
+def op_suites() -> tuple[str, ...]:
+    """The op suites of every registered kernel family, in the registry's order; a family
+    added to the registry without a suite here is an error, not a silent gap."""
+    from fastflow.kernels import FAMILIES
+
+    missing = [f for f in FAMILIES if f not in FAMILY_SUITES]
+    if missing:
+        raise RuntimeError(f"kernel families {missing} (fastflow.kernels.FAMILIES) have no "
+                           f"benchmark suite in harness.FAMILY_SUITES")
+    return tuple(dict.fromkeys(FAMILY_SUITES[f] for f in FAMILIES))
+
+
 @dataclass
 class Impl:
     name: str            # "eager", "compile", "fastflow", "normflows", "FrEIA", ...
@@ -32,7 +52,7 @@ class Impl:
 
 @dataclass
 class Case:
-    op: str              # "coupling", "channel_mix", "gaussian"
+    op: str              # "coupling", "channel_mix", "gaussian", "tarflow_head"
     shape: str           # human-readable, e.g. "N=64 C=48 32x32"
     dtype: torch.dtype
     make_inputs: Callable[[], tuple]  # fresh inputs; requires_grad set where grads are wanted

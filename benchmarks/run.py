@@ -1,6 +1,6 @@
 """Print and save the benchmark tables for this device.
 
-    python benchmarks/run.py [--quick] [--suites coupling,channel_mix,gaussian,glow]
+    python benchmarks/run.py [--quick] [--suites coupling,channel_mix,gaussian,tarflow_head,glow]
                              [--out DIR] [--reps 20] [--warmup 3] [--threads N] [--no-figures]
                              [--no-timing] [--no-compile]
 
@@ -41,7 +41,8 @@ sys.path.insert(0, str(HERE))
 
 import harness  # noqa: E402
 
-SUITES = ("coupling", "channel_mix", "gaussian", "glow")
+# every registered kernel family's op suite, then the end-to-end Glow suite
+SUITES = harness.op_suites() + ("glow",)
 DEFAULT_OUT = Path("runs") / "bench"
 
 

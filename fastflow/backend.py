@@ -85,6 +85,18 @@ def _env_mode(raw: str) -> str:
 def use_backend(mode: str):
     """Run the ops inside the block with ``mode`` ("auto", "triton" or "reference")."""
     _check_mode(mode, "use_backend(mode)")
+    if torch.compiler.is_compiling():
+        # a block inside a function torch.compile traces: dynamo cannot trace the context
+        # variable (``ContextVar.get`` is unsupported: an error under fullgraph=True), so the
+        # block is traced on the thread-local alone, which ``current_mode`` reads while
+        # compiling; it is restored on exit, as the context variable never changed
+        outer = getattr(_local, "blocks", ())
+        _local.blocks = outer + ((mode,),)
+        try:
+            yield
+        finally:
+            _local.blocks = outer
+        return
     entry = (mode,)  # this block's own entry: removed by identity on exit
     _set_blocks(_blocks.get() + (entry,))
     try:

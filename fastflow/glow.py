@@ -70,7 +70,11 @@ class Block(nn.Module):
         else:
             z_new = out
             mean, log_sd = self._prior(out)
-        log_p = gaussian_log_p(z_new, mean, log_sd).reshape(x.shape[0], -1).sum(1)
+        # in the compute dtype (float32 for a half-precision model, as the log-det): a
+        # bfloat16 sum over C*H*W terms rounds log p to a few bits
+        cd = compute_dtype(z_new.dtype)
+        log_p = gaussian_log_p(z_new.to(cd), mean.to(cd), log_sd.to(cd)).reshape(
+            x.shape[0], -1).sum(1)
         return out, logdet, log_p, z_new
 
     def reverse(self, output, eps, reconstruct=False):

@@ -160,11 +160,11 @@ class TarFlow(nn.Module):
                         ("patch_size", patch_size), ("channels", channels),
                         ("num_blocks", num_blocks), ("layers_per_block", layers_per_block),
                         ("head_dim", head_dim)):
-            if not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {v!r}")
         if img_size % patch_size:
             raise ValueError(f"patch_size: expected a divisor of img_size={img_size}, got {patch_size}")
-        if not isinstance(num_classes, int) or num_classes < 0:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes: expected a non-negative integer, got {num_classes!r}")
         if not (isinstance(noise_std, (int, float)) and 0.0 <= noise_std < math.inf):
             raise ValueError(f"noise_std: expected a finite number >= 0, got {noise_std!r}")
@@ -317,7 +317,7 @@ class TarFlow(nn.Module):
         ``stats``: a dict that receives ``"jacobi_iterations"`` per block (one extra read)."""
         check_choice("method", method, METHODS)
         check_choice("cache", cache, CACHES)
-        if not (isinstance(check_every, int) and check_every >= 1):
+        if isinstance(check_every, bool) or not (isinstance(check_every, int) and check_every >= 1):
             raise ValueError(f"check_every: expected a positive integer, got {check_every!r}")
         u = self._tokens(z)
         n = u.shape[0]
@@ -420,7 +420,7 @@ class TarFlow(nn.Module):
                method: str = "sequential", *, generator=None, denoise: bool = True, **kw):
         """``n`` images: z ~ N(0, temperature^2) reversed (``reverse``'s keywords pass
         through), then one denoising score step when the model has ``noise_std`` > 0."""
-        if not isinstance(n, int) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n: expected a positive integer, got {n!r}")
         p = next(self.parameters())
         z = torch.randn(n, self.tokens, self.dim, generator=generator, device=p.device,

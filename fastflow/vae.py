@@ -19,6 +19,7 @@ from torch import nn
 
 from .backend import compute_dtype
 from .layers.gaussian import GaussianReparam
+from .ops._checks import check_float_tensor, check_module_device, first_parameter
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 
@@ -53,9 +54,11 @@ class ConvVAE(nn.Module):
 
     def _check(self, x):
         want = (self.channels, self.size, self.size)
+        check_float_tensor("x", x)  # (uint8 images: scale them to [0, 1] floats first)
         if x.dim() != 4 or tuple(x.shape[1:]) != want:
             raise ValueError(f"x: expected shape (N, {want[0]}, {want[1]}, {want[2]}), got "
                              f"{tuple(x.shape)}")
+        check_module_device("x", x, first_parameter(self))
 
     def encode(self, x):
         self._check(x)

@@ -205,3 +205,39 @@ def test_compiled_function_follows_the_mode_between_calls(monkeypatch):
         compiled(x, h)
     assert ran == ["reference", "triton", "reference", "triton", "reference", "reference",
                    "triton", "reference"]
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no-grad", "grad"])
+def test_use_backend_inside_a_compiled_function(monkeypatch, requires_grad):
+    """A ``use_backend`` block inside a function torch.compile(fullgraph=True) traces selects
+    the path of the ops in it (it raised dynamo's Unsupported on ``ContextVar.get``: every
+    "fastflow+compile" row of the benchmark tables was an error), and leaves the caller's
+    mode as it was."""
+    monkeypatch.delenv("FASTFLOW_BACKEND", raising=False)
+    ran = []
+
+    def record(gm, inputs):
+        path = "triton" if "fastflow" in str(gm.graph) else "reference"
+
+        def run(*args):
+            ran.append(path)
+            return gm.forward(*args)
+        return run
+
+    def coupling_in(mode):
+        def f(x, h):
+            with ff.use_backend(mode):
+                return ff.affine_coupling(x, h)
+        return torch.compile(f, fullgraph=True, backend=record)
+
+    x = torch.randn(1, 2, 2, 2, requires_grad=requires_grad)
+    h = torch.randn(1, 2, 2, 2, requires_grad=requires_grad)
+    torch._dynamo.reset()
+    with ff.use_backend("reference"):
+        y, ld = coupling_in("triton")(x, h)
+        assert ff.current_mode() == "reference"
+    y_ref, ld_ref = coupling_in("reference")(x, h)
+    assert ff.current_mode() == "auto"
+    assert ran == ["triton", "reference"]
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(ld, ld_ref)

@@ -192,3 +192,38 @@ def test_timers_refuse_bad_arguments_by_name(run_py):
                                            reps=2, warmup=-1)):
         with pytest.raises(ValueError, match="warmup: expected at least 0, got -1"):
             call()
+
+
+def test_every_registered_kernel_family_is_benchmarked(run_py):
+    """DESIGN.md: the kernel registry is what the benchmarks iterate. Every family of
+    ``fastflow.kernels.FAMILIES`` has a timed op suite that ``run.py`` (and so
+    ``python -m fastflow bench``), the pytest-benchmark suites and the GPU check run; the
+    TarFlow head's suite times the same map as the eager head it is compared with."""
+    import importlib
+    import re
+
+    from fastflow.kernels import FAMILIES
+
+    harness = run_py.harness
+    assert set(harness.FAMILY_SUITES) == set(FAMILIES)
+    ops = harness.op_suites()
+    assert set(ops) <= set(run_py.SUITES) and "tarflow_head" in ops
+    gpu_check = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    listed = re.search(r'run\.py --out "\$OUT" .*--suites (\S+)', gpu_check).group(1)
+    assert set(listed.split(",")) == set(ops)
+    for name in ops:
+        suite = importlib.import_module(f"suite_{name}")
+        cases = suite.cases("cpu", True)
+        assert cases and all("fastflow" in [i.name for i in c.impls] for c in cases), name
+
+    import suite_tarflow_head
+
+    case = suite_tarflow_head.cases("cpu", True)[0]
+    impls = {i.name: i.fn for i in case.impls}
+    with torch.no_grad():
+        inputs = case.make_inputs()
+        for a, b in zip(impls["fastflow"](*inputs), impls["eager"](*inputs)):
+            torch.testing.assert_close(a, b)
+    rows = harness.measure(case, "cpu", None, reps=1, warmup=0)
+    assert {r["impl"] for r in rows} == set(impls)
+    assert all(r.get("fwd_s", 0) > 0 and r.get("fwd_bwd_s", 0) > 0 for r in rows)

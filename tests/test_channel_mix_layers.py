@@ -536,3 +536,27 @@ def test_weight_and_logdet_sums_in_float64_like_the_matrix():
     assert w.dtype == ld.dtype == torch.float64
     assert ld.item() == layer.w_s.double().sum().item()
     torch.testing.assert_close(ld, torch.linalg.slogdet(w)[1], rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("make, name", [
+    (lambda v: ff.ActNorm(v), "in_channel"),
+    (lambda v: ff.InvConv2dLU(v), "in_channel"),
+    (lambda v: ff.InvConv2d(v), "in_channel"),
+    (lambda v: ff.AffineCoupling(v, filter_size=8), "in_channel"),
+    (lambda v: ff.AffineCoupling(4, filter_size=v), "filter_size"),
+    (lambda v: ff.FlowStep(v, filter_size=8), "in_channel"),
+    (lambda v: ff.FlowStep(4, filter_size=v), "filter_size"),
+], ids=["actnorm", "lu", "invconv", "coupling", "coupling-width", "flowstep", "flowstep-width"])
+def test_layer_sizes_are_checked_by_name(make, name):
+    """A size given as True, 4.0 or "4" failed inside torch (``randn() received an invalid
+    combination of arguments``, ``'<' not supported between 'str' and 'int'``) or, for
+    ActNorm(True), built a 1-channel layer; filter_size=0 built a network of width 0. Each
+    is now refused naming the argument; numpy integers are sizes like ints."""
+    import numpy as np
+
+    for bad in (True, 4.0, "4"):
+        with pytest.raises(TypeError, match=rf"^{name}: expected .*\(an integer\), got {bad!r}"):
+            make(bad)
+    with pytest.raises(ValueError, match=rf"^{name}: expected"):
+        make(0)
+    make(np.int64(4))

@@ -358,3 +358,19 @@ def test_bits_per_dim_refuses_a_non_positive_count(kwargs, name):
     # n_pixel=0 gave nan, n_pixel=-12 a plausible 8.0 bits/dim, n_bins=0 "math domain error"
     with pytest.raises(ValueError, match=rf"^{name}: expected"):
         ff.bits_per_dim(torch.zeros(2), torch.zeros(2), **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_log_p_of_a_half_precision_model_is_summed_in_float32(backend, dtype):
+    """log p, like the log-det, is a per-sample float32 sum for a 16-bit model (it was
+    summed in the model's dtype: in bfloat16, 256 terms of about -1 rounded it to a few
+    bits). Fresh priors are zero (mean 0, log sd 0), so log p is the standard normal
+    log-density of the returned z, computed here in float64."""
+    torch.manual_seed(0)
+    model = ff.Glow(1, n_flow=1, n_block=2, filter_size=8).to(dtype)
+    x = (torch.rand(3, 1, 16, 16) - 0.5).to(dtype)
+    log_p, logdet, z_list = model(x)
+    assert log_p.dtype == logdet.dtype == torch.float32 and log_p.shape == (3,)
+    want = sum((-0.5 * math.log(2 * math.pi) - 0.5 * z.double() ** 2).flatten(1).sum(1)
+               for z in z_list)
+    torch.testing.assert_close(log_p.double(), want, rtol=1e-5, atol=1e-3)

@@ -69,3 +69,12 @@ def test_tarflow_inputs_on_another_device_are_value_errors(backend):
     _expect_device_error(lambda: t.reverse(z.to(OTHER)), "z")
     _expect_device_error(lambda: t.reverse(x.to(OTHER)), "z")
     _expect_device_error(lambda: t.reverse(z.to(OTHER), method="jacobi"), "z")
+
+
+def test_vae_input_on_another_device_is_a_value_error(backend):
+    from fastflow.vae import ConvVAE
+
+    model = ConvVAE()
+    x = torch.rand(2, 1, 8, 8, device=OTHER)
+    for call in (model, model.loss, model.elbo, model.reconstruct):
+        _expect_device_error(lambda: call(x), "x")

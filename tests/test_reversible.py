@@ -471,3 +471,20 @@ def test_an_actnorm_without_its_logdet_is_refused():
     seq[0].actnorm.logdet = True
     y, ld = seq(torch.randn(2, 4, 3, 3))
     assert y.shape == (2, 4, 3, 3) and ld.shape == (2,)
+
+
+def test_an_empty_chain_is_the_identity_with_a_zero_logdet(backend):
+    """ReversibleSequence() (its steps default to none) returned a None log-det, where every
+    flow module gives (N,) in the compute dtype; and took an integer tensor."""
+    chain = ReversibleSequence()
+    for dtype, ld_dtype in [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                            (torch.float64, torch.float64)]:
+        x = torch.randn(3, 2, 4, 4).to(dtype)
+        for y, ld in (chain(x), chain.inverse(x)):
+            assert torch.equal(y, x)
+            assert ld.dtype == ld_dtype and torch.equal(ld, torch.zeros(3, dtype=ld_dtype))
+        assert torch.equal(chain.reverse(x), x)
+    with pytest.raises(TypeError, match="^x: expected a floating-point tensor"):
+        chain(torch.ones(3, 2, 4, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="^y: expected a 4-D tensor"):
+        chain.inverse(torch.randn(3, 2))

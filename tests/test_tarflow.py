@@ -373,3 +373,24 @@ def test_labels_outside_the_classes_are_refused_on_cpu():
         model.sample(2, torch.tensor([0, 3]))
     z, ld = model(x, torch.tensor([0, 2]))
     assert z.shape == (2, 4, 4) and ld.shape == (2,)
+
+
+@pytest.mark.parametrize("kw", [{"in_channels": True}, {"num_blocks": True},
+                                {"layers_per_block": True}, {"num_classes": True},
+                                {"head_dim": True}, {"patch_size": 2.0}], ids=str)
+def test_sizes_must_be_integers_not_bools(kw):
+    """A bool is an int to isinstance: TarFlow(True, ...) built a 1-channel model (Glow
+    refuses bools); now each size names itself."""
+    args = dict(in_channels=1, img_size=4, patch_size=2, channels=8, num_blocks=1,
+                layers_per_block=1, num_classes=2, head_dim=4)
+    args.update(kw)
+    with pytest.raises(ValueError, match=f"^{next(iter(kw))}: expected"):
+        ff.TarFlow(**args)
+
+
+def test_sample_count_and_check_every_refuse_bools():
+    model = ff.TarFlow(1, 4, 2, 8, 1, 1, head_dim=4)
+    with pytest.raises(ValueError, match="^n: expected a positive integer"):
+        model.sample(True)
+    with pytest.raises(ValueError, match="^check_every: expected a positive integer"):
+        model.reverse(torch.randn(1, 4, 4), method="jacobi", check_every=True)

@@ -217,3 +217,15 @@ def test_half_precision_model_sums_the_likelihood_in_float32(likelihood, dtype):
     assert loss.dtype == torch.float32
     loss.backward()
     assert all(p.grad.dtype == dtype for p in model.parameters() if p.grad is not None)
+
+
+def test_vae_refuses_integer_images_and_non_tensors_naming_x():
+    """uint8 images (the common mistake: not scaled to [0, 1]) and non-tensors get a
+    TypeError naming x, not a convolution's dtype RuntimeError or an AttributeError."""
+    model = ConvVAE()
+    images = (torch.rand(2, 1, 8, 8) * 255).to(torch.uint8)
+    for call in (model, model.loss, model.elbo, model.reconstruct):
+        with pytest.raises(TypeError, match=r"^x: expected a floating-point tensor .* got dtype torch\.uint8"):
+            call(images)
+    with pytest.raises(TypeError, match=r"^x: expected a torch\.Tensor, got list"):
+        model.loss([[0.0]])

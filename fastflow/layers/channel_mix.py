@@ -24,7 +24,7 @@ from torch import nn
 
 from .. import reference
 from ..backend import compute_dtype
-from ..ops._checks import check_bool, check_module_device, check_nchw
+from ..ops._checks import check_bool, check_count, check_module_device, check_nchw
 from ..ops.channel_mix import actnorm_invconv, channel_mix
 from ..ops.lu_weight import lu_weight_logdet
 
@@ -55,8 +55,7 @@ class ActNorm(nn.Module):
 
     def __init__(self, in_channel: int, logdet: bool = True):
         super().__init__()
-        if in_channel < 1:
-            raise ValueError(f"in_channel: expected a positive channel count, got {in_channel}")
+        in_channel = check_count("in_channel", in_channel)
         self.in_channel = in_channel
         self.loc = nn.Parameter(torch.zeros(1, in_channel, 1, 1))
         self.scale = nn.Parameter(torch.ones(1, in_channel, 1, 1))
@@ -102,8 +101,7 @@ class ActNorm(nn.Module):
 
 def _random_rotation(in_channel: int) -> torch.Tensor:
     """A random (C, C) orthogonal matrix in float64: the invertible convolutions' start."""
-    if in_channel < 1:
-        raise ValueError(f"in_channel: expected a positive channel count, got {in_channel}")
+    in_channel = check_count("in_channel", in_channel)
     return torch.linalg.qr(torch.randn(in_channel, in_channel, dtype=torch.float64))[0]
 
 

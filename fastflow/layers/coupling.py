@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops._checks import check_bool, check_module_device, check_nchw, first_parameter
+from ..ops._checks import check_bool, check_count, check_module_device, check_nchw, first_parameter
 from ..ops.coupling import additive_coupling, affine_coupling
 
 
@@ -35,8 +35,8 @@ class AffineCoupling(nn.Module):
 
     def __init__(self, in_channel: int, filter_size: int = 512, affine: bool = True):
         super().__init__()
-        if in_channel < 2:
-            raise ValueError(f"in_channel: expected at least 2 channels, got {in_channel}")
+        in_channel = check_count("in_channel", in_channel, 2, "at least 2 channels")
+        filter_size = check_count("filter_size", filter_size, 1, "a positive network width")
         self.in_channel = in_channel
         self.affine = check_bool("affine", affine)
         ca, cb = in_channel - in_channel // 2, in_channel // 2

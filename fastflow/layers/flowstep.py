@@ -11,7 +11,7 @@ from ..backend import compute_dtype
 from ..reference import flow_stack
 from ..ops.channel_mix import channel_mix
 from ..ops.lu_weight import lu_weight_logdet
-from ..ops._checks import check_bool, check_module_device, check_nchw
+from ..ops._checks import check_bool, check_count, check_module_device, check_nchw
 from .channel_mix import ActNorm, InvConv2d, InvConv2dLU
 from .coupling import AffineCoupling
 
@@ -54,6 +54,7 @@ class FlowStep(nn.Module):
                  conv_lu: bool = True):
         super().__init__()
         check_bool("conv_lu", conv_lu)  # (affine: checked by AffineCoupling)
+        in_channel = check_count("in_channel", in_channel)
         self.in_channel = in_channel
         self.actnorm = ActNorm(in_channel)
         self.invconv = InvConv2dLU(in_channel) if conv_lu else InvConv2d(in_channel)

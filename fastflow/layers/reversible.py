@@ -77,7 +77,8 @@ from torch import nn
 
 from .. import reference
 from ..backend import current_mode, use_backend
-from ..ops._checks import check_module_device, check_nchw, first_parameter
+from ..backend import compute_dtype
+from ..ops._checks import check_float_tensor, check_module_device, check_nchw, first_parameter
 from ..ops.channel_mix import actnorm_invconv, channel_mix
 from ..ops.coupling import additive_coupling, affine_coupling, coupling_backward
 from .channel_mix import ActNorm, InvConv2d, InvConv2dLU
@@ -464,7 +465,16 @@ class ReversibleSequence(nn.ModuleList):
             return nn.ModuleList(list(self._modules.values())[idx])
         return super().__getitem__(idx)
 
+    @staticmethod
+    def _identity(name, x):
+        """An empty chain is the identity: x itself and a zero log-det (N,) in x's compute
+        dtype (not None), for a floating (N, C, H, W) x."""
+        check_float_tensor(name, x, ndim=4)
+        return x, x.new_zeros(x.shape[0], dtype=compute_dtype(x.dtype))
+
     def _ordinary(self, x):
+        if len(self) == 0:
+            return self._identity("x", x)
         logdet = None
         for step in self:
             x, ld = step(x)
@@ -490,6 +500,8 @@ class ReversibleSequence(nn.ModuleList):
         return _run_reversible(self, x)
 
     def inverse(self, y):
+        if len(self) == 0:
+            return self._identity("y", y)
         logdet = None
         for step in reversed(list(self)):
             y, ld = step.inverse(y)

@@ -63,6 +63,18 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
+def check_count(name: str, value, minimum: int = 1,
+                what: str = "a positive channel count") -> int:
+    """A size (channel count, width) must be an integer (a bool is refused, though
+    ``isinstance(True, int)``) of at least ``minimum``; returned as an int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected {what} (an integer), got {value!r} "
+                        f"({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name}: expected {what}, got {value!r}")
+    return int(value)
+
+
 def check_positive(name: str, value) -> float:
     """A numeric option must be a finite positive real number; returned as a float."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
