@@ -222,6 +222,28 @@ def test_jacobi_change_of_a_nan_iterate_is_inf(backend):
     assert torch.isfinite(head.jacobi(finite, torch.randn_like(buf)))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("guidance", [0.0, 0.7])
+def test_jacobi_change_at_a_16_bit_fixed_point_is_zero(backend, dtype, guidance):
+    """The change is that of the stored iterate: a second update from the same h rewrites
+    the same 16-bit values, a change of 0 on both paths. The kernel measured the float32
+    update before its rounding against the stored value (up to half a 16-bit ulp, 0.03 in
+    bfloat16 here), so a 16-bit Jacobi sampler never saw its fixed point and never stopped
+    early for any tol under that."""
+    n, t_count, d = 2, 5, 6
+    guided = guidance != 0.0
+    rows = 2 * n if guided else n
+    z = torch.randn(n, t_count, d, device=DEVICE).to(dtype)
+    h = torch.randn(rows, t_count, 2 * d, device=DEVICE).to(dtype)
+    buf = torch.zeros(rows, t_count, d, dtype=dtype, device=DEVICE)
+    head = ops.HeadSampler(z, None, None, None, clamp=2.0, guidance=guidance, guided=guided)
+    first = head.jacobi(h, buf)
+    assert first > 0
+    again = buf.clone()
+    assert head.jacobi(h, buf) == 0
+    assert torch.equal(buf, again)
+
+
 def test_guided_rows_past_2_31_elements():
     """Guidance reads the unconditional half of h, N rows on: N * stride(0) of h past 2^31
     was an int32 product in the kernels (it wrapped to a negative offset). h here is a view
