@@ -112,19 +112,19 @@ def _head_kernel(
         else:
             out = (v - b) * tl.exp(-a)
         acc += tl.where(inside, a, 0.0)
-        stored = out.to(out_ptr.dtype.element_ty)
         if DELTA:  # Jacobi: the output buffer holds the previous iterate
-            old = tl.load(out_row + d64 * s_out_d, mask=inside, other=0.0).to(COMPUTE)
-            # the change of what is stored (a 16-bit iterate at its fixed point: 0, as on
-            # the reference path), not of the float32 value before its rounding
-            change = tl.abs(stored.to(COMPUTE) - old)
+            old = tl.load(out_row + d64 * s_out_d, mask=inside, other=0.0)
+            # no change where the stored value is the same (a 16-bit iterate at its fixed
+            # point: 0, as on the reference path, not the float32 value's rounding error)
+            change = tl.where(out.to(old.dtype) == old, 0.0, tl.abs(out - old.to(COMPUTE)))
             # a NaN change (a diverged iterate) counts as +inf: compiled max drops NaN
             # operands (the interpreter's numpy keeps them), which would read as converged
             change = tl.where(change == change, change, float("inf"))
             dmax = tl.maximum(dmax, tl.where(inside, change, 0.0))
-        tl.store(out_row + d64 * s_out_d, stored, mask=inside)
+        tl.store(out_row + d64 * s_out_d, out.to(out_ptr.dtype.element_ty), mask=inside)
         if GUIDED:  # the unconditional half of the next pass sees the same tokens
-            tl.store(out_row + n_half * s_out_n + d64 * s_out_d, stored, mask=inside)
+            tl.store(out_row + n_half * s_out_n + d64 * s_out_d, out.to(out_ptr.dtype.element_ty),
+                     mask=inside)
     total = tl.sum(tl.sum(acc, axis=1), axis=0)
     if REVERSE:
         tl.store(part_ptr + n * N_TTILES + pid_t, total)
