@@ -153,6 +153,36 @@ def test_two_runs_are_bitwise_equal(backend):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("order", reference.TARFLOW_ORDERS)
+def test_token_tiles_on_the_grid_x_axis_give_the_same_results(monkeypatch, order):
+    """Past 65535 token tiles (CUDA's limit on a grid's axis 1) the all-token kernels run
+    on a (tiles, N) grid: the same values, bitwise, forward, backward and the Jacobi update
+    (here forced with a limit of 1 on a few tiles: 2 x 37 tokens of width 130, 8 per tile)."""
+    from fastflow.kernels import tarflow as tk
+
+    if DEVICE == "cpu" and not ff.backend.interpreter_enabled():
+        pytest.skip("needs TRITON_INTERPRET=1 on CPU")
+    x, h = make((2, 37, 130))
+    gz, old = torch.randn_like(x), torch.randn_like(x)
+    runs = []
+    for limit in (tk.MAX_GRID_YZ, 1):
+        monkeypatch.setattr(tk, "MAX_GRID_YZ", limit)
+        cfg = tk.all_token_launch(2, 37, 130, torch.float32)
+        assert cfg.blocks["TILES_ON_X"] == (limit == 1) and cfg.extra["N_TTILES"] == 5
+        assert cfg.grid == ((5, 2) if limit == 1 else (2, 5))
+        with ff.use_backend("triton"):
+            xg, hg = x.clone().requires_grad_(True), h.clone().requires_grad_(True)
+            z, ld = ff.tarflow_head(xg, hg, clamp=2.0, order=order)
+            (z * gz).sum().add(ld.sum()).backward()
+            buf = old.clone()
+            head = ops.HeadSampler(z.detach(), None, None, None, clamp=2.0, order=order)
+            change = head.jacobi(h, buf)
+        runs.append((z, ld, xg.grad, hg.grad, buf, change))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(runs[1][4], x, rtol=1e-5, atol=1e-5)  # the inverse of z
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("guidance", [0.0, 0.7])
 @pytest.mark.parametrize("order", reference.TARFLOW_ORDERS)
