@@ -321,7 +321,7 @@ def _finish_rows_kernel(
     dw_ptr,     # (Co, C) d weight, strides s_dw_o / s_dw_k
     dl_ptr,     # (Co,) d loc, contiguous
     ds_ptr,     # (Co,) d scale, contiguous
-    C, CO, N_CHUNKS, SP_OFF, s_a_o, s_a_k, s_dw_o, s_dw_k,
+    C, CO, G_SIZE, N_CHUNKS, SP_OFF, s_a_o, s_a_k, s_dw_o, s_dw_k,
     COMPUTE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_CH: tl.constexpr,
 ):
     """Reverse with ActNorm, programs over BLOCK_V output channels o:
@@ -335,7 +335,7 @@ def _finish_rows_kernel(
         k = k0 + tl.arange(0, BLOCK_W)
         k64 = k.to(tl.int64)
         m = o_in[:, None] & (k < C)[None, :]
-        g = _csum_mat(ws_ptr, o64[:, None] * C + k64[None, :], m, N_CHUNKS, CO * C,
+        g = _csum_mat(ws_ptr, o64[:, None] * C + k64[None, :], m, N_CHUNKS, G_SIZE,
                       COMPUTE, BLOCK_CH, BLOCK_V, BLOCK_W)
         a = tl.load(a_ptr + o64[:, None] * s_a_o + k64[None, :] * s_a_k, mask=m, other=0.0).to(COMPUTE)
         ds += tl.sum(a * g, axis=1)
@@ -354,7 +354,7 @@ def _finish_cols_kernel(
     dw_ptr,     # (Co, C) d weight, strides s_dw_o / s_dw_k
     dl_ptr,     # (C,) d loc, contiguous (HAS_AN)
     ds_ptr,     # (C,) d scale, contiguous (HAS_AN)
-    C, CO, N_CHUNKS, SP_OFF, s_a_o, s_a_k, s_dw_o, s_dw_k,
+    C, CO, G_SIZE, N_CHUNKS, SP_OFF, s_a_o, s_a_k, s_dw_o, s_dw_k,
     HAS_AN: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_W: tl.constexpr,
     BLOCK_CH: tl.constexpr,
 ):
@@ -372,7 +372,7 @@ def _finish_cols_kernel(
         o64 = o.to(tl.int64)
         o_in = o < CO
         m = o_in[:, None] & k_in[None, :]
-        g = _csum_mat(ws_ptr, o64[:, None] * C + k64[None, :], m, N_CHUNKS, CO * C,
+        g = _csum_mat(ws_ptr, o64[:, None] * C + k64[None, :], m, N_CHUNKS, G_SIZE,
                       COMPUTE, BLOCK_CH, BLOCK_W, BLOCK_V)
         if HAS_AN:
             gs = _csum_vec(ws_ptr + SP_OFF, o64, o_in, N_CHUNKS, CO, COMPUTE, BLOCK_CH, BLOCK_W)
@@ -553,6 +553,8 @@ def mix_param_grads(grad: torch.Tensor, inp: torch.Tensor, a: torch.Tensor | Non
     cdt = compute_dtype(inp.dtype)
     red = reduce_config(n, c, co, hw, inp.dtype, diag)
     n_chunks = red.extra["N_CHUNKS"] if n * hw > 0 else 0
+    # G's size, an argument (int64 past 2^31) of the finishing kernels: CO * C computed in
+    # a kernel is an int32 product of two int32 arguments
     g_size = c if diag else co * c
     sp_off = n_chunks * g_size
     ws = torch.empty(max(1, n_chunks * (g_size + co)), dtype=cdt, device=inp.device)
@@ -575,10 +577,10 @@ def mix_param_grads(grad: torch.Tensor, inp: torch.Tensor, a: torch.Tensor | Non
     s_a = (a.stride(0), a.stride(1))
     s_dw = (d_a.stride(0), d_a.stride(1))
     if by_row:
-        _finish_rows_kernel[fin.grid](ws, a, scale, d_a, d_loc, d_scale, c, co, n_chunks, sp_off,
-                                      *s_a, *s_dw, COMPUTE=compute, **fin.meta)
+        _finish_rows_kernel[fin.grid](ws, a, scale, d_a, d_loc, d_scale, c, co, g_size, n_chunks,
+                                      sp_off, *s_a, *s_dw, COMPUTE=compute, **fin.meta)
     else:
         _finish_cols_kernel[fin.grid](
             ws, a, scale if has_an else dummy, d_a, dummy if d_loc is None else d_loc,
-            dummy if d_scale is None else d_scale, c, co, n_chunks, sp_off, *s_a, *s_dw,
+            dummy if d_scale is None else d_scale, c, co, g_size, n_chunks, sp_off, *s_a, *s_dw,
             HAS_AN=has_an, COMPUTE=compute, **fin.meta)

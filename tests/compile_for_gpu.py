@@ -17,8 +17,9 @@ programs of its launches; then the programs per launch at the Glow shapes.
                                     [--families coupling,...] [--jobs 4]
 
 It must start without TRITON_INTERPRET (the kernels are decorated when first imported).
-Exit status 1 when a kernel fails to compile, spills, or a registered family has no
-exercise.
+Exit status 1 when a kernel fails to compile, spills, computes a product of two int32
+arguments (an offset that wraps past 2^31; ``int32_argument_products``), or a registered
+family has no exercise.
 """
 
 from __future__ import annotations
@@ -285,6 +286,17 @@ def family_kernels(module) -> list[str]:
 # --------------------------------------------------------------------------------------
 
 
+def int32_argument_products(ttir: str) -> list[str]:
+    """The products of two kernel arguments computed in int32 in a kernel's TTIR (``A * B``
+    with both int32 arguments: an offset or a stride that wraps once it passes 2^31, as
+    ``CO * C`` did in the channel-mix finishing kernels). An argument is int32 below 2^31
+    and int64 from there, so such a product is best computed by the launcher."""
+    sig = re.search(r"tt\.func public @\w+\((.*?)\)\s*(?:attributes|\{)", ttir, flags=re.S)
+    args = set(re.findall(r"%(\w+)\s*:", sig[1])) if sig else set()
+    return sorted({f"{a} * {b}" for a, b in re.findall(r"arith\.muli %(\w+), %(\w+) : i32\b", ttir)
+                   if a in args and b in args})
+
+
 def resource_usage(kernel, arch: int, always_ptxas: bool = False, sass: bool = False) -> dict:
     """From one ``cuobjdump --dump-resource-usage`` of the kernel's cubin: REG, STACK, LOCAL,
     SHARED_STATIC, and with ``sass`` (a disassembly: slower) SASS (instructions) and CALLS
@@ -383,6 +395,10 @@ def main(argv=None) -> int:
         s["specs"] += 1
         for c in cols:
             s[c] = max(s[c], u.get(c, 0))
+        products = int32_argument_products(k.asm.get("ttir") or "")
+        if products:
+            failures.append(f"{name} spec {i}: int32 products of two arguments {products} (wrap "
+                            f"past 2^31: pass the product from the launcher)")
         if u.get("STACK", 0) or u.get("SPILL_ST", 0) or u.get("SPILL_LD", 0) or u.get("LOCAL", 0):
             failures.append(f"{name} spec {i} spills: {u}; launched with "
                             f"{rec.meta.get((name, key), {})}")
