@@ -223,6 +223,14 @@ def exercise_gaussian(quick: bool, glow: bool, rec: Recorder):
                 eps = torch.randn(4, 9, dtype=dtype) if given else None
                 z, kl = ff.reparameterize_kl(mu, lv, eps, reduction=reduction)
                 (z.float().sum() + kl.sum()).backward()
+        # WIDE counters (N * ceil(D / 4) >= 2^32: the high word mixed into the Philox key),
+        # forced at a small shape: the API reaches them only with a 64 GB mu
+        ga = FAMILY_MODULES["gaussian"]
+        mu, lv = torch.randn(4, 9, dtype=dtype), torch.randn(4, 9, dtype=dtype)
+        seed = torch.tensor([2**62 + 3])
+        ga.reparam_kl_forward(mu, lv, None, seed, "none", force_wide=True)
+        ga.reparam_kl_backward(torch.randn_like(mu), torch.randn(4), mu, lv, None, seed, "none",
+                               force_wide=True)
     for n, d in GAUSS_SHAPES if glow else ():
         with rec.label(f"vae {n}x{d} float32"):
             mu = torch.randn(n, d, requires_grad=True)
