@@ -194,6 +194,28 @@ def exercise_channel_mix(quick: bool, glow: bool, rec: Recorder):
     for n, c, hh, ww in GLOW_SHAPES if glow else GLOW_SHAPES[3:4]:
         with rec.label(f"tf32x3 mix {n}x{c}x{hh}x{ww}"):
             mix(torch.randn(n, c, hh, ww), torch.randn(c, c), input_precision="tf32x3")
+    # the reduction's INDEX64 specialisation (flat pixel indices past 2^31), forced at a
+    # small shape: the API reaches it only with tens of GB of activations
+    cm = FAMILY_MODULES["channel_mix"]
+    plain = cm.reduce_config
+
+    def index64(*args, **kwargs):
+        cfg = plain(*args, **kwargs)
+        cfg.extra["INDEX64"] = True
+        return cfg
+
+    cm.reduce_config = index64
+    try:
+        for dtype in (torch.float32, torch.float64):
+            for w in (torch.randn(5, 5, dtype=dtype), None):
+                x, g = torch.randn(2, 5, 3, 3, dtype=dtype), torch.randn(2, 5, 3, 3, dtype=dtype)
+                cm.mix_param_grads(g, x, w, torch.rand(5, dtype=dtype) + 0.5,
+                                   torch.randn(5, dtype=dtype), reverse=False,
+                                   d_a=None if w is None else torch.empty_like(w),
+                                   d_loc=torch.empty(5, dtype=dtype),
+                                   d_scale=torch.empty(5, dtype=dtype))
+    finally:
+        cm.reduce_config = plain
     for shape in GLOW_SHAPES if glow else ():
         for dtype in (torch.float32, torch.bfloat16):
             with rec.label(f"glow {'x'.join(map(str, shape))} {str(dtype)[6:]}"):
