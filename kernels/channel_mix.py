@@ -139,7 +139,7 @@ def _reduce_kernel(
     shift_ptr,  # (C,) added to the input before the product (SHIFT)
     gpart_ptr,  # (N_CHUNKS, Co, C) partial G, or (N_CHUNKS, C) partial diag(G) when DIAG
     spart_ptr,  # (N_CHUNKS, Co) partial gsum, starting SP_OFF elements after spart_ptr
-    C, CO, HW, NQ, N_OT, N_KT, CHUNK, SP_OFF,
+    C, CO, HW, NQ, N_OT, N_KT, N_GT, CHUNK, SP_OFF,
     s_g_n, s_g_c, s_g_p, s_in_n, s_in_c, s_in_p,
     SHIFT: tl.constexpr, DIAG: tl.constexpr, USE_DOT: tl.constexpr, COMPUTE: tl.constexpr,
     INDEX64: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr,
@@ -149,8 +149,8 @@ def _reduce_kernel(
     >= 2^31), so splitting q into (sample, pixel) is a 32-bit division, not a call to the
     64-bit division routine in the loop; the offsets built from it are int64."""
     pid = tl.program_id(0)
-    chunk = pid // (N_OT * N_KT)
-    rest = pid % (N_OT * N_KT)
+    chunk = pid // N_GT  # N_GT = N_OT * N_KT tiles of G per chunk
+    rest = pid % N_GT
     ot = rest // N_KT
     kt = rest % N_KT
     o = ot * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -563,7 +563,8 @@ def mix_param_grads(grad: torch.Tensor, inp: torch.Tensor, a: torch.Tensor | Non
         inp, s_in = nchw(inp)
         _reduce_kernel[red.grid](
             grad, inp, shift if shift is not None else inp, ws, ws,
-            c, co, hw, n * hw, red.extra["N_OT"], red.extra["N_KT"], red.extra["CHUNK"], sp_off,
+            c, co, hw, n * hw, red.extra["N_OT"], red.extra["N_KT"],
+            red.extra["N_OT"] * red.extra["N_KT"], red.extra["CHUNK"], sp_off,
             *s_g, *s_in, SHIFT=shift is not None, DIAG=diag, USE_DOT=inp.dtype != torch.float64,
             COMPUTE=compute_type(inp.dtype), INDEX64=red.extra["INDEX64"], **red.meta)
     by_row = reverse and has_an

@@ -180,7 +180,7 @@ def test_token_tiles_on_the_grid_x_axis_give_the_same_results(monkeypatch, order
         runs.append((z, ld, xg.grad, hg.grad, buf, change))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
-    torch.testing.assert_close(runs[1][4], x, rtol=1e-5, atol=1e-5)  # the inverse of z
+    torch.testing.assert_close(runs[1][4], x, rtol=1e-4, atol=1e-4)  # the inverse of z
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
