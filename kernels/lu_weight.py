@@ -231,8 +231,11 @@ def launch_config(c: int, n: int, backward: bool = False, layers: int = 1) -> La
                   # BLOCK_R 8: the reduction step of the cube; BLOCK_N: log-det values per store
                   blocks={"BLOCK": block, "BLOCK_R": 8,
                           "BLOCK_N": min(max(triton.next_power_of_2(max(n, 1)), 2), 128)},
-                  # num_stages 1: the k loop is short (<= C / 8 steps) and register-bound
-                  num_warps=4 if block >= 16 else 1, num_stages=1, extra={"N_T": n_t})
+                  # num_stages 1: the k loop is short (<= C / 8 steps) and register-bound;
+                  # num_warps 8 in the backward: at 4, triton 3.6 (the GPU image's) spilled
+                  # 8 bytes at C = 70 (72 registers; 80 and no spill at 8 warps)
+                  num_warps=(8 if backward else 4) if block >= 16 else 1, num_stages=1,
+                  extra={"N_T": n_t})
 
 
 def launch_configs(c: int, n: int) -> dict[str, Launch]:
