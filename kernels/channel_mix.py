@@ -139,7 +139,7 @@ def _reduce_kernel(
     shift_ptr,  # (C,) added to the input before the product (SHIFT)
     gpart_ptr,  # (N_CHUNKS, Co, C) partial G, or (N_CHUNKS, C) partial diag(G) when DIAG
     spart_ptr,  # (N_CHUNKS, Co) partial gsum, starting SP_OFF elements after spart_ptr
-    C, CO, HW, NQ, N_OT, N_KT, CHUNK, SP_OFF,
+    C, CO, HW, NQ, N_OT, N_KT, N_GT, CHUNK, SP_OFF,
     s_g_n, s_g_c, s_g_p, s_in_n, s_in_c, s_in_p,
     SHIFT: tl.constexpr, DIAG: tl.constexpr, USE_DOT: tl.constexpr, COMPUTE: tl.constexpr,
     INDEX64: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr,
@@ -149,8 +149,8 @@ def _reduce_kernel(
     >= 2^31), so splitting q into (sample, pixel) is a 32-bit division, not a call to the
     64-bit division routine in the loop; the offsets built from it are int64."""
     pid = tl.program_id(0)
-    chunk = pid // (N_OT * N_KT)
-    rest = pid % (N_OT * N_KT)
+    chunk = pid // N_GT  # N_GT = N_OT * N_KT tiles of G per chunk
+    rest = pid % N_GT
     ot = rest // N_KT
     kt = rest % N_KT
     o = ot * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -321,7 +321,7 @@ def _finish_rows_kernel(
     dw_ptr,     # (Co, C) d weight, strides s_dw_o / s_dw_k
     dl_ptr,     # (Co,) d loc, contiguous
     ds_ptr,     # (Co,) d scale, contiguous
-    C, CO, N_CHUNKS, SP_OFF, s_a_o, s_a_k, s_dw_o, s_dw_k,
+    C, CO, G_SIZE, N_CHUNKS, SP_OFF, s_a_o, s_a_k, s_dw_o, s_dw_k,
     COMPUTE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_CH: tl.constexpr,
 ):
     """Reverse with ActNorm, programs over BLOCK_V output channels o:
@@ -335,7 +335,7 @@ def _finish_rows_kernel(
         k = k0 + tl.arange(0, BLOCK_W)
         k64 = k.to(tl.int64)
         m = o_in[:, None] & (k < C)[None, :]
-        g = _csum_mat(ws_ptr, o64[:, None] * C + k64[None, :], m, N_CHUNKS, CO * C,
+        g = _csum_mat(ws_ptr, o64[:, None] * C + k64[None, :], m, N_CHUNKS, G_SIZE,
                       COMPUTE, BLOCK_CH, BLOCK_V, BLOCK_W)
         a = tl.load(a_ptr + o64[:, None] * s_a_o + k64[None, :] * s_a_k, mask=m, other=0.0).to(COMPUTE)
         ds += tl.sum(a * g, axis=1)
@@ -354,7 +354,7 @@ def _finish_cols_kernel(
     dw_ptr,     # (Co, C) d weight, strides s_dw_o / s_dw_k
     dl_ptr,     # (C,) d loc, contiguous (HAS_AN)
     ds_ptr,     # (C,) d scale, contiguous (HAS_AN)
-    C, CO, N_CHUNKS, SP_OFF, s_a_o, s_a_k, s_dw_o, s_dw_k,
+    C, CO, G_SIZE, N_CHUNKS, SP_OFF, s_a_o, s_a_k, s_dw_o, s_dw_k,
     HAS_AN: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_W: tl.constexpr,
     BLOCK_CH: tl.constexpr,
 ):
@@ -372,7 +372,7 @@ def _finish_cols_kernel(
         o64 = o.to(tl.int64)
         o_in = o < CO
         m = o_in[:, None] & k_in[None, :]
-        g = _csum_mat(ws_ptr, o64[:, None] * C + k64[None, :], m, N_CHUNKS, CO * C,
+        g = _csum_mat(ws_ptr, o64[:, None] * C + k64[None, :], m, N_CHUNKS, G_SIZE,
                       COMPUTE, BLOCK_CH, BLOCK_W, BLOCK_V)
         if HAS_AN:
             gs = _csum_vec(ws_ptr + SP_OFF, o64, o_in, N_CHUNKS, CO, COMPUTE, BLOCK_CH, BLOCK_W)
@@ -553,6 +553,8 @@ def mix_param_grads(grad: torch.Tensor, inp: torch.Tensor, a: torch.Tensor | Non
     cdt = compute_dtype(inp.dtype)
     red = reduce_config(n, c, co, hw, inp.dtype, diag)
     n_chunks = red.extra["N_CHUNKS"] if n * hw > 0 else 0
+    # G's size, an argument (int64 past 2^31) of the finishing kernels: CO * C computed in
+    # a kernel is an int32 product of two int32 arguments
     g_size = c if diag else co * c
     sp_off = n_chunks * g_size
     ws = torch.empty(max(1, n_chunks * (g_size + co)), dtype=cdt, device=inp.device)
@@ -561,7 +563,8 @@ def mix_param_grads(grad: torch.Tensor, inp: torch.Tensor, a: torch.Tensor | Non
         inp, s_in = nchw(inp)
         _reduce_kernel[red.grid](
             grad, inp, shift if shift is not None else inp, ws, ws,
-            c, co, hw, n * hw, red.extra["N_OT"], red.extra["N_KT"], red.extra["CHUNK"], sp_off,
+            c, co, hw, n * hw, red.extra["N_OT"], red.extra["N_KT"],
+            red.extra["N_OT"] * red.extra["N_KT"], red.extra["CHUNK"], sp_off,
             *s_g, *s_in, SHIFT=shift is not None, DIAG=diag, USE_DOT=inp.dtype != torch.float64,
             COMPUTE=compute_type(inp.dtype), INDEX64=red.extra["INDEX64"], **red.meta)
     by_row = reverse and has_an
@@ -575,10 +578,10 @@ def mix_param_grads(grad: torch.Tensor, inp: torch.Tensor, a: torch.Tensor | Non
     s_a = (a.stride(0), a.stride(1))
     s_dw = (d_a.stride(0), d_a.stride(1))
     if by_row:
-        _finish_rows_kernel[fin.grid](ws, a, scale, d_a, d_loc, d_scale, c, co, n_chunks, sp_off,
-                                      *s_a, *s_dw, COMPUTE=compute, **fin.meta)
+        _finish_rows_kernel[fin.grid](ws, a, scale, d_a, d_loc, d_scale, c, co, g_size, n_chunks,
+                                      sp_off, *s_a, *s_dw, COMPUTE=compute, **fin.meta)
     else:
         _finish_cols_kernel[fin.grid](
             ws, a, scale if has_an else dummy, d_a, dummy if d_loc is None else d_loc,
-            dummy if d_scale is None else d_scale, c, co, n_chunks, sp_off, *s_a, *s_dw,
+            dummy if d_scale is None else d_scale, c, co, g_size, n_chunks, sp_off, *s_a, *s_dw,
             HAS_AN=has_an, COMPUTE=compute, **fin.meta)

@@ -126,7 +126,7 @@ def _lu_weight_bwd_kernel(
     dup_ptr,    # (C, C) output d upper, contiguous
     dlogs_ptr,  # (C,) output d log_s, contiguous
     dsc_ptr,    # (C,) output d scale, contiguous (HAS_SCALE)
-    C, N, LD_MULT, N_T,
+    C, N, LD_MULT, N_T, N_T2,
     s_dw0, s_dw1, s_dld, s_l0, s_l1, s_u0, s_u1, s_ls, s_sg, s_rw, s_sc,
     s_dwb, s_dldb, s_lb, s_ub, s_lsb, s_sgb, s_rwb, s_scb,  # between layers (axis 1)
     HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -151,7 +151,7 @@ def _lu_weight_bwd_kernel(
     dup_ptr += b * C * C
     dlogs_ptr += b * C
     dsc_ptr += b * C
-    half = N_T * N_T
+    half = N_T2  # N_T * N_T, from the launcher
     if pid < half:
         kt = pid % N_T
         i, i_in, i64, k, k_in, k64, r = _matrix_tile(pid, N_T, C, rows_ptr, s_rw, BLOCK)
@@ -231,8 +231,11 @@ def launch_config(c: int, n: int, backward: bool = False, layers: int = 1) -> La
                   # BLOCK_R 8: the reduction step of the cube; BLOCK_N: log-det values per store
                   blocks={"BLOCK": block, "BLOCK_R": 8,
                           "BLOCK_N": min(max(triton.next_power_of_2(max(n, 1)), 2), 128)},
-                  # num_stages 1: the k loop is short (<= C / 8 steps) and register-bound
-                  num_warps=4 if block >= 16 else 1, num_stages=1, extra={"N_T": n_t})
+                  # num_stages 1: the k loop is short (<= C / 8 steps) and register-bound;
+                  # num_warps 8 in the backward: at 4, triton 3.6 (the GPU image's) spilled
+                  # 8 bytes at C = 70 (72 registers; 80 and no spill at 8 warps)
+                  num_warps=(8 if backward else 4) if block >= 16 else 1, num_stages=1,
+                  extra={"N_T": n_t})
 
 
 def launch_configs(c: int, n: int) -> dict[str, Launch]:
@@ -330,5 +333,5 @@ def lu_weight_backward(d_w, d_ld, lower, upper, log_s, sign_s, rows, scale,
     cfg = launch_config(c, n, backward=True, layers=k)
     _lu_weight_bwd_kernel[cfg.grid](
         d_w, d_ld, *factors, d_lower, d_upper, d_log_s, d_scale if has_scale else d_log_s,
-        c, n, ld_mult, cfg.extra["N_T"], s_dw0, s_dw1, s_dld, *strides,
+        c, n, ld_mult, cfg.extra["N_T"], cfg.extra["N_T"] ** 2, s_dw0, s_dw1, s_dld, *strides,
         s_dwb, s_dldb, *layer_strides, HAS_SCALE=has_scale, **cfg.meta)

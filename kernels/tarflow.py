@@ -63,6 +63,20 @@ def _stored_token(t, T, ORDER: tl.constexpr):
 
 
 @triton.jit
+def _sample_and_tile(TILES_ON_X: tl.constexpr):
+    """(sample n as int64, token tile) of this program of the all-token kernels: grid
+    (N, tiles), or (tiles, N) when ``TILES_ON_X`` (more token tiles than CUDA's 65535 on
+    the grid's axis 1: over 524,280 tokens of width >= 128)."""
+    if TILES_ON_X:
+        n = tl.program_id(1).to(tl.int64)
+        pid_t = tl.program_id(0)
+    else:
+        n = tl.program_id(0).to(tl.int64)
+        pid_t = tl.program_id(1)
+    return n, pid_t
+
+
+@triton.jit
 def _head_kernel(
     in_ptr,    # (N, T, D) forward: x in block order; inverse: z in ORDER
     h_ptr,     # (B, T, 2D) transformer output, B = 2N when GUIDED
@@ -73,10 +87,10 @@ def _head_kernel(
     N, T, D, N_TTILES,
     s_in_n, s_in_t, s_in_d, s_h_n, s_h_t, s_h_d, s_out_n, s_out_t, s_out_d,
     REVERSE: tl.constexpr, ORDER: tl.constexpr, CLAMP: tl.constexpr, GUIDED: tl.constexpr,
-    DELTA: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    DELTA: tl.constexpr, TILES_ON_X: tl.constexpr, COMPUTE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    n = tl.program_id(0).to(tl.int64)
-    pid_t = tl.program_id(1)
+    n, pid_t = _sample_and_tile(TILES_ON_X)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]
     t64 = t.to(tl.int64)
     st64 = _stored_token(t, T, ORDER).to(tl.int64)
@@ -113,8 +127,10 @@ def _head_kernel(
             out = (v - b) * tl.exp(-a)
         acc += tl.where(inside, a, 0.0)
         if DELTA:  # Jacobi: the output buffer holds the previous iterate
-            old = tl.load(out_row + d64 * s_out_d, mask=inside, other=0.0).to(COMPUTE)
-            change = tl.abs(out - old)
+            old = tl.load(out_row + d64 * s_out_d, mask=inside, other=0.0)
+            # no change where the stored value is the same (a 16-bit iterate at its fixed
+            # point: 0, as on the reference path, not the float32 value's rounding error)
+            change = tl.where(out.to(old.dtype) == old, 0.0, tl.abs(out - old.to(COMPUTE)))
             # a NaN change (a diverged iterate) counts as +inf: compiled max drops NaN
             # operands (the interpreter's numpy keeps them), which would read as converged
             change = tl.where(change == change, change, float("inf"))
@@ -144,11 +160,11 @@ def _head_bwd_kernel(
     T, D, s_gld,
     s_g_n, s_g_t, s_g_d, s_src_n, s_src_t, s_src_d, s_h_n, s_h_t, s_h_d,
     s_gin_n, s_gin_t, s_gin_d, s_gh_n, s_gh_t, s_gh_d,
-    REVERSE: tl.constexpr, ORDER: tl.constexpr, CLAMP: tl.constexpr, COMPUTE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    REVERSE: tl.constexpr, ORDER: tl.constexpr, CLAMP: tl.constexpr, TILES_ON_X: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    n = tl.program_id(0).to(tl.int64)
-    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]
+    n, pid_t = _sample_and_tile(TILES_ON_X)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]
     t64 = t.to(tl.int64)
     st64 = _stored_token(t, T, ORDER).to(tl.int64)
     c = tl.load(coef_ptr).to(COMPUTE)
@@ -261,6 +277,20 @@ def launch_config(tokens: int, width: int, dtype: torch.dtype) -> tuple[int, int
 
 
 DEFAULT_STAGES = 3  # Triton's default on NVIDIA GPUs; no loop here is software-pipelined
+MAX_GRID_YZ = 65535  # CUDA's limit on a grid's axes 1 and 2 (axis 0: 2^31 - 1)
+
+
+def all_token_launch(n: int, tokens: int, width: int, dtype: torch.dtype) -> Launch:
+    """The launch of ``_head_kernel`` and ``_head_bwd_kernel`` for x (n, tokens, width):
+    one program per (sample, BLOCK_T tokens), on a (N, N_TTILES) grid, or (N_TTILES, N)
+    when the token tiles would pass CUDA's limit on axis 1 (``blocks``: TILES_ON_X;
+    ``extra``: N_TTILES)."""
+    block_t, block_d, warps = launch_config(tokens, width, dtype)
+    n_ttiles = triton.cdiv(tokens, block_t)
+    on_x = n_ttiles > MAX_GRID_YZ
+    return Launch((n_ttiles, n) if on_x else (n, n_ttiles),
+                  {"TILES_ON_X": on_x, "BLOCK_T": block_t, "BLOCK_D": block_d}, warps,
+                  DEFAULT_STAGES, extra={"N_TTILES": n_ttiles})
 
 
 def launch_configs(n: int, tokens: int, width: int, dtype: torch.dtype = torch.float32,
@@ -268,9 +298,7 @@ def launch_configs(n: int, tokens: int, width: int, dtype: torch.dtype = torch.f
     """Every launch of this family for x (n, tokens, width): {kernel name: Launch}; ``rows``
     is the sampler's batch (2n with guidance, default n). The launchers pass no
     ``num_stages``: Triton's default (3 on NVIDIA GPUs) applies, and is reported here."""
-    block_t, block_d, warps = launch_config(tokens, width, dtype)
-    all_tokens = Launch((n, triton.cdiv(tokens, block_t)),
-                        {"BLOCK_T": block_t, "BLOCK_D": block_d}, warps, DEFAULT_STAGES)
+    all_tokens = all_token_launch(n, tokens, width, dtype)
     step_d, step_warps = step_block(width)
     step = Launch((rows or n, triton.cdiv(width, step_d)), {"BLOCK_D": step_d}, step_warps, DEFAULT_STAGES)
     return {"_head_kernel": all_tokens, "_head_bwd_kernel": all_tokens, "_head_step_kernel": step}
@@ -307,8 +335,8 @@ def head_forward(inp: torch.Tensor, h: torch.Tensor, *, clamp: float | None, ord
     if out is None:
         out = torch.empty((rows, t_count, d), dtype=inp.dtype, device=inp.device)
     ld_dtype = compute_dtype(inp.dtype)
-    block_t, block_d, num_warps = launch_config(t_count, d, inp.dtype)
-    n_ttiles = triton.cdiv(t_count, block_t)
+    cfg = all_token_launch(n, t_count, d, inp.dtype)
+    n_ttiles = cfg.extra["N_TTILES"]
     if out.numel() == 0:
         logdet = torch.zeros(n, dtype=ld_dtype, device=inp.device)
         return (out, logdet, logdet.new_zeros(())) if delta else (out, logdet)
@@ -316,12 +344,12 @@ def head_forward(inp: torch.Tensor, h: torch.Tensor, *, clamp: float | None, ord
     deltas = torch.empty((n, n_ttiles), dtype=ld_dtype, device=inp.device) if delta else partials
     if coef is None:
         coef = coefficients(clamp, guidance, inp.dtype, inp.device)
-    _head_kernel[(n, n_ttiles)](
+    _head_kernel[cfg.grid](
         inp, h, out, partials, deltas, coef, n, t_count, d, n_ttiles,
         *_strides3(inp), *_strides3(h), *_strides3(out),
         REVERSE=bool(reverse), ORDER=ORDER_IDS[order], CLAMP=CLAMP_IDS["tanh" if clamp else "none"],
         GUIDED=bool(guided), DELTA=bool(delta), COMPUTE=compute_type(inp.dtype),
-        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)
+        **cfg.blocks, num_warps=cfg.num_warps)
     logdet = partials[:, 0] if n_ttiles == 1 else partials.sum(dim=1)
     if delta:
         return out, logdet, deltas.amax()
@@ -337,14 +365,14 @@ def head_backward(grad_out: torch.Tensor, grad_logdet: torch.Tensor, src: torch.
     grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device)
     if grad_in.numel() == 0:
         return grad_in, grad_h.zero_()
-    block_t, block_d, num_warps = launch_config(t_count, d, src.dtype)
+    cfg = all_token_launch(n, t_count, d, src.dtype)
     coef = coefficients(clamp, 0.0, src.dtype, src.device)
-    _head_bwd_kernel[(n, triton.cdiv(t_count, block_t))](
+    _head_bwd_kernel[cfg.grid](
         grad_out, grad_logdet, src, h, grad_in, grad_h, coef, t_count, d, grad_logdet.stride(0),
         *_strides3(grad_out), *_strides3(src), *_strides3(h), *_strides3(grad_in),
         *_strides3(grad_h),
         REVERSE=bool(reverse), ORDER=ORDER_IDS[order], CLAMP=CLAMP_IDS["tanh" if clamp else "none"],
-        COMPUTE=compute_type(src.dtype), BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)
+        COMPUTE=compute_type(src.dtype), **cfg.blocks, num_warps=cfg.num_warps)
     return grad_in, grad_h
 
 

@@ -17,8 +17,9 @@ programs of its launches; then the programs per launch at the Glow shapes.
                                     [--families coupling,...] [--jobs 4]
 
 It must start without TRITON_INTERPRET (the kernels are decorated when first imported).
-Exit status 1 when a kernel fails to compile, spills, or a registered family has no
-exercise.
+Exit status 1 when a kernel fails to compile, spills, computes a product of two int32
+arguments (an offset that wraps past 2^31; ``int32_argument_products``), or a registered
+family has no exercise.
 """
 
 from __future__ import annotations
@@ -193,6 +194,28 @@ def exercise_channel_mix(quick: bool, glow: bool, rec: Recorder):
     for n, c, hh, ww in GLOW_SHAPES if glow else GLOW_SHAPES[3:4]:
         with rec.label(f"tf32x3 mix {n}x{c}x{hh}x{ww}"):
             mix(torch.randn(n, c, hh, ww), torch.randn(c, c), input_precision="tf32x3")
+    # the reduction's INDEX64 specialisation (flat pixel indices past 2^31), forced at a
+    # small shape: the API reaches it only with tens of GB of activations
+    cm = FAMILY_MODULES["channel_mix"]
+    plain = cm.reduce_config
+
+    def index64(*args, **kwargs):
+        cfg = plain(*args, **kwargs)
+        cfg.extra["INDEX64"] = True
+        return cfg
+
+    cm.reduce_config = index64
+    try:
+        for dtype in (torch.float32, torch.float64):
+            for w in (torch.randn(5, 5, dtype=dtype), None):
+                x, g = torch.randn(2, 5, 3, 3, dtype=dtype), torch.randn(2, 5, 3, 3, dtype=dtype)
+                cm.mix_param_grads(g, x, w, torch.rand(5, dtype=dtype) + 0.5,
+                                   torch.randn(5, dtype=dtype), reverse=False,
+                                   d_a=None if w is None else torch.empty_like(w),
+                                   d_loc=torch.empty(5, dtype=dtype),
+                                   d_scale=torch.empty(5, dtype=dtype))
+    finally:
+        cm.reduce_config = plain
     for shape in GLOW_SHAPES if glow else ():
         for dtype in (torch.float32, torch.bfloat16):
             with rec.label(f"glow {'x'.join(map(str, shape))} {str(dtype)[6:]}"):
@@ -222,6 +245,14 @@ def exercise_gaussian(quick: bool, glow: bool, rec: Recorder):
                 eps = torch.randn(4, 9, dtype=dtype) if given else None
                 z, kl = ff.reparameterize_kl(mu, lv, eps, reduction=reduction)
                 (z.float().sum() + kl.sum()).backward()
+        # WIDE counters (N * ceil(D / 4) >= 2^32: the high word mixed into the Philox key),
+        # forced at a small shape: the API reaches them only with a 64 GB mu
+        ga = FAMILY_MODULES["gaussian"]
+        mu, lv = torch.randn(4, 9, dtype=dtype), torch.randn(4, 9, dtype=dtype)
+        seed = torch.tensor([2**62 + 3])
+        ga.reparam_kl_forward(mu, lv, None, seed, "none", force_wide=True)
+        ga.reparam_kl_backward(torch.randn_like(mu), torch.randn(4), mu, lv, None, seed, "none",
+                               force_wide=True)
     for n, d in GAUSS_SHAPES if glow else ():
         with rec.label(f"vae {n}x{d} float32"):
             mu = torch.randn(n, d, requires_grad=True)
@@ -253,6 +284,20 @@ def exercise_tarflow(quick: bool, glow: bool, rec: Recorder):
             hs.first()
             hs.step(torch.randn(rows, 24, dtype=dtype))
             hs.jacobi(torch.randn(rows, 37, 24, dtype=dtype), torch.zeros(rows, 37, 12, dtype=dtype))
+    # past 65535 token tiles the all-token kernels put the tiles on the grid's axis 0
+    # (TILES_ON_X): forced here at a small shape by lowering the limit
+    tk = FAMILY_MODULES["tarflow"]
+    limit, tk.MAX_GRID_YZ = tk.MAX_GRID_YZ, 1
+    try:
+        for dtype in DTYPES[:2] if quick else DTYPES:
+            x = torch.randn(2, 37, 12, dtype=dtype, requires_grad=True)
+            h = torch.randn(2, 37, 24, dtype=dtype, requires_grad=True)
+            y, ld = ff.tarflow_head(x, h, clamp=2.0)
+            torch.autograd.grad((y, ld), (x, h), (torch.ones_like(y), torch.ones_like(ld)))
+            hs = tarflow_ops.HeadSampler(x.detach(), None, None, None, clamp=2.0)
+            hs.jacobi(h.detach(), torch.zeros(2, 37, 12, dtype=dtype))
+    finally:
+        tk.MAX_GRID_YZ = limit
 
 
 EXERCISES = {"coupling": exercise_coupling, "channel_mix": exercise_channel_mix,
@@ -269,6 +314,17 @@ def family_kernels(module) -> list[str]:
 # --------------------------------------------------------------------------------------
 # Resource usage of a compiled kernel
 # --------------------------------------------------------------------------------------
+
+
+def int32_argument_products(ttir: str) -> list[str]:
+    """The products of two kernel arguments computed in int32 in a kernel's TTIR (``A * B``
+    with both int32 arguments: an offset or a stride that wraps once it passes 2^31, as
+    ``CO * C`` did in the channel-mix finishing kernels). An argument is int32 below 2^31
+    and int64 from there, so such a product is best computed by the launcher."""
+    sig = re.search(r"tt\.func public @\w+\((.*?)\)\s*(?:attributes|\{)", ttir, flags=re.S)
+    args = set(re.findall(r"%(\w+)\s*:", sig[1])) if sig else set()
+    return sorted({f"{a} * {b}" for a, b in re.findall(r"arith\.muli %(\w+), %(\w+) : i32\b", ttir)
+                   if a in args and b in args})
 
 
 def resource_usage(kernel, arch: int, always_ptxas: bool = False, sass: bool = False) -> dict:
@@ -369,6 +425,10 @@ def main(argv=None) -> int:
         s["specs"] += 1
         for c in cols:
             s[c] = max(s[c], u.get(c, 0))
+        products = int32_argument_products(k.asm.get("ttir") or "")
+        if products:
+            failures.append(f"{name} spec {i}: int32 products of two arguments {products} (wrap "
+                            f"past 2^31: pass the product from the launcher)")
         if u.get("STACK", 0) or u.get("SPILL_ST", 0) or u.get("SPILL_LD", 0) or u.get("LOCAL", 0):
             failures.append(f"{name} spec {i} spills: {u}; launched with "
                             f"{rec.meta.get((name, key), {})}")

@@ -144,3 +144,31 @@ def test_inverse_round_trip_at_todays_tolerance(precision):
                 input_precision=precision)
     assert_close(x2, x.double(), torch.float32, rtol=1e-4, atol=1e-4)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("has_w", [True, False])
+def test_param_grads_with_int64_pixel_indices_are_the_same(monkeypatch, dtype, has_w):
+    """The reduction's INDEX64 specialisation (flat pixel indices past 2^31: N*H*W + CHUNK
+    >= 2^31, reached only with tens of GB of activations) forced at a small shape: bitwise
+    the gradients of the int32 one (it was never run before, interpreted or compiled)."""
+    x, g = torch.randn(3, 5, 7, 9, dtype=dtype), torch.randn(3, 5, 7, 9, dtype=dtype)
+    w = torch.randn(5, 5, dtype=dtype) if has_w else None
+    loc, scale = torch.randn(5, dtype=dtype), torch.rand(5, dtype=dtype) + 0.5
+    outs = []
+    for index64 in (False, True):
+        if index64:
+            plain = cm.reduce_config
+
+            def forced(*args, **kwargs):
+                cfg = plain(*args, **kwargs)
+                assert cfg.extra["INDEX64"] is False
+                cfg.extra["INDEX64"] = True
+                return cfg
+
+            monkeypatch.setattr(cm, "reduce_config", forced)
+        d = [torch.empty(5, 5, dtype=dtype) if has_w else None, torch.empty(5, dtype=dtype),
+             torch.empty(5, dtype=dtype)]
+        cm.mix_param_grads(g, x, w, scale, loc, reverse=False, d_a=d[0], d_loc=d[1], d_scale=d[2])
+        outs.append([t for t in d if t is not None])
+    assert all(torch.equal(a, b) for a, b in zip(*outs))

@@ -97,3 +97,24 @@ def test_launches_fill_an_h100_at_glow_shapes(shape):
     red = channel_mix.reduce_config(n, c, c, h * w, torch.float32, False)
     assert red.programs >= 64, (shape, red)
     assert red.extra["N_CHUNKS"] * (c * c + c) <= n * h * w * 2 * c / 4, (shape, red)
+
+
+# CUDA's grid limits: x up to 2^31 - 1 programs, y and z up to 65535
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+# (N, C, H, W) far past Glow's: one huge image, many tiny samples, wide channels, long
+# token sequences of wide tokens (the TarFlow family reads them as (N, H*W tokens, C))
+EXTREME_SHAPES = ((1, 3, 2**14, 2**14), (2**22, 1, 1, 1), (2**20, 3, 1, 1), (16, 4096, 64, 64),
+                  (1, 128, 2**10, 2**10), (1, 256, 2**11, 2**9), (70000, 12, 4, 4))
+
+
+@pytest.mark.parametrize("name", list(fk.FAMILIES))
+@pytest.mark.parametrize("shape", EXTREME_SHAPES)
+def test_grids_stay_within_cuda_limits(name, shape):
+    """Every launch's grid fits CUDA's limits (the interpreter has none: a grid past them
+    runs there and fails to launch on a GPU). The TarFlow all-token kernels ran on a
+    (N, token tiles) grid, whose second axis passed 65535 beyond 524,280 tokens of
+    width >= 128 (8 tokens per tile)."""
+    for cfg in _configs(name, shape):
+        for kernel, launch in cfg.items():
+            assert len(launch.grid) <= 3 and all(
+                1 <= g <= lim for g, lim in zip(launch.grid, GRID_LIMITS)), (kernel, shape, launch.grid)

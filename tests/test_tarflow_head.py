@@ -153,6 +153,36 @@ def test_two_runs_are_bitwise_equal(backend):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("order", reference.TARFLOW_ORDERS)
+def test_token_tiles_on_the_grid_x_axis_give_the_same_results(monkeypatch, order):
+    """Past 65535 token tiles (CUDA's limit on a grid's axis 1) the all-token kernels run
+    on a (tiles, N) grid: the same values, bitwise, forward, backward and the Jacobi update
+    (here forced with a limit of 1 on a few tiles: 2 x 37 tokens of width 130, 8 per tile)."""
+    from fastflow.kernels import tarflow as tk
+
+    if DEVICE == "cpu" and not ff.backend.interpreter_enabled():
+        pytest.skip("needs TRITON_INTERPRET=1 on CPU")
+    x, h = make((2, 37, 130))
+    gz, old = torch.randn_like(x), torch.randn_like(x)
+    runs = []
+    for limit in (tk.MAX_GRID_YZ, 1):
+        monkeypatch.setattr(tk, "MAX_GRID_YZ", limit)
+        cfg = tk.all_token_launch(2, 37, 130, torch.float32)
+        assert cfg.blocks["TILES_ON_X"] == (limit == 1) and cfg.extra["N_TTILES"] == 5
+        assert cfg.grid == ((5, 2) if limit == 1 else (2, 5))
+        with ff.use_backend("triton"):
+            xg, hg = x.clone().requires_grad_(True), h.clone().requires_grad_(True)
+            z, ld = ff.tarflow_head(xg, hg, clamp=2.0, order=order)
+            (z * gz).sum().add(ld.sum()).backward()
+            buf = old.clone()
+            head = ops.HeadSampler(z.detach(), None, None, None, clamp=2.0, order=order)
+            change = head.jacobi(h, buf)
+        runs.append((z, ld, xg.grad, hg.grad, buf, change))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(runs[1][4], x, rtol=1e-4, atol=1e-4)  # the inverse of z
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("guidance", [0.0, 0.7])
 @pytest.mark.parametrize("order", reference.TARFLOW_ORDERS)
@@ -220,6 +250,28 @@ def test_jacobi_change_of_a_nan_iterate_is_inf(backend):
     assert torch.isnan(buf).any()  # the iterate itself keeps the NaN
     finite = torch.randn(n, t_count, 2 * d, device=DEVICE)
     assert torch.isfinite(head.jacobi(finite, torch.randn_like(buf)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("guidance", [0.0, 0.7])
+def test_jacobi_change_at_a_16_bit_fixed_point_is_zero(backend, dtype, guidance):
+    """The change is that of the stored iterate: a second update from the same h rewrites
+    the same 16-bit values, a change of 0 on both paths. The kernel measured the float32
+    update before its rounding against the stored value (up to half a 16-bit ulp, 0.03 in
+    bfloat16 here), so a 16-bit Jacobi sampler never saw its fixed point and never stopped
+    early for any tol under that."""
+    n, t_count, d = 2, 5, 6
+    guided = guidance != 0.0
+    rows = 2 * n if guided else n
+    z = torch.randn(n, t_count, d, device=DEVICE).to(dtype)
+    h = torch.randn(rows, t_count, 2 * d, device=DEVICE).to(dtype)
+    buf = torch.zeros(rows, t_count, d, dtype=dtype, device=DEVICE)
+    head = ops.HeadSampler(z, None, None, None, clamp=2.0, guidance=guidance, guided=guided)
+    first = head.jacobi(h, buf)
+    assert first > 0
+    again = buf.clone()
+    assert head.jacobi(h, buf) == 0
+    assert torch.equal(buf, again)
 
 
 def test_guided_rows_past_2_31_elements():
