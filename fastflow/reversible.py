@@ -44,6 +44,12 @@ What else it meets:
 * Module hooks registered on the steps (or their ActNorm / 1x1 convolution / coupling
   submodules) do not run on the reversible path: the steps' ``forward`` is not called
   (the coupling networks are, and their hooks run in forward and again in the recompute).
+* Random numbers in a coupling network (a user's network with dropout or noise; the stock
+  one draws none): the generators' state (CPU, and the input's device) before each such
+  network ran in forward is kept and replayed for its recompute, so it sees the same draws
+  (as ``torch.utils.checkpoint``'s ``preserve_rng_state``); the generators are left as
+  backward found them. A network with state of its own (BatchNorm's running statistics)
+  updates it again in the recompute.
 * Activations stored in bfloat16 / float16 (a half-precision model, not autocast) rebuild
   only to that precision: gradients then differ from the stored ones at that level.
 * ``torch.compile``: the reversible chain runs eagerly (``torch.compiler.disable``), so a
@@ -51,7 +57,11 @@ What else it meets:
 * Double backward (``create_graph=True``) is not supported and raises. As with reentrant
   checkpointing, parameter gradients reach ``.grad`` through ``backward()``: the parameters
   are not inputs of the chain's autograd node, so ``torch.autograd.grad(loss, params)``
-  reports them unused (gradients with respect to the chain's input do flow).
+  reports them unused. Under ``torch.autograd.grad`` or ``backward(inputs=...)`` only the
+  chain's input gets its gradient; the parameters' ``.grad`` is left alone (it was
+  accumulated into, as if by ``backward()``), and a warning says so. A coupling network
+  with reentrant checkpointing (``use_reentrant=True``) inside fails in backward (it refuses
+  the ``inputs=`` the recompute passes): use ``use_reentrant=False``.
 
 Numerical drift and the fallback: the rebuilt input differs from the true one by rounding,
 amplified by the inverse of each stage. Each stage's amplification is estimated on the
@@ -69,7 +79,9 @@ caller's choice.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from typing import Iterable
 
 import torch
@@ -77,7 +89,7 @@ from torch import nn
 
 from . import reference
 from .backend import current_mode, use_backend
-from .layers import ActNorm, AffineCoupling, FlowStep, InvConv2d, InvConv2dLU
+from .layers import ActNorm, AffineCoupling, FlowStep, InvConv2d, InvConv2dLU, ZeroConv2d
 from .ops._checks import check_nchw
 from .ops.channel_mix import actnorm_invconv, channel_mix
 from .ops.coupling import additive_coupling, affine_coupling, coupling_backward
@@ -172,9 +184,10 @@ class _MixStage:
             return actnorm_invconv(x, self.an.loc, self.an.scale, None)
         return self._apply(x, w), ld
 
-    def backward(self, y, gy, gld, stored, mats):
+    def backward(self, y, gy, gld, stored, mats, params=True):
         """``mats``: (W with its graph, the stage's log-det with its graph, W^-1 float64)
-        from ``_matrix``, None for ActNorm alone."""
+        from ``_matrix``, None for ActNorm alone. ``params``: accumulate the parameters'
+        gradients (else only the input's is computed)."""
         an = self.an
         if self.inv is None:
             w = ld = None
@@ -193,7 +206,7 @@ class _MixStage:
             y2, ld = actnorm_invconv(x_leaf, an.loc, an.scale, None)
         else:
             y2 = self._apply(x_leaf, w)
-        _backprop((y2, ld), (gy, gld.to(ld.dtype)), [x_leaf] + self.params())
+        _backprop((y2, ld), (gy, gld.to(ld.dtype)), [x_leaf] + (self.params() if params else []))
         gx = x_leaf.grad if x_leaf.grad is not None else torch.zeros_like(x)
         return x, gx
 
@@ -207,11 +220,51 @@ def _coupling_options(c: AffineCoupling):
     return "sigmoid", "halves", "before", 2.0
 
 
+_DETERMINISTIC_NET = (nn.Sequential, nn.Conv2d, nn.ReLU, ZeroConv2d)
+
+
+def _rng_state(device):
+    """The random number generators a network on ``device`` may draw from: the CPU's and,
+    for another device, that device's."""
+    if device.type in ("cpu", "meta"):
+        return torch.get_rng_state(), None, None
+    return torch.get_rng_state(), device, torch.get_device_module(device.type).get_rng_state(device)
+
+
+def _set_rng_state(state):
+    cpu, device, dev_state = state
+    torch.set_rng_state(cpu)
+    if device is not None:
+        torch.get_device_module(device.type).set_rng_state(dev_state, device)
+
+
+@contextlib.contextmanager
+def _rng_restored(device, enabled):
+    """The generators as they were on entry, whatever the block replayed."""
+    if not enabled:
+        yield
+        return
+    state = _rng_state(device)
+    try:
+        yield
+    finally:
+        _set_rng_state(state)
+
+
 class _CouplingStage:
     def __init__(self, coupling: AffineCoupling):
         self.c = coupling
         self.ca = coupling.in_channel - coupling.in_channel // 2
         self.opts = _coupling_options(coupling)
+
+    def replays_rng(self) -> bool:
+        """The network may draw random numbers (dropout, a noise layer: anything but the
+        stock conv / ReLU / ZeroConv2d modules, or a hook on one): the recompute must see
+        the draws of the forward, so the generators' state before the network ran is kept
+        and replayed (as ``torch.utils.checkpoint`` does)."""
+        return not all(type(m) in _DETERMINISTIC_NET and not (m._forward_hooks
+                                                               or m._forward_pre_hooks)
+                       for m in self.c.net.modules())
 
     def params(self):
         return _requiring(self.c.parameters())
@@ -240,7 +293,7 @@ class _CouplingStage:
         log_hi = reference.coupling_log_scale(hi, scale, clamp)[0]
         return y, ld, torch.clamp(log_hi, min=0.0) - log_lo > math.log(limit)
 
-    def backward(self, y, gy, gld, stored, mats=None):
+    def backward(self, y, gy, gld, stored, mats=None, params=True):
         ya = y[:, :self.ca].detach().requires_grad_(True)
         h = self.c.net(ya)
         hd = h.detach()
@@ -248,7 +301,7 @@ class _CouplingStage:
             x = self._op(y, hd, True)[0]
         gx, gh = coupling_backward(gy.contiguous(), gld.contiguous(), y, hd, *self.opts,
                                    False, True)
-        _backprop((h,), (gh,), [ya] + self.params())
+        _backprop((h,), (gh,), [ya] + (self.params() if params else []))
         if ya.grad is not None:
             gx[:, :self.ca] += ya.grad
         return stored(x), gx
@@ -335,6 +388,7 @@ class _ReversibleChain(torch.autograd.Function):
         flagged = torch.zeros((), dtype=torch.int64, device=x.device)
         slot_ids = torch.arange(slots, device=x.device)
         out, logdet, index, k_mix = x, None, 0, 0
+        rng = {}  # coupling stage index -> generators' state before its network ran
         for stages in steps:
             step_ld = None
             for stage in stages:
@@ -343,6 +397,8 @@ class _ReversibleChain(torch.autograd.Function):
                     flag = mix_flags[k_mix] if mix_flags is not None else None
                     k_mix += 1
                 else:
+                    if stage.replays_rng():
+                        rng[index] = _rng_state(out.device)
                     y, ld, flag = stage.forward(out, limit)
                 if flag is not None:
                     if reserve is not None:
@@ -358,7 +414,7 @@ class _ReversibleChain(torch.autograd.Function):
         kept = torch.clamp(flagged, max=slots)
         seq.fallback_count.add_(kept.to(seq.fallback_count.dtype))
         seq.fallback_overflow.add_((flagged - kept).to(seq.fallback_overflow.dtype))
-        ctx.seq, ctx.n_stages = seq, index
+        ctx.seq, ctx.n_stages, ctx.rng = seq, index, rng
         ctx.autocast = _autocast_state(x.device.type)
         ctx.mode = current_mode()
         ctx.save_for_backward(out, owner, *(() if reserve is None else (reserve,)))
@@ -372,7 +428,17 @@ class _ReversibleChain(torch.autograd.Function):
         y, owner, *rest = ctx.saved_tensors
         reserve = rest[0] if rest else None
         stages = [st for s in ctx.seq for st in _stages(s)]
-        with use_backend(ctx.mode), torch.enable_grad(), _autocast(ctx.autocast):
+        # torch.autograd.grad / backward(inputs=...): the parameters are not inputs of this
+        # node, so they cannot be among those asked for; their .grad is left alone
+        params = torch.autograd._is_checkpoint_valid()
+        if not params and any(p.requires_grad for p in ctx.seq.parameters()):
+            warnings.warn("ReversibleSequence / Glow(reversible=True): under "
+                          "torch.autograd.grad or backward(inputs=...) only the chain's input "
+                          "gets a gradient; its parameters get theirs from a plain "
+                          "backward() (they are not inputs of the chain's autograd node)",
+                          stacklevel=2)
+        with use_backend(ctx.mode), torch.enable_grad(), _autocast(ctx.autocast), \
+                _rng_restored(y.device, bool(ctx.rng)):
             # every mix stage's W (with its graph) and W^-1 up front: one batched inverse
             mats = [st._matrix(y) if isinstance(st, _MixStage) and st.inv is not None
                     else None for st in stages]
@@ -390,7 +456,9 @@ class _ReversibleChain(torch.autograd.Function):
                         x = torch.where(owner[r] == index, reserve[r], x)
                     return x
 
-                y, gy = stages[index].backward(y.detach(), gy, gld, stored, mats[index])
+                if index in ctx.rng:
+                    _set_rng_state(ctx.rng[index])
+                y, gy = stages[index].backward(y.detach(), gy, gld, stored, mats[index], params)
                 mats[index] = None
                 y = y.detach()
         return None, gy, None
