@@ -298,13 +298,16 @@ def test_bf16_autocast_replays_the_forward_autocast_state(triton_backend):
     assert max(_rel(wrong[n], want[n]) for n in want) > 10 * max(errs)
 
 
-def test_ddp_hooks_fire_once_per_parameter(tmp_path):
+@pytest.mark.parametrize("n_flow", [2, ff.layers.flowstep.MIN_STACK], ids=["per_step", "stacked"])
+def test_ddp_hooks_fire_once_per_parameter(tmp_path, n_flow):
     """One-process gloo DDP: every parameter's gradient arrives (DDP's reducer marks each
-    ready exactly once, else it raises) and equals the stored model's."""
+    ready exactly once, else it raises) and equals the stored model's. ``stacked``: the
+    blocks' W assembled as one stack, ActNorm's scale reaching both the mix and the stacked
+    log-det (one accumulation)."""
     dist = pytest.importorskip("torch.distributed")
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("no gloo backend")
-    stored, rev, x = _glow_pair(torch.float64, True, True)
+    stored, rev, x = _glow_pair(torch.float64, True, True, n_flow=n_flow)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
                             world_size=1)
     try:
@@ -518,12 +521,13 @@ def test_the_stock_network_keeps_no_generator_state():
     assert all(R._CouplingStage(s.coupling).replays_rng() for b in rev.blocks for s in b.flows)
 
 
+@pytest.mark.parametrize("n_flow", [2, ff.layers.flowstep.MIN_STACK], ids=["per_step", "stacked"])
 @pytest.mark.parametrize("how", ["grad", "backward_inputs"])
-def test_gradients_wrt_the_input_alone_leave_parameter_grads_alone(how):
+def test_gradients_wrt_the_input_alone_leave_parameter_grads_alone(how, n_flow):
     """torch.autograd.grad(loss, x) and loss.backward(inputs=[x]): the input's gradient is
     the stored one and no parameter's .grad is touched (the chain accumulated every
     parameter's gradient into .grad as if backward() had been called: 48 of 48 here)."""
-    stored, rev, x = _glow_pair(torch.float64, True, True)
+    stored, rev, x = _glow_pair(torch.float64, True, True, n_flow=n_flow)
     got = {}
     for name, m in (("stored", stored), ("reversible", rev)):
         m.zero_grad(set_to_none=True)
@@ -547,3 +551,71 @@ def test_gradients_wrt_the_input_alone_leave_parameter_grads_alone(how):
     _, want = _glow_grads(stored, x)
     _, after = _glow_grads(rev, x)
     _check_grads(after, want, 1e-8)
+
+
+def _counting_lu_weight(monkeypatch):
+    """Calls of ``lu_weight_logdet`` (one per W assembly: a step's own, or a stacked one)."""
+    from fastflow.layers import channel_mix as layer_mix, flowstep
+    calls = []
+    original = flowstep.lu_weight_logdet
+
+    def counted(lower, *args, **kwargs):
+        calls.append(tuple(lower.shape[:-2]))
+        return original(lower, *args, **kwargs)
+
+    monkeypatch.setattr(flowstep, "lu_weight_logdet", counted)
+    monkeypatch.setattr(layer_mix, "lu_weight_logdet", counted)
+    return calls
+
+
+def test_reversible_blocks_assemble_w_as_one_stack(backend, monkeypatch):
+    """With MIN_STACK or more LU FlowSteps a reversible block assembles every step's W and
+    log-det as one stack, as the stored block does: once in forward and once in backward
+    (and back-propagates through it once), where it made one assembly per step in each;
+    the gradients are the stored model's and the loss is bitwise the same."""
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    k = ff.layers.flowstep.MIN_STACK
+    stored, rev, x = _glow_pair(dtype, True, True, n_flow=k)
+    loss0, want = _glow_grads(stored, x)
+    calls = _counting_lu_weight(monkeypatch)
+    loss1, got = _glow_grads(rev, x)
+    assert calls == [(k,)] * 4, calls  # 2 blocks x (forward, backward)
+    torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
+    _check_grads(got, want, TOL[dtype], backend)
+    assert int(rev.fallback_count) == 0
+
+
+@pytest.mark.parametrize("frozen", ["actnorm.scale", "actnorm.loc", "invconv.w_s", "invconv"])
+def test_stacked_reversible_blocks_with_frozen_parameters(frozen):
+    """Parameters left out of training (requires_grad=False) in a stacked block: they get
+    no gradient, the others the stored ones."""
+    stored, rev, x = _glow_pair(torch.float64, True, True, n_flow=ff.layers.flowstep.MIN_STACK)
+    for m in (stored, rev):
+        for name, p in m.named_parameters():
+            if frozen in name:
+                p.requires_grad_(False)
+    grads = []
+    for m in (stored, rev):
+        m.zero_grad(set_to_none=True)
+        log_p, logdet, _ = m(x)
+        ff.bits_per_dim(log_p, logdet, x[0].numel()).backward()
+        assert all(p.grad is None for p in m.parameters() if not p.requires_grad)
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    _check_grads(grads[1], grads[0], 1e-8, frozen)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_chain_stacks_its_lu_flowsteps_wherever_they_sit(dtype, monkeypatch):
+    """LU FlowSteps interleaved with other step types (and a FlowStep with a plain 1x1
+    convolution, which assembles its own W) are stacked together, on the reversible path
+    and the ordinary one alike: the same outputs bitwise and the stored gradients."""
+    torch.manual_seed(4)
+    kinds = ["flowstep_lu", "actnorm", "flowstep_lu", "coupling", "flowstep_plain_additive",
+             "flowstep_lu", "invconv_lu", "flowstep_lu"]
+    calls = _counting_lu_weight(monkeypatch)
+    seq = _compare_seq([_layer(k, 5, dtype) for k in kinds], dtype)
+    calls.clear()
+    x = torch.randn(3, 5, 3, 4, dtype=dtype, requires_grad=True)
+    seq(x)[1].sum().backward()
+    # the four LU FlowSteps as one stack (forward, backward); the lone InvConv2dLU its own
+    assert sorted(calls) == sorted([(4,), (), (4,), ()]), calls
