@@ -48,9 +48,14 @@ What else it meets:
   has its hooks fire twice, which DDP refuses.
 * No state is updated by the recompute: it never calls a step's ``forward`` (so no ActNorm
   initialisation, no hooks of the step modules) and builds W afresh (the layers cache nothing).
-* Module hooks registered on the steps (or their ActNorm / 1x1 convolution / coupling
-  submodules) do not run on the reversible path: the steps' ``forward`` is not called
-  (the coupling networks are, and their hooks run in forward and again in the recompute).
+* Module hooks (forward, forward pre-, backward) registered on the steps (or their
+  ActNorm / 1x1 convolution / coupling submodules) would not run on the reversible path,
+  whose stages never call those modules: a chain holding such a hook runs the ordinary
+  way (stored activations), as a ``FlowStep`` with a hooked submodule leaves its fused
+  path, so the hooks run and whatever they change is computed. Global module hooks
+  (``torch.nn.modules.module.register_module_forward_hook``) do not run on the reversible
+  path. The coupling networks are called: their hooks run in forward and again in the
+  recompute.
 * Random numbers in a coupling network (a user's network with dropout or noise; the stock
   one draws none): the generators' state (CPU, and the input's device) before each such
   network ran in forward is kept and replayed for its recompute, so it sees the same draws
@@ -388,6 +393,15 @@ def _stock(step) -> bool:
     return type(step) in _STEP_TYPES
 
 
+def _hooked(step) -> bool:
+    """A hook of the step's own or of its ActNorm / 1x1 convolution / coupling (the
+    modules the stages compute without calling; the coupling network is called)."""
+    mods = [step] + ([step.actnorm, step.invconv, step.coupling] if isinstance(step, FlowStep)
+                     else [])
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+               or m._backward_pre_hooks for m in mods)
+
+
 def _uninitialised_actnorm(step) -> bool:
     for m in step.modules():
         if isinstance(m, ActNorm):
@@ -552,9 +566,10 @@ class ReversibleSequence(nn.ModuleList):
 
     The reversible path runs when gradients are being recorded and some parameter or the
     input requires grad; otherwise (inference, no grad, an empty batch), for a call that
-    initialises an ActNorm and for a chain holding a subclass of a step type (a FlowStep's
+    initialises an ActNorm, for a chain holding a subclass of a step type (a FlowStep's
     actnorm, invconv or coupling included: the reversible stages would bypass its
-    overrides), the steps run one after the other the ordinary way."""
+    overrides) and for one with a module hook on a step (or on those submodules: the
+    stages do not call them), the steps run one after the other the ordinary way."""
 
     def __init__(self, steps: Iterable[nn.Module] = (), *, fallback_slots: int = 2,
                  fallback_cond: float = 1e3):
@@ -602,6 +617,8 @@ class ReversibleSequence(nn.ModuleList):
             return False  # (an empty batch: nothing to rebuild)
         if not all(_stock(s) for s in self):
             return False  # a subclass's own maths: only its forward computes them
+        if any(_hooked(s) for s in self):
+            return False  # the hooks run only if the modules are called (and may change them)
         if self.training and any(_uninitialised_actnorm(s) for s in self):
             return False  # the initialising call runs the ordinary way
         return x.requires_grad or any(p.requires_grad for p in self.parameters())
