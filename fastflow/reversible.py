@@ -59,8 +59,8 @@ What else it meets:
 * Random numbers in a coupling network (a user's network with dropout or noise; the stock
   one draws none): the generators' state (CPU, and the input's device) before each such
   network ran in forward is kept and replayed for its recompute, so it sees the same draws
-  (as ``torch.utils.checkpoint``'s ``preserve_rng_state``); the generators are left as
-  backward found them. A network with state of its own (BatchNorm's running statistics)
+  (as ``torch.utils.checkpoint``'s ``preserve_rng_state``; the CPU generator's state is
+  about 5 KB per such network); the generators are left as backward found them. A network with state of its own (BatchNorm's running statistics)
   updates it again in the recompute.
 * Activations stored in bfloat16 / float16 (a half-precision model, not autocast) rebuild
   only to that precision: gradients then differ from the stored ones at that level.
