@@ -171,16 +171,17 @@ def _mix_conds(stages, x, check=True, stacked=None):
             continue
         c = x.shape[1]
         mats.append(torch.eye(c, dtype=torch.float64, device=x.device) if w is None
-                    else w.to(torch.float64).reshape(c, c))
-        spreads.append(None if st.an is None else st.an.scale.detach().reshape(-1))
+                    else w if w.dim() == 2 else w.reshape(c, c))
+        spreads.append(None if st.an is None else st.an.scale)  # (no grad: forward's)
     if not mats:
         return prepared, None
-    w = torch.stack(mats)
+    w = torch.stack(mats).to(torch.float64)  # (one cast for all, the stack promoting)
     w_inv = torch.linalg.inv_ex(w)[0]
     cond = w.abs().sum(2).amax(1) * w_inv.abs().sum(2).amax(1)
     if any(sp is not None for sp in spreads):
         ones = torch.ones_like(next(sp for sp in spreads if sp is not None))
-        a = torch.stack([ones if sp is None else sp for sp in spreads]).abs().to(torch.float64)
+        a = torch.stack([ones if sp is None else sp for sp in spreads])
+        a = a.reshape(len(spreads), -1).abs().to(torch.float64)
         cond = cond * (a.amax(1) / a.amin(1))
     return prepared, cond
 
@@ -509,8 +510,8 @@ class _ReversibleChain(torch.autograd.Function):
             found = [wl[0] for wl in mats if wl is not None]
             if found:
                 c = y.shape[1]
-                inv = iter(torch.linalg.inv_ex(torch.stack(
-                    [w.detach().to(torch.float64).reshape(c, c) for w in found]))[0].unbind())
+                found = torch.stack([w if w.dim() == 2 else w.reshape(c, c) for w in found])
+                inv = iter(torch.linalg.inv_ex(found.detach().to(torch.float64))[0].unbind())
                 mats = [None if wl is None else (wl[0], wl[1], next(inv)) for wl in mats]
             deferred = []  # (tensor of the stacked assembly's graph, its gradient) pairs
             for index in range(ctx.n_stages - 1, -1, -1):
