@@ -62,8 +62,9 @@ What else it meets:
   one draws none): the generators' state (CPU, and the input's device) before each such
   network ran in forward is kept and replayed for its recompute, so it sees the same draws
   (as ``torch.utils.checkpoint``'s ``preserve_rng_state``; the CPU generator's state is
-  about 5 KB per such network); the generators are left as backward found them. A network with state of its own (BatchNorm's running statistics)
-  updates it again in the recompute.
+  about 5 KB per such network); the generators are left as backward found them. A
+  network with state of its own (BatchNorm's running statistics) updates it again in
+  the recompute.
 * Activations stored in bfloat16 / float16 (a half-precision model, not autocast) rebuild
   only to that precision: gradients then differ from the stored ones at that level.
 * ``torch.compile``: the reversible chain runs eagerly (``torch.compiler.disable``), so a
@@ -280,7 +281,8 @@ def _rng_state(device):
     for another device, that device's."""
     if device.type in ("cpu", "meta"):
         return torch.get_rng_state(), None, None
-    return torch.get_rng_state(), device, torch.get_device_module(device.type).get_rng_state(device)
+    module = torch.get_device_module(device.type)
+    return torch.get_rng_state(), device, module.get_rng_state(device)
 
 
 def _set_rng_state(state):
