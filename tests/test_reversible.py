@@ -2,6 +2,7 @@
 stored-activation gradients, keep memory flat in depth, and fall back to a stored input for
 an ill-conditioned step."""
 
+import contextlib
 import importlib.util
 import os
 import pathlib
@@ -297,13 +298,16 @@ def test_bf16_autocast_replays_the_forward_autocast_state(triton_backend):
     assert max(_rel(wrong[n], want[n]) for n in want) > 10 * max(errs)
 
 
-def test_ddp_hooks_fire_once_per_parameter(tmp_path):
+@pytest.mark.parametrize("n_flow", [2, ff.layers.flowstep.MIN_STACK], ids=["per_step", "stacked"])
+def test_ddp_hooks_fire_once_per_parameter(tmp_path, n_flow):
     """One-process gloo DDP: every parameter's gradient arrives (DDP's reducer marks each
-    ready exactly once, else it raises) and equals the stored model's."""
+    ready exactly once, else it raises) and equals the stored model's. ``stacked``: the
+    blocks' W assembled as one stack, ActNorm's scale reaching both the mix and the stacked
+    log-det (one accumulation)."""
     dist = pytest.importorskip("torch.distributed")
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("no gloo backend")
-    stored, rev, x = _glow_pair(torch.float64, True, True)
+    stored, rev, x = _glow_pair(torch.float64, True, True, n_flow=n_flow)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
                             world_size=1)
     try:
@@ -488,3 +492,183 @@ def test_an_empty_chain_is_the_identity_with_a_zero_logdet(backend):
         chain(torch.ones(3, 2, 4, 4, dtype=torch.int64))
     with pytest.raises(ValueError, match="^y: expected a 4-D tensor"):
         chain.inverse(torch.randn(3, 2))
+
+
+def _with_dropout(model, p=0.3):
+    """Every coupling network with a dropout after its first ReLU (a user's network that
+    draws random numbers)."""
+    for block in model.blocks:
+        for step in block.flows:
+            net = step.coupling.net
+            step.coupling.net = torch.nn.Sequential(net[0], net[1], torch.nn.Dropout(p),
+                                                    *list(net)[2:])
+    return model
+
+
+def test_random_numbers_in_the_coupling_network_are_replayed(backend):
+    """A coupling network with dropout: the recompute draws the forward's masks (the
+    generators' state before each network is replayed), so the gradients are the stored
+    ones, and backward leaves the generators as it found them. Without the replay the
+    recompute drew new masks: the rebuilt inputs and gradients were off by 1.4 (relative)."""
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    stored, rev, x = _glow_pair(dtype, True, True)
+    _with_dropout(stored), _with_dropout(rev)
+    states = {}
+    for name, m in (("stored", stored), ("reversible", rev)):
+        torch.manual_seed(5)
+        m.zero_grad(set_to_none=True)
+        log_p, logdet, _ = m(x)
+        loss = ff.bits_per_dim(log_p, logdet, x[0].numel())
+        after_forward = torch.get_rng_state()
+        loss.backward()
+        assert torch.equal(torch.get_rng_state(), after_forward), name
+        states[name] = after_forward
+    assert torch.equal(states["stored"], states["reversible"])
+    want = {n: p.grad for n, p in stored.named_parameters()}
+    _check_grads({n: p.grad for n, p in rev.named_parameters()}, want, TOL[dtype], backend)
+
+
+def test_the_stock_network_keeps_no_generator_state():
+    """The stock coupling network draws no random numbers: nothing to replay (no state kept
+    per step, nothing set in backward)."""
+    from fastflow.layers import reversible as R
+    _, rev, x = _glow_pair(torch.float64, True, True)
+    assert not any(R._CouplingStage(s.coupling).replays_rng() for b in rev.blocks for s in b.flows)
+    _with_dropout(rev)
+    assert all(R._CouplingStage(s.coupling).replays_rng() for b in rev.blocks for s in b.flows)
+
+
+@pytest.mark.parametrize("n_flow", [2, ff.layers.flowstep.MIN_STACK], ids=["per_step", "stacked"])
+@pytest.mark.parametrize("how", ["grad", "backward_inputs"])
+def test_gradients_wrt_the_input_alone_leave_parameter_grads_alone(how, n_flow):
+    """torch.autograd.grad(loss, x) and loss.backward(inputs=[x]): the input's gradient is
+    the stored one and no parameter's .grad is touched (the chain accumulated every
+    parameter's gradient into .grad as if backward() had been called: 48 of 48 here)."""
+    stored, rev, x = _glow_pair(torch.float64, True, True, n_flow=n_flow)
+    got = {}
+    for name, m in (("stored", stored), ("reversible", rev)):
+        m.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        log_p, logdet, _ = m(xi)
+        loss = ff.bits_per_dim(log_p, logdet, x[0].numel())
+        if name == "reversible":
+            ctx = pytest.warns(UserWarning, match="only the chain's input gets a gradient")
+        else:
+            ctx = contextlib.nullcontext()
+        with ctx:
+            if how == "grad":
+                got[name] = torch.autograd.grad(loss, xi)[0]
+            else:
+                loss.backward(inputs=[xi])
+                got[name] = xi.grad
+        touched = [n for n, p in m.named_parameters() if p.grad is not None]
+        assert touched == [], (name, touched)
+    assert _rel(got["reversible"], got["stored"]) < 1e-10
+    # a plain backward afterwards still gives the parameters the stored gradients
+    _, want = _glow_grads(stored, x)
+    _, after = _glow_grads(rev, x)
+    _check_grads(after, want, 1e-8)
+
+
+def _counting_lu_weight(monkeypatch):
+    """Calls of ``lu_weight_logdet`` (one per W assembly: a step's own, or a stacked one)."""
+    from fastflow.layers import channel_mix as layer_mix, flowstep
+    calls = []
+    original = flowstep.lu_weight_logdet
+
+    def counted(lower, *args, **kwargs):
+        calls.append(tuple(lower.shape[:-2]))
+        return original(lower, *args, **kwargs)
+
+    monkeypatch.setattr(flowstep, "lu_weight_logdet", counted)
+    monkeypatch.setattr(layer_mix, "lu_weight_logdet", counted)
+    return calls
+
+
+def test_reversible_blocks_assemble_w_as_one_stack(backend, monkeypatch):
+    """With MIN_STACK or more LU FlowSteps a reversible block assembles every step's W and
+    log-det as one stack, as the stored block does: once in forward and once in backward
+    (and back-propagates through it once), where it made one assembly per step in each;
+    the gradients are the stored model's and the loss is bitwise the same."""
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    k = ff.layers.flowstep.MIN_STACK
+    stored, rev, x = _glow_pair(dtype, True, True, n_flow=k)
+    loss0, want = _glow_grads(stored, x)
+    calls = _counting_lu_weight(monkeypatch)
+    loss1, got = _glow_grads(rev, x)
+    assert calls == [(k,)] * 4, calls  # 2 blocks x (forward, backward)
+    torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
+    _check_grads(got, want, TOL[dtype], backend)
+    assert int(rev.fallback_count) == 0
+
+
+@pytest.mark.parametrize("frozen", ["actnorm.scale", "actnorm.loc", "invconv.w_s", "invconv"])
+def test_stacked_reversible_blocks_with_frozen_parameters(frozen):
+    """Parameters left out of training (requires_grad=False) in a stacked block: they get
+    no gradient, the others the stored ones."""
+    stored, rev, x = _glow_pair(torch.float64, True, True, n_flow=ff.layers.flowstep.MIN_STACK)
+    for m in (stored, rev):
+        for name, p in m.named_parameters():
+            if frozen in name:
+                p.requires_grad_(False)
+    grads = []
+    for m in (stored, rev):
+        m.zero_grad(set_to_none=True)
+        log_p, logdet, _ = m(x)
+        ff.bits_per_dim(log_p, logdet, x[0].numel()).backward()
+        assert all(p.grad is None for p in m.parameters() if not p.requires_grad)
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    _check_grads(grads[1], grads[0], 1e-8, frozen)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_chain_stacks_its_lu_flowsteps_wherever_they_sit(dtype, monkeypatch):
+    """LU FlowSteps interleaved with other step types (and a FlowStep with a plain 1x1
+    convolution, which assembles its own W) are stacked together, on the reversible path
+    and the ordinary one alike: the same outputs bitwise and the stored gradients."""
+    torch.manual_seed(4)
+    kinds = ["flowstep_lu", "actnorm", "flowstep_lu", "coupling", "flowstep_plain_additive",
+             "flowstep_lu", "invconv_lu", "flowstep_lu"]
+    calls = _counting_lu_weight(monkeypatch)
+    seq = _compare_seq([_layer(k, 5, dtype) for k in kinds], dtype)
+    calls.clear()
+    x = torch.randn(3, 5, 3, 4, dtype=dtype, requires_grad=True)
+    seq(x)[1].sum().backward()
+    # the four LU FlowSteps as one stack (forward, backward); the lone InvConv2dLU its own
+    assert sorted(calls) == sorted([(4,), (), (4,), ()]), calls
+
+
+@pytest.mark.parametrize("where", ["step", "actnorm", "invconv", "coupling"])
+@pytest.mark.parametrize("kind", ["forward", "forward_pre"])
+def test_a_hooked_step_runs_the_ordinary_way_so_its_hooks_run(where, kind):
+    """A forward (pre-)hook on a step or on its ActNorm / 1x1 convolution / coupling: the
+    reversible stages never call those modules, so the hook was skipped silently (a hook
+    that scales the output gave another loss: 9.27 stored, 8.40 reversible). The chain now
+    runs the ordinary way, the hook runs and the results are the stored model's; without
+    the hook it is reversible again."""
+    stored, rev, x = _glow_pair(torch.float64, True, True)
+    calls = []
+
+    def hook(module, args, out=None):
+        calls.append(module)
+        if out is None:
+            return (args[0] * 1.5,)
+        return (out[0] * 1.5, out[1]) if isinstance(out, tuple) else out * 1.5
+
+    handles = []
+    for m in (stored, rev):
+        step = m.blocks[0].flows[1]
+        target = step if where == "step" else getattr(step, where)
+        register = (target.register_forward_hook if kind == "forward"
+                    else target.register_forward_pre_hook)
+        handles.append(register(hook))
+    loss0, want = _glow_grads(stored, x)
+    n_stored = len(calls)
+    loss1, got = _glow_grads(rev, x)
+    assert n_stored >= 1 and len(calls) == 2 * n_stored
+    torch.testing.assert_close(loss1, loss0, rtol=1e-12, atol=1e-12)
+    _check_grads(got, want, 1e-8, where)
+    for h in handles:
+        h.remove()
+    y = rev.blocks[0].flows(torch.rand(4, 4, 4, 4, dtype=torch.float64))[1]
+    assert type(y.grad_fn).__name__ == "_ReversibleChainBackward"
