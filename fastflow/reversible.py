@@ -39,6 +39,11 @@ What else it meets:
   ``find_unused_parameters=False`` (its default): with ``True`` DDP's forward-time graph
   walk would not find them and mark them unused. A module that appears twice in one chain
   has its hooks fire twice, which DDP refuses.
+* ``torch.func.functional_call``: its tensors are swapped in for the call only, and the
+  backward runs after it, so the forward records every module's parameters and buffers
+  and the backward recomputes with those (gradients go to the swapped tensors, not to
+  the module's own). A parameter computed from others (one with a ``grad_fn``) makes the
+  call run the ordinary way: the stages' backward stops at the chain's parameters.
 * No state is updated by the recompute: it never calls a step's ``forward`` (so no ActNorm
   initialisation, no hooks of the step modules) and builds W afresh (the layers cache nothing).
 * Module hooks registered on the steps (or their ActNorm / 1x1 convolution / coupling
@@ -69,6 +74,7 @@ caller's choice.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Iterable
 
@@ -359,6 +365,7 @@ class _ReversibleChain(torch.autograd.Function):
         seq.fallback_count.add_(kept.to(seq.fallback_count.dtype))
         seq.fallback_overflow.add_((flagged - kept).to(seq.fallback_overflow.dtype))
         ctx.seq, ctx.n_stages = seq, index
+        ctx.tensors = _module_tensors(seq)
         ctx.autocast = _autocast_state(x.device.type)
         ctx.mode = current_mode()
         ctx.save_for_backward(out, owner, *(() if reserve is None else (reserve,)))
@@ -372,7 +379,8 @@ class _ReversibleChain(torch.autograd.Function):
         y, owner, *rest = ctx.saved_tensors
         reserve = rest[0] if rest else None
         stages = [st for s in ctx.seq for st in _stages(s)]
-        with use_backend(ctx.mode), torch.enable_grad(), _autocast(ctx.autocast):
+        with use_backend(ctx.mode), torch.enable_grad(), _autocast(ctx.autocast), \
+                _tensors_as_at_forward(ctx.tensors):
             # every mix stage's W (with its graph) and W^-1 up front: one batched inverse
             mats = [st._matrix(y) if isinstance(st, _MixStage) and st.inv is not None
                     else None for st in stages]
@@ -394,6 +402,34 @@ class _ReversibleChain(torch.autograd.Function):
                 mats[index] = None
                 y = y.detach()
         return None, gy, None
+
+
+def _module_tensors(seq):
+    """Every module of the chain with its parameters and buffers as they are now (the
+    tensor objects, not copies): what the backward's recompute must read."""
+    return [(m, dict(m._parameters), dict(m._buffers)) for m in seq.modules()]
+
+
+@contextlib.contextmanager
+def _tensors_as_at_forward(saved):
+    """The chain's modules hold the tensors they held at forward while the backward
+    recomputes (the stages read them from the modules): ``torch.func.functional_call``
+    swaps tensors in only for the call, so without this the backward would rebuild the
+    inputs with the module's own parameters and give them the gradients meant for the
+    swapped ones. Entries that did not change are left as they are."""
+    swapped = []
+    try:
+        for m, params, buffers in saved:
+            for table, then in ((m._parameters, params), (m._buffers, buffers)):
+                for name, t in then.items():
+                    now = table.get(name)
+                    if now is not t:
+                        swapped.append((table, name, now))
+                        table[name] = t
+        yield
+    finally:
+        for table, name, now in reversed(swapped):
+            table[name] = now
 
 
 def _run_chain(seq, x):
@@ -428,7 +464,8 @@ class ReversibleSequence(nn.ModuleList):
     input requires grad; otherwise (inference, no grad, an empty batch), for a call that
     initialises an ActNorm and for a chain holding a subclass of a step type (a FlowStep's
     actnorm, invconv or coupling included: the reversible stages would bypass its
-    overrides), the steps run one after the other the ordinary way."""
+    overrides) and for parameters computed from others (``torch.func.functional_call``
+    with derived tensors), the steps run one after the other the ordinary way."""
 
     def __init__(self, steps: Iterable[nn.Module] = (), *, fallback_slots: int = 2,
                  fallback_cond: float = 1e3):
@@ -475,7 +512,13 @@ class ReversibleSequence(nn.ModuleList):
             return False  # a subclass's own maths: only its forward computes them
         if self.training and any(_uninitialised_actnorm(s) for s in self):
             return False  # the initialising call runs the ordinary way
-        return x.requires_grad or any(p.requires_grad for p in self.parameters())
+        params = [p for p in self.parameters() if p.requires_grad]
+        if any(p.grad_fn is not None for p in params):
+            # a parameter computed from others (torch.func.functional_call with derived
+            # tensors): the stages' backward stops at the chain's parameters, so only the
+            # stored-activation graph carries the gradient on to where they came from
+            return False
+        return x.requires_grad or bool(params)
 
     def forward(self, x):
         _check_logdet_flags(self)  # (a flag may have been changed since the chain was built)

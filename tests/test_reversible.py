@@ -257,6 +257,28 @@ def test_gradient_accumulation_and_state_untouched_by_the_recompute():
         torch.testing.assert_close(v, state[k], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("derived", [False, True], ids=["leaves", "derived"])
+def test_functional_call_gives_the_swapped_parameters_their_gradients(derived):
+    """``torch.func.functional_call`` swaps tensors in for the call only, and the chain's
+    backward runs after it: the recompute must use the swapped tensors (not the module's
+    own, which got the gradients before), and tensors derived from others (``derived``)
+    must pass the gradient on to where they came from."""
+    stored, rev, x = _glow_pair(torch.float64, True, True)
+    base = {n: (p.detach() + 0.01 * torch.randn_like(p)).requires_grad_(True)
+            for n, p in stored.named_parameters()}
+    grads = []
+    for model in (stored, rev):
+        for p in base.values():
+            p.grad = None
+        params = {n: 1.5 * p for n, p in base.items()} if derived else base
+        log_p, logdet, _ = torch.func.functional_call(model, params, (x,))
+        ff.bits_per_dim(log_p, logdet, x[0].numel()).backward()
+        grads.append({n: p.grad for n, p in base.items()})
+        assert all(p.grad is None for p in model.parameters())
+    assert all(g is not None for g in grads[1].values())
+    _check_grads(grads[1], grads[0], 1e-8)
+
+
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
 def test_double_backward_is_refused_clearly():
     _, rev, x = _glow_pair(torch.float64, True, True)
