@@ -80,6 +80,48 @@ def test_actnorm_no_init_in_eval_and_flag_survives_state_dict():
     assert not fresh._initialized
 
 
+class _Exp(torch.nn.Module):
+    """A positive ActNorm scale, stored as its log."""
+
+    def forward(self, v):
+        return v.exp()
+
+    def right_inverse(self, v):
+        return v.log()
+
+
+class _Half(torch.nn.Module):
+    def forward(self, v):
+        return v / 2
+
+    def right_inverse(self, v):
+        return 2 * v
+
+
+def test_actnorm_initialises_parametrized_loc_and_scale(backend):
+    """With ``torch.nn.utils.parametrize`` on loc / scale, reading them gives the
+    parametrization's output, computed for that read: the data-dependent initialisation
+    must go through ``right_inverse`` to the stored tensors (copying into the read value
+    left the layer at loc = 0, scale = 1 with its flag set)."""
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 5, device=DEVICE) * 3 + 1
+    plain = ff.ActNorm(3).to(DEVICE)
+    layer = ff.ActNorm(3).to(DEVICE)
+    parametrize.register_parametrization(layer, "scale", _Exp())
+    parametrize.register_parametrization(layer, "loc", _Half())
+    stored = list(layer.parameters())
+    want, want_ld = plain(x)
+    got, got_ld = layer(x)
+    assert layer._initialized and layer.initialized.item() == 1
+    assert_close(layer.scale.detach(), plain.scale.detach(), torch.float32)
+    assert_close(layer.loc.detach(), plain.loc.detach(), torch.float32)
+    assert_close(got, want, torch.float32)
+    assert_close(got_ld, want_ld, torch.float32)
+    assert all(p is q for p, q in zip(layer.parameters(), stored))  # an optimizer keeps them
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
 def test_actnorm_round_trip_all_dtypes(backend, dtype):
     layer = ff.ActNorm(5).to(DEVICE)

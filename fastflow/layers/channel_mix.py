@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .. import reference
 from ..backend import compute_dtype
@@ -47,9 +48,10 @@ class ActNorm(nn.Module):
 
     The first forward in training mode on a non-empty batch sets loc = -mean and
     scale = 1 / (std + 1e-6) from it (per channel); a batch with no elements (N = 0 or
-    H*W = 0) neither initialises nor changes it. The flag is the ``initialized`` buffer
-    (saved with the state dict) mirrored by a Python bool, so later calls never read the
-    device; loading a state dict refreshes the mirror. Hooks on this module fire when it is
+    H*W = 0) neither initialises nor changes it; a parametrized loc or scale
+    (``torch.nn.utils.parametrize``) gets its value through ``right_inverse``. The flag is
+    the ``initialized`` buffer (saved with the state dict) mirrored by a Python bool, so
+    later calls never read the device; loading a state dict refreshes the mirror. Hooks on this module fire when it is
     called itself; inside a stock ``FlowStep`` they fire too (the step then calls the
     submodules one by one instead of its fused path)."""
 
@@ -74,9 +76,15 @@ class ActNorm(nn.Module):
         """Data-dependent initialisation from the batch ``x`` (ignored when it is empty)."""
         if x.numel() == 0:
             return
-        loc, scale = reference.actnorm_init(x)
-        self.loc.copy_(loc.reshape(self.loc.shape))
-        self.scale.copy_(scale.reshape(self.scale.shape))
+        for name, value in zip(("loc", "scale"), reference.actnorm_init(x)):
+            now = getattr(self, name)
+            value = value.reshape(now.shape).to(now.dtype)
+            if parametrize.is_parametrized(self, name):
+                # ``now`` is the parametrization's output, computed for this read: the value
+                # goes to the stored tensor through its ``right_inverse`` instead
+                setattr(self, name, value)
+            else:
+                now.copy_(value)
         self.initialized.fill_(1)
         self._initialized = True
 
