@@ -44,6 +44,11 @@ What else it meets:
   and the backward recomputes with those (gradients go to the swapped tensors, not to
   the module's own). A parameter computed from others (one with a ``grad_fn``) makes the
   call run the ordinary way: the stages' backward stops at the chain's parameters.
+* Random numbers: a coupling network that draws them (dropout) draws the same ones in the
+  recompute: the generators' states (the CPU's, and the input's CUDA device's) are
+  recorded before each network runs in forward and set for its recompute, as
+  ``torch.utils.checkpoint`` does (not while a CUDA graph is being captured); the
+  caller's random stream is left as the forward left it.
 * No state is updated by the recompute: it never calls a step's ``forward`` (so no ActNorm
   initialisation, no hooks of the step modules) and builds W afresh (the layers cache nothing).
 * Module hooks registered on the steps (or their ActNorm / 1x1 convolution / coupling
@@ -178,9 +183,9 @@ class _MixStage:
             return actnorm_invconv(x, self.an.loc, self.an.scale, None)
         return self._apply(x, w), ld
 
-    def backward(self, y, gy, gld, stored, mats):
+    def backward(self, y, gy, gld, stored, mats, rng=None):
         """``mats``: (W with its graph, the stage's log-det with its graph, W^-1 float64)
-        from ``_matrix``, None for ActNorm alone."""
+        from ``_matrix``, None for ActNorm alone (``rng``: unused, no random numbers here)."""
         an = self.an
         if self.inv is None:
             w = ld = None
@@ -246,9 +251,12 @@ class _CouplingStage:
         log_hi = reference.coupling_log_scale(hi, scale, clamp)[0]
         return y, ld, torch.clamp(log_hi, min=0.0) - log_lo > math.log(limit)
 
-    def backward(self, y, gy, gld, stored, mats=None):
+    def backward(self, y, gy, gld, stored, mats=None, rng=None):
+        """``rng``: the random number generators' states when the forward ran the network
+        (``_rng_state``): a network that draws random numbers (dropout) draws the same."""
         ya = y[:, :self.ca].detach().requires_grad_(True)
-        h = self.c.net(ya)
+        with _rng_as(rng):
+            h = self.c.net(ya)
         hd = h.detach()
         with torch.no_grad():
             x = self._op(y, hd, True)[0]
@@ -341,6 +349,7 @@ class _ReversibleChain(torch.autograd.Function):
         flagged = torch.zeros((), dtype=torch.int64, device=x.device)
         slot_ids = torch.arange(slots, device=x.device)
         out, logdet, index, k_mix = x, None, 0, 0
+        rng = [None] * len(flat)
         for stages in steps:
             step_ld = None
             for stage in stages:
@@ -349,6 +358,7 @@ class _ReversibleChain(torch.autograd.Function):
                     flag = mix_flags[k_mix] if mix_flags is not None else None
                     k_mix += 1
                 else:
+                    rng[index] = _rng_state(out.device)
                     y, ld, flag = stage.forward(out, limit)
                 if flag is not None:
                     if reserve is not None:
@@ -365,7 +375,7 @@ class _ReversibleChain(torch.autograd.Function):
         seq.fallback_count.add_(kept.to(seq.fallback_count.dtype))
         seq.fallback_overflow.add_((flagged - kept).to(seq.fallback_overflow.dtype))
         ctx.seq, ctx.n_stages = seq, index
-        ctx.tensors = _module_tensors(seq)
+        ctx.tensors, ctx.rng = _module_tensors(seq), rng
         ctx.autocast = _autocast_state(x.device.type)
         ctx.mode = current_mode()
         ctx.save_for_backward(out, owner, *(() if reserve is None else (reserve,)))
@@ -398,10 +408,35 @@ class _ReversibleChain(torch.autograd.Function):
                         x = torch.where(owner[r] == index, reserve[r], x)
                     return x
 
-                y, gy = stages[index].backward(y.detach(), gy, gld, stored, mats[index])
+                y, gy = stages[index].backward(y.detach(), gy, gld, stored, mats[index],
+                                               rng=ctx.rng[index])
                 mats[index] = None
                 y = y.detach()
         return None, gy, None
+
+
+def _rng_state(device):
+    """What the coupling network's random numbers (dropout) are drawn from, before it runs:
+    the CPU generator's state and, for a CUDA input, its device's (not while a CUDA graph
+    is being captured: a capture cannot set it back, and random numbers in a captured step
+    are the caller's to replay)."""
+    cuda = device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if cuda else None), device
+
+
+@contextlib.contextmanager
+def _rng_as(state):
+    """The generators as ``_rng_state`` found them, for the recompute only: the caller's
+    random stream is left where it was (``torch.random.fork_rng``)."""
+    if state is None:
+        yield
+        return
+    cpu, dev, device = state
+    with torch.random.fork_rng(devices=[] if dev is None else [device]):
+        torch.set_rng_state(cpu)
+        if dev is not None:
+            torch.cuda.set_rng_state(dev, device)
+        yield
 
 
 def _module_tensors(seq):

@@ -279,6 +279,31 @@ def test_functional_call_gives_the_swapped_parameters_their_gradients(derived):
     _check_grads(grads[1], grads[0], 1e-8)
 
 
+def test_a_coupling_network_with_dropout_draws_the_same_in_the_recompute():
+    """The recompute runs the coupling networks again: one that draws random numbers
+    (dropout) must draw the forward's (it drew fresh ones: gradients of another network),
+    and the backward must leave the caller's random stream where the forward left it."""
+    torch.manual_seed(0)
+    steps = [_layer("flowstep_lu", 4, torch.float64), _layer("coupling", 4, torch.float64)]
+    for s in steps:
+        c = s.coupling if isinstance(s, ff.FlowStep) else s
+        c.net = torch.nn.Sequential(torch.nn.Conv2d(2, 8, 3, padding=1), torch.nn.ReLU(),
+                                    torch.nn.Dropout(0.5), torch.nn.Conv2d(8, 4, 1)).double()
+    seq = ReversibleSequence(steps)
+    x = torch.randn(3, 4, 4, 4, dtype=torch.float64)
+    seq(x)  # ActNorm initialisation
+    wy, wl = torch.randn_like(x), torch.randn(3, dtype=torch.float64)
+    results = []
+    for reversible in (False, True):
+        torch.manual_seed(5)
+        y, ld, grads = _seq_grads(seq, x, reversible, wy, wl)
+        results.append((y, ld, grads, torch.rand(4)))
+    (y0, ld0, want, next0), (y1, ld1, got, next1) = results
+    torch.testing.assert_close(y1, y0, rtol=0, atol=0)
+    _check_grads(got, want, 1e-8)
+    torch.testing.assert_close(next1, next0, rtol=0, atol=0)
+
+
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
 def test_double_backward_is_refused_clearly():
     _, rev, x = _glow_pair(torch.float64, True, True)
