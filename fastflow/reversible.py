@@ -50,7 +50,9 @@ What else it meets:
   ``torch.utils.checkpoint`` does (not while a CUDA graph is being captured); the
   caller's random stream is left as the forward left it.
 * No state is updated by the recompute: it never calls a step's ``forward`` (so no ActNorm
-  initialisation, no hooks of the step modules) and builds W afresh (the layers cache nothing).
+  initialisation, no hooks of the step modules), builds W afresh (the layers cache nothing)
+  and sets the coupling networks' buffers back to their values before it (a network's
+  BatchNorm updates its running statistics once per forward, as without the chain).
 * Module hooks registered on the steps (or their ActNorm / 1x1 convolution / coupling
   submodules) do not run on the reversible path: the steps' ``forward`` is not called
   (the coupling networks are, and their hooks run in forward and again in the recompute).
@@ -255,14 +257,15 @@ class _CouplingStage:
         """``rng``: the random number generators' states when the forward ran the network
         (``_rng_state``): a network that draws random numbers (dropout) draws the same."""
         ya = y[:, :self.ca].detach().requires_grad_(True)
-        with _rng_as(rng):
-            h = self.c.net(ya)
-        hd = h.detach()
-        with torch.no_grad():
-            x = self._op(y, hd, True)[0]
-        gx, gh = coupling_backward(gy.contiguous(), gld.contiguous(), y, hd, *self.opts,
-                                   False, True)
-        _backprop((h,), (gh,), [ya] + self.params())
+        with _buffers_kept(self.c.net):
+            with _rng_as(rng):
+                h = self.c.net(ya)
+            hd = h.detach()
+            with torch.no_grad():
+                x = self._op(y, hd, True)[0]
+            gx, gh = coupling_backward(gy.contiguous(), gld.contiguous(), y, hd, *self.opts,
+                                       False, True)
+            _backprop((h,), (gh,), [ya] + self.params())
         if ya.grad is not None:
             gx[:, :self.ca] += ya.grad
         return stored(x), gx
@@ -437,6 +440,24 @@ def _rng_as(state):
         if dev is not None:
             torch.cuda.set_rng_state(dev, device)
         yield
+
+
+@contextlib.contextmanager
+def _buffers_kept(net):
+    """The buffers of the network's modules in training mode as they are before the block,
+    set back after it: its forward already updated them (BatchNorm's running statistics),
+    the recompute must not update them a second time. All of them, whatever their version
+    counters say (BatchNorm's kernel updates its statistics without moving them); modules
+    in eval mode update none (and an autograd graph may hold theirs: left untouched)."""
+    saved = [(m, name, b, b.clone()) for m in net.modules() if m.training
+             for name, b in m._buffers.items() if b is not None]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, name, b, value in saved:
+                m._buffers[name] = b
+                b.copy_(value)
 
 
 def _module_tensors(seq):

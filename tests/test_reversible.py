@@ -2,6 +2,7 @@
 stored-activation gradients, keep memory flat in depth, and fall back to a stored input for
 an ill-conditioned step."""
 
+import copy
 import importlib.util
 import os
 import pathlib
@@ -302,6 +303,33 @@ def test_a_coupling_network_with_dropout_draws_the_same_in_the_recompute():
     torch.testing.assert_close(y1, y0, rtol=0, atol=0)
     _check_grads(got, want, 1e-8)
     torch.testing.assert_close(next1, next0, rtol=0, atol=0)
+
+
+def test_a_coupling_networks_batchnorm_statistics_are_updated_once_per_forward():
+    """The recompute runs the coupling networks again in training mode: a BatchNorm in one
+    updated its running statistics a second time (and counted a second batch), so the
+    model's state, and everything it computes in eval mode, drifted from the stored path's."""
+    torch.manual_seed(0)
+    steps = [_layer("flowstep_lu", 4, torch.float64), _layer("coupling", 4, torch.float64)]
+    for s in steps:
+        c = s.coupling if isinstance(s, ff.FlowStep) else s
+        # (no bias before the BatchNorm: its gradient is zero up to rounding)
+        c.net = torch.nn.Sequential(torch.nn.Conv2d(2, 8, 3, padding=1, bias=False),
+                                    torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                    torch.nn.Conv2d(8, 4, 1)).double()
+    seq = ReversibleSequence(steps)
+    x = torch.randn(3, 4, 4, 4, dtype=torch.float64)
+    seq(x)  # ActNorm initialisation
+    before = copy.deepcopy(seq.state_dict())
+    wy, wl = torch.randn_like(x), torch.randn(3, dtype=torch.float64)
+    states, grads = [], []
+    for reversible in (False, True):
+        seq.load_state_dict(before)
+        grads.append(_seq_grads(seq, x, reversible, wy, wl)[2])
+        states.append(copy.deepcopy(seq.state_dict()))
+    _check_grads(grads[1], grads[0], 1e-8)
+    for name, value in states[0].items():
+        torch.testing.assert_close(states[1][name], value, rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
