@@ -340,6 +340,67 @@ def test_cache_to_device():
         _check_fresh(layer, x.to(target))
 
 
+class _Method(torch.nn.Module):
+    """Calls ``m.<method>``: ``torch.func.functional_call`` runs a module's forward only."""
+
+    def __init__(self, m, method):
+        super().__init__()
+        self.m, self.method = m, method
+
+    def forward(self, *args):
+        return getattr(self.m, self.method)(*args)
+
+
+def _call_with(module, method, state, *args):
+    """``module.<method>(*args)`` with ``state`` swapped in by ``torch.func.functional_call``."""
+    return torch.func.functional_call(_Method(module, method),
+                                      {f"m.{k}": v for k, v in state.items()}, args)
+
+
+def test_functional_call_with_another_layers_state_dict(backend):
+    """``w_rows`` (the row gather of ``w_p``) is not in the state dict: with another
+    layer's state dict swapped in by ``torch.func.functional_call`` the layer used its own
+    permutation's rows with the other's ``w_p`` and factors, a wrong W."""
+    torch.manual_seed(0)
+    layer, other = ff.InvConv2dLU(6).to(DEVICE), _perturb(ff.InvConv2dLU(6).to(DEVICE))
+    assert not torch.equal(layer.w_p, other.w_p)
+    x = torch.randn(2, 6, 3, 3, device=DEVICE)
+    for method in ("forward", "inverse"):
+        want = getattr(other, method)(x)
+        got = _call_with(layer, method, other.state_dict(), x)
+        assert_close(got[0], want[0], torch.float32)
+        assert_close(got[1], want[1], torch.float32)
+    w, w_inv = _lu_matrices(layer)  # the layer itself still uses its own
+    assert_close(layer(x)[0], reference.channel_mix(x.double(), w), torch.float32)
+    assert_close(layer.reverse(x), reference.channel_mix(x.double(), w_inv), torch.float32)
+    # copies, moves and loads keep using the buffer (no argmax per call)
+    loaded = ff.InvConv2dLU(6).to(DEVICE)
+    loaded.load_state_dict(other.state_dict(), assign=True)
+    for twin in (copy.deepcopy(layer), layer.double(), loaded):
+        assert twin.rows() is twin.w_rows
+    assert torch.equal(loaded.w_rows, other.w_rows)
+
+
+def test_glow_functional_call_with_another_models_state_dict():
+    """The same through a Glow: the stacked assembly of a block's steps (forward) and the
+    batched inverses (sampling) read each layer's rows too."""
+    torch.manual_seed(0)
+    mine, other = ff.Glow(2, 4, 2, filter_size=8), ff.Glow(2, 4, 2, filter_size=8)
+    x = torch.randn(3, 2, 8, 8)
+    mine(x)
+    other(x)
+    _perturb(other, 0.02)
+    mine.eval()
+    other.eval()
+    want = other(x)
+    got = torch.func.functional_call(mine, other.state_dict(), (x,))
+    assert_close(got[0], want[0], torch.float32)
+    assert_close(got[1], want[1], torch.float32)
+    z = [0.5 * t for t in want[2]]
+    assert_close(_call_with(mine, "reverse", other.state_dict(), z), other.reverse(z),
+                 torch.float32)
+
+
 def test_cache_deepcopy(backend):
     layer = ff.InvConv2dLU(4).to(DEVICE)
     x = torch.randn(2, 4, 3, 3, device=DEVICE)

@@ -14,7 +14,9 @@ counters, and no exact check is cheap (comparing values reads the device). The c
 few operations on a C x C float64 matrix per call (see the sampling rows of
 benchmarks/suite_glow.py and the op counts of benchmarks/run.py). The only derived state
 kept is ``InvConv2dLU``'s row order of the fixed permutation ``w_p`` (a non-persistent
-buffer refreshed by ``load_state_dict``): ``w_p`` and ``s_sign`` are fixed buffers, not to be edited otherwise.
+buffer refreshed by ``load_state_dict``, used only while ``w_p`` is the tensor it was made
+from: ``torch.func.functional_call`` with another layer's state dict swaps in another
+permutation): ``w_p`` and ``s_sign`` are fixed buffers, not to be edited otherwise.
 """
 
 from __future__ import annotations
@@ -169,6 +171,7 @@ class InvConv2dLU(_InvConvBase):
         self.register_buffer("l_eye", torch.eye(in_channel))
         # the row gather of the fixed permutation w_p, refreshed whenever a state dict loads
         self.register_buffer("w_rows", w_p.argmax(dim=1), persistent=False)
+        self._rows_of = self.w_p  # the w_p tensor that w_rows was made from
         self.w_l = nn.Parameter(w_l.float())
         self.w_s = nn.Parameter(torch.log(torch.abs(w_s)).float())
         self.w_u = nn.Parameter(torch.triu(w_u, 1).float())
@@ -178,16 +181,29 @@ class InvConv2dLU(_InvConvBase):
     def _sync_rows(module, incompatible_keys):
         with torch.no_grad():
             module.w_rows.copy_(module.w_p.argmax(dim=1))
+        module._rows_of = module.w_p  # (load_state_dict(assign=True) put a new tensor there)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._rows_of = self.w_p  # moved or cast with w_rows (.to, .half, to_empty): its rows
+        return self
+
+    def rows(self):
+        """The row gather of the permutation ``w_p`` (``w_p.argmax(dim=1)``): the ``w_rows``
+        buffer, or, where ``w_p`` is not the tensor it was made from (another one swapped in
+        by ``torch.func.functional_call``, e.g. another layer's state dict), made from
+        ``w_p`` for this call."""
+        return self.w_rows if self.w_p is self._rows_of else self.w_p.argmax(dim=1)
 
     def _assemble(self, inverse: bool):
         """W = P (L + I) (U + diag(s_sign exp(w_s))) in float64 (the ``lu_weight`` op), or
         W^-1 from triangular solves (``reference.lu_inverse_from_rows``); L, U are the
         strictly lower / upper parts of w_l, w_u (rosinality's masks)."""
         if not inverse:
-            return lu_weight_logdet(self.w_l, self.w_u, self.w_s, self.s_sign, self.w_rows,
+            return lu_weight_logdet(self.w_l, self.w_u, self.w_s, self.s_sign, self.rows(),
                                     n=0)[0]
         d = torch.float64
-        return reference.lu_inverse_from_rows(self.w_rows, self.w_l.to(d), self.w_u.to(d),
+        return reference.lu_inverse_from_rows(self.rows(), self.w_l.to(d), self.w_u.to(d),
                                               self.w_s.to(d), self.s_sign)
 
     def weight_and_logdet(self, inverse: bool = False):
@@ -206,7 +222,7 @@ class InvConv2dLU(_InvConvBase):
         launch writes W (computed in float64) in float32, so the mix needs no cast."""
         cd = compute_dtype(x.dtype)
         if not inverse:
-            return lu_weight_logdet(self.w_l, self.w_u, self.w_s, self.s_sign, self.w_rows,
+            return lu_weight_logdet(self.w_l, self.w_u, self.w_s, self.s_sign, self.rows(),
                                     scale=scale, n=x.shape[0],
                                     ld_mult=x.shape[2] * x.shape[3], ld_dtype=cd,
                                     w_dtype=cd if for_mix else None)
@@ -216,11 +232,12 @@ class InvConv2dLU(_InvConvBase):
 
     @staticmethod
     def stacked_factors(convs) -> tuple:
-        """(w_l, w_u, w_s, s_sign, w_rows) of every layer in ``convs`` (``InvConv2dLU``s of
+        """(w_l, w_u, w_s, s_sign, rows()) of every layer in ``convs`` (``InvConv2dLU``s of
         one channel count), each stacked on a new first dimension: ``lu_weight_logdet``'s
         (lower, upper, log_s, sign_s, rows) for the whole stack."""
-        return tuple(torch.stack([getattr(m, name) for m in convs])
-                     for name in ("w_l", "w_u", "w_s", "s_sign", "w_rows"))
+        return tuple(torch.stack([m.rows() if name == "rows" else getattr(m, name)
+                                  for m in convs])
+                     for name in ("w_l", "w_u", "w_s", "s_sign", "rows"))
 
     @staticmethod
     def stacked_inverses(convs, dtype: torch.dtype) -> list:
