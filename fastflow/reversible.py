@@ -309,12 +309,8 @@ def _stock(step) -> bool:
 
 
 def _uninitialised_actnorm(step) -> bool:
-    for m in step.modules():
-        if isinstance(m, ActNorm):
-            flag = getattr(m, "_initialized", None)  # the host-side mirror: no device read
-            if not (bool(m.initialized.item()) if flag is None else flag):
-                return True
-    return False
+    # (is_initialized: the host-side mirror, no device read)
+    return any(isinstance(m, ActNorm) and not m.is_initialized() for m in step.modules())
 
 
 # --------------------------------------------------------------------------------------

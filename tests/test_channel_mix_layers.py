@@ -80,6 +80,30 @@ def test_actnorm_no_init_in_eval_and_flag_survives_state_dict():
     assert not fresh._initialized
 
 
+def test_actnorm_under_functional_call_reads_the_swapped_flag(backend):
+    """``torch.func.functional_call(fresh, trained.state_dict(), x)`` in training mode: the
+    host-side mirror describes the layer's own flag (not set), so the layer initialised
+    from x, writing into the swapped tensors (the trained model's own parameters, which a
+    state dict shares) and setting its own mirror while its own loc / scale stayed 0 / 1."""
+    torch.manual_seed(0)
+    trained = ff.ActNorm(3).to(DEVICE)
+    trained(torch.randn(4, 3, 5, 5, device=DEVICE) * 3 + 1)
+    state = {k: v.clone() for k, v in trained.state_dict().items()}
+    fresh = ff.ActNorm(3).to(DEVICE)
+    x = torch.randn(2, 3, 4, 4, device=DEVICE)
+    want = trained(x)
+    got = torch.func.functional_call(fresh, trained.state_dict(), (x,))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    for k, v in trained.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert not fresh._initialized and fresh.initialized.item() == 0
+    x2 = torch.randn(4, 3, 5, 5, device=DEVICE) - 2
+    fresh(x2)  # its own initialisation, from its own first batch
+    loc, scale = reference.actnorm_init(x2)
+    assert_close(fresh.loc.detach().flatten(), loc, torch.float32)
+    assert_close(fresh.scale.detach().flatten(), scale, torch.float32)
+
+
 class _Exp(torch.nn.Module):
     """A positive ActNorm scale, stored as its log."""
 

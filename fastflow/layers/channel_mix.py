@@ -53,7 +53,9 @@ class ActNorm(nn.Module):
     H*W = 0) neither initialises nor changes it; a parametrized loc or scale
     (``torch.nn.utils.parametrize``) gets its value through ``right_inverse``. The flag is
     the ``initialized`` buffer (saved with the state dict) mirrored by a Python bool, so
-    later calls never read the device; loading a state dict refreshes the mirror. Hooks on this module fire when it is
+    later calls never read the device; loading a state dict refreshes the mirror. The mirror
+    describes the buffer tensor it was made for: where another one is swapped in
+    (``torch.func.functional_call`` with a state dict), that one is read instead. Hooks on this module fire when it is
     called itself; inside a stock ``FlowStep`` they fire too (the step then calls the
     submodules one by one instead of its fused path)."""
 
@@ -67,11 +69,26 @@ class ActNorm(nn.Module):
         self.register_buffer("initialized", torch.tensor(0, dtype=torch.uint8))
         self.logdet = check_bool("logdet", logdet)
         self._initialized = False
+        self._flag_of = self.initialized  # the buffer tensor that _initialized describes
         self.register_load_state_dict_post_hook(ActNorm._sync_flag)
 
     @staticmethod
     def _sync_flag(module, incompatible_keys):
         module._initialized = bool(module.initialized.item())  # once per load, not per call
+        module._flag_of = module.initialized  # (load_state_dict(assign=True): a new tensor)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._flag_of = self.initialized  # moved with its value (.to, .cuda): still described
+        return self
+
+    def is_initialized(self) -> bool:
+        """Whether the data-dependent initialisation has run: the host-side mirror, or, where
+        ``initialized`` is not the tensor it describes (another one swapped in by
+        ``torch.func.functional_call``), that tensor read (a host-device synchronisation)."""
+        if self.initialized is getattr(self, "_flag_of", None):
+            return self._initialized
+        return bool(self.initialized)
 
     @torch.no_grad()
     def initialize(self, x):
@@ -88,10 +105,11 @@ class ActNorm(nn.Module):
             else:
                 now.copy_(value)
         self.initialized.fill_(1)
-        self._initialized = True
+        if self.initialized is self._flag_of:  # (not a tensor swapped in for one call)
+            self._initialized = True
 
     def maybe_initialize(self, x):
-        if self.training and not self._initialized:
+        if self.training and not self.is_initialized():
             self.initialize(x)
 
     def forward(self, x):
