@@ -80,7 +80,7 @@ def test_actnorm_no_init_in_eval_and_flag_survives_state_dict():
     assert not fresh._initialized
 
 
-def test_actnorm_under_functional_call_reads_the_swapped_flag(backend):
+def test_actnorm_under_functional_call_leaves_the_swapped_state_alone(backend):
     """``torch.func.functional_call(fresh, trained.state_dict(), x)`` in training mode: the
     host-side mirror describes the layer's own flag (not set), so the layer initialised
     from x, writing into the swapped tensors (the trained model's own parameters, which a
@@ -102,6 +102,25 @@ def test_actnorm_under_functional_call_reads_the_swapped_flag(backend):
     loc, scale = reference.actnorm_init(x2)
     assert_close(fresh.loc.detach().flatten(), loc, torch.float32)
     assert_close(fresh.scale.detach().flatten(), scale, torch.float32)
+
+
+def test_flowstep_ensemble_under_vmap_in_training_mode():
+    """``torch.func.stack_module_state`` + ``vmap(functional_call)``, the ensembling recipe,
+    in training mode: the swapped flags are batched tensors (reading one fails under
+    vmap); each member gives what it gives alone."""
+    torch.manual_seed(0)
+    models = [ff.FlowStep(4, filter_size=8) for _ in range(2)]
+    x = torch.randn(2, 4, 4, 4)
+    for m in models:
+        m(x)  # initialised
+    params, buffers = torch.func.stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+    y, ld = torch.vmap(lambda p, b: torch.func.functional_call(base, (p, b), (x,)))(
+        params, buffers)
+    for k, m in enumerate(models):
+        want = m(x)
+        assert_close(y[k], want[0], torch.float32)
+        assert_close(ld[k], want[1], torch.float32)
 
 
 class _Exp(torch.nn.Module):

@@ -55,7 +55,8 @@ class ActNorm(nn.Module):
     the ``initialized`` buffer (saved with the state dict) mirrored by a Python bool, so
     later calls never read the device; loading a state dict refreshes the mirror. The mirror
     describes the buffer tensor it was made for: where another one is swapped in
-    (``torch.func.functional_call`` with a state dict), that one is read instead. Hooks on this module fire when it is
+    (``torch.func.functional_call`` with a state dict, ``torch.func.stack_module_state``),
+    the tensors are the caller's state and are never initialised here. Hooks on this module fire when it is
     called itself; inside a stock ``FlowStep`` they fire too (the step then calls the
     submodules one by one instead of its fused path)."""
 
@@ -83,12 +84,11 @@ class ActNorm(nn.Module):
         return self
 
     def is_initialized(self) -> bool:
-        """Whether the data-dependent initialisation has run: the host-side mirror, or, where
-        ``initialized`` is not the tensor it describes (another one swapped in by
-        ``torch.func.functional_call``), that tensor read (a host-device synchronisation)."""
-        if self.initialized is getattr(self, "_flag_of", None):
-            return self._initialized
-        return bool(self.initialized)
+        """Whether the data-dependent initialisation has run (no device read): the host-side
+        mirror; True where ``initialized`` is not the tensor the mirror describes (another
+        one swapped in by ``torch.func.functional_call``: the caller's state, not this
+        layer's to initialise; reading it would wait for the device, or fail under vmap)."""
+        return self._initialized or self.initialized is not getattr(self, "_flag_of", None)
 
     @torch.no_grad()
     def initialize(self, x):
@@ -105,8 +105,7 @@ class ActNorm(nn.Module):
             else:
                 now.copy_(value)
         self.initialized.fill_(1)
-        if self.initialized is self._flag_of:  # (not a tensor swapped in for one call)
-            self._initialized = True
+        self._initialized = True
 
     def maybe_initialize(self, x):
         if self.training and not self.is_initialized():
