@@ -544,6 +544,18 @@ class ReversibleSequence(nn.ModuleList):
                              persistent=False)
         self.register_buffer("fallback_overflow", torch.zeros((), dtype=torch.int64),
                              persistent=False)
+        self.register_load_state_dict_post_hook(ReversibleSequence._counters_off_meta)
+
+    @staticmethod
+    def _counters_off_meta(module, incompatible_keys):
+        """``load_state_dict(assign=True)`` into a chain made on the meta device puts its
+        steps' tensors on a real device, not the counters (not in a state dict): they
+        follow the parameters, from zero."""
+        p = next(module.parameters(), None)
+        if p is not None and not p.is_meta:
+            for name in ("fallback_count", "fallback_overflow"):
+                if getattr(module, name).is_meta:
+                    setattr(module, name, torch.zeros((), dtype=torch.int64, device=p.device))
 
     def __getitem__(self, idx):
         if isinstance(idx, slice):  # a plain list of the steps (ModuleList would rebuild us)

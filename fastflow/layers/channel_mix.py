@@ -196,9 +196,13 @@ class InvConv2dLU(_InvConvBase):
 
     @staticmethod
     def _sync_rows(module, incompatible_keys):
-        with torch.no_grad():
-            module.w_rows.copy_(module.w_p.argmax(dim=1))
-        module._rows_of = module.w_p  # (load_state_dict(assign=True) put a new tensor there)
+        rows = module.w_p.argmax(dim=1)
+        if module.w_rows.device == rows.device:
+            with torch.no_grad():
+                module.w_rows.copy_(rows)  # in place: a captured CUDA graph reads this one
+        else:  # load_state_dict(assign=True) into a layer made on the meta device
+            module.w_rows = rows
+        module._rows_of = module.w_p  # (assign=True put a new tensor there)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
