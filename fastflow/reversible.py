@@ -44,11 +44,13 @@ What else it meets:
   and the backward recomputes with those (gradients go to the swapped tensors, not to
   the module's own). A parameter computed from others (one with a ``grad_fn``) makes the
   call run the ordinary way: the stages' backward stops at the chain's parameters.
-* Random numbers: a coupling network that draws them (dropout) draws the same ones in the
-  recompute: the generators' states (the CPU's, and the input's CUDA device's) are
-  recorded before each network runs in forward and set for its recompute, as
-  ``torch.utils.checkpoint`` does (not while a CUDA graph is being captured); the
-  caller's random stream is left as the forward left it.
+* Random numbers and buffers: a coupling network that draws random numbers (dropout) or
+  reads buffers that its forward updates (spectral norm's power iteration) computes in
+  the recompute what it computed in forward: the generators' states (the CPU's, and the
+  input's CUDA device's, not while a CUDA graph is being captured) and the buffers of its
+  training-mode modules are recorded before each network runs in forward and set for its
+  recompute, as ``torch.utils.checkpoint`` does for the generators; afterwards the
+  caller's random stream and the buffers are as the forward left them.
 * No state is updated by the recompute: it never calls a step's ``forward`` (so no ActNorm
   initialisation, no hooks of the step modules), builds W afresh (the layers cache nothing)
   and sets the coupling networks' buffers back to their values before it (a network's
@@ -185,9 +187,9 @@ class _MixStage:
             return actnorm_invconv(x, self.an.loc, self.an.scale, None)
         return self._apply(x, w), ld
 
-    def backward(self, y, gy, gld, stored, mats, rng=None):
+    def backward(self, y, gy, gld, stored, mats, net_state=None):
         """``mats``: (W with its graph, the stage's log-det with its graph, W^-1 float64)
-        from ``_matrix``, None for ActNorm alone (``rng``: unused, no random numbers here)."""
+        from ``_matrix``, None for ActNorm alone (``net_state``: None, no network here)."""
         an = self.an
         if self.inv is None:
             w = ld = None
@@ -253,13 +255,12 @@ class _CouplingStage:
         log_hi = reference.coupling_log_scale(hi, scale, clamp)[0]
         return y, ld, torch.clamp(log_hi, min=0.0) - log_lo > math.log(limit)
 
-    def backward(self, y, gy, gld, stored, mats=None, rng=None):
-        """``rng``: the random number generators' states when the forward ran the network
-        (``_rng_state``): a network that draws random numbers (dropout) draws the same."""
+    def backward(self, y, gy, gld, stored, mats, net_state):
+        """``net_state``: what the network's forward read besides its input and parameters
+        (``_net_state``): the recompute runs under it, so it computes what the forward did."""
         ya = y[:, :self.ca].detach().requires_grad_(True)
-        with _buffers_kept(self.c.net):
-            with _rng_as(rng):
-                h = self.c.net(ya)
+        with _as_at_forward(self.c.net, net_state):
+            h = self.c.net(ya)
             hd = h.detach()
             with torch.no_grad():
                 x = self._op(y, hd, True)[0]
@@ -348,7 +349,7 @@ class _ReversibleChain(torch.autograd.Function):
         flagged = torch.zeros((), dtype=torch.int64, device=x.device)
         slot_ids = torch.arange(slots, device=x.device)
         out, logdet, index, k_mix = x, None, 0, 0
-        rng = [None] * len(flat)
+        net_states = [None] * len(flat)
         for stages in steps:
             step_ld = None
             for stage in stages:
@@ -357,7 +358,7 @@ class _ReversibleChain(torch.autograd.Function):
                     flag = mix_flags[k_mix] if mix_flags is not None else None
                     k_mix += 1
                 else:
-                    rng[index] = _rng_state(out.device)
+                    net_states[index] = _net_state(stage.c.net, out.device)
                     y, ld, flag = stage.forward(out, limit)
                 if flag is not None:
                     if reserve is not None:
@@ -374,7 +375,7 @@ class _ReversibleChain(torch.autograd.Function):
         seq.fallback_count.add_(kept.to(seq.fallback_count.dtype))
         seq.fallback_overflow.add_((flagged - kept).to(seq.fallback_overflow.dtype))
         ctx.seq, ctx.n_stages = seq, index
-        ctx.tensors, ctx.rng = _module_tensors(seq), rng
+        ctx.tensors, ctx.net_states = _module_tensors(seq), net_states
         ctx.autocast = _autocast_state(x.device.type)
         ctx.mode = current_mode()
         ctx.save_for_backward(out, owner, *(() if reserve is None else (reserve,)))
@@ -408,52 +409,54 @@ class _ReversibleChain(torch.autograd.Function):
                     return x
 
                 y, gy = stages[index].backward(y.detach(), gy, gld, stored, mats[index],
-                                               rng=ctx.rng[index])
+                                               ctx.net_states[index])
                 mats[index] = None
                 y = y.detach()
         return None, gy, None
 
 
-def _rng_state(device):
-    """What the coupling network's random numbers (dropout) are drawn from, before it runs:
-    the CPU generator's state and, for a CUDA input, its device's (not while a CUDA graph
-    is being captured: a capture cannot set it back, and random numbers in a captured step
-    are the caller's to replay)."""
+def _training_buffers(net):
+    """(module, name, buffer, a copy of its value) for the buffers of ``net``'s modules in
+    training mode: those its forward may update (BatchNorm's running statistics, spectral
+    norm's power-iteration vectors). Modules in eval mode update none (and an autograd
+    graph may hold theirs: never written here)."""
+    return [(m, name, b, b.clone()) for m in net.modules() if m.training
+            for name, b in m._buffers.items() if b is not None]
+
+
+def _net_state(net, device):
+    """What a coupling network's forward reads besides its input and parameters, recorded
+    before it runs: the random number generators' states (dropout; the CPU's and, for a
+    CUDA input, its device's, not while a CUDA graph is being captured: a capture cannot
+    set it back) and its training-mode buffers."""
     cuda = device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
-    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if cuda else None), device
+    rng = torch.get_rng_state(), (torch.cuda.get_rng_state(device) if cuda else None), device
+    return rng, _training_buffers(net)
 
 
 @contextlib.contextmanager
-def _rng_as(state):
-    """The generators as ``_rng_state`` found them, for the recompute only: the caller's
-    random stream is left where it was (``torch.random.fork_rng``)."""
-    if state is None:
-        yield
-        return
-    cpu, dev, device = state
+def _as_at_forward(net, state):
+    """``net``'s generators and training-mode buffers as ``_net_state`` recorded them, for
+    the recompute only. Afterwards the buffers hold their values from before the block
+    again (the forward updated them once already): by value, whatever their version
+    counters say (BatchNorm's kernel moves none); and the caller's random stream is where
+    it was (``torch.random.fork_rng``)."""
+    (cpu, dev, device), then = state
+    now = _training_buffers(net)
     with torch.random.fork_rng(devices=[] if dev is None else [device]):
         torch.set_rng_state(cpu)
         if dev is not None:
             torch.cuda.set_rng_state(dev, device)
-        yield
-
-
-@contextlib.contextmanager
-def _buffers_kept(net):
-    """The buffers of the network's modules in training mode as they are before the block,
-    set back after it: its forward already updated them (BatchNorm's running statistics),
-    the recompute must not update them a second time. All of them, whatever their version
-    counters say (BatchNorm's kernel updates its statistics without moving them); modules
-    in eval mode update none (and an autograd graph may hold theirs: left untouched)."""
-    saved = [(m, name, b, b.clone()) for m in net.modules() if m.training
-             for name, b in m._buffers.items() if b is not None]
-    try:
-        yield
-    finally:
         with torch.no_grad():
-            for m, name, b, value in saved:
-                m._buffers[name] = b
-                b.copy_(value)
+            for m, name, _, value in then:
+                m._buffers[name].copy_(value)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for m, name, b, value in now:
+                    m._buffers[name] = b
+                    b.copy_(value)
 
 
 def _module_tensors(seq):

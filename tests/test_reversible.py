@@ -305,18 +305,26 @@ def test_a_coupling_network_with_dropout_draws_the_same_in_the_recompute():
     torch.testing.assert_close(next1, next0, rtol=0, atol=0)
 
 
-def test_a_coupling_networks_batchnorm_statistics_are_updated_once_per_forward():
-    """The recompute runs the coupling networks again in training mode: a BatchNorm in one
-    updated its running statistics a second time (and counted a second batch), so the
-    model's state, and everything it computes in eval mode, drifted from the stored path's."""
+def _net_with(kind):
+    """A coupling network (2 -> 4 channels) with modules whose forward updates buffers."""
+    nn = torch.nn
+    if kind == "batchnorm":  # running statistics (no bias before it: its gradient is ~0)
+        layers = [nn.Conv2d(2, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)]
+    else:  # spectral norm: the weight comes from power-iteration vectors updated first
+        layers = [nn.utils.parametrizations.spectral_norm(nn.Conv2d(2, 8, 3, padding=1))]
+    return nn.Sequential(*layers, nn.ReLU(), nn.Conv2d(8, 4, 1)).double()
+
+
+@pytest.mark.parametrize("kind", ["batchnorm", "spectral_norm"])
+def test_coupling_networks_that_update_buffers(kind):
+    """The recompute runs the coupling networks again in training mode: a BatchNorm updated
+    its running statistics a second time (and counted a second batch), so the model's
+    state drifted from the stored path's; spectral norm's weight came from one more power
+    iteration than the forward's, so the gradients were another weight's (1e-3 off)."""
     torch.manual_seed(0)
     steps = [_layer("flowstep_lu", 4, torch.float64), _layer("coupling", 4, torch.float64)]
     for s in steps:
-        c = s.coupling if isinstance(s, ff.FlowStep) else s
-        # (no bias before the BatchNorm: its gradient is zero up to rounding)
-        c.net = torch.nn.Sequential(torch.nn.Conv2d(2, 8, 3, padding=1, bias=False),
-                                    torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-                                    torch.nn.Conv2d(8, 4, 1)).double()
+        (s.coupling if isinstance(s, ff.FlowStep) else s).net = _net_with(kind)
     seq = ReversibleSequence(steps)
     x = torch.randn(3, 4, 4, 4, dtype=torch.float64)
     seq(x)  # ActNorm initialisation
