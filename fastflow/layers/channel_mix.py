@@ -56,9 +56,9 @@ class ActNorm(nn.Module):
     later calls never read the device; loading a state dict refreshes the mirror. The mirror
     describes the buffer tensor it was made for: where another one is swapped in
     (``torch.func.functional_call`` with a state dict, ``torch.func.stack_module_state``),
-    the tensors are the caller's state and are never initialised here. Hooks on this module fire when it is
-    called itself; inside a stock ``FlowStep`` they fire too (the step then calls the
-    submodules one by one instead of its fused path)."""
+    the tensors are the caller's state and are never initialised here. Hooks on this module
+    fire when it is called itself; inside a stock ``FlowStep`` they fire too (the step then
+    calls the submodules one by one instead of its fused path)."""
 
     def __init__(self, in_channel: int, logdet: bool = True):
         super().__init__()
