@@ -80,6 +80,91 @@ def test_actnorm_no_init_in_eval_and_flag_survives_state_dict():
     assert not fresh._initialized
 
 
+def test_actnorm_under_functional_call_leaves_the_swapped_state_alone(backend):
+    """``torch.func.functional_call(fresh, trained.state_dict(), x)`` in training mode: the
+    host-side mirror describes the layer's own flag (not set), so the layer initialised
+    from x, writing into the swapped tensors (the trained model's own parameters, which a
+    state dict shares) and setting its own mirror while its own loc / scale stayed 0 / 1."""
+    torch.manual_seed(0)
+    trained = ff.ActNorm(3).to(DEVICE)
+    trained(torch.randn(4, 3, 5, 5, device=DEVICE) * 3 + 1)
+    state = {k: v.clone() for k, v in trained.state_dict().items()}
+    fresh = ff.ActNorm(3).to(DEVICE)
+    x = torch.randn(2, 3, 4, 4, device=DEVICE)
+    want = trained(x)
+    got = torch.func.functional_call(fresh, trained.state_dict(), (x,))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    for k, v in trained.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert not fresh._initialized and fresh.initialized.item() == 0
+    x2 = torch.randn(4, 3, 5, 5, device=DEVICE) - 2
+    fresh(x2)  # its own initialisation, from its own first batch
+    loc, scale = reference.actnorm_init(x2)
+    assert_close(fresh.loc.detach().flatten(), loc, torch.float32)
+    assert_close(fresh.scale.detach().flatten(), scale, torch.float32)
+
+
+def test_flowstep_ensemble_under_vmap_in_training_mode():
+    """``torch.func.stack_module_state`` + ``vmap(functional_call)``, the ensembling recipe,
+    in training mode: the swapped flags are batched tensors (reading one fails under
+    vmap); each member gives what it gives alone."""
+    torch.manual_seed(0)
+    models = [ff.FlowStep(4, filter_size=8) for _ in range(2)]
+    x = torch.randn(2, 4, 4, 4)
+    for m in models:
+        m(x)  # initialised
+    params, buffers = torch.func.stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+    y, ld = torch.vmap(lambda p, b: torch.func.functional_call(base, (p, b), (x,)))(
+        params, buffers)
+    for k, m in enumerate(models):
+        want = m(x)
+        assert_close(y[k], want[0], torch.float32)
+        assert_close(ld[k], want[1], torch.float32)
+
+
+class _Exp(torch.nn.Module):
+    """A positive ActNorm scale, stored as its log."""
+
+    def forward(self, v):
+        return v.exp()
+
+    def right_inverse(self, v):
+        return v.log()
+
+
+class _Half(torch.nn.Module):
+    def forward(self, v):
+        return v / 2
+
+    def right_inverse(self, v):
+        return 2 * v
+
+
+def test_actnorm_initialises_parametrized_loc_and_scale(backend):
+    """With ``torch.nn.utils.parametrize`` on loc / scale, reading them gives the
+    parametrization's output, computed for that read: the data-dependent initialisation
+    must go through ``right_inverse`` to the stored tensors (copying into the read value
+    left the layer at loc = 0, scale = 1 with its flag set)."""
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 5, device=DEVICE) * 3 + 1
+    plain = ff.ActNorm(3).to(DEVICE)
+    layer = ff.ActNorm(3).to(DEVICE)
+    parametrize.register_parametrization(layer, "scale", _Exp())
+    parametrize.register_parametrization(layer, "loc", _Half())
+    stored = list(layer.parameters())
+    want, want_ld = plain(x)
+    got, got_ld = layer(x)
+    assert layer._initialized and layer.initialized.item() == 1
+    assert_close(layer.scale.detach(), plain.scale.detach(), torch.float32)
+    assert_close(layer.loc.detach(), plain.loc.detach(), torch.float32)
+    assert_close(got, want, torch.float32)
+    assert_close(got_ld, want_ld, torch.float32)
+    assert all(p is q for p, q in zip(layer.parameters(), stored))  # an optimizer keeps them
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
 def test_actnorm_round_trip_all_dtypes(backend, dtype):
     layer = ff.ActNorm(5).to(DEVICE)
@@ -296,6 +381,67 @@ def test_cache_to_device():
     assert w.device.type == target and w_inv.device.type == target
     if target == "cuda":
         _check_fresh(layer, x.to(target))
+
+
+class _Method(torch.nn.Module):
+    """Calls ``m.<method>``: ``torch.func.functional_call`` runs a module's forward only."""
+
+    def __init__(self, m, method):
+        super().__init__()
+        self.m, self.method = m, method
+
+    def forward(self, *args):
+        return getattr(self.m, self.method)(*args)
+
+
+def _call_with(module, method, state, *args):
+    """``module.<method>(*args)`` with ``state`` swapped in by ``torch.func.functional_call``."""
+    return torch.func.functional_call(_Method(module, method),
+                                      {f"m.{k}": v for k, v in state.items()}, args)
+
+
+def test_functional_call_with_another_layers_state_dict(backend):
+    """``w_rows`` (the row gather of ``w_p``) is not in the state dict: with another
+    layer's state dict swapped in by ``torch.func.functional_call`` the layer used its own
+    permutation's rows with the other's ``w_p`` and factors, a wrong W."""
+    torch.manual_seed(0)
+    layer, other = ff.InvConv2dLU(6).to(DEVICE), _perturb(ff.InvConv2dLU(6).to(DEVICE))
+    assert not torch.equal(layer.w_p, other.w_p)
+    x = torch.randn(2, 6, 3, 3, device=DEVICE)
+    for method in ("forward", "inverse"):
+        want = getattr(other, method)(x)
+        got = _call_with(layer, method, other.state_dict(), x)
+        assert_close(got[0], want[0], torch.float32)
+        assert_close(got[1], want[1], torch.float32)
+    w, w_inv = _lu_matrices(layer)  # the layer itself still uses its own
+    assert_close(layer(x)[0], reference.channel_mix(x.double(), w), torch.float32)
+    assert_close(layer.reverse(x), reference.channel_mix(x.double(), w_inv), torch.float32)
+    # copies, moves and loads keep using the buffer (no argmax per call)
+    loaded = ff.InvConv2dLU(6).to(DEVICE)
+    loaded.load_state_dict(other.state_dict(), assign=True)
+    for twin in (copy.deepcopy(layer), layer.double(), loaded):
+        assert twin.rows() is twin.w_rows
+    assert torch.equal(loaded.w_rows, other.w_rows)
+
+
+def test_glow_functional_call_with_another_models_state_dict():
+    """The same through a Glow: the stacked assembly of a block's steps (forward) and the
+    batched inverses (sampling) read each layer's rows too."""
+    torch.manual_seed(0)
+    mine, other = ff.Glow(2, 4, 2, filter_size=8), ff.Glow(2, 4, 2, filter_size=8)
+    x = torch.randn(3, 2, 8, 8)
+    mine(x)
+    other(x)
+    _perturb(other, 0.02)
+    mine.eval()
+    other.eval()
+    want = other(x)
+    got = torch.func.functional_call(mine, other.state_dict(), (x,))
+    assert_close(got[0], want[0], torch.float32)
+    assert_close(got[1], want[1], torch.float32)
+    z = [0.5 * t for t in want[2]]
+    assert_close(_call_with(mine, "reverse", other.state_dict(), z), other.reverse(z),
+                 torch.float32)
 
 
 def test_cache_deepcopy(backend):

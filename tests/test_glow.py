@@ -374,3 +374,30 @@ def test_log_p_of_a_half_precision_model_is_summed_in_float32(backend, dtype):
     want = sum((-0.5 * math.log(2 * math.pi) - 0.5 * z.double() ** 2).flatten(1).sum(1)
                for z in z_list)
     torch.testing.assert_close(log_p.double(), want, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("reversible", [False, True], ids=["stored", "reversible"])
+def test_made_on_the_meta_device_then_loaded_with_assign(reversible):
+    """The meta-device recipe (build under ``torch.device("meta")``, then
+    ``load_state_dict(sd, assign=True)``): buffers that no state dict holds (the LU layers'
+    row gather, the reversible chains' counters) stayed on the meta device, and the first
+    forward failed naming ``rows``."""
+    torch.manual_seed(0)
+    trained = ff.Glow(2, 2, 2, filter_size=8, reversible=reversible)
+    x = torch.randn(2, 2, 8, 8)
+    trained(x)
+    with torch.device("meta"):
+        model = ff.Glow(2, 2, 2, filter_size=8, reversible=reversible)
+    model.load_state_dict(trained.state_dict(), assign=True)
+    assert [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta] == []
+    for mode in ("eval", "train"):
+        for m in (model, trained):
+            getattr(m, mode)()
+        got, want = model(x), trained(x)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    (got[0] + got[1]).sum().backward()
+    if reversible:
+        assert int(model.fallback_count) == 0
+    z = [0.5 * t for t in want[2]]
+    with torch.no_grad():
+        assert torch.equal(model.reverse(z), trained.reverse(z))

@@ -3,6 +3,9 @@ stored-activation gradients, keep memory flat in depth, and fall back to a store
 an ill-conditioned step."""
 
 import contextlib
+
+
+import copy
 import importlib.util
 import os
 import pathlib
@@ -256,6 +259,88 @@ def test_gradient_accumulation_and_state_untouched_by_the_recompute():
     _check_grads(got, want, 1e-8)
     for k, v in rev.state_dict().items():  # forward + recompute changed no parameter/buffer
         torch.testing.assert_close(v, state[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("derived", [False, True], ids=["leaves", "derived"])
+def test_functional_call_gives_the_swapped_parameters_their_gradients(derived):
+    """``torch.func.functional_call`` swaps tensors in for the call only, and the chain's
+    backward runs after it: the recompute must use the swapped tensors (not the module's
+    own, which got the gradients before), and tensors derived from others (``derived``)
+    must pass the gradient on to where they came from."""
+    stored, rev, x = _glow_pair(torch.float64, True, True)
+    base = {n: (p.detach() + 0.01 * torch.randn_like(p)).requires_grad_(True)
+            for n, p in stored.named_parameters()}
+    grads = []
+    for model in (stored, rev):
+        for p in base.values():
+            p.grad = None
+        params = {n: 1.5 * p for n, p in base.items()} if derived else base
+        log_p, logdet, _ = torch.func.functional_call(model, params, (x,))
+        ff.bits_per_dim(log_p, logdet, x[0].numel()).backward()
+        grads.append({n: p.grad for n, p in base.items()})
+        assert all(p.grad is None for p in model.parameters())
+    assert all(g is not None for g in grads[1].values())
+    _check_grads(grads[1], grads[0], 1e-8)
+
+
+def test_a_coupling_network_with_dropout_draws_the_same_in_the_recompute():
+    """The recompute runs the coupling networks again: one that draws random numbers
+    (dropout) must draw the forward's (it drew fresh ones: gradients of another network),
+    and the backward must leave the caller's random stream where the forward left it."""
+    torch.manual_seed(0)
+    steps = [_layer("flowstep_lu", 4, torch.float64), _layer("coupling", 4, torch.float64)]
+    for s in steps:
+        c = s.coupling if isinstance(s, ff.FlowStep) else s
+        c.net = torch.nn.Sequential(torch.nn.Conv2d(2, 8, 3, padding=1), torch.nn.ReLU(),
+                                    torch.nn.Dropout(0.5), torch.nn.Conv2d(8, 4, 1)).double()
+    seq = ReversibleSequence(steps)
+    x = torch.randn(3, 4, 4, 4, dtype=torch.float64)
+    seq(x)  # ActNorm initialisation
+    wy, wl = torch.randn_like(x), torch.randn(3, dtype=torch.float64)
+    results = []
+    for reversible in (False, True):
+        torch.manual_seed(5)
+        y, ld, grads = _seq_grads(seq, x, reversible, wy, wl)
+        results.append((y, ld, grads, torch.rand(4)))
+    (y0, ld0, want, next0), (y1, ld1, got, next1) = results
+    torch.testing.assert_close(y1, y0, rtol=0, atol=0)
+    _check_grads(got, want, 1e-8)
+    torch.testing.assert_close(next1, next0, rtol=0, atol=0)
+
+
+def _net_with(kind):
+    """A coupling network (2 -> 4 channels) with modules whose forward updates buffers."""
+    nn = torch.nn
+    if kind == "batchnorm":  # running statistics (no bias before it: its gradient is ~0)
+        layers = [nn.Conv2d(2, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)]
+    else:  # spectral norm: the weight comes from power-iteration vectors updated first
+        layers = [nn.utils.parametrizations.spectral_norm(nn.Conv2d(2, 8, 3, padding=1))]
+    return nn.Sequential(*layers, nn.ReLU(), nn.Conv2d(8, 4, 1)).double()
+
+
+@pytest.mark.parametrize("kind", ["batchnorm", "spectral_norm"])
+def test_coupling_networks_that_update_buffers(kind):
+    """The recompute runs the coupling networks again in training mode: a BatchNorm updated
+    its running statistics a second time (and counted a second batch), so the model's
+    state drifted from the stored path's; spectral norm's weight came from one more power
+    iteration than the forward's, so the gradients were another weight's (1e-3 off)."""
+    torch.manual_seed(0)
+    steps = [_layer("flowstep_lu", 4, torch.float64), _layer("coupling", 4, torch.float64)]
+    for s in steps:
+        (s.coupling if isinstance(s, ff.FlowStep) else s).net = _net_with(kind)
+    seq = ReversibleSequence(steps)
+    x = torch.randn(3, 4, 4, 4, dtype=torch.float64)
+    seq(x)  # ActNorm initialisation
+    before = copy.deepcopy(seq.state_dict())
+    wy, wl = torch.randn_like(x), torch.randn(3, dtype=torch.float64)
+    states, grads = [], []
+    for reversible in (False, True):
+        seq.load_state_dict(before)
+        grads.append(_seq_grads(seq, x, reversible, wy, wl)[2])
+        states.append(copy.deepcopy(seq.state_dict()))
+    _check_grads(grads[1], grads[0], 1e-8)
+    for name, value in states[0].items():
+        torch.testing.assert_close(states[1][name], value, rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")

@@ -14,13 +14,16 @@ counters, and no exact check is cheap (comparing values reads the device). The c
 few operations on a C x C float64 matrix per call (see the sampling rows of
 benchmarks/suite_glow.py and the op counts of benchmarks/run.py). The only derived state
 kept is ``InvConv2dLU``'s row order of the fixed permutation ``w_p`` (a non-persistent
-buffer refreshed by ``load_state_dict``): ``w_p`` and ``s_sign`` are fixed buffers, not to be edited otherwise.
+buffer refreshed by ``load_state_dict``, used only while ``w_p`` is the tensor it was made
+from: ``torch.func.functional_call`` with another layer's state dict swaps in another
+permutation): ``w_p`` and ``s_sign`` are fixed buffers, not to be edited otherwise.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .. import reference
 from ..backend import compute_dtype
@@ -47,11 +50,15 @@ class ActNorm(nn.Module):
 
     The first forward in training mode on a non-empty batch sets loc = -mean and
     scale = 1 / (std + 1e-6) from it (per channel); a batch with no elements (N = 0 or
-    H*W = 0) neither initialises nor changes it. The flag is the ``initialized`` buffer
-    (saved with the state dict) mirrored by a Python bool, so later calls never read the
-    device; loading a state dict refreshes the mirror. Hooks on this module fire when it is
-    called itself; inside a stock ``FlowStep`` they fire too (the step then calls the
-    submodules one by one instead of its fused path)."""
+    H*W = 0) neither initialises nor changes it; a parametrized loc or scale
+    (``torch.nn.utils.parametrize``) gets its value through ``right_inverse``. The flag is
+    the ``initialized`` buffer (saved with the state dict) mirrored by a Python bool, so
+    later calls never read the device; loading a state dict refreshes the mirror. The mirror
+    describes the buffer tensor it was made for: where another one is swapped in
+    (``torch.func.functional_call`` with a state dict, ``torch.func.stack_module_state``),
+    the tensors are the caller's state and are never initialised here. Hooks on this module
+    fire when it is called itself; inside a stock ``FlowStep`` they fire too (the step then
+    calls the submodules one by one instead of its fused path)."""
 
     def __init__(self, in_channel: int, logdet: bool = True):
         super().__init__()
@@ -62,25 +69,45 @@ class ActNorm(nn.Module):
         self.register_buffer("initialized", torch.tensor(0, dtype=torch.uint8))
         self.logdet = check_bool("logdet", logdet)
         self._initialized = False
+        self._flag_of = self.initialized  # the buffer tensor that _initialized describes
         self.register_load_state_dict_post_hook(ActNorm._sync_flag)
 
     @staticmethod
     def _sync_flag(module, incompatible_keys):
         module._initialized = bool(module.initialized.item())  # once per load, not per call
+        module._flag_of = module.initialized  # (load_state_dict(assign=True): a new tensor)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._flag_of = self.initialized  # moved with its value (.to, .cuda): still described
+        return self
+
+    def is_initialized(self) -> bool:
+        """Whether the data-dependent initialisation has run (no device read): the host-side
+        mirror; True where ``initialized`` is not the tensor the mirror describes (another
+        one swapped in by ``torch.func.functional_call``: the caller's state, not this
+        layer's to initialise; reading it would wait for the device, or fail under vmap)."""
+        return self._initialized or self.initialized is not getattr(self, "_flag_of", None)
 
     @torch.no_grad()
     def initialize(self, x):
         """Data-dependent initialisation from the batch ``x`` (ignored when it is empty)."""
         if x.numel() == 0:
             return
-        loc, scale = reference.actnorm_init(x)
-        self.loc.copy_(loc.reshape(self.loc.shape))
-        self.scale.copy_(scale.reshape(self.scale.shape))
+        for name, value in zip(("loc", "scale"), reference.actnorm_init(x)):
+            now = getattr(self, name)
+            value = value.reshape(now.shape).to(now.dtype)
+            if parametrize.is_parametrized(self, name):
+                # ``now`` is the parametrization's output, computed for this read: the value
+                # goes to the stored tensor through its ``right_inverse`` instead
+                setattr(self, name, value)
+            else:
+                now.copy_(value)
         self.initialized.fill_(1)
         self._initialized = True
 
     def maybe_initialize(self, x):
-        if self.training and not self._initialized:
+        if self.training and not self.is_initialized():
             self.initialize(x)
 
     def forward(self, x):
@@ -167,6 +194,7 @@ class InvConv2dLU(_InvConvBase):
         self.register_buffer("l_eye", torch.eye(in_channel))
         # the row gather of the fixed permutation w_p, refreshed whenever a state dict loads
         self.register_buffer("w_rows", w_p.argmax(dim=1), persistent=False)
+        self._rows_of = self.w_p  # the w_p tensor that w_rows was made from
         self.w_l = nn.Parameter(w_l.float())
         self.w_s = nn.Parameter(torch.log(torch.abs(w_s)).float())
         self.w_u = nn.Parameter(torch.triu(w_u, 1).float())
@@ -177,18 +205,35 @@ class InvConv2dLU(_InvConvBase):
 
     @staticmethod
     def _sync_rows(module, incompatible_keys):
-        with torch.no_grad():
-            module.w_rows.copy_(module.w_p.argmax(dim=1))
+        rows = module.w_p.argmax(dim=1)
+        if module.w_rows.device == rows.device:
+            with torch.no_grad():
+                module.w_rows.copy_(rows)  # in place: a captured CUDA graph reads this one
+        else:  # load_state_dict(assign=True) into a layer made on the meta device
+            module.w_rows = rows
+        module._rows_of = module.w_p  # (assign=True put a new tensor there)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._rows_of = self.w_p  # moved or cast with w_rows (.to, .half, to_empty): its rows
+        return self
+
+    def rows(self):
+        """The row gather of the permutation ``w_p`` (``w_p.argmax(dim=1)``): the ``w_rows``
+        buffer, or, where ``w_p`` is not the tensor it was made from (another one swapped in
+        by ``torch.func.functional_call``, e.g. another layer's state dict), made from
+        ``w_p`` for this call."""
+        return self.w_rows if self.w_p is self._rows_of else self.w_p.argmax(dim=1)
 
     def _assemble(self, inverse: bool):
         """W = P (L + I) (U + diag(s_sign exp(w_s))) in float64 (the ``lu_weight`` op), or
         W^-1 from triangular solves (``reference.lu_inverse_from_rows``); L, U are the
         strictly lower / upper parts of w_l, w_u (rosinality's masks)."""
         if not inverse:
-            return lu_weight_logdet(self.w_l, self.w_u, self.w_s, self.s_sign, self.w_rows,
+            return lu_weight_logdet(self.w_l, self.w_u, self.w_s, self.s_sign, self.rows(),
                                     n=0)[0]
         d = torch.float64
-        return reference.lu_inverse_from_rows(self.w_rows, self.w_l.to(d), self.w_u.to(d),
+        return reference.lu_inverse_from_rows(self.rows(), self.w_l.to(d), self.w_u.to(d),
                                               self.w_s.to(d), self.s_sign)
 
     def weight_and_logdet(self, inverse: bool = False):
@@ -207,7 +252,7 @@ class InvConv2dLU(_InvConvBase):
         launch writes W (computed in float64) in float32, so the mix needs no cast."""
         cd = compute_dtype(x.dtype)
         if not inverse:
-            return lu_weight_logdet(self.w_l, self.w_u, self.w_s, self.s_sign, self.w_rows,
+            return lu_weight_logdet(self.w_l, self.w_u, self.w_s, self.s_sign, self.rows(),
                                     scale=scale, n=x.shape[0],
                                     ld_mult=x.shape[2] * x.shape[3], ld_dtype=cd,
                                     w_dtype=cd if for_mix else None)
@@ -217,11 +262,12 @@ class InvConv2dLU(_InvConvBase):
 
     @staticmethod
     def stacked_factors(convs) -> tuple:
-        """(w_l, w_u, w_s, s_sign, w_rows) of every layer in ``convs`` (``InvConv2dLU``s of
+        """(w_l, w_u, w_s, s_sign, rows()) of every layer in ``convs`` (``InvConv2dLU``s of
         one channel count), each stacked on a new first dimension: ``lu_weight_logdet``'s
         (lower, upper, log_s, sign_s, rows) for the whole stack."""
-        return tuple(reference.flow_stack([getattr(m, name) for m in convs])
-                     for name in ("w_l", "w_u", "w_s", "s_sign", "w_rows"))
+        return tuple(reference.flow_stack([m.rows() if name == "rows" else getattr(m, name)
+                                           for m in convs])
+                     for name in ("w_l", "w_u", "w_s", "s_sign", "rows"))
 
     @staticmethod
     def stacked_inverses(convs, dtype: torch.dtype) -> list:

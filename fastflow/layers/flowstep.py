@@ -85,7 +85,7 @@ class FlowStep(nn.Module):
                 for s in steps):
             return None
         c = steps[0].in_channel
-        if any(s.in_channel != c or (s.actnorm.training and not s.actnorm._initialized)
+        if any(s.in_channel != c or (s.actnorm.training and not s.actnorm.is_initialized())
                for s in steps):
             return None
         check_nchw("x", x, c)

@@ -48,8 +48,24 @@ What else it meets:
   ``find_unused_parameters=False`` (its default): with ``True`` DDP's forward-time graph
   walk would not find them and mark them unused. A module that appears twice in one chain
   has its hooks fire twice, which DDP refuses.
+* ``torch.func.functional_call``: its tensors are swapped in for the call only, and the
+  backward runs after it, so the forward records every module's parameters and buffers
+  and the backward recomputes with those (gradients go to the swapped tensors, not to
+  the module's own). A parameter computed from others (one with a ``grad_fn``) makes the
+  call run the ordinary way: the stages' backward stops at the chain's parameters.
+* Random numbers and buffers: a coupling network that draws random numbers (dropout) or
+  reads buffers that its forward updates (spectral norm's power iteration) computes in
+  the recompute what it computed in forward: the generators' states (the CPU's, and the
+  input's CUDA device's, not while a CUDA graph is being captured) and the buffers of its
+  training-mode modules are recorded before each network runs in forward and set for its
+  recompute, as ``torch.utils.checkpoint`` does for the generators; afterwards the
+  caller's random stream and the buffers are as the forward left them.
 * No state is updated by the recompute: it never calls a step's ``forward`` (so no ActNorm
-  initialisation, no hooks of the step modules) and builds W afresh (the layers cache nothing).
+  initialisation, no hooks of the step modules), builds W afresh (the layers cache nothing)
+  and sets the coupling networks' buffers back to their values before it (a network's
+  BatchNorm updates its running statistics once per forward, as without the chain). A
+  stock coupling network (convolutions, ReLU, ``ZeroConv2d``) draws no random numbers and
+  holds no buffers: nothing is recorded for it.
 * Module hooks (forward, forward pre-, backward) registered on the steps (or their
   ActNorm / 1x1 convolution / coupling submodules) would not run on the reversible path,
   whose stages never call those modules: a chain holding such a hook runs the ordinary
@@ -58,13 +74,6 @@ What else it meets:
   (``torch.nn.modules.module.register_module_forward_hook``) do not run on the reversible
   path. The coupling networks are called: their hooks run in forward and again in the
   recompute.
-* Random numbers in a coupling network (a user's network with dropout or noise; the stock
-  one draws none): the generators' state (CPU, and the input's device) before each such
-  network ran in forward is kept and replayed for its recompute, so it sees the same draws
-  (as ``torch.utils.checkpoint``'s ``preserve_rng_state``; the CPU generator's state is
-  about 5 KB per such network); the generators are left as backward found them. A
-  network with state of its own (BatchNorm's running statistics) updates it again in
-  the recompute.
 * Activations stored in bfloat16 / float16 (a half-precision model, not autocast) rebuild
   only to that precision: gradients then differ from the stored ones at that level.
 * ``torch.compile``: the reversible chain runs eagerly (``torch.compiler.disable``), so a
@@ -278,35 +287,6 @@ def _coupling_options(c: AffineCoupling):
 _DETERMINISTIC_NET = (nn.Sequential, nn.Conv2d, nn.ReLU, ZeroConv2d)
 
 
-def _rng_state(device):
-    """The random number generators a network on ``device`` may draw from: the CPU's and,
-    for another device, that device's."""
-    if device.type in ("cpu", "meta"):
-        return torch.get_rng_state(), None, None
-    module = torch.get_device_module(device.type)
-    return torch.get_rng_state(), device, module.get_rng_state(device)
-
-
-def _set_rng_state(state):
-    cpu, device, dev_state = state
-    torch.set_rng_state(cpu)
-    if device is not None:
-        torch.get_device_module(device.type).set_rng_state(dev_state, device)
-
-
-@contextlib.contextmanager
-def _rng_restored(device, enabled):
-    """The generators as they were on entry, whatever the block replayed."""
-    if not enabled:
-        yield
-        return
-    state = _rng_state(device)
-    try:
-        yield
-    finally:
-        _set_rng_state(state)
-
-
 class _CouplingStage:
     def __init__(self, coupling: AffineCoupling):
         self.c = coupling
@@ -316,8 +296,9 @@ class _CouplingStage:
     def replays_rng(self) -> bool:
         """The network may draw random numbers (dropout, a noise layer: anything but the
         stock conv / ReLU / ZeroConv2d modules, or a hook on one): the recompute must see
-        the draws of the forward, so the generators' state before the network ran is kept
-        and replayed (as ``torch.utils.checkpoint`` does)."""
+        the draws of the forward, so the generators' state before the network ran (and its
+        training-mode buffers: BatchNorm, spectral norm) is kept and replayed
+        (``_net_state``; as ``torch.utils.checkpoint`` does for the generators)."""
         return not all(type(m) in _DETERMINISTIC_NET and not (m._forward_hooks
                                                                or m._forward_pre_hooks)
                        for m in self.c.net.modules())
@@ -349,15 +330,21 @@ class _CouplingStage:
         log_hi = reference.coupling_log_scale(hi, scale, clamp)[0]
         return y, ld, torch.clamp(log_hi, min=0.0) - log_lo > math.log(limit)
 
-    def backward(self, y, gy, gld, stored, mats=None, params=True):
+    def backward(self, y, gy, gld, stored, mats=None, params=True, net_state=None):
+        """``params``: accumulate the parameters' gradients (else only the input's).
+        ``net_state``: what the network's forward read besides its input and parameters
+        (``_net_state``; None for a stock network): the recompute runs under it, so it
+        computes what the forward did."""
         ya = y[:, :self.ca].detach().requires_grad_(True)
-        h = self.c.net(ya)
-        hd = h.detach()
-        with torch.no_grad():
-            x = self._op(y, hd, True)[0]
-        gx, gh = coupling_backward(gy.contiguous(), gld.contiguous(), y, hd, *self.opts,
-                                   False, True)
-        _backprop((h,), (gh,), [ya] + (self.params() if params else []))
+        with (contextlib.nullcontext() if net_state is None
+              else _as_at_forward(self.c.net, net_state)):
+            h = self.c.net(ya)
+            hd = h.detach()
+            with torch.no_grad():
+                x = self._op(y, hd, True)[0]
+            gx, gh = coupling_backward(gy.contiguous(), gld.contiguous(), y, hd, *self.opts,
+                                       False, True)
+            _backprop((h,), (gh,), [ya] + (self.params() if params else []))
         if ya.grad is not None:
             gx[:, :self.ca] += ya.grad
         return stored(x), gx
@@ -410,12 +397,8 @@ def _hooked(step) -> bool:
 
 
 def _uninitialised_actnorm(step) -> bool:
-    for m in step.modules():
-        if isinstance(m, ActNorm):
-            flag = getattr(m, "_initialized", None)  # the host-side mirror: no device read
-            if not (bool(m.initialized.item()) if flag is None else flag):
-                return True
-    return False
+    # (is_initialized: the host-side mirror, no device read)
+    return any(isinstance(m, ActNorm) and not m.is_initialized() for m in step.modules())
 
 
 # --------------------------------------------------------------------------------------
@@ -455,7 +438,7 @@ class _ReversibleChain(torch.autograd.Function):
         flagged = torch.zeros((), dtype=torch.int64, device=x.device)
         slot_ids = torch.arange(slots, device=x.device)
         out, logdet, index, k_mix = x, None, 0, 0
-        rng = {}  # coupling stage index -> generators' state before its network ran
+        net_states = {}  # coupling stage index -> _net_state before its network ran
         for stages in steps:
             step_ld = None
             for stage in stages:
@@ -465,7 +448,7 @@ class _ReversibleChain(torch.autograd.Function):
                     k_mix += 1
                 else:
                     if stage.replays_rng():
-                        rng[index] = _rng_state(out.device)
+                        net_states[index] = _net_state(stage.c.net, out.device)
                     y, ld, flag = stage.forward(out, limit)
                 if flag is not None:
                     if reserve is not None:
@@ -481,7 +464,8 @@ class _ReversibleChain(torch.autograd.Function):
         kept = torch.clamp(flagged, max=slots)
         seq.fallback_count.add_(kept.to(seq.fallback_count.dtype))
         seq.fallback_overflow.add_((flagged - kept).to(seq.fallback_overflow.dtype))
-        ctx.seq, ctx.n_stages, ctx.rng = seq, index, rng
+        ctx.seq, ctx.n_stages = seq, index
+        ctx.tensors, ctx.net_states = _module_tensors(seq), net_states
         ctx.autocast = _autocast_state(x.device.type)
         ctx.mode = current_mode()
         ctx.save_for_backward(out, owner, *(() if reserve is None else (reserve,)))
@@ -506,7 +490,7 @@ class _ReversibleChain(torch.autograd.Function):
                           "backward() (they are not inputs of the chain's autograd node)",
                           stacklevel=2)
         with use_backend(ctx.mode), torch.enable_grad(), _autocast(ctx.autocast), \
-                _rng_restored(y.device, bool(ctx.rng)):
+                _tensors_as_at_forward(ctx.tensors):
             # every mix stage's W (with its graph) and W^-1 up front: one batched inverse;
             # the FlowSteps' W from one stacked assembly if they stack, as in forward
             stacked = _stacked_matrices(ctx.seq, steps, y)
@@ -528,9 +512,9 @@ class _ReversibleChain(torch.autograd.Function):
                         x = torch.where(owner[r] == index, reserve[r], x)
                     return x
 
-                if index in ctx.rng:
-                    _set_rng_state(ctx.rng[index])
                 extra = dict(deferred=deferred) if index in stacked else {}
+                if index in ctx.net_states:
+                    extra["net_state"] = ctx.net_states[index]
                 y, gy = stages[index].backward(y.detach(), gy, gld, stored, mats[index], params,
                                                **extra)
                 mats[index] = None
@@ -541,6 +525,78 @@ class _ReversibleChain(torch.autograd.Function):
                           [p for i in stacked for p in stages[i].params()
                            if p is not stages[i].an.loc])  # (loc: in the mix alone)
         return None, gy, None
+
+
+def _training_buffers(net):
+    """(module, name, buffer, a copy of its value) for the buffers of ``net``'s modules in
+    training mode: those its forward may update (BatchNorm's running statistics, spectral
+    norm's power-iteration vectors). Modules in eval mode update none (and an autograd
+    graph may hold theirs: never written here)."""
+    return [(m, name, b, b.clone()) for m in net.modules() if m.training
+            for name, b in m._buffers.items() if b is not None]
+
+
+def _net_state(net, device):
+    """What a coupling network's forward reads besides its input and parameters, recorded
+    before it runs: the random number generators' states (dropout; the CPU's and, for a
+    CUDA input, its device's, not while a CUDA graph is being captured: a capture cannot
+    set it back) and its training-mode buffers."""
+    cuda = device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
+    rng = torch.get_rng_state(), (torch.cuda.get_rng_state(device) if cuda else None), device
+    return rng, _training_buffers(net)
+
+
+@contextlib.contextmanager
+def _as_at_forward(net, state):
+    """``net``'s generators and training-mode buffers as ``_net_state`` recorded them, for
+    the recompute only. Afterwards the buffers hold their values from before the block
+    again (the forward updated them once already): by value, whatever their version
+    counters say (BatchNorm's kernel moves none); and the caller's random stream is where
+    it was (``torch.random.fork_rng``)."""
+    (cpu, dev, device), then = state
+    now = _training_buffers(net)
+    with torch.random.fork_rng(devices=[] if dev is None else [device]):
+        torch.set_rng_state(cpu)
+        if dev is not None:
+            torch.cuda.set_rng_state(dev, device)
+        with torch.no_grad():
+            for m, name, _, value in then:
+                m._buffers[name].copy_(value)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for m, name, b, value in now:
+                    m._buffers[name] = b
+                    b.copy_(value)
+
+
+def _module_tensors(seq):
+    """Every module of the chain with its parameters and buffers as they are now (the
+    tensor objects, not copies): what the backward's recompute must read."""
+    return [(m, dict(m._parameters), dict(m._buffers)) for m in seq.modules()]
+
+
+@contextlib.contextmanager
+def _tensors_as_at_forward(saved):
+    """The chain's modules hold the tensors they held at forward while the backward
+    recomputes (the stages read them from the modules): ``torch.func.functional_call``
+    swaps tensors in only for the call, so without this the backward would rebuild the
+    inputs with the module's own parameters and give them the gradients meant for the
+    swapped ones. Entries that did not change are left as they are."""
+    swapped = []
+    try:
+        for m, params, buffers in saved:
+            for table, then in ((m._parameters, params), (m._buffers, buffers)):
+                for name, t in then.items():
+                    now = table.get(name)
+                    if now is not t:
+                        swapped.append((table, name, now))
+                        table[name] = t
+        yield
+    finally:
+        for table, name, now in reversed(swapped):
+            table[name] = now
 
 
 def _run_chain(seq, x):
@@ -575,8 +631,10 @@ class ReversibleSequence(nn.ModuleList):
     input requires grad; otherwise (inference, no grad, an empty batch), for a call that
     initialises an ActNorm, for a chain holding a subclass of a step type (a FlowStep's
     actnorm, invconv or coupling included: the reversible stages would bypass its
-    overrides) and for one with a module hook on a step (or on those submodules: the
-    stages do not call them), the steps run one after the other the ordinary way."""
+    overrides), for one with a module hook on a step (or on those submodules: the
+    stages do not call them) and for parameters computed from others
+    (``torch.func.functional_call`` with derived tensors), the steps run one after the other
+    the ordinary way."""
 
     def __init__(self, steps: Iterable[nn.Module] = (), *, fallback_slots: int = 2,
                  fallback_cond: float = 1e3):
@@ -603,6 +661,18 @@ class ReversibleSequence(nn.ModuleList):
                              persistent=False)
         self.register_buffer("fallback_overflow", torch.zeros((), dtype=torch.int64),
                              persistent=False)
+        self.register_load_state_dict_post_hook(ReversibleSequence._counters_off_meta)
+
+    @staticmethod
+    def _counters_off_meta(module, incompatible_keys):
+        """``load_state_dict(assign=True)`` into a chain made on the meta device puts its
+        steps' tensors on a real device, not the counters (not in a state dict): they
+        follow the parameters, from zero."""
+        p = next(module.parameters(), None)
+        if p is not None and not p.is_meta:
+            for name in ("fallback_count", "fallback_overflow"):
+                if getattr(module, name).is_meta:
+                    setattr(module, name, torch.zeros((), dtype=torch.int64, device=p.device))
 
     def __getitem__(self, idx):
         if isinstance(idx, slice):  # a plain list of the steps (ModuleList would rebuild us)
@@ -637,7 +707,13 @@ class ReversibleSequence(nn.ModuleList):
             return False  # the hooks run only if the modules are called (and may change them)
         if self.training and any(_uninitialised_actnorm(s) for s in self):
             return False  # the initialising call runs the ordinary way
-        return x.requires_grad or any(p.requires_grad for p in self.parameters())
+        params = [p for p in self.parameters() if p.requires_grad]
+        if any(p.grad_fn is not None for p in params):
+            # a parameter computed from others (torch.func.functional_call with derived
+            # tensors): the stages' backward stops at the chain's parameters, so only the
+            # stored-activation graph carries the gradient on to where they came from
+            return False
+        return x.requires_grad or bool(params)
 
     def forward(self, x):
         _check_logdet_flags(self)  # (a flag may have been changed since the chain was built)
