@@ -189,7 +189,9 @@ def _mix_conds(stages, x, check=True, stacked=None):
         spreads.append(None if st.an is None else st.an.scale)  # (no grad: forward's)
     if not mats:
         return prepared, None
-    w = torch.stack(mats).to(torch.float64)  # (one cast for all, the stack promoting)
+    # one cast for all, the stack promoting (outside autocast: a 16-bit W of the other
+    # kind, InvConv2d's own weight, is refused by autocast's promote policy)
+    w = reference.flow_stack(mats).to(torch.float64)
     w_inv = torch.linalg.inv_ex(w)[0]
     cond = w.abs().sum(2).amax(1) * w_inv.abs().sum(2).amax(1)
     if any(sp is not None for sp in spreads):
@@ -500,7 +502,8 @@ class _ReversibleChain(torch.autograd.Function):
             found = [wl[0] for wl in mats if wl is not None]
             if found:
                 c = y.shape[1]
-                found = torch.stack([w if w.dim() == 2 else w.reshape(c, c) for w in found])
+                found = reference.flow_stack([w if w.dim() == 2 else w.reshape(c, c)
+                                              for w in found])  # (outside autocast)
                 inv = iter(torch.linalg.inv_ex(found.detach().to(torch.float64))[0].unbind())
                 mats = [None if wl is None else (wl[0], wl[1], next(inv)) for wl in mats]
             deferred = []  # (tensor of the stacked assembly's graph, its gradient) pairs
