@@ -3,8 +3,6 @@ stored-activation gradients, keep memory flat in depth, and fall back to a store
 an ill-conditioned step."""
 
 import contextlib
-
-
 import copy
 import importlib.util
 import os
@@ -613,14 +611,48 @@ def test_random_numbers_in_the_coupling_network_are_replayed(backend):
     _check_grads({n: p.grad for n, p in rev.named_parameters()}, want, TOL[dtype], backend)
 
 
-def test_the_stock_network_keeps_no_generator_state():
+def test_the_stock_network_keeps_no_generator_state(monkeypatch):
     """The stock coupling network draws no random numbers: nothing to replay (no state kept
-    per step, nothing set in backward)."""
+    per step, nothing set in backward); one with dropout has its state kept once per
+    network and forward, and set for its recompute."""
     from fastflow.layers import reversible as R
     _, rev, x = _glow_pair(torch.float64, True, True)
     assert not any(R._CouplingStage(s.coupling).replays_rng() for b in rev.blocks for s in b.flows)
+    calls = []
+    for name in ("_net_state", "_as_at_forward"):
+        original = getattr(R, name)
+        monkeypatch.setattr(R, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    _glow_grads(rev, x)
+    assert calls == []
     _with_dropout(rev)
     assert all(R._CouplingStage(s.coupling).replays_rng() for b in rev.blocks for s in b.flows)
+    _glow_grads(rev, x)
+    n_nets = sum(len(b.flows) for b in rev.blocks)
+    assert sorted(calls) == ["_as_at_forward"] * n_nets + ["_net_state"] * n_nets, calls
+
+
+def test_the_generator_of_any_accelerator_is_replayed(monkeypatch):
+    """A coupling network on an accelerator other than CUDA (MPS, XPU: the device module
+    ``torch.get_device_module`` gives) draws from that device's generator: its state before
+    the network ran is set for the recompute, and the backward leaves it as it found it.
+    Only CUDA's was kept, so dropout on MPS recomputed with fresh masks (another network's
+    gradients). Simulated here with a stand-in for torch.mps's generator functions."""
+    from fastflow.layers import reversible as R
+    mps = torch.get_device_module("mps")
+    gen = {"state": torch.tensor([1], dtype=torch.uint8)}
+
+    def set_rng_state(new_state, device="mps"):
+        gen["state"] = new_state.clone()
+
+    monkeypatch.setattr(mps, "get_rng_state", lambda device="mps": gen["state"].clone())
+    monkeypatch.setattr(mps, "set_rng_state", set_rng_state)
+    net = torch.nn.Sequential(torch.nn.Dropout(0.5))
+    recorded = R._net_state(net, torch.device("mps", 0))  # before the forward's draws
+    gen["state"] = torch.tensor([2], dtype=torch.uint8)  # the forward drew
+    with R._as_at_forward(net, recorded):
+        assert gen["state"].tolist() == [1]  # the recompute draws what the forward drew
+        gen["state"] = torch.tensor([3], dtype=torch.uint8)
+    assert gen["state"].tolist() == [2]  # the caller's stream where the forward left it
 
 
 @pytest.mark.parametrize("n_flow", [2, ff.layers.flowstep.MIN_STACK], ids=["per_step", "stacked"])

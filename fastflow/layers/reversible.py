@@ -56,7 +56,7 @@ What else it meets:
 * Random numbers and buffers: a coupling network that draws random numbers (dropout) or
   reads buffers that its forward updates (spectral norm's power iteration) computes in
   the recompute what it computed in forward: the generators' states (the CPU's, and the
-  input's CUDA device's, not while a CUDA graph is being captured) and the buffers of its
+  input's accelerator's, not while a CUDA graph is being captured) and the buffers of its
   training-mode modules are recorded before each network runs in forward and set for its
   recompute, as ``torch.utils.checkpoint`` does for the generators; afterwards the
   caller's random stream and the buffers are as the forward left them.
@@ -541,12 +541,14 @@ def _training_buffers(net):
 
 def _net_state(net, device):
     """What a coupling network's forward reads besides its input and parameters, recorded
-    before it runs: the random number generators' states (dropout; the CPU's and, for a
-    CUDA input, its device's, not while a CUDA graph is being captured: a capture cannot
-    set it back) and its training-mode buffers."""
-    cuda = device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
-    rng = torch.get_rng_state(), (torch.cuda.get_rng_state(device) if cuda else None), device
-    return rng, _training_buffers(net)
+    before it runs: the random number generators' states (dropout; the CPU's and, for an
+    input on an accelerator (CUDA, MPS, XPU, ...), its device's, not while a CUDA graph is
+    being captured: a capture cannot set it back) and its training-mode buffers."""
+    dev = None
+    if device.type not in ("cpu", "meta") and not (
+            device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        dev = torch.get_device_module(device.type).get_rng_state(device)
+    return (torch.get_rng_state(), dev, device), _training_buffers(net)
 
 
 @contextlib.contextmanager
@@ -558,10 +560,11 @@ def _as_at_forward(net, state):
     it was (``torch.random.fork_rng``)."""
     (cpu, dev, device), then = state
     now = _training_buffers(net)
-    with torch.random.fork_rng(devices=[] if dev is None else [device]):
+    with torch.random.fork_rng(devices=[] if dev is None else [device],
+                               device_type=None if dev is None else device.type):
         torch.set_rng_state(cpu)
         if dev is not None:
-            torch.cuda.set_rng_state(dev, device)
+            torch.get_device_module(device.type).set_rng_state(dev, device)
         with torch.no_grad():
             for m, name, _, value in then:
                 m._buffers[name].copy_(value)
