@@ -259,13 +259,15 @@ def test_gradient_accumulation_and_state_untouched_by_the_recompute():
         torch.testing.assert_close(v, state[k], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("n_flow", [2, ff.layers.flowstep.MIN_STACK], ids=["per_step", "stacked"])
 @pytest.mark.parametrize("derived", [False, True], ids=["leaves", "derived"])
-def test_functional_call_gives_the_swapped_parameters_their_gradients(derived):
+def test_functional_call_gives_the_swapped_parameters_their_gradients(derived, n_flow):
     """``torch.func.functional_call`` swaps tensors in for the call only, and the chain's
     backward runs after it: the recompute must use the swapped tensors (not the module's
     own, which got the gradients before), and tensors derived from others (``derived``)
-    must pass the gradient on to where they came from."""
-    stored, rev, x = _glow_pair(torch.float64, True, True)
+    must pass the gradient on to where they came from. ``stacked``: the blocks' W from one
+    stacked assembly, whose one backward must reach the swapped tensors too."""
+    stored, rev, x = _glow_pair(torch.float64, True, True, n_flow=n_flow)
     base = {n: (p.detach() + 0.01 * torch.randn_like(p)).requires_grad_(True)
             for n, p in stored.named_parameters()}
     grads = []

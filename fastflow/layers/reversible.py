@@ -82,8 +82,9 @@ What else it meets:
   checkpointing, parameter gradients reach ``.grad`` through ``backward()``: the parameters
   are not inputs of the chain's autograd node, so ``torch.autograd.grad(loss, params)``
   reports them unused. Under ``torch.autograd.grad`` or ``backward(inputs=...)`` only the
-  chain's input gets its gradient; the parameters' ``.grad`` is left alone (it was
-  accumulated into, as if by ``backward()``), and a warning says so. A coupling network
+  chain's input gets its gradient; the parameters' ``.grad`` is left alone (the recompute
+  cannot tell which of them were asked for, so it accumulates into none), and a warning
+  says so. A coupling network
   with reentrant checkpointing (``use_reentrant=True``) inside fails in backward (it refuses
   the ``inputs=`` the recompute passes): use ``use_reentrant=False``.
 
