@@ -343,6 +343,34 @@ def test_coupling_networks_that_update_buffers(kind):
         torch.testing.assert_close(states[1][name], value, rtol=0, atol=0, msg=name)
 
 
+def test_a_batchnorm_switched_to_eval_before_backward_keeps_its_forward_update():
+    """The recompute sets the networks' buffers to their values before the forward, and
+    sets back afterwards those of the modules in training mode then: a network switched to
+    eval mode between forward and backward (an evaluation batch in between) lost its
+    forward's BatchNorm update (running statistics and batch count back to their values
+    before the step), where the stored-activation path keeps it."""
+    torch.manual_seed(0)
+    steps = [_layer("flowstep_lu", 4, torch.float64), _layer("coupling", 4, torch.float64)]
+    for s in steps:
+        (s.coupling if isinstance(s, ff.FlowStep) else s).net = _net_with("batchnorm")
+    seq = ReversibleSequence(steps)
+    x = torch.randn(3, 4, 4, 4, dtype=torch.float64)
+    seq(x)  # ActNorm initialisation
+    before = copy.deepcopy(seq.state_dict())
+    states = []
+    for reversible in (False, True):
+        seq.load_state_dict(before)
+        seq.train()
+        y, ld = seq(x) if reversible else seq._ordinary(x)
+        assert (type(y.grad_fn).__name__ == "_ReversibleChainBackward") == reversible
+        seq.eval()
+        (y.sum() + ld.sum()).backward()
+        states.append(copy.deepcopy(seq.state_dict()))
+    assert any(not torch.equal(states[0][k], before[k]) for k in before)  # it was updated
+    for name, value in states[0].items():
+        torch.testing.assert_close(states[1][name], value, rtol=0, atol=0, msg=name)
+
+
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
 def test_double_backward_is_refused_clearly():
     _, rev, x = _glow_pair(torch.float64, True, True)

@@ -560,7 +560,13 @@ def _as_at_forward(net, state):
     counters say (BatchNorm's kernel moves none); and the caller's random stream is where
     it was (``torch.random.fork_rng``)."""
     (cpu, dev, device), then = state
+    # what the block writes: the buffers set to their forward values below, and those the
+    # recompute may update (its training-mode modules' now: the net may have been switched
+    # to eval mode since, and its forward's update must survive the recompute even so)
     now = _training_buffers(net)
+    seen = {(id(m), name) for m, name, _, _ in now}
+    now += [(m, name, m._buffers[name], m._buffers[name].clone()) for m, name, _, _ in then
+            if (id(m), name) not in seen and m._buffers.get(name) is not None]
     with torch.random.fork_rng(devices=[] if dev is None else [device],
                                device_type=None if dev is None else device.type):
         torch.set_rng_state(cpu)
