@@ -783,6 +783,9 @@ def test_a_chain_stacks_its_lu_flowsteps_wherever_they_sit(dtype, monkeypatch):
     seq(x)[1].sum().backward()
     # the four LU FlowSteps as one stack (forward, backward); the lone InvConv2dLU its own
     assert sorted(calls) == sorted([(4,), (), (4,), ()]), calls
+    calls.clear()
+    seq._ordinary(x)  # the ordinary path likewise: one stack, the lone layer its own
+    assert sorted(calls) == sorted([(4,), ()]), calls
 
 
 @pytest.mark.parametrize("where", ["step", "actnorm", "invconv", "coupling"])
