@@ -705,7 +705,7 @@ class ReversibleSequence(nn.ModuleList):
         logdet = None
         # the FlowSteps' W from one stacked assembly when they stack, as on the reversible
         # path and in a stored-activation Glow block: the same matrices, bitwise
-        mats = _flowstep_matrices(self, x) if len(self) and x.dim() == 4 else {}
+        mats = _flowstep_matrices(self, x)
         for i, step in enumerate(self):
             x, ld = step(x) if i not in mats else step(x, w_ld=mats[i])
             logdet = ld if logdet is None else logdet + ld
