@@ -41,9 +41,10 @@ What else it meets:
   backward does.
 * DDP: parameter gradients are produced while backward runs, by ordinary
   ``torch.autograd.backward(..., inputs=[...])`` calls whose inputs are the parameters of
-  one stage, so each parameter's ``AccumulateGrad`` node runs exactly once per backward
-  and DDP's per-parameter hooks fire as usual (bucketed all-reduces overlap with the rest
-  of the backward). The parameters are not inputs of the chain's autograd node (a
+  one stage (a stacked assembly's LU factors and ActNorm scales: one call for all its
+  steps, after the chain's last stage), so each parameter's ``AccumulateGrad`` node runs
+  exactly once per backward and DDP's per-parameter hooks fire as usual (bucketed
+  all-reduces overlap with the rest of the backward). The parameters are not inputs of the chain's autograd node (a
   zero-size leaf makes the output require grad), so use DDP with
   ``find_unused_parameters=False`` (its default): with ``True`` DDP's forward-time graph
   walk would not find them and mark them unused. A module that appears twice in one chain
@@ -59,7 +60,10 @@ What else it meets:
   input's accelerator's, not while a CUDA graph is being captured) and the buffers of its
   training-mode modules are recorded before each network runs in forward and set for its
   recompute, as ``torch.utils.checkpoint`` does for the generators; afterwards the
-  caller's random stream and the buffers are as the forward left them.
+  caller's random stream and the buffers are as the forward left them. The recompute runs
+  the network in the mode it has then: one switched to eval mode between forward and
+  backward normalises with BatchNorm's running statistics there (other gradients, as
+  with ``torch.utils.checkpoint``).
 * No state is updated by the recompute: it never calls a step's ``forward`` (so no ActNorm
   initialisation, no hooks of the step modules), builds W afresh (the layers cache nothing)
   and sets the coupling networks' buffers back to their values before it (a network's
