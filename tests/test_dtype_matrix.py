@@ -65,15 +65,20 @@ def test_coupling_of_the_other_16_bit_dtype_under_autocast(backend, kind, revers
     assert_close(ld, want_ld, torch.float32, msg="logdet")
 
 
+@pytest.mark.parametrize("conv_lu", [True, False], ids=["lu", "plain"])
 @pytest.mark.parametrize("reversible", [False, True])
-def test_glow_of_the_other_16_bit_dtype_runs_under_autocast(backend, reversible):
+def test_glow_of_the_other_16_bit_dtype_runs_under_autocast(backend, reversible, conv_lu):
     """A Glow of the other 16-bit dtype (``.half()`` on a CPU) under autocast, forward and
     backward inside the block, reverse and sample: autocast's cat and stack refused its
     tensors (the block's stacked W assembly, the reversible chain's condition estimate,
     the split's backward, the reverse's cat), and the prior's autocast-dtype mean turned
-    the sampled latents (so the samples) into float32."""
+    the sampled latents (so the samples) into float32. ``plain`` (``conv_lu=False``): W is
+    the 16-bit weight itself, which the reversible chain's condition estimate and backward
+    W^-1 stacked under autocast (its stack of the matrices, once cast to float64 each,
+    was made to promote them instead)."""
     torch.manual_seed(0)
-    model = ff.Glow(1, 4, 2, filter_size=8, reversible=reversible).to(DEVICE, OTHER)
+    model = ff.Glow(1, 4, 2, filter_size=8, reversible=reversible,
+                    conv_lu=conv_lu).to(DEVICE, OTHER)
     x = torch.rand(2, 1, 8, 8, device=DEVICE).to(OTHER)
     with torch.no_grad():
         model(x)  # ActNorm's initialisation

@@ -3,8 +3,6 @@ stored-activation gradients, keep memory flat in depth, and fall back to a store
 an ill-conditioned step."""
 
 import contextlib
-
-
 import copy
 import importlib.util
 import os
@@ -261,13 +259,15 @@ def test_gradient_accumulation_and_state_untouched_by_the_recompute():
         torch.testing.assert_close(v, state[k], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("n_flow", [2, ff.layers.flowstep.MIN_STACK], ids=["per_step", "stacked"])
 @pytest.mark.parametrize("derived", [False, True], ids=["leaves", "derived"])
-def test_functional_call_gives_the_swapped_parameters_their_gradients(derived):
+def test_functional_call_gives_the_swapped_parameters_their_gradients(derived, n_flow):
     """``torch.func.functional_call`` swaps tensors in for the call only, and the chain's
     backward runs after it: the recompute must use the swapped tensors (not the module's
     own, which got the gradients before), and tensors derived from others (``derived``)
-    must pass the gradient on to where they came from."""
-    stored, rev, x = _glow_pair(torch.float64, True, True)
+    must pass the gradient on to where they came from. ``stacked``: the blocks' W from one
+    stacked assembly, whose one backward must reach the swapped tensors too."""
+    stored, rev, x = _glow_pair(torch.float64, True, True, n_flow=n_flow)
     base = {n: (p.detach() + 0.01 * torch.randn_like(p)).requires_grad_(True)
             for n, p in stored.named_parameters()}
     grads = []
@@ -339,6 +339,34 @@ def test_coupling_networks_that_update_buffers(kind):
         grads.append(_seq_grads(seq, x, reversible, wy, wl)[2])
         states.append(copy.deepcopy(seq.state_dict()))
     _check_grads(grads[1], grads[0], 1e-8)
+    for name, value in states[0].items():
+        torch.testing.assert_close(states[1][name], value, rtol=0, atol=0, msg=name)
+
+
+def test_a_batchnorm_switched_to_eval_before_backward_keeps_its_forward_update():
+    """The recompute sets the networks' buffers to their values before the forward, and
+    sets back afterwards those of the modules in training mode then: a network switched to
+    eval mode between forward and backward (an evaluation batch in between) lost its
+    forward's BatchNorm update (running statistics and batch count back to their values
+    before the step), where the stored-activation path keeps it."""
+    torch.manual_seed(0)
+    steps = [_layer("flowstep_lu", 4, torch.float64), _layer("coupling", 4, torch.float64)]
+    for s in steps:
+        (s.coupling if isinstance(s, ff.FlowStep) else s).net = _net_with("batchnorm")
+    seq = ReversibleSequence(steps)
+    x = torch.randn(3, 4, 4, 4, dtype=torch.float64)
+    seq(x)  # ActNorm initialisation
+    before = copy.deepcopy(seq.state_dict())
+    states = []
+    for reversible in (False, True):
+        seq.load_state_dict(before)
+        seq.train()
+        y, ld = seq(x) if reversible else seq._ordinary(x)
+        assert (type(y.grad_fn).__name__ == "_ReversibleChainBackward") == reversible
+        seq.eval()
+        (y.sum() + ld.sum()).backward()
+        states.append(copy.deepcopy(seq.state_dict()))
+    assert any(not torch.equal(states[0][k], before[k]) for k in before)  # it was updated
     for name, value in states[0].items():
         torch.testing.assert_close(states[1][name], value, rtol=0, atol=0, msg=name)
 
@@ -613,14 +641,48 @@ def test_random_numbers_in_the_coupling_network_are_replayed(backend):
     _check_grads({n: p.grad for n, p in rev.named_parameters()}, want, TOL[dtype], backend)
 
 
-def test_the_stock_network_keeps_no_generator_state():
+def test_the_stock_network_keeps_no_generator_state(monkeypatch):
     """The stock coupling network draws no random numbers: nothing to replay (no state kept
-    per step, nothing set in backward)."""
+    per step, nothing set in backward); one with dropout has its state kept once per
+    network and forward, and set for its recompute."""
     from fastflow.layers import reversible as R
     _, rev, x = _glow_pair(torch.float64, True, True)
     assert not any(R._CouplingStage(s.coupling).replays_rng() for b in rev.blocks for s in b.flows)
+    calls = []
+    for name in ("_net_state", "_as_at_forward"):
+        original = getattr(R, name)
+        monkeypatch.setattr(R, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    _glow_grads(rev, x)
+    assert calls == []
     _with_dropout(rev)
     assert all(R._CouplingStage(s.coupling).replays_rng() for b in rev.blocks for s in b.flows)
+    _glow_grads(rev, x)
+    n_nets = sum(len(b.flows) for b in rev.blocks)
+    assert sorted(calls) == ["_as_at_forward"] * n_nets + ["_net_state"] * n_nets, calls
+
+
+def test_the_generator_of_any_accelerator_is_replayed(monkeypatch):
+    """A coupling network on an accelerator other than CUDA (MPS, XPU: the device module
+    ``torch.get_device_module`` gives) draws from that device's generator: its state before
+    the network ran is set for the recompute, and the backward leaves it as it found it.
+    Only CUDA's was kept, so dropout on MPS recomputed with fresh masks (another network's
+    gradients). Simulated here with a stand-in for torch.mps's generator functions."""
+    from fastflow.layers import reversible as R
+    mps = torch.get_device_module("mps")
+    gen = {"state": torch.tensor([1], dtype=torch.uint8)}
+
+    def set_rng_state(new_state, device="mps"):
+        gen["state"] = new_state.clone()
+
+    monkeypatch.setattr(mps, "get_rng_state", lambda device="mps": gen["state"].clone())
+    monkeypatch.setattr(mps, "set_rng_state", set_rng_state)
+    net = torch.nn.Sequential(torch.nn.Dropout(0.5))
+    recorded = R._net_state(net, torch.device("mps", 0))  # before the forward's draws
+    gen["state"] = torch.tensor([2], dtype=torch.uint8)  # the forward drew
+    with R._as_at_forward(net, recorded):
+        assert gen["state"].tolist() == [1]  # the recompute draws what the forward drew
+        gen["state"] = torch.tensor([3], dtype=torch.uint8)
+    assert gen["state"].tolist() == [2]  # the caller's stream where the forward left it
 
 
 @pytest.mark.parametrize("n_flow", [2, ff.layers.flowstep.MIN_STACK], ids=["per_step", "stacked"])
@@ -721,6 +783,9 @@ def test_a_chain_stacks_its_lu_flowsteps_wherever_they_sit(dtype, monkeypatch):
     seq(x)[1].sum().backward()
     # the four LU FlowSteps as one stack (forward, backward); the lone InvConv2dLU its own
     assert sorted(calls) == sorted([(4,), (), (4,), ()]), calls
+    calls.clear()
+    seq._ordinary(x)  # the ordinary path likewise: one stack, the lone layer its own
+    assert sorted(calls) == sorted([(4,), ()]), calls
 
 
 @pytest.mark.parametrize("where", ["step", "actnorm", "invconv", "coupling"])

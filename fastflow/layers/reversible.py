@@ -41,9 +41,10 @@ What else it meets:
   backward does.
 * DDP: parameter gradients are produced while backward runs, by ordinary
   ``torch.autograd.backward(..., inputs=[...])`` calls whose inputs are the parameters of
-  one stage, so each parameter's ``AccumulateGrad`` node runs exactly once per backward
-  and DDP's per-parameter hooks fire as usual (bucketed all-reduces overlap with the rest
-  of the backward). The parameters are not inputs of the chain's autograd node (a
+  one stage (a stacked assembly's LU factors and ActNorm scales: one call for all its
+  steps, after the chain's last stage), so each parameter's ``AccumulateGrad`` node runs
+  exactly once per backward and DDP's per-parameter hooks fire as usual (bucketed
+  all-reduces overlap with the rest of the backward). The parameters are not inputs of the chain's autograd node (a
   zero-size leaf makes the output require grad), so use DDP with
   ``find_unused_parameters=False`` (its default): with ``True`` DDP's forward-time graph
   walk would not find them and mark them unused. A module that appears twice in one chain
@@ -56,10 +57,13 @@ What else it meets:
 * Random numbers and buffers: a coupling network that draws random numbers (dropout) or
   reads buffers that its forward updates (spectral norm's power iteration) computes in
   the recompute what it computed in forward: the generators' states (the CPU's, and the
-  input's CUDA device's, not while a CUDA graph is being captured) and the buffers of its
+  input's accelerator's, not while a CUDA graph is being captured) and the buffers of its
   training-mode modules are recorded before each network runs in forward and set for its
   recompute, as ``torch.utils.checkpoint`` does for the generators; afterwards the
-  caller's random stream and the buffers are as the forward left them.
+  caller's random stream and the buffers are as the forward left them. The recompute runs
+  the network in the mode it has then: one switched to eval mode between forward and
+  backward normalises with BatchNorm's running statistics there (other gradients, as
+  with ``torch.utils.checkpoint``).
 * No state is updated by the recompute: it never calls a step's ``forward`` (so no ActNorm
   initialisation, no hooks of the step modules), builds W afresh (the layers cache nothing)
   and sets the coupling networks' buffers back to their values before it (a network's
@@ -82,8 +86,9 @@ What else it meets:
   checkpointing, parameter gradients reach ``.grad`` through ``backward()``: the parameters
   are not inputs of the chain's autograd node, so ``torch.autograd.grad(loss, params)``
   reports them unused. Under ``torch.autograd.grad`` or ``backward(inputs=...)`` only the
-  chain's input gets its gradient; the parameters' ``.grad`` is left alone (it was
-  accumulated into, as if by ``backward()``), and a warning says so. A coupling network
+  chain's input gets its gradient; the parameters' ``.grad`` is left alone (the recompute
+  cannot tell which of them were asked for, so it accumulates into none), and a warning
+  says so. A coupling network
   with reentrant checkpointing (``use_reentrant=True``) inside fails in backward (it refuses
   the ``inputs=`` the recompute passes): use ``use_reentrant=False``.
 
@@ -189,7 +194,9 @@ def _mix_conds(stages, x, check=True, stacked=None):
         spreads.append(None if st.an is None else st.an.scale)  # (no grad: forward's)
     if not mats:
         return prepared, None
-    w = torch.stack(mats).to(torch.float64)  # (one cast for all, the stack promoting)
+    # one cast for all, the stack promoting (outside autocast: a 16-bit W of the other
+    # kind, InvConv2d's own weight, is refused by autocast's promote policy)
+    w = reference.flow_stack(mats).to(torch.float64)
     w_inv = torch.linalg.inv_ex(w)[0]
     cond = w.abs().sum(2).amax(1) * w_inv.abs().sum(2).amax(1)
     if any(sp is not None for sp in spreads):
@@ -500,7 +507,8 @@ class _ReversibleChain(torch.autograd.Function):
             found = [wl[0] for wl in mats if wl is not None]
             if found:
                 c = y.shape[1]
-                found = torch.stack([w if w.dim() == 2 else w.reshape(c, c) for w in found])
+                found = reference.flow_stack([w if w.dim() == 2 else w.reshape(c, c)
+                                              for w in found])  # (outside autocast)
                 inv = iter(torch.linalg.inv_ex(found.detach().to(torch.float64))[0].unbind())
                 mats = [None if wl is None else (wl[0], wl[1], next(inv)) for wl in mats]
             deferred = []  # (tensor of the stacked assembly's graph, its gradient) pairs
@@ -538,12 +546,14 @@ def _training_buffers(net):
 
 def _net_state(net, device):
     """What a coupling network's forward reads besides its input and parameters, recorded
-    before it runs: the random number generators' states (dropout; the CPU's and, for a
-    CUDA input, its device's, not while a CUDA graph is being captured: a capture cannot
-    set it back) and its training-mode buffers."""
-    cuda = device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
-    rng = torch.get_rng_state(), (torch.cuda.get_rng_state(device) if cuda else None), device
-    return rng, _training_buffers(net)
+    before it runs: the random number generators' states (dropout; the CPU's and, for an
+    input on an accelerator (CUDA, MPS, XPU, ...), its device's, not while a CUDA graph is
+    being captured: a capture cannot set it back) and its training-mode buffers."""
+    dev = None
+    if device.type not in ("cpu", "meta") and not (
+            device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        dev = torch.get_device_module(device.type).get_rng_state(device)
+    return (torch.get_rng_state(), dev, device), _training_buffers(net)
 
 
 @contextlib.contextmanager
@@ -554,11 +564,18 @@ def _as_at_forward(net, state):
     counters say (BatchNorm's kernel moves none); and the caller's random stream is where
     it was (``torch.random.fork_rng``)."""
     (cpu, dev, device), then = state
+    # what the block writes: the buffers set to their forward values below, and those the
+    # recompute may update (its training-mode modules' now: the net may have been switched
+    # to eval mode since, and its forward's update must survive the recompute even so)
     now = _training_buffers(net)
-    with torch.random.fork_rng(devices=[] if dev is None else [device]):
+    seen = {(id(m), name) for m, name, _, _ in now}
+    now += [(m, name, m._buffers[name], m._buffers[name].clone()) for m, name, _, _ in then
+            if (id(m), name) not in seen and m._buffers.get(name) is not None]
+    with torch.random.fork_rng(devices=[] if dev is None else [device],
+                               device_type=None if dev is None else device.type):
         torch.set_rng_state(cpu)
         if dev is not None:
-            torch.cuda.set_rng_state(dev, device)
+            torch.get_device_module(device.type).set_rng_state(dev, device)
         with torch.no_grad():
             for m, name, _, value in then:
                 m._buffers[name].copy_(value)
@@ -692,7 +709,7 @@ class ReversibleSequence(nn.ModuleList):
         logdet = None
         # the FlowSteps' W from one stacked assembly when they stack, as on the reversible
         # path and in a stored-activation Glow block: the same matrices, bitwise
-        mats = _flowstep_matrices(self, x) if len(self) and x.dim() == 4 else {}
+        mats = _flowstep_matrices(self, x)
         for i, step in enumerate(self):
             x, ld = step(x) if i not in mats else step(x, w_ld=mats[i])
             logdet = ld if logdet is None else logdet + ld
