@@ -2,7 +2,8 @@
 ``progress`` (tqdm when installed, plain prints otherwise), ``save_checkpoint`` /
 ``load_checkpoint`` (model + optimizer + any state, resumable, loaded with
 ``weights_only=True``), ``prepare_out`` (``--out`` checked before training), ``rng_state``,
-``save_image_grid`` (a PNG of image rows, drawn with Pillow), ``write_json``/``write_csv``,
+``save_image_grid`` (a PNG of image rows, drawn with Pillow), ``write_json``/``write_csv``
+(all four through ``write_atomic``),
 ``positive``/``finite`` (argparse types), ``add_optimisation_options``/``add_run_options``/
 ``add_data_options``/``add_precision_option`` (the options every training command has),
 ``load_data``/``split_key``/``data_fingerprint``/``resume_data``/``check_resume_data``/
@@ -134,10 +135,38 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
     payload = {"model": model.state_dict(), **state}
     if optimizer is not None:
         payload["optimizer"] = optimizer.state_dict()
+    return write_atomic(path, lambda tmp: torch.save(payload, tmp))
+
+
+def write_atomic(path: str | os.PathLike, write) -> Path:
+    """``write(tmp)`` into ``path`` + ``.tmp``, then renamed over ``path``: a crash, an
+    interrupt or a full disk never leaves half a file at ``path`` (what was there stays),
+    and the temporary file is removed. A write that fails (a full disk, a read-only or
+    vanished folder: OSError, or the RuntimeError torch.save turns it into) is one line
+    naming ``--out`` and the file (SystemExit), not a traceback."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        _remove_quietly(tmp)
+        reason = (err.strerror if isinstance(err, OSError) and err.strerror else
+                  (str(err).strip().splitlines() or [type(err).__name__])[0][:200])
+        kept = " (the earlier one is kept)" if path.is_file() else ""
+        raise SystemExit(f"--out: cannot write {path}{kept}: {reason}; is the disk full or "
+                         "the folder read-only?") from None
+    except BaseException:  # KeyboardInterrupt, SystemExit: no half-written file left over
+        _remove_quietly(tmp)
+        raise
     return path
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def read_checkpoint(path: str | os.PathLike, map_location=None) -> dict:
@@ -210,7 +239,7 @@ def set_rng_state(state: dict, *generators: torch.Generator,
 def save_image_grid(path: str | os.PathLike, rows, titles=None, *, cell: int = 40) -> Path:
     """A PNG with one row per tensor in ``rows`` (each (n, C, H, W) in [0, 1], C = 1 or 3),
     ``titles`` labelling the rows; each image is magnified (nearest) to about ``cell`` pixels.
-    Drawn with Pillow: fast, no plotting library."""
+    Drawn with Pillow: fast, no plotting library; written atomically."""
     from PIL import Image, ImageDraw
 
     rows = [torch.nan_to_num(r.detach().float(), 0.0).clamp(0, 1).cpu() for r in rows]
@@ -230,9 +259,7 @@ def save_image_grid(path: str | os.PathLike, rows, titles=None, *, cell: int = 4
             tile = Image.fromarray(img.round().to(torch.uint8).permute(1, 2, 0).numpy())
             tile = tile.resize((w * zoom, h * zoom), Image.Resampling.NEAREST)
             canvas.paste(tile, (label + pad + j * (w * zoom + pad), top))
-    path = Path(path)
-    canvas.save(path)
-    return path
+    return write_atomic(path, lambda tmp: canvas.save(tmp, format="PNG"))
 
 
 def _json_safe(value):
@@ -249,26 +276,24 @@ def _json_safe(value):
 
 def write_json(path: str | os.PathLike, data) -> Path:
     """``data`` as indented JSON, written atomically; non-finite floats become null."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    text = json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n"
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def write_csv(path: str | os.PathLike, rows: list[dict]) -> Path:
-    """``rows`` (flat dicts) as a CSV with the union of their keys as columns."""
+    """``rows`` (flat dicts) as a CSV with the union of their keys as columns, written
+    atomically."""
     import csv
 
-    path = Path(path)
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-    return path
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    return write_atomic(path, write)
 
 
 def positive(kind):

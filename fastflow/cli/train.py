@@ -295,7 +295,16 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
         + (f" x {dist_.world} processes" if dist_.enabled else "")
         + f", fastflow backend {backend_name(device)}", flush=True)
 
-    written = []
+    written, last_grid, saved_now = [], None, False  # what this run writes, for the summary
+    if saved is None and main_rank:
+        # a fresh start: grids of an earlier run in OUT (a --force over it, or one stopped
+        # before its first checkpoint) would sit beside this run's under the same names
+        stale = sorted(out.glob("samples_epoch*.png"))
+        for path in stale:
+            path.unlink()
+        if stale:
+            say(f"--out: removed {len(stale)} sample grid(s) of an earlier run in {out} "
+                f"({stale[0].name} .. {stale[-1].name})")
     is_digits = args.data == "digits" and channels == 1
     if history["initial"] is None:
         history["initial"] = {"bpd": evaluate_bpd(model, test, eval_gen, runner, device)}
@@ -388,7 +397,7 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
             + f"  {time.perf_counter() - t_start:6.1f}s", flush=True)
         if main_rank and evaluate:
             rows, titles = picture_rows(model, test, args, device)
-            save_image_grid(out / f"samples_epoch{epoch + 1:03d}.png", rows, titles)
+            last_grid = save_image_grid(out / f"samples_epoch{epoch + 1:03d}.png", rows, titles)
             left = None if not unfinished else {
                 "batch": batch, "batch_size": args.batch_size, "noise": gen.get_state(),
                 "sum_bpd": float(sum_bpd), "n_ok": float(n_ok),
@@ -398,6 +407,7 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
                             step_runner=runner.state_dict(), partial=left,
                             rng=resume_rng or rng_state(eval_gen, device=device),
                             world_size=dist_.world)
+            saved_now = True
 
     if not main_rank:
         return 0
@@ -409,8 +419,8 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
                                                      "history": history}))
     if history["epochs"]:
         written.append(write_csv(out / "metrics.csv", [_flat_row(e) for e in history["epochs"]]))
-        written += sorted(out.glob("samples_epoch*.png"))[-1:]
-        written.append(ckpt_path)
+    written += [last_grid] if last_grid is not None else []  # the latest of this run's
+    written += [ckpt_path] if saved_now else []
     final = history["epochs"][-1] if history["epochs"] else history["initial"]
     final_bpd = final["test"]["bpd"] if history["epochs"] else final["bpd"]
     print(f"done: {step} steps, test {history['initial']['bpd']:.3f} -> {final_bpd:.3f} "

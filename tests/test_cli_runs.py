@@ -1,0 +1,100 @@
+"""The training commands as a user runs them: what a run writes and says it wrote, failed
+writes (a full disk), interrupts, an --out holding another run, and the help texts."""
+
+import errno
+
+import pytest
+import torch
+
+from fastflow.cli import common, train, train_tarflow, train_vae
+
+# 1438 training digits at batch 512: 2 steps an epoch
+GLOW = ["--n-flow", "1", "--n-block", "1", "--filter-size", "8", "--batch-size", "512",
+        "--no-progress", "--threads", "1"]
+VAE = ["--hidden", "8", "--latent", "4", "--batch-size", "512", "--no-progress"]
+TARFLOW = ["--channels", "16", "--blocks", "1", "--head-dim", "8", "--batch-size", "512",
+           "--no-progress"]
+
+
+def _written(printed: str) -> list[str]:
+    """The paths of the Glow summary's 'wrote:' list."""
+    return [line.strip() for line in printed.split("wrote:\n")[-1].splitlines()
+            if line.startswith("  ")]
+
+
+def test_a_fresh_run_over_an_earlier_one_lists_and_keeps_only_its_own_grids(tmp_path,
+                                                                          capsys):
+    """A --force run over a longer earlier one listed that run's last grid
+    (samples_epoch003.png) as written and left its grids beside its own."""
+    assert train.main([*GLOW, "--epochs", "3", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "samples_epoch003.png").is_file()
+    capsys.readouterr()
+    assert train.main([*GLOW, "--epochs", "1", "--out", str(tmp_path), "--force"]) == 0
+    printed = capsys.readouterr().out
+    written = _written(printed)
+    assert str(tmp_path / "samples_epoch001.png") in written
+    assert not any("samples_epoch003" in p for p in written)
+    assert sorted(p.name for p in tmp_path.glob("samples_epoch*.png")) == \
+        ["samples_epoch001.png"]
+    assert "removed 3 sample grid(s) of an earlier run" in printed
+    for path in written:  # everything listed is on disk
+        assert (tmp_path / path).is_file(), path
+
+
+def test_a_resumed_run_that_trains_no_more_lists_no_checkpoint_or_grid(tmp_path, capsys):
+    """--resume at the --max-steps already reached writes no checkpoint and no epoch grid:
+    the summary listed the earlier run's as written by it."""
+    assert train.main([*GLOW, "--epochs", "1", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert train.main([*GLOW, "--epochs", "1", "--out", str(tmp_path), "--resume"]) == 0
+    written = _written(capsys.readouterr().out)
+    assert written == [str(tmp_path / n) for n in ("samples.png", "metrics.json",
+                                                    "metrics.csv")]
+
+
+def _full_disk_after(monkeypatch, n_ok: int):
+    """torch.save writes ``n_ok`` files, then fails as on a full disk (half a file left)."""
+    real, calls = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) > n_ok:
+            with open(f, "wb") as handle:
+                handle.write(b"PK\x03\x04 half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+@pytest.mark.parametrize("command, tiny", [(train, GLOW), (train_vae, VAE),
+                                           (train_tarflow, TARFLOW)],
+                         ids=["train", "train-vae", "train-tarflow"])
+def test_a_full_disk_is_one_line_and_keeps_the_earlier_checkpoint(command, tiny, tmp_path,
+                                                                  monkeypatch):
+    """The second epoch's checkpoint write failed with a traceback and left
+    checkpoint.pt.tmp behind."""
+    _full_disk_after(monkeypatch, 1)
+    with pytest.raises(SystemExit) as exit_:
+        command.main([*tiny, "--epochs", "2", "--out", str(tmp_path)])
+    message = str(exit_.value.code)
+    assert message.startswith(f"--out: cannot write {tmp_path / 'checkpoint.pt'} (the earlier "
+                              "one is kept): No space left on device"), message
+    assert not list(tmp_path.glob("*.tmp"))
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
+def test_an_interrupted_write_leaves_the_earlier_file_and_no_temporary(tmp_path):
+    path = tmp_path / "metrics.json"
+    common.write_json(path, {"a": 1})
+
+    def interrupted(tmp):
+        tmp.write_text('{"a": ')
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        common.write_atomic(path, interrupted)
+    assert path.read_text() == '{\n  "a": 1\n}\n'
+    assert not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(SystemExit, match=r"^--out: cannot write .*samples\.png: No such file"):
+        common.save_image_grid(tmp_path / "gone" / "samples.png", [torch.zeros(1, 1, 2, 2)])
