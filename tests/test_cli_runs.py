@@ -98,3 +98,21 @@ def test_an_interrupted_write_leaves_the_earlier_file_and_no_temporary(tmp_path)
     assert not list(tmp_path.glob("*.tmp"))
     with pytest.raises(SystemExit, match=r"^--out: cannot write .*samples\.png: No such file"):
         common.save_image_grid(tmp_path / "gone" / "samples.png", [torch.zeros(1, 1, 2, 2)])
+
+
+@pytest.mark.parametrize("first", ["train-tarflow", "train-vae"])
+def test_train_tarflow_does_not_overwrite_another_run_without_force(first, tmp_path, capsys):
+    """train-tarflow started afresh over any OUT/checkpoint.pt without a word: a TarFlow
+    run's, or another command's (a VAE's), was silently replaced; now refused as train and
+    train-vae refuse it, and --force starts over."""
+    runs = {"train-tarflow": (train_tarflow, TARFLOW), "train-vae": (train_vae, VAE)}
+    module, tiny = runs[first]
+    assert module.main([*tiny, "--max-steps", "1", "--out", str(tmp_path)]) == 0
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(SystemExit, match=r"^--out: .*checkpoint\.pt exists; pass --resume to "
+                                         "continue it or --force"):
+        train_tarflow.main([*TARFLOW, "--max-steps", "1", "--out", str(tmp_path)])
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    assert train_tarflow.main([*TARFLOW, "--max-steps", "1", "--out", str(tmp_path),
+                               "--force"]) == 0
+    assert "num_classes" in torch.load(tmp_path / "checkpoint.pt", weights_only=True)["config"]

@@ -51,7 +51,7 @@ def _parser():
     g.add_argument("--temperature", type=positive(float), default=1.0,
                    help="sampling temperature")
     g = p.add_argument_group("run")
-    add_run_options(g, out="runs/tarflow", force=False)  # no --force: OUT is not guarded
+    add_run_options(g, out="runs/tarflow")
     return p
 
 
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
                          f"guidance needs class labels), got --guidance {args.guidance:g}")
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
-    ckpt_path = prepare_out(args.out, resume=args.resume, force=True)  # no --force: not guarded
+    ckpt_path = prepare_out(args.out, resume=args.resume, force=args.force)
     out = ckpt_path.parent
 
     train, test = load_data(args)
