@@ -116,3 +116,36 @@ def test_train_tarflow_does_not_overwrite_another_run_without_force(first, tmp_p
     assert train_tarflow.main([*TARFLOW, "--max-steps", "1", "--out", str(tmp_path),
                                "--force"]) == 0
     assert "num_classes" in torch.load(tmp_path / "checkpoint.pt", weights_only=True)["config"]
+
+
+def _option_blocks(text: str) -> dict[str, str]:
+    """``--help``'s options, each with its help text (the lines after it, joined)."""
+    blocks, name = {}, None
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            name = line.split()[0].rstrip(",")
+            blocks[name] = line
+        elif name and line.startswith("     "):
+            blocks[name] += " " + line.strip()
+        else:
+            name = None
+    return blocks
+
+
+@pytest.mark.parametrize("command", ["train", "train-vae", "train-tarflow", "demo", "bench"])
+def test_every_option_of_every_command_shows_its_default_in_help(command, capsys):
+    """train-vae's --latent and --likelihood and train-tarflow's --patch-size had no help
+    text, so their defaults were not shown; bench showed none of its defaults (--reps,
+    --warmup, --suites) and named itself 'fastflow bench', which is not a command."""
+    from fastflow import __main__ as cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: python -m fastflow {command} ")
+    blocks = _option_blocks(out)
+    assert len(blocks) > 5
+    missing = [name for name, text in blocks.items()
+               if name != "-h" and "(default:" not in text]
+    assert not missing, missing

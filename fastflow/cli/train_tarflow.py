@@ -35,7 +35,8 @@ def _parser():
                                  "(the transformer follows it; the flow math and the "
                                  "likelihood stay float32); fp16 scales the loss")
     g = p.add_argument_group("model")
-    g.add_argument("--patch-size", type=positive(int), default=2)
+    g.add_argument("--patch-size", type=positive(int), default=2,
+                   help="side of the square patches that make the tokens")
     g.add_argument("--channels", type=positive(int), default=32, help="transformer width")
     g.add_argument("--blocks", type=positive(int), default=4, help="autoregressive flow blocks")
     g.add_argument("--layers", type=positive(int), default=1, help="transformer layers per block")

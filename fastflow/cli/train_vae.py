@@ -24,9 +24,10 @@ def _vae_parser():
     g = p.add_argument_group("data")
     add_data_options(g)
     g = p.add_argument_group("model")
-    g.add_argument("--latent", type=positive(int), default=8)
+    g.add_argument("--latent", type=positive(int), default=8, help="latent dimensions")
     g.add_argument("--hidden", type=positive(int), default=32, help="conv channels")
-    g.add_argument("--likelihood", choices=("bernoulli", "gaussian"), default="bernoulli")
+    g.add_argument("--likelihood", choices=("bernoulli", "gaussian"), default="bernoulli",
+                   help="the decoder's distribution of the pixels")
     g = p.add_argument_group("optimisation")
     add_optimisation_options(g, epochs=10, lr=None,
                              lr_help=f"Adam learning rate (None: {LR:g}, or with --resume the "
