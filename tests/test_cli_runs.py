@@ -149,3 +149,32 @@ def test_every_option_of_every_command_shows_its_default_in_help(command, capsys
     missing = [name for name, text in blocks.items()
                if name != "-h" and "(default:" not in text]
     assert not missing, missing
+
+
+@pytest.mark.parametrize("command", ["train", "train-vae", "train-tarflow"])
+@pytest.mark.parametrize("value", ["18446744073709551615", "-9223372036854775809",
+                                   str(2 ** 62 + 1)])
+def test_a_seed_out_of_range_is_refused_naming_seed(command, value, tmp_path, capsys):
+    """A seed past torch's generators' range (or within reach of it once the commands add
+    their offsets) was a ValueError traceback ('Overflow when unpacking long long') or a
+    line that did not say which option."""
+    from fastflow import __main__ as cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--seed", value, "--max-steps", "1", "--out", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert (f"argument --seed: expected an integer from -2**62 to 2**62, got {value}"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "train-vae", "train-tarflow", "demo"])
+def test_an_empty_out_is_refused_not_the_current_folder(command, tmp_path, monkeypatch):
+    """--out '' is Path(''), the current folder: the run wrote its checkpoint, grids and
+    metrics there."""
+    from fastflow import __main__ as cli
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=r"^--out: expected a folder, got ''$"):
+        cli.main([command, "--out", "", "--max-steps", "1"])
+    assert list(tmp_path.iterdir()) == []

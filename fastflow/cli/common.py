@@ -68,6 +68,8 @@ def prepare_out(out: str | os.PathLike, *, resume: bool, force: bool = False,
     file if anything, and an existing checkpoint never overwritten by a fresh run without
     ``--force``. ``write``: this process writes (rank 0); others only read. Returns the
     checkpoint path."""
+    if not str(out).strip():  # Path("") is the current folder: the run would land there
+        raise SystemExit(f"--out: expected a folder, got {str(out)!r}")
     path = Path(out)
     ckpt = path / "checkpoint.pt"
     if write:
@@ -306,6 +308,18 @@ def positive(kind):
     return parse
 
 
+SEED_LIMIT = 2 ** 62  # torch's generators take [-2^63, 2^64); the commands add offsets
+
+
+def seed(text):
+    """An argparse type: an integer seed within +-2^62 (torch's generators overflow past
+    2^64, and the commands seed them with the seed plus small offsets)."""
+    value = int(text)
+    if not -SEED_LIMIT <= value <= SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"expected an integer from -2**62 to 2**62, got {text}")
+    return value
+
+
 def finite(text):
     """An argparse type: a finite float (nan and inf, which float() takes, are refused)."""
     value = float(text)
@@ -325,7 +339,7 @@ def add_optimisation_options(parser, *, epochs: int, lr: float | None,
     parser.add_argument("--lr", type=positive(float), default=lr, help=lr_help)
     parser.add_argument("--max-steps", type=positive(int), default=None,
                         help="stop after this many optimizer steps in total")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=seed, default=0,
                         help="random seed (initial weights, data order, noise)")
 
 
