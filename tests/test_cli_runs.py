@@ -178,3 +178,39 @@ def test_an_empty_out_is_refused_not_the_current_folder(command, tmp_path, monke
     with pytest.raises(SystemExit, match=r"^--out: expected a folder, got ''$"):
         cli.main([command, "--out", "", "--max-steps", "1"])
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command, tiny, changed, message", [
+    (train, GLOW, ["--n-flow", "2", "--no-lu"],
+     "--n-flow 1, got 2; --no-lu (conv_lu True, got False)"),
+    (train, GLOW, ["--size", "16", "--n-bits", "3"],
+     "--data/--size (image [1, 8, 8], got [1, 16, 16]); --n-bits (n_bins 17, got 8)"),
+    (train_vae, VAE, ["--latent", "2"], "--latent 4, got 2"),
+    (train_tarflow, TARFLOW, ["--unconditional"], "--unconditional/--data (num_classes 10, got 0)"),
+], ids=["train-model", "train-data", "train-vae", "train-tarflow"])
+def test_resume_with_other_model_options_names_them(command, tiny, changed, message, tmp_path):
+    """The refusal printed the two config dicts whole, naming no option."""
+    assert command.main([*tiny, "--max-steps", "1", "--out", str(tmp_path)]) == 0
+    with pytest.raises(SystemExit) as exit_:
+        command.main([*tiny, *changed, "--max-steps", "2", "--out", str(tmp_path),
+                      "--resume"])
+    text = str(exit_.value.code)
+    assert text.startswith(f"--resume: {tmp_path / 'checkpoint.pt'} was trained with other "
+                           f"options: {message} (pass the checkpoint's values"), text
+
+
+def test_resume_says_when_warmup_clip_or_hflip_change(tmp_path, capsys):
+    """train --resume took another --warmup, --clip or --hflip without a word (the learning
+    rate schedule, clipping and augmentation of the rest of the run changed silently)."""
+    assert train.main([*GLOW, "--max-steps", "1", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert train.main([*GLOW, "--max-steps", "2", "--out", str(tmp_path), "--resume",
+                       "--warmup", "0", "--clip", "1.5", "--hflip"]) == 0
+    printed = capsys.readouterr().out
+    for text in ("--warmup: using 0 (the checkpoint's run had 100)",
+                 "--clip: using 1.5 (the checkpoint's run had None)",
+                 "--hflip: using True (the checkpoint's run had False)"):
+        assert text in printed, text
+    assert train.main([*GLOW, "--max-steps", "3", "--out", str(tmp_path), "--resume",
+                       "--warmup", "0", "--clip", "1.5", "--hflip"]) == 0
+    assert "the checkpoint's run had" not in capsys.readouterr().out

@@ -454,6 +454,29 @@ def check_resume_data(saved: dict, ckpt_path, data: dict, source: str, *,
                          "images it was trained on, or use a new --out")
 
 
+# the options behind a checkpoint's "config" keys where the name alone does not say
+CONFIG_OPTIONS = {"conv_lu": "--no-lu", "affine": "--additive", "image": "--data/--size",
+                  "n_bins": "--n-bits", "num_classes": "--unconditional/--data"}
+
+
+def check_resume_config(saved, config: dict, ckpt_path) -> None:
+    """Refuse to resume a checkpoint whose model ``config`` (``saved``) differs from this
+    run's, naming each option that differs with the checkpoint's value and the given one
+    (``--n-flow 2, got 3``; ``--no-lu (conv_lu True, got False)``)."""
+    if saved == config:
+        return
+    if not isinstance(saved, dict):
+        raise SystemExit(f"--resume: {ckpt_path} was trained with {saved}, got {config}")
+    diffs = []
+    for key in dict.fromkeys([*config, *saved]):
+        if saved.get(key) != config.get(key):
+            values = f"{saved.get(key)}, got {config.get(key)}"
+            diffs.append(f"{CONFIG_OPTIONS[key]} ({key} {values})" if key in CONFIG_OPTIONS
+                         else f"--{key.replace('_', '-')} {values}")
+    raise SystemExit(f"--resume: {ckpt_path} was trained with other options: "
+                     + "; ".join(diffs) + " (pass the checkpoint's values, or use a new --out)")
+
+
 def check_resume_batch(partial: dict | None, ckpt_path, epoch: int, batch_size: int) -> None:
     """Refuse to go on with an epoch that a ``--max-steps`` stop left unfinished (``partial``,
     saved after ``epoch`` finished epochs) at another ``--batch-size``: the rest of that

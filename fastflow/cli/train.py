@@ -13,6 +13,7 @@ import torch
 from ..data import DIGIT_LEVELS
 from .common import (HelpFormatter, add_data_options, add_optimisation_options,
                      add_precision_option, add_run_options, backend_name, check_resume_batch,
+                     check_resume_config,
                      check_resume_data, check_test_fraction, load_data, positive, prepare_out,
                      progress, read_checkpoint, resume_data, rng_state, save_checkpoint,
                      save_image_grid, set_rng_state, write_csv, write_json)
@@ -168,6 +169,12 @@ def score_samples(model, test, args, device, n: int = 200) -> dict:
     return scores
 
 
+def training_options(args) -> dict:
+    """The options of the training step that --resume takes as given (the learning rate
+    has its own message): saved with the checkpoint, so that a change is said."""
+    return {"warmup": args.warmup, "clip": args.clip, "hflip": args.hflip}
+
+
 def _flat_row(entry: dict) -> dict:
     row = {"epoch": entry["epoch"], "step": entry["step"], "train_bpd": entry["train"]["bpd"],
            "test_bpd": entry["test"]["bpd"] if entry["test"] else None,
@@ -244,9 +251,7 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
         ckpt_path.is_file() else None
     runner_state, partial = None, None
     if saved is not None:
-        if saved.get("config") != config:
-            raise SystemExit(f"--resume: {ckpt_path} was trained with {saved.get('config')}, "
-                             f"this run asks for {config}")
+        check_resume_config(saved.get("config"), config, ckpt_path)
         check_resume_data(saved, ckpt_path, data, args.data)
         try:
             model.load_state_dict(saved["model"])
@@ -260,6 +265,11 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
             raise SystemExit(f"--resume: {ckpt_path} is not a complete `fastflow train` "
                              f"checkpoint ({type(err).__name__}: {err})") from None
         base_lr = args.lr if args.lr is not None else old_lr
+        # the step's other options apply as given on --resume: said when they changed
+        for name, given in training_options(args).items():
+            had = (saved.get("training") or {}).get(name, given)  # older checkpoints: as given
+            if had != given:
+                say(f"--{name}: using {given} (the checkpoint's run had {had})")
         say(f"resumed from {ckpt_path} at epoch {start_epoch}, step {step}"
             + (f" (batch {partial['batch']} of epoch {start_epoch + 1})" if partial else "")
             + (f"; --lr {base_lr:g} replaces the checkpoint's {old_lr:g}"
@@ -406,7 +416,7 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
                             history=history, config=config, **data, lr=base_lr,
                             step_runner=runner.state_dict(), partial=left,
                             rng=resume_rng or rng_state(eval_gen, device=device),
-                            world_size=dist_.world)
+                            world_size=dist_.world, training=training_options(args))
             saved_now = True
 
     if not main_rank:
