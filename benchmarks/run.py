@@ -138,6 +138,12 @@ def parse_args(argv=None):
         ap.error(f"--warmup: expected an integer >= 0, got {args.warmup}")
     if args.threads is not None and args.threads < 1:
         ap.error(f"--threads: expected an integer >= 1, got {args.threads}")
+    if not args.out.strip():  # Path(""): the current folder
+        ap.error(f"--out: expected a folder, got {args.out!r}")
+    try:  # before any timing: a file in the way is said now, not after the run
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        ap.error(f"--out: cannot create the folder {args.out}: {err.strerror or err}")
     args.suite_list = suites
     return args
 

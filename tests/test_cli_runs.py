@@ -214,3 +214,22 @@ def test_resume_says_when_warmup_clip_or_hflip_change(tmp_path, capsys):
     assert train.main([*GLOW, "--max-steps", "3", "--out", str(tmp_path), "--resume",
                        "--warmup", "0", "--clip", "1.5", "--hflip"]) == 0
     assert "the checkpoint's run had" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("out, message", [("", "--out: expected a folder, got ''"),
+                                          ("file", "--out: cannot create the folder "),
+                                          ("file/sub", "--out: cannot create the folder ")])
+def test_bench_refuses_an_out_it_cannot_write_before_measuring(out, message, tmp_path,
+                                                               monkeypatch, capsys):
+    """bench --out over a file measured first, then failed with a FileExistsError
+    traceback; --out '' wrote the tables into the current folder."""
+    from fastflow import __main__ as cli
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "--quick", "--no-timing", "--suites", "gaussian", "--out", out])
+    assert exit_.value.code == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and "saved" not in captured.out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
