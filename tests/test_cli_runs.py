@@ -233,3 +233,52 @@ def test_bench_refuses_an_out_it_cannot_write_before_measuring(out, message, tmp
     captured = capsys.readouterr()
     assert message in captured.err and "saved" not in captured.out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.mark.parametrize("command, tiny, per_epoch", [(train, GLOW, 2), (train_vae, VAE, 3),
+                                                      (train_tarflow, TARFLOW, 3)],
+                         ids=["train", "train-vae", "train-tarflow"])
+def test_ctrl_c_says_where_to_resume_from_and_the_resumed_run_matches(command, tiny, per_epoch,
+                                                                    tmp_path, monkeypatch,
+                                                                    capsys):
+    """Ctrl-C in the second epoch was a KeyboardInterrupt traceback; now one line naming the
+    intact checkpoint of epoch 1 and exit status 130; --resume from it ends where an
+    uninterrupted run ends."""
+    from fastflow.cli.loop import StepRunner
+
+    whole = tmp_path / "whole"
+    assert command.main([*tiny, "--epochs", "2", "--out", str(whole)]) == 0
+    real, calls = StepRunner.step, []
+
+    def step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == per_epoch + 1:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    out = tmp_path / "cut"
+    with monkeypatch.context() as patch:
+        patch.setattr(StepRunner, "step", step)
+        capsys.readouterr()
+        assert command.main([*tiny, "--epochs", "2", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted: {out / 'checkpoint.pt'} (its last checkpoint) is intact: --resume" \
+        in err and "Traceback" not in err
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert command.main([*tiny, "--epochs", "2", "--out", str(out), "--resume"]) == 0
+    a = torch.load(whole / "checkpoint.pt", weights_only=True)
+    b = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 2 * per_epoch
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+
+
+def test_ctrl_c_before_any_checkpoint_says_so(tmp_path, monkeypatch, capsys):
+    from fastflow.cli.loop import StepRunner
+
+    def step(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(StepRunner, "step", step)
+    assert train_vae.main([*VAE, "--out", str(tmp_path)]) == 130
+    assert f"interrupted: no checkpoint was written yet in {tmp_path}" in capsys.readouterr().err

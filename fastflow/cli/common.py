@@ -488,6 +488,22 @@ def check_resume_batch(partial: dict | None, ckpt_path, epoch: int, batch_size: 
                          "(pass the checkpoint's value)")
 
 
+INTERRUPTED = 130  # the exit status of a run stopped by Ctrl-C (128 + SIGINT), as shells use
+
+
+def interrupted(out: str | os.PathLike, *, quiet: bool = False) -> int:
+    """What a training command does on Ctrl-C (KeyboardInterrupt): one line on stderr saying
+    where the run can go on from (the last checkpoint, written atomically, is intact)
+    instead of a traceback; returns ``INTERRUPTED``. ``quiet``: say nothing (the processes
+    of torchrun other than rank 0)."""
+    if not quiet:
+        ckpt = Path(out) / "checkpoint.pt"
+        where = (f"{ckpt} (its last checkpoint) is intact: --resume goes on from it"
+                 if ckpt.is_file() else f"no checkpoint was written yet in {Path(out)}")
+        print(f"interrupted: {where}", file=sys.stderr, flush=True)
+    return INTERRUPTED
+
+
 def backend_name(device: torch.device) -> str:
     from ..backend import current_mode
 

@@ -16,9 +16,8 @@ import torch
 import torch.distributed as dist
 
 from .common import (PRECISIONS, check_resume_batch, check_resume_config,
-                     check_resume_data, progress,
-                     read_checkpoint, restore_checkpoint, rng_state, save_checkpoint,
-                     set_rng_state)
+                     check_resume_data, progress, read_checkpoint, restore_checkpoint,
+                     rng_state, save_checkpoint, set_rng_state)
 
 
 class Distributed:

@@ -11,9 +11,9 @@ import argparse
 import torch
 
 from .common import (HelpFormatter, add_data_options, add_optimisation_options,
-                     add_precision_option, add_run_options, backend_name, finite, load_data,
-                     pick_device, positive, prepare_out, resume_data, save_image_grid,
-                     write_json)
+                     add_precision_option, add_run_options, backend_name, finite, interrupted,
+                     load_data, pick_device, positive, prepare_out, resume_data,
+                     save_image_grid, write_json)
 from .loop import StepRunner, resume_or_start, train_epochs
 
 LR = 2e-3  # --lr's default on a fresh run
@@ -95,10 +95,18 @@ def _evaluate(model, levels, n_bins, y, noise_std, generator, runner, batch_size
 
 
 def main(argv=None) -> int:
-    """``python -m fastflow train-tarflow``: returns the exit status."""
+    """``python -m fastflow train-tarflow``: returns the exit status (``INTERRUPTED`` on
+    Ctrl-C)."""
+    args = _parser().parse_args(argv)
+    try:
+        return _main(args)
+    except KeyboardInterrupt:  # where to go on from, not a traceback
+        return interrupted(args.out)
+
+
+def _main(args) -> int:
     from ..tarflow import TarFlow
 
-    args = _parser().parse_args(argv)
     if args.unconditional and args.guidance is not None:
         raise SystemExit(f"--guidance: expected none with --unconditional (classifier-free "
                          f"guidance needs class labels), got --guidance {args.guidance:g}")

@@ -8,9 +8,9 @@ import argparse
 import torch
 
 from .common import (HelpFormatter, add_data_options, add_optimisation_options,
-                     add_precision_option, add_run_options, backend_name, load_data,
-                     pick_device, positive, prepare_out, resume_data, save_image_grid,
-                     write_json)
+                     add_precision_option, add_run_options, backend_name, interrupted,
+                     load_data, pick_device, positive, prepare_out, resume_data,
+                     save_image_grid, write_json)
 from .loop import StepRunner, resume_or_start, train_epochs
 
 LR = 2e-3  # --lr's default on a fresh run
@@ -57,11 +57,18 @@ def _evaluate(model, levels, n_bins, batch_size, generator, runner):
 
 
 def main(argv=None) -> int:
-    """``python -m fastflow train-vae``: returns the exit status."""
+    """``python -m fastflow train-vae``: returns the exit status (``INTERRUPTED`` on Ctrl-C)."""
+    args = _vae_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except KeyboardInterrupt:  # where to go on from, not a traceback
+        return interrupted(args.out)
+
+
+def _main(args) -> int:
     from ..data import levels_to_unit
     from ..vae import ConvVAE
 
-    args = _vae_parser().parse_args(argv)
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
     ckpt_path = prepare_out(args.out, resume=args.resume, force=args.force)
