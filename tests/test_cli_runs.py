@@ -282,3 +282,23 @@ def test_ctrl_c_before_any_checkpoint_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(StepRunner, "step", step)
     assert train_vae.main([*VAE, "--out", str(tmp_path)]) == 130
     assert f"interrupted: no checkpoint was written yet in {tmp_path}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, tiny, picture", [(train_vae, VAE, "vae_samples.png"),
+                                                    (train_tarflow, TARFLOW,
+                                                     "tarflow_samples.png")],
+                         ids=["train-vae", "train-tarflow"])
+def test_the_summary_names_the_checkpoint_only_when_this_run_wrote_it(command, tiny, picture,
+                                                                      tmp_path, capsys):
+    """--resume with nothing left to train (--max-steps reached) said it wrote the
+    checkpoint, which it left as it was."""
+    assert command.main([*tiny, "--max-steps", "1", "--out", str(tmp_path)]) == 0
+    ckpt = tmp_path / "checkpoint.pt"
+    assert f"wrote {tmp_path / picture}, {ckpt}, {tmp_path / 'metrics.json'}" \
+        in capsys.readouterr().out
+    before = ckpt.stat().st_mtime_ns
+    assert command.main([*tiny, "--max-steps", "1", "--out", str(tmp_path), "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {tmp_path / picture}, {tmp_path / 'metrics.json'}" in printed
+    assert str(ckpt) not in printed.split("wrote")[-1]
+    assert ckpt.stat().st_mtime_ns == before

@@ -183,6 +183,7 @@ def _main(args) -> int:
                                    noise_gen)}
 
     model.train()
+    first_step = step  # a checkpoint is written once a step is taken (each epoch's end)
     step = train_epochs(
         args, model=model, runner=runner, x_train=index, loss_terms=loss_terms,
         evaluate=evaluate,
@@ -220,5 +221,6 @@ def _main(args) -> int:
     print(f"sampling: Jacobi iterations per block {sampling['jacobi_iterations']} for "
           f"{model.tokens} tokens, max |jacobi - sequential| {jacobi_gap:.2e}")
     print(f"done: {step} steps, test {history['initial']['nll']:.3f} -> {final:.3f} nats/dim "
-          f"({args.precision}); wrote {picture}, {ckpt_path}, {out / 'metrics.json'}")
+          f"({args.precision}); wrote {picture}, "
+          + (f"{ckpt_path}, " if step > first_step else "") + f"{out / 'metrics.json'}")
     return 0

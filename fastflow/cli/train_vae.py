@@ -117,6 +117,7 @@ def _main(args) -> int:
                 f"KL {train['kl']:6.3f})  test -ELBO {test['neg_elbo']:8.3f} "
                 f"(recon {test['recon']:7.3f} + KL {test['kl']:6.3f})")
 
+    first_step = step  # a checkpoint is written once a step is taken (each epoch's end)
     step = train_epochs(args, model=model, runner=runner, x_train=x_train,
                         loss_terms=loss_terms, evaluate=evaluate, describe=describe,
                         ckpt_path=ckpt_path, config=config, generators=generators,
@@ -132,6 +133,6 @@ def _main(args) -> int:
                                       "model": config, "history": history})
     final = history["epochs"][-1]["test"] if history["epochs"] else history["initial"]
     print(f"done: {step} steps, test -ELBO {history['initial']['neg_elbo']:.3f} -> "
-          f"{final['neg_elbo']:.3f} nats ({args.precision}); wrote {picture}, {ckpt_path}, "
-          f"{out / 'metrics.json'}")
+          f"{final['neg_elbo']:.3f} nats ({args.precision}); wrote {picture}, "
+          + (f"{ckpt_path}, " if step > first_step else "") + f"{out / 'metrics.json'}")
     return 0
