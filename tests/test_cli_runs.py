@@ -302,3 +302,28 @@ def test_the_summary_names_the_checkpoint_only_when_this_run_wrote_it(command, t
     assert f"wrote {tmp_path / picture}, {tmp_path / 'metrics.json'}" in printed
     assert str(ckpt) not in printed.split("wrote")[-1]
     assert ckpt.stat().st_mtime_ns == before
+
+
+def test_sigterm_stops_like_ctrl_c_and_removes_a_half_written_checkpoint(tmp_path,
+                                                                        monkeypatch, capsys):
+    """SIGTERM (a scheduler's stop) killed the process on the spot: during a checkpoint
+    write it left checkpoint.pt.tmp, and it said nothing. It now stops as Ctrl-C does, with
+    status 143, and the handler before the run is back after it."""
+    import os
+    import signal
+
+    real = torch.save
+    before = signal.getsignal(signal.SIGTERM)
+
+    def save(obj, f, *args, **kwargs):  # the second checkpoint: SIGTERM half-way through
+        real(obj, f, *args, **kwargs)
+        if (tmp_path / "checkpoint.pt").exists():
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(torch, "save", save)
+    assert train.main([*GLOW, "--epochs", "3", "--out", str(tmp_path)]) == 143
+    err = capsys.readouterr().err
+    assert f"terminated: {tmp_path / 'checkpoint.pt'} (its last checkpoint) is intact" in err
+    assert not list(tmp_path.glob("*.tmp"))
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert signal.getsignal(signal.SIGTERM) == before

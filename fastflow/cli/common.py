@@ -14,6 +14,7 @@ training command), ``HelpFormatter`` and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -491,17 +492,47 @@ def check_resume_batch(partial: dict | None, ckpt_path, epoch: int, batch_size: 
 INTERRUPTED = 130  # the exit status of a run stopped by Ctrl-C (128 + SIGINT), as shells use
 
 
-def interrupted(out: str | os.PathLike, *, quiet: bool = False) -> int:
-    """What a training command does on Ctrl-C (KeyboardInterrupt): one line on stderr saying
-    where the run can go on from (the last checkpoint, written atomically, is intact)
-    instead of a traceback; returns ``INTERRUPTED``. ``quiet``: say nothing (the processes
-    of torchrun other than rank 0)."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or torchrun's stop), raised where the run is, as Ctrl-C is."""
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """SIGTERM raises ``Terminated`` in the training command (so that a half-written file is
+    removed and ``interrupted`` says where to go on from) instead of killing the process
+    on the spot; the previous handler is back afterwards. Only in the main thread (where
+    Python runs signal handlers)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupted(out: str | os.PathLike, err: KeyboardInterrupt, *, quiet: bool = False) -> int:
+    """What a training command does on Ctrl-C (KeyboardInterrupt) or SIGTERM (``Terminated``):
+    one line on stderr saying where the run can go on from (the last checkpoint, written
+    atomically, is intact) instead of a traceback; returns the exit status, 128 + the
+    signal (130, 143). ``quiet``: say nothing (the processes of torchrun other than rank
+    0)."""
+    terminated = isinstance(err, Terminated)
     if not quiet:
         ckpt = Path(out) / "checkpoint.pt"
         where = (f"{ckpt} (its last checkpoint) is intact: --resume goes on from it"
                  if ckpt.is_file() else f"no checkpoint was written yet in {Path(out)}")
-        print(f"interrupted: {where}", file=sys.stderr, flush=True)
-    return INTERRUPTED
+        print(f"{'terminated' if terminated else 'interrupted'}: {where}", file=sys.stderr,
+              flush=True)
+    return 143 if terminated else INTERRUPTED
 
 
 def backend_name(device: torch.device) -> str:

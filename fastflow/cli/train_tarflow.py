@@ -13,7 +13,7 @@ import torch
 from .common import (HelpFormatter, add_data_options, add_optimisation_options,
                      add_precision_option, add_run_options, backend_name, finite, interrupted,
                      load_data, pick_device, positive, prepare_out, resume_data,
-                     save_image_grid, write_json)
+                     save_image_grid, stop_on_sigterm, write_json)
 from .loop import StepRunner, resume_or_start, train_epochs
 
 LR = 2e-3  # --lr's default on a fresh run
@@ -99,9 +99,10 @@ def main(argv=None) -> int:
     Ctrl-C)."""
     args = _parser().parse_args(argv)
     try:
-        return _main(args)
-    except KeyboardInterrupt:  # where to go on from, not a traceback
-        return interrupted(args.out)
+        with stop_on_sigterm():
+            return _main(args)
+    except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM: where to go on from, no traceback
+        return interrupted(args.out, err)
 
 
 def _main(args) -> int:
