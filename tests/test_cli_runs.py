@@ -327,3 +327,24 @@ def test_sigterm_stops_like_ctrl_c_and_removes_a_half_written_checkpoint(tmp_pat
     assert not list(tmp_path.glob("*.tmp"))
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 1
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_demo_stops_with_the_training_when_it_is_interrupted(tmp_path, monkeypatch, capsys):
+    """demo went on after an interrupted training run: it read the metrics.json of an
+    earlier run (or none: FileNotFoundError) and summarised it as this run's."""
+    import json
+
+    from fastflow.cli import demo
+    from fastflow.cli.loop import StepRunner
+
+    glow = tmp_path / "glow"
+    glow.mkdir()
+    (glow / "metrics.json").write_text(json.dumps({"stale": True}))
+
+    def step(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(StepRunner, "step", step)
+    assert demo.main(["--skip-bench", "--out", str(tmp_path), "--epochs", "1"]) == 130
+    assert "digit classifier recognises" not in capsys.readouterr().out
+    assert json.loads((glow / "metrics.json").read_text()) == {"stale": True}

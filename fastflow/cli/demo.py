@@ -70,6 +70,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     status = train.main(train_args)
     wall = time.perf_counter() - t0
+    if status:  # stopped (Ctrl-C, SIGTERM): metrics.json is not this run's, or not there
+        return status
     metrics = json.loads((out / "metrics.json").read_text())
     history = metrics["history"]
     before, after = history["initial"], (history["epochs"] or [history["initial"]])[-1]
