@@ -101,14 +101,19 @@ def add_ms(r: dict) -> dict:
     return r
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter,
+                     argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and every option's default (as the training commands)."""
+
+
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="fastflow bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m fastflow bench", description=__doc__,
+                                 formatter_class=_HelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small shapes only")
     ap.add_argument("--suites", default=",".join(SUITES),
                     help=f"comma-separated, from: {', '.join(SUITES)}")
     ap.add_argument("--out", default=str(DEFAULT_OUT),
-                    help=f"output folder (default: {DEFAULT_OUT} under the current directory)")
+                    help="output folder (a relative one: under the current directory)")
     ap.add_argument("--reps", type=int, default=20, help="timed repetitions per row (>= 1)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed calls before timing (>= 0)")
     ap.add_argument("--no-figures", action="store_true", help="skip the device-independent figures")
@@ -133,6 +138,12 @@ def parse_args(argv=None):
         ap.error(f"--warmup: expected an integer >= 0, got {args.warmup}")
     if args.threads is not None and args.threads < 1:
         ap.error(f"--threads: expected an integer >= 1, got {args.threads}")
+    if not args.out.strip():  # Path(""): the current folder
+        ap.error(f"--out: expected a folder, got {args.out!r}")
+    try:  # before any timing: a file in the way is said now, not after the run
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        ap.error(f"--out: cannot create the folder {args.out}: {err.strerror or err}")
     args.suite_list = suites
     return args
 

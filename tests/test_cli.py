@@ -65,7 +65,8 @@ def test_demo_writes_grids_before_and_after_and_improves(tmp_path, capsys):
 @pytest.mark.parametrize("module, parser, defaults", [
     ("train", "_glow_parser", {"epochs": 20, "lr": None, "out": "runs/glow", "force": False}),
     ("train_vae", "_vae_parser", {"epochs": 10, "lr": None, "out": "runs/vae", "force": False}),
-    ("train_tarflow", "_parser", {"epochs": 6, "lr": None, "out": "runs/tarflow"}),
+    ("train_tarflow", "_parser", {"epochs": 6, "lr": None, "out": "runs/tarflow",
+                                  "force": False}),
 ])
 def test_training_commands_share_their_run_options_with_their_own_defaults(module, parser,
                                                                             defaults):

@@ -195,7 +195,7 @@ def test_fp16_loss_scale_is_saved_and_resumed(tmp_path, capsys):
 
 @pytest.mark.parametrize("command", ["vae", "tarflow"])
 def test_resume_with_other_data_is_refused(command, tmp_path, rgb_npz):
-    force = ["--force"] if command == "vae" else []
+    force = ["--force"]
     out = tmp_path / "run"
     _run(command, out)  # the digits
     with pytest.raises(SystemExit, match=r"^--resume: .* was trained with"):

@@ -2,7 +2,8 @@
 ``progress`` (tqdm when installed, plain prints otherwise), ``save_checkpoint`` /
 ``load_checkpoint`` (model + optimizer + any state, resumable, loaded with
 ``weights_only=True``), ``prepare_out`` (``--out`` checked before training), ``rng_state``,
-``save_image_grid`` (a PNG of image rows, drawn with Pillow), ``write_json``/``write_csv``,
+``save_image_grid`` (a PNG of image rows, drawn with Pillow), ``write_json``/``write_csv``
+(all four through ``write_atomic``),
 ``positive``/``finite`` (argparse types), ``add_optimisation_options``/``add_run_options``/
 ``add_data_options``/``add_precision_option`` (the options every training command has),
 ``load_data``/``split_key``/``data_fingerprint``/``resume_data``/``check_resume_data``/
@@ -13,6 +14,7 @@ training command), ``HelpFormatter`` and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -67,6 +69,8 @@ def prepare_out(out: str | os.PathLike, *, resume: bool, force: bool = False,
     file if anything, and an existing checkpoint never overwritten by a fresh run without
     ``--force``. ``write``: this process writes (rank 0); others only read. Returns the
     checkpoint path."""
+    if not str(out).strip():  # Path("") is the current folder: the run would land there
+        raise SystemExit(f"--out: expected a folder, got {str(out)!r}")
     path = Path(out)
     ckpt = path / "checkpoint.pt"
     if write:
@@ -134,10 +138,38 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
     payload = {"model": model.state_dict(), **state}
     if optimizer is not None:
         payload["optimizer"] = optimizer.state_dict()
+    return write_atomic(path, lambda tmp: torch.save(payload, tmp))
+
+
+def write_atomic(path: str | os.PathLike, write) -> Path:
+    """``write(tmp)`` into ``path`` + ``.tmp``, then renamed over ``path``: a crash, an
+    interrupt or a full disk never leaves half a file at ``path`` (what was there stays),
+    and the temporary file is removed. A write that fails (a full disk, a read-only or
+    vanished folder: OSError, or the RuntimeError torch.save turns it into) is one line
+    naming ``--out`` and the file (SystemExit), not a traceback."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        _remove_quietly(tmp)
+        reason = (err.strerror if isinstance(err, OSError) and err.strerror else
+                  (str(err).strip().splitlines() or [type(err).__name__])[0][:200])
+        kept = " (the earlier one is kept)" if path.is_file() else ""
+        raise SystemExit(f"--out: cannot write {path}{kept}: {reason}; is the disk full or "
+                         "the folder read-only?") from None
+    except BaseException:  # KeyboardInterrupt, SystemExit: no half-written file left over
+        _remove_quietly(tmp)
+        raise
     return path
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def read_checkpoint(path: str | os.PathLike, map_location=None) -> dict:
@@ -210,7 +242,7 @@ def set_rng_state(state: dict, *generators: torch.Generator,
 def save_image_grid(path: str | os.PathLike, rows, titles=None, *, cell: int = 40) -> Path:
     """A PNG with one row per tensor in ``rows`` (each (n, C, H, W) in [0, 1], C = 1 or 3),
     ``titles`` labelling the rows; each image is magnified (nearest) to about ``cell`` pixels.
-    Drawn with Pillow: fast, no plotting library."""
+    Drawn with Pillow: fast, no plotting library; written atomically."""
     from PIL import Image, ImageDraw
 
     rows = [torch.nan_to_num(r.detach().float(), 0.0).clamp(0, 1).cpu() for r in rows]
@@ -230,9 +262,7 @@ def save_image_grid(path: str | os.PathLike, rows, titles=None, *, cell: int = 4
             tile = Image.fromarray(img.round().to(torch.uint8).permute(1, 2, 0).numpy())
             tile = tile.resize((w * zoom, h * zoom), Image.Resampling.NEAREST)
             canvas.paste(tile, (label + pad + j * (w * zoom + pad), top))
-    path = Path(path)
-    canvas.save(path)
-    return path
+    return write_atomic(path, lambda tmp: canvas.save(tmp, format="PNG"))
 
 
 def _json_safe(value):
@@ -249,26 +279,24 @@ def _json_safe(value):
 
 def write_json(path: str | os.PathLike, data) -> Path:
     """``data`` as indented JSON, written atomically; non-finite floats become null."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    text = json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n"
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def write_csv(path: str | os.PathLike, rows: list[dict]) -> Path:
-    """``rows`` (flat dicts) as a CSV with the union of their keys as columns."""
+    """``rows`` (flat dicts) as a CSV with the union of their keys as columns, written
+    atomically."""
     import csv
 
-    path = Path(path)
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-    return path
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    return write_atomic(path, write)
 
 
 def positive(kind):
@@ -279,6 +307,18 @@ def positive(kind):
         return value
 
     return parse
+
+
+SEED_LIMIT = 2 ** 62  # torch's generators take [-2^63, 2^64); the commands add offsets
+
+
+def seed(text):
+    """An argparse type: an integer seed within +-2^62 (torch's generators overflow past
+    2^64, and the commands seed them with the seed plus small offsets)."""
+    value = int(text)
+    if not -SEED_LIMIT <= value <= SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"expected an integer from -2**62 to 2**62, got {text}")
+    return value
 
 
 def finite(text):
@@ -300,7 +340,7 @@ def add_optimisation_options(parser, *, epochs: int, lr: float | None,
     parser.add_argument("--lr", type=positive(float), default=lr, help=lr_help)
     parser.add_argument("--max-steps", type=positive(int), default=None,
                         help="stop after this many optimizer steps in total")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=seed, default=0,
                         help="random seed (initial weights, data order, noise)")
 
 
@@ -415,6 +455,29 @@ def check_resume_data(saved: dict, ckpt_path, data: dict, source: str, *,
                          "images it was trained on, or use a new --out")
 
 
+# the options behind a checkpoint's "config" keys where the name alone does not say
+CONFIG_OPTIONS = {"conv_lu": "--no-lu", "affine": "--additive", "image": "--data/--size",
+                  "n_bins": "--n-bits", "num_classes": "--unconditional/--data"}
+
+
+def check_resume_config(saved, config: dict, ckpt_path) -> None:
+    """Refuse to resume a checkpoint whose model ``config`` (``saved``) differs from this
+    run's, naming each option that differs with the checkpoint's value and the given one
+    (``--n-flow 2, got 3``; ``--no-lu (conv_lu True, got False)``)."""
+    if saved == config:
+        return
+    if not isinstance(saved, dict):
+        raise SystemExit(f"--resume: {ckpt_path} was trained with {saved}, got {config}")
+    diffs = []
+    for key in dict.fromkeys([*config, *saved]):
+        if saved.get(key) != config.get(key):
+            values = f"{saved.get(key)}, got {config.get(key)}"
+            diffs.append(f"{CONFIG_OPTIONS[key]} ({key} {values})" if key in CONFIG_OPTIONS
+                         else f"--{key.replace('_', '-')} {values}")
+    raise SystemExit(f"--resume: {ckpt_path} was trained with other options: "
+                     + "; ".join(diffs) + " (pass the checkpoint's values, or use a new --out)")
+
+
 def check_resume_batch(partial: dict | None, ckpt_path, epoch: int, batch_size: int) -> None:
     """Refuse to go on with an epoch that a ``--max-steps`` stop left unfinished (``partial``,
     saved after ``epoch`` finished epochs) at another ``--batch-size``: the rest of that
@@ -424,6 +487,52 @@ def check_resume_batch(partial: dict | None, ckpt_path, epoch: int, batch_size: 
                          f"of epoch {epoch + 1} at --batch-size {partial['batch_size']}; "
                          f"got {batch_size}, which would skip or repeat images of that epoch "
                          "(pass the checkpoint's value)")
+
+
+INTERRUPTED = 130  # the exit status of a run stopped by Ctrl-C (128 + SIGINT), as shells use
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or torchrun's stop), raised where the run is, as Ctrl-C is."""
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """SIGTERM raises ``Terminated`` in the training command (so that a half-written file is
+    removed and ``interrupted`` says where to go on from) instead of killing the process
+    on the spot; the previous handler is back afterwards. Only in the main thread (where
+    Python runs signal handlers)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupted(out: str | os.PathLike, err: KeyboardInterrupt, *, quiet: bool = False) -> int:
+    """What a training command does on Ctrl-C (KeyboardInterrupt) or SIGTERM (``Terminated``):
+    one line on stderr saying where the run can go on from (the last checkpoint, written
+    atomically, is intact) instead of a traceback; returns the exit status, 128 + the
+    signal (130, 143). ``quiet``: say nothing (the processes of torchrun other than rank
+    0)."""
+    terminated = isinstance(err, Terminated)
+    if not quiet:
+        ckpt = Path(out) / "checkpoint.pt"
+        where = (f"{ckpt} (its last checkpoint) is intact: --resume goes on from it"
+                 if ckpt.is_file() else f"no checkpoint was written yet in {Path(out)}")
+        print(f"{'terminated' if terminated else 'interrupted'}: {where}", file=sys.stderr,
+              flush=True)
+    return 143 if terminated else INTERRUPTED
 
 
 def backend_name(device: torch.device) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from . import bench, train
-from .common import HelpFormatter, positive
+from .common import HelpFormatter, positive, write_json
 
 # The demo's Glow on the 8x8 digits: two squeeze levels (4x4x4, 2x2x8), 8 affine steps each,
 # a 64-wide coupling net, 80 epochs (1760 steps) at lr 2e-3. Measured on a shared 2-core CPU,
@@ -47,6 +47,8 @@ def main(argv=None) -> int:
                    help="CPU threads for the training (None: 1 on CPU, where the demo's "
                         "small convolutions run faster on one thread than on two)")
     args = p.parse_args(argv)
+    if not args.out.strip():  # Path("") is the current folder
+        raise SystemExit(f"--out: expected a folder, got {args.out!r}")
     cuda = torch.cuda.is_available()
     if not args.skip_bench:
         print("== 1. benchmarks ==", flush=True)
@@ -68,6 +70,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     status = train.main(train_args)
     wall = time.perf_counter() - t0
+    if status:  # stopped (Ctrl-C, SIGTERM): metrics.json is not this run's, or not there
+        return status
     metrics = json.loads((out / "metrics.json").read_text())
     history = metrics["history"]
     before, after = history["initial"], (history["epochs"] or [history["initial"]])[-1]
@@ -82,5 +86,5 @@ def main(argv=None) -> int:
           flush=True)
     metrics["demo"] = {"wall_seconds": wall, "temperature": t_best, "score": score,
                        "score_before": before["digits"][t_best]}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(out / "metrics.json", metrics)  # atomically, like the run's own
     return status

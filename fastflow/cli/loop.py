@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .common import (PRECISIONS, check_resume_batch, check_resume_data, progress,
-                     read_checkpoint, restore_checkpoint, rng_state, save_checkpoint,
-                     set_rng_state)
+from .common import (PRECISIONS, check_resume_batch, check_resume_config,
+                     check_resume_data, progress, read_checkpoint, restore_checkpoint,
+                     rng_state, save_checkpoint, set_rng_state)
 
 
 class Distributed:
@@ -229,9 +229,7 @@ def resume_or_start(args, ckpt_path: Path, model, opt, config: dict, generators:
     saved_config = state.get("config")
     if isinstance(saved_config, dict) and legacy:
         saved_config = {**legacy, **saved_config}
-    if saved_config != config:
-        raise SystemExit(f"--resume: {ckpt_path} was trained with {state.get('config')}, "
-                         f"got {config}")
+    check_resume_config(saved_config, config, ckpt_path)
     if data is not None:
         if legacy_split is not None and "split" not in state:
             state = {**state, "split": legacy_split}

@@ -13,9 +13,10 @@ import torch
 from ..data import DIGIT_LEVELS
 from .common import (HelpFormatter, add_data_options, add_optimisation_options,
                      add_precision_option, add_run_options, backend_name, check_resume_batch,
-                     check_resume_data, check_test_fraction, load_data, positive, prepare_out,
-                     progress, read_checkpoint, resume_data, rng_state, save_checkpoint,
-                     save_image_grid, set_rng_state, write_csv, write_json)
+                     check_resume_config, check_resume_data, check_test_fraction, interrupted,
+                     load_data, positive, prepare_out, progress, read_checkpoint, resume_data,
+                     rng_state, save_checkpoint, save_image_grid, set_rng_state, stop_on_sigterm,
+                     write_csv, write_json)
 from .loop import Distributed, StepRunner, epoch_generator, epoch_order
 
 INIT_IMAGES = 512  # ActNorm's data-dependent initialisation: this many training images
@@ -168,6 +169,12 @@ def score_samples(model, test, args, device, n: int = 200) -> dict:
     return scores
 
 
+def training_options(args) -> dict:
+    """The options of the training step that --resume takes as given (the learning rate
+    has its own message): saved with the checkpoint, so that a change is said."""
+    return {"warmup": args.warmup, "clip": args.clip, "hflip": args.hflip}
+
+
 def _flat_row(entry: dict) -> dict:
     row = {"epoch": entry["epoch"], "step": entry["step"], "train_bpd": entry["train"]["bpd"],
            "test_bpd": entry["test"]["bpd"] if entry["test"] else None,
@@ -198,7 +205,10 @@ def main(argv=None) -> int:
                          "DistributedDataParallel all-reduces are not captured)")
     dist_ = Distributed(args.device)
     try:
-        return _train(args, dist_, Glow, bits_per_dim, dequantize)
+        with stop_on_sigterm():
+            return _train(args, dist_, Glow, bits_per_dim, dequantize)
+    except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM: where to go on from, no traceback
+        return interrupted(args.out, err, quiet=not dist_.is_main)
     finally:
         dist_.close()
 
@@ -244,9 +254,7 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
         ckpt_path.is_file() else None
     runner_state, partial = None, None
     if saved is not None:
-        if saved.get("config") != config:
-            raise SystemExit(f"--resume: {ckpt_path} was trained with {saved.get('config')}, "
-                             f"this run asks for {config}")
+        check_resume_config(saved.get("config"), config, ckpt_path)
         check_resume_data(saved, ckpt_path, data, args.data)
         try:
             model.load_state_dict(saved["model"])
@@ -260,6 +268,11 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
             raise SystemExit(f"--resume: {ckpt_path} is not a complete `fastflow train` "
                              f"checkpoint ({type(err).__name__}: {err})") from None
         base_lr = args.lr if args.lr is not None else old_lr
+        # the step's other options apply as given on --resume: said when they changed
+        for name, given in training_options(args).items():
+            had = (saved.get("training") or {}).get(name, given)  # older checkpoints: as given
+            if had != given:
+                say(f"--{name}: using {given} (the checkpoint's run had {had})")
         say(f"resumed from {ckpt_path} at epoch {start_epoch}, step {step}"
             + (f" (batch {partial['batch']} of epoch {start_epoch + 1})" if partial else "")
             + (f"; --lr {base_lr:g} replaces the checkpoint's {old_lr:g}"
@@ -295,7 +308,16 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
         + (f" x {dist_.world} processes" if dist_.enabled else "")
         + f", fastflow backend {backend_name(device)}", flush=True)
 
-    written = []
+    written, last_grid, saved_now = [], None, False  # what this run writes, for the summary
+    if saved is None and main_rank:
+        # a fresh start: grids of an earlier run in OUT (a --force over it, or one stopped
+        # before its first checkpoint) would sit beside this run's under the same names
+        stale = sorted(out.glob("samples_epoch*.png"))
+        for path in stale:
+            path.unlink()
+        if stale:
+            say(f"--out: removed {len(stale)} sample grid(s) of an earlier run in {out} "
+                f"({stale[0].name} .. {stale[-1].name})")
     is_digits = args.data == "digits" and channels == 1
     if history["initial"] is None:
         history["initial"] = {"bpd": evaluate_bpd(model, test, eval_gen, runner, device)}
@@ -388,7 +410,7 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
             + f"  {time.perf_counter() - t_start:6.1f}s", flush=True)
         if main_rank and evaluate:
             rows, titles = picture_rows(model, test, args, device)
-            save_image_grid(out / f"samples_epoch{epoch + 1:03d}.png", rows, titles)
+            last_grid = save_image_grid(out / f"samples_epoch{epoch + 1:03d}.png", rows, titles)
             left = None if not unfinished else {
                 "batch": batch, "batch_size": args.batch_size, "noise": gen.get_state(),
                 "sum_bpd": float(sum_bpd), "n_ok": float(n_ok),
@@ -397,7 +419,8 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
                             history=history, config=config, **data, lr=base_lr,
                             step_runner=runner.state_dict(), partial=left,
                             rng=resume_rng or rng_state(eval_gen, device=device),
-                            world_size=dist_.world)
+                            world_size=dist_.world, training=training_options(args))
+            saved_now = True
 
     if not main_rank:
         return 0
@@ -409,8 +432,8 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
                                                      "history": history}))
     if history["epochs"]:
         written.append(write_csv(out / "metrics.csv", [_flat_row(e) for e in history["epochs"]]))
-        written += sorted(out.glob("samples_epoch*.png"))[-1:]
-        written.append(ckpt_path)
+    written += [last_grid] if last_grid is not None else []  # the latest of this run's
+    written += [ckpt_path] if saved_now else []
     final = history["epochs"][-1] if history["epochs"] else history["initial"]
     final_bpd = final["test"]["bpd"] if history["epochs"] else final["bpd"]
     print(f"done: {step} steps, test {history['initial']['bpd']:.3f} -> {final_bpd:.3f} "

@@ -11,9 +11,9 @@ import argparse
 import torch
 
 from .common import (HelpFormatter, add_data_options, add_optimisation_options,
-                     add_precision_option, add_run_options, backend_name, finite, load_data,
-                     pick_device, positive, prepare_out, resume_data, save_image_grid,
-                     write_json)
+                     add_precision_option, add_run_options, backend_name, finite, interrupted,
+                     load_data, pick_device, positive, prepare_out, resume_data,
+                     save_image_grid, stop_on_sigterm, write_json)
 from .loop import StepRunner, resume_or_start, train_epochs
 
 LR = 2e-3  # --lr's default on a fresh run
@@ -35,7 +35,8 @@ def _parser():
                                  "(the transformer follows it; the flow math and the "
                                  "likelihood stay float32); fp16 scales the loss")
     g = p.add_argument_group("model")
-    g.add_argument("--patch-size", type=positive(int), default=2)
+    g.add_argument("--patch-size", type=positive(int), default=2,
+                   help="side of the square patches that make the tokens")
     g.add_argument("--channels", type=positive(int), default=32, help="transformer width")
     g.add_argument("--blocks", type=positive(int), default=4, help="autoregressive flow blocks")
     g.add_argument("--layers", type=positive(int), default=1, help="transformer layers per block")
@@ -51,7 +52,7 @@ def _parser():
     g.add_argument("--temperature", type=positive(float), default=1.0,
                    help="sampling temperature")
     g = p.add_argument_group("run")
-    add_run_options(g, out="runs/tarflow", force=False)  # no --force: OUT is not guarded
+    add_run_options(g, out="runs/tarflow")
     return p
 
 
@@ -94,16 +95,25 @@ def _evaluate(model, levels, n_bins, y, noise_std, generator, runner, batch_size
 
 
 def main(argv=None) -> int:
-    """``python -m fastflow train-tarflow``: returns the exit status."""
+    """``python -m fastflow train-tarflow``: returns the exit status (``INTERRUPTED`` on
+    Ctrl-C)."""
+    args = _parser().parse_args(argv)
+    try:
+        with stop_on_sigterm():
+            return _main(args)
+    except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM: where to go on from, no traceback
+        return interrupted(args.out, err)
+
+
+def _main(args) -> int:
     from ..tarflow import TarFlow
 
-    args = _parser().parse_args(argv)
     if args.unconditional and args.guidance is not None:
         raise SystemExit(f"--guidance: expected none with --unconditional (classifier-free "
                          f"guidance needs class labels), got --guidance {args.guidance:g}")
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
-    ckpt_path = prepare_out(args.out, resume=args.resume, force=True)  # no --force: not guarded
+    ckpt_path = prepare_out(args.out, resume=args.resume, force=args.force)
     out = ckpt_path.parent
 
     train, test = load_data(args)
@@ -174,6 +184,7 @@ def main(argv=None) -> int:
                                    noise_gen)}
 
     model.train()
+    first_step = step  # a checkpoint is written once a step is taken (each epoch's end)
     step = train_epochs(
         args, model=model, runner=runner, x_train=index, loss_terms=loss_terms,
         evaluate=evaluate,
@@ -211,5 +222,6 @@ def main(argv=None) -> int:
     print(f"sampling: Jacobi iterations per block {sampling['jacobi_iterations']} for "
           f"{model.tokens} tokens, max |jacobi - sequential| {jacobi_gap:.2e}")
     print(f"done: {step} steps, test {history['initial']['nll']:.3f} -> {final:.3f} nats/dim "
-          f"({args.precision}); wrote {picture}, {ckpt_path}, {out / 'metrics.json'}")
+          f"({args.precision}); wrote {picture}, "
+          + (f"{ckpt_path}, " if step > first_step else "") + f"{out / 'metrics.json'}")
     return 0

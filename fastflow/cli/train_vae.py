@@ -8,9 +8,9 @@ import argparse
 import torch
 
 from .common import (HelpFormatter, add_data_options, add_optimisation_options,
-                     add_precision_option, add_run_options, backend_name, load_data,
-                     pick_device, positive, prepare_out, resume_data, save_image_grid,
-                     write_json)
+                     add_precision_option, add_run_options, backend_name, interrupted,
+                     load_data, pick_device, positive, prepare_out, resume_data,
+                     save_image_grid, stop_on_sigterm, write_json)
 from .loop import StepRunner, resume_or_start, train_epochs
 
 LR = 2e-3  # --lr's default on a fresh run
@@ -24,9 +24,10 @@ def _vae_parser():
     g = p.add_argument_group("data")
     add_data_options(g)
     g = p.add_argument_group("model")
-    g.add_argument("--latent", type=positive(int), default=8)
+    g.add_argument("--latent", type=positive(int), default=8, help="latent dimensions")
     g.add_argument("--hidden", type=positive(int), default=32, help="conv channels")
-    g.add_argument("--likelihood", choices=("bernoulli", "gaussian"), default="bernoulli")
+    g.add_argument("--likelihood", choices=("bernoulli", "gaussian"), default="bernoulli",
+                   help="the decoder's distribution of the pixels")
     g = p.add_argument_group("optimisation")
     add_optimisation_options(g, epochs=10, lr=None,
                              lr_help=f"Adam learning rate (None: {LR:g}, or with --resume the "
@@ -56,11 +57,19 @@ def _evaluate(model, levels, n_bins, batch_size, generator, runner):
 
 
 def main(argv=None) -> int:
-    """``python -m fastflow train-vae``: returns the exit status."""
+    """``python -m fastflow train-vae``: returns the exit status (``INTERRUPTED`` on Ctrl-C)."""
+    args = _vae_parser().parse_args(argv)
+    try:
+        with stop_on_sigterm():
+            return _main(args)
+    except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM: where to go on from, no traceback
+        return interrupted(args.out, err)
+
+
+def _main(args) -> int:
     from ..data import levels_to_unit
     from ..vae import ConvVAE
 
-    args = _vae_parser().parse_args(argv)
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
     ckpt_path = prepare_out(args.out, resume=args.resume, force=args.force)
@@ -109,6 +118,7 @@ def main(argv=None) -> int:
                 f"KL {train['kl']:6.3f})  test -ELBO {test['neg_elbo']:8.3f} "
                 f"(recon {test['recon']:7.3f} + KL {test['kl']:6.3f})")
 
+    first_step = step  # a checkpoint is written once a step is taken (each epoch's end)
     step = train_epochs(args, model=model, runner=runner, x_train=x_train,
                         loss_terms=loss_terms, evaluate=evaluate, describe=describe,
                         ckpt_path=ckpt_path, config=config, generators=generators,
@@ -124,6 +134,6 @@ def main(argv=None) -> int:
                                       "model": config, "history": history})
     final = history["epochs"][-1]["test"] if history["epochs"] else history["initial"]
     print(f"done: {step} steps, test -ELBO {history['initial']['neg_elbo']:.3f} -> "
-          f"{final['neg_elbo']:.3f} nats ({args.precision}); wrote {picture}, {ckpt_path}, "
-          f"{out / 'metrics.json'}")
+          f"{final['neg_elbo']:.3f} nats ({args.precision}); wrote {picture}, "
+          + (f"{ckpt_path}, " if step > first_step else "") + f"{out / 'metrics.json'}")
     return 0

@@ -1,0 +1,350 @@
+"""The training commands as a user runs them: what a run writes and says it wrote, failed
+writes (a full disk), interrupts, an --out holding another run, and the help texts."""
+
+import errno
+
+import pytest
+import torch
+
+from fastflow.cli import common, train, train_tarflow, train_vae
+
+# 1438 training digits at batch 512: 2 steps an epoch
+GLOW = ["--n-flow", "1", "--n-block", "1", "--filter-size", "8", "--batch-size", "512",
+        "--no-progress", "--threads", "1"]
+VAE = ["--hidden", "8", "--latent", "4", "--batch-size", "512", "--no-progress"]
+TARFLOW = ["--channels", "16", "--blocks", "1", "--head-dim", "8", "--batch-size", "512",
+           "--no-progress"]
+
+
+def _written(printed: str) -> list[str]:
+    """The paths of the Glow summary's 'wrote:' list."""
+    return [line.strip() for line in printed.split("wrote:\n")[-1].splitlines()
+            if line.startswith("  ")]
+
+
+def test_a_fresh_run_over_an_earlier_one_lists_and_keeps_only_its_own_grids(tmp_path,
+                                                                          capsys):
+    """A --force run over a longer earlier one listed that run's last grid
+    (samples_epoch003.png) as written and left its grids beside its own."""
+    assert train.main([*GLOW, "--epochs", "3", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "samples_epoch003.png").is_file()
+    capsys.readouterr()
+    assert train.main([*GLOW, "--epochs", "1", "--out", str(tmp_path), "--force"]) == 0
+    printed = capsys.readouterr().out
+    written = _written(printed)
+    assert str(tmp_path / "samples_epoch001.png") in written
+    assert not any("samples_epoch003" in p for p in written)
+    assert sorted(p.name for p in tmp_path.glob("samples_epoch*.png")) == \
+        ["samples_epoch001.png"]
+    assert "removed 3 sample grid(s) of an earlier run" in printed
+    for path in written:  # everything listed is on disk
+        assert (tmp_path / path).is_file(), path
+
+
+def test_a_resumed_run_that_trains_no_more_lists_no_checkpoint_or_grid(tmp_path, capsys):
+    """--resume at the --max-steps already reached writes no checkpoint and no epoch grid:
+    the summary listed the earlier run's as written by it."""
+    assert train.main([*GLOW, "--epochs", "1", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert train.main([*GLOW, "--epochs", "1", "--out", str(tmp_path), "--resume"]) == 0
+    written = _written(capsys.readouterr().out)
+    assert written == [str(tmp_path / n) for n in ("samples.png", "metrics.json",
+                                                    "metrics.csv")]
+
+
+def _full_disk_after(monkeypatch, n_ok: int):
+    """torch.save writes ``n_ok`` files, then fails as on a full disk (half a file left)."""
+    real, calls = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) > n_ok:
+            with open(f, "wb") as handle:
+                handle.write(b"PK\x03\x04 half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+@pytest.mark.parametrize("command, tiny", [(train, GLOW), (train_vae, VAE),
+                                           (train_tarflow, TARFLOW)],
+                         ids=["train", "train-vae", "train-tarflow"])
+def test_a_full_disk_is_one_line_and_keeps_the_earlier_checkpoint(command, tiny, tmp_path,
+                                                                  monkeypatch):
+    """The second epoch's checkpoint write failed with a traceback and left
+    checkpoint.pt.tmp behind."""
+    _full_disk_after(monkeypatch, 1)
+    with pytest.raises(SystemExit) as exit_:
+        command.main([*tiny, "--epochs", "2", "--out", str(tmp_path)])
+    message = str(exit_.value.code)
+    assert message.startswith(f"--out: cannot write {tmp_path / 'checkpoint.pt'} (the earlier "
+                              "one is kept): No space left on device"), message
+    assert not list(tmp_path.glob("*.tmp"))
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
+def test_an_interrupted_write_leaves_the_earlier_file_and_no_temporary(tmp_path):
+    path = tmp_path / "metrics.json"
+    common.write_json(path, {"a": 1})
+
+    def interrupted(tmp):
+        tmp.write_text('{"a": ')
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        common.write_atomic(path, interrupted)
+    assert path.read_text() == '{\n  "a": 1\n}\n'
+    assert not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(SystemExit, match=r"^--out: cannot write .*samples\.png: No such file"):
+        common.save_image_grid(tmp_path / "gone" / "samples.png", [torch.zeros(1, 1, 2, 2)])
+
+
+@pytest.mark.parametrize("first", ["train-tarflow", "train-vae"])
+def test_train_tarflow_does_not_overwrite_another_run_without_force(first, tmp_path, capsys):
+    """train-tarflow started afresh over any OUT/checkpoint.pt without a word: a TarFlow
+    run's, or another command's (a VAE's), was silently replaced; now refused as train and
+    train-vae refuse it, and --force starts over."""
+    runs = {"train-tarflow": (train_tarflow, TARFLOW), "train-vae": (train_vae, VAE)}
+    module, tiny = runs[first]
+    assert module.main([*tiny, "--max-steps", "1", "--out", str(tmp_path)]) == 0
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(SystemExit, match=r"^--out: .*checkpoint\.pt exists; pass --resume to "
+                                         "continue it or --force"):
+        train_tarflow.main([*TARFLOW, "--max-steps", "1", "--out", str(tmp_path)])
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    assert train_tarflow.main([*TARFLOW, "--max-steps", "1", "--out", str(tmp_path),
+                               "--force"]) == 0
+    assert "num_classes" in torch.load(tmp_path / "checkpoint.pt", weights_only=True)["config"]
+
+
+def _option_blocks(text: str) -> dict[str, str]:
+    """``--help``'s options, each with its help text (the lines after it, joined)."""
+    blocks, name = {}, None
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            name = line.split()[0].rstrip(",")
+            blocks[name] = line
+        elif name and line.startswith("     "):
+            blocks[name] += " " + line.strip()
+        else:
+            name = None
+    return blocks
+
+
+@pytest.mark.parametrize("command", ["train", "train-vae", "train-tarflow", "demo", "bench"])
+def test_every_option_of_every_command_shows_its_default_in_help(command, capsys):
+    """train-vae's --latent and --likelihood and train-tarflow's --patch-size had no help
+    text, so their defaults were not shown; bench showed none of its defaults (--reps,
+    --warmup, --suites) and named itself 'fastflow bench', which is not a command."""
+    from fastflow import __main__ as cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: python -m fastflow {command} ")
+    blocks = _option_blocks(out)
+    assert len(blocks) > 5
+    missing = [name for name, text in blocks.items()
+               if name != "-h" and "(default:" not in text]
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("command", ["train", "train-vae", "train-tarflow"])
+@pytest.mark.parametrize("value", ["18446744073709551615", "-9223372036854775809",
+                                   str(2 ** 62 + 1)])
+def test_a_seed_out_of_range_is_refused_naming_seed(command, value, tmp_path, capsys):
+    """A seed past torch's generators' range (or within reach of it once the commands add
+    their offsets) was a ValueError traceback ('Overflow when unpacking long long') or a
+    line that did not say which option."""
+    from fastflow import __main__ as cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--seed", value, "--max-steps", "1", "--out", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert (f"argument --seed: expected an integer from -2**62 to 2**62, got {value}"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "train-vae", "train-tarflow", "demo"])
+def test_an_empty_out_is_refused_not_the_current_folder(command, tmp_path, monkeypatch):
+    """--out '' is Path(''), the current folder: the run wrote its checkpoint, grids and
+    metrics there."""
+    from fastflow import __main__ as cli
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=r"^--out: expected a folder, got ''$"):
+        cli.main([command, "--out", "", "--max-steps", "1"])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command, tiny, changed, message", [
+    (train, GLOW, ["--n-flow", "2", "--no-lu"],
+     "--n-flow 1, got 2; --no-lu (conv_lu True, got False)"),
+    (train, GLOW, ["--size", "16", "--n-bits", "3"],
+     "--data/--size (image [1, 8, 8], got [1, 16, 16]); --n-bits (n_bins 17, got 8)"),
+    (train_vae, VAE, ["--latent", "2"], "--latent 4, got 2"),
+    (train_tarflow, TARFLOW, ["--unconditional"], "--unconditional/--data (num_classes 10, got 0)"),
+], ids=["train-model", "train-data", "train-vae", "train-tarflow"])
+def test_resume_with_other_model_options_names_them(command, tiny, changed, message, tmp_path):
+    """The refusal printed the two config dicts whole, naming no option."""
+    assert command.main([*tiny, "--max-steps", "1", "--out", str(tmp_path)]) == 0
+    with pytest.raises(SystemExit) as exit_:
+        command.main([*tiny, *changed, "--max-steps", "2", "--out", str(tmp_path),
+                      "--resume"])
+    text = str(exit_.value.code)
+    assert text.startswith(f"--resume: {tmp_path / 'checkpoint.pt'} was trained with other "
+                           f"options: {message} (pass the checkpoint's values"), text
+
+
+def test_resume_says_when_warmup_clip_or_hflip_change(tmp_path, capsys):
+    """train --resume took another --warmup, --clip or --hflip without a word (the learning
+    rate schedule, clipping and augmentation of the rest of the run changed silently)."""
+    assert train.main([*GLOW, "--max-steps", "1", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert train.main([*GLOW, "--max-steps", "2", "--out", str(tmp_path), "--resume",
+                       "--warmup", "0", "--clip", "1.5", "--hflip"]) == 0
+    printed = capsys.readouterr().out
+    for text in ("--warmup: using 0 (the checkpoint's run had 100)",
+                 "--clip: using 1.5 (the checkpoint's run had None)",
+                 "--hflip: using True (the checkpoint's run had False)"):
+        assert text in printed, text
+    assert train.main([*GLOW, "--max-steps", "3", "--out", str(tmp_path), "--resume",
+                       "--warmup", "0", "--clip", "1.5", "--hflip"]) == 0
+    assert "the checkpoint's run had" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("out, message", [("", "--out: expected a folder, got ''"),
+                                          ("file", "--out: cannot create the folder "),
+                                          ("file/sub", "--out: cannot create the folder ")])
+def test_bench_refuses_an_out_it_cannot_write_before_measuring(out, message, tmp_path,
+                                                               monkeypatch, capsys):
+    """bench --out over a file measured first, then failed with a FileExistsError
+    traceback; --out '' wrote the tables into the current folder."""
+    from fastflow import __main__ as cli
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "--quick", "--no-timing", "--suites", "gaussian", "--out", out])
+    assert exit_.value.code == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and "saved" not in captured.out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.mark.parametrize("command, tiny, per_epoch", [(train, GLOW, 2), (train_vae, VAE, 3),
+                                                      (train_tarflow, TARFLOW, 3)],
+                         ids=["train", "train-vae", "train-tarflow"])
+def test_ctrl_c_says_where_to_resume_from_and_the_resumed_run_matches(command, tiny, per_epoch,
+                                                                    tmp_path, monkeypatch,
+                                                                    capsys):
+    """Ctrl-C in the second epoch was a KeyboardInterrupt traceback; now one line naming the
+    intact checkpoint of epoch 1 and exit status 130; --resume from it ends where an
+    uninterrupted run ends."""
+    from fastflow.cli.loop import StepRunner
+
+    whole = tmp_path / "whole"
+    assert command.main([*tiny, "--epochs", "2", "--out", str(whole)]) == 0
+    real, calls = StepRunner.step, []
+
+    def step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == per_epoch + 1:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    out = tmp_path / "cut"
+    with monkeypatch.context() as patch:
+        patch.setattr(StepRunner, "step", step)
+        capsys.readouterr()
+        assert command.main([*tiny, "--epochs", "2", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted: {out / 'checkpoint.pt'} (its last checkpoint) is intact: --resume" \
+        in err and "Traceback" not in err
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert command.main([*tiny, "--epochs", "2", "--out", str(out), "--resume"]) == 0
+    a = torch.load(whole / "checkpoint.pt", weights_only=True)
+    b = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 2 * per_epoch
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+
+
+def test_ctrl_c_before_any_checkpoint_says_so(tmp_path, monkeypatch, capsys):
+    from fastflow.cli.loop import StepRunner
+
+    def step(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(StepRunner, "step", step)
+    assert train_vae.main([*VAE, "--out", str(tmp_path)]) == 130
+    assert f"interrupted: no checkpoint was written yet in {tmp_path}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, tiny, picture", [(train_vae, VAE, "vae_samples.png"),
+                                                    (train_tarflow, TARFLOW,
+                                                     "tarflow_samples.png")],
+                         ids=["train-vae", "train-tarflow"])
+def test_the_summary_names_the_checkpoint_only_when_this_run_wrote_it(command, tiny, picture,
+                                                                      tmp_path, capsys):
+    """--resume with nothing left to train (--max-steps reached) said it wrote the
+    checkpoint, which it left as it was."""
+    assert command.main([*tiny, "--max-steps", "1", "--out", str(tmp_path)]) == 0
+    ckpt = tmp_path / "checkpoint.pt"
+    assert f"wrote {tmp_path / picture}, {ckpt}, {tmp_path / 'metrics.json'}" \
+        in capsys.readouterr().out
+    before = ckpt.stat().st_mtime_ns
+    assert command.main([*tiny, "--max-steps", "1", "--out", str(tmp_path), "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {tmp_path / picture}, {tmp_path / 'metrics.json'}" in printed
+    assert str(ckpt) not in printed.split("wrote")[-1]
+    assert ckpt.stat().st_mtime_ns == before
+
+
+def test_sigterm_stops_like_ctrl_c_and_removes_a_half_written_checkpoint(tmp_path,
+                                                                        monkeypatch, capsys):
+    """SIGTERM (a scheduler's stop) killed the process on the spot: during a checkpoint
+    write it left checkpoint.pt.tmp, and it said nothing. It now stops as Ctrl-C does, with
+    status 143, and the handler before the run is back after it."""
+    import os
+    import signal
+
+    real = torch.save
+    before = signal.getsignal(signal.SIGTERM)
+
+    def save(obj, f, *args, **kwargs):  # the second checkpoint: SIGTERM half-way through
+        real(obj, f, *args, **kwargs)
+        if (tmp_path / "checkpoint.pt").exists():
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(torch, "save", save)
+    assert train.main([*GLOW, "--epochs", "3", "--out", str(tmp_path)]) == 143
+    err = capsys.readouterr().err
+    assert f"terminated: {tmp_path / 'checkpoint.pt'} (its last checkpoint) is intact" in err
+    assert not list(tmp_path.glob("*.tmp"))
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_demo_stops_with_the_training_when_it_is_interrupted(tmp_path, monkeypatch, capsys):
+    """demo went on after an interrupted training run: it read the metrics.json of an
+    earlier run (or none: FileNotFoundError) and summarised it as this run's."""
+    import json
+
+    from fastflow.cli import demo
+    from fastflow.cli.loop import StepRunner
+
+    glow = tmp_path / "glow"
+    glow.mkdir()
+    (glow / "metrics.json").write_text(json.dumps({"stale": True}))
+
+    def step(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(StepRunner, "step", step)
+    assert demo.main(["--skip-bench", "--out", str(tmp_path), "--epochs", "1"]) == 130
+    assert "digit classifier recognises" not in capsys.readouterr().out
+    assert json.loads((glow / "metrics.json").read_text()) == {"stale": True}
