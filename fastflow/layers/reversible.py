@@ -562,7 +562,7 @@ def _as_at_forward(net, state):
     the recompute only. Afterwards the buffers hold their values from before the block
     again (the forward updated them once already): by value, whatever their version
     counters say (BatchNorm's kernel moves none); and the caller's random stream is where
-    it was (``torch.random.fork_rng``)."""
+    it was."""
     (cpu, dev, device), then = state
     # what the block writes: the buffers set to their forward values below, and those the
     # recompute may update (its training-mode modules' now: the net may have been switched
@@ -571,21 +571,26 @@ def _as_at_forward(net, state):
     seen = {(id(m), name) for m, name, _, _ in now}
     now += [(m, name, m._buffers[name], m._buffers[name].clone()) for m, name, _, _ in then
             if (id(m), name) not in seen and m._buffers.get(name) is not None]
-    with torch.random.fork_rng(devices=[] if dev is None else [device],
-                               device_type=None if dev is None else device.type):
-        torch.set_rng_state(cpu)
-        if dev is not None:
-            torch.get_device_module(device.type).set_rng_state(dev, device)
+    # the caller's random stream, put back afterwards (by hand: ``torch.random.fork_rng``'s
+    # ``device_type`` argument differs between torch versions)
+    mod = None if dev is None else torch.get_device_module(device.type)
+    caller = torch.get_rng_state(), (None if mod is None else mod.get_rng_state(device))
+    torch.set_rng_state(cpu)
+    if mod is not None:
+        mod.set_rng_state(dev, device)
+    try:
         with torch.no_grad():
             for m, name, _, value in then:
                 m._buffers[name].copy_(value)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for m, name, b, value in now:
-                    m._buffers[name] = b
-                    b.copy_(value)
+        yield
+    finally:
+        with torch.no_grad():
+            for m, name, b, value in now:
+                m._buffers[name] = b
+                b.copy_(value)
+        torch.set_rng_state(caller[0])
+        if mod is not None:
+            mod.set_rng_state(caller[1], device)
 
 
 def _module_tensors(seq):
