@@ -106,8 +106,13 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter,
     """The docstring as written, and every option's default (as the training commands)."""
 
 
+# the command named in usage and error lines: `python -m fastflow bench` loads this module
+# and calls main(); run as a script (`python benchmarks/run.py`), it names itself
+PROG = "python -m fastflow bench"
+
+
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m fastflow bench", description=__doc__,
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                  formatter_class=_HelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small shapes only")
     ap.add_argument("--suites", default=",".join(SUITES),
@@ -237,4 +242,5 @@ def _run(args) -> int:
 
 
 if __name__ == "__main__":
+    PROG = "python benchmarks/run.py"
     sys.exit(main())

@@ -227,3 +227,13 @@ def test_every_registered_kernel_family_is_benchmarked(run_py):
     rows = harness.measure(case, "cpu", None, reps=1, warmup=0)
     assert {r["impl"] for r in rows} == set(impls)
     assert all(r.get("fwd_s", 0) > 0 and r.get("fwd_bwd_s", 0) > 0 for r in rows)
+
+
+@pytest.mark.parametrize("command", [["benchmarks/run.py"], ["-m", "fastflow", "bench"]])
+def test_usage_names_the_command_as_it_was_run(command):
+    """The README runs the tables both ways; each one's error line names itself."""
+    done = subprocess.run([sys.executable, *command, "--reps", "0"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    name = "python benchmarks/run.py" if command[0].endswith("run.py") else "python -m fastflow bench"
+    assert f"{name}: error: --reps" in done.stderr, done.stderr
