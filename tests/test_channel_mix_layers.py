@@ -104,17 +104,22 @@ def test_actnorm_under_functional_call_leaves_the_swapped_state_alone(backend):
     assert_close(fresh.scale.detach().flatten(), scale, torch.float32)
 
 
-def test_flowstep_ensemble_under_vmap_in_training_mode():
+@pytest.mark.parametrize("base_kind", ["copy", "fresh"])
+def test_flowstep_ensemble_under_vmap_in_training_mode(base_kind):
     """``torch.func.stack_module_state`` + ``vmap(functional_call)``, the ensembling recipe,
     in training mode: the swapped flags are batched tensors (reading one fails under
-    vmap); each member gives what it gives alone."""
+    vmap); each member gives what it gives alone. ``fresh``: the base module was never
+    initialised itself (its own mirror says so), and still must not read the swapped
+    flag."""
     torch.manual_seed(0)
     models = [ff.FlowStep(4, filter_size=8) for _ in range(2)]
     x = torch.randn(2, 4, 4, 4)
     for m in models:
         m(x)  # initialised
     params, buffers = torch.func.stack_module_state(models)
-    base = copy.deepcopy(models[0]).to("meta")
+    base = (copy.deepcopy(models[0]) if base_kind == "copy" else ff.FlowStep(4, filter_size=8))
+    base = base.to("meta")
+    assert base.actnorm._initialized == (base_kind == "copy")
     y, ld = torch.vmap(lambda p, b: torch.func.functional_call(base, (p, b), (x,)))(
         params, buffers)
     for k, m in enumerate(models):
