@@ -304,11 +304,15 @@ def test_the_summary_names_the_checkpoint_only_when_this_run_wrote_it(command, t
     assert ckpt.stat().st_mtime_ns == before
 
 
-def test_sigterm_stops_like_ctrl_c_and_removes_a_half_written_checkpoint(tmp_path,
+@pytest.mark.parametrize("command, tiny", [(train, GLOW), (train_vae, VAE),
+                                           (train_tarflow, TARFLOW)],
+                         ids=["train", "train-vae", "train-tarflow"])
+def test_sigterm_stops_like_ctrl_c_and_removes_a_half_written_checkpoint(command, tiny, tmp_path,
                                                                         monkeypatch, capsys):
     """SIGTERM (a scheduler's stop) killed the process on the spot: during a checkpoint
     write it left checkpoint.pt.tmp, and it said nothing. It now stops as Ctrl-C does, with
-    status 143, and the handler before the run is back after it."""
+    status 143, and the handler before the run is back after it (all three training
+    commands)."""
     import os
     import signal
 
@@ -321,7 +325,7 @@ def test_sigterm_stops_like_ctrl_c_and_removes_a_half_written_checkpoint(tmp_pat
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(torch, "save", save)
-    assert train.main([*GLOW, "--epochs", "3", "--out", str(tmp_path)]) == 143
+    assert command.main([*tiny, "--epochs", "3", "--out", str(tmp_path)]) == 143
     err = capsys.readouterr().err
     assert f"terminated: {tmp_path / 'checkpoint.pt'} (its last checkpoint) is intact" in err
     assert not list(tmp_path.glob("*.tmp"))
