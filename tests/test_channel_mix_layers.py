@@ -711,3 +711,42 @@ def test_layer_sizes_are_checked_by_name(make, name):
     with pytest.raises(ValueError, match=rf"^{name}: expected"):
         make(0)
     make(np.int64(4))
+
+
+@pytest.mark.parametrize("how", ["to_empty", "assign"])
+def test_an_actnorm_with_a_new_flag_tensor_still_initialises(how):
+    """The host-side mirror records which ``initialized`` tensor it describes, and a new
+    tensor put there by the layer's own ``_apply`` (``to_empty`` after building on the meta
+    device) or ``load_state_dict(assign=True)`` is still its own: an uninitialised layer
+    must initialise from its first training batch (a stale record reads as a swapped-in
+    flag, the caller's state, and the layer never initialises)."""
+    torch.manual_seed(0)
+    if how == "to_empty":
+        with torch.device("meta"):
+            an = ff.ActNorm(4)
+        an = an.to_empty(device="cpu")
+        with torch.no_grad():  # (to_empty leaves the memory as it was)
+            an.initialized.zero_()
+            an.loc.zero_()
+            an.scale.fill_(1.0)
+    else:
+        an = ff.ActNorm(4)
+        an.load_state_dict(ff.ActNorm(4).state_dict(), assign=True)
+    assert not an.is_initialized()
+    x = 3 * torch.randn(8, 4, 5, 5) + 2
+    y, _ = an(x)
+    assert an.is_initialized() and bool(an.initialized)
+    torch.testing.assert_close(y.mean((0, 2, 3)), torch.zeros(4), atol=1e-4, rtol=0)
+    torch.testing.assert_close(y.std((0, 2, 3)), torch.ones(4), atol=1e-2, rtol=0)
+
+
+def test_invconv_lu_load_state_dict_updates_w_rows_in_place():
+    """On the same device the load hook copies the new permutation's rows into the
+    existing ``w_rows`` buffer (a captured CUDA graph reads that tensor), not a new one."""
+    torch.manual_seed(0)
+    layer, other = ff.InvConv2dLU(6), ff.InvConv2dLU(6)
+    rows = layer.w_rows
+    assert not torch.equal(rows, other.w_rows)
+    layer.load_state_dict(other.state_dict())
+    assert layer.w_rows is rows
+    torch.testing.assert_close(layer.w_rows, other.w_rows, rtol=0, atol=0)
