@@ -853,3 +853,34 @@ def test_a_hooked_step_runs_the_ordinary_way_so_its_hooks_run(where, kind):
         h.remove()
     y = rev.blocks[0].flows(torch.rand(4, 4, 4, 4, dtype=torch.float64))[1]
     assert type(y.grad_fn).__name__ == "_ReversibleChainBackward"
+
+
+@pytest.mark.parametrize("where", ["step", "actnorm", "invconv", "coupling"])
+@pytest.mark.parametrize("kind", ["backward", "backward_pre"])
+def test_a_step_with_a_backward_hook_runs_the_ordinary_way(where, kind):
+    """A (full) backward (pre-)hook on a step or on its ActNorm / 1x1 convolution /
+    coupling fires only if the module is called: the chain runs the ordinary way, so the
+    hook fires as often as on the stored model, with the stored model's gradients."""
+    stored, rev, x = _glow_pair(torch.float64, True, True)
+    calls = []
+
+    def hook(module, *grads):
+        calls.append(module)
+
+    handles = []
+    for m in (stored, rev):
+        step = m.blocks[0].flows[1]
+        target = step if where == "step" else getattr(step, where)
+        register = (target.register_full_backward_hook if kind == "backward"
+                    else target.register_full_backward_pre_hook)
+        handles.append(register(hook))
+    loss0, want = _glow_grads(stored, x)
+    n_stored = len(calls)
+    loss1, got = _glow_grads(rev, x)
+    assert n_stored >= 1 and len(calls) == 2 * n_stored
+    torch.testing.assert_close(loss1, loss0, rtol=1e-12, atol=1e-12)
+    _check_grads(got, want, 1e-8, where)
+    for h in handles:
+        h.remove()
+    y = rev.blocks[0].flows(torch.rand(4, 4, 4, 4, dtype=torch.float64))[1]
+    assert type(y.grad_fn).__name__ == "_ReversibleChainBackward"
