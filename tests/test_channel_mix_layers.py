@@ -104,17 +104,22 @@ def test_actnorm_under_functional_call_leaves_the_swapped_state_alone(backend):
     assert_close(fresh.scale.detach().flatten(), scale, torch.float32)
 
 
-def test_flowstep_ensemble_under_vmap_in_training_mode():
+@pytest.mark.parametrize("base_kind", ["copy", "fresh"])
+def test_flowstep_ensemble_under_vmap_in_training_mode(base_kind):
     """``torch.func.stack_module_state`` + ``vmap(functional_call)``, the ensembling recipe,
     in training mode: the swapped flags are batched tensors (reading one fails under
-    vmap); each member gives what it gives alone."""
+    vmap); each member gives what it gives alone. ``fresh``: the base module was never
+    initialised itself (its own mirror says so), and still must not read the swapped
+    flag."""
     torch.manual_seed(0)
     models = [ff.FlowStep(4, filter_size=8) for _ in range(2)]
     x = torch.randn(2, 4, 4, 4)
     for m in models:
         m(x)  # initialised
     params, buffers = torch.func.stack_module_state(models)
-    base = copy.deepcopy(models[0]).to("meta")
+    base = (copy.deepcopy(models[0]) if base_kind == "copy" else ff.FlowStep(4, filter_size=8))
+    base = base.to("meta")
+    assert base.actnorm._initialized == (base_kind == "copy")
     y, ld = torch.vmap(lambda p, b: torch.func.functional_call(base, (p, b), (x,)))(
         params, buffers)
     for k, m in enumerate(models):
@@ -706,3 +711,42 @@ def test_layer_sizes_are_checked_by_name(make, name):
     with pytest.raises(ValueError, match=rf"^{name}: expected"):
         make(0)
     make(np.int64(4))
+
+
+@pytest.mark.parametrize("how", ["to_empty", "assign"])
+def test_an_actnorm_with_a_new_flag_tensor_still_initialises(how):
+    """The host-side mirror records which ``initialized`` tensor it describes, and a new
+    tensor put there by the layer's own ``_apply`` (``to_empty`` after building on the meta
+    device) or ``load_state_dict(assign=True)`` is still its own: an uninitialised layer
+    must initialise from its first training batch (a stale record reads as a swapped-in
+    flag, the caller's state, and the layer never initialises)."""
+    torch.manual_seed(0)
+    if how == "to_empty":
+        with torch.device("meta"):
+            an = ff.ActNorm(4)
+        an = an.to_empty(device="cpu")
+        with torch.no_grad():  # (to_empty leaves the memory as it was)
+            an.initialized.zero_()
+            an.loc.zero_()
+            an.scale.fill_(1.0)
+    else:
+        an = ff.ActNorm(4)
+        an.load_state_dict(ff.ActNorm(4).state_dict(), assign=True)
+    assert not an.is_initialized()
+    x = 3 * torch.randn(8, 4, 5, 5) + 2
+    y, _ = an(x)
+    assert an.is_initialized() and bool(an.initialized)
+    torch.testing.assert_close(y.mean((0, 2, 3)), torch.zeros(4), atol=1e-4, rtol=0)
+    torch.testing.assert_close(y.std((0, 2, 3)), torch.ones(4), atol=1e-2, rtol=0)
+
+
+def test_invconv_lu_load_state_dict_updates_w_rows_in_place():
+    """On the same device the load hook copies the new permutation's rows into the
+    existing ``w_rows`` buffer (a captured CUDA graph reads that tensor), not a new one."""
+    torch.manual_seed(0)
+    layer, other = ff.InvConv2dLU(6), ff.InvConv2dLU(6)
+    rows = layer.w_rows
+    assert not torch.equal(rows, other.w_rows)
+    layer.load_state_dict(other.state_dict())
+    assert layer.w_rows is rows
+    torch.testing.assert_close(layer.w_rows, other.w_rows, rtol=0, atol=0)

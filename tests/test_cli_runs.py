@@ -52,6 +52,38 @@ def test_a_resumed_run_that_trains_no_more_lists_no_checkpoint_or_grid(tmp_path,
                                                     "metrics.csv")]
 
 
+def test_a_resumed_run_keeps_the_grids_of_its_earlier_epochs(tmp_path, capsys):
+    """Only a fresh start removes an earlier run's epoch grids: --resume goes on with the
+    same run, whose grids of the epochs before stay beside the new ones."""
+    assert train.main([*GLOW, "--epochs", "1", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert train.main([*GLOW, "--epochs", "2", "--out", str(tmp_path), "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "removed" not in printed
+    assert sorted(p.name for p in tmp_path.glob("samples_epoch*.png")) == \
+        ["samples_epoch001.png", "samples_epoch002.png"]
+
+
+def test_torch_saves_runtime_error_is_one_line_and_removes_the_temporary(tmp_path):
+    """torch.save reports a failed write (a full disk) as a RuntimeError ('unexpected pos
+    64 vs 0'), not an OSError: one line naming the file too, the earlier one kept."""
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"epoch": 1}, path)
+
+    def failing(tmp):
+        tmp.write_bytes(b"PK\x03\x04 half")
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter "
+                           "failed writing file data/0: file write failed\nunexpected pos 64 vs 0")
+
+    with pytest.raises(SystemExit) as exit_:
+        common.write_atomic(path, failing)
+    message = str(exit_.value.code)
+    assert message.startswith(f"--out: cannot write {path} (the earlier one is kept): "), message
+    assert "\n" not in message
+    assert not list(tmp_path.glob("*.tmp"))
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+
+
 def _full_disk_after(monkeypatch, n_ok: int):
     """torch.save writes ``n_ok`` files, then fails as on a full disk (half a file left)."""
     real, calls = torch.save, []
@@ -304,11 +336,15 @@ def test_the_summary_names_the_checkpoint_only_when_this_run_wrote_it(command, t
     assert ckpt.stat().st_mtime_ns == before
 
 
-def test_sigterm_stops_like_ctrl_c_and_removes_a_half_written_checkpoint(tmp_path,
+@pytest.mark.parametrize("command, tiny", [(train, GLOW), (train_vae, VAE),
+                                           (train_tarflow, TARFLOW)],
+                         ids=["train", "train-vae", "train-tarflow"])
+def test_sigterm_stops_like_ctrl_c_and_removes_a_half_written_checkpoint(command, tiny, tmp_path,
                                                                         monkeypatch, capsys):
     """SIGTERM (a scheduler's stop) killed the process on the spot: during a checkpoint
     write it left checkpoint.pt.tmp, and it said nothing. It now stops as Ctrl-C does, with
-    status 143, and the handler before the run is back after it."""
+    status 143, and the handler before the run is back after it (all three training
+    commands)."""
     import os
     import signal
 
@@ -321,7 +357,7 @@ def test_sigterm_stops_like_ctrl_c_and_removes_a_half_written_checkpoint(tmp_pat
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(torch, "save", save)
-    assert train.main([*GLOW, "--epochs", "3", "--out", str(tmp_path)]) == 143
+    assert command.main([*tiny, "--epochs", "3", "--out", str(tmp_path)]) == 143
     err = capsys.readouterr().err
     assert f"terminated: {tmp_path / 'checkpoint.pt'} (its last checkpoint) is intact" in err
     assert not list(tmp_path.glob("*.tmp"))

@@ -371,6 +371,37 @@ def test_a_batchnorm_switched_to_eval_before_backward_keeps_its_forward_update()
         torch.testing.assert_close(states[1][name], value, rtol=0, atol=0, msg=name)
 
 
+def test_two_forwards_then_one_backward_keep_the_last_forwards_buffers():
+    """Two batches through the chain and one backward of the summed loss: the second
+    chain's backward runs first, then the first's, whose recompute starts from the
+    buffers before the first forward. Afterwards the BatchNorm buffers must hold the
+    second forward's values again (the recompute's are set back), as on the stored path."""
+    torch.manual_seed(0)
+    steps = [_layer("flowstep_lu", 4, torch.float64), _layer("coupling", 4, torch.float64)]
+    for s in steps:
+        (s.coupling if isinstance(s, ff.FlowStep) else s).net = _net_with("batchnorm")
+    seq = ReversibleSequence(steps)
+    x1 = torch.randn(3, 4, 4, 4, dtype=torch.float64)
+    x2 = torch.randn(3, 4, 4, 4, dtype=torch.float64) * 2 + 1
+    seq(x1)  # ActNorm initialisation
+    before = copy.deepcopy(seq.state_dict())
+    states, grads = [], []
+    for reversible in (False, True):
+        seq.load_state_dict(before)
+        seq.zero_grad(set_to_none=True)
+        loss = 0
+        for x in (x1, x2):
+            y, ld = seq(x) if reversible else seq._ordinary(x)
+            assert (type(y.grad_fn).__name__ == "_ReversibleChainBackward") == reversible
+            loss = loss + (y * y).sum() + ld.sum()
+        loss.backward()
+        states.append(copy.deepcopy(seq.state_dict()))
+        grads.append({n: p.grad.clone() for n, p in seq.named_parameters()})
+    _check_grads(grads[1], grads[0], 1e-8)
+    for name, value in states[0].items():
+        torch.testing.assert_close(states[1][name], value, rtol=0, atol=0, msg=name)
+
+
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
 def test_double_backward_is_refused_clearly():
     _, rev, x = _glow_pair(torch.float64, True, True)
@@ -811,6 +842,37 @@ def test_a_hooked_step_runs_the_ordinary_way_so_its_hooks_run(where, kind):
         target = step if where == "step" else getattr(step, where)
         register = (target.register_forward_hook if kind == "forward"
                     else target.register_forward_pre_hook)
+        handles.append(register(hook))
+    loss0, want = _glow_grads(stored, x)
+    n_stored = len(calls)
+    loss1, got = _glow_grads(rev, x)
+    assert n_stored >= 1 and len(calls) == 2 * n_stored
+    torch.testing.assert_close(loss1, loss0, rtol=1e-12, atol=1e-12)
+    _check_grads(got, want, 1e-8, where)
+    for h in handles:
+        h.remove()
+    y = rev.blocks[0].flows(torch.rand(4, 4, 4, 4, dtype=torch.float64))[1]
+    assert type(y.grad_fn).__name__ == "_ReversibleChainBackward"
+
+
+@pytest.mark.parametrize("where", ["step", "actnorm", "invconv", "coupling"])
+@pytest.mark.parametrize("kind", ["backward", "backward_pre"])
+def test_a_step_with_a_backward_hook_runs_the_ordinary_way(where, kind):
+    """A (full) backward (pre-)hook on a step or on its ActNorm / 1x1 convolution /
+    coupling fires only if the module is called: the chain runs the ordinary way, so the
+    hook fires as often as on the stored model, with the stored model's gradients."""
+    stored, rev, x = _glow_pair(torch.float64, True, True)
+    calls = []
+
+    def hook(module, *grads):
+        calls.append(module)
+
+    handles = []
+    for m in (stored, rev):
+        step = m.blocks[0].flows[1]
+        target = step if where == "step" else getattr(step, where)
+        register = (target.register_full_backward_hook if kind == "backward"
+                    else target.register_full_backward_pre_hook)
         handles.append(register(hook))
     loss0, want = _glow_grads(stored, x)
     n_stored = len(calls)
