@@ -535,6 +535,17 @@ def interrupted(out: str | os.PathLike, err: KeyboardInterrupt, *, quiet: bool =
     return 143 if terminated else INTERRUPTED
 
 
+def run_interruptible(run, out: str | os.PathLike, *, quiet: bool = False) -> int:
+    """``run()``, a training command's body, with SIGTERM raised as ``Terminated``
+    (``stop_on_sigterm``); on Ctrl-C or SIGTERM, ``interrupted``'s one line and exit status
+    instead of a traceback."""
+    try:
+        with stop_on_sigterm():
+            return run()
+    except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM: where to go on from, no traceback
+        return interrupted(out, err, quiet=quiet)
+
+
 def backend_name(device: torch.device) -> str:
     from ..backend import current_mode
 

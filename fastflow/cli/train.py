@@ -13,10 +13,10 @@ import torch
 from ..data import DIGIT_LEVELS
 from .common import (HelpFormatter, add_data_options, add_optimisation_options,
                      add_precision_option, add_run_options, backend_name, check_resume_batch,
-                     check_resume_config, check_resume_data, check_test_fraction, interrupted,
-                     load_data, positive, prepare_out, progress, read_checkpoint, resume_data,
-                     rng_state, save_checkpoint, save_image_grid, set_rng_state, stop_on_sigterm,
-                     write_csv, write_json)
+                     check_resume_config, check_resume_data, check_test_fraction, load_data,
+                     positive, prepare_out, progress, read_checkpoint, resume_data, rng_state,
+                     run_interruptible, save_checkpoint, save_image_grid, set_rng_state, write_csv,
+                     write_json)
 from .loop import Distributed, StepRunner, epoch_generator, epoch_order
 
 INIT_IMAGES = 512  # ActNorm's data-dependent initialisation: this many training images
@@ -205,10 +205,8 @@ def main(argv=None) -> int:
                          "DistributedDataParallel all-reduces are not captured)")
     dist_ = Distributed(args.device)
     try:
-        with stop_on_sigterm():
-            return _train(args, dist_, Glow, bits_per_dim, dequantize)
-    except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM: where to go on from, no traceback
-        return interrupted(args.out, err, quiet=not dist_.is_main)
+        return run_interruptible(lambda: _train(args, dist_, Glow, bits_per_dim, dequantize),
+                                 args.out, quiet=not dist_.is_main)
     finally:
         dist_.close()
 
