@@ -176,12 +176,9 @@ def test_each_thread_and_asyncio_task_has_its_own_mode(monkeypatch):
         t.join()
 
 
-def test_compiled_function_follows_the_mode_between_calls(monkeypatch):
-    """torch.compile(fullgraph=True) reads the mode while tracing and guards on it: a change
-    of use_backend block or of FASTFLOW_BACKEND between calls runs the other path."""
-    monkeypatch.delenv("FASTFLOW_BACKEND", raising=False)
-    ran = []
-
+def _path_recorder(ran: list):
+    """A torch.compile backend that runs the traced graph and appends, per call, which path
+    it holds: "triton" (a fastflow custom op in the graph) or "reference"."""
     def record(gm, inputs):
         path = "triton" if "fastflow" in str(gm.graph) else "reference"
 
@@ -189,6 +186,15 @@ def test_compiled_function_follows_the_mode_between_calls(monkeypatch):
             ran.append(path)
             return gm.forward(*args)
         return run
+    return record
+
+
+def test_compiled_function_follows_the_mode_between_calls(monkeypatch):
+    """torch.compile(fullgraph=True) reads the mode while tracing and guards on it: a change
+    of use_backend block or of FASTFLOW_BACKEND between calls runs the other path."""
+    monkeypatch.delenv("FASTFLOW_BACKEND", raising=False)
+    ran = []
+    record = _path_recorder(ran)
 
     compiled = torch.compile(lambda x, h: ff.affine_coupling(x, h), fullgraph=True,
                              backend=record)
@@ -215,14 +221,7 @@ def test_use_backend_inside_a_compiled_function(monkeypatch, requires_grad):
     mode as it was."""
     monkeypatch.delenv("FASTFLOW_BACKEND", raising=False)
     ran = []
-
-    def record(gm, inputs):
-        path = "triton" if "fastflow" in str(gm.graph) else "reference"
-
-        def run(*args):
-            ran.append(path)
-            return gm.forward(*args)
-        return run
+    record = _path_recorder(ran)
 
     def coupling_in(mode):
         def f(x, h):

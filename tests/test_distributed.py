@@ -100,6 +100,19 @@ def _params(path):
     return torch.load(path / "checkpoint.pt", weights_only=True)["model"]
 
 
+def _assert_same_run(one, two):
+    """The two-process run in ``two`` ended with the one-process run's parameters (float32
+    tolerance) after the same 4 steps, and its train bits/dim."""
+    a, b = _params(one), _params(two)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], msg=name)  # float32 tolerance
+    m1 = json.loads((one / "metrics.json").read_text())["history"]["epochs"][-1]
+    m2 = json.loads((two / "metrics.json").read_text())["history"]["epochs"][-1]
+    assert m1["step"] == m2["step"] == 4 and m2["world_size"] == 2
+    assert abs(m1["train"]["bpd"] - m2["train"]["bpd"]) < 1e-4
+
+
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                     reason="needs torch.distributed with gloo")
 def test_two_gloo_processes_match_one_process(tmp_path, small_npz):
@@ -113,14 +126,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, small_npz):
     assert reports[1]["writes"] == []
     assert {"save_checkpoint", "write_json", "write_csv", "save_image_grid"} <= \
         set(reports[0]["writes"])
-    a, b = _params(one), _params(two)
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], msg=name)  # float32 tolerance
-    m1 = json.loads((one / "metrics.json").read_text())["history"]["epochs"][-1]
-    m2 = json.loads((two / "metrics.json").read_text())["history"]["epochs"][-1]
-    assert m1["step"] == m2["step"] == 4 and m2["world_size"] == 2
-    assert abs(m1["train"]["bpd"] - m2["train"]["bpd"]) < 1e-4
+    _assert_same_run(one, two)
     # resuming the two-process run with one process goes on like the one-process run
     for out in (one, two):
         assert train.main(_argv(out, small_npz, "--epochs", "2", "--resume")) == 0
@@ -139,11 +145,4 @@ def test_two_gloo_processes_match_one_process_reversible(tmp_path, small_npz):
     extra = ("--reversible", "--n-flow", "4")
     assert train.main(_argv(one, small_npz, *extra)) == 0
     _launch(tmp_path, _argv(two, small_npz, *extra))
-    a, b = _params(one), _params(two)
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], msg=name)  # float32 tolerance
-    m1 = json.loads((one / "metrics.json").read_text())["history"]["epochs"][-1]
-    m2 = json.loads((two / "metrics.json").read_text())["history"]["epochs"][-1]
-    assert m1["step"] == m2["step"] == 4 and m2["world_size"] == 2
-    assert abs(m1["train"]["bpd"] - m2["train"]["bpd"]) < 1e-4
+    _assert_same_run(one, two)
