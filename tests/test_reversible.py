@@ -2,11 +2,11 @@
 stored-activation gradients, keep memory flat in depth, and fall back to a stored input for
 an ill-conditioned step."""
 
-import contextlib
 import copy
 import importlib.util
 import os
 import pathlib
+import warnings
 
 import pytest
 import torch
@@ -720,8 +720,9 @@ def test_the_generator_of_any_accelerator_is_replayed(monkeypatch):
 @pytest.mark.parametrize("how", ["grad", "backward_inputs"])
 def test_gradients_wrt_the_input_alone_leave_parameter_grads_alone(how, n_flow):
     """torch.autograd.grad(loss, x) and loss.backward(inputs=[x]): the input's gradient is
-    the stored one and no parameter's .grad is touched (the chain accumulated every
-    parameter's gradient into .grad as if backward() had been called: 48 of 48 here)."""
+    the stored one, no parameter's .grad is touched (the chain accumulated every
+    parameter's gradient into .grad as if backward() had been called: 48 of 48 here) and
+    nothing is warned."""
     stored, rev, x = _glow_pair(torch.float64, True, True, n_flow=n_flow)
     got = {}
     for name, m in (("stored", stored), ("reversible", rev)):
@@ -729,11 +730,8 @@ def test_gradients_wrt_the_input_alone_leave_parameter_grads_alone(how, n_flow):
         xi = x.clone().requires_grad_(True)
         log_p, logdet, _ = m(xi)
         loss = ff.bits_per_dim(log_p, logdet, x[0].numel())
-        if name == "reversible":
-            ctx = pytest.warns(UserWarning, match="only the chain's input gets a gradient")
-        else:
-            ctx = contextlib.nullcontext()
-        with ctx:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
             if how == "grad":
                 got[name] = torch.autograd.grad(loss, xi)[0]
             else:
@@ -863,3 +861,199 @@ def test_a_hooked_step_runs_the_ordinary_way_so_its_hooks_run(where, kind):
         h.remove()
     y = rev.blocks[0].flows(torch.rand(4, 4, 4, 4, dtype=torch.float64))[1]
     assert type(y.grad_fn).__name__ == "_ReversibleChainBackward"
+
+
+def _seq_with_nets(make_net, kinds=("flowstep_lu", "coupling")):
+    """A chain whose coupling networks are ``make_net()`` (2 -> 4 channels), its ActNorms
+    initialised; (seq, x, its state before any training call)."""
+    torch.manual_seed(0)
+    steps = [_layer(k, 4, torch.float64) for k in kinds]
+    for s in steps:
+        (s.coupling if isinstance(s, ff.FlowStep) else s).net = make_net()
+    seq = ReversibleSequence(steps)
+    x = torch.randn(3, 4, 4, 4, dtype=torch.float64)
+    seq(x)  # ActNorm initialisation
+    return seq, x, copy.deepcopy(seq.state_dict())
+
+
+def _bn_dropout_net():
+    nn = torch.nn
+    return nn.Sequential(nn.Conv2d(2, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+                         nn.ReLU(), nn.Dropout(0.5), nn.Conv2d(8, 4, 1)).double()
+
+
+@pytest.mark.parametrize("switched", ["chain", "networks", "one_batchnorm"])
+def test_eval_mode_set_between_forward_and_backward_recomputes_in_the_forwards_modes(switched):
+    """``model.eval()`` (or on some submodules) between forward and backward: the stored
+    graph holds the forward's dropout masks and BatchNorm batch statistics, so the
+    recompute must run in the modes the forward ran in (it ran in eval mode: no dropout,
+    running statistics, gradients 0.5 off relative); the gradients, the buffers and the
+    random stream afterwards are the stored model's, and the user's modes are kept."""
+    seq, x, before = _seq_with_nets(_bn_dropout_net)
+    wy, wl = torch.randn_like(x), torch.randn(3, dtype=torch.float64)
+    results = []
+    for reversible in (False, True):
+        seq.load_state_dict(before)
+        seq.train()
+        seq.zero_grad(set_to_none=True)
+        torch.manual_seed(5)
+        xi = x.clone().requires_grad_(True)
+        y, ld = seq(xi) if reversible else seq._ordinary(xi)
+        assert (type(y.grad_fn).__name__ == "_ReversibleChainBackward") == reversible
+        if switched == "chain":
+            seq.eval()
+        elif switched == "networks":
+            for s in seq:
+                (s.coupling if isinstance(s, ff.FlowStep) else s).net.eval()
+        else:
+            seq[1].net[1].eval()
+        modes = [m.training for m in seq.modules()]
+        ((wy * y).sum() + (wl * ld).sum()).backward()
+        assert [m.training for m in seq.modules()] == modes  # the user's modes kept
+        grads = {n: p.grad.clone() for n, p in seq.named_parameters()}
+        grads["x"] = xi.grad
+        results.append((grads, copy.deepcopy(seq.state_dict()), torch.rand(4)))
+    (want, state0, next0), (got, state1, next1) = results
+    _check_grads(got, want, 1e-8, switched)
+    for name, value in state0.items():
+        torch.testing.assert_close(state1[name], value, rtol=0, atol=0, msg=name)
+    torch.testing.assert_close(next1, next0, rtol=0, atol=0)
+
+
+class _FailsOnSecondCall(torch.nn.Module):
+    """Raises on its second call: the reversible recompute."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls > 1:
+            raise RuntimeError("recompute failed")
+        return x
+
+
+def test_the_users_modes_are_restored_when_the_backward_raises():
+    seq, x, _ = _seq_with_nets(
+        lambda: torch.nn.Sequential(torch.nn.Conv2d(2, 4, 1), torch.nn.Dropout(0.5),
+                                    _FailsOnSecondCall()).double(), kinds=("coupling",))
+    seq[0].net[2].calls = 0  # (the initialising call ran it)
+    seq.train()
+    y, ld = seq(x.clone().requires_grad_(True))
+    seq.eval()
+    with pytest.raises(RuntimeError, match="recompute failed"):
+        (y.sum() + ld.sum()).backward()
+    assert not any(m.training for m in seq.modules())
+
+
+_GLOBAL_HOOKS = {"forward": "register_module_forward_hook",
+                 "forward_pre": "register_module_forward_pre_hook",
+                 "backward": "register_module_full_backward_hook",
+                 "backward_pre": "register_module_full_backward_pre_hook"}
+
+
+@pytest.mark.parametrize("kind", list(_GLOBAL_HOOKS))
+def test_a_global_module_hook_runs_the_chain_the_ordinary_way(kind):
+    """A global module hook (``torch.nn.modules.module.register_module_*``) fires on every
+    module called, and the reversible stages call no step, so it was skipped for the steps
+    (and fired twice for the coupling networks, called again in the recompute). The chain
+    now runs the ordinary way while one is registered: the hook sees the modules the stored
+    model calls (the chain itself, called where the stored Glow iterates a list, aside),
+    and the results are the stored model's. Forward (pre-)hooks scale a FlowStep's input or
+    output; backward ones count."""
+    stored, rev, x = _glow_pair(torch.float64, True, True)
+    for m in (*stored.modules(), *rev.modules()):
+        if isinstance(m, torch.nn.ReLU):  # (full backward hooks refuse in-place outputs)
+            m.inplace = False
+    calls = []
+
+    def hook(module, *args):
+        calls.append(module)
+        if isinstance(module, ff.FlowStep) and kind == "forward_pre":
+            return (args[0][0] * 1.5,)
+        if isinstance(module, ff.FlowStep) and kind == "forward":
+            return (args[1][0] * 1.5, args[1][1])
+        return None
+
+    results = []
+    handle = getattr(torch.nn.modules.module, _GLOBAL_HOOKS[kind])(hook)
+    try:
+        for m in (stored, rev):
+            calls.clear()
+            loss, grads = _glow_grads(m, x)
+            names = {id(mod): n for n, mod in m.named_modules()}
+            seen = [names[id(mod)] for mod in calls if not isinstance(mod, ReversibleSequence)]
+            results.append((loss, grads, seen))
+    finally:
+        handle.remove()
+    (loss0, want, seen0), (loss1, got, seen1) = results
+    assert any(".flows.1.actnorm" in n for n in seen0)
+    assert seen1 == seen0
+    torch.testing.assert_close(loss1, loss0, rtol=1e-12, atol=1e-12)
+    _check_grads(got, want, 1e-8, kind)
+    y = rev.blocks[0].flows(torch.rand(4, 4, 4, 4, dtype=torch.float64))[1]
+    assert type(y.grad_fn).__name__ == "_ReversibleChainBackward"
+
+
+def _requested(model):
+    """Some of the chains' parameters (an LU factor, a coupling network's weight, an
+    ActNorm scale; the stacked assembly's included) and a prior's."""
+    wanted = ("blocks.0.flows.1.invconv.w_l", "blocks.0.flows.0.coupling.net.0.weight",
+              "blocks.1.flows.0.actnorm.scale", "blocks.1.flows.1.actnorm.loc",
+              "blocks.0.prior.conv.weight")
+    params = dict(model.named_parameters())
+    return [params[n] for n in wanted]
+
+
+@pytest.mark.parametrize("n_flow", [2, ff.layers.flowstep.MIN_STACK], ids=["per_step", "stacked"])
+@pytest.mark.parametrize("how", ["grad", "backward_inputs"])
+def test_gradients_of_some_parameters_and_the_input_are_the_stored_ones(how, n_flow):
+    """torch.autograd.grad(loss, [params..., x]) and loss.backward(inputs=[params..., x])
+    on a mix of the chains' parameters, a prior's and the input: exactly those gradients,
+    the stored model's, and no other parameter's .grad written. The chain's parameters
+    were not inputs of its autograd node: grad() raised (unused tensors) and backward left
+    them without gradients, with a warning."""
+    stored, rev, x = _glow_pair(torch.float64, True, True, n_flow=n_flow)
+    got = {}
+    for name, m in (("stored", stored), ("reversible", rev)):
+        m.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        log_p, logdet, _ = m(xi)
+        loss = ff.bits_per_dim(log_p, logdet, x[0].numel())
+        inputs = _requested(m) + [xi]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            if how == "grad":
+                got[name] = torch.autograd.grad(loss, inputs)
+            else:
+                loss.backward(inputs=inputs)
+                got[name] = [t.grad for t in inputs]
+        asked = {id(t) for t in inputs}
+        touched = [n for n, p in m.named_parameters() if p.grad is not None
+                   and id(p) not in asked]
+        assert touched == [], (name, touched)
+    for a, b in zip(got["reversible"], got["stored"]):
+        assert a is not None and _rel(a, b) < 1e-10
+
+
+def test_a_step_used_twice_gets_one_gradient_through_its_hooks():
+    """A step that appears twice in the chain: its parameters' gradient is the sum over
+    both uses, reaching tensor hooks (and DDP's, once) as one gradient, as on the stored
+    model. The chain accumulated each use's gradient by a separate backward: a hook ran
+    once per use, and a clipping hook clipped each part instead of the sum."""
+    torch.manual_seed(0)
+    step, other = _layer("flowstep_lu", 4, torch.float64), _layer("coupling", 4, torch.float64)
+    seq = ReversibleSequence([step, other, step])
+    _perturb(seq)
+    x = torch.randn(3, 4, 4, 4, dtype=torch.float64)
+    seq(x)  # ActNorm initialisation
+    calls = []
+    for p in seq.parameters():
+        p.register_hook(lambda g: calls.append(1) or g.clamp(-1e-2, 1e-2))
+    wy, wl = torch.randn_like(x), torch.randn(3, dtype=torch.float64)
+    _, _, want = _seq_grads(seq, x, False, wy, wl)
+    n_stored = len(calls)
+    _, _, got = _seq_grads(seq, x, True, wy, wl)
+    assert n_stored == len(list(seq.parameters())) and len(calls) == 2 * n_stored
+    _check_grads(got, want, 1e-8)

@@ -24,7 +24,8 @@ the coupling):
   Per Glow train step (2 blocks, K=8, with the batched casts of the condition estimate
   and W^-1): reference path 3548 ATen ops instead of 4320; Triton path 150 launches
   instead of 192 and 2220 ATen ops instead of 2272 (K=4: 78 launches instead of 96, 1236
-  ATen ops instead of 1232).
+  ATen ops instead of 1232). The parameters' detached leaves (below) add two ``detach``
+  ops per chain parameter (K=4 / 8 / 16: +190 / +382 / +766 ATen ops; no launch).
 
 Activation memory of the chain is therefore flat in its length: at any time at most one
 stage's recomputed activations exist.
@@ -37,22 +38,21 @@ What else it meets:
   recorded and replayed around every recompute; the backend mode in force at forward
   (``fastflow.use_backend``) is replayed too, since autograd may run backward on another
   thread.
-* Gradient accumulation: parameter gradients are accumulated into ``.grad`` like any
-  backward does.
-* DDP: parameter gradients are produced while backward runs, by ordinary
-  ``torch.autograd.backward(..., inputs=[...])`` calls whose inputs are the parameters of
-  one stage (a stacked assembly's LU factors and ActNorm scales: one call for all its
-  steps, after the chain's last stage), so each parameter's ``AccumulateGrad`` node runs
-  exactly once per backward and DDP's per-parameter hooks fire as usual (bucketed
-  all-reduces overlap with the rest of the backward). The parameters are not inputs of the chain's autograd node (a
-  zero-size leaf makes the output require grad), so use DDP with
-  ``find_unused_parameters=False`` (its default): with ``True`` DDP's forward-time graph
-  walk would not find them and mark them unused. A module that appears twice in one chain
-  has its hooks fire twice, which DDP refuses.
+* Parameter gradients: the chain's parameters that require grad are inputs of its
+  autograd node, which returns their gradients. The recompute reads detached leaves of
+  them (swapped into the modules for the backward), each collecting its gradient over
+  every stage that uses it (a step that appears twice in the chain included), and the
+  node returns the sums: autograd then does what it does for any input, so ``.grad`` is
+  accumulated into once per parameter and backward (gradient accumulation, tensor hooks
+  and DDP's per-parameter hooks as on the stored model), ``torch.autograd.grad(loss,
+  params)`` and ``backward(inputs=[...])`` get exactly the gradients asked for and
+  leave every other ``.grad`` alone. DDP's bucketed all-reduces of a chain's parameters
+  start when its node's backward ends (the next chain's backward overlaps them);
+  ``find_unused_parameters`` may be either.
 * ``torch.func.functional_call``: its tensors are swapped in for the call only, and the
   backward runs after it, so the forward records every module's parameters and buffers
   and the backward recomputes with those (gradients go to the swapped tensors, not to
-  the module's own). A parameter computed from others (one with a ``grad_fn``) makes the
+  the module's own: the node's inputs are the swapped tensors). A parameter computed from others (one with a ``grad_fn``) makes the
   call run the ordinary way: the stages' backward stops at the chain's parameters.
 * Random numbers and buffers: a coupling network that draws random numbers (dropout) or
   reads buffers that its forward updates (spectral norm's power iteration) computes in
@@ -60,10 +60,12 @@ What else it meets:
   input's accelerator's, not while a CUDA graph is being captured) and the buffers of its
   training-mode modules are recorded before each network runs in forward and set for its
   recompute, as ``torch.utils.checkpoint`` does for the generators; afterwards the
-  caller's random stream and the buffers are as the forward left them. The recompute runs
-  the network in the mode it has then: one switched to eval mode between forward and
-  backward normalises with BatchNorm's running statistics there (other gradients, as
-  with ``torch.utils.checkpoint``).
+  caller's random stream and the buffers are as the forward left them.
+* Training flags: every module's ``training`` flag is recorded at forward and set for the
+  recompute, so a model (or a submodule) switched to eval mode between forward and
+  backward recomputes the training-mode forward it took (dropout's masks, BatchNorm's
+  batch statistics), as the stored graph holds it; the flags are set back afterwards,
+  also when the backward raises.
 * No state is updated by the recompute: it never calls a step's ``forward`` (so no ActNorm
   initialisation, no hooks of the step modules), builds W afresh (the layers cache nothing)
   and sets the coupling networks' buffers back to their values before it (a network's
@@ -74,21 +76,16 @@ What else it meets:
   ActNorm / 1x1 convolution / coupling submodules) would not run on the reversible path,
   whose stages never call those modules: a chain holding such a hook runs the ordinary
   way (stored activations), as a ``FlowStep`` with a hooked submodule leaves its fused
-  path, so the hooks run and whatever they change is computed. Global module hooks
-  (``torch.nn.modules.module.register_module_forward_hook``) do not run on the reversible
-  path. The coupling networks are called: their hooks run in forward and again in the
-  recompute.
+  path, so the hooks run and whatever they change is computed. A global module hook
+  (``torch.nn.modules.module.register_module_forward_hook``, ``..._forward_pre_hook``,
+  ``register_module_full_backward_hook``, ``..._full_backward_pre_hook``) makes every
+  chain run the ordinary way likewise while it is registered. The coupling networks are
+  called: their own hooks run in forward and again in the recompute.
 * Activations stored in bfloat16 / float16 (a half-precision model, not autocast) rebuild
   only to that precision: gradients then differ from the stored ones at that level.
 * ``torch.compile``: the reversible chain runs eagerly (``torch.compiler.disable``), so a
   compiled model graph-breaks around each chain; ``fullgraph=True`` cannot include it.
-* Double backward (``create_graph=True``) is not supported and raises. As with reentrant
-  checkpointing, parameter gradients reach ``.grad`` through ``backward()``: the parameters
-  are not inputs of the chain's autograd node, so ``torch.autograd.grad(loss, params)``
-  reports them unused. Under ``torch.autograd.grad`` or ``backward(inputs=...)`` only the
-  chain's input gets its gradient; the parameters' ``.grad`` is left alone (the recompute
-  cannot tell which of them were asked for, so it accumulates into none), and a warning
-  says so. A coupling network
+* Double backward (``create_graph=True``) is not supported and raises. A coupling network
   with reentrant checkpointing (``use_reentrant=True``) inside fails in backward (it refuses
   the ``inputs=`` the recompute passes): use ``use_reentrant=False``.
 
@@ -110,7 +107,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from typing import Iterable
 
 import torch
@@ -123,7 +119,7 @@ from ..ops.channel_mix import actnorm_invconv, channel_mix
 from ..ops.coupling import additive_coupling, affine_coupling, coupling_backward
 from .channel_mix import ActNorm, InvConv2d, InvConv2dLU
 from .coupling import AffineCoupling, ZeroConv2d
-from .flowstep import FlowStep
+from .flowstep import FlowStep, _hooked as _module_hooked
 
 __all__ = ["ReversibleSequence"]
 
@@ -243,10 +239,9 @@ class _MixStage:
             return actnorm_invconv(x, self.an.loc, self.an.scale, None)
         return self._apply(x, w), ld
 
-    def backward(self, y, gy, gld, stored, mats, params=True, deferred=None):
+    def backward(self, y, gy, gld, stored, mats, deferred=None):
         """``mats``: (W with its graph, the stage's log-det with its graph, W^-1 float64)
-        from ``_matrix``, None for ActNorm alone. ``params``: accumulate the parameters'
-        gradients (else only the input's is computed). ``deferred``: a list, for a W taken
+        from ``_matrix``, None for ActNorm alone. ``deferred``: a list, for a W taken
         from the chain's stacked assembly: this stage back-propagates into W and ActNorm's
         scale only as far as detached copies of them and appends the (tensor with its graph,
         gradient) pairs for the one backward through the stack, so that each parameter's
@@ -268,16 +263,16 @@ class _MixStage:
         if self.inv is None:
             y2, ld = actnorm_invconv(x_leaf, an.loc, an.scale, None)
         elif deferred is not None:
-            w_leaf = w.detach().requires_grad_(params and w.requires_grad)
-            scale = an.scale.detach().requires_grad_(params and an.scale.requires_grad)
+            w_leaf = w.detach().requires_grad_(w.requires_grad)
+            scale = an.scale.detach().requires_grad_(an.scale.requires_grad)
             y2 = channel_mix(x_leaf, w_leaf, loc=an.loc, scale=scale)
-            _backprop((y2,), (gy,), [x_leaf] + ([w_leaf, an.loc, scale] if params else []))
+            _backprop((y2,), (gy,), [x_leaf, w_leaf, an.loc, scale])
             deferred += [(w, w_leaf.grad), (ld, gld.to(ld.dtype)), (an.scale, scale.grad)]
             gx = x_leaf.grad if x_leaf.grad is not None else torch.zeros_like(x)
             return x, gx
         else:
             y2 = self._apply(x_leaf, w)
-        _backprop((y2, ld), (gy, gld.to(ld.dtype)), [x_leaf] + (self.params() if params else []))
+        _backprop((y2, ld), (gy, gld.to(ld.dtype)), [x_leaf] + self.params())
         gx = x_leaf.grad if x_leaf.grad is not None else torch.zeros_like(x)
         return x, gx
 
@@ -337,9 +332,8 @@ class _CouplingStage:
         log_hi = reference.coupling_log_scale(hi, scale, clamp)[0]
         return y, ld, torch.clamp(log_hi, min=0.0) - log_lo > math.log(limit)
 
-    def backward(self, y, gy, gld, stored, mats=None, params=True, net_state=None):
-        """``params``: accumulate the parameters' gradients (else only the input's).
-        ``net_state``: what the network's forward read besides its input and parameters
+    def backward(self, y, gy, gld, stored, mats=None, net_state=None):
+        """``net_state``: what the network's forward read besides its input and parameters
         (``_net_state``; None for a stock network): the recompute runs under it, so it
         computes what the forward did."""
         ya = y[:, :self.ca].detach().requires_grad_(True)
@@ -351,7 +345,7 @@ class _CouplingStage:
                 x = self._op(y, hd, True)[0]
             gx, gh = coupling_backward(gy.contiguous(), gld.contiguous(), y, hd, *self.opts,
                                        False, True)
-            _backprop((h,), (gh,), [ya] + (self.params() if params else []))
+            _backprop((h,), (gh,), [ya] + self.params())
         if ya.grad is not None:
             gx[:, :self.ca] += ya.grad
         return stored(x), gx
@@ -396,11 +390,11 @@ def _stock(step) -> bool:
 
 def _hooked(step) -> bool:
     """A hook of the step's own or of its ActNorm / 1x1 convolution / coupling (the
-    modules the stages compute without calling; the coupling network is called)."""
+    modules the stages compute without calling), or a global module hook (which would also
+    run a second time for the coupling networks, called again by the recompute)."""
     mods = [step] + ([step.actnorm, step.invconv, step.coupling] if isinstance(step, FlowStep)
                      else [])
-    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-               or m._backward_pre_hooks for m in mods)
+    return any(_module_hooked(m) for m in mods)
 
 
 def _uninitialised_actnorm(step) -> bool:
@@ -429,7 +423,7 @@ def _autocast(state):
 
 class _ReversibleChain(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, seq, x, _anchor):
+    def forward(ctx, seq, x, *params):
         steps = [_stages(s) for s in seq]
         flat = [st for stages in steps for st in stages]
         limit = float(seq.fallback_cond)
@@ -471,7 +465,7 @@ class _ReversibleChain(torch.autograd.Function):
         kept = torch.clamp(flagged, max=slots)
         seq.fallback_count.add_(kept.to(seq.fallback_count.dtype))
         seq.fallback_overflow.add_((flagged - kept).to(seq.fallback_overflow.dtype))
-        ctx.seq, ctx.n_stages = seq, index
+        ctx.seq, ctx.n_stages, ctx.params = seq, index, params
         ctx.tensors, ctx.net_states = _module_tensors(seq), net_states
         ctx.autocast = _autocast_state(x.device.type)
         ctx.mode = current_mode()
@@ -487,17 +481,11 @@ class _ReversibleChain(torch.autograd.Function):
         reserve = rest[0] if rest else None
         steps = [_stages(s) for s in ctx.seq]
         stages = [st for stages in steps for st in stages]
-        # torch.autograd.grad / backward(inputs=...): the parameters are not inputs of this
-        # node, so they cannot be among those asked for; their .grad is left alone
-        params = torch.autograd._is_checkpoint_valid()
-        if not params and any(p.requires_grad for p in ctx.seq.parameters()):
-            warnings.warn("ReversibleSequence / Glow(reversible=True): under "
-                          "torch.autograd.grad or backward(inputs=...) only the chain's input "
-                          "gets a gradient; its parameters get theirs from a plain "
-                          "backward() (they are not inputs of the chain's autograd node)",
-                          stacklevel=2)
+        # the recompute reads detached leaves of the parameters, which collect every use's
+        # gradient; the node returns their sums, which autograd passes on as for any input
+        leaves = {id(p): p.detach().requires_grad_(True) for p in ctx.params}
         with use_backend(ctx.mode), torch.enable_grad(), _autocast(ctx.autocast), \
-                _tensors_as_at_forward(ctx.tensors):
+                _modules_as_at_forward(ctx.tensors, leaves):
             # every mix stage's W (with its graph) and W^-1 up front: one batched inverse;
             # the FlowSteps' W from one stacked assembly if they stack, as in forward
             stacked = _stacked_matrices(ctx.seq, steps, y)
@@ -523,16 +511,15 @@ class _ReversibleChain(torch.autograd.Function):
                 extra = dict(deferred=deferred) if index in stacked else {}
                 if index in ctx.net_states:
                     extra["net_state"] = ctx.net_states[index]
-                y, gy = stages[index].backward(y.detach(), gy, gld, stored, mats[index], params,
-                                               **extra)
+                y, gy = stages[index].backward(y.detach(), gy, gld, stored, mats[index], **extra)
                 mats[index] = None
                 y = y.detach()
-            if deferred and params:  # one backward through the stacked assembly
+            if deferred:  # one backward through the stacked assembly
                 pairs = [(t, g) for t, g in deferred if g is not None]
                 _backprop([t for t, _ in pairs], [g for _, g in pairs],
                           [p for i in stacked for p in stages[i].params()
                            if p is not stages[i].an.loc])  # (loc: in the mix alone)
-        return None, gy, None
+        return (None, gy, *(leaves[id(p)].grad for p in ctx.params))
 
 
 def _training_buffers(net):
@@ -594,23 +581,30 @@ def _as_at_forward(net, state):
 
 
 def _module_tensors(seq):
-    """Every module of the chain with its parameters and buffers as they are now (the
-    tensor objects, not copies): what the backward's recompute must read."""
-    return [(m, dict(m._parameters), dict(m._buffers)) for m in seq.modules()]
+    """Every module of the chain with its training flag, parameters and buffers as they are
+    now (the tensor objects, not copies): what the backward's recompute must read."""
+    return [(m, m.training, dict(m._parameters), dict(m._buffers)) for m in seq.modules()]
 
 
 @contextlib.contextmanager
-def _tensors_as_at_forward(saved):
-    """The chain's modules hold the tensors they held at forward while the backward
-    recomputes (the stages read them from the modules): ``torch.func.functional_call``
-    swaps tensors in only for the call, so without this the backward would rebuild the
-    inputs with the module's own parameters and give them the gradients meant for the
-    swapped ones. Entries that did not change are left as they are."""
-    swapped = []
+def _modules_as_at_forward(saved, leaves):
+    """The chain's modules hold the tensors and training flags they held at forward while
+    the backward recomputes (the stages read them from the modules), each parameter
+    replaced by its detached leaf in ``leaves`` ({id(parameter): leaf}).
+    ``torch.func.functional_call`` swaps tensors in only for the call, so without this the
+    backward would rebuild the inputs with the module's own parameters; and a model
+    switched to eval mode between forward and backward must recompute the training-mode
+    forward it took (dropout, BatchNorm's batch statistics). Everything is set back
+    afterwards, also when the recompute raises."""
+    swapped, modes = [], []
     try:
-        for m, params, buffers in saved:
+        for m, training, params, buffers in saved:
+            if m.training != training:
+                modes.append((m, m.training))
+                m.training = training
             for table, then in ((m._parameters, params), (m._buffers, buffers)):
                 for name, t in then.items():
+                    t = leaves.get(id(t), t)
                     now = table.get(name)
                     if now is not t:
                         swapped.append((table, name, now))
@@ -619,11 +613,12 @@ def _tensors_as_at_forward(saved):
     finally:
         for table, name, now in reversed(swapped):
             table[name] = now
+        for m, training in modes:
+            m.training = training
 
 
 def _run_chain(seq, x):
-    anchor = torch.empty(0, requires_grad=True)  # makes the output require grad
-    return _ReversibleChain.apply(seq, x, anchor)
+    return _ReversibleChain.apply(seq, x, *_requiring(seq.parameters()))
 
 
 _disabled_chain = None
@@ -654,7 +649,7 @@ class ReversibleSequence(nn.ModuleList):
     initialises an ActNorm, for a chain holding a subclass of a step type (a FlowStep's
     actnorm, invconv or coupling included: the reversible stages would bypass its
     overrides), for one with a module hook on a step (or on those submodules: the
-    stages do not call them) and for parameters computed from others
+    stages do not call them) or a global module hook registered, and for parameters computed from others
     (``torch.func.functional_call`` with derived tensors), the steps run one after the other
     the ordinary way."""
 
