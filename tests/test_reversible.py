@@ -442,12 +442,15 @@ def test_bf16_autocast_replays_the_forward_autocast_state(triton_backend):
     assert max(_rel(wrong[n], want[n]) for n in want) > 10 * max(errs)
 
 
+@pytest.mark.parametrize("find_unused", [False, True], ids=["default", "find_unused"])
 @pytest.mark.parametrize("n_flow", [2, ff.layers.flowstep.MIN_STACK], ids=["per_step", "stacked"])
-def test_ddp_hooks_fire_once_per_parameter(tmp_path, n_flow):
+def test_ddp_hooks_fire_once_per_parameter(tmp_path, n_flow, find_unused):
     """One-process gloo DDP: every parameter's gradient arrives (DDP's reducer marks each
     ready exactly once, else it raises) and equals the stored model's. ``stacked``: the
     blocks' W assembled as one stack, ActNorm's scale reaching both the mix and the stacked
-    log-det (one accumulation)."""
+    log-det (one accumulation). ``find_unused_parameters=True`` walks the graph from the
+    outputs at forward: the chain's parameters must be found there (they were not inputs
+    of its node: marked unused, then ready a second time in backward, which DDP refuses)."""
     dist = pytest.importorskip("torch.distributed")
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("no gloo backend")
@@ -455,7 +458,8 @@ def test_ddp_hooks_fire_once_per_parameter(tmp_path, n_flow):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
                             world_size=1)
     try:
-        ddp = torch.nn.parallel.DistributedDataParallel(rev)
+        ddp = torch.nn.parallel.DistributedDataParallel(rev,
+                                                        find_unused_parameters=find_unused)
         ready = []
         for p in rev.parameters():
             p.register_post_accumulate_grad_hook(lambda p: ready.append(id(p)))
