@@ -48,7 +48,10 @@ What else it meets:
   params)`` and ``backward(inputs=[...])`` get exactly the gradients asked for and
   leave every other ``.grad`` alone. DDP's bucketed all-reduces of a chain's parameters
   start when its node's backward ends (the next chain's backward overlaps them);
-  ``find_unused_parameters`` may be either.
+  ``find_unused_parameters`` may be either. The parameters are saved for backward (no
+  copies): one changed in place between forward and backward (an optimizer step in
+  between) makes the backward raise autograd's in-place error, since the recompute would
+  read the new value where the stored graph holds the forward's.
 * ``torch.func.functional_call``: its tensors are swapped in for the call only, and the
   backward runs after it, so the forward records every module's parameters and buffers
   and the backward recomputes with those (gradients go to the swapped tensors, not to
@@ -469,7 +472,11 @@ class _ReversibleChain(torch.autograd.Function):
         ctx.tensors, ctx.net_states = _module_tensors(seq), net_states
         ctx.autocast = _autocast_state(x.device.type)
         ctx.mode = current_mode()
-        ctx.save_for_backward(out, owner, *(() if reserve is None else (reserve,)))
+        # the parameters too (no copies): autograd refuses a backward after one of them was
+        # changed in place, as the recompute would read the new value
+        ctx.has_reserve = reserve is not None
+        ctx.save_for_backward(out, owner, *(() if reserve is None else (reserve,)),
+                              *seq.parameters())
         return out, logdet
 
     @staticmethod
@@ -478,7 +485,7 @@ class _ReversibleChain(torch.autograd.Function):
             raise RuntimeError("ReversibleSequence / Glow(reversible=True): double backward "
                                "(create_graph=True) is not supported; use reversible=False")
         y, owner, *rest = ctx.saved_tensors
-        reserve = rest[0] if rest else None
+        reserve = rest[0] if ctx.has_reserve else None
         steps = [_stages(s) for s in ctx.seq]
         stages = [st for stages in steps for st in stages]
         # the recompute reads detached leaves of the parameters, which collect every use's
