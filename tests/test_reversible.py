@@ -1082,3 +1082,26 @@ def test_a_parameter_changed_in_place_before_backward_is_refused(name):
         dict(seq.named_parameters())[name].add_(0.5)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         (y.sum() + ld.sum()).backward()
+
+
+@pytest.mark.parametrize("toggle", ["unfrozen", "frozen"])
+def test_requires_grad_changed_between_forward_and_backward(toggle):
+    """A parameter's requires_grad switched between forward and backward: the stored graph
+    was built at forward, so one frozen then (``unfrozen`` after) gets no gradient and one
+    unfrozen then (``frozen`` after) none either (autograd skips a leaf that no longer
+    requires grad). The reversible recompute read the unfrozen parameter's flag at backward
+    and wrote its .grad."""
+    stored, rev, x = _glow_pair(torch.float64, True, True)
+    grads = []
+    for m in (stored, rev):
+        m.zero_grad(set_to_none=True)
+        p = m.blocks[0].flows[1].invconv.w_s
+        p.requires_grad_(toggle == "frozen")
+        log_p, logdet, _ = m(x)
+        p.requires_grad_(toggle != "frozen")
+        ff.bits_per_dim(log_p, logdet, x[0].numel()).backward()
+        grads.append({n: q.grad for n, q in m.named_parameters()})
+    assert grads[0]["blocks.0.flows.1.invconv.w_s"] is None
+    assert grads[1]["blocks.0.flows.1.invconv.w_s"] is None
+    _check_grads({n: g for n, g in grads[1].items() if g is not None},
+                 {n: g for n, g in grads[0].items() if g is not None}, 1e-8, toggle)

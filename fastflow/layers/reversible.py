@@ -469,6 +469,7 @@ class _ReversibleChain(torch.autograd.Function):
         seq.fallback_count.add_(kept.to(seq.fallback_count.dtype))
         seq.fallback_overflow.add_((flagged - kept).to(seq.fallback_overflow.dtype))
         ctx.seq, ctx.n_stages, ctx.params = seq, index, params
+        ctx.frozen = [p for p in seq.parameters() if not p.requires_grad]
         ctx.tensors, ctx.net_states = _module_tensors(seq), net_states
         ctx.autocast = _autocast_state(x.device.type)
         ctx.mode = current_mode()
@@ -491,6 +492,8 @@ class _ReversibleChain(torch.autograd.Function):
         # the recompute reads detached leaves of the parameters, which collect every use's
         # gradient; the node returns their sums, which autograd passes on as for any input
         leaves = {id(p): p.detach().requires_grad_(True) for p in ctx.params}
+        # one frozen at forward and unfrozen since gets no gradient, as on the stored graph
+        leaves.update((id(p), p.detach()) for p in ctx.frozen if p.requires_grad)
         with use_backend(ctx.mode), torch.enable_grad(), _autocast(ctx.autocast), \
                 _modules_as_at_forward(ctx.tensors, leaves):
             # every mix stage's W (with its graph) and W^-1 up front: one batched inverse;
