@@ -138,8 +138,8 @@ def test_two_gloo_processes_match_one_process(tmp_path, small_npz):
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                     reason="needs torch.distributed with gloo")
 def test_two_gloo_processes_match_one_process_reversible(tmp_path, small_npz):
-    """--reversible under DDP: the chain's parameters get their gradients while its backward
-    runs (DDP's reducer marks each ready once, else it raises), the blocks' W from one
+    """--reversible under DDP: the chain's parameters get their gradients from its autograd
+    node (DDP's reducer marks each ready once, else it raises), the blocks' W from one
     stacked assembly (--n-flow 4); the same parameters as one process."""
     one, two = tmp_path / "one", tmp_path / "two"
     extra = ("--reversible", "--n-flow", "4")

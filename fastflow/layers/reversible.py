@@ -48,10 +48,10 @@ What else it meets:
   params)`` and ``backward(inputs=[...])`` get exactly the gradients asked for and
   leave every other ``.grad`` alone. DDP's bucketed all-reduces of a chain's parameters
   start when its node's backward ends (the next chain's backward overlaps them);
-  ``find_unused_parameters`` may be either. The parameters are saved for backward (no
-  copies): one changed in place between forward and backward (an optimizer step in
-  between) makes the backward raise autograd's in-place error, since the recompute would
-  read the new value where the stored graph holds the forward's.
+  ``find_unused_parameters`` may be either. The parameters' version counters are
+  recorded at forward: one changed in place between forward and backward (an optimizer
+  step in between) makes the backward raise autograd's in-place error, since the
+  recompute would read the new value where the stored graph holds the forward's.
 * ``torch.func.functional_call``: its tensors are swapped in for the call only, and the
   backward runs after it, so the forward records every module's parameters and buffers
   and the backward recomputes with those (gradients go to the swapped tensors, not to
@@ -473,11 +473,8 @@ class _ReversibleChain(torch.autograd.Function):
         ctx.tensors, ctx.net_states = _module_tensors(seq), net_states
         ctx.autocast = _autocast_state(x.device.type)
         ctx.mode = current_mode()
-        # the parameters too (no copies): autograd refuses a backward after one of them was
-        # changed in place, as the recompute would read the new value
-        ctx.has_reserve = reserve is not None
-        ctx.save_for_backward(out, owner, *(() if reserve is None else (reserve,)),
-                              *seq.parameters())
+        ctx.versions = [(p, p._version) for p in seq.parameters()]
+        ctx.save_for_backward(out, owner, *(() if reserve is None else (reserve,)))
         return out, logdet
 
     @staticmethod
@@ -486,7 +483,8 @@ class _ReversibleChain(torch.autograd.Function):
             raise RuntimeError("ReversibleSequence / Glow(reversible=True): double backward "
                                "(create_graph=True) is not supported; use reversible=False")
         y, owner, *rest = ctx.saved_tensors
-        reserve = rest[0] if ctx.has_reserve else None
+        reserve = rest[0] if rest else None
+        _check_versions(ctx.seq, ctx.versions)
         steps = [_stages(s) for s in ctx.seq]
         stages = [st for stages in steps for st in stages]
         # the recompute reads detached leaves of the parameters, which collect every use's
@@ -530,6 +528,25 @@ class _ReversibleChain(torch.autograd.Function):
                           [p for i in stacked for p in stages[i].params()
                            if p is not stages[i].an.loc])  # (loc: in the mix alone)
         return (None, gy, *(leaves[id(p)].grad for p in ctx.params))
+
+
+def _check_versions(seq, versions):
+    """Refuses a backward after a parameter of the chain was changed in place since the
+    forward (an optimizer step in between), as autograd refuses one for a tensor it saved:
+    the recompute would read the new value where the stored graph holds the forward's. The
+    version counters are compared rather than the parameters saved for backward, which
+    would hand them to every ``saved_tensors_hooks`` (``save_on_cpu`` would copy them out
+    and back each step)."""
+    for p, version in versions:
+        if p._version != version:
+            names = {id(t): f"{prefix}{'.' if prefix else ''}{name}"
+                     for prefix, m in seq.named_modules() for name, t in m._parameters.items()}
+            name = names.get(id(p), f"of shape {tuple(p.shape)}")
+            raise RuntimeError(
+                f"ReversibleSequence / Glow(reversible=True): one of the variables needed for "
+                f"gradient computation has been modified by an inplace operation: parameter "
+                f"{name} is at version {p._version}; expected version {version} instead (it "
+                f"was changed in place between forward and backward)")
 
 
 def _training_buffers(net):
