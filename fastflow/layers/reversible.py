@@ -55,8 +55,9 @@ What else it meets:
 * ``torch.func.functional_call``: its tensors are swapped in for the call only, and the
   backward runs after it, so the forward records every module's parameters and buffers
   and the backward recomputes with those (gradients go to the swapped tensors, not to
-  the module's own: the node's inputs are the swapped tensors). A parameter computed from others (one with a ``grad_fn``) makes the
-  call run the ordinary way: the stages' backward stops at the chain's parameters.
+  the module's own: the node's inputs are the swapped tensors). A parameter computed from
+  others (one with a ``grad_fn``) makes the call run the ordinary way: the stages'
+  backward stops at the chain's parameters.
 * Random numbers and buffers: a coupling network that draws random numbers (dropout) or
   reads buffers that its forward updates (spectral norm's power iteration) computes in
   the recompute what it computed in forward: the generators' states (the CPU's, and the
@@ -468,12 +469,13 @@ class _ReversibleChain(torch.autograd.Function):
         kept = torch.clamp(flagged, max=slots)
         seq.fallback_count.add_(kept.to(seq.fallback_count.dtype))
         seq.fallback_overflow.add_((flagged - kept).to(seq.fallback_overflow.dtype))
+        every = list(seq.parameters())
         ctx.seq, ctx.n_stages, ctx.params = seq, index, params
-        ctx.frozen = [p for p in seq.parameters() if not p.requires_grad]
+        ctx.frozen = [p for p in every if not p.requires_grad]
+        ctx.versions = [(p, p._version) for p in every]
         ctx.tensors, ctx.net_states = _module_tensors(seq), net_states
         ctx.autocast = _autocast_state(x.device.type)
         ctx.mode = current_mode()
-        ctx.versions = [(p, p._version) for p in seq.parameters()]
         ctx.save_for_backward(out, owner, *(() if reserve is None else (reserve,)))
         return out, logdet
 
@@ -676,9 +678,9 @@ class ReversibleSequence(nn.ModuleList):
     initialises an ActNorm, for a chain holding a subclass of a step type (a FlowStep's
     actnorm, invconv or coupling included: the reversible stages would bypass its
     overrides), for one with a module hook on a step (or on those submodules: the
-    stages do not call them) or a global module hook registered, and for parameters computed from others
-    (``torch.func.functional_call`` with derived tensors), the steps run one after the other
-    the ordinary way."""
+    stages do not call them) or a global module hook registered, and for parameters
+    computed from others (``torch.func.functional_call`` with derived tensors), the steps
+    run one after the other the ordinary way."""
 
     def __init__(self, steps: Iterable[nn.Module] = (), *, fallback_slots: int = 2,
                  fallback_cond: float = 1e3):
