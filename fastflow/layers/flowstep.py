@@ -9,7 +9,7 @@ from torch.nn.modules import module as _module
 
 from ..backend import compute_dtype
 from ..reference import flow_stack
-from ..ops.channel_mix import channel_mix
+from ..ops.channel_mix import channel_mix, channel_mix_split
 from ..ops.lu_weight import lu_weight_logdet
 from ..ops._checks import check_bool, check_count, check_module_device, check_nchw
 from .channel_mix import ActNorm, InvConv2d, InvConv2dLU
@@ -66,6 +66,14 @@ class FlowStep(nn.Module):
             return False
         return not (hooks and (_hooked(an) or _hooked(inv)))
 
+    def _coupling_takes_head(self) -> bool:
+        """The coupling is the stock ``AffineCoupling``, its ``forward`` neither overridden
+        on the instance nor hooked: the fused pass may hand its network the mix's second
+        output (``forward_with_head``) instead of calling the module."""
+        cp = self.coupling
+        return (type(cp) is AffineCoupling and not _hooked(cp)
+                and not ({"forward", "_couple", "forward_with_head"} & cp.__dict__.keys()))
+
     @staticmethod
     def forward_matrices(steps, x):
         """(W, log-det, H*W) of each step in ``steps`` for the input ``x`` (N, C, H, W),
@@ -119,8 +127,16 @@ class FlowStep(nn.Module):
             w, logdet = self.invconv.matrix_and_logdet(x, an.scale, for_mix=True)
         else:  # assembled with the other steps of the block
             w, logdet = w_ld[:2]
-        out = channel_mix(x, w, loc=an.loc, scale=an.scale)
-        out, ld_coupling = self.coupling(out)
+        if self._coupling_takes_head():
+            # the network's input comes from the mix's launch as a tensor of its own: no
+            # slice copy for its first convolution, and its gradient is added inside the
+            # mix's backward launches (no zeros + slice backward + add)
+            out, head = channel_mix_split(x, w, loc=an.loc, scale=an.scale,
+                                          split=self.coupling.split)
+            out, ld_coupling = self.coupling.forward_with_head(out, head)
+        else:  # a hooked or replaced coupling is called as a module
+            out = channel_mix(x, w, loc=an.loc, scale=an.scale)
+            out, ld_coupling = self.coupling(out)
         return out, logdet + ld_coupling
 
     @staticmethod
