@@ -48,7 +48,10 @@ class FlowStep(nn.Module):
     no forward or backward hook is registered on them (or globally); otherwise the step calls
     ``self.actnorm``, ``self.invconv`` (their ``forward``, or ``inverse`` in reverse) and
     ``self.coupling`` one after the other, so hooks fire and a subclass assigned there is
-    used. ``reverse`` (sampling) calls their ``reverse``, which computes no log-det."""
+    used. ``reverse`` (sampling) calls their ``reverse``, which computes no log-det. On the
+    fused pass a stock, unhooked ``AffineCoupling`` gets its network's input from the mix's
+    launch (``channel_mix_split``, ``coupling.forward_with_head``); any other coupling is
+    called as a module."""
 
     def __init__(self, in_channel: int, filter_size: int = 512, affine: bool = True,
                  conv_lu: bool = True):
