@@ -10,6 +10,11 @@ while a tile is loaded or stored, so the ActNorm never costs a pass over memory:
     PRE   PRE_NONE: in     PRE_ACTNORM: (in + shift) * scale     PRE_DIVIDE: in / scale
     POST  POST_NONE: acc   POST_ACTNORM_INVERSE: acc / scale - shift   POST_MULTIPLY: acc * scale
 
+``STORE_OUT2`` also stores the output's first C2 channels into a second tensor from the
+same registers (``channel_mix_split``: Glow's coupling network reads them as a tensor of
+their own); ``ADD_IN2`` (the mix) and ``ADD_G2`` (the reduction) add that tensor's
+gradient to the incoming gradient's first C2 channels as they load it.
+
 ``A`` (Co, C) is read through its strides, so the backward's ``A^T`` is a stride swap.
 ``DIAG`` drops ``A`` (ActNorm alone: out[c] = post(pre(in[c]))). Channels are tiled
 (BLOCK_O output channels per program, a loop over BLOCK_K input channels), so C may be
