@@ -10,6 +10,11 @@ while a tile is loaded or stored, so the ActNorm never costs a pass over memory:
     PRE   PRE_NONE: in     PRE_ACTNORM: (in + shift) * scale     PRE_DIVIDE: in / scale
     POST  POST_NONE: acc   POST_ACTNORM_INVERSE: acc / scale - shift   POST_MULTIPLY: acc * scale
 
+``STORE_OUT2`` also stores the output's first C2 channels into a second tensor from the
+same registers (``channel_mix_split``: Glow's coupling network reads them as a tensor of
+their own); ``ADD_IN2`` (the mix) and ``ADD_G2`` (the reduction) add that tensor's
+gradient to the incoming gradient's first C2 channels as they load it.
+
 ``A`` (Co, C) is read through its strides, so the backward's ``A^T`` is a stride swap.
 ``DIAG`` drops ``A`` (ActNorm alone: out[c] = post(pre(in[c]))). Channels are tiled
 (BLOCK_O output channels per program, a loop over BLOCK_K input channels), so C may be
@@ -66,11 +71,15 @@ def _mm(a, b, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _load_pre(in_row, s_in_c, k64, k_in, p_in, pre_s_ptr, pre_b_ptr, PRE: tl.constexpr,
-              COMPUTE: tl.constexpr):
-    """Input rows ``k64`` of one pixel tile with the prologue ``PRE`` applied."""
+def _load_pre(in_row, s_in_c, k64, k_in, p_in, pre_s_ptr, pre_b_ptr, in2_row, s_in2_c, C2,
+              PRE: tl.constexpr, ADD_IN2: tl.constexpr, COMPUTE: tl.constexpr):
+    """Input rows ``k64`` of one pixel tile with the prologue ``PRE`` applied; ``ADD_IN2``:
+    plus the second input's rows ``k64 < C2`` (added in COMPUTE before the prologue)."""
     v = tl.load(in_row + k64[:, None] * s_in_c, mask=k_in[:, None] & p_in[None, :],
                 other=0.0).to(COMPUTE)
+    if ADD_IN2:
+        v += tl.load(in2_row + k64[:, None] * s_in2_c, mask=(k64 < C2)[:, None] & p_in[None, :],
+                     other=0.0).to(COMPUTE)
     if PRE == PRE_ACTNORM:
         sk = tl.load(pre_s_ptr + k64, mask=k_in, other=0.0).to(COMPUTE)
         bk = tl.load(pre_b_ptr + k64, mask=k_in, other=0.0).to(COMPUTE)
@@ -90,10 +99,14 @@ def _mix_kernel(
     post_s_ptr,  # (Co,) epilogue scale (POST 1, 3)
     post_b_ptr,  # (Co,) epilogue shift (POST 1)
     out_ptr,    # (N, Co, H, W) the op's output
-    C, CO, HW, N_TILES, N_PTILES,
+    in2_ptr,    # (N, C2, H, W) added to the input's first C2 channels (ADD_IN2)
+    out2_ptr,   # (N, C2, H, W) a second copy of the output's first C2 channels (STORE_OUT2)
+    C, CO, HW, N_TILES, N_PTILES, C2,
     s_in_n, s_in_c, s_in_p, s_a_o, s_a_k, s_out_n, s_out_c, s_out_p,
+    s_in2_n, s_in2_c, s_in2_p, s_out2_n, s_out2_c, s_out2_p,
     PRE: tl.constexpr, POST: tl.constexpr, DIAG: tl.constexpr, USE_DOT: tl.constexpr,
-    PRECISION: tl.constexpr, COMPUTE: tl.constexpr,
+    PRECISION: tl.constexpr, COMPUTE: tl.constexpr, ADD_IN2: tl.constexpr,
+    STORE_OUT2: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -106,11 +119,13 @@ def _mix_kernel(
     o64 = o.to(tl.int64)
     p64 = p.to(tl.int64)
     in_row = in_ptr + n * s_in_n + p64[None, :] * s_in_p
+    in2_row = in2_ptr + n * s_in2_n + p64[None, :] * s_in2_p
     if DIAG:
         k = o
         k_in = o_in
         k64 = o64
-        acc = _load_pre(in_row, s_in_c, k64, k_in, p_in, pre_s_ptr, pre_b_ptr, PRE, COMPUTE)
+        acc = _load_pre(in_row, s_in_c, k64, k_in, p_in, pre_s_ptr, pre_b_ptr, in2_row,
+                        s_in2_c, C2, PRE, ADD_IN2, COMPUTE)
     else:
         acc = tl.zeros((BLOCK_O, BLOCK_P), dtype=COMPUTE)
         for k0 in range(0, C, BLOCK_K):
@@ -119,7 +134,8 @@ def _mix_kernel(
             k64 = k.to(tl.int64)
             a = tl.load(a_ptr + o64[:, None] * s_a_o + k64[None, :] * s_a_k,
                         mask=o_in[:, None] & k_in[None, :], other=0.0).to(COMPUTE)
-            v = _load_pre(in_row, s_in_c, k64, k_in, p_in, pre_s_ptr, pre_b_ptr, PRE, COMPUTE)
+            v = _load_pre(in_row, s_in_c, k64, k_in, p_in, pre_s_ptr, pre_b_ptr, in2_row,
+                          s_in2_c, C2, PRE, ADD_IN2, COMPUTE)
             acc += _mm(a, v, USE_DOT, PRECISION)
     if POST == POST_ACTNORM_INVERSE:
         so = tl.load(post_s_ptr + o64, mask=o_in, other=1.0).to(COMPUTE)
@@ -130,6 +146,9 @@ def _mix_kernel(
         acc = acc * so[:, None]
     tl.store(out_ptr + n * s_out_n + o64[:, None] * s_out_c + p64[None, :] * s_out_p,
              rounded_for(acc, out_ptr), mask=o_in[:, None] & p_in[None, :])
+    if STORE_OUT2:  # the same values, from registers (no-op for tiles past C2: all masked)
+        tl.store(out2_ptr + n * s_out2_n + o64[:, None] * s_out2_c + p64[None, :] * s_out2_p,
+                 rounded_for(acc, out2_ptr), mask=(o < C2)[:, None] & p_in[None, :])
 
 
 @triton.jit
@@ -139,10 +158,12 @@ def _reduce_kernel(
     shift_ptr,  # (C,) added to the input before the product (SHIFT)
     gpart_ptr,  # (N_CHUNKS, Co, C) partial G, or (N_CHUNKS, C) partial diag(G) when DIAG
     spart_ptr,  # (N_CHUNKS, Co) partial gsum, starting SP_OFF elements after spart_ptr
-    C, CO, HW, NQ, N_OT, N_KT, N_GT, CHUNK, SP_OFF,
-    s_g_n, s_g_c, s_g_p, s_in_n, s_in_c, s_in_p,
+    g2_ptr,     # (N, C2, H, W) added to the gradient's first C2 channels (ADD_G2), any strides
+    C, CO, HW, NQ, N_OT, N_KT, N_GT, CHUNK, SP_OFF, C2,
+    s_g_n, s_g_c, s_g_p, s_in_n, s_in_c, s_in_p, s_g2_n, s_g2_c, s_g2_p,
     SHIFT: tl.constexpr, DIAG: tl.constexpr, USE_DOT: tl.constexpr, COMPUTE: tl.constexpr,
-    INDEX64: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr,
+    INDEX64: tl.constexpr, ADD_G2: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     """One program: the partial G and gsum of one (BLOCK_O, BLOCK_K) tile over one chunk of
     CHUNK flat (sample, pixel) indices q. q is int32 unless ``INDEX64`` (N * H * W + CHUNK
@@ -180,6 +201,9 @@ def _reduce_kernel(
         p = (q % HW).to(tl.int64)
         g = tl.load(g_ptr + n[None, :] * s_g_n + o64[:, None] * s_g_c + p[None, :] * s_g_p,
                     mask=o_in[:, None] & q_in[None, :], other=0.0).to(COMPUTE)
+        if ADD_G2:
+            g += tl.load(g2_ptr + n[None, :] * s_g2_n + o64[:, None] * s_g2_c + p[None, :] * s_g2_p,
+                         mask=(o < C2)[:, None] & q_in[None, :], other=0.0).to(COMPUTE)
         sacc += tl.sum(g, axis=1)
         if DIAG:
             v = tl.load(in_ptr + n[None, :] * s_in_n + k64[:, None] * s_in_c + p[None, :] * s_in_p,
@@ -209,14 +233,18 @@ def mix(inp: torch.Tensor, a: torch.Tensor | None, *, transpose_a: bool = False,
         post: str | None = None, post_scale: torch.Tensor | None = None,
         post_shift: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
         out: torch.Tensor | None = None,
-        input_precision: str = "ieee") -> torch.Tensor:
+        input_precision: str = "ieee", inp2: torch.Tensor | None = None,
+        out2: torch.Tensor | None = None) -> torch.Tensor:
     """``out[:, o] = post(sum_k a[o, k] pre(inp[:, k]))`` per pixel (``a=None``: out = post(pre(inp))).
 
     ``inp`` (N, C, H, W) and ``a`` (Co, C) (read as ``a.T`` when ``transpose_a``) may have
     any strides; vectors are contiguous (C,) / (Co,). Validation is the caller's job.
     Optional: ``out`` where to write (pixels walkable as one axis, e.g. a channel slice);
     ``input_precision`` of the float32 ``tl.dot``: "ieee" (exact, the default) or "tf32x3"
-    (tensor cores)."""
+    (tensor cores); ``inp2`` (N, C2 <= C, H, W), any strides: added to ``inp[:, :C2]`` as
+    it is read (before ``pre``), the backward's second incoming gradient; ``out2`` (N,
+    C2 <= Co, H, W), pixels walkable as one axis: also receives ``out[:, :C2]``, stored
+    from the same registers (a second output of the same launch)."""
     n, c, hh, ww = inp.shape
     diag = a is None
     co = c if diag else a.shape[1 if transpose_a else 0]
@@ -232,12 +260,26 @@ def mix(inp: torch.Tensor, a: torch.Tensor | None, *, transpose_a: bool = False,
     if out is None:
         out = output_like(inp, out_dtype, (n, co, hh, ww))
     assert out.shape == (n, co, hh, ww), f"out: expected {(n, co, hh, ww)}, got {tuple(out.shape)}"
+    for name, t, most in (("inp2", inp2, c), ("out2", out2, co)):
+        assert t is None or (t.dim() == 4 and t.shape[0] == n and t.shape[1] <= most
+                             and t.shape[2:] == (hh, ww)), (
+            f"{name}: expected (N={n}, at most {most}, {hh}, {ww}), got {tuple(t.shape)}")
     if out.numel() == 0:
         return out
     cfg = mix_config(n, c, co, hw, inp.dtype, diag)
     inp, s_in = nchw(inp)
     out_w, s_out = nchw(out)
     assert out_w is out, "out: its pixels must be walkable as one axis (no copy of an output)"
+    c2 = 0
+    s_in2 = s_out2 = (0, 0, 0)
+    if inp2 is not None:
+        inp2, s_in2 = nchw(inp2)
+        c2 = inp2.shape[1]
+    if out2 is not None:
+        out2_w, s_out2 = nchw(out2)
+        assert out2_w is out2, "out2: its pixels must be walkable as one axis (no copy of an output)"
+        c2 = out2.shape[1]
+    assert inp2 is None or out2 is None, "inp2, out2: expected at most one of them"
     a_arg = inp if diag else a
     s_a = (0, 0) if diag else (a.stride(0), a.stride(1))
     if transpose_a:
@@ -248,9 +290,12 @@ def mix(inp: torch.Tensor, a: torch.Tensor | None, *, transpose_a: bool = False,
         pre_shift if pre_shift is not None else dummy,
         post_scale if post_scale is not None else dummy,
         post_shift if post_shift is not None else dummy,
-        out, c, co, hw, cfg.extra["N_TILES"], cfg.extra["N_PTILES"], *s_in, *s_a, *s_out,
-        PRE=PRE_IDS[pre], POST=POST_IDS[post], DIAG=diag, USE_DOT=inp.dtype != torch.float64,
-        PRECISION=input_precision, COMPUTE=compute_type(inp.dtype), **cfg.meta)
+        out, dummy if inp2 is None else inp2, out if out2 is None else out2,
+        c, co, hw, cfg.extra["N_TILES"], cfg.extra["N_PTILES"], c2, *s_in, *s_a, *s_out,
+        *s_in2, *s_out2, PRE=PRE_IDS[pre], POST=POST_IDS[post], DIAG=diag,
+        USE_DOT=inp.dtype != torch.float64, PRECISION=input_precision,
+        COMPUTE=compute_type(inp.dtype), ADD_IN2=inp2 is not None, STORE_OUT2=out2 is not None,
+        **cfg.meta)
     return out
 
 
@@ -525,13 +570,15 @@ def launch_configs(n: int, c: int, hw: int, dtype: torch.dtype = torch.float32, 
 def mix_param_grads(grad: torch.Tensor, inp: torch.Tensor, a: torch.Tensor | None,
                     scale: torch.Tensor | None, shift: torch.Tensor | None, *, reverse: bool,
                     d_a: torch.Tensor | None, d_loc: torch.Tensor | None,
-                    d_scale: torch.Tensor | None) -> None:
+                    d_scale: torch.Tensor | None, grad2: torch.Tensor | None = None) -> None:
     """The parameter gradients of ``mix`` written into ``d_a``, ``d_loc``, ``d_scale``
     (allocated by the caller in the parameters' dtypes; d_a any strides, the vectors
     contiguous): one reduction launch (skipped when there are no pixels) and one finishing
     launch. ``a`` None is ActNorm alone, ``scale`` None the convolution alone; ``shift`` is
-    loc for the forward map with ActNorm (None otherwise). Deterministic: one partial per
-    chunk of pixels, added in a fixed order by the finishing launch."""
+    loc for the forward map with ActNorm (None otherwise). ``grad2`` (N, C2 <= Co, H, W),
+    any strides: added to ``grad[:, :C2]`` as the reduction reads it (a second incoming
+    gradient). Deterministic: one partial per chunk of pixels, added in a fixed order by
+    the finishing launch."""
     n, co, hh, ww = grad.shape
     c = inp.shape[1]
     hw = hh * ww
@@ -544,6 +591,9 @@ def mix_param_grads(grad: torch.Tensor, inp: torch.Tensor, a: torch.Tensor | Non
     assert not diag or (c == co and has_an and d_loc is not None and d_scale is not None), (
         "ActNorm alone: expected C == Co, a scale, d_loc and d_scale")
     assert diag or d_a is not None, "d_a: expected a tensor when a is given"
+    assert grad2 is None or (grad2.dim() == 4 and grad2.shape[0] == n and grad2.shape[1] <= co
+                             and grad2.shape[2:] == grad.shape[2:]), (
+        f"grad2: expected (N={n}, at most {co}, {hh}, {ww}), got {tuple(grad2.shape)}")
     assert d_a is None or (tuple(d_a.shape[:2]) == (co, c) and d_a.numel() == co * c), (
         f"d_a: expected ({co}, {c}) (trailing 1s allowed), got {tuple(d_a.shape)}")
     for name, v in (("d_loc", d_loc), ("d_scale", d_scale), ("scale", scale), ("shift", shift)):
@@ -561,12 +611,14 @@ def mix_param_grads(grad: torch.Tensor, inp: torch.Tensor, a: torch.Tensor | Non
     if n_chunks > 0:
         grad, s_g = nchw(grad)
         inp, s_in = nchw(inp)
+        g2, s_g2 = (grad, (0, 0, 0)) if grad2 is None else nchw(grad2)
         _reduce_kernel[red.grid](
-            grad, inp, shift if shift is not None else inp, ws, ws,
+            grad, inp, shift if shift is not None else inp, ws, ws, g2,
             c, co, hw, n * hw, red.extra["N_OT"], red.extra["N_KT"],
             red.extra["N_OT"] * red.extra["N_KT"], red.extra["CHUNK"], sp_off,
-            *s_g, *s_in, SHIFT=shift is not None, DIAG=diag, USE_DOT=inp.dtype != torch.float64,
-            COMPUTE=compute_type(inp.dtype), INDEX64=red.extra["INDEX64"], **red.meta)
+            0 if grad2 is None else grad2.shape[1], *s_g, *s_in, *s_g2, SHIFT=shift is not None,
+            DIAG=diag, USE_DOT=inp.dtype != torch.float64, COMPUTE=compute_type(inp.dtype),
+            INDEX64=red.extra["INDEX64"], ADD_G2=grad2 is not None, **red.meta)
     by_row = reverse and has_an
     fin = finish_config(c, co, n_chunks, diag, by_row)
     dummy = ws

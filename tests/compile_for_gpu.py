@@ -180,14 +180,24 @@ def exercise_channel_mix(quick: bool, glow: bool, rec: Recorder):
     an(z)
     y, ld = an(z)
     (y.sum() + ld.sum()).backward()
-    for dtype in (torch.float32, torch.float64):  # reverse with its gradients
+    # FlowStep's forward runs channel_mix_split (the mix writing the coupling network's
+    # input too; its backward adding that gradient in): the plain mix forward (a hooked
+    # FlowStep, the reversible chain, the layers alone) and both ops' other variants here
+    from fastflow.ops.channel_mix import channel_mix_split
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
         x = torch.randn(2, 5, 3, 3, dtype=dtype, requires_grad=True)
         w = torch.randn(5, 5, dtype=dtype, requires_grad=True)
         loc = torch.randn(5, dtype=dtype, requires_grad=True)
         scale = torch.rand(5, dtype=dtype).add(0.5).requires_grad_()
         for weight in (w, None):
-            y = ff.channel_mix(x, weight, loc=loc, scale=scale, reverse=True)
-            y.sum().backward()
+            for reverse in (False, True):
+                y = ff.channel_mix(x, weight, loc=loc, scale=scale, reverse=reverse)
+                y.float().sum().backward()
+                if dtype != torch.bfloat16:  # FlowStep's bf16 split is compiled above
+                    y, head = channel_mix_split(x, weight, loc=loc, scale=scale,
+                                                reverse=reverse, split=3)
+                    (y.sum() + head.sum()).backward()
     # the opt-in tensor-core product (mix(..., input_precision="tf32x3")): compiled so that
     # its registers and its mma instructions can be read below
     mix = FAMILY_MODULES["channel_mix"].mix
@@ -208,12 +218,13 @@ def exercise_channel_mix(quick: bool, glow: bool, rec: Recorder):
     try:
         for dtype in (torch.float32, torch.float64):
             for w in (torch.randn(5, 5, dtype=dtype), None):
-                x, g = torch.randn(2, 5, 3, 3, dtype=dtype), torch.randn(2, 5, 3, 3, dtype=dtype)
-                cm.mix_param_grads(g, x, w, torch.rand(5, dtype=dtype) + 0.5,
-                                   torch.randn(5, dtype=dtype), reverse=False,
-                                   d_a=None if w is None else torch.empty_like(w),
-                                   d_loc=torch.empty(5, dtype=dtype),
-                                   d_scale=torch.empty(5, dtype=dtype))
+                for g2 in (None, torch.randn(2, 3, 3, 3, dtype=dtype)):  # + the split's
+                    x, g = torch.randn(2, 5, 3, 3, dtype=dtype), torch.randn(2, 5, 3, 3, dtype=dtype)
+                    cm.mix_param_grads(g, x, w, torch.rand(5, dtype=dtype) + 0.5,
+                                       torch.randn(5, dtype=dtype), reverse=False,
+                                       d_a=None if w is None else torch.empty_like(w),
+                                       d_loc=torch.empty(5, dtype=dtype),
+                                       d_scale=torch.empty(5, dtype=dtype), grad2=g2)
     finally:
         cm.reduce_config = plain
     for shape in GLOW_SHAPES if glow else ():

@@ -90,6 +90,26 @@ def test_mix(kind, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("c, c2", [(19, 10), (37, 19), (5, 5)])
+@pytest.mark.parametrize("kind", ["mix", "actnorm", "reverse"])
+def test_mix_second_output(kind, c, c2, dtype):
+    """``out2`` (channel_mix_split's head): the first c2 output channels and nothing else,
+    c2 ending inside an output-channel tile or on a tile boundary, or past the last tile."""
+    n, h, w = 2, 3, 5
+    x = torch.randn(n, c, h, w, dtype=dtype)
+    s, b = torch.rand(c, dtype=dtype) + 0.5, torch.randn(c, dtype=dtype)
+    a = None if kind == "actnorm" else torch.randn(c, c, dtype=dtype)
+    out, head = nchw(x.shape, dtype), nchw((n, c2, h, w), dtype)
+    if kind == "reverse":
+        cm.mix(x, a, post="actnorm_inverse", post_scale=s, post_shift=b, out=out.view, out2=head.view)
+    else:
+        cm.mix(x, a, pre="actnorm", pre_scale=s, pre_shift=b, out=out.view, out2=head.view)
+    out.check(f"mix {kind} out")
+    head.check(f"mix {kind} out2")
+    assert torch.equal(head.view, out.view[:, :c2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("has_w, has_an, reverse", [(True, True, False), (True, True, True),
                                                     (True, False, False), (False, True, False),
                                                     (False, True, True)])

@@ -52,9 +52,13 @@ class AffineCoupling(nn.Module):
         self.net[2].weight.data.normal_(0, 0.05)
         self.net[2].bias.data.zero_()
 
-    def _couple(self, x, reverse, logdet=True):
-        ca = self.in_channel - self.in_channel // 2
-        h = self.net(x[:, :ca])
+    @property
+    def split(self) -> int:
+        """The channels the network reads: ``x[:, :split]``, split = C - C // 2."""
+        return self.in_channel - self.in_channel // 2
+
+    def _couple(self, x, reverse, logdet=True, head=None):
+        h = self.net(x[:, :self.split] if head is None else head)
         if self.affine:
             return affine_coupling(x, h, reverse=reverse, logdet=logdet)
         return additive_coupling(x, h, reverse=reverse, logdet=logdet)
@@ -66,6 +70,14 @@ class AffineCoupling(nn.Module):
     def forward(self, x):
         self._check("x", x)
         return self._couple(x, False)
+
+    def forward_with_head(self, x, head):
+        """``forward(x)`` given ``head``, the values of ``x[:, :split]`` as a tensor of their
+        own (``channel_mix_split``'s second output): the network reads it instead of a
+        slice of x. ``FlowStep`` calls this on its fused path when the coupling is a stock
+        ``AffineCoupling`` without hooks."""
+        self._check("x", x)
+        return self._couple(x, False, head=head)
 
     def inverse(self, y):
         self._check("y", y)

@@ -9,7 +9,7 @@ from torch.nn.modules import module as _module
 
 from ..backend import compute_dtype
 from ..reference import flow_stack
-from ..ops.channel_mix import channel_mix
+from ..ops.channel_mix import channel_mix, channel_mix_split
 from ..ops.lu_weight import lu_weight_logdet
 from ..ops._checks import check_bool, check_count, check_module_device, check_nchw
 from .channel_mix import ActNorm, InvConv2d, InvConv2dLU
@@ -48,7 +48,10 @@ class FlowStep(nn.Module):
     no forward or backward hook is registered on them (or globally); otherwise the step calls
     ``self.actnorm``, ``self.invconv`` (their ``forward``, or ``inverse`` in reverse) and
     ``self.coupling`` one after the other, so hooks fire and a subclass assigned there is
-    used. ``reverse`` (sampling) calls their ``reverse``, which computes no log-det."""
+    used. ``reverse`` (sampling) calls their ``reverse``, which computes no log-det. On the
+    fused pass a stock, unhooked ``AffineCoupling`` gets its network's input from the mix's
+    launch (``channel_mix_split``, ``coupling.forward_with_head``); any other coupling is
+    called as a module."""
 
     def __init__(self, in_channel: int, filter_size: int = 512, affine: bool = True,
                  conv_lu: bool = True):
@@ -65,6 +68,14 @@ class FlowStep(nn.Module):
         if type(an) is not ActNorm or type(inv) not in (InvConv2dLU, InvConv2d):
             return False
         return not (hooks and (_hooked(an) or _hooked(inv)))
+
+    def _coupling_takes_head(self) -> bool:
+        """The coupling is the stock ``AffineCoupling``, its ``forward`` neither overridden
+        on the instance nor hooked: the fused pass may hand its network the mix's second
+        output (``forward_with_head``) instead of calling the module."""
+        cp = self.coupling
+        return (type(cp) is AffineCoupling and not _hooked(cp)
+                and not ({"forward", "_couple", "forward_with_head"} & cp.__dict__.keys()))
 
     @staticmethod
     def forward_matrices(steps, x):
@@ -119,8 +130,16 @@ class FlowStep(nn.Module):
             w, logdet = self.invconv.matrix_and_logdet(x, an.scale, for_mix=True)
         else:  # assembled with the other steps of the block
             w, logdet = w_ld[:2]
-        out = channel_mix(x, w, loc=an.loc, scale=an.scale)
-        out, ld_coupling = self.coupling(out)
+        if self._coupling_takes_head():
+            # the network's input comes from the mix's launch as a tensor of its own: no
+            # slice copy for its first convolution, and its gradient is added inside the
+            # mix's backward launches (no zeros + slice backward + add)
+            out, head = channel_mix_split(x, w, loc=an.loc, scale=an.scale,
+                                          split=self.coupling.split)
+            out, ld_coupling = self.coupling.forward_with_head(out, head)
+        else:  # a hooked or replaced coupling is called as a module
+            out = channel_mix(x, w, loc=an.loc, scale=an.scale)
+            out, ld_coupling = self.coupling(out)
         return out, logdet + ld_coupling
 
     @staticmethod

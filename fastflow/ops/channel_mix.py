@@ -9,11 +9,18 @@ custom ops, the reference path as plain PyTorch autograd through ``fastflow.refe
   ``weight`` cast once per call to x's compute dtype by the public function (``weight``
   itself when it already is): the launches, forward and backward, read it, never a
   float64 W; ``weight`` is an input for autograd only.
+* ``fastflow::channel_mix_split(x, weight, matrix, loc, scale, reverse, split) -> (out,
+  head)``: the same launch, which also writes ``out[:, :split]`` as a tensor of its own,
+  ``head`` (Glow's coupling network reads it: no channel-slice copy for the network, and
+  the gradients of both outputs meet inside the backward's launches, with no zeros, no
+  slice backward and no add).
 * ``fastflow::channel_mix_backward(grad, src, matrix, loc, scale, reverse, need_params,
-  weight_dtype) -> (d_src, d_weight, d_loc, d_scale)``: one launch for d_src; for the
-  parameters (skipped when none needs a gradient) one deterministic reduction launch and
-  one finishing launch that writes the gradients in the parameters' shapes and dtypes
-  (d_weight in ``weight_dtype``); absent gradients come back as empty tensors.
+  weight_dtype, grad_head=None) -> (d_src, d_weight, d_loc, d_scale)``: one launch for
+  d_src; for the parameters (skipped when none needs a gradient) one deterministic
+  reduction launch and one finishing launch that writes the gradients in the parameters'
+  shapes and dtypes (d_weight in ``weight_dtype``); absent gradients come back as empty
+  tensors. ``grad_head`` (head's gradient) is added to ``grad[:, :split]`` as the d_src
+  and reduction launches read it.
 The mixing kernel itself never sees a log-det: it is read from the parameters
 (H*W*sum(log|scale|), H*W*sum(log_s)), see ``fastflow.ops.lu_weight`` and ``actnorm_invconv``.
 
@@ -32,7 +39,7 @@ from torch import Tensor
 from .. import reference
 from ..backend import (compute_dtype, device_guard, empty_output, memory_format_of,
                        refuse_double_backward, refuse_transforms, use_triton)
-from ._checks import check_bool, check_float_tensor, check_same_device
+from ._checks import check_bool, check_count, check_float_tensor, check_same_device
 
 
 def _kernels():
@@ -72,18 +79,38 @@ def _out_channels(x, weight):
     return x.shape[1] if weight is None else weight.shape[0]
 
 
+def _triton_mix(x, a, loc, scale, reverse, head=None):
+    lv, sv = _vec(loc), _vec(scale)
+    with device_guard(x):
+        if lv is None:
+            return _kernels().mix(x, a, out2=head)
+        if reverse:
+            return _kernels().mix(x, a, post="actnorm_inverse", post_scale=sv, post_shift=lv,
+                                  out2=head)
+        return _kernels().mix(x, a, pre="actnorm", pre_scale=sv, pre_shift=lv, out2=head)
+
+
 @torch.library.custom_op("fastflow::channel_mix", mutates_args=())
 def channel_mix_op(x: Tensor, weight: Optional[Tensor], matrix: Optional[Tensor],
                    loc: Optional[Tensor], scale: Optional[Tensor], reverse: bool) -> Tensor:
     """``matrix`` is ``weight`` in x's compute dtype (``_matrix``): the launches read it;
     ``weight`` is there for autograd (its gradient, in its own dtype)."""
-    a, lv, sv = matrix, _vec(loc), _vec(scale)
-    with device_guard(x):
-        if lv is None:
-            return _kernels().mix(x, a)
-        if reverse:
-            return _kernels().mix(x, a, post="actnorm_inverse", post_scale=sv, post_shift=lv)
-        return _kernels().mix(x, a, pre="actnorm", pre_scale=sv, pre_shift=lv)
+    return _triton_mix(x, matrix, loc, scale, reverse)
+
+
+def _head_like(x, split):
+    n, _, h, w = x.shape
+    return empty_output(x, shape=(n, split, h, w))
+
+
+@torch.library.custom_op("fastflow::channel_mix_split", mutates_args=())
+def channel_mix_split_op(x: Tensor, weight: Optional[Tensor], matrix: Optional[Tensor],
+                         loc: Optional[Tensor], scale: Optional[Tensor], reverse: bool,
+                         split: int) -> tuple[Tensor, Tensor]:
+    """``channel_mix_op`` whose launch also writes ``out[:, :split]`` into ``head`` (x's
+    memory format), from the same registers."""
+    head = _head_like(x, split)
+    return _triton_mix(x, matrix, loc, scale, reverse, head), head
 
 
 @channel_mix_op.register_fake
@@ -92,18 +119,26 @@ def _(x, weight, matrix, loc, scale, reverse):
     return empty_output(x, shape=(n, _out_channels(x, weight), h, w))
 
 
-def _triton_backward(grad, src, a, loc, scale, reverse, need_params, weight_dtype):
+@channel_mix_split_op.register_fake
+def _(x, weight, matrix, loc, scale, reverse, split):
+    n, _, h, w = x.shape
+    return empty_output(x, shape=(n, _out_channels(x, weight), h, w)), _head_like(x, split)
+
+
+def _triton_backward(grad, src, a, loc, scale, reverse, need_params, weight_dtype,
+                     grad_head=None):
     k = _kernels()
     lv, sv = _vec(loc), _vec(scale)
     has_an = lv is not None
     # d src: the transposed matrix, with ActNorm's scale as an epilogue (forward) or a
-    # prologue (reverse)
+    # prologue (reverse); grad_head added to grad's first channels as they are read
     if not has_an:
-        d_src = k.mix(grad, a, transpose_a=True)
+        d_src = k.mix(grad, a, transpose_a=True, inp2=grad_head)
     elif reverse:
-        d_src = k.mix(grad, a, transpose_a=True, pre="divide", pre_scale=sv)
+        d_src = k.mix(grad, a, transpose_a=True, pre="divide", pre_scale=sv, inp2=grad_head)
     else:
-        d_src = k.mix(grad, a, transpose_a=True, post="multiply", post_scale=sv)
+        d_src = k.mix(grad, a, transpose_a=True, post="multiply", post_scale=sv,
+                      inp2=grad_head)
     d_w = d_l = d_s = None
     if need_params:
         # written by the kernels in the parameters' own shapes and dtypes: G[o, k] =
@@ -116,18 +151,18 @@ def _triton_backward(grad, src, a, loc, scale, reverse, need_params, weight_dtyp
             d_l = torch.empty(loc.shape, dtype=loc.dtype, device=loc.device)
             d_s = torch.empty(scale.shape, dtype=scale.dtype, device=scale.device)
         k.mix_param_grads(grad, src, a, sv, lv if (has_an and not reverse) else None,
-                          reverse=reverse, d_a=d_w, d_loc=d_l, d_scale=d_s)
+                          reverse=reverse, d_a=d_w, d_loc=d_l, d_scale=d_s, grad2=grad_head)
     return d_src, d_w, d_l, d_s
 
 
 @torch.library.custom_op("fastflow::channel_mix_backward", mutates_args=())
 def channel_mix_backward(grad: Tensor, src: Tensor, matrix: Optional[Tensor],
                          loc: Optional[Tensor], scale: Optional[Tensor], reverse: bool,
-                         need_params: bool,
-                         weight_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                         need_params: bool, weight_dtype: torch.dtype,
+                         grad_head: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     with device_guard(src):
         d_src, d_w, d_l, d_s = _triton_backward(grad, src, matrix, loc, scale, reverse,
-                                                need_params, weight_dtype)
+                                                need_params, weight_dtype, grad_head)
     fmt = memory_format_of(src)
     if d_src.dtype != src.dtype or not d_src.is_contiguous(memory_format=fmt):
         d_src = d_src.to(src.dtype).contiguous(memory_format=fmt)
@@ -138,7 +173,7 @@ def channel_mix_backward(grad: Tensor, src: Tensor, matrix: Optional[Tensor],
 
 
 @channel_mix_backward.register_fake
-def _(grad, src, matrix, loc, scale, reverse, need_params, weight_dtype):
+def _(grad, src, matrix, loc, scale, reverse, need_params, weight_dtype, grad_head=None):
     outs = [empty_output(src)]
     for p, dt in ((matrix, weight_dtype), (loc, None), (scale, None)):
         outs.append(src.new_empty(0) if (p is None or not need_params)
@@ -154,13 +189,13 @@ def _setup_context(ctx, inputs, output):
     ctx.weight_dtype = x.dtype if weight is None else weight.dtype
 
 
-def _backward(ctx, grad):
+def _backward(ctx, grad, grad_head=None):
     refuse_double_backward("channel_mix")
     x, matrix, loc, scale = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_params = need[1] or any(need[3:5])
     d_x, d_w, d_l, d_s = channel_mix_backward(grad, x, matrix, loc, scale, ctx.reverse,
-                                              need_params, ctx.weight_dtype)
+                                              need_params, ctx.weight_dtype, grad_head)
     # needed inputs always get theirs: d_x of an empty x is empty, not absent, and a needed
     # parameter's gradient was computed (need_params); the empty placeholders of absent
     # ones are never needed
@@ -168,7 +203,18 @@ def _backward(ctx, grad):
     return keep(d_x, 0), keep(d_w, 1), None, keep(d_l, 3), keep(d_s, 4), None
 
 
+def _split_setup_context(ctx, inputs, output):
+    _setup_context(ctx, inputs[:6], output)
+
+
+def _split_backward(ctx, grad, grad_head):
+    """Both outputs' gradients (autograd gives zeros for an unused one) into the same
+    launches as ``channel_mix``'s: ``grad_head`` is added inside them."""
+    return *_backward(ctx, grad, grad_head), None
+
+
 channel_mix_op.register_autograd(_backward, setup_context=_setup_context)
+channel_mix_split_op.register_autograd(_split_backward, setup_context=_split_setup_context)
 
 
 # --------------------------------------------------------------------------------------
@@ -225,9 +271,38 @@ def channel_mix(x: Tensor, weight: Optional[Tensor] = None, *, loc: Optional[Ten
     if use_triton(x):
         refuse_transforms("channel_mix")
         return channel_mix_op(x, weight, _matrix(weight, x), loc, scale, reverse)
+    return _reference_mix(x, weight, loc, scale, reverse)
+
+
+def _reference_mix(x, weight, loc, scale, reverse):
     out = reference.actnorm_mix(x, weight, loc, scale, reverse=reverse)
     fmt = memory_format_of(x)
     return out if out.is_contiguous(memory_format=fmt) else out.contiguous(memory_format=fmt)
+
+
+def channel_mix_split(x: Tensor, weight: Optional[Tensor] = None, *,
+                      loc: Optional[Tensor] = None, scale: Optional[Tensor] = None,
+                      reverse: bool = False, split: int) -> tuple[Tensor, Tensor]:
+    """``(out, head)``: ``out`` as ``channel_mix`` and ``head = out[:, :split]``, the part
+    a following network reads (Glow's coupling network: ``split = C - C // 2``).
+
+    On the Triton path ``head`` is a tensor of its own in x's memory format, written by the
+    same launch as ``out`` (the network's first convolution gets dense input, no copy),
+    and its gradient is added to ``out``'s inside the backward's launches (no zeros, no
+    slice backward, no add). On the reference path it is the view ``out[:, :split]``, as
+    slicing ``channel_mix``'s output would give."""
+    check_bool("reverse", reverse)
+    _check(x, weight, loc, scale, reverse)
+    co = _out_channels(x, weight)
+    split = check_count("split", split, 1, f"a channel count from 1 to {co} (the output's)")
+    if split > co:
+        raise ValueError(f"split: expected a channel count from 1 to {co} (the output's), "
+                         f"got {split}")
+    if use_triton(x):
+        refuse_transforms("channel_mix")
+        return channel_mix_split_op(x, weight, _matrix(weight, x), loc, scale, reverse, split)
+    out = _reference_mix(x, weight, loc, scale, reverse)
+    return out, out[:, :split]
 
 
 def actnorm_invconv(x: Tensor, loc: Tensor, scale: Tensor, weight: Optional[Tensor],
