@@ -125,12 +125,12 @@ def use_triton(t: torch.Tensor) -> bool:
     backward (on whatever thread, after whatever ``use_backend`` block) uses what forward
     decided and never reads this setting again."""
     mode = current_mode()
+    if mode == "auto":
+        return t.is_cuda
     if mode == "reference":
         return False
     if t.is_cuda:
         return True
-    if mode == "auto":
-        return False
     if t.device.type == "cpu" and interpreter_enabled():
         return True
     if t.device.type == "cpu":
