@@ -40,6 +40,12 @@ _blocks: contextvars.ContextVar = contextvars.ContextVar("fastflow_backend_block
 _local = threading.local()
 
 
+# Whether dynamo is tracing the caller (it cannot trace ``ContextVar.get``): True only then.
+# ``torch.compiler.is_compiling`` says the same through one more Python call (a percent of a
+# small CPU op's forward+backward); torch < 2.3 has only that one.
+_tracing = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
+
+
 def _set_blocks(blocks: tuple):
     _blocks.set(blocks)
     _local.blocks = blocks
@@ -53,7 +59,7 @@ def _check_mode(mode, where):
 
 def current_mode() -> str:
     """The active mode: the innermost ``use_backend`` block, else ``FASTFLOW_BACKEND``."""
-    blocks = getattr(_local, "blocks", ()) if torch.compiler.is_compiling() else _blocks.get()
+    blocks = getattr(_local, "blocks", ()) if _tracing() else _blocks.get()
     if blocks:
         return blocks[-1][0]
     return _env_mode(_env_value())
@@ -85,7 +91,7 @@ def _env_mode(raw: str) -> str:
 def use_backend(mode: str):
     """Run the ops inside the block with ``mode`` ("auto", "triton" or "reference")."""
     _check_mode(mode, "use_backend(mode)")
-    if torch.compiler.is_compiling():
+    if _tracing():
         # a block inside a function torch.compile traces: dynamo cannot trace the context
         # variable (``ContextVar.get`` is unsupported: an error under fullgraph=True), so the
         # block is traced on the thread-local alone, which ``current_mode`` reads while

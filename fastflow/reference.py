@@ -432,7 +432,8 @@ def reparameterize_kl(mu, logvar, eps=None, *, reduction="none", generator=None,
     ``addcmul``, whose backward multiplies by its ``value`` once more. In float32 the KL of a
     term near logvar = 0 is then accurate to float32's epsilon in absolute terms, as eager's
     and the kernel's; the float64 oracle (``upcast`` of float64 input) is exact either way."""
-    cd = compute_dtype(mu.dtype) if upcast else mu.dtype
+    dtype = mu.dtype
+    cd = compute_dtype(dtype) if upcast else dtype
     m, lv = _as(mu, cd), _as(logvar, cd)
     e = standard_normal(mu, generator, cd) if eps is None else _as(eps, cd)
     z = m + torch.exp(0.5 * lv) * e
@@ -444,7 +445,7 @@ def reparameterize_kl(mu, logvar, eps=None, *, reduction="none", generator=None,
         kl = kl.sum()
     elif reduction == "mean":
         kl = kl.mean()
-    return _as(z, mu.dtype), kl
+    return _as(z, dtype), kl
 
 
 # --------------------------------------------------------------------------------------

@@ -148,7 +148,7 @@ def _check(x, h, h_channels_per_cb: int, what: str):
     # the common case first, in as few reads as it takes (a small CPU call's entry is a few
     # microseconds); anything else goes through the checks below, which name what is wrong
     if (isinstance(x, Tensor) and isinstance(h, Tensor) and x.dtype in FLOAT_DTYPES
-            and h.dtype in FLOAT_DTYPES and h.device == x.device):
+            and h.dtype in FLOAT_DTYPES and (x.is_cpu and h.is_cpu or h.device == x.device)):
         shape = x.shape
         if len(shape) == 4 and shape[1] >= 2 and h.shape == (
                 shape[0], h_channels_per_cb * (shape[1] // 2), shape[2], shape[3]):

@@ -125,9 +125,12 @@ def _check(mu, logvar, eps, reduction, generator):
     # microseconds); anything else goes through the checks below, which name what is wrong
     if (eps is None and generator is None and isinstance(mu, Tensor)
             and isinstance(logvar, Tensor) and mu.dtype in FLOAT_DTYPES
-            and logvar.dtype in FLOAT_DTYPES and mu.dim() >= 1 and logvar.shape == mu.shape
-            and logvar.device == mu.device and reduction in reference.REDUCTIONS):
-        return
+            and logvar.dtype in FLOAT_DTYPES and (mu.is_cpu and logvar.is_cpu
+                                                  or logvar.device == mu.device)
+            and reduction in reference.REDUCTIONS):
+        shape = mu.shape
+        if shape and logvar.shape == shape:  # at least 1-D, logvar of mu's shape
+            return
     check_float_tensor("mu", mu, min_ndim=1)
     check_float_tensor("logvar", logvar)
     check_same_device("logvar", logvar, "mu", mu)
