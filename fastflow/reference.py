@@ -498,7 +498,7 @@ def tarflow_params(h, *, clamp=None, guidance=0.0, guided=False, upcast=True, dt
     ``dtype``: the compute dtype (the head passes its input's; default: h's)."""
     cd = dtype or (compute_dtype(h.dtype) if upcast else h.dtype)
     d = h.shape[-1] // 2
-    hc = F.pad(h.to(cd)[:, :-1], (0, 0, 1, 0))
+    hc = F.pad(_as(h, cd)[:, :-1], (0, 0, 1, 0))
     a, b = tarflow_clamp(hc[..., :d], clamp), hc[..., d:]
     if guided:
         n = h.shape[0] // 2
@@ -521,7 +521,7 @@ def tarflow_head(x, h, *, clamp=None, order="same", reverse=False, guidance=0.0,
     cd = compute_dtype(x.dtype) if upcast else x.dtype
     a, b = tarflow_params(h, clamp=clamp, guidance=guidance, guided=guided, upcast=upcast,
                           dtype=cd)
-    v = x.to(a.dtype)
+    v = _as(x, a.dtype)
     if reverse:
         if order == "reversed":
             v = v.flip(1)
@@ -532,7 +532,7 @@ def tarflow_head(x, h, *, clamp=None, order="same", reverse=False, guidance=0.0,
         logdet = -a.sum(dim=(1, 2))
         if order == "reversed":
             out = out.flip(1)
-    return out.to(x.dtype), logdet
+    return _as(out, x.dtype), logdet
 
 
 def tarflow_token_inverse(z, h_last, tok, *, clamp=None, order="same", guidance=0.0,
