@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from ..reference import REDUCTIONS
 from ..backend import (compute_dtype, device_guard, empty_output, memory_format_of,
                        refuse_double_backward, refuse_transforms, use_triton)
 from ._checks import FLOAT_DTYPES, check_choice, check_float_tensor, check_same_device
@@ -127,7 +128,7 @@ def _check(mu, logvar, eps, reduction, generator):
             and isinstance(logvar, Tensor) and mu.dtype in FLOAT_DTYPES
             and logvar.dtype in FLOAT_DTYPES and (mu.is_cpu and logvar.is_cpu
                                                   or logvar.device == mu.device)
-            and reduction in reference.REDUCTIONS):
+            and reduction in REDUCTIONS):
         shape = mu.shape
         if shape and logvar.shape == shape:  # at least 1-D, logvar of mu's shape
             return
