@@ -438,8 +438,9 @@ def reparameterize_kl(mu, logvar, eps=None, *, reduction="none", generator=None,
     e = standard_normal(mu, generator, cd) if eps is None else _as(eps, cd)
     z = m + torch.exp(0.5 * lv) * e
     terms = (torch.exp(lv) - (lv + 1.0)) + m * m
-    if terms.dim() > 1:  # summed per sample
-        terms = terms.sum(1 if terms.dim() == 2 else tuple(range(1, terms.dim())))
+    nd = terms.dim()
+    if nd > 1:  # summed per sample
+        terms = terms.sum(1 if nd == 2 else tuple(range(1, nd)))
     kl = terms.mul(0.5)
     if reduction == "sum":
         kl = kl.sum()
