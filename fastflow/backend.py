@@ -38,6 +38,13 @@ _blocks: contextvars.ContextVar = contextvars.ContextVar("fastflow_backend_block
 # recompiles when the mode changes. It equals ``_blocks`` except while asyncio tasks of one
 # thread interleave blocks (it then holds the last block entered or left in the thread).
 _local = threading.local()
+_get_blocks = _blocks.get
+
+
+# Whether dynamo is tracing the caller (it cannot trace ``ContextVar.get``): True only then.
+# ``torch.compiler.is_compiling`` says the same through one more Python call (a percent of a
+# small CPU op's forward+backward); torch < 2.3 has only that one.
+_tracing = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
 
 
 def _set_blocks(blocks: tuple):
@@ -53,10 +60,8 @@ def _check_mode(mode, where):
 
 def current_mode() -> str:
     """The active mode: the innermost ``use_backend`` block, else ``FASTFLOW_BACKEND``."""
-    blocks = getattr(_local, "blocks", ()) if torch.compiler.is_compiling() else _blocks.get()
-    if blocks:
-        return blocks[-1][0]
-    return _env_mode(_env_value())
+    blocks = getattr(_local, "blocks", ()) if _tracing() else _get_blocks()
+    return blocks[-1][0] if blocks else _env_mode(_env_value())
 
 
 _ENV_DATA = getattr(os.environ, "_data", None)
@@ -85,7 +90,7 @@ def _env_mode(raw: str) -> str:
 def use_backend(mode: str):
     """Run the ops inside the block with ``mode`` ("auto", "triton" or "reference")."""
     _check_mode(mode, "use_backend(mode)")
-    if torch.compiler.is_compiling():
+    if _tracing():
         # a block inside a function torch.compile traces: dynamo cannot trace the context
         # variable (``ContextVar.get`` is unsupported: an error under fullgraph=True), so the
         # block is traced on the thread-local alone, which ``current_mode`` reads while
@@ -124,13 +129,15 @@ def use_triton(t: torch.Tensor) -> bool:
     unconditionally, the reference path plain autograd through ``fastflow.reference``, so
     backward (on whatever thread, after whatever ``use_backend`` block) uses what forward
     decided and never reads this setting again."""
-    mode = current_mode()
+    # current_mode(), written out: the call cost a percent of a small CPU op's forward+backward
+    blocks = getattr(_local, "blocks", ()) if _tracing() else _get_blocks()
+    mode = blocks[-1][0] if blocks else _env_mode(_env_value())
+    if mode == "auto":
+        return t.is_cuda
     if mode == "reference":
         return False
     if t.is_cuda:
         return True
-    if mode == "auto":
-        return False
     if t.device.type == "cpu" and interpreter_enabled():
         return True
     if t.device.type == "cpu":

@@ -9,10 +9,15 @@ import numbers
 import torch
 
 
+# DESIGN.md's floating dtypes, the only ones the ops take: float8 (and any other floating
+# dtype torch adds) is refused, not run through math it was never specified for.
+FLOAT_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
+
+
 def check_float_tensor(name: str, t, ndim: int | None = None, min_ndim: int | None = None):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
+    if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected a floating-point tensor (float16, bfloat16, float32 "
                         f"or float64), got dtype {t.dtype}")
     if ndim is not None and t.dim() != ndim:

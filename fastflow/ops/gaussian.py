@@ -36,9 +36,10 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from ..reference import REDUCTIONS
 from ..backend import (compute_dtype, device_guard, empty_output, memory_format_of,
                        refuse_double_backward, refuse_transforms, use_triton)
-from ._checks import check_choice, check_float_tensor, check_same_device
+from ._checks import FLOAT_DTYPES, check_choice, check_float_tensor, check_same_device
 
 SEED_BITS = 62  # seeds lie in [2**62, 2**63): always a 64-bit kernel argument
 
@@ -121,6 +122,16 @@ reparam_kl.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check(mu, logvar, eps, reduction, generator):
+    # the common case first, in as few reads as it takes (a small CPU call's entry is a few
+    # microseconds); anything else goes through the checks below, which name what is wrong
+    if (eps is None and generator is None and isinstance(mu, Tensor)
+            and isinstance(logvar, Tensor) and mu.dtype in FLOAT_DTYPES
+            and logvar.dtype in FLOAT_DTYPES and (mu.is_cpu and logvar.is_cpu
+                                                  or logvar.device == mu.device)
+            and reduction in REDUCTIONS):
+        shape = mu.shape
+        if shape and logvar.shape == shape:  # at least 1-D, logvar of mu's shape
+            return
     check_float_tensor("mu", mu, min_ndim=1)
     check_float_tensor("logvar", logvar)
     check_same_device("logvar", logvar, "mu", mu)
@@ -159,5 +170,7 @@ def reparameterize_kl(mu: Tensor, logvar: Tensor, eps: Optional[Tensor] = None, 
         seed = draw_seed(mu.device, generator) if eps is None else None
         return reparam_kl(mu, logvar, eps, seed, reduction)
     z, kl = reference.reparameterize_kl(mu, logvar, eps, reduction=reduction, generator=generator)
+    if mu.dim() != 4:
+        return (z if z.is_contiguous() else z.contiguous()), kl
     fmt = memory_format_of(mu)
     return (z if z.is_contiguous(memory_format=fmt) else z.contiguous(memory_format=fmt)), kl

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .. import reference
 from ..backend import device_guard, refuse_double_backward, refuse_transforms, use_triton
-from ._checks import check_float_tensor, check_same_device
+from ._checks import FLOAT_DTYPES, check_float_tensor, check_same_device
 
 
 def _kernels():
@@ -178,8 +178,9 @@ def lu_weight_logdet(lower: Tensor, upper: Tensor, log_s: Tensor, sign_s: Tensor
             raise ValueError(f"scale: expected {c} values per layer, one per channel"
                              f"{f', for {k} layers' if k > 1 or log_s.dim() == 2 else ''}, "
                              f"got shape {tuple(scale.shape)}")
-    if not isinstance(ld_dtype, torch.dtype) or not ld_dtype.is_floating_point:
-        raise TypeError(f"ld_dtype: expected a floating-point torch.dtype, got {ld_dtype!r}")
+    if not isinstance(ld_dtype, torch.dtype) or ld_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"ld_dtype: expected a floating-point torch.dtype (float16, bfloat16, "
+                        f"float32 or float64), got {ld_dtype!r}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n: expected a sample count (an int >= 0), got {n!r}")
     if isinstance(ld_mult, bool) or not isinstance(ld_mult, int):
