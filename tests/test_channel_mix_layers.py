@@ -670,8 +670,10 @@ def test_layer_flags_must_be_bools(make, name):
 def test_inverse_matrices_refuses_a_non_floating_dtype():
     """torch.int64 used to give all-zero integer "inverses" (the float64 W^-1 truncated)."""
     steps = [ff.FlowStep(4, filter_size=8) for _ in range(2)]
-    with pytest.raises(TypeError, match=r"^dtype: expected a floating torch.dtype"):
+    with pytest.raises(TypeError, match=r"^dtype: expected float16, bfloat16, float32 or float64"):
         ff.FlowStep.inverse_matrices(steps, torch.int64)
+    with pytest.raises(TypeError, match="dtype: expected float16, bfloat16, float32 or float64"):
+        ff.FlowStep.inverse_matrices(steps, torch.float8_e4m3fn)  # not one of DESIGN.md's four
     (w_inv, _) = ff.FlowStep.inverse_matrices(steps, torch.float64)
     torch.testing.assert_close(w_inv @ steps[0].invconv.matrix().double(),
                                torch.eye(4, dtype=torch.float64))

@@ -11,7 +11,7 @@ from ..backend import compute_dtype
 from ..reference import flow_stack
 from ..ops.channel_mix import channel_mix, channel_mix_split
 from ..ops.lu_weight import lu_weight_logdet
-from ..ops._checks import check_bool, check_count, check_module_device, check_nchw
+from ..ops._checks import FLOAT_DTYPES, check_bool, check_count, check_module_device, check_nchw
 from .channel_mix import ActNorm, InvConv2d, InvConv2dLU
 from .coupling import AffineCoupling
 
@@ -150,8 +150,9 @@ class FlowStep(nn.Module):
         ``InvConv2dLU`` of one channel count (each then assembles its own). Sampling a
         Glow block costs one assembly instead of one per step (on a GPU, a dozen launches
         per block rather than per step)."""
-        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"dtype: expected a floating torch.dtype for W^-1, got {dtype!r}")
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype: expected float16, bfloat16, float32 or float64 for W^-1, "
+                            f"got {dtype!r}")
         steps = list(steps)
         if not steps or not all(type(s) is FlowStep and type(s.invconv) is InvConv2dLU
                                 and s._fusable(hooks=False) for s in steps):
