@@ -127,22 +127,45 @@ def _data_error(text: str) -> ValueError:
     return ValueError(f"--data: {text}")
 
 
-def _to_nchw_uint8(array, what: str) -> torch.Tensor:
+CHANNELS = (1, 3, 4)  # grey, RGB, RGBA (alpha dropped)
+
+
+def _to_nchw_uint8(array, what: str, channels_last: bool = False) -> torch.Tensor:
+    """uint8 images (N, H, W), (N, H, W, C) or (N, C, H, W), C in 1, 3, 4, as (N, C, H, W).
+
+    A 4-D array is read channels-last when its last dim is 1, 3 or 4 and its dim 1 is not,
+    channels-first when dim 1 is and the last dim is not; when both are (say (N, 3, 8, 4):
+    3x8 RGBA or 8x4 RGB) it is refused, naming both readings. ``channels_last`` (images
+    stacked here, whose layout is known) skips the guess."""
     import numpy as np
 
     array = np.asarray(array)
     if array.dtype != np.uint8:
         raise _data_error(f"{what}: expected uint8 images, got dtype {array.dtype}")
+    shape = tuple(array.shape)
     if array.ndim == 3:
         array = array[:, None]
-    elif array.ndim == 4 and array.shape[-1] in (1, 3, 4):
-        array = array[..., :3].transpose(0, 3, 1, 2) if array.shape[-1] != 1 \
-            else array.transpose(0, 3, 1, 2)
+    elif array.ndim == 4:
+        last, first = shape[3] in CHANNELS, shape[1] in CHANNELS and not channels_last
+        if last and first:
+            n, a, b, c = shape
+            raise _data_error(
+                f"{what}: shape {shape} reads two ways: channels-last (N, H, W, C) as {c} "
+                f"channel(s) of {a}x{b} images, or channels-first (N, C, H, W) as {a} "
+                f"channel(s) of {b}x{c} images; save it transposed to (N, H, W, C), e.g. "
+                "np.save(path, x.transpose(0, 2, 3, 1)) for a channels-first x (an array is "
+                "read one way when only its last dim, or only its dim 1, is 1, 3 or 4)")
+        if first:
+            array = array.transpose(0, 2, 3, 1)
+        if not (last or first):
+            raise _data_error(f"{what}: expected images shaped (N, H, W), (N, H, W, C) or "
+                              f"(N, C, H, W) with C in 1, 3, 4, got {shape}")
+        array = array[..., :3].transpose(0, 3, 1, 2)
     else:
-        raise _data_error(f"{what}: expected images shaped (N, H, W) or (N, H, W, C) with "
-                          f"C in 1, 3, 4, got {tuple(array.shape)}")
+        raise _data_error(f"{what}: expected images shaped (N, H, W), (N, H, W, C) or "
+                          f"(N, C, H, W) with C in 1, 3, 4, got {shape}")
     if array.shape[0] == 0:
-        raise _data_error(f"{what}: holds no images (shape {tuple(array.shape)})")
+        raise _data_error(f"{what}: holds no images (shape {shape})")
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
@@ -199,7 +222,7 @@ def _load_folder(path: Path, size: int | None) -> torch.Tensor:
     if len(shapes) > 1:
         raise _data_error(f"images under {path} differ in size ({sorted(shapes)[:3]}...): "
                           "pass --size to center-crop and resize them")
-    return _to_nchw_uint8(np.stack(images), str(path))
+    return _to_nchw_uint8(np.stack(images), str(path), channels_last=True)
 
 
 def _image_files(path: Path) -> list[Path]:
@@ -315,7 +338,8 @@ def load_image_sets(source: str = "digits", *, size: int | None = None,
                     n_bits: int | None = None, test_fraction: float = 0.1,
                     seed: int = 0) -> tuple[ImageSet, ImageSet]:
     """(train, test) integer images from ``--data``: ``digits``, a folder of PNG/JPEG images
-    (recursive), an ``.npy``/``.npz`` uint8 array (N, H, W) or (N, H, W, C), or
+    (recursive), an ``.npy``/``.npz`` uint8 array (N, H, W), (N, H, W, C) or (N, C, H, W)
+    (C in 1, 3, 4; an array both 4-D readings fit is refused: see ``_to_nchw_uint8``), or
     ``cifar10:ROOT`` (the python batches; its test batch is the held-out split). Other
     sources hold out ``test_fraction`` of the images. ``size`` center-crops and resizes;
     ``n_bits`` keeps the top bits of 8-bit images (Glow's 5-bit setting)."""

@@ -2,6 +2,7 @@
 array, a folder of PNGs), their errors, ``--precision`` and ``--resume`` across sources."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -104,6 +105,46 @@ def test_images_become_floats_a_batch_at_a_time(command, tmp_path, float_convers
             loss = train_tarflow.nll_per_dim(model, 2 * x - 1, train.labels[idx], 0.1,
                                              torch.Generator().manual_seed(1))
     assert metrics["history"]["epochs"][0]["train"][CLOSE[command][0]] == float(loss)
+
+
+def test_channels_first_arrays_are_read_channels_first(tmp_path):
+    from fastflow.data import load_image_sets
+
+    last = _images(10)  # (10, 8, 8, 3)
+    for i, x in enumerate([last, last[..., :1]]):
+        first = x.transpose(0, 3, 1, 2)  # (N, C, H, W) as a PyTorch user saves it
+        np.save(tmp_path / f"first{i}.npy", first)
+        # (10, 3, 8, 8) was refused; (10, 1, 8, 8) was read as 8 channels... refused too
+        train, test = load_image_sets(str(tmp_path / f"first{i}.npy"), test_fraction=0.2)
+        assert train.shape == first.shape[1:]
+        got = torch.cat([train.levels, test.levels]).sort(0).values
+        assert torch.equal(got, torch.from_numpy(first).sort(0).values)
+    # channels-last arrays whose height is not 1, 3 or 4 read as before
+    np.save(tmp_path / "last.npy", last[:, :, :3])
+    assert load_image_sets(str(tmp_path / "last.npy"))[0].shape == (3, 8, 3)
+
+
+# each was read channels-last, silently: a channels-first (6, 3, 8, 4) as 3x8 RGBA images
+@pytest.mark.parametrize("shape", [(6, 3, 8, 4), (6, 1, 4, 4), (6, 4, 8, 3), (6, 3, 3, 3)])
+def test_arrays_both_layouts_fit_are_refused_naming_both(tmp_path, shape):
+    from fastflow.data import load_image_sets
+
+    path = tmp_path / "both.npy"
+    np.save(path, np.zeros(shape, np.uint8))
+    n, a, b, c = shape
+    with pytest.raises(ValueError, match=rf"^--data: .*both\.npy: shape {re.escape(str(shape))}"
+                                         rf" reads two ways: channels-last \(N, H, W, C\) as "
+                                         rf"{c} channel\(s\) of {a}x{b} images, or channels-"
+                                         rf"first \(N, C, H, W\) as {a} channel\(s\) of "
+                                         rf"{b}x{c} images; save it transposed to \(N, H, W, C\)"):
+        load_image_sets(str(path))
+
+
+def test_an_ambiguous_array_is_refused_by_the_training_commands(tmp_path):
+    path = tmp_path / "both.npz"
+    np.savez(path, x=np.zeros((6, 3, 8, 4), np.uint8))
+    with pytest.raises(SystemExit, match=r"^--data: .* reads two ways: channels-last"):
+        _run("vae", tmp_path / "vae", "--data", str(path))
 
 
 @pytest.mark.parametrize("command", ["vae", "tarflow"])
