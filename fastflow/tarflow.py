@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops._checks import check_choice, check_float_tensor, check_module_device, first_parameter
+from .ops._checks import (assert_on_device, check_choice, check_float_tensor, check_module_device,
+                          first_parameter)
 from .ops.tarflow import HeadSampler, tarflow_head
 
 METHODS = ("sequential", "jacobi")
@@ -237,13 +238,15 @@ class TarFlow(nn.Module):
                             f"{getattr(y, 'dtype', type(y).__name__)}")
         if tuple(y.shape) != (n,):
             raise ValueError(f"y: expected shape ({n},), one label per sample, got {tuple(y.shape)}")
-        if y.device.type == "cpu":  # read in place (no op, nothing to wait for); on a GPU
-            # the check would wait for the device: an index past the embedding fails in
-            # the lookup there, and y == num_classes counts as the null class
+        expected = f"y: expected class indices in [0, {self.num_classes})"
+        if y.device.type == "cpu":  # read in place (no op, nothing to wait for)
             values = y.detach().numpy()
             if values.size and (values.min() < 0 or values.max() >= self.num_classes):
-                raise ValueError(f"y: expected class indices in [0, {self.num_classes}), got "
-                                 f"values from {values.min()} to {values.max()}")
+                raise ValueError(f"{expected}, got values from {values.min()} to "
+                                 f"{values.max()}")
+        else:  # reading them would wait for the device; y == num_classes would silently
+            # count as the null class
+            assert_on_device(((y >= 0) & (y < self.num_classes)).all(), expected)
         y = y.to(device=device, dtype=torch.long)
         if drop and self.class_dropout > 0:
             y = torch.where(torch.rand(n, device=device) < self.class_dropout, null, y)

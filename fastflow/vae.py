@@ -19,7 +19,7 @@ from torch import nn
 
 from .backend import compute_dtype
 from .layers.gaussian import GaussianReparam
-from .ops._checks import check_float_tensor, check_module_device, first_parameter
+from .ops._checks import assert_on_device, check_float_tensor, check_module_device, first_parameter
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 
@@ -76,14 +76,19 @@ class ConvVAE(nn.Module):
 
     def _check_unit_interval(self, x):
         """The Bernoulli likelihood is defined for pixels in [0, 1]; anything else (say images
-        in [0, 255]) gave a negative -log p(x | z) silently. Read on CPU tensors only: on a
-        GPU the check would wait for the device every step (not made there)."""
-        if x.device.type == "cpu" and x.numel():
-            lo, hi = torch.aminmax(x.detach())
-            lo, hi = float(lo), float(hi)
-            if not (lo >= 0.0 and hi <= 1.0):  # NaN fails too
-                raise ValueError(f"x: expected pixels in [0, 1] for the Bernoulli likelihood, "
-                                 f"got values from {lo} to {hi}")
+        in [0, 255]) gave a negative -log p(x | z) silently. Read on CPU tensors; off the
+        CPU reading would wait for the device every step, so it is asserted there."""
+        expected = "x: expected pixels in [0, 1] for the Bernoulli likelihood"
+        if not x.numel():
+            return
+        x = x.detach()
+        if x.device.type != "cpu":
+            assert_on_device(((x >= 0) & (x <= 1)).all(), expected)  # NaN fails too
+            return
+        lo, hi = torch.aminmax(x)
+        lo, hi = float(lo), float(hi)
+        if not (lo >= 0.0 and hi <= 1.0):  # NaN fails too
+            raise ValueError(f"{expected}, got values from {lo} to {hi}")
 
     def recon_nll(self, out, x):
         """-log p(x | z) per sample, summed over pixels: float32 (float64 for float64), as

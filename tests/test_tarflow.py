@@ -375,6 +375,58 @@ def test_labels_outside_the_classes_are_refused_on_cpu():
     assert z.shape == (2, 4, 4) and ld.shape == (2,)
 
 
+def test_labels_off_the_cpu_are_asserted_on_the_device(monkeypatch):
+    """Off the CPU the labels went unchecked (reading them waits for the device): there
+    y == num_classes silently trained and sampled the null class."""
+    import fastflow.tarflow
+
+    calls = []
+    monkeypatch.setattr(fastflow.tarflow, "assert_on_device", lambda ok, msg: calls.append((ok, msg)),
+                        raising=False)
+    model = ff.TarFlow(1, 4, 2, 8, 1, 1, num_classes=3, head_dim=4).to("meta")
+    y = torch.tensor([0, 3], device="meta")
+    assert model._labels(y, 2, y.device).device.type == "meta"
+    [(ok, msg)] = calls
+    assert ok.shape == () and ok.dtype == torch.bool and ok.device.type == "meta"
+    assert msg == "y: expected class indices in [0, 3)"
+
+
+def test_the_device_assert_is_no_host_sync_and_compiles_fullgraph():
+    from fastflow.ops._checks import assert_on_device
+
+    with _SyncCounter() as syncs:  # the op the labels' check queues, as benchmarks count
+        assert_on_device(torch.tensor(True), "y: unused")
+        with pytest.raises(RuntimeError, match=r"^y: expected"):  # on the CPU it raises
+            assert_on_device(torch.tensor(False), "y: expected")
+    assert syncs.count == 0
+    model = ff.TarFlow(1, 4, 2, 8, 1, 1, num_classes=3, head_dim=4).to("meta")
+    labels = torch.compile(lambda y: model._labels(y, 2, y.device), fullgraph=True,
+                           backend="aot_eager")
+    assert labels(torch.tensor([0, 2], device="meta")).shape == (2,)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_labels_past_the_classes_fail_on_cuda_without_a_host_sync():
+    import os
+    import subprocess
+    import sys
+
+    model = ff.TarFlow(1, 4, 2, 8, 1, 1, num_classes=3, head_dim=4).cuda()
+    with _SyncCounter() as syncs:
+        model._labels(torch.tensor([0, 2], device="cuda"), 2, torch.device("cuda"))
+    torch.cuda.synchronize()
+    assert syncs.count == 0
+    # a failed device assert ends the process's CUDA context: run it in another process
+    code = ("import torch, fastflow as ff\n"
+            "m = ff.TarFlow(1, 4, 2, 8, 1, 1, num_classes=3, head_dim=4).cuda()\n"
+            "m._labels(torch.tensor([0, 3], device='cuda'), 2, torch.device('cuda'))\n"
+            "torch.cuda.synchronize()\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(ff.__file__)))
+    env = {**os.environ, "PYTHONPATH": root}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode != 0 and "assert" in done.stderr.lower(), done.stderr[-2000:]
+
+
 @pytest.mark.parametrize("kw", [{"in_channels": True}, {"num_blocks": True},
                                 {"layers_per_block": True}, {"num_classes": True},
                                 {"head_dim": True}, {"patch_size": 2.0}], ids=str)

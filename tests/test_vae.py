@@ -195,6 +195,43 @@ def test_bernoulli_likelihood_refuses_pixels_outside_0_1():
     assert torch.isfinite(ConvVAE(latent=2, hidden=4, likelihood="gaussian").loss(x * 255)["loss"])
 
 
+def test_bernoulli_pixels_off_the_cpu_are_asserted_on_the_device(monkeypatch):
+    """Off the CPU the pixel range went unchecked (reading it waits for the device)."""
+    import fastflow.vae
+
+    calls = []
+    monkeypatch.setattr(fastflow.vae, "assert_on_device", lambda ok, msg: calls.append((ok, msg)),
+                        raising=False)
+    model = ConvVAE(latent=2, hidden=4)
+    model._check_unit_interval(torch.empty(3, 1, 8, 8, device="meta"))
+    [(ok, msg)] = calls
+    assert ok.shape == () and ok.dtype == torch.bool and ok.device.type == "meta"
+    assert msg == "x: expected pixels in [0, 1] for the Bernoulli likelihood"
+    monkeypatch.undo()
+    check = torch.compile(model._check_unit_interval, fullgraph=True, backend="aot_eager")
+    check(torch.empty(3, 1, 8, 8, device="meta"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bernoulli_pixels_outside_0_1_fail_on_cuda():
+    import os
+    import subprocess
+    import sys
+
+    model = ConvVAE(latent=2, hidden=4).cuda()
+    model.recon_nll(torch.zeros(3, 1, 8, 8, device="cuda"), torch.rand(3, 1, 8, 8, device="cuda"))
+    torch.cuda.synchronize()
+    # a failed device assert ends the process's CUDA context: run it in another process
+    code = ("import torch\nfrom fastflow.vae import ConvVAE\n"
+            "m = ConvVAE(latent=2, hidden=4).cuda()\n"
+            "x = torch.full((3, 1, 8, 8), 255.0, device='cuda')\n"
+            "m.recon_nll(torch.zeros_like(x), x)\ntorch.cuda.synchronize()\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(ff.__file__)))
+    env = {**os.environ, "PYTHONPATH": root}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode != 0 and "assert" in done.stderr.lower(), done.stderr[-2000:]
+
+
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_model_sums_the_likelihood_in_float32(likelihood, dtype):

@@ -89,3 +89,13 @@ def check_positive(name: str, value) -> float:
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name}: expected a finite positive number, got {value!r}")
     return value
+
+
+def assert_on_device(ok: torch.Tensor, message: str):
+    """Check ``ok`` (a boolean tensor, true when an input is valid) where its values are,
+    without the host waiting for them: for inputs off the CPU (whose checks read values
+    and raise a ValueError there). ``torch._assert_async`` queues a device-side assert
+    (no host sync, traced by ``torch.compile(fullgraph=True)``): a failed one raises at a
+    later synchronisation (on CUDA as a device-side assert, after which the process's CUDA
+    context is unusable: an input error there, not a recoverable exception)."""
+    torch._assert_async(ok, message)
