@@ -381,8 +381,8 @@ def test_labels_off_the_cpu_are_asserted_on_the_device(monkeypatch):
     import fastflow.tarflow
 
     calls = []
-    monkeypatch.setattr(fastflow.tarflow, "assert_on_device", lambda ok, msg: calls.append((ok, msg)),
-                        raising=False)
+    record = lambda ok, msg: calls.append((ok, msg))  # noqa: E731
+    monkeypatch.setattr(fastflow.tarflow, "assert_on_device", record, raising=False)
     model = ff.TarFlow(1, 4, 2, 8, 1, 1, num_classes=3, head_dim=4).to("meta")
     y = torch.tensor([0, 3], device="meta")
     assert model._labels(y, 2, y.device).device.type == "meta"

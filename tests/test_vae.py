@@ -200,8 +200,8 @@ def test_bernoulli_pixels_off_the_cpu_are_asserted_on_the_device(monkeypatch):
     import fastflow.vae
 
     calls = []
-    monkeypatch.setattr(fastflow.vae, "assert_on_device", lambda ok, msg: calls.append((ok, msg)),
-                        raising=False)
+    record = lambda ok, msg: calls.append((ok, msg))  # noqa: E731
+    monkeypatch.setattr(fastflow.vae, "assert_on_device", record, raising=False)
     model = ConvVAE(latent=2, hidden=4)
     model._check_unit_interval(torch.empty(3, 1, 8, 8, device="meta"))
     [(ok, msg)] = calls
