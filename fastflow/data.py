@@ -227,7 +227,8 @@ def _load_folder(path: Path, size: int | None) -> torch.Tensor:
 
 def _image_files(path: Path) -> list[Path]:
     """The PNG/JPEG files under ``path``, sorted, through symlinked folders too (rglob does
-    not enter them), each real folder once (a link back up is no cycle)."""
+    not enter them), each real folder once (a link back up is no cycle). A dangling link
+    stays, to be counted unreadable; a FIFO or device named .png is no file (never opened)."""
     files, seen = [], set()
     for root, dirs, names in os.walk(path, followlinks=True):
         real = os.path.realpath(root)
@@ -236,7 +237,7 @@ def _image_files(path: Path) -> list[Path]:
             continue
         seen.add(real)
         files += [Path(root, n) for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES]
-    return sorted(p for p in files if p.is_file())
+    return sorted(p for p in files if p.is_file() or not p.exists())
 
 
 def _center_crop_resize_pil(img, size: int):

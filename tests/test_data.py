@@ -56,6 +56,17 @@ def test_image_folder_follows_symlinked_folders_once(tmp_path):
     assert len(train) + len(test) == 5  # own, one.png, linked/img0..2
 
 
+def test_image_folder_counts_dangling_links_as_unreadable(tmp_path, capsys):
+    """A link to an image that is gone (a moved data set) is an unreadable file: it was
+    dropped from the listing without the count the other unreadable files get."""
+    for i in range(2):
+        _png(tmp_path / f"img{i}.png", np.zeros((8, 8), np.uint8))
+    (tmp_path / "gone.png").symlink_to(tmp_path / "moved" / "gone.png")
+    train, test = data.load_image_sets(str(tmp_path), test_fraction=0.5)
+    assert len(train) + len(test) == 2
+    assert f"--data: skipped 1 unreadable image file(s) in {tmp_path}" in capsys.readouterr().out
+
+
 def test_image_folder_errors_name_the_argument(tmp_path):
     with pytest.raises(ValueError, match="--data: no readable"):
         data.load_image_sets(str(tmp_path))
