@@ -2,6 +2,7 @@
 writes (a full disk), interrupts, an --out holding another run, and the help texts."""
 
 import errno
+import math
 
 import pytest
 import torch
@@ -334,6 +335,35 @@ def test_the_summary_names_the_checkpoint_only_when_this_run_wrote_it(command, t
     assert f"wrote {tmp_path / picture}, {tmp_path / 'metrics.json'}" in printed
     assert str(ckpt) not in printed.split("wrote")[-1]
     assert ckpt.stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("command, tiny, terms", [(train_vae, VAE, ("neg_elbo", "recon", "kl")),
+                                                  (train_tarflow, TARFLOW, ("nll",))],
+                         ids=["train-vae", "train-tarflow"])
+def test_metrics_csv_has_a_row_per_epoch_and_a_resume_appends(command, tiny, terms, tmp_path,
+                                                              capsys):
+    """train-vae and train-tarflow wrote no metrics.csv (train did): one row per epoch, the
+    columns of train's rows in each command's terms, the earlier epochs kept by --resume,
+    and the file in the summary's list."""
+    import csv
+
+    def rows():
+        with open(tmp_path / "metrics.csv", newline="") as f:
+            return list(csv.DictReader(f))
+
+    assert command.main([*tiny, "--epochs", "1", "--out", str(tmp_path)]) == 0
+    assert f"{tmp_path / 'metrics.json'}, {tmp_path / 'metrics.csv'}" in capsys.readouterr().out
+    first = rows()
+    assert command.main([*tiny, "--epochs", "2", "--out", str(tmp_path), "--resume"]) == 0
+    both = rows()
+    assert [r["epoch"] for r in both] == ["1", "2"] and both[0] == first[0]
+    assert list(both[0]) == ["epoch", "step", *(f"train_{t}" for t in terms),
+                             *(f"test_{t}" for t in terms), "skipped_steps", "lr",
+                             "images_per_s", "seconds"]
+    for row in both:
+        assert int(row["skipped_steps"]) == 0 and float(row["lr"]) == 2e-3
+        assert all(math.isfinite(float(v)) for k, v in row.items() if k != "epoch")
+    assert int(both[1]["step"]) == 2 * int(both[0]["step"])
 
 
 @pytest.mark.parametrize("command, tiny", [(train, GLOW), (train_vae, VAE),

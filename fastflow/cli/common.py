@@ -3,7 +3,8 @@
 ``load_checkpoint`` (model + optimizer + any state, resumable, loaded with
 ``weights_only=True``), ``prepare_out`` (``--out`` checked before training), ``rng_state``,
 ``save_image_grid`` (a PNG of image rows, drawn with Pillow), ``write_json``/``write_csv``
-(all four through ``write_atomic``),
+(all four through ``write_atomic``), ``write_metrics`` (a training command's
+metrics.json and metrics.csv, one ``metrics_row`` per epoch),
 ``positive``/``finite`` (argparse types), ``add_optimisation_options``/``add_run_options``/
 ``add_data_options``/``add_precision_option`` (the options every training command has),
 ``load_data``/``split_key``/``data_fingerprint``/``resume_data``/``check_resume_data``/
@@ -297,6 +298,36 @@ def write_csv(path: str | os.PathLike, rows: list[dict]) -> Path:
             writer.writerows(rows)
 
     return write_atomic(path, write)
+
+
+def metrics_row(entry: dict) -> dict:
+    """One epoch of a training command's history as a flat CSV row: epoch, step, each train
+    and test term (``train_bpd``, ``test_bpd``...; the test ones empty for an epoch without
+    evaluation), skipped non-finite steps, learning rate, images/s, seconds (empty for an
+    entry of an older checkpoint without them), then Glow's digit scores when there are."""
+    train, test = entry["train"], entry.get("test")
+    row = {"epoch": entry["epoch"], "step": entry["step"],
+           **{f"train_{k}": v for k, v in train.items()},
+           **{f"test_{k}": (test or {}).get(k) for k in (test or train)},
+           "skipped_steps": entry["skipped"]}
+    row.update({k: entry.get(k) for k in ("lr", "images_per_s", "seconds")})
+    for t, score in (entry.get("digits") or {}).items():
+        row[f"recognised_T{t}"] = score["recognised"]
+        row[f"classes_T{t}"] = score["classes"]
+    return row
+
+
+def write_metrics(out: str | os.PathLike, metrics: dict) -> list[Path]:
+    """``metrics`` (config, model, ``history``...) as ``out``/metrics.json, and its history's
+    epochs (every epoch of the run, those before a ``--resume`` too: the checkpoint keeps
+    them) as ``out``/metrics.csv, one ``metrics_row`` each (none without an epoch); both
+    atomically. Returns the paths written. The caller writes on rank 0 only."""
+    out = Path(out)
+    written = [write_json(out / "metrics.json", metrics)]
+    epochs = metrics["history"]["epochs"]
+    if epochs:
+        written.append(write_csv(out / "metrics.csv", [metrics_row(e) for e in epochs]))
+    return written
 
 
 def positive(kind):

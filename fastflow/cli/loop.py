@@ -263,7 +263,9 @@ def train_epochs(args, *, model, runner: StepRunner, x_train, loss_terms, evalua
     """Shuffled mini-batches (``generators["shuffle"]``), one ``runner`` step per batch on
     the first value of ``loss_terms(xb)`` (a dict of scalars, all averaged per epoch over
     the steps that were taken), then ``evaluate()`` on the test split, a line
-    ``describe(train, test)`` (plus the non-finite steps skipped, if any) and a checkpoint
+    ``describe(train, test)`` (plus the non-finite steps skipped, if any), a history entry
+    (the means, the skipped steps, the learning rate, images/s and the seconds of the steps:
+    a ``metrics_row`` of ``write_metrics``) and a checkpoint
     (with ``save``'s entries and the runner's state), per epoch; until ``args.epochs`` or
     ``args.max_steps``. ``start`` = (epoch, step, partial) to go on from
     (``resume_or_start``); returns the step count. Nothing reads the device per step
@@ -294,10 +296,10 @@ def train_epochs(args, *, model, runner: StepRunner, x_train, loss_terms, evalua
         walk = batches(x_train, args.batch_size, generator=generators["shuffle"])
         bar = progress(itertools.islice(walk, first, None), total=steps_per_epoch - first,
                        desc=f"epoch {epoch + 1}/{args.epochs}", enabled=not args.no_progress)
-        done = first
+        done, images, t_epoch = first, 0, time.perf_counter()
         for xb in bar:
             terms = runner.step(lambda: loss_terms(xb))
-            step, done = step + 1, done + 1
+            step, done, images = step + 1, done + 1, images + xb.shape[0]
             ok = 1.0 - runner.found_inf.double()  # 0 for a skipped step: not averaged
             batch = torch.stack(list(terms.values())).double()
             batch = torch.where(ok > 0, batch, 0.0) * (xb.shape[0] * ok)
@@ -309,6 +311,7 @@ def train_epochs(args, *, model, runner: StepRunner, x_train, loss_terms, evalua
             if args.max_steps is not None and step >= args.max_steps:
                 break
         bar.close()
+        seconds = time.perf_counter() - t_epoch  # the steps only, as train's
         # a --max-steps stop inside the epoch: the checkpoint records where, and the
         # generators as they were before this extra evaluation, for --resume
         unfinished = done < steps_per_epoch
@@ -319,7 +322,9 @@ def train_epochs(args, *, model, runner: StepRunner, x_train, loss_terms, evalua
         skipped = int(runner.skipped.item())  # the one read of the count, per epoch
         test = evaluate()
         history["epochs"].append({"epoch": epoch + 1, "step": step, "train": train,
-                                  "test": test, "skipped": skipped})
+                                  "test": test, "skipped": skipped, "lr": runner.lr(step - 1),
+                                  "images_per_s": images / max(seconds, 1e-9),
+                                  "seconds": seconds})
         print(f"epoch {epoch + 1:3d}/{args.epochs}  {describe(train, test)}"
               + (f"  skipped {skipped} non-finite step(s)" if skipped else "")
               + f"  {time.perf_counter() - t0:6.1f}s", flush=True)

@@ -15,8 +15,8 @@ from .common import (HelpFormatter, add_data_options, add_optimisation_options,
                      add_precision_option, add_run_options, backend_name, check_resume_batch,
                      check_resume_config, check_resume_data, check_test_fraction, load_data,
                      positive, prepare_out, progress, read_checkpoint, resume_data, rng_state,
-                     run_interruptible, save_checkpoint, save_image_grid, set_rng_state, write_csv,
-                     write_json)
+                     run_interruptible, save_checkpoint, save_image_grid, set_rng_state,
+                     write_metrics)
 from .loop import Distributed, StepRunner, epoch_generator, epoch_order
 
 INIT_IMAGES = 512  # ActNorm's data-dependent initialisation: this many training images
@@ -173,18 +173,6 @@ def training_options(args) -> dict:
     """The options of the training step that --resume takes as given (the learning rate
     has its own message): saved with the checkpoint, so that a change is said."""
     return {"warmup": args.warmup, "clip": args.clip, "hflip": args.hflip}
-
-
-def _flat_row(entry: dict) -> dict:
-    row = {"epoch": entry["epoch"], "step": entry["step"], "train_bpd": entry["train"]["bpd"],
-           "test_bpd": entry["test"]["bpd"] if entry["test"] else None,
-           "skipped_steps": entry["skipped"],
-           "lr": entry["lr"], "images_per_s": entry["images_per_s"],
-           "seconds": entry["seconds"]}
-    for t, score in (entry.get("digits") or {}).items():
-        row[f"recognised_T{t}"] = score["recognised"]
-        row[f"classes_T{t}"] = score["classes"]
-    return row
 
 
 def main(argv=None) -> int:
@@ -426,10 +414,7 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
     written.append(save_image_grid(out / "samples.png", rows, titles))
     run_config = {k: v for k, v in vars(args).items()}
     run_config["lr"] = base_lr  # what was actually used
-    written.append(write_json(out / "metrics.json", {"config": run_config, "model": config,
-                                                     "history": history}))
-    if history["epochs"]:
-        written.append(write_csv(out / "metrics.csv", [_flat_row(e) for e in history["epochs"]]))
+    written += write_metrics(out, {"config": run_config, "model": config, "history": history})
     written += [last_grid] if last_grid is not None else []  # the latest of this run's
     written += [ckpt_path] if saved_now else []
     final = history["epochs"][-1] if history["epochs"] else history["initial"]

@@ -13,7 +13,7 @@ import torch
 from .common import (HelpFormatter, add_data_options, add_optimisation_options,
                      add_precision_option, add_run_options, backend_name, finite, load_data,
                      pick_device, positive, prepare_out, resume_data, run_interruptible,
-                     save_image_grid, write_json)
+                     save_image_grid, write_metrics)
 from .loop import StepRunner, resume_or_start, train_epochs
 
 LR = 2e-3  # --lr's default on a fresh run
@@ -212,12 +212,13 @@ def _main(args) -> int:
     sampling = {"guidance": guidance, "temperature": args.temperature,
                 "jacobi_iterations": stats.get("jacobi_iterations"), "tokens": model.tokens,
                 "jacobi_vs_sequential_max_abs": jacobi_gap}
-    write_json(out / "metrics.json", {"config": {**vars(args), "lr": runner.base_lr},  # used
-                                      "model": config, "history": history, "sampling": sampling})
+    metrics = write_metrics(out, {"config": {**vars(args), "lr": runner.base_lr},  # used
+                                  "model": config, "history": history, "sampling": sampling})
     final = (history["epochs"][-1]["test"] if history["epochs"] else history["initial"])["nll"]
     print(f"sampling: Jacobi iterations per block {sampling['jacobi_iterations']} for "
           f"{model.tokens} tokens, max |jacobi - sequential| {jacobi_gap:.2e}")
     print(f"done: {step} steps, test {history['initial']['nll']:.3f} -> {final:.3f} nats/dim "
           f"({args.precision}); wrote {picture}, "
-          + (f"{ckpt_path}, " if step > first_step else "") + f"{out / 'metrics.json'}")
+          + (f"{ckpt_path}, " if step > first_step else "")
+          + ", ".join(str(p) for p in metrics))
     return 0

@@ -10,7 +10,7 @@ import torch
 from .common import (HelpFormatter, add_data_options, add_optimisation_options,
                      add_precision_option, add_run_options, backend_name, load_data, pick_device,
                      positive, prepare_out, resume_data, run_interruptible, save_image_grid,
-                     write_json)
+                     write_metrics)
 from .loop import StepRunner, resume_or_start, train_epochs
 
 LR = 2e-3  # --lr's default on a fresh run
@@ -126,10 +126,11 @@ def _main(args) -> int:
         rows = [originals, model.reconstruct(originals),
                 model.sample(12, generator=torch.Generator(device=device).manual_seed(args.seed))]
     picture = save_image_grid(out / "vae_samples.png", rows, ["data", "recon", "samples"])
-    write_json(out / "metrics.json", {"config": {**vars(args), "lr": runner.base_lr},  # used
-                                      "model": config, "history": history})
+    metrics = write_metrics(out, {"config": {**vars(args), "lr": runner.base_lr},  # used
+                                  "model": config, "history": history})
     final = history["epochs"][-1]["test"] if history["epochs"] else history["initial"]
     print(f"done: {step} steps, test -ELBO {history['initial']['neg_elbo']:.3f} -> "
           f"{final['neg_elbo']:.3f} nats ({args.precision}); wrote {picture}, "
-          + (f"{ckpt_path}, " if step > first_step else "") + f"{out / 'metrics.json'}")
+          + (f"{ckpt_path}, " if step > first_step else "")
+          + ", ".join(str(p) for p in metrics))
     return 0
