@@ -78,3 +78,25 @@ def test_vae_input_on_another_device_is_a_value_error(backend):
     x = torch.rand(2, 1, 8, 8, device=OTHER)
     for call in (model, model.loss, model.elbo, model.reconstruct):
         _expect_device_error(lambda: call(x), "x")
+
+
+@pytest.mark.parametrize("method", ["forward", "inverse", "reverse"])
+def test_coupling_input_of_another_dtype_than_its_network_is_named(method):
+    """A float64 network given float32 input (no autocast) failed in the first convolution
+    with PyTorch's "Input type (float) and bias type (double)", naming no argument."""
+    coupling = ff.AffineCoupling(4, filter_size=8).double()
+    x = torch.randn(2, 4, 5, 5)
+    name = "x" if method == "forward" else "y"
+    with pytest.raises(TypeError, match=rf"^{name}: expected torch.float64, the coupling "
+                                        rf"network's dtype \(or autocast\), got torch.float32"):
+        getattr(coupling, method)(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast leaves float64 alone
+        with pytest.raises(TypeError, match=rf"^{name}: expected torch.float64"):
+            getattr(coupling, method)(x)
+    coupling = ff.AffineCoupling(4, filter_size=8)  # float32
+    with pytest.raises(TypeError, match=rf"^{name}: expected torch.float32, .* got torch.bfloat16"):
+        getattr(coupling, method)(x.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts for the network
+        out = getattr(coupling, method)(x.bfloat16())
+    out = out if method == "reverse" else out[0]
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()

@@ -65,7 +65,17 @@ class AffineCoupling(nn.Module):
 
     def _check(self, name, x):
         check_nchw(name, x, self.in_channel)
-        check_module_device(name, x, first_parameter(self.net))
+        p = first_parameter(self.net)
+        check_module_device(name, x, p)
+        # the stock network's first convolution refuses another dtype with PyTorch's "Input
+        # type (float) and bias type (double)" unless autocast casts both (it leaves float64
+        # alone): say which argument
+        if (p is not None and p.dtype != x.dtype and isinstance(self.net, nn.Sequential)
+                and type(self.net[0]) is nn.Conv2d
+                and (torch.float64 in (p.dtype, x.dtype)
+                     or not torch.is_autocast_enabled(x.device.type))):
+            raise TypeError(f"{name}: expected {p.dtype}, the coupling network's dtype (or "
+                            f"autocast), got {x.dtype}")
 
     def forward(self, x):
         self._check("x", x)
