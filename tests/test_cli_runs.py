@@ -306,6 +306,55 @@ def test_ctrl_c_says_where_to_resume_from_and_the_resumed_run_matches(command, t
         assert torch.equal(tensor, b["model"][name]), name
 
 
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("command, tiny, per_epoch", [(train, GLOW, 2), (train_vae, VAE, 3),
+                                                      (train_tarflow, TARFLOW, 3)],
+                         ids=["train", "train-vae", "train-tarflow"])
+def test_a_signal_mid_epoch_saves_the_step_under_way_and_resume_matches(command, tiny,
+                                                                       per_epoch, signum,
+                                                                       tmp_path, monkeypatch,
+                                                                       capsys):
+    """Ctrl-C or SIGTERM in the second epoch lost the steps of that epoch: the checkpoint
+    was epoch 1's. Now the step under way ends and is saved (as a --max-steps stop inside
+    an epoch: where in the epoch's order, its sums), the status is still 130 / 143, and
+    --resume from it ends where an uninterrupted run ends."""
+    import os
+    import signal
+
+    from fastflow.cli.loop import StepRunner
+
+    whole = tmp_path / "whole"
+    assert command.main([*tiny, "--epochs", "2", "--out", str(whole)]) == 0
+    real, calls = StepRunner.step, []
+
+    def step(self, *args, **kwargs):
+        calls.append(1)
+        terms = real(self, *args, **kwargs)
+        if len(calls) == per_epoch + 1:
+            os.kill(os.getpid(), getattr(signal, signum))
+        return terms
+
+    out = tmp_path / "cut"
+    with monkeypatch.context() as patch:
+        patch.setattr(StepRunner, "step", step)
+        capsys.readouterr()
+        status = command.main([*tiny, "--epochs", "2", "--out", str(out)])
+    assert status == (130 if signum == "SIGINT" else 143)
+    assert len(calls) == per_epoch + 1 and signal.getsignal(signal.SIGINT) == \
+        signal.default_int_handler
+    err = capsys.readouterr().err
+    assert "saving a checkpoint after the step under way" in err and "Traceback" not in err
+    assert f"{out / 'checkpoint.pt'} (its last checkpoint) is intact: --resume" in err
+    cut = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert (cut["epoch"], cut["step"], cut["partial"]["batch"]) == (1, per_epoch + 1, 1)
+    assert command.main([*tiny, "--epochs", "2", "--out", str(out), "--resume"]) == 0
+    a = torch.load(whole / "checkpoint.pt", weights_only=True)
+    b = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 2 * per_epoch
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+
+
 def test_ctrl_c_before_any_checkpoint_says_so(tmp_path, monkeypatch, capsys):
     from fastflow.cli.loop import StepRunner
 
@@ -414,3 +463,24 @@ def test_demo_stops_with_the_training_when_it_is_interrupted(tmp_path, monkeypat
     assert demo.main(["--skip-bench", "--out", str(tmp_path), "--epochs", "1"]) == 130
     assert "digit classifier recognises" not in capsys.readouterr().out
     assert json.loads((glow / "metrics.json").read_text()) == {"stale": True}
+
+
+def test_a_second_signal_stops_at_once_and_several_processes_stop_as_before():
+    """The first Ctrl-C between steps is noted and the step goes on; a second raises at
+    once (a hung step can still be stopped); not enabled (torchrun's processes, which
+    could stop a step apart and wait for ever on each other), the first one raises."""
+    import os
+    import signal
+
+    with common.stop_between_steps() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.pending is KeyboardInterrupt
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt):
+        with common.stop_between_steps(enabled=False):
+            os.kill(os.getpid(), signal.SIGINT)
+    with pytest.raises(common.Terminated):
+        stop.pending = common.Terminated
+        stop.raise_pending()

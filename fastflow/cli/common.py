@@ -550,6 +550,52 @@ def stop_on_sigterm():
         signal.signal(signal.SIGTERM, previous)
 
 
+class StopRequest:
+    """What ``stop_between_steps`` noted: ``pending``, the exception of the first Ctrl-C
+    (KeyboardInterrupt) or SIGTERM (``Terminated``), None while none came."""
+
+    def __init__(self):
+        self.pending = None
+
+    def raise_pending(self) -> None:
+        """Raise the noted stop (after the training loop saved the last step), if any."""
+        if self.pending is not None:
+            raise self.pending()
+
+
+@contextlib.contextmanager
+def stop_between_steps(enabled: bool = True):
+    """Within (a training command's optimizer steps): the first Ctrl-C or SIGTERM is noted
+    (``StopRequest.pending``) and said, instead of raised half-way through a step, so that
+    the loop can end after the step under way, checkpoint it (as a ``--max-steps`` stop
+    inside an epoch) and then ``raise_pending``; a second one raises at once. Not
+    ``enabled`` (several processes, which could stop one step apart and wait on each
+    other's all-reduce for ever) or outside the main thread: signals raise as before."""
+    import signal
+    import threading
+
+    stop = StopRequest()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        err = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        if stop.pending is not None:
+            raise err
+        stop.pending = err
+        print(f"{'terminated' if err is Terminated else 'interrupted'}: saving a checkpoint "
+              "after the step under way (again to stop at once, without it)",
+              file=sys.stderr, flush=True)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, signal.SIG_DFL if h is None else h)
+
+
 def interrupted(out: str | os.PathLike, err: KeyboardInterrupt, *, quiet: bool = False) -> int:
     """What a training command does on Ctrl-C (KeyboardInterrupt) or SIGTERM (``Terminated``):
     one line on stderr saying where the run can go on from (the last checkpoint, written

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from .common import (PRECISIONS, check_resume_batch, check_resume_config,
                      check_resume_data, progress, read_checkpoint, restore_checkpoint,
-                     rng_state, save_checkpoint, set_rng_state)
+                     rng_state, save_checkpoint, set_rng_state, stop_between_steps)
 
 
 class Distributed:
@@ -297,19 +297,22 @@ def train_epochs(args, *, model, runner: StepRunner, x_train, loss_terms, evalua
         bar = progress(itertools.islice(walk, first, None), total=steps_per_epoch - first,
                        desc=f"epoch {epoch + 1}/{args.epochs}", enabled=not args.no_progress)
         done, images, t_epoch = first, 0, time.perf_counter()
-        for xb in bar:
-            terms = runner.step(lambda: loss_terms(xb))
-            step, done, images = step + 1, done + 1, images + xb.shape[0]
-            ok = 1.0 - runner.found_inf.double()  # 0 for a skipped step: not averaged
-            batch = torch.stack(list(terms.values())).double()
-            batch = torch.where(ok > 0, batch, 0.0) * (xb.shape[0] * ok)
-            seen += xb.shape[0] * ok
-            sums = batch if sums is None else sums + batch
-            if step % 10 == 0 and not args.no_progress:
-                bar.set_postfix_str(f"{next(iter(terms))} "
-                                    f"{float(sums[0] / seen.clamp(min=1)):.3f}")
-            if args.max_steps is not None and step >= args.max_steps:
-                break
+        # a Ctrl-C or SIGTERM: the step under way ends, then its checkpoint
+        with stop_between_steps() as stop:
+            for xb in bar:
+                terms = runner.step(lambda: loss_terms(xb))
+                step, done, images = step + 1, done + 1, images + xb.shape[0]
+                ok = 1.0 - runner.found_inf.double()  # 0 for a skipped step: not averaged
+                batch = torch.stack(list(terms.values())).double()
+                batch = torch.where(ok > 0, batch, 0.0) * (xb.shape[0] * ok)
+                seen += xb.shape[0] * ok
+                sums = batch if sums is None else sums + batch
+                if step % 10 == 0 and not args.no_progress:
+                    bar.set_postfix_str(f"{next(iter(terms))} "
+                                        f"{float(sums[0] / seen.clamp(min=1)):.3f}")
+                if stop.pending is not None or (args.max_steps is not None
+                                                and step >= args.max_steps):
+                    break
         bar.close()
         seconds = time.perf_counter() - t_epoch  # the steps only, as train's
         # a --max-steps stop inside the epoch: the checkpoint records where, and the
@@ -336,4 +339,5 @@ def train_epochs(args, *, model, runner: StepRunner, x_train, loss_terms, evalua
                         step_runner=runner.state_dict(), **(save or {}),
                         rng=resume_rng or rng_state(*(generators[k] for k in names),
                                                     device=device))
+        stop.raise_pending()  # interrupted: stopped, its last step saved
     return step

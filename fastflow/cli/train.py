@@ -16,7 +16,7 @@ from .common import (HelpFormatter, add_data_options, add_optimisation_options,
                      check_resume_config, check_resume_data, check_test_fraction, load_data,
                      positive, prepare_out, progress, read_checkpoint, resume_data, rng_state,
                      run_interruptible, save_checkpoint, save_image_grid, set_rng_state,
-                     write_metrics)
+                     stop_between_steps, write_metrics)
 from .loop import Distributed, StepRunner, epoch_generator, epoch_order
 
 INIT_IMAGES = 512  # ActNorm's data-dependent initialisation: this many training images
@@ -347,26 +347,29 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
         bar = progress(range(first, steps_per_epoch), total=steps_per_epoch - first,
                        desc=f"epoch {epoch + 1}/{args.epochs}",
                        enabled=main_rank and not args.no_progress, every=args.log_every)
-        for i in bar:
-            idx = order[i * args.batch_size:(i + 1) * args.batch_size]
-            levels = train.levels[idx]
-            noise = torch.rand(levels.shape, generator=gen)
-            if args.hflip:
-                flip = (torch.rand(len(idx), generator=gen) < 0.5).view(-1, 1, 1, 1)
-                levels = torch.where(flip, levels.flip(-1), levels)
-            x = dist_.shard(dequantize(levels, n_bins, noise)).to(device, non_blocking=True)
-            terms = graph.step(x) if graph is not None else runner.step(lambda: loss_fn(x))
-            step += 1
-            images, batch = images + len(idx), i + 1
-            ok = 1.0 - runner.found_inf.double()
-            sum_bpd += torch.where(ok > 0, terms["bpd"].double(), 0.0) * x.shape[0] * ok
-            n_ok += x.shape[0] * ok
-            if main_rank and not args.no_progress and step % args.log_every == 0:
-                rate = images / max(time.perf_counter() - t_epoch, 1e-9)
-                bar.set_postfix_str(f"{float(sum_bpd / n_ok.clamp(min=1)):.3f} bits/dim, "
-                                    f"{rate:.0f} img/s")
-            if args.max_steps is not None and step >= args.max_steps:
-                break
+        # a Ctrl-C or SIGTERM (one process): the step under way ends, then its checkpoint
+        with stop_between_steps(not dist_.enabled) as stop:
+            for i in bar:
+                idx = order[i * args.batch_size:(i + 1) * args.batch_size]
+                levels = train.levels[idx]
+                noise = torch.rand(levels.shape, generator=gen)
+                if args.hflip:
+                    flip = (torch.rand(len(idx), generator=gen) < 0.5).view(-1, 1, 1, 1)
+                    levels = torch.where(flip, levels.flip(-1), levels)
+                x = dist_.shard(dequantize(levels, n_bins, noise)).to(device, non_blocking=True)
+                terms = graph.step(x) if graph is not None else runner.step(lambda: loss_fn(x))
+                step += 1
+                images, batch = images + len(idx), i + 1
+                ok = 1.0 - runner.found_inf.double()
+                sum_bpd += torch.where(ok > 0, terms["bpd"].double(), 0.0) * x.shape[0] * ok
+                n_ok += x.shape[0] * ok
+                if main_rank and not args.no_progress and step % args.log_every == 0:
+                    rate = images / max(time.perf_counter() - t_epoch, 1e-9)
+                    bar.set_postfix_str(f"{float(sum_bpd / n_ok.clamp(min=1)):.3f} bits/dim, "
+                                        f"{rate:.0f} img/s")
+                if stop.pending is not None or (args.max_steps is not None
+                                                and step >= args.max_steps):
+                    break
         bar.close()
         if dist_.enabled:
             torch.distributed.all_reduce(sum_bpd)
@@ -376,7 +379,8 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
         # evaluation generator as it was before this extra evaluation, for --resume
         unfinished = batch < steps_per_epoch
         resume_rng = rng_state(eval_gen, device=device) if unfinished else None
-        last = epoch + 1 == args.epochs or (args.max_steps is not None and step >= args.max_steps)
+        last = epoch + 1 == args.epochs or stop.pending is not None or (
+            args.max_steps is not None and step >= args.max_steps)
         evaluate = last or (epoch + 1) % args.eval_every == 0
         entry = {"epoch": epoch + 1, "step": step,
                  "train": {"bpd": float(sum_bpd / n_ok)},  # NaN when every step was skipped
@@ -407,6 +411,7 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
                             rng=resume_rng or rng_state(eval_gen, device=device),
                             world_size=dist_.world, training=training_options(args))
             saved_now = True
+        stop.raise_pending()  # interrupted: stopped, its last step saved
 
     if not main_rank:
         return 0
