@@ -484,3 +484,16 @@ def test_a_second_signal_stops_at_once_and_several_processes_stop_as_before():
     with pytest.raises(common.Terminated):
         stop.pending = common.Terminated
         stop.raise_pending()
+
+
+@pytest.mark.parametrize("command", [train_vae, train_tarflow], ids=["train-vae", "train-tarflow"])
+def test_vae_and_tarflow_refuse_torchrun_naming_the_one_command_that_runs_on_it(
+        command, tmp_path, monkeypatch):
+    """torchrun -m fastflow train-vae (or train-tarflow) started N processes that each
+    trained the whole model alone and all wrote the same checkpoint, grid and metrics (only
+    train has DistributedDataParallel): now refused before anything is written."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="expected one process, got WORLD_SIZE 2 .*only "
+                                         "train runs on several processes"):
+        command.main(["--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()

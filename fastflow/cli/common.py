@@ -411,6 +411,15 @@ def add_precision_option(parser, *, help: str) -> None:  # noqa: A002 - argparse
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help=help)
 
 
+def check_one_process(command: str) -> None:
+    """Refuse torchrun (``WORLD_SIZE`` > 1) for a command without DistributedDataParallel:
+    each process would train the whole model alone and all write the same files."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world != "1":
+        raise SystemExit(f"{command}: expected one process, got WORLD_SIZE {world} (torchrun); "
+                         "only train runs on several processes, so run it without torchrun")
+
+
 def check_test_fraction(args) -> None:
     if not 0 < args.test_fraction < 1:
         raise SystemExit(f"--test-fraction: expected a number in (0, 1), got {args.test_fraction}")

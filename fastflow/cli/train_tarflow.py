@@ -11,9 +11,9 @@ import argparse
 import torch
 
 from .common import (HelpFormatter, add_data_options, add_optimisation_options,
-                     add_precision_option, add_run_options, backend_name, finite, load_data,
-                     pick_device, positive, prepare_out, resume_data, run_interruptible,
-                     save_image_grid, write_metrics)
+                     add_precision_option, add_run_options, backend_name, check_one_process,
+                     finite, load_data, pick_device, positive, prepare_out, resume_data,
+                     run_interruptible, save_image_grid, write_metrics)
 from .loop import StepRunner, resume_or_start, train_epochs
 
 LR = 2e-3  # --lr's default on a fresh run
@@ -98,6 +98,7 @@ def main(argv=None) -> int:
     """``python -m fastflow train-tarflow``: returns the exit status (``INTERRUPTED`` on
     Ctrl-C)."""
     args = _parser().parse_args(argv)
+    check_one_process("train-tarflow")
     return run_interruptible(lambda: _main(args), args.out)
 
 

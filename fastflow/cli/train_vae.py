@@ -8,9 +8,9 @@ import argparse
 import torch
 
 from .common import (HelpFormatter, add_data_options, add_optimisation_options,
-                     add_precision_option, add_run_options, backend_name, load_data, pick_device,
-                     positive, prepare_out, resume_data, run_interruptible, save_image_grid,
-                     write_metrics)
+                     add_precision_option, add_run_options, backend_name, check_one_process,
+                     load_data, pick_device, positive, prepare_out, resume_data,
+                     run_interruptible, save_image_grid, write_metrics)
 from .loop import StepRunner, resume_or_start, train_epochs
 
 LR = 2e-3  # --lr's default on a fresh run
@@ -59,6 +59,7 @@ def _evaluate(model, levels, n_bins, batch_size, generator, runner):
 def main(argv=None) -> int:
     """``python -m fastflow train-vae``: returns the exit status (``INTERRUPTED`` on Ctrl-C)."""
     args = _vae_parser().parse_args(argv)
+    check_one_process("train-vae")
     return run_interruptible(lambda: _main(args), args.out)
 
 
