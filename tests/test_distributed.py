@@ -18,7 +18,7 @@ WORKER = r'''
 import json, os, sys
 import torch
 import torch.nn.parallel as parallel
-from fastflow.cli import train
+from fastflow.cli import common, train
 
 report_path, argv = sys.argv[1], sys.argv[2:]
 report = {"writes": [], "actnorm_max_diff": None}
@@ -50,8 +50,10 @@ def spy(name, fn):
 
 
 torch.save = spy("torch.save", torch.save)
-for name in ("save_image_grid", "write_json", "write_csv", "save_checkpoint"):
+for name in ("save_image_grid", "save_checkpoint"):
     setattr(train, name, spy(name, getattr(train, name)))
+for name in ("write_json", "write_csv"):  # metrics.json and .csv (common.write_metrics)
+    setattr(common, name, spy(name, getattr(common, name)))
 status = train.main(argv)
 with open(report_path, "w") as f:
     json.dump(report, f)
