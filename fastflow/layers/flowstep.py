@@ -74,8 +74,10 @@ class FlowStep(nn.Module):
         on the instance nor hooked: the fused pass may hand its network the mix's second
         output (``forward_with_head``) instead of calling the module."""
         cp = self.coupling
-        return (type(cp) is AffineCoupling and not _hooked(cp)
-                and not ({"forward", "_couple", "forward_with_head"} & cp.__dict__.keys()))
+        if type(cp) is not AffineCoupling or _hooked(cp):
+            return False
+        own = cp.__dict__  # membership tests only: dynamo in torch 2.11 cannot trace .keys()
+        return not ("forward" in own or "_couple" in own or "forward_with_head" in own)
 
     @staticmethod
     def forward_matrices(steps, x):
