@@ -23,7 +23,12 @@ the coupling):
   FlowStep feeding its coupling network, in forward (the network reads its head: no
   slice) and in the recompute (its backward adds the network input's gradient inside
   its launches: no slice + add per step); on the reference path the stage adds that
-  gradient to the coupling's, as before.
+  gradient to the coupling's, as before. Per Glow train step (2 blocks, N=4 3x16x16,
+  filter 32), K=4 / 8 / 16: Triton path 1426 / 2602 / 4954 -> 1402 / 2554 / 4858 ATen
+  ops counted on the CPU (per step: a slice and an add_ fewer in backward, a slice and the
+  first convolution's input copy fewer in forward, two more inside the split ops, forward
+  and recompute), launches the same (78 / 150 / 294); reference path unchanged (2170 /
+  3930 / 7450).
   With ``MIN_STACK`` or more ``FlowStep``s with an ``InvConv2dLU`` in the chain, their W
   and log-dets are assembled as one stack (``FlowStep.forward_matrices``, as a stored
   Glow block does), in forward and again in backward; each stage then back-propagates
