@@ -12,10 +12,23 @@ the coupling):
   coupling network runs once, with gradients on, on ``ya``; that ``h`` drives the fused
   inverse (rebuilding the stage input) and the op's from-output backward
   (``coupling_backward(..., from_output=True)``), and ``h``'s gradient goes back through
-  the network by an ordinary ``torch.autograd.backward``;
+  the network by an ordinary ``torch.autograd.backward``; the network input's gradient
+  goes to the mix stage before it, where that is a FlowStep's whose stored forward feeds
+  the network from the mix (``FlowStep._coupling_takes_head``: a stock, unhooked
+  coupling);
 * channel-mix stage: the matrix W (and its log-det) is assembled with gradients on, the
   input is rebuilt with W^-1 (``torch.linalg.inv_ex``: no host sync), and the one
   channel-mix op is re-run on the rebuilt input to back-propagate into W, loc and scale.
+  As in the stored FlowStep, that op is ``channel_mix_split`` on the Triton path for a
+  FlowStep feeding its coupling network, in forward (the network reads its head: no
+  slice) and in the recompute (its backward adds the network input's gradient inside
+  its launches: no slice + add per step); on the reference path the stage adds that
+  gradient to the coupling's, as before. Per Glow train step (2 blocks, N=4 3x16x16,
+  filter 32), K=4 / 8 / 16: Triton path 1426 / 2602 / 4954 -> 1402 / 2554 / 4858 ATen
+  ops counted on the CPU (per step: a slice and an add_ fewer in backward, a slice and the
+  first convolution's input copy fewer in forward, two more inside the split ops, forward
+  and recompute), launches the same (78 / 150 / 294); reference path unchanged (2170 /
+  3930 / 7450).
   With ``MIN_STACK`` or more ``FlowStep``s with an ``InvConv2dLU`` in the chain, their W
   and log-dets are assembled as one stack (``FlowStep.forward_matrices``, as a stored
   Glow block does), in forward and again in backward; each stage then back-propagates
@@ -117,9 +130,9 @@ import torch
 from torch import nn
 
 from .. import reference
-from ..backend import compute_dtype, current_mode, use_backend
+from ..backend import compute_dtype, current_mode, use_backend, use_triton
 from ..ops._checks import check_float_tensor, check_module_device, check_nchw, first_parameter
-from ..ops.channel_mix import actnorm_invconv, channel_mix
+from ..ops.channel_mix import actnorm_invconv, channel_mix, channel_mix_split
 from ..ops.coupling import additive_coupling, affine_coupling, coupling_backward
 from .channel_mix import ActNorm, InvConv2d, InvConv2dLU
 from .coupling import AffineCoupling, ZeroConv2d
@@ -135,9 +148,10 @@ def _requiring(params):
 
 
 def _backprop(outputs, grads, inputs):
-    """``torch.autograd.backward`` over the (output, grad) pairs that carry a graph,
-    accumulating into ``inputs`` (leaves that require grad) only."""
-    pairs = [(o, g) for o, g in zip(outputs, grads) if o is not None and o.requires_grad]
+    """``torch.autograd.backward`` over the (output, grad) pairs that carry a graph and a
+    gradient, accumulating into ``inputs`` (leaves that require grad) only."""
+    pairs = [(o, g) for o, g in zip(outputs, grads)
+             if o is not None and o.requires_grad and g is not None]
     inputs = [t for t in inputs if t.requires_grad]
     if pairs and inputs:
         torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs], inputs=inputs)
@@ -209,10 +223,12 @@ def _mix_conds(stages, x, check=True, stacked=None):
 
 class _MixStage:
     """ActNorm and/or an invertible 1x1 convolution, as FlowStep (fused) or the layers
-    alone compute them."""
+    alone compute them. ``split``: a FlowStep's whose coupling takes its network's input
+    from the mix (``FlowStep._coupling_takes_head``), the channels that input has; None
+    otherwise."""
 
-    def __init__(self, actnorm, invconv):
-        self.an, self.inv = actnorm, invconv
+    def __init__(self, actnorm, invconv, split=None):
+        self.an, self.inv, self.split = actnorm, invconv, split
 
     def params(self):
         mods = [m for m in (self.an, self.inv) if m is not None]
@@ -225,11 +241,23 @@ class _MixStage:
         scale = self.an.scale if self.an is not None else None
         return self.inv.matrix_and_logdet(x, scale, for_mix=True)
 
-    def _apply(self, x, w):
+    def _takes_head(self, x) -> bool:
+        """The mix's launch writes the coupling network's input as a second output, as in
+        the stored FlowStep: a ``split`` stage on the Triton path (on the reference path
+        ``channel_mix_split``'s head is a slice of out, which the coupling stage takes)."""
+        return self.split is not None and use_triton(x)
+
+    def _apply(self, x, w, scale=None):
+        """(out, head): ``head`` the coupling network's input from the same launch
+        (``channel_mix_split``) where ``_takes_head``, else None. ``scale``: ActNorm's
+        scale, or a detached copy of it."""
         an = self.an
         if an is None:
-            return channel_mix(x, w)
-        return channel_mix(x, w, loc=an.loc, scale=an.scale)
+            return channel_mix(x, w), None
+        scale = an.scale if scale is None else scale
+        if not self._takes_head(x):
+            return channel_mix(x, w, loc=an.loc, scale=scale), None
+        return channel_mix_split(x, w, loc=an.loc, scale=scale, split=self.split)
 
     def prepare(self, x):
         """(W detached, or None for ActNorm alone; the stage's log-det detached, or None)."""
@@ -239,18 +267,26 @@ class _MixStage:
             return self._matrix(x)
 
     def forward(self, x, w, ld):
+        """(y, log-det, head): head, the coupling network's input, as ``_apply``."""
         if self.inv is None:
-            return actnorm_invconv(x, self.an.loc, self.an.scale, None)
-        return self._apply(x, w), ld
+            return (*actnorm_invconv(x, self.an.loc, self.an.scale, None), None)
+        y, head = self._apply(x, w)
+        return y, ld, head
 
-    def backward(self, y, gy, gld, stored, mats, deferred=None):
+    def backward(self, y, gy, gld, stored, mats, deferred=None, ghead=None):
         """``mats``: (W with its graph, the stage's log-det with its graph, W^-1 float64)
         from ``_matrix``, None for ActNorm alone. ``deferred``: a list, for a W taken
         from the chain's stacked assembly: this stage back-propagates into W and ActNorm's
         scale only as far as detached copies of them and appends the (tensor with its graph,
         gradient) pairs for the one backward through the stack, so that each parameter's
-        gradient is accumulated once (DDP's hooks)."""
+        gradient is accumulated once (DDP's hooks). ``ghead``: the gradient of the coupling
+        network's input (a ``split`` stage's), which the recomputed mix takes as its
+        head's (added inside its backward launches) where ``_takes_head``, and which is
+        added to ``gy``'s first channels otherwise. Returns (x, its gradient, None)."""
         an = self.an
+        if ghead is not None and not self._takes_head(y):
+            gy[:, :self.split] += ghead  # (gy: the coupling stage's own gradient tensor)
+            ghead = None
         if self.inv is None:
             w = ld = None
             with torch.no_grad():
@@ -265,20 +301,20 @@ class _MixStage:
         x = stored(x)
         x_leaf = x.detach().requires_grad_(True)
         if self.inv is None:
-            y2, ld = actnorm_invconv(x_leaf, an.loc, an.scale, None)
+            (y2, ld), head = actnorm_invconv(x_leaf, an.loc, an.scale, None), None
         elif deferred is not None:
             w_leaf = w.detach().requires_grad_(w.requires_grad)
             scale = an.scale.detach().requires_grad_(an.scale.requires_grad)
-            y2 = channel_mix(x_leaf, w_leaf, loc=an.loc, scale=scale)
-            _backprop((y2,), (gy,), [x_leaf, w_leaf, an.loc, scale])
+            y2, head = self._apply(x_leaf, w_leaf, scale)
+            _backprop((y2, head), (gy, ghead), [x_leaf, w_leaf, an.loc, scale])
             deferred += [(w, w_leaf.grad), (ld, gld.to(ld.dtype)), (an.scale, scale.grad)]
             gx = x_leaf.grad if x_leaf.grad is not None else torch.zeros_like(x)
-            return x, gx
+            return x, gx, None
         else:
-            y2 = self._apply(x_leaf, w)
-        _backprop((y2, ld), (gy, gld.to(ld.dtype)), [x_leaf] + self.params())
+            y2, head = self._apply(x_leaf, w)
+        _backprop((y2, head, ld), (gy, ghead, gld.to(ld.dtype)), [x_leaf] + self.params())
         gx = x_leaf.grad if x_leaf.grad is not None else torch.zeros_like(x)
-        return x, gx
+        return x, gx, None
 
 
 def _coupling_options(c: AffineCoupling):
@@ -294,8 +330,12 @@ _DETERMINISTIC_NET = (nn.Sequential, nn.Conv2d, nn.ReLU, ZeroConv2d)
 
 
 class _CouplingStage:
-    def __init__(self, coupling: AffineCoupling):
-        self.c = coupling
+    """``fed``: a FlowStep's coupling whose network takes its input from the mix stage
+    before it (``_MixStage.split``): the forward gets it as ``head`` (None on the
+    reference path), and the backward hands its gradient to that stage."""
+
+    def __init__(self, coupling: AffineCoupling, fed: bool = False):
+        self.c, self.fed = coupling, fed
         self.ca = coupling.in_channel - coupling.in_channel // 2
         self.opts = _coupling_options(coupling)
 
@@ -319,10 +359,11 @@ class _CouplingStage:
         return affine_coupling(x, h, scale=scale, layout=layout, shift=shift, clamp=clamp,
                                reverse=reverse)
 
-    def forward(self, x, limit):
+    def forward(self, x, limit, head=None):
         """(y, logdet, flag): flag (0-d bool on the device, None when it cannot be set) says
-        the inverse's condition estimate ``max(1, s_max) / s_min`` exceeds ``limit``."""
-        h = self.c.net(x[:, :self.ca])
+        the inverse's condition estimate ``max(1, s_max) / s_min`` exceeds ``limit``.
+        ``head``: the network's input from the mix's launch, or None (a slice of x)."""
+        h = self.c.net(x[:, :self.ca] if head is None else head)
         y, ld = self._op(x, h, False)
         scale, layout, _, clamp = self.opts
         if scale == "additive" or limit == math.inf:
@@ -336,10 +377,11 @@ class _CouplingStage:
         log_hi = reference.coupling_log_scale(hi, scale, clamp)[0]
         return y, ld, torch.clamp(log_hi, min=0.0) - log_lo > math.log(limit)
 
-    def backward(self, y, gy, gld, stored, mats=None, net_state=None):
+    def backward(self, y, gy, gld, stored, mats=None, net_state=None, ghead=None):
         """``net_state``: what the network's forward read besides its input and parameters
         (``_net_state``; None for a stock network): the recompute runs under it, so it
-        computes what the forward did."""
+        computes what the forward did. Returns (x, its gradient, the network input's
+        gradient for the mix stage before it when ``fed``, else None: added to x's)."""
         ya = y[:, :self.ca].detach().requires_grad_(True)
         with (contextlib.nullcontext() if net_state is None
               else _as_at_forward(self.c.net, net_state)):
@@ -350,15 +392,20 @@ class _CouplingStage:
             gx, gh = coupling_backward(gy.contiguous(), gld.contiguous(), y, hd, *self.opts,
                                        False, True)
             _backprop((h,), (gh,), [ya] + self.params())
+        if self.fed:
+            return stored(x), gx, ya.grad
         if ya.grad is not None:
             gx[:, :self.ca] += ya.grad
-        return stored(x), gx
+        return stored(x), gx, None
 
 
 def _stages(step):
     """A step as its stages, in forward order."""
     if isinstance(step, FlowStep):
-        return [_MixStage(step.actnorm, step.invconv), _CouplingStage(step.coupling)]
+        # the network's input from the mix's launch where the stored FlowStep takes it
+        split = step.coupling.split if step._coupling_takes_head() else None
+        return [_MixStage(step.actnorm, step.invconv, split),
+                _CouplingStage(step.coupling, fed=split is not None)]
     if isinstance(step, ActNorm):
         return [_MixStage(step, None)]
     if isinstance(step, (InvConv2d, InvConv2dLU)):
@@ -442,19 +489,20 @@ class _ReversibleChain(torch.autograd.Function):
         owner = torch.full((slots,), -1, dtype=torch.int64, device=x.device)
         flagged = torch.zeros((), dtype=torch.int64, device=x.device)
         slot_ids = torch.arange(slots, device=x.device)
-        out, logdet, index, k_mix = x, None, 0, 0
+        out, logdet, index, k_mix, head = x, None, 0, 0, None
         net_states = {}  # coupling stage index -> _net_state before its network ran
         for stages in steps:
             step_ld = None
             for stage in stages:
                 if isinstance(stage, _MixStage):
-                    y, ld = stage.forward(out, *prepared[index])
+                    y, ld, head = stage.forward(out, *prepared[index])
                     flag = mix_flags[k_mix] if mix_flags is not None else None
                     k_mix += 1
                 else:
                     if stage.replays_rng():
                         net_states[index] = _net_state(stage.c.net, out.device)
-                    y, ld, flag = stage.forward(out, limit)
+                    y, ld, flag = stage.forward(out, limit, head if stage.fed else None)
+                    head = None
                 if flag is not None:
                     if reserve is not None:
                         # no host sync: the input goes to slot ``flagged`` if the flag is set
@@ -510,6 +558,7 @@ class _ReversibleChain(torch.autograd.Function):
                 inv = iter(torch.linalg.inv_ex(found.detach().to(torch.float64))[0].unbind())
                 mats = [None if wl is None else (wl[0], wl[1], next(inv)) for wl in mats]
             deferred = []  # (tensor of the stacked assembly's graph, its gradient) pairs
+            ghead = None  # a fed coupling network's input gradient, for the mix before it
             for index in range(ctx.n_stages - 1, -1, -1):
                 def stored(x, index=index):
                     if reserve is None:
@@ -521,7 +570,8 @@ class _ReversibleChain(torch.autograd.Function):
                 extra = dict(deferred=deferred) if index in stacked else {}
                 if index in ctx.net_states:
                     extra["net_state"] = ctx.net_states[index]
-                y, gy = stages[index].backward(y.detach(), gy, gld, stored, mats[index], **extra)
+                y, gy, ghead = stages[index].backward(y.detach(), gy, gld, stored, mats[index],
+                                                      ghead=ghead, **extra)
                 mats[index] = None
                 y = y.detach()
             if deferred:  # one backward through the stacked assembly
