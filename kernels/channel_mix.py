@@ -517,8 +517,10 @@ def reduce_config(n: int, c: int, co: int, hw: int, dtype: torch.dtype, diag: bo
                 block_o //= 2
             else:
                 block_k //= 2
-        # 16 elements per thread of the largest tile (g, the input, the accumulator)
-        warps = warps_for(max(block_o, block_k) * block_q, per_thread=16, lo=2, hi=8)
+        # 16 elements per thread of the largest tile (g, the input, the accumulator); at
+        # least 4 warps: at 2, the 16 x 16 x 64 tile that also adds the network input's
+        # gradient (ADD_G2) spilled 8 bytes under triton 3.6 (the GPU image's)
+        warps = warps_for(max(block_o, block_k) * block_q, per_thread=16, lo=4, hi=8)
     n_ot = triton.cdiv(co, block_o)
     n_kt = 1 if diag else triton.cdiv(c, block_k)
     # chunks: enough programs to fill the device, within the bound above (a function of the
