@@ -335,13 +335,19 @@ def test_a_signal_mid_epoch_saves_the_step_under_way_and_resume_matches(command,
         return terms
 
     out = tmp_path / "cut"
-    with monkeypatch.context() as patch:
-        patch.setattr(StepRunner, "step", step)
-        capsys.readouterr()
-        status = command.main([*tiny, "--epochs", "2", "--out", str(out)])
-    assert status == (130 if signum == "SIGINT" else 143)
-    assert len(calls) == per_epoch + 1 and signal.getsignal(signal.SIGINT) == \
-        signal.default_int_handler
+    # Python's own Ctrl-C handler, whatever this test process was started with (a
+    # background job ignores SIGINT)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(StepRunner, "step", step)
+            capsys.readouterr()
+            status = command.main([*tiny, "--epochs", "2", "--out", str(out)])
+        assert status == (130 if signum == "SIGINT" else 143)
+        assert len(calls) == per_epoch + 1 and signal.getsignal(signal.SIGINT) == \
+            signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
     err = capsys.readouterr().err
     assert "saving a checkpoint after the step under way" in err and "Traceback" not in err
     assert f"{out / 'checkpoint.pt'} (its last checkpoint) is intact: --resume" in err
@@ -472,18 +478,28 @@ def test_a_second_signal_stops_at_once_and_several_processes_stop_as_before():
     import os
     import signal
 
-    with common.stop_between_steps() as stop:
-        os.kill(os.getpid(), signal.SIGINT)
-        assert stop.pending is KeyboardInterrupt
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as an interactive run
+    try:
+        with common.stop_between_steps() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.pending is KeyboardInterrupt
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
         with pytest.raises(KeyboardInterrupt):
+            with common.stop_between_steps(enabled=False):
+                os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(common.Terminated):
+            stop.pending = common.Terminated
+            stop.raise_pending()
+        # started ignoring SIGINT (nohup, a script's background job): it stays ignored
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with common.stop_between_steps() as stop:
             os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    with pytest.raises(KeyboardInterrupt):
-        with common.stop_between_steps(enabled=False):
-            os.kill(os.getpid(), signal.SIGINT)
-    with pytest.raises(common.Terminated):
-        stop.pending = common.Terminated
-        stop.raise_pending()
+            assert stop.pending is None
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 @pytest.mark.parametrize("command", [train_vae, train_tarflow], ids=["train-vae", "train-tarflow"])

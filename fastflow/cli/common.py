@@ -579,7 +579,8 @@ def stop_between_steps(enabled: bool = True):
     the loop can end after the step under way, checkpoint it (as a ``--max-steps`` stop
     inside an epoch) and then ``raise_pending``; a second one raises at once. Not
     ``enabled`` (several processes, which could stop one step apart and wait on each
-    other's all-reduce for ever) or outside the main thread: signals raise as before."""
+    other's all-reduce for ever) or outside the main thread: signals raise as before. An
+    ignored signal (SIG_IGN) stays ignored."""
     import signal
     import threading
 
@@ -597,7 +598,10 @@ def stop_between_steps(enabled: bool = True):
               "after the step under way (again to stop at once, without it)",
               file=sys.stderr, flush=True)
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    # a signal the process was started ignoring (nohup, a background job of a script)
+    # stays ignored, as it was before this block
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield stop
     finally:
