@@ -129,13 +129,30 @@ def _flowstep_with_exp_coupling(c):
     return step
 
 
+def _shifted_forward(m):
+    """``m`` with its ``forward`` replaced on the instance: y + 0.5, the same log-det."""
+    own = m.forward
+    m.forward = lambda x: (lambda out: (out[0] + 0.5, out[1]))(own(x))
+    return m
+
+
+def _flowstep_with_own_coupling_forward(c):
+    step = ff.FlowStep(c, filter_size=8).double()
+    _shifted_forward(step.coupling)
+    return step
+
+
 @pytest.mark.parametrize("make", [lambda c: _ExpCoupling(c, filter_size=8).double(),
                                   _flowstep_with_exp_coupling,
-                                  lambda c: _DoublingActNorm(c).double()],
-                         ids=["coupling", "flowstep_coupling", "actnorm"])
+                                  lambda c: _DoublingActNorm(c).double(),
+                                  lambda c: _shifted_forward(ff.AffineCoupling(c, 8).double()),
+                                  _flowstep_with_own_coupling_forward],
+                         ids=["coupling", "flowstep_coupling", "actnorm",
+                              "coupling_own_forward", "flowstep_coupling_own_forward"])
 def test_subclassed_steps_compute_what_they_define(make):
     """A subclass of a step type (or in a FlowStep's actnorm / invconv / coupling) that
-    overrides its maths: the chain computes what the modules called one by one compute,
+    overrides its maths, or a ``forward`` replaced on the instance (which the chain ignored
+    before, y off by the shift): the chain computes what the modules called one by one compute,
     with their gradients (the reversible stages recompute the stock classes' maths, and
     gave another y and log-det while the chain's input or parameters required grad)."""
     torch.manual_seed(0)
