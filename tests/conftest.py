@@ -6,6 +6,8 @@ With a GPU the same tests run the compiled kernels on CUDA tensors.
 """
 
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -199,3 +201,15 @@ class OpsCounter(OpenedOpsMode):
 
     def count(self, name: str) -> int:
         return self.names.count(name)
+
+
+def assert_device_assert_fails(code: str) -> None:
+    """Run ``code`` (a Python program that should trip a device-side assert) in another
+    process, with this checkout's fastflow: a failed device assert ends the process's CUDA
+    context, so it cannot run in the test process. It must exit non-zero naming an assert."""
+    import fastflow
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fastflow.__file__)))
+    env = {**os.environ, "PYTHONPATH": root}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode != 0 and "assert" in done.stderr.lower(), done.stderr[-2000:]

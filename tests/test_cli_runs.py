@@ -268,6 +268,17 @@ def test_bench_refuses_an_out_it_cannot_write_before_measuring(out, message, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
+def _resume_ends_as_whole(command, tiny, out, whole, per_epoch):
+    """``--resume`` of the interrupted run in ``out`` ends, after 2 epochs, with the step
+    count and weights of the uninterrupted run in ``whole``."""
+    assert command.main([*tiny, "--epochs", "2", "--out", str(out), "--resume"]) == 0
+    a = torch.load(whole / "checkpoint.pt", weights_only=True)
+    b = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 2 * per_epoch
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+
+
 @pytest.mark.parametrize("command, tiny, per_epoch", [(train, GLOW, 2), (train_vae, VAE, 3),
                                                       (train_tarflow, TARFLOW, 3)],
                          ids=["train", "train-vae", "train-tarflow"])
@@ -298,12 +309,7 @@ def test_ctrl_c_says_where_to_resume_from_and_the_resumed_run_matches(command, t
     assert f"interrupted: {out / 'checkpoint.pt'} (its last checkpoint) is intact: --resume" \
         in err and "Traceback" not in err
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
-    assert command.main([*tiny, "--epochs", "2", "--out", str(out), "--resume"]) == 0
-    a = torch.load(whole / "checkpoint.pt", weights_only=True)
-    b = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert a["step"] == b["step"] == 2 * per_epoch
-    for name, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][name]), name
+    _resume_ends_as_whole(command, tiny, out, whole, per_epoch)
 
 
 @pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
@@ -353,12 +359,7 @@ def test_a_signal_mid_epoch_saves_the_step_under_way_and_resume_matches(command,
     assert f"{out / 'checkpoint.pt'} (its last checkpoint) is intact: --resume" in err
     cut = torch.load(out / "checkpoint.pt", weights_only=True)
     assert (cut["epoch"], cut["step"], cut["partial"]["batch"]) == (1, per_epoch + 1, 1)
-    assert command.main([*tiny, "--epochs", "2", "--out", str(out), "--resume"]) == 0
-    a = torch.load(whole / "checkpoint.pt", weights_only=True)
-    b = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert a["step"] == b["step"] == 2 * per_epoch
-    for name, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][name]), name
+    _resume_ends_as_whole(command, tiny, out, whole, per_epoch)
 
 
 def test_ctrl_c_before_any_checkpoint_says_so(tmp_path, monkeypatch, capsys):

@@ -737,6 +737,14 @@ def test_the_generator_of_any_accelerator_is_replayed(monkeypatch):
     assert gen["state"].tolist() == [2]  # the caller's stream where the forward left it
 
 
+def _fresh_bpd(model, x):
+    """(x as a fresh leaf, the Glow's bits/dim of it), every .grad of ``model`` cleared."""
+    model.zero_grad(set_to_none=True)
+    xi = x.clone().requires_grad_(True)
+    log_p, logdet, _ = model(xi)
+    return xi, ff.bits_per_dim(log_p, logdet, x[0].numel())
+
+
 @pytest.mark.parametrize("n_flow", [2, ff.layers.flowstep.MIN_STACK], ids=["per_step", "stacked"])
 @pytest.mark.parametrize("how", ["grad", "backward_inputs"])
 def test_gradients_wrt_the_input_alone_leave_parameter_grads_alone(how, n_flow):
@@ -747,10 +755,7 @@ def test_gradients_wrt_the_input_alone_leave_parameter_grads_alone(how, n_flow):
     stored, rev, x = _glow_pair(torch.float64, True, True, n_flow=n_flow)
     got = {}
     for name, m in (("stored", stored), ("reversible", rev)):
-        m.zero_grad(set_to_none=True)
-        xi = x.clone().requires_grad_(True)
-        log_p, logdet, _ = m(xi)
-        loss = ff.bits_per_dim(log_p, logdet, x[0].numel())
+        xi, loss = _fresh_bpd(m, x)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             if how == "grad":
@@ -1038,10 +1043,7 @@ def test_gradients_of_some_parameters_and_the_input_are_the_stored_ones(how, n_f
     stored, rev, x = _glow_pair(torch.float64, True, True, n_flow=n_flow)
     got = {}
     for name, m in (("stored", stored), ("reversible", rev)):
-        m.zero_grad(set_to_none=True)
-        xi = x.clone().requires_grad_(True)
-        log_p, logdet, _ = m(xi)
-        loss = ff.bits_per_dim(log_p, logdet, x[0].numel())
+        xi, loss = _fresh_bpd(m, x)
         inputs = _requested(m) + [xi]
         with warnings.catch_warnings():
             warnings.simplefilter("error")

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fastflow as ff
 from fastflow.cli import train_tarflow
 
-from conftest import DEVICE
+from conftest import DEVICE, assert_device_assert_fails
 
 
 def tiny(num_classes=0, dtype=torch.float64, blocks=2, seed=0, **kw):
@@ -414,24 +414,16 @@ def test_the_device_assert_is_no_host_sync_and_compiles_fullgraph():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_labels_past_the_classes_fail_on_cuda_without_a_host_sync():
-    import os
-    import subprocess
-    import sys
-
     model = ff.TarFlow(1, 4, 2, 8, 1, 1, num_classes=3, head_dim=4).cuda()
     with _SyncCounter() as syncs:
         model._labels(torch.tensor([0, 2], device="cuda"), 2, torch.device("cuda"))
     torch.cuda.synchronize()
     assert syncs.count == 0
-    # a failed device assert ends the process's CUDA context: run it in another process
     code = ("import torch, fastflow as ff\n"
             "m = ff.TarFlow(1, 4, 2, 8, 1, 1, num_classes=3, head_dim=4).cuda()\n"
             "m._labels(torch.tensor([0, 3], device='cuda'), 2, torch.device('cuda'))\n"
             "torch.cuda.synchronize()\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(ff.__file__)))
-    env = {**os.environ, "PYTHONPATH": root}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert done.returncode != 0 and "assert" in done.stderr.lower(), done.stderr[-2000:]
+    assert_device_assert_fails(code)
 
 
 @pytest.mark.parametrize("kw", [{"in_channels": True}, {"num_blocks": True},

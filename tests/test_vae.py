@@ -11,7 +11,7 @@ from fastflow.__main__ import main as cli
 from fastflow.cli.common import load_checkpoint, save_checkpoint
 from fastflow.vae import ConvVAE
 
-from conftest import DEVICE
+from conftest import DEVICE, assert_device_assert_fails
 
 
 def test_digits_splits_are_deterministic_and_disjoint():
@@ -221,22 +221,14 @@ def test_bernoulli_pixels_off_the_cpu_are_asserted_on_the_device(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bernoulli_pixels_outside_0_1_fail_on_cuda():
-    import os
-    import subprocess
-    import sys
-
     model = ConvVAE(latent=2, hidden=4).cuda()
     model.recon_nll(torch.zeros(3, 1, 8, 8, device="cuda"), torch.rand(3, 1, 8, 8, device="cuda"))
     torch.cuda.synchronize()
-    # a failed device assert ends the process's CUDA context: run it in another process
     code = ("import torch\nfrom fastflow.vae import ConvVAE\n"
             "m = ConvVAE(latent=2, hidden=4).cuda()\n"
             "x = torch.full((3, 1, 8, 8), 255.0, device='cuda')\n"
             "m.recon_nll(torch.zeros_like(x), x)\ntorch.cuda.synchronize()\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(ff.__file__)))
-    env = {**os.environ, "PYTHONPATH": root}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert done.returncode != 0 and "assert" in done.stderr.lower(), done.stderr[-2000:]
+    assert_device_assert_fails(code)
 
 
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
