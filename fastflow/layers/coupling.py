@@ -10,6 +10,18 @@ from ..ops._checks import check_bool, check_count, check_module_device, check_nc
 from ..ops.coupling import additive_coupling, affine_coupling
 
 
+def replaced_on_instance(m: nn.Module, names) -> bool:
+    """Any of ``names`` (methods of ``m``'s class) replaced on the instance (``m.forward =
+    ...``): then only calling that method runs the replacement, so a fused path that
+    computes the class's maths without calling it must not be taken. Membership tests on
+    the instance ``__dict__`` only: torch 2.11's dynamo cannot trace ``__dict__.keys()``."""
+    own = m.__dict__
+    for name in names:
+        if name in own:
+            return True
+    return False
+
+
 class ZeroConv2d(nn.Module):
     """Glow's zero-initialised 3x3 convolution (padding with ones) times exp(3 * scale)."""
 
@@ -96,9 +108,9 @@ class AffineCoupling(nn.Module):
     def reverse(self, y):
         """x alone: the op computes no log-det (sampling drops it), unless a subclass or
         the instance itself overrides ``inverse`` (or ``_couple``), which is then what runs."""
-        cls, own = type(self), self.__dict__
+        cls = type(self)
         if (cls.inverse is not AffineCoupling.inverse or cls._couple is not AffineCoupling._couple
-                or "inverse" in own or "_couple" in own):
+                or replaced_on_instance(self, ("inverse", "_couple"))):
             return self.inverse(y)[0]
         self._check("y", y)
         return self._couple(y, True, logdet=False)[0]

@@ -13,7 +13,7 @@ from ..ops.channel_mix import channel_mix, channel_mix_split
 from ..ops.lu_weight import lu_weight_logdet
 from ..ops._checks import FLOAT_DTYPES, check_bool, check_count, check_module_device, check_nchw
 from .channel_mix import ActNorm, InvConv2d, InvConv2dLU
-from .coupling import AffineCoupling
+from .coupling import AffineCoupling, replaced_on_instance
 
 
 # Fewest steps whose W a block assembles as one stack: stacking the factors and unbinding
@@ -76,8 +76,7 @@ class FlowStep(nn.Module):
         cp = self.coupling
         if type(cp) is not AffineCoupling or _hooked(cp):
             return False
-        own = cp.__dict__  # membership tests only: dynamo in torch 2.11 cannot trace .keys()
-        return not ("forward" in own or "_couple" in own or "forward_with_head" in own)
+        return not replaced_on_instance(cp, ("forward", "_couple", "forward_with_head"))
 
     @staticmethod
     def forward_matrices(steps, x):
