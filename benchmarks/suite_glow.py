@@ -7,7 +7,8 @@ Implementations, all with the same weights (fastflow's state_dict, loaded into t
   compile    torch.compile of the peer
   fastflow   fastflow.Glow (default backend: Triton on CUDA tensors, the reference on CPU)
 in float32 and under bf16 autocast. Reported: step time (median, quartiles), images/s, peak
-memory (CUDA), and the ratios to the floor and to eager; sampling (``reverse`` of fresh z)
+memory (CUDA), and the ratios to the floor and to eager; Adam is fused, as the training
+command builds it (``train_step``); sampling (``reverse`` of fresh z)
 in images/s.
 
 Configurations: on a GPU, Glow's CIFAR-10 setting (K=32, L=3, filter 512, batch 64,
@@ -97,8 +98,13 @@ def _loss(model, x, n_pixel):
 
 
 def train_step(model, forward, x, device: str, dtype: torch.dtype):
-    """A closure: forward (under bf16 autocast for ``dtype=bfloat16``), backward, Adam."""
-    opt = torch.optim.Adam(model.parameters(), lr=1e-5)
+    """A closure: forward (under bf16 autocast for ``dtype=bfloat16``), backward, Adam.
+
+    Adam is built as ``python -m fastflow train`` builds it, ``fused=True`` (one kernel for
+    all parameters), for every implementation. PyTorch's default on CPU is a loop of about
+    ten ops per parameter: for the 40 ActNorm and LU tensors of the 8-FlowStep
+    configuration, which the floor does not update, about 1 ms per step on this CPU."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-5, fused=True)
     n_pixel = x[0].numel()
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     autocast = dtype != torch.float32
@@ -138,11 +144,33 @@ def _peak(fn, device):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def _timed(fn, device, reps, warmup) -> dict:
-    s = harness.time_fn(fn, device, reps=reps, warmup=warmup)
-    return {"median_ms": s["median"] * 1e3,
-            "iqr_ms": f"{s['q1'] * 1e3:.3g}–{s['q3'] * 1e3:.3g}",
-            "range_ms": f"{s['min'] * 1e3:.3g}–{s['max'] * 1e3:.3g}", "_s": s["median"]}
+def _timed_rows(fns: dict, cfg: Config, dtype, device, reps, warmup) -> list[dict]:
+    """One row per implementation, from ``fns`` (impl -> a function that builds its
+    closure): each closure is called once (torch.compile compiles
+    there; an implementation that fails is reported in its row's ``error``, not fatal), its
+    peak memory taken, then all are timed in turn (``harness.time_interleaved``): a change
+    in the machine's load reaches every implementation alike, so the ratios of one table
+    compare like with like."""
+    rows, ok = {}, {}
+    for impl in IMPLS:
+        if impl not in fns:
+            continue
+        row = rows[impl] = {"config": cfg.name, "dtype": str(dtype).replace("torch.", ""),
+                            "impl": impl}
+        try:
+            fn = fns[impl]()
+            fn()  # the first call: compiles, and raises here for a failing implementation
+            row["peak_MB"] = _peak(fn, device)
+            ok[impl] = fn
+        except Exception as e:  # reported, not fatal
+            row["error"] = f"{type(e).__name__}: {e}"[:200]
+    if ok:
+        for impl, s in harness.time_interleaved(ok, device, reps=reps, warmup=warmup).items():
+            rows[impl].update({"median_ms": s["median"] * 1e3,
+                               "iqr_ms": f"{s['q1'] * 1e3:.3g}–{s['q3'] * 1e3:.3g}",
+                               "range_ms": f"{s['min'] * 1e3:.3g}–{s['max'] * 1e3:.3g}",
+                               "images_per_s": cfg.n / s["median"], "_s": s["median"]})
+    return list(rows.values())
 
 
 def _ratios(rows, key_fields=("config", "dtype")):
@@ -179,19 +207,10 @@ def step_rows(device, quick, reps, warmup, compile_) -> list[dict]:
                         "fastflow": models["fastflow"]}
             if compile_ and _compile_here(device, quick, cfg, dtype):
                 forwards["compile"] = torch.compile(models["eager"])
-            for impl in IMPLS:
-                if impl not in forwards:
-                    continue
-                model = models["eager"] if impl == "compile" else models[impl]
-                row = {"config": cfg.name, "dtype": str(dtype).replace("torch.", ""), "impl": impl}
-                try:
-                    step = train_step(model, forwards[impl], x, device, dtype)
-                    row.update(_timed(step, device, reps, warmup))
-                    row["images_per_s"] = cfg.n / row["_s"]
-                    row["peak_MB"] = _peak(step, device)
-                except Exception as e:  # reported, not fatal
-                    row["error"] = f"{type(e).__name__}: {e}"[:200]
-                rows.append(row)
+            fns = {impl: (lambda impl=impl: train_step(
+                       models["eager"] if impl == "compile" else models[impl], forwards[impl],
+                       x, device, dtype)) for impl in forwards}
+            rows += _timed_rows(fns, cfg, dtype, device, reps, warmup)
             del models, forwards
     return _ratios(rows)
 
@@ -204,23 +223,14 @@ def sample_rows(device, quick, reps, warmup, compile_) -> list[dict]:
             models = make_models(cfg, device)
             for m in models.values():
                 m.eval()
-            fns = {"floor": models["floor"].reverse, "eager": models["eager"].reverse,
-                   "fastflow": models["fastflow"].reverse}
+            reverse = {"floor": models["floor"].reverse, "eager": models["eager"].reverse,
+                       "fastflow": models["fastflow"].reverse}
             if compile_ and _compile_here(device, quick, cfg, dtype):
-                fns["compile"] = torch.compile(models["eager"].reverse)
-            for impl in IMPLS:
-                if impl not in fns:
-                    continue
-                row = {"config": cfg.name, "dtype": str(dtype).replace("torch.", ""), "impl": impl}
-                try:
-                    shapes = models["fastflow"].z_shapes(cfg.size, cfg.size)
-                    run = sample_fn(fns[impl], cfg, shapes, device, dtype)
-                    row.update(_timed(run, device, reps, warmup))
-                    row["images_per_s"] = cfg.n / row["_s"]
-                    row["peak_MB"] = _peak(run, device)
-                except Exception as e:
-                    row["error"] = f"{type(e).__name__}: {e}"[:200]
-                rows.append(row)
+                reverse["compile"] = torch.compile(models["eager"].reverse)
+            shapes = models["fastflow"].z_shapes(cfg.size, cfg.size)
+            runs = {impl: (lambda impl=impl: sample_fn(reverse[impl], cfg, shapes, device, dtype))
+                    for impl in reverse}
+            rows += _timed_rows(runs, cfg, dtype, device, reps, warmup)
     return _ratios(rows)
 
 
