@@ -565,6 +565,13 @@ def test_bad_arguments():
         ReversibleSequence([ff.ActNorm(2)], fallback_cond=0.5)
     with pytest.raises(TypeError, match="reversible: expected a bool"):
         ff.Glow(1, 1, 1, reversible="yes")
+    # steps of other channel counts: the reversible path failed inside (a stack of W's of
+    # two sizes, a reshape, h's shape), the ordinary one only at the mismatched step
+    for steps in ([ff.FlowStep(4, filter_size=8), ff.FlowStep(6, filter_size=8)],
+                  [ff.ActNorm(4), ff.AffineCoupling(6, filter_size=8)],
+                  [ff.InvConv2dLU(4), ff.InvConv2d(3)]):
+        with pytest.raises(ValueError, match=r"^steps\[1\]: expected a step of 4 channels"):
+            ReversibleSequence(steps)
 
 
 @pytest.mark.parametrize("steps", [lambda: [ff.FlowStep(4, filter_size=8)],

@@ -759,6 +759,9 @@ class ReversibleSequence(nn.ModuleList):
                 raise TypeError(f"steps[{i}]: expected a fastflow flow step "
                                 f"({', '.join(t.__name__ for t in _STEP_TYPES)}), got "
                                 f"{type(s).__name__}")
+            if s.in_channel != steps[0].in_channel:  # each step keeps its input's shape
+                raise ValueError(f"steps[{i}]: expected a step of {steps[0].in_channel} channels "
+                                 f"(as steps[0]), got a {type(s).__name__} of {s.in_channel}")
         if isinstance(fallback_slots, bool) or not isinstance(fallback_slots, int) \
                 or fallback_slots < 0:
             raise ValueError(f"fallback_slots: expected an integer >= 0, got {fallback_slots!r}")
