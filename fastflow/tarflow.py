@@ -167,6 +167,11 @@ class TarFlow(nn.Module):
             raise ValueError(f"patch_size: expected a divisor of img_size={img_size}, got {patch_size}")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes: expected a non-negative integer, got {num_classes!r}")
+        if clamp is not None and (isinstance(clamp, bool) or not isinstance(clamp, (int, float))
+                                  or not 0.0 < clamp < math.inf):
+            # (inf made every log-scale inf * tanh(0) = NaN; 0 was refused at the first call)
+            raise ValueError(f"clamp: expected None (no clamp) or a finite number > 0, got "
+                             f"{clamp!r}")
         if not (isinstance(noise_std, (int, float)) and 0.0 <= noise_std < math.inf):
             raise ValueError(f"noise_std: expected a finite number >= 0, got {noise_std!r}")
         if not (isinstance(class_dropout, (int, float)) and 0.0 <= class_dropout <= 1.0):

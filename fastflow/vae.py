@@ -33,10 +33,12 @@ class ConvVAE(nn.Module):
         super().__init__()
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood: expected one of {LIKELIHOODS}, got {likelihood!r}")
+        for name, v in (("latent", latent), ("channels", channels), ("size", size),
+                        ("hidden", hidden)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
         if size < 2 or size % 2:
             raise ValueError(f"size: expected an even image size >= 2, got {size}")
-        if latent < 1 or hidden < 1:
-            raise ValueError(f"latent, hidden: expected positive sizes, got {latent}, {hidden}")
         self.latent, self.channels, self.size, self.likelihood = latent, channels, size, likelihood
         half = size // 2
         flat = 2 * hidden * half * half
@@ -131,6 +133,8 @@ class ConvVAE(nn.Module):
     def sample(self, n: int, generator=None):
         """``n`` images decoded from z ~ N(0, I) (pixel means in [0, 1]), in the model's
         dtype (under autocast too, where the decoder gives bfloat16/float16)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n: expected a positive integer, got {n!r}")
         p = next(self.parameters())
         z = torch.randn(n, self.latent, generator=generator, device=p.device, dtype=p.dtype)
         return self.mean_image(self.decode(z).to(p.dtype))

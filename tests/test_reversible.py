@@ -260,6 +260,25 @@ def test_actnorm_initialising_call_runs_the_ordinary_way_then_reversible():
         assert seq(torch.rand(4, 4, 4, 4))[1].grad_fn is None
 
 
+def test_a_step_in_training_mode_in_a_chain_in_eval_initialises_its_actnorm():
+    # the ActNorm's own flag decides, as in a stored FlowStep: a chain in eval mode holding
+    # a step in training mode went reversible and skipped the initialisation (so it
+    # happened only under no_grad)
+    torch.manual_seed(0)
+    steps = [ff.FlowStep(4, filter_size=8) for _ in range(2)]
+    plain = copy.deepcopy(steps)
+    seq = ReversibleSequence(steps).eval()
+    steps[0].train()
+    plain[1].eval()
+    x = torch.randn(3, 4, 2, 2)
+    y, ld = seq(x)
+    h, ld_a = plain[0](x)
+    y0, ld_b = plain[1](h)
+    assert steps[0].actnorm.is_initialized() and plain[0].actnorm.is_initialized()
+    torch.testing.assert_close(y, y0, rtol=0, atol=0)
+    torch.testing.assert_close(ld, ld_a + ld_b, rtol=0, atol=0)
+
+
 def test_gradient_accumulation_and_state_untouched_by_the_recompute():
     stored, rev, x = _glow_pair(torch.float64, True, True)
     x2 = torch.rand_like(x) - 0.5
@@ -546,6 +565,13 @@ def test_bad_arguments():
         ReversibleSequence([ff.ActNorm(2)], fallback_cond=0.5)
     with pytest.raises(TypeError, match="reversible: expected a bool"):
         ff.Glow(1, 1, 1, reversible="yes")
+    # steps of other channel counts: the reversible path failed inside (a stack of W's of
+    # two sizes, a reshape, h's shape), the ordinary one only at the mismatched step
+    for steps in ([ff.FlowStep(4, filter_size=8), ff.FlowStep(6, filter_size=8)],
+                  [ff.ActNorm(4), ff.AffineCoupling(6, filter_size=8)],
+                  [ff.InvConv2dLU(4), ff.InvConv2d(3)]):
+        with pytest.raises(ValueError, match=r"^steps\[1\]: expected a step of 4 channels"):
+            ReversibleSequence(steps)
 
 
 @pytest.mark.parametrize("steps", [lambda: [ff.FlowStep(4, filter_size=8)],

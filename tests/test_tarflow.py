@@ -296,11 +296,14 @@ def test_an_empty_batch_is_refused_by_name():
 
 
 @pytest.mark.parametrize("kw", [{"noise_std": -0.1}, {"noise_std": float("nan")},
-                                {"class_dropout": 1.5}, {"class_dropout": -0.1}], ids=str)
+                                {"class_dropout": 1.5}, {"class_dropout": -0.1},
+                                {"clamp": float("inf")}, {"clamp": 0.0}, {"clamp": True}],
+                         ids=str)
 def test_bad_noise_and_dropout_are_refused(kw):
     """A negative noise_std used to be accepted and then skip the denoising step in sample
     while denoise() used noise_std**2; a class_dropout outside [0, 1] silently dropped every
-    label (or none)."""
+    label (or none); clamp=inf made every log-det and sample NaN (inf * tanh(0)), and
+    clamp=0 was refused only at the first forward."""
     with pytest.raises(ValueError, match=f"^{next(iter(kw))}: expected"):
         ff.TarFlow(1, 4, 2, 8, 1, 1, num_classes=2, head_dim=4, **kw)
 

@@ -265,3 +265,18 @@ def test_vae_refuses_integer_images_and_non_tensors_naming_x():
             call(images)
     with pytest.raises(TypeError, match=r"^x: expected a torch\.Tensor, got list"):
         model.loss([[0.0]])
+
+
+@pytest.mark.parametrize("kw", [{"latent": True}, {"latent": 2.0}, {"channels": 0},
+                                {"size": 4.0}, {"hidden": True}], ids=str)
+def test_bad_sizes_are_refused_by_name(kw):
+    """A bool latent built a 1-latent VAE; a float size, latent or hidden failed inside
+    torch (``empty(): argument 'size'``), channels=0 at the first convolution."""
+    with pytest.raises(ValueError, match=f"^{next(iter(kw))}: expected"):
+        ConvVAE(**kw)
+
+
+@pytest.mark.parametrize("n", [-1, 2.0, True])
+def test_sample_refuses_a_bad_count_by_name(n):
+    with pytest.raises(ValueError, match=r"^n: expected a positive integer"):
+        ConvVAE(hidden=4).sample(n)

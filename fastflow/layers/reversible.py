@@ -45,8 +45,9 @@ stage's recomputed activations exist.
 
 What else it meets:
 
-* ActNorm's data-dependent initialisation: a call in training mode while any ActNorm of
-  the chain is not initialised runs the chain the ordinary way (stored activations).
+* ActNorm's data-dependent initialisation: a call while any ActNorm of the chain is in
+  training mode (its own flag, whatever the chain's) and not initialised runs the chain
+  the ordinary way (stored activations).
 * Autocast: the forward's autocast state (enabled, dtype, cache) for the input's device is
   recorded and replayed around every recompute; the backend mode in force at forward
   (``fastflow.use_backend``) is replayed too, since autograd may run backward on another
@@ -463,9 +464,12 @@ def _hooked(step) -> bool:
     return any(_module_hooked(m) for m in mods)
 
 
-def _uninitialised_actnorm(step) -> bool:
-    # (is_initialized: the host-side mirror, no device read)
-    return any(isinstance(m, ActNorm) and not m.is_initialized() for m in step.modules())
+def _initialising_actnorm(step) -> bool:
+    """An ActNorm of the step that a call would initialise: in training mode (its own flag,
+    as ``ActNorm.maybe_initialize`` reads it, whatever the chain's) and not initialised
+    (is_initialized: the host-side mirror, no device read)."""
+    return any(isinstance(m, ActNorm) and m.training and not m.is_initialized()
+               for m in step.modules())
 
 
 # --------------------------------------------------------------------------------------
@@ -755,6 +759,9 @@ class ReversibleSequence(nn.ModuleList):
                 raise TypeError(f"steps[{i}]: expected a fastflow flow step "
                                 f"({', '.join(t.__name__ for t in _STEP_TYPES)}), got "
                                 f"{type(s).__name__}")
+            if s.in_channel != steps[0].in_channel:  # each step keeps its input's shape
+                raise ValueError(f"steps[{i}]: expected a step of {steps[0].in_channel} channels "
+                                 f"(as steps[0]), got a {type(s).__name__} of {s.in_channel}")
         if isinstance(fallback_slots, bool) or not isinstance(fallback_slots, int) \
                 or fallback_slots < 0:
             raise ValueError(f"fallback_slots: expected an integer >= 0, got {fallback_slots!r}")
@@ -816,7 +823,7 @@ class ReversibleSequence(nn.ModuleList):
             return False  # a subclass's own maths: only its forward computes them
         if any(_hooked(s) for s in self):
             return False  # the hooks run only if the modules are called (and may change them)
-        if self.training and any(_uninitialised_actnorm(s) for s in self):
+        if any(_initialising_actnorm(s) for s in self):
             return False  # the initialising call runs the ordinary way
         params = [p for p in self.parameters() if p.requires_grad]
         if any(p.grad_fn is not None for p in params):
