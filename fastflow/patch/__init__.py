@@ -26,7 +26,7 @@ from typing import Callable, Optional
 
 from torch import nn
 
-from ._common import _MARK, PatchReport, _Plan
+from ._common import _MARK, PatchReport, _Plan, _stock
 from .freia import _plan_freia
 from .normflows import _plan_nf_actnorm, _plan_nf_conv, _plan_nf_coupling_block, _plan_nf_glow
 from .rosinality import (
@@ -64,8 +64,8 @@ def _plan(m: nn.Module, owner: Optional[nn.Module]) -> _Plan:
     for plan_fn in _BY_CLASS_NAME.get(name, ()):
         plan = plan_fn(m)
         if plan is not None:
-            return plan
-    return _plan_freia(m)
+            return _stock(plan, m)
+    return _stock(_plan_freia(m), m)
 
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)

@@ -15,8 +15,10 @@ from ._common import (
     _inv,
     _lu_matrix,
     _lu_problem,
+    _not_stock,
     _params,
     _Plan,
+    _stock,
     _Swap,
     _tensors,
 )
@@ -159,6 +161,10 @@ def _plan_nf_coupling_block(m) -> _Plan:
             and [type(f).__name__ for f in flows] == ["Split", "AffineCoupling", "Merge"]):
         return None
     split, coupling, merge = flows
+    for f in flows:  # the fused op runs in place of their code
+        why = _not_stock(f)
+        if why:
+            return f"its {type(f).__name__} is {why}"
     if split.mode != "channel" or merge.mode != "channel":
         return (f"split_mode {split.mode!r}: fastflow's op keeps the first C - C//2 channels "
                 f"fixed (split_mode 'channel' only)")
@@ -182,8 +188,8 @@ def _plan_nf_glow(m) -> _Plan:
     if names != ["AffineCouplingBlock", "Invertible1x1Conv", "ActNorm"]:
         return (f"flows {names}: expected [AffineCouplingBlock, Invertible1x1Conv, ActNorm] "
                 f"(nothing to fuse)")
-    for child, plan in (("Invertible1x1Conv", _plan_nf_conv(flows[1])),
-                        ("ActNorm", _plan_nf_actnorm(flows[2]))):
+    for child, plan in (("Invertible1x1Conv", _stock(_plan_nf_conv(flows[1]), flows[1])),
+                        ("ActNorm", _stock(_plan_nf_actnorm(flows[2]), flows[2]))):
         if not isinstance(plan, _Swap):
             return f"its {child} is left alone ({plan or 'not recognised'}): nothing to fuse"
     return _Swap("fastflow.channel_mix (Invertible1x1Conv + ActNorm fused), coupling as its "
