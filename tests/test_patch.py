@@ -686,6 +686,16 @@ def test_overridden_layers_are_left_alone():
         if n in {n for n, _, _ in report.swapped})
 
 
+def test_a_model_on_the_meta_device_is_reported_not_raised():
+    """Checking an LU 1x1 convolution reads its values: on the meta device (a model built
+    there to be loaded later) that raised 'Tensor.item() cannot be called on meta tensors'."""
+    with torch.device("meta"):
+        model = Chain(Flow(C))
+    report = ff.patch(model)
+    left = dict((n, why) for n, _, why in report.left_alone)
+    assert "meta device" in left["flows.0.invconv"] and "meta device" in left["flows.0"]
+
+
 # --------------------------------------------------------------------------------------
 # The report, dry runs, repeated patching, copies, arguments
 # --------------------------------------------------------------------------------------
