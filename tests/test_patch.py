@@ -686,6 +686,28 @@ def test_overridden_layers_are_left_alone():
         if n in {n for n, _, _ in report.swapped})
 
 
+def test_normflows_actnorm_with_one_value_for_all_channels():
+    """nf.flows.ActNorm((1, 1, 1)) broadcasts one s, t over every channel (its log-det
+    counting C * H * W): patched, it raised 'loc: expected 4 values' (alone and fused in a
+    GlowBlock); it runs its own code where its one value meets several channels."""
+    nf = pytest.importorskip("normflows")
+    glow = nf.flows.GlowBlock(C, 8, init_zeros=False)
+    glow.flows[2] = nf.flows.ActNorm((1, 1, 1))
+    model = nn.ModuleList([nf.flows.ActNorm((1, 1, 1)), glow]).to(**D64)
+    x = torch.randn(N, C, H, W, **D64) * 2 + 1
+    for m in model:
+        m(x)
+    ref = copy.deepcopy(model)
+    ff.patch(model)
+    with ff.use_backend("reference"):
+        for i in (0, 1):
+            for direction in ("forward", "inverse"):
+                got = getattr(model[i], direction)(x)
+                want = getattr(ref[i], direction)(x)
+                for g, w in zip(got, want):
+                    assert_close(g, w)
+
+
 def test_a_model_on_the_meta_device_is_reported_not_raised():
     """Checking an LU 1x1 convolution reads its values: on the meta device (a model built
     there to be loaded later) that raised 'Tensor.item() cannot be called on meta tensors'."""

@@ -82,15 +82,17 @@ def _nf_actnorm_logdet(an, z, sign: int):
 
 
 def _nf_actnorm_forward(m, z):
-    if not _flag_set(m, "data_dep_init_done"):
-        return type(m).forward(m, z)  # its own data-dependent initialisation
+    # its own data-dependent initialisation, or s of shape (1, 1, 1, 1) broadcast over
+    # C > 1 channels (its log-det then counts C)
+    if m.s.shape[1] != z.shape[1] or not _flag_set(m, "data_dep_init_done"):
+        return type(m).forward(m, z)
     # z * exp(s) + t as ActNorm's inverse form z / exp(-s) - (-t)
     y = channel_mix(z, loc=-m.t, scale=torch.exp(-m.s), reverse=True)
     return y, _nf_actnorm_logdet(m, z, 1)
 
 
 def _nf_actnorm_inverse(m, z):
-    if not _flag_set(m, "data_dep_init_done"):
+    if m.s.shape[1] != z.shape[1] or not _flag_set(m, "data_dep_init_done"):
         return type(m).inverse(m, z)
     y = channel_mix(z, loc=-m.t, scale=torch.exp(-m.s))  # (z - t) * exp(-s)
     return y, _nf_actnorm_logdet(m, z, -1)
@@ -98,7 +100,8 @@ def _nf_actnorm_inverse(m, z):
 
 def _nf_glow_forward(m, z):
     coupling, conv, an = m.flows
-    if _hooked(conv) or _hooked(an) or not _flag_set(an, "data_dep_init_done"):
+    if _hooked(conv) or _hooked(an) or an.s.shape[1] != z.shape[1] or \
+            not _flag_set(an, "data_dep_init_done"):
         return type(m).forward(m, z)
     log_det_tot = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
     z, ld = coupling(z)
@@ -111,7 +114,7 @@ def _nf_glow_forward(m, z):
 
 def _nf_glow_inverse(m, z):
     coupling, conv, an = m.flows
-    if not _flag_set(an, "data_dep_init_done"):
+    if an.s.shape[1] != z.shape[1] or not _flag_set(an, "data_dep_init_done"):
         return type(m).inverse(m, z)
     log_det_tot = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
     y = channel_mix(z, _nf_matrix(conv, False), loc=-an.t, scale=torch.exp(-an.s))
