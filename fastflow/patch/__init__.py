@@ -10,6 +10,9 @@ Recognised (by class name and attributes; no peer library is imported):
 * FrEIA: ``AffineCouplingOneSided``, ``GLOWCouplingBlock``, ``RNVPCouplingBlock`` with the
   ATAN soft clamp.
 
+A subclass named like its base, or a layer with a method replaced on the instance, may
+compute something else: it is left alone (and so is a layer that would fuse it).
+
 Mechanism: the module stays where it is, of its class, with its parameters, buffers and
 children; only its ``forward`` (and ``inverse``/``reverse``) become instance attributes,
 ``functools.partial(fastflow_function, module)``, that compute the same map with the fused
