@@ -619,6 +619,105 @@ def test_freia_vector_data_and_left_alone(backend):
 
 
 # --------------------------------------------------------------------------------------
+# Layers whose code may differ from the class patch recognised them by
+# --------------------------------------------------------------------------------------
+
+
+def _times_two(fn):
+    def wrapped(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        return (2 * out[0], *out[1:]) if isinstance(out, tuple) else 2 * out
+    return wrapped
+
+
+def test_overridden_layers_are_left_alone():
+    """A subclass named like its base (``class ActNorm(nf.flows.ActNorm)`` with its own
+    forward) or a method replaced on the instance was swapped for the stock map, the
+    override silently dropped (here, or through the fused parent that reads the child's
+    tensors): each is left alone, with the reason, and the model computes what it did."""
+    nf = pytest.importorskip("normflows")
+    pytest.importorskip("FrEIA")
+    import FrEIA.framework as Ff
+    import FrEIA.modules as Fm
+
+    class ActNorm(nf.flows.ActNorm):  # a user's subclass, named like its base
+        forward = _times_two(nf.flows.ActNorm.forward)
+
+    class GLOWCouplingBlock(Fm.GLOWCouplingBlock):
+        _coupling1 = _times_two(Fm.GLOWCouplingBlock._coupling1)
+
+    class Invertible(InvConv2dLU):
+        pass
+
+    Invertible.__name__ = "InvConv2dLU"
+    Invertible.reverse = _times_two(InvConv2dLU.reverse)
+    glow = nf.flows.GlowBlock(C, 8, init_zeros=False)
+    glow.flows[2] = ActNorm((C, 1, 1))
+    bare = nf.flows.GlowBlock(C, 8, init_zeros=False)  # a method replaced on the instance
+    bare.flows[1].inverse = _times_two(bare.flows[1].inverse)
+    inn = Ff.SequenceINN(C, H, W)
+    inn.append(GLOWCouplingBlock, subnet_constructor=_conv_subnet)
+    ros = Flow(C)
+    ros.invconv = Invertible(C)
+    model = nn.ModuleDict({"glow": glow, "bare": bare, "inn": inn, "ros": ros}).to(**D64)
+    x = torch.randn(N, C, H, W, **D64)
+    for m in (glow, bare, ros):
+        m(x)  # ActNorm initialisation
+    ref = copy.deepcopy(model)
+    report = ff.patch(model)
+    left = {n: why for n, _, why in report.left_alone}
+    for name in ("glow", "glow.flows.2", "inn.module_list.0", "ros", "ros.invconv"):
+        assert "a subclass of another class named" in left[name], name
+    assert "inverse replaced on the instance" in left["bare.flows.1"]
+    assert "inverse replaced on the instance" in left["bare"]
+    assert {n for n, _, _ in report.swapped} == {"glow.flows.0", "glow.flows.1", "bare.flows.0",
+                                                 "bare.flows.2", "ros.actnorm", "ros.coupling"}
+    with ff.use_backend("reference"):
+        for fn in (lambda m, v: m["glow"](v), lambda m, v: m["glow"].inverse(v),
+                   lambda m, v: m["bare"].inverse(v), lambda m, v: m["inn"](v),
+                   lambda m, v: m["inn"](v, rev=True), lambda m, v: m["ros"](v),
+                   lambda m, v: m["ros"].reverse(v)):
+            for g, w in zip(_tensors(fn(model, x)), _tensors(fn(ref, x))):
+                assert_close(g, w)
+    again = ff.patch(model)  # patch's own methods on the instances are not overrides
+    assert again.swapped == [] and all(
+        why.startswith("already patched") for n, _, why in again.left_alone
+        if n in {n for n, _, _ in report.swapped})
+
+
+def test_normflows_actnorm_with_one_value_for_all_channels():
+    """nf.flows.ActNorm((1, 1, 1)) broadcasts one s, t over every channel (its log-det
+    counting C * H * W): patched, it raised 'loc: expected 4 values' (alone and fused in a
+    GlowBlock); it runs its own code where its one value meets several channels."""
+    nf = pytest.importorskip("normflows")
+    glow = nf.flows.GlowBlock(C, 8, init_zeros=False)
+    glow.flows[2] = nf.flows.ActNorm((1, 1, 1))
+    model = nn.ModuleList([nf.flows.ActNorm((1, 1, 1)), glow]).to(**D64)
+    x = torch.randn(N, C, H, W, **D64) * 2 + 1
+    for m in model:
+        m(x)
+    ref = copy.deepcopy(model)
+    ff.patch(model)
+    with ff.use_backend("reference"):
+        for i in (0, 1):
+            for direction in ("forward", "inverse"):
+                got = getattr(model[i], direction)(x)
+                want = getattr(ref[i], direction)(x)
+                for g, w in zip(got, want):
+                    assert_close(g, w)
+
+
+def test_a_model_on_the_meta_device_is_reported_not_raised():
+    """Checking an LU 1x1 convolution reads its values: on the meta device (a model built
+    there to be loaded later) that raised 'Tensor.item() cannot be called on meta tensors'."""
+    with torch.device("meta"):
+        model = Chain(Flow(C))
+    report = ff.patch(model)
+    left = dict((n, why) for n, _, why in report.left_alone)
+    assert "meta device" in left["flows.0.invconv"] and "meta device" in left["flows.0"]
+
+
+# --------------------------------------------------------------------------------------
 # The report, dry runs, repeated patching, copies, arguments
 # --------------------------------------------------------------------------------------
 

@@ -10,6 +10,9 @@ Recognised (by class name and attributes; no peer library is imported):
 * FrEIA: ``AffineCouplingOneSided``, ``GLOWCouplingBlock``, ``RNVPCouplingBlock`` with the
   ATAN soft clamp.
 
+A subclass named like its base, or a layer with a method replaced on the instance, may
+compute something else: it is left alone (and so is a layer that would fuse it).
+
 Mechanism: the module stays where it is, of its class, with its parameters, buffers and
 children; only its ``forward`` (and ``inverse``/``reverse``) become instance attributes,
 ``functools.partial(fastflow_function, module)``, that compute the same map with the fused
@@ -26,7 +29,7 @@ from typing import Callable, Optional
 
 from torch import nn
 
-from ._common import _MARK, PatchReport, _Plan
+from ._common import _MARK, PatchReport, _Plan, _stock
 from .freia import _plan_freia
 from .normflows import _plan_nf_actnorm, _plan_nf_conv, _plan_nf_coupling_block, _plan_nf_glow
 from .rosinality import (
@@ -64,8 +67,8 @@ def _plan(m: nn.Module, owner: Optional[nn.Module]) -> _Plan:
     for plan_fn in _BY_CLASS_NAME.get(name, ()):
         plan = plan_fn(m)
         if plan is not None:
-            return plan
-    return _plan_freia(m)
+            return _stock(plan, m)
+    return _stock(_plan_freia(m), m)
 
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)

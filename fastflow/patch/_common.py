@@ -3,6 +3,7 @@ small helpers."""
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -68,6 +69,30 @@ class _Swap:
 _Plan = Union[_Swap, str, None]  # swap, reason for leaving it alone, or not recognised
 
 
+def _not_stock(m: nn.Module) -> Optional[str]:
+    """Why ``m`` may not run the code of the class its name was recognised by: a subclass
+    named like one of its bases (``class ActNorm(nf.flows.ActNorm)``), or methods replaced
+    on the instance (not by ``patch`` itself). Either may change the map, which the fused
+    ops would then not reproduce."""
+    cls = type(m)
+    if any(base.__name__ == cls.__name__ for base in cls.__mro__[1:]):
+        return (f"a subclass of another class named {cls.__name__} (its overrides are not "
+                f"known to fastflow): runs its own code")
+    own = [k for k, v in m.__dict__.items()
+           if callable(v) and not isinstance(v, (nn.Module, torch.Tensor))
+           and callable(getattr(cls, k, None))
+           and not (isinstance(v, functools.partial)
+                    and getattr(v.func, "__module__", "").startswith(__package__))]
+    if own:
+        return f"{', '.join(own)} replaced on the instance: runs its own code"
+    return None
+
+
+def _stock(plan: _Plan, m: nn.Module) -> _Plan:
+    """``plan``, or the reason a recognised ``m`` is left alone (see ``_not_stock``)."""
+    return (_not_stock(m) or plan) if isinstance(plan, _Swap) else plan
+
+
 
 
 
@@ -120,6 +145,8 @@ def _hooked(m: nn.Module) -> bool:
 def _lu_problem(p, lower, upper, log_s, sign, names) -> Optional[str]:
     """Why W = P (L + I)(U + diag(sign exp(log_s))) can't be assembled by ``lu_weight``."""
     n_p, n_l, n_u, n_s, n_sign = names
+    if any(t.is_meta for t in (p, lower, upper, log_s, sign)):
+        return "its tensors are on the meta device (no values to check): patch after loading"
     if log_s.dim() != 1:
         return f"{n_s} has shape {tuple(log_s.shape)}, expected (C,)"
     c = log_s.shape[0]

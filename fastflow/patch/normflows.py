@@ -15,8 +15,10 @@ from ._common import (
     _inv,
     _lu_matrix,
     _lu_problem,
+    _not_stock,
     _params,
     _Plan,
+    _stock,
     _Swap,
     _tensors,
 )
@@ -80,15 +82,17 @@ def _nf_actnorm_logdet(an, z, sign: int):
 
 
 def _nf_actnorm_forward(m, z):
-    if not _flag_set(m, "data_dep_init_done"):
-        return type(m).forward(m, z)  # its own data-dependent initialisation
+    # its own data-dependent initialisation, or s of shape (1, 1, 1, 1) broadcast over
+    # C > 1 channels (its log-det then counts C)
+    if m.s.shape[1] != z.shape[1] or not _flag_set(m, "data_dep_init_done"):
+        return type(m).forward(m, z)
     # z * exp(s) + t as ActNorm's inverse form z / exp(-s) - (-t)
     y = channel_mix(z, loc=-m.t, scale=torch.exp(-m.s), reverse=True)
     return y, _nf_actnorm_logdet(m, z, 1)
 
 
 def _nf_actnorm_inverse(m, z):
-    if not _flag_set(m, "data_dep_init_done"):
+    if m.s.shape[1] != z.shape[1] or not _flag_set(m, "data_dep_init_done"):
         return type(m).inverse(m, z)
     y = channel_mix(z, loc=-m.t, scale=torch.exp(-m.s))  # (z - t) * exp(-s)
     return y, _nf_actnorm_logdet(m, z, -1)
@@ -96,7 +100,8 @@ def _nf_actnorm_inverse(m, z):
 
 def _nf_glow_forward(m, z):
     coupling, conv, an = m.flows
-    if _hooked(conv) or _hooked(an) or not _flag_set(an, "data_dep_init_done"):
+    if _hooked(conv) or _hooked(an) or an.s.shape[1] != z.shape[1] or \
+            not _flag_set(an, "data_dep_init_done"):
         return type(m).forward(m, z)
     log_det_tot = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
     z, ld = coupling(z)
@@ -109,7 +114,7 @@ def _nf_glow_forward(m, z):
 
 def _nf_glow_inverse(m, z):
     coupling, conv, an = m.flows
-    if not _flag_set(an, "data_dep_init_done"):
+    if an.s.shape[1] != z.shape[1] or not _flag_set(an, "data_dep_init_done"):
         return type(m).inverse(m, z)
     log_det_tot = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
     y = channel_mix(z, _nf_matrix(conv, False), loc=-an.t, scale=torch.exp(-an.s))
@@ -159,6 +164,10 @@ def _plan_nf_coupling_block(m) -> _Plan:
             and [type(f).__name__ for f in flows] == ["Split", "AffineCoupling", "Merge"]):
         return None
     split, coupling, merge = flows
+    for f in flows:  # the fused op runs in place of their code
+        why = _not_stock(f)
+        if why:
+            return f"its {type(f).__name__} is {why}"
     if split.mode != "channel" or merge.mode != "channel":
         return (f"split_mode {split.mode!r}: fastflow's op keeps the first C - C//2 channels "
                 f"fixed (split_mode 'channel' only)")
@@ -182,8 +191,8 @@ def _plan_nf_glow(m) -> _Plan:
     if names != ["AffineCouplingBlock", "Invertible1x1Conv", "ActNorm"]:
         return (f"flows {names}: expected [AffineCouplingBlock, Invertible1x1Conv, ActNorm] "
                 f"(nothing to fuse)")
-    for child, plan in (("Invertible1x1Conv", _plan_nf_conv(flows[1])),
-                        ("ActNorm", _plan_nf_actnorm(flows[2]))):
+    for child, plan in (("Invertible1x1Conv", _stock(_plan_nf_conv(flows[1]), flows[1])),
+                        ("ActNorm", _stock(_plan_nf_actnorm(flows[2]), flows[2]))):
         if not isinstance(plan, _Swap):
             return f"its {child} is left alone ({plan or 'not recognised'}): nothing to fuse"
     return _Swap("fastflow.channel_mix (Invertible1x1Conv + ActNorm fused), coupling as its "

@@ -17,6 +17,7 @@ from ._common import (
     _lu_problem,
     _params,
     _Plan,
+    _stock,
     _Swap,
 )
 
@@ -150,9 +151,10 @@ def _plan_ros_flow(m) -> _Plan:
     if not (isinstance(an, nn.Module) and isinstance(ic, nn.Module)
             and isinstance(getattr(m, "coupling", None), nn.Module)):
         return None
-    an_plan = _plan_ros_actnorm(an) if type(an).__name__ == "ActNorm" else None
-    ic_plan = {"InvConv2dLU": _plan_ros_invconv_lu,
-               "InvConv2d": _plan_ros_invconv}.get(type(ic).__name__, lambda _: None)(ic)
+    an_plan = _stock(_plan_ros_actnorm(an), an) if type(an).__name__ == "ActNorm" else None
+    ic_plan = _stock({"InvConv2dLU": _plan_ros_invconv_lu,
+                      "InvConv2d": _plan_ros_invconv}.get(type(ic).__name__,
+                                                          lambda _: None)(ic), ic)
     if an_plan is None or ic_plan is None:
         return None
     for child, plan in (("actnorm", an_plan), ("invconv", ic_plan)):
