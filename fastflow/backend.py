@@ -197,10 +197,18 @@ def device_guard(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
+# A tensor inside ``torch.func.vmap`` (a per-sample view, e.g. with ``in_dims=1``): it
+# refuses a channels_last query ("NYI: querying is_contiguous inside of vmap"), and its
+# layout is vmap's business, so it counts as NCHW
+_is_batched = torch._C._functorch.is_batchedtensor
+
+
 def memory_format_of(t: torch.Tensor) -> torch.memory_format:
-    """channels_last for a 4-D channels_last (and not NCHW-contiguous) tensor, else NCHW.
-    Every op returns its outputs in its main input's format, on both backends."""
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+    """channels_last for a 4-D channels_last (and not NCHW-contiguous) tensor, else NCHW
+    (NCHW inside ``torch.func.vmap``). Every op returns its outputs in its main input's
+    format, on both backends."""
+    if (t.dim() == 4 and not t.is_contiguous() and not _is_batched(t)
+            and t.is_contiguous(memory_format=torch.channels_last)):
         return torch.channels_last
     return torch.contiguous_format
 

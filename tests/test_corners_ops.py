@@ -27,3 +27,34 @@ def test_float16_actnorm_init_on_a_zero_std_channel_stays_finite(shape):
     want = scale.clamp(max=big).to(torch.float16)
     torch.testing.assert_close(an.scale.detach().reshape(-1), want, rtol=0, atol=0)
     torch.testing.assert_close(an.loc.detach().reshape(-1), loc.half(), rtol=1e-3, atol=1e-3)
+
+
+def test_vmap_over_a_non_leading_dimension_on_the_reference_path():
+    """``torch.func.vmap(f, in_dims=1)`` hands each call a per-sample view that is not
+    contiguous; asking it whether it is channels_last raised PyTorch's "NYI: querying
+    is_contiguous inside of vmap". Each op now gives what a loop over the samples gives."""
+    torch.manual_seed(0)
+    d = dict(dtype=torch.float64)
+    xs = torch.randn(2, 3, 4, 2, 3, **d)  # vmapped over dim 1: 3 calls on (2, 4, 2, 3)
+    w, loc, scale = torch.randn(4, 4, **d), torch.randn(4, **d), torch.rand(4, **d) + 0.5
+    cases = [
+        (lambda a: ff.channel_mix(a, w, loc=loc, scale=scale),
+         lambda a: reference.actnorm_mix(a, w, loc, scale)),
+        (lambda a: ff.channel_mix(a, w, loc=loc, scale=scale, reverse=True),
+         lambda a: reference.actnorm_mix(a, w, loc, scale, reverse=True)),
+        (lambda a: ff.affine_coupling(a, 0.3 * a), lambda a: reference.affine_coupling(a, 0.3 * a)),
+        (lambda a: ff.additive_coupling(a, a[:, :2]),
+         lambda a: reference.additive_coupling(a, a[:, :2])),
+        (lambda a: ff.reparameterize_kl(a, 0.5 * a, a),
+         lambda a: reference.reparameterize_kl(a, 0.5 * a, a)),
+    ]
+    with ff.use_backend("reference"):
+        for op, ref in cases:
+            got = torch.func.vmap(op, in_dims=1)(xs)
+            got = got if isinstance(got, tuple) else (got,)
+            refs = [ref(xs[:, i]) for i in range(3)]
+            refs = [r if isinstance(r, tuple) else (r,) for r in refs]
+            want = [torch.stack(outs) for outs in zip(*refs)]
+            assert len(got) == len(want)
+            for g, wt in zip(got, want):
+                torch.testing.assert_close(g, wt, rtol=1e-12, atol=1e-12)
