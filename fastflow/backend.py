@@ -24,6 +24,7 @@ import os
 import threading
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from .kernels._dtypes import compute_dtype  # noqa: F401  (the one compute-dtype helper)
 
@@ -161,12 +162,23 @@ def _transforms():
     return [] if top is None else [top.key()]
 
 
-def refuse_transforms(op: str):
+def refuse_transforms(op: str, *tensors):
     """On the Triton path, refuse ``torch.func.grad`` / ``jvp`` / ``vjp`` (the custom ops'
     fused backward has no formula for those transforms) at the first call, with what to use
-    instead. ``vmap`` and torch.compile are let through."""
+    instead; and forward-mode AD, where one of ``tensors`` (the op's tensor inputs, None
+    allowed) is a dual tensor of ``torch.autograd.forward_ad``: the custom ops have no
+    forward derivative, so where no input requires grad the tangent was dropped without a
+    word (the output not dual: a zero tangent). ``vmap`` and torch.compile are let
+    through."""
     if torch.compiler.is_compiling():  # dynamo traces no functorch transform of its own here
         return
+    if _forward_ad._current_level >= 0 and any(  # a dual level is open: any tangent here?
+            t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        raise NotImplementedError(
+            f"{op}: forward-mode AD (torch.autograd.forward_ad dual tensors) is not supported "
+            "on the Triton backend (its custom ops have no forward derivative); run the call "
+            "under fastflow.use_backend('reference'), which is plain PyTorch autograd and "
+            "supports it")
     from torch._C._functorch import TransformType
 
     keys = _transforms()

@@ -58,3 +58,48 @@ def test_vmap_over_a_non_leading_dimension_on_the_reference_path():
             assert len(got) == len(want)
             for g, wt in zip(got, want):
                 torch.testing.assert_close(g, wt, rtol=1e-12, atol=1e-12)
+
+
+def _forward_ad_cases():
+    """(name, op, inputs) for each public op, on small float64 inputs."""
+    d = dict(dtype=torch.float64)
+    x, h = torch.randn(2, 4, 2, 2, **d), torch.randn(2, 4, 2, 2, **d)
+    w, loc, scale = torch.randn(4, 4, **d), torch.randn(4, **d), torch.rand(4, **d) + 0.5
+    c = 3
+    lower, upper, log_s = torch.randn(c, c, **d), torch.randn(c, c, **d), torch.randn(c, **d)
+    sign, rows = torch.tensor([1.0, -1.0, 1.0], **d), torch.tensor([2, 0, 1])
+    tokens, tok_h = torch.randn(2, 3, 2, **d), torch.randn(2, 3, 4, **d)
+    from fastflow.ops.lu_weight import lu_weight_logdet
+    return [
+        ("affine_coupling", lambda a, b: ff.affine_coupling(a, b), (x, h)),
+        ("additive_coupling", lambda a, b: ff.additive_coupling(a, b)[0], (x, h[:, :2])),
+        ("channel_mix", lambda a, b: ff.channel_mix(a, b, loc=loc, scale=scale), (x, w)),
+        ("reparameterize_kl", lambda a, b: ff.reparameterize_kl(a, b, a), (x, h)),
+        ("lu_weight_logdet", lambda a, b: lu_weight_logdet(a, upper, b, sign, rows, n=2),
+         (lower, log_s)),
+        ("tarflow_head", lambda a, b: ff.tarflow_head(a, b), (tokens, tok_h)),
+    ]
+
+
+def test_forward_mode_ad_is_refused_on_the_triton_path_and_exact_on_the_reference():
+    """Dual tensors of ``torch.autograd.forward_ad`` through a Triton op whose inputs need
+    no grad came out plain: the tangent was dropped without a word (read as zero). The
+    Triton path now refuses them at the call, naming the reference backend, which gives the
+    tangent ``torch.func.jvp`` of the same maths gives."""
+    import torch.autograd.forward_ad as fwad
+
+    torch.manual_seed(0)
+    for name, op, inputs in _forward_ad_cases():
+        tangents = tuple(torch.randn_like(t) for t in inputs)
+        with ff.use_backend("reference"):
+            want = torch.func.jvp(op, inputs, tangents)[1]
+            with fwad.dual_level():
+                out = op(*(fwad.make_dual(t, v) for t, v in zip(inputs, tangents)))
+                out = out if isinstance(out, tuple) else (out,)
+                got = tuple(fwad.unpack_dual(o).tangent for o in out)
+        want = want if isinstance(want, tuple) else (want,)
+        for g, wt in zip(got, want):
+            torch.testing.assert_close(g, wt, rtol=1e-12, atol=1e-12, msg=name)
+        with ff.use_backend("triton"), fwad.dual_level():
+            with pytest.raises(NotImplementedError, match="forward-mode AD.*use_backend"):
+                op(inputs[0], fwad.make_dual(inputs[1], tangents[1]))
