@@ -24,6 +24,7 @@ import os
 import threading
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from .kernels._dtypes import compute_dtype  # noqa: F401  (the one compute-dtype helper)
 
@@ -161,12 +162,23 @@ def _transforms():
     return [] if top is None else [top.key()]
 
 
-def refuse_transforms(op: str):
+def refuse_transforms(op: str, *tensors):
     """On the Triton path, refuse ``torch.func.grad`` / ``jvp`` / ``vjp`` (the custom ops'
     fused backward has no formula for those transforms) at the first call, with what to use
-    instead. ``vmap`` and torch.compile are let through."""
+    instead; and forward-mode AD, where one of ``tensors`` (the op's tensor inputs, None
+    allowed) is a dual tensor of ``torch.autograd.forward_ad``: the custom ops have no
+    forward derivative, so where no input requires grad the tangent was dropped without a
+    word (the output not dual: a zero tangent). ``vmap`` and torch.compile are let
+    through."""
     if torch.compiler.is_compiling():  # dynamo traces no functorch transform of its own here
         return
+    if _forward_ad._current_level >= 0 and any(  # a dual level is open: any tangent here?
+            t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        raise NotImplementedError(
+            f"{op}: forward-mode AD (torch.autograd.forward_ad dual tensors) is not supported "
+            "on the Triton backend (its custom ops have no forward derivative); run the call "
+            "under fastflow.use_backend('reference'), which is plain PyTorch autograd and "
+            "supports it")
     from torch._C._functorch import TransformType
 
     keys = _transforms()
@@ -197,10 +209,18 @@ def device_guard(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
+# A tensor inside ``torch.func.vmap`` (a per-sample view, e.g. with ``in_dims=1``): it
+# refuses a channels_last query ("NYI: querying is_contiguous inside of vmap"), and its
+# layout is vmap's business, so it counts as NCHW
+_is_batched = torch._C._functorch.is_batchedtensor
+
+
 def memory_format_of(t: torch.Tensor) -> torch.memory_format:
-    """channels_last for a 4-D channels_last (and not NCHW-contiguous) tensor, else NCHW.
-    Every op returns its outputs in its main input's format, on both backends."""
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+    """channels_last for a 4-D channels_last (and not NCHW-contiguous) tensor, else NCHW
+    (NCHW inside ``torch.func.vmap``). Every op returns its outputs in its main input's
+    format, on both backends."""
+    if (t.dim() == 4 and not t.is_contiguous() and not _is_batched(t)
+            and t.is_contiguous(memory_format=torch.channels_last)):
         return torch.channels_last
     return torch.contiguous_format
 

@@ -36,8 +36,11 @@ def _shaped(t: torch.Tensor, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
 
 
 def _channels_last(t: torch.Tensor) -> bool:
-    return not t.is_contiguous() and t.dim() == 4 and t.is_contiguous(
-        memory_format=torch.channels_last)
+    """A 4-D channels_last (and not NCHW-contiguous) tensor; never one inside
+    ``torch.func.vmap``, which refuses the query for a per-sample view that is not
+    contiguous (``in_dims=1``) and keeps its layout itself."""
+    return (not t.is_contiguous() and t.dim() == 4 and not torch._C._functorch.is_batchedtensor(t)
+            and t.is_contiguous(memory_format=torch.channels_last))
 
 
 # Whether any autocast is on, asked without reading a tensor (torch >= 2.4 has it)

@@ -49,7 +49,8 @@ class ActNorm(nn.Module):
     """``y = scale * (x + loc)`` per channel; log|det| = H*W*sum(log|scale|).
 
     The first forward in training mode on a non-empty batch sets loc = -mean and
-    scale = 1 / (std + 1e-6) from it (per channel); a batch with no elements (N = 0 or
+    scale = 1 / (std + 1e-6) from it (per channel; at most the parameters' dtype's largest
+    finite value, 65504 for float16, where a constant channel's 1e6 is inf); a batch with no elements (N = 0 or
     H*W = 0) neither initialises nor changes it; a parametrized loc or scale
     (``torch.nn.utils.parametrize``) gets its value through ``right_inverse``. The flag is
     the ``initialized`` buffer (saved with the state dict) mirrored by a Python bool, so
@@ -96,7 +97,11 @@ class ActNorm(nn.Module):
             return
         for name, value in zip(("loc", "scale"), reference.actnorm_init(x)):
             now = getattr(self, name)
-            value = value.reshape(now.shape).to(now.dtype)
+            # at most the dtype's largest finite value: 1 / (std + 1e-6) of a channel with
+            # std below 1.5e-5 (a constant one: 1e6) is inf in float16, and a layer with an
+            # inf scale gives NaN outputs and an inf log-det from then on
+            big = torch.finfo(now.dtype).max
+            value = value.reshape(now.shape).clamp(-big, big).to(now.dtype)
             if parametrize.is_parametrized(self, name):
                 # ``now`` is the parametrization's output, computed for this read: the value
                 # goes to the stored tensor through its ``right_inverse`` instead

@@ -269,7 +269,7 @@ def channel_mix(x: Tensor, weight: Optional[Tensor] = None, *, loc: Optional[Ten
     check_bool("reverse", reverse)
     _check(x, weight, loc, scale, reverse)
     if use_triton(x):
-        refuse_transforms("channel_mix")
+        refuse_transforms("channel_mix", x, weight, loc, scale)
         return channel_mix_op(x, weight, _matrix(weight, x), loc, scale, reverse)
     return _reference_mix(x, weight, loc, scale, reverse)
 
@@ -299,7 +299,7 @@ def channel_mix_split(x: Tensor, weight: Optional[Tensor] = None, *,
         raise ValueError(f"split: expected a channel count from 1 to {co} (the output's), "
                          f"got {split}")
     if use_triton(x):
-        refuse_transforms("channel_mix")
+        refuse_transforms("channel_mix", x, weight, loc, scale)
         return channel_mix_split_op(x, weight, _matrix(weight, x), loc, scale, reverse, split)
     out = _reference_mix(x, weight, loc, scale, reverse)
     return out, out[:, :split]

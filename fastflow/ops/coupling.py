@@ -210,7 +210,7 @@ def affine_coupling(x: Tensor, h: Tensor, *, scale: str = "sigmoid", layout: str
     _check(x, h, 2, "2 * (C // 2) coupling parameters")
     clamp = _options(scale, layout, shift, clamp, reverse, logdet)
     if use_triton(x):
-        refuse_transforms("affine_coupling")
+        refuse_transforms("affine_coupling", x, h)
         op = coupling_inverse if reverse else coupling_forward
         y, ld = op(x, h, scale, layout, shift, clamp)
         return y, (ld if logdet else None)
@@ -225,7 +225,7 @@ def additive_coupling(x: Tensor, h: Tensor, *, reverse: bool = False, logdet: bo
     check_bool("reverse", reverse)
     check_bool("logdet", logdet)
     if use_triton(x):
-        refuse_transforms("additive_coupling")
+        refuse_transforms("additive_coupling", x, h)
         op = coupling_inverse if reverse else coupling_forward
         y, ld = op(x, h, "additive", "halves", "before", 2.0)
         return y, (ld if logdet else None)

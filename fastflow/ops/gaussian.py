@@ -166,7 +166,7 @@ def reparameterize_kl(mu: Tensor, logvar: Tensor, eps: Optional[Tensor] = None, 
     ``eps`` (mu's shape) is used as given."""
     _check(mu, logvar, eps, reduction, generator)
     if use_triton(mu):
-        refuse_transforms("reparameterize_kl")
+        refuse_transforms("reparameterize_kl", mu, logvar, eps)
         seed = draw_seed(mu.device, generator) if eps is None else None
         return reparam_kl(mu, logvar, eps, seed, reduction)
     z, kl = reference.reparameterize_kl(mu, logvar, eps, reduction=reduction, generator=generator)

@@ -188,7 +188,7 @@ def lu_weight_logdet(lower: Tensor, upper: Tensor, log_s: Tensor, sign_s: Tensor
     if w_dtype not in (None, torch.float64, torch.float32):
         raise TypeError(f"w_dtype: expected None, torch.float64 or torch.float32, got {w_dtype!r}")
     if use_triton(log_s):
-        refuse_transforms("lu_weight_logdet")
+        refuse_transforms("lu_weight_logdet", lower, upper, log_s, scale)
         return lu_weight_op(lower, upper, log_s, sign_s, rows, scale, n, ld_mult, ld_dtype,
                             w_dtype or torch.float64)
     return reference.lu_weight_logdet(rows, lower, upper, log_s, sign_s, scale, n=n,

@@ -131,7 +131,7 @@ def tarflow_head(x: Tensor, h: Tensor, *, clamp: float | None = None, order: str
     check_choice("order", order, reference.TARFLOW_ORDERS)
     c = _check_clamp(clamp)
     if use_triton(x):
-        refuse_transforms("tarflow_head")
+        refuse_transforms("tarflow_head", x, h)
         op = tarflow_head_inverse if reverse else tarflow_head_forward
         return op(x, h, c, order)
     return reference.tarflow_head(x, h, clamp=clamp, order=order, reverse=reverse)
