@@ -312,5 +312,10 @@ def test_bad_inputs_name_the_argument():
         ff.tarflow_head(x, h, order="flip")
     with pytest.raises(ValueError, match="clamp"):
         ff.tarflow_head(x, h, clamp=-1.0)
+    for bad in (float("inf"), float("nan")):  # inf gave NaN: inf * tanh(a / inf)
+        with pytest.raises(ValueError, match="clamp: expected None or a finite positive"):
+            ff.tarflow_head(x, h, clamp=bad)
+    with pytest.raises(TypeError, match="clamp: expected None or a finite positive"):
+        ff.tarflow_head(x, h, clamp=True)  # was taken as 1
     with pytest.raises(ValueError, match="h: expected a tensor on x's device"):
         ff.tarflow_head(x, h.to("meta"))

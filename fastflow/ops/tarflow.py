@@ -95,9 +95,16 @@ tarflow_head_inverse.register_autograd(_make_backward(True), setup_context=_setu
 
 
 def _check_clamp(clamp):
-    if clamp is not None and not (isinstance(clamp, (int, float)) and clamp > 0):
-        raise ValueError(f"clamp: expected None or a positive number, got {clamp!r}")
-    return float(clamp or 0.0)
+    """None (no soft clamp: 0.0 for the kernels) or a finite number > 0 (inf would make
+    ``inf * tanh(a / inf)`` NaN; a bool is not a number here)."""
+    if clamp is None:
+        return 0.0
+    if isinstance(clamp, bool) or not isinstance(clamp, (int, float)):
+        raise TypeError(f"clamp: expected None or a finite positive number, got {clamp!r} "
+                        f"({type(clamp).__name__})")
+    if not (math.isfinite(clamp) and clamp > 0):
+        raise ValueError(f"clamp: expected None or a finite positive number, got {clamp!r}")
+    return float(clamp)
 
 
 def _check_tokens(name, x, h, h_rows):
