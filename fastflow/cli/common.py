@@ -5,8 +5,10 @@
 ``save_image_grid`` (a PNG of image rows, drawn with Pillow), ``write_json``/``write_csv``
 (all four through ``write_atomic``), ``write_metrics`` (a training command's
 metrics.json and metrics.csv, one ``metrics_row`` per epoch),
-``positive``/``finite`` (argparse types), ``add_optimisation_options``/``add_run_options``/
-``add_data_options``/``add_precision_option`` (the options every training command has),
+``positive``/``finite`` (argparse types), ``add_optimisation_options``/``add_step_options``/
+``add_cadence_options``/``add_run_options``/``add_data_options``/``add_precision_option``
+(the options every training command has, with ``check_step_options``, ``step_options``,
+``say_changed_options`` and ``set_threads``),
 ``load_data``/``split_key``/``data_fingerprint``/``resume_data``/``check_resume_data``/
 ``check_resume_batch`` (``--data`` read, and checked on ``--resume``, the same way by every
 training command), ``HelpFormatter`` and
@@ -375,6 +377,56 @@ def add_optimisation_options(parser, *, epochs: int, lr: float | None,
                         help="random seed (initial weights, data order, noise)")
 
 
+def add_step_options(parser, *, warmup: int) -> None:
+    """``--warmup`` and ``--clip`` on ``parser``: ``StepRunner``'s linear learning-rate warmup
+    and gradient-norm clipping, the same in every training command (``warmup``: the
+    command's default). ``check_step_options`` refuses a negative warmup."""
+    parser.add_argument("--warmup", type=int, default=warmup,
+                        help="linear learning-rate warmup steps")
+    parser.add_argument("--clip", type=positive(float), default=None,
+                        help="clip the gradient norm to this value (None: no clipping)")
+
+
+def check_step_options(args) -> None:
+    if args.warmup < 0:
+        raise SystemExit(f"--warmup: expected a step count >= 0, got {args.warmup}")
+
+
+def step_options(args) -> dict:
+    """The options of the training step that ``--resume`` takes as given (the learning rate
+    has its own message): saved with the checkpoint (``training``), so that a change is
+    said (``say_changed_options``)."""
+    return {"warmup": args.warmup, "clip": args.clip}
+
+
+def say_changed_options(saved: dict | None, given: dict, say=print) -> None:
+    """On ``--resume``: one line per option of ``given`` (``step_options``) whose value
+    differs from the checkpoint's ``training`` entry ``saved`` (older checkpoints, without
+    it: taken as given)."""
+    for name, value in given.items():
+        had = (saved or {}).get(name, value)
+        if had != value:
+            say(f"--{name}: using {value} (the checkpoint's run had {had})")
+
+
+def add_cadence_options(parser, *, evaluated: str) -> None:
+    """``--eval-every``, ``--log-every`` and ``--threads`` on ``parser``, the same in every
+    training command; ``evaluated``: what the command does on an evaluation epoch (say,
+    "test bits/dim, sample grid and checkpoint")."""
+    parser.add_argument("--threads", type=positive(int), default=None,
+                        help="CPU threads for torch (None: torch's choice)")
+    parser.add_argument("--eval-every", type=positive(int), default=1,
+                        help=f"{evaluated} every N epochs (and at the end)")
+    parser.add_argument("--log-every", type=positive(int), default=20,
+                        help="progress-bar update interval in steps (each update reads the device)")
+
+
+def set_threads(args) -> None:
+    """``--threads``: torch's CPU threads (None: left as they are)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
 def add_run_options(parser, *, out: str, force: bool = True) -> None:
     """``--out``, ``--device``, ``--resume``, ``--force`` (where the command refuses to
     overwrite a checkpoint, see ``prepare_out``) and ``--no-progress`` on ``parser``."""
@@ -577,7 +629,8 @@ def stop_between_steps(enabled: bool = True):
     """Within (a training command's optimizer steps): the first Ctrl-C or SIGTERM is noted
     (``StopRequest.pending``) and said, instead of raised half-way through a step, so that
     the loop can end after the step under way, checkpoint it (as a ``--max-steps`` stop
-    inside an epoch) and then ``raise_pending``; a second one raises at once. Not
+    inside an epoch), write what the run writes at its end and then raise it; a second one
+    raises at once. Not
     ``enabled`` (several processes, which could stop one step apart and wait on each
     other's all-reduce for ever) or outside the main thread: signals raise as before. An
     ignored signal (SIG_IGN) stays ignored."""
@@ -595,7 +648,8 @@ def stop_between_steps(enabled: bool = True):
             raise err
         stop.pending = err
         print(f"{'terminated' if err is Terminated else 'interrupted'}: saving a checkpoint "
-              "after the step under way (again to stop at once, without it)",
+              "after the step under way, then the metrics and samples (again to stop at "
+              "once, without them)",
               file=sys.stderr, flush=True)
 
     # a signal the process was started ignoring (nohup, a background job of a script)

@@ -1,0 +1,77 @@
+"""The options the three training commands share, each doing what it says in each of them:
+--warmup, --clip, --threads, --eval-every, --log-every (train-vae and train-tarflow had
+none of them: argparse refused them)."""
+
+import csv
+import re
+import sys
+
+import pytest
+import torch
+
+from fastflow.cli import train, train_tarflow, train_vae
+from fastflow.cli.loop import StepRunner
+
+# tiny models (as test_cli_runs), each with its own batch: 5, 3 and 3 steps an epoch
+RUNS = {"train": (train, ["--n-flow", "1", "--n-block", "1", "--filter-size", "8",
+                          "--batch-size", "256"], 5),
+        "train-vae": (train_vae, ["--hidden", "8", "--latent", "4", "--batch-size", "512"], 3),
+        "train-tarflow": (train_tarflow, ["--channels", "16", "--blocks", "1", "--head-dim", "8",
+                                          "--batch-size", "512"], 3)}
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_warmup_clip_threads_eval_and_log_cadence_in_every_training_command(
+        name, tmp_path, monkeypatch, capsys):
+    """One run of 2 whole epochs and 1 step of a third (--max-steps): the learning rate of
+    each step, read from the optimizer, rises linearly over --warmup 4 steps; the gradient
+    norm after each step is --clip's; --threads reaches torch; --eval-every 2 evaluates
+    (and checkpoints) epochs 2 and 3 (the last) only; --log-every 2 prints the progress
+    lines of steps 2, 4 and the epoch's last. A --resume with another --warmup says so."""
+    command, tiny, per_epoch = RUNS[name]
+    lr, clip, max_steps = 1e-3, 1e-3, 2 * per_epoch + 1
+    real, lrs, norms, threads = StepRunner.step, [], [], []
+
+    def step(self, *args, **kwargs):
+        terms = real(self, *args, **kwargs)
+        lrs.append(float(self.opt.param_groups[0]["lr"]))
+        norms.append(float(torch.linalg.vector_norm(
+            torch.stack([p.grad.norm() for p in self.params if p.grad is not None]))))
+        return terms
+
+    monkeypatch.setattr(StepRunner, "step", step)
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)  # recorded, not applied
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # the plain progress lines
+    argv = [*tiny, "--epochs", "3", "--max-steps", str(max_steps), "--lr", str(lr),
+            "--warmup", "4", "--clip", str(clip), "--threads", "2", "--eval-every", "2",
+            "--log-every", "2", "--out", str(tmp_path)]
+    assert command.main(argv) == 0
+    assert lrs == pytest.approx([lr * min(1, k / 4) for k in range(1, max_steps + 1)],
+                                rel=1e-6)
+    assert norms == pytest.approx([clip] * max_steps, rel=1e-4)
+    assert threads == [2]
+    rows = _rows(tmp_path / "metrics.csv")
+    test_column = next(k for k in rows[0] if k.startswith("test_"))
+    assert [(r["epoch"], r["step"], bool(r[test_column])) for r in rows] == [
+        ("1", str(per_epoch), False), ("2", str(2 * per_epoch), True),
+        ("3", str(max_steps), True)]
+    assert float(rows[0]["lr"]) == pytest.approx(lr * min(1, per_epoch / 4))
+    shown = re.findall(r"^epoch (\d)/3 (\d+)/", capsys.readouterr().err, re.M)
+    whole = [n for n in range(1, per_epoch + 1) if n % 2 == 0 or n == per_epoch]
+    assert shown == [(e, str(n)) for e in "12" for n in whole]  # epoch 3: 1 step, no line
+    assert command.main([*argv[:-2], "--warmup", "0", "--max-steps", str(max_steps + 1),
+                         "--resume", "--out", str(tmp_path)]) == 0
+    assert "--warmup: using 0 (the checkpoint's run had 4)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["train-vae", "train-tarflow"])
+def test_a_negative_warmup_is_refused_naming_it(name, tmp_path):
+    command = RUNS[name][0]
+    with pytest.raises(SystemExit, match=r"^--warmup: expected a step count >= 0, got -1$"):
+        command.main(["--warmup", "-1", "--out", str(tmp_path)])
+    assert not (tmp_path / "checkpoint.pt").exists()
