@@ -75,3 +75,29 @@ def test_a_negative_warmup_is_refused_naming_it(name, tmp_path):
     with pytest.raises(SystemExit, match=r"^--warmup: expected a step count >= 0, got -1$"):
         command.main(["--warmup", "-1", "--out", str(tmp_path)])
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("data, fraction, note", [
+    ("digits", 0.5, "--test-fraction: 0.5 does not apply to digits, which holds out a fixed 20%"),
+    ("digits", 0.2, None), ("digits", 0.1, None)])
+def test_a_test_fraction_digits_do_not_use_is_said(data, fraction, note, capsys):
+    """--test-fraction 0.5 with the digits held out their fixed 20% without a word (the
+    user asked for half)."""
+    from argparse import Namespace
+
+    from fastflow.cli import common
+
+    args = Namespace(data=data, size=None, n_bits=None, test_fraction=fraction, seed=0)
+    train_set, test_set = common.load_data(args)
+    assert len(test_set) == 359  # 20% of 1797, whatever was asked
+    printed = capsys.readouterr().out
+    assert (note in printed) if note else "--test-fraction" not in printed
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_out_naming_a_file_is_refused_as_not_a_folder(name, tmp_path):
+    """--out over a file said 'cannot write to FILE: File exists'."""
+    (tmp_path / "file").write_text("keep")
+    with pytest.raises(SystemExit, match=r"^--out: expected a folder, got the file .*file$"):
+        RUNS[name][0].main(["--max-steps", "1", "--out", str(tmp_path / "file")])
+    assert (tmp_path / "file").read_text() == "keep"

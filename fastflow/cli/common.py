@@ -76,6 +76,8 @@ def prepare_out(out: str | os.PathLike, *, resume: bool, force: bool = False,
         raise SystemExit(f"--out: expected a folder, got {str(out)!r}")
     path = Path(out)
     ckpt = path / "checkpoint.pt"
+    if path.exists() and not path.is_dir():  # mkdir would say "File exists"
+        raise SystemExit(f"--out: expected a folder, got the file {path}")
     if write:
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -441,6 +443,10 @@ def add_run_options(parser, *, out: str, force: bool = True) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+TEST_FRACTION = 0.1  # --test-fraction's default (a folder or an array)
+DIGITS_TEST_FRACTION = 0.2  # what the bundled digits always hold out
+
+
 def add_data_options(parser, *, test_fraction_help: str = "held-out share of the images "
                      "(digits: 0.2; CIFAR: its test batch)") -> None:
     """``--data``, ``--size``, ``--n-bits`` and ``--test-fraction`` on ``parser`` (read by
@@ -455,7 +461,8 @@ def add_data_options(parser, *, test_fraction_help: str = "held-out share of the
     parser.add_argument("--n-bits", type=positive(int), default=None,
                         help="keep the top N bits of 8-bit images (Glow's 5-bit setting); the "
                              "bits/dim constant follows")
-    parser.add_argument("--test-fraction", type=float, default=0.1, help=test_fraction_help)
+    parser.add_argument("--test-fraction", type=float, default=TEST_FRACTION,
+                        help=test_fraction_help)
 
 
 def add_precision_option(parser, *, help: str) -> None:  # noqa: A002 - argparse's name
@@ -484,6 +491,13 @@ def load_data(args):
     from ..data import load_image_sets
 
     check_test_fraction(args)
+    # digits and CIFAR-10 hold out their own share: another value is said, not dropped
+    fixed = ("its test batch" if args.data.startswith("cifar10:") else
+             f"a fixed {DIGITS_TEST_FRACTION:.0%}" if args.data == "digits" else None)
+    said = (TEST_FRACTION, DIGITS_TEST_FRACTION if args.data == "digits" else TEST_FRACTION)
+    if fixed and args.test_fraction not in said:
+        print(f"--test-fraction: {args.test_fraction:g} does not apply to {args.data}, which "
+              f"holds out {fixed}", flush=True)
     try:
         return load_image_sets(args.data, size=args.size, n_bits=args.n_bits,
                                test_fraction=args.test_fraction, seed=args.seed)
