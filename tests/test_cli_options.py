@@ -101,3 +101,20 @@ def test_out_naming_a_file_is_refused_as_not_a_folder(name, tmp_path):
     with pytest.raises(SystemExit, match=r"^--out: expected a folder, got the file .*file$"):
         RUNS[name][0].main(["--max-steps", "1", "--out", str(tmp_path / "file")])
     assert (tmp_path / "file").read_text() == "keep"
+
+
+def test_glow_resumed_mid_epoch_with_another_seed_is_refused(tmp_path):
+    """train draws each epoch's order from --seed, and CIFAR-10 (whose held-out images are
+    its test batch) lets --resume take another seed: the rest of an epoch a stop left
+    unfinished walked another order, skipping some images and repeating others."""
+    from test_data import _cifar_tree
+
+    _cifar_tree(tmp_path / "cifar")  # 15 training images of 3x32x32
+    tiny = ["--data", f"cifar10:{tmp_path / 'cifar'}", "--n-flow", "1", "--n-block", "1",
+            "--filter-size", "8", "--batch-size", "4", "--n-samples", "2", "--no-progress",
+            "--out", str(tmp_path / "run")]
+    assert train.main([*tiny, "--max-steps", "1"]) == 0
+    with pytest.raises(SystemExit, match=r"^--seed: .*checkpoint\.pt stopped after batch 1 of "
+                                         r"epoch 1 with --seed 0; got 1, "):
+        train.main([*tiny, "--max-steps", "2", "--seed", "1", "--resume"])
+    assert train.main([*tiny, "--max-steps", "3", "--resume"]) == 0

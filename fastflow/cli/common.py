@@ -584,14 +584,22 @@ def check_resume_config(saved, config: dict, ckpt_path) -> None:
                      + "; ".join(diffs) + " (pass the checkpoint's values, or use a new --out)")
 
 
-def check_resume_batch(partial: dict | None, ckpt_path, epoch: int, batch_size: int) -> None:
+def check_resume_batch(partial: dict | None, ckpt_path, epoch: int, batch_size: int,
+                       seed: int | None = None) -> None:
     """Refuse to go on with an epoch that a ``--max-steps`` stop left unfinished (``partial``,
-    saved after ``epoch`` finished epochs) at another ``--batch-size``: the rest of that
-    epoch's order would skip or repeat images."""
-    if partial is not None and partial["batch_size"] != batch_size:
-        raise SystemExit(f"--batch-size: {ckpt_path} stopped after batch {partial['batch']} "
-                         f"of epoch {epoch + 1} at --batch-size {partial['batch_size']}; "
+    saved after ``epoch`` finished epochs) at another ``--batch-size``, or (``seed``: a
+    command whose epoch order is drawn from ``--seed``, and ``partial`` saved it) another
+    ``--seed``: the rest of that epoch's order would skip or repeat images."""
+    if partial is None:
+        return
+    where = f"{ckpt_path} stopped after batch {partial['batch']} of epoch {epoch + 1}"
+    if partial["batch_size"] != batch_size:
+        raise SystemExit(f"--batch-size: {where} at --batch-size {partial['batch_size']}; "
                          f"got {batch_size}, which would skip or repeat images of that epoch "
+                         "(pass the checkpoint's value)")
+    if seed is not None and partial.get("seed", seed) != seed:
+        raise SystemExit(f"--seed: {where} with --seed {partial['seed']}; got {seed}, whose "
+                         "order of that epoch's images would skip or repeat some of them "
                          "(pass the checkpoint's value)")
 
 

@@ -240,7 +240,8 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
             opt.load_state_dict(saved["optimizer"])
             start_epoch, step, history = saved["epoch"], saved["step"], saved["history"]
             partial = saved.get("partial")  # an epoch a --max-steps stop left unfinished
-            check_resume_batch(partial, ckpt_path, start_epoch, args.batch_size)
+            # the epoch's order is drawn from --seed: the rest of it needs the same one
+            check_resume_batch(partial, ckpt_path, start_epoch, args.batch_size, args.seed)
             set_rng_state(saved["rng"], eval_gen, device=device)
             old_lr, runner_state = float(saved["lr"]), saved["step_runner"]
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
@@ -397,7 +398,8 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
             rows, titles = picture_rows(model, test, args, device)
             last_grid = save_image_grid(out / f"samples_epoch{epoch + 1:03d}.png", rows, titles)
             left = None if not unfinished else {
-                "batch": batch, "batch_size": args.batch_size, "noise": gen.get_state(),
+                "batch": batch, "batch_size": args.batch_size, "seed": args.seed,
+                "noise": gen.get_state(),
                 "sum_bpd": float(sum_bpd), "n_ok": float(n_ok),
                 "skipped": float(runner.skipped)}
             save_checkpoint(ckpt_path, model, opt, epoch=epoch + int(not unfinished), step=step,
