@@ -14,7 +14,7 @@ from fastflow.cli.loop import StepRunner
 
 # tiny models (as test_cli_runs), each with its own batch: 5, 3 and 3 steps an epoch
 RUNS = {"train": (train, ["--n-flow", "1", "--n-block", "1", "--filter-size", "8",
-                          "--batch-size", "256"], 5),
+                          "--batch-size", "256", "--threads", "1"], 5),
         "train-vae": (train_vae, ["--hidden", "8", "--latent", "4", "--batch-size", "512"], 3),
         "train-tarflow": (train_tarflow, ["--channels", "16", "--blocks", "1", "--head-dim", "8",
                                           "--batch-size", "512"], 3)}
@@ -118,3 +118,14 @@ def test_glow_resumed_mid_epoch_with_another_seed_is_refused(tmp_path):
                                          r"epoch 1 with --seed 0; got 1, "):
         train.main([*tiny, "--max-steps", "2", "--seed", "1", "--resume"])
     assert train.main([*tiny, "--max-steps", "3", "--resume"]) == 0
+
+
+def test_resume_without_the_checkpoints_precision_says_so(tmp_path, capsys):
+    """A bf16 run resumed without --precision went on in fp32 without a word (as --warmup
+    and --clip, which train already named)."""
+    command, tiny, _ = RUNS["train-vae"]  # train: the same step_options, saved with it
+    argv = [*tiny, "--no-progress", "--out", str(tmp_path)]
+    assert command.main([*argv, "--max-steps", "1", "--precision", "bf16"]) == 0
+    capsys.readouterr()
+    assert command.main([*argv, "--max-steps", "1", "--resume"]) == 0
+    assert "--precision: using fp32 (the checkpoint's run had bf16)" in capsys.readouterr().out

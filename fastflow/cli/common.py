@@ -397,8 +397,8 @@ def check_step_options(args) -> None:
 def step_options(args) -> dict:
     """The options of the training step that ``--resume`` takes as given (the learning rate
     has its own message): saved with the checkpoint (``training``), so that a change is
-    said (``say_changed_options``)."""
-    return {"warmup": args.warmup, "clip": args.clip}
+    said (``say_changed_options``): a run resumed without its --precision goes on in fp32."""
+    return {"warmup": args.warmup, "clip": args.clip, "precision": args.precision}
 
 
 def say_changed_options(saved: dict | None, given: dict, say=print) -> None:
