@@ -129,3 +129,18 @@ def test_resume_without_the_checkpoints_precision_says_so(tmp_path, capsys):
     capsys.readouterr()
     assert command.main([*argv, "--max-steps", "1", "--resume"]) == 0
     assert "--precision: using fp32 (the checkpoint's run had bf16)" in capsys.readouterr().out
+
+
+def test_resume_of_another_commands_checkpoint_says_so(tmp_path):
+    """train-tarflow --resume over a train-vae checkpoint listed every option of both
+    models, each as 'None, got ...', and never said why."""
+    command, tiny, _ = RUNS["train-vae"]
+    assert command.main([*tiny, "--no-progress", "--max-steps", "1",
+                         "--out", str(tmp_path)]) == 0
+    with pytest.raises(SystemExit) as exit_:
+        train_tarflow.main(["--resume", "--max-steps", "1", "--out", str(tmp_path)])
+    assert str(exit_.value.code) == (
+        f"--resume: {tmp_path / 'checkpoint.pt'} holds another kind of model (its options "
+        "hidden, latent, likelihood; this command's blocks, channels, head_dim, layers, "
+        "noise_std, num_classes, patch_size, size): another training command's checkpoint? "
+        "Use a new --out")

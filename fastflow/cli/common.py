@@ -574,6 +574,11 @@ def check_resume_config(saved, config: dict, ckpt_path) -> None:
         return
     if not isinstance(saved, dict):
         raise SystemExit(f"--resume: {ckpt_path} was trained with {saved}, got {config}")
+    theirs, ours = sorted(set(saved) - set(config)), sorted(set(config) - set(saved))
+    if theirs and ours:  # not one option each: another kind of model
+        raise SystemExit(f"--resume: {ckpt_path} holds another kind of model (its options "
+                         f"{', '.join(theirs)}; this command's {', '.join(ours)}): another "
+                         "training command's checkpoint? Use a new --out")
     diffs = []
     for key in dict.fromkeys([*config, *saved]):
         if saved.get(key) != config.get(key):
