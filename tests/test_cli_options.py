@@ -12,12 +12,14 @@ import torch
 from fastflow.cli import train, train_tarflow, train_vae
 from fastflow.cli.loop import StepRunner
 
-# tiny models (as test_cli_runs), each with its own batch: 5, 3 and 3 steps an epoch
+# tiny models (as test_cli_runs), each with its own batch: 5, 3 and 3 steps an epoch; one
+# thread (two contend on a small model)
 RUNS = {"train": (train, ["--n-flow", "1", "--n-block", "1", "--filter-size", "8",
                           "--batch-size", "256", "--threads", "1"], 5),
-        "train-vae": (train_vae, ["--hidden", "8", "--latent", "4", "--batch-size", "512"], 3),
+        "train-vae": (train_vae, ["--hidden", "8", "--latent", "4", "--batch-size", "512",
+                                  "--threads", "1"], 3),
         "train-tarflow": (train_tarflow, ["--channels", "16", "--blocks", "1", "--head-dim", "8",
-                                          "--batch-size", "512"], 3)}
+                                          "--batch-size", "512", "--threads", "1"], 3)}
 
 
 def _rows(path):
@@ -36,6 +38,7 @@ def test_warmup_clip_threads_eval_and_log_cadence_in_every_training_command(
     command, tiny, per_epoch = RUNS[name]
     lr, clip, max_steps = 1e-3, 1e-3, 2 * per_epoch + 1
     real, lrs, norms, threads = StepRunner.step, [], [], []
+    set_threads = torch.set_num_threads
 
     def step(self, *args, **kwargs):
         terms = real(self, *args, **kwargs)
@@ -45,16 +48,16 @@ def test_warmup_clip_threads_eval_and_log_cadence_in_every_training_command(
         return terms
 
     monkeypatch.setattr(StepRunner, "step", step)
-    monkeypatch.setattr(torch, "set_num_threads", threads.append)  # recorded, not applied
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (threads.append(n), set_threads(n)))
     monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # the plain progress lines
     argv = [*tiny, "--epochs", "3", "--max-steps", str(max_steps), "--lr", str(lr),
-            "--warmup", "4", "--clip", str(clip), "--threads", "2", "--eval-every", "2",
+            "--warmup", "4", "--clip", str(clip), "--eval-every", "2",
             "--log-every", "2", "--out", str(tmp_path)]
     assert command.main(argv) == 0
     assert lrs == pytest.approx([lr * min(1, k / 4) for k in range(1, max_steps + 1)],
                                 rel=1e-6)
     assert norms == pytest.approx([clip] * max_steps, rel=1e-4)
-    assert threads == [2]
+    assert threads == [1] and torch.get_num_threads() == 1
     rows = _rows(tmp_path / "metrics.csv")
     test_column = next(k for k in rows[0] if k.startswith("test_"))
     assert [(r["epoch"], r["step"], bool(r[test_column])) for r in rows] == [
@@ -112,6 +115,7 @@ def test_glow_resumed_mid_epoch_with_another_seed_is_refused(tmp_path):
     _cifar_tree(tmp_path / "cifar")  # 15 training images of 3x32x32
     tiny = ["--data", f"cifar10:{tmp_path / 'cifar'}", "--n-flow", "1", "--n-block", "1",
             "--filter-size", "8", "--batch-size", "4", "--n-samples", "2", "--no-progress",
+            "--threads", "1",
             "--out", str(tmp_path / "run")]
     assert train.main([*tiny, "--max-steps", "1"]) == 0
     with pytest.raises(SystemExit, match=r"^--seed: .*checkpoint\.pt stopped after batch 1 of "
