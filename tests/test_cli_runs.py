@@ -268,15 +268,33 @@ def test_bench_refuses_an_out_it_cannot_write_before_measuring(out, message, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
+def _csv_rows(out, timings: bool = True) -> list[dict]:
+    import csv
+
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [{k: v for k, v in row.items()
+             if timings or k not in ("images_per_s", "seconds")} for row in rows]
+
+
+def _metrics_match_checkpoint(out):
+    """metrics.csv holds the epochs of the checkpoint beside it, no more, no fewer."""
+    history = torch.load(out / "checkpoint.pt", weights_only=True)["history"]["epochs"]
+    assert [(r["epoch"], r["step"]) for r in _csv_rows(out)] == \
+        [(str(e["epoch"]), str(e["step"])) for e in history]
+
+
 def _resume_ends_as_whole(command, tiny, out, whole, per_epoch):
     """``--resume`` of the interrupted run in ``out`` ends, after 2 epochs, with the step
-    count and weights of the uninterrupted run in ``whole``."""
+    count, weights and metrics.csv (but the timings) of the uninterrupted run in
+    ``whole``."""
     assert command.main([*tiny, "--epochs", "2", "--out", str(out), "--resume"]) == 0
     a = torch.load(whole / "checkpoint.pt", weights_only=True)
     b = torch.load(out / "checkpoint.pt", weights_only=True)
     assert a["step"] == b["step"] == 2 * per_epoch
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
+    assert _csv_rows(out, timings=False) == _csv_rows(whole, timings=False)
 
 
 @pytest.mark.parametrize("command, tiny, per_epoch", [(train, GLOW, 2), (train_vae, VAE, 3),
@@ -309,6 +327,7 @@ def test_ctrl_c_says_where_to_resume_from_and_the_resumed_run_matches(command, t
     assert f"interrupted: {out / 'checkpoint.pt'} (its last checkpoint) is intact: --resume" \
         in err and "Traceback" not in err
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    _metrics_match_checkpoint(out)  # the run had written none: it was stopped before its end
     _resume_ends_as_whole(command, tiny, out, whole, per_epoch)
 
 
@@ -323,7 +342,11 @@ def test_a_signal_mid_epoch_saves_the_step_under_way_and_resume_matches(command,
     """Ctrl-C or SIGTERM in the second epoch lost the steps of that epoch: the checkpoint
     was epoch 1's. Now the step under way ends and is saved (as a --max-steps stop inside
     an epoch: where in the epoch's order, its sums), the status is still 130 / 143, and
-    --resume from it ends where an uninterrupted run ends."""
+    --resume from it ends where an uninterrupted run ends. The stopped run wrote no
+    metrics (metrics.csv lacked the checkpoint's epochs; a resumed run's ended with the
+    epoch before it was resumed), no sample grid and no list of what it wrote: it now
+    writes and lists them as a run that ends, then stops, and the resumed run's metrics.csv
+    is the uninterrupted run's."""
     import os
     import signal
 
@@ -354,11 +377,20 @@ def test_a_signal_mid_epoch_saves_the_step_under_way_and_resume_matches(command,
             signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, before)
-    err = capsys.readouterr().err
+    printed, err = capsys.readouterr()
     assert "saving a checkpoint after the step under way" in err and "Traceback" not in err
     assert f"{out / 'checkpoint.pt'} (its last checkpoint) is intact: --resume" in err
     cut = torch.load(out / "checkpoint.pt", weights_only=True)
     assert (cut["epoch"], cut["step"], cut["partial"]["batch"]) == (1, per_epoch + 1, 1)
+    _metrics_match_checkpoint(out)
+    assert f"stopped: {per_epoch + 1} steps" in printed
+    listed = (_written(printed) if command is train else
+              printed.split("; wrote ")[-1].strip().split(", "))
+    picture = {train: "samples.png", train_vae: "vae_samples.png",
+               train_tarflow: "tarflow_samples.png"}[command]
+    assert {str(out / n) for n in (picture, "checkpoint.pt", "metrics.json",
+                                   "metrics.csv")} <= set(listed)
+    assert all((out / p).is_file() for p in listed), listed
     _resume_ends_as_whole(command, tiny, out, whole, per_epoch)
 
 

@@ -5,8 +5,10 @@
 ``save_image_grid`` (a PNG of image rows, drawn with Pillow), ``write_json``/``write_csv``
 (all four through ``write_atomic``), ``write_metrics`` (a training command's
 metrics.json and metrics.csv, one ``metrics_row`` per epoch),
-``positive``/``finite`` (argparse types), ``add_optimisation_options``/``add_run_options``/
-``add_data_options``/``add_precision_option`` (the options every training command has),
+``positive``/``finite`` (argparse types), ``add_optimisation_options``/``add_step_options``/
+``add_cadence_options``/``add_run_options``/``add_data_options``/``add_precision_option``
+(the options every training command has, with ``check_step_options``, ``step_options``,
+``say_changed_options`` and ``set_threads``),
 ``load_data``/``split_key``/``data_fingerprint``/``resume_data``/``check_resume_data``/
 ``check_resume_batch`` (``--data`` read, and checked on ``--resume``, the same way by every
 training command), ``HelpFormatter`` and
@@ -74,6 +76,8 @@ def prepare_out(out: str | os.PathLike, *, resume: bool, force: bool = False,
         raise SystemExit(f"--out: expected a folder, got {str(out)!r}")
     path = Path(out)
     ckpt = path / "checkpoint.pt"
+    if path.exists() and not path.is_dir():  # mkdir would say "File exists"
+        raise SystemExit(f"--out: expected a folder, got the file {path}")
     if write:
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -375,6 +379,56 @@ def add_optimisation_options(parser, *, epochs: int, lr: float | None,
                         help="random seed (initial weights, data order, noise)")
 
 
+def add_step_options(parser, *, warmup: int) -> None:
+    """``--warmup`` and ``--clip`` on ``parser``: ``StepRunner``'s linear learning-rate warmup
+    and gradient-norm clipping, the same in every training command (``warmup``: the
+    command's default). ``check_step_options`` refuses a negative warmup."""
+    parser.add_argument("--warmup", type=int, default=warmup,
+                        help="linear learning-rate warmup steps")
+    parser.add_argument("--clip", type=positive(float), default=None,
+                        help="clip the gradient norm to this value (None: no clipping)")
+
+
+def check_step_options(args) -> None:
+    if args.warmup < 0:
+        raise SystemExit(f"--warmup: expected a step count >= 0, got {args.warmup}")
+
+
+def step_options(args) -> dict:
+    """The options of the training step that ``--resume`` takes as given (the learning rate
+    has its own message): saved with the checkpoint (``training``), so that a change is
+    said (``say_changed_options``): a run resumed without its --precision goes on in fp32."""
+    return {"warmup": args.warmup, "clip": args.clip, "precision": args.precision}
+
+
+def say_changed_options(saved: dict | None, given: dict, say=print) -> None:
+    """On ``--resume``: one line per option of ``given`` (``step_options``) whose value
+    differs from the checkpoint's ``training`` entry ``saved`` (older checkpoints, without
+    it: taken as given)."""
+    for name, value in given.items():
+        had = (saved or {}).get(name, value)
+        if had != value:
+            say(f"--{name}: using {value} (the checkpoint's run had {had})")
+
+
+def add_cadence_options(parser, *, evaluated: str) -> None:
+    """``--eval-every``, ``--log-every`` and ``--threads`` on ``parser``, the same in every
+    training command; ``evaluated``: what the command does on an evaluation epoch (say,
+    "test bits/dim, sample grid and checkpoint")."""
+    parser.add_argument("--threads", type=positive(int), default=None,
+                        help="CPU threads for torch (None: torch's choice)")
+    parser.add_argument("--eval-every", type=positive(int), default=1,
+                        help=f"{evaluated} every N epochs (and at the end)")
+    parser.add_argument("--log-every", type=positive(int), default=20,
+                        help="progress-bar update interval in steps (each update reads the device)")
+
+
+def set_threads(args) -> None:
+    """``--threads``: torch's CPU threads (None: left as they are)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
 def add_run_options(parser, *, out: str, force: bool = True) -> None:
     """``--out``, ``--device``, ``--resume``, ``--force`` (where the command refuses to
     overwrite a checkpoint, see ``prepare_out``) and ``--no-progress`` on ``parser``."""
@@ -387,6 +441,10 @@ def add_run_options(parser, *, out: str, force: bool = True) -> None:
         parser.add_argument("--force", action="store_true",
                             help="start a fresh run over an existing OUT/checkpoint.pt")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+TEST_FRACTION = 0.1  # --test-fraction's default (a folder or an array)
+DIGITS_TEST_FRACTION = 0.2  # what the bundled digits always hold out
 
 
 def add_data_options(parser, *, test_fraction_help: str = "held-out share of the images "
@@ -403,7 +461,8 @@ def add_data_options(parser, *, test_fraction_help: str = "held-out share of the
     parser.add_argument("--n-bits", type=positive(int), default=None,
                         help="keep the top N bits of 8-bit images (Glow's 5-bit setting); the "
                              "bits/dim constant follows")
-    parser.add_argument("--test-fraction", type=float, default=0.1, help=test_fraction_help)
+    parser.add_argument("--test-fraction", type=float, default=TEST_FRACTION,
+                        help=test_fraction_help)
 
 
 def add_precision_option(parser, *, help: str) -> None:  # noqa: A002 - argparse's name
@@ -432,6 +491,13 @@ def load_data(args):
     from ..data import load_image_sets
 
     check_test_fraction(args)
+    # digits and CIFAR-10 hold out their own share: another value is said, not dropped
+    fixed = ("its test batch" if args.data.startswith("cifar10:") else
+             f"a fixed {DIGITS_TEST_FRACTION:.0%}" if args.data == "digits" else None)
+    said = (TEST_FRACTION, DIGITS_TEST_FRACTION if args.data == "digits" else TEST_FRACTION)
+    if fixed and args.test_fraction not in said:
+        print(f"--test-fraction: {args.test_fraction:g} does not apply to {args.data}, which "
+              f"holds out {fixed}", flush=True)
     try:
         return load_image_sets(args.data, size=args.size, n_bits=args.n_bits,
                                test_fraction=args.test_fraction, seed=args.seed)
@@ -508,6 +574,11 @@ def check_resume_config(saved, config: dict, ckpt_path) -> None:
         return
     if not isinstance(saved, dict):
         raise SystemExit(f"--resume: {ckpt_path} was trained with {saved}, got {config}")
+    theirs, ours = sorted(set(saved) - set(config)), sorted(set(config) - set(saved))
+    if theirs and ours:  # not one option each: another kind of model
+        raise SystemExit(f"--resume: {ckpt_path} holds another kind of model (its options "
+                         f"{', '.join(theirs)}; this command's {', '.join(ours)}): another "
+                         "training command's checkpoint? Use a new --out")
     diffs = []
     for key in dict.fromkeys([*config, *saved]):
         if saved.get(key) != config.get(key):
@@ -518,14 +589,22 @@ def check_resume_config(saved, config: dict, ckpt_path) -> None:
                      + "; ".join(diffs) + " (pass the checkpoint's values, or use a new --out)")
 
 
-def check_resume_batch(partial: dict | None, ckpt_path, epoch: int, batch_size: int) -> None:
+def check_resume_batch(partial: dict | None, ckpt_path, epoch: int, batch_size: int,
+                       seed: int | None = None) -> None:
     """Refuse to go on with an epoch that a ``--max-steps`` stop left unfinished (``partial``,
-    saved after ``epoch`` finished epochs) at another ``--batch-size``: the rest of that
-    epoch's order would skip or repeat images."""
-    if partial is not None and partial["batch_size"] != batch_size:
-        raise SystemExit(f"--batch-size: {ckpt_path} stopped after batch {partial['batch']} "
-                         f"of epoch {epoch + 1} at --batch-size {partial['batch_size']}; "
+    saved after ``epoch`` finished epochs) at another ``--batch-size``, or (``seed``: a
+    command whose epoch order is drawn from ``--seed``, and ``partial`` saved it) another
+    ``--seed``: the rest of that epoch's order would skip or repeat images."""
+    if partial is None:
+        return
+    where = f"{ckpt_path} stopped after batch {partial['batch']} of epoch {epoch + 1}"
+    if partial["batch_size"] != batch_size:
+        raise SystemExit(f"--batch-size: {where} at --batch-size {partial['batch_size']}; "
                          f"got {batch_size}, which would skip or repeat images of that epoch "
+                         "(pass the checkpoint's value)")
+    if seed is not None and partial.get("seed", seed) != seed:
+        raise SystemExit(f"--seed: {where} with --seed {partial['seed']}; got {seed}, whose "
+                         "order of that epoch's images would skip or repeat some of them "
                          "(pass the checkpoint's value)")
 
 
@@ -577,7 +656,8 @@ def stop_between_steps(enabled: bool = True):
     """Within (a training command's optimizer steps): the first Ctrl-C or SIGTERM is noted
     (``StopRequest.pending``) and said, instead of raised half-way through a step, so that
     the loop can end after the step under way, checkpoint it (as a ``--max-steps`` stop
-    inside an epoch) and then ``raise_pending``; a second one raises at once. Not
+    inside an epoch), write what the run writes at its end and then raise it; a second one
+    raises at once. Not
     ``enabled`` (several processes, which could stop one step apart and wait on each
     other's all-reduce for ever) or outside the main thread: signals raise as before. An
     ignored signal (SIG_IGN) stays ignored."""
@@ -595,7 +675,8 @@ def stop_between_steps(enabled: bool = True):
             raise err
         stop.pending = err
         print(f"{'terminated' if err is Terminated else 'interrupted'}: saving a checkpoint "
-              "after the step under way (again to stop at once, without it)",
+              "after the step under way, then the metrics and samples (again to stop at "
+              "once, without them)",
               file=sys.stderr, flush=True)
 
     # a signal the process was started ignoring (nohup, a background job of a script)

@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 from .common import (PRECISIONS, check_resume_batch, check_resume_config,
                      check_resume_data, progress, read_checkpoint, restore_checkpoint,
-                     rng_state, save_checkpoint, set_rng_state, stop_between_steps)
+                     rng_state, save_checkpoint, say_changed_options, set_rng_state,
+                     step_options, stop_between_steps, write_metrics)
 
 
 class Distributed:
@@ -217,7 +218,8 @@ def resume_or_start(args, ckpt_path: Path, model, opt, config: dict, generators:
     ``runner``: its optimizer binding is renewed and an fp16 loss scale comes back.
     ``data``: ``resume_data(args, train, test)``, refused as ``train`` refuses it
     (``check_resume_data``;
-    ``metric`` names the held-out numbers). ``legacy``: the
+    ``metric`` names the held-out numbers). A ``--warmup`` or ``--clip`` other than the
+    checkpoint's is said (``say_changed_options``). ``legacy``: the
     values of config keys that checkpoints from before them lack (what they were trained
     on); ``legacy_split``: the ``split_key`` of checkpoints from before it was saved (how
     they held out their test images)."""
@@ -250,6 +252,7 @@ def resume_or_start(args, ckpt_path: Path, model, opt, config: dict, generators:
         group["lr"] = lr
         if opt.defaults.get("fused"):  # a checkpoint of the unfused optimizer: fused again
             group["fused"], group["foreach"] = True, None
+    say_changed_options(state.get("training"), step_options(args))
     if runner is not None:
         runner.base_lr = lr
         runner.bind()  # the optimizer reads the runner's lr tensor again
@@ -259,17 +262,24 @@ def resume_or_start(args, ckpt_path: Path, model, opt, config: dict, generators:
 
 
 def train_epochs(args, *, model, runner: StepRunner, x_train, loss_terms, evaluate, describe,
-                 ckpt_path, config, generators, start, history, save: dict | None = None) -> int:
+                 ckpt_path, config, generators, start, history, save: dict | None = None,
+                 metrics=None):
     """Shuffled mini-batches (``generators["shuffle"]``), one ``runner`` step per batch on
     the first value of ``loss_terms(xb)`` (a dict of scalars, all averaged per epoch over
-    the steps that were taken), then ``evaluate()`` on the test split, a line
-    ``describe(train, test)`` (plus the non-finite steps skipped, if any), a history entry
-    (the means, the skipped steps, the learning rate, images/s and the seconds of the steps:
-    a ``metrics_row`` of ``write_metrics``) and a checkpoint
-    (with ``save``'s entries and the runner's state), per epoch; until ``args.epochs`` or
-    ``args.max_steps``. ``start`` = (epoch, step, partial) to go on from
-    (``resume_or_start``); returns the step count. Nothing reads the device per step
-    except the progress bar's updates."""
+    the steps that were taken), then every ``args.eval_every`` epochs and at the end
+    ``evaluate()`` on the test split and a checkpoint (with ``save``'s entries, the
+    runner's state and ``step_options``), with ``metrics()`` (a dict for ``write_metrics``)
+    written beside it, so that metrics.csv always holds the checkpoint's epochs; per epoch
+    a line ``describe(train, test)`` (``test`` None without evaluation; plus the non-finite
+    steps skipped, if any) and a history entry (the means, the skipped steps, the learning
+    rate, images/s and the seconds of the steps: a ``metrics_row``). Until ``args.epochs``
+    or ``args.max_steps``, or a Ctrl-C or SIGTERM (``stop_between_steps``), which ends the
+    step under way and checkpoints it as a ``--max-steps`` stop inside an epoch.
+    ``start`` = (epoch, step, partial) to go on from (``resume_or_start``). Returns
+    (step count, the stop's exception class or None): a stopped command writes what it
+    writes at the end (samples, metrics, the list of them), then raises it. Nothing reads
+    the device per step except the progress bar's updates (every ``args.log_every``
+    steps)."""
     from ..data import batches
 
     opt = runner.opt
@@ -295,7 +305,8 @@ def train_epochs(args, *, model, runner: StepRunner, x_train, loss_terms, evalua
             partial = None
         walk = batches(x_train, args.batch_size, generator=generators["shuffle"])
         bar = progress(itertools.islice(walk, first, None), total=steps_per_epoch - first,
-                       desc=f"epoch {epoch + 1}/{args.epochs}", enabled=not args.no_progress)
+                       desc=f"epoch {epoch + 1}/{args.epochs}", enabled=not args.no_progress,
+                       every=args.log_every)
         done, images, t_epoch = first, 0, time.perf_counter()
         # a Ctrl-C or SIGTERM: the step under way ends, then its checkpoint
         with stop_between_steps() as stop:
@@ -307,7 +318,7 @@ def train_epochs(args, *, model, runner: StepRunner, x_train, loss_terms, evalua
                 batch = torch.where(ok > 0, batch, 0.0) * (xb.shape[0] * ok)
                 seen += xb.shape[0] * ok
                 sums = batch if sums is None else sums + batch
-                if step % 10 == 0 and not args.no_progress:
+                if step % args.log_every == 0 and not args.no_progress:
                     bar.set_postfix_str(f"{next(iter(terms))} "
                                         f"{float(sums[0] / seen.clamp(min=1)):.3f}")
                 if stop.pending is not None or (args.max_steps is not None
@@ -320,10 +331,13 @@ def train_epochs(args, *, model, runner: StepRunner, x_train, loss_terms, evalua
         unfinished = done < steps_per_epoch
         resume_rng = rng_state(*(generators[k] for k in names), device=device) \
             if unfinished else None
+        last = epoch + 1 == args.epochs or stop.pending is not None or (
+            args.max_steps is not None and step >= args.max_steps)
+        evaluated = last or (epoch + 1) % args.eval_every == 0
         # NaN when every step of the epoch was skipped
         train = dict(zip(terms, (sums / seen).tolist()))
         skipped = int(runner.skipped.item())  # the one read of the count, per epoch
-        test = evaluate()
+        test = evaluate() if evaluated else None
         history["epochs"].append({"epoch": epoch + 1, "step": step, "train": train,
                                   "test": test, "skipped": skipped, "lr": runner.lr(step - 1),
                                   "images_per_s": images / max(seconds, 1e-9),
@@ -331,13 +345,18 @@ def train_epochs(args, *, model, runner: StepRunner, x_train, loss_terms, evalua
         print(f"epoch {epoch + 1:3d}/{args.epochs}  {describe(train, test)}"
               + (f"  skipped {skipped} non-finite step(s)" if skipped else "")
               + f"  {time.perf_counter() - t0:6.1f}s", flush=True)
-        left = None if not unfinished else {
-            "batch": done, "batch_size": args.batch_size, "order": order_state,
-            "sums": sums.tolist(), "seen": float(seen), "skipped": skipped}
-        save_checkpoint(ckpt_path, model, opt, epoch=epoch + int(not unfinished), step=step,
-                        history=history, config=config, partial=left, lr=runner.base_lr,
-                        step_runner=runner.state_dict(), **(save or {}),
-                        rng=resume_rng or rng_state(*(generators[k] for k in names),
-                                                    device=device))
-        stop.raise_pending()  # interrupted: stopped, its last step saved
-    return step
+        if evaluated:
+            left = None if not unfinished else {
+                "batch": done, "batch_size": args.batch_size, "order": order_state,
+                "sums": sums.tolist(), "seen": float(seen), "skipped": skipped}
+            save_checkpoint(ckpt_path, model, opt, epoch=epoch + int(not unfinished),
+                            step=step, history=history, config=config, partial=left,
+                            lr=runner.base_lr, step_runner=runner.state_dict(),
+                            training=step_options(args), **(save or {}),
+                            rng=resume_rng or rng_state(*(generators[k] for k in names),
+                                                        device=device))
+            if metrics is not None:  # the checkpoint's epochs, whatever stops the run next
+                write_metrics(ckpt_path.parent, metrics())
+        if stop.pending is not None:  # interrupted: stopped, its last step saved
+            return step, stop.pending
+    return step, None

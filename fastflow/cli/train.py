@@ -11,12 +11,14 @@ import time
 import torch
 
 from ..data import DIGIT_LEVELS
-from .common import (HelpFormatter, add_data_options, add_optimisation_options,
-                     add_precision_option, add_run_options, backend_name, check_resume_batch,
-                     check_resume_config, check_resume_data, check_test_fraction, load_data,
+from .common import (HelpFormatter, add_cadence_options, add_data_options,
+                     add_optimisation_options, add_precision_option, add_run_options,
+                     add_step_options, backend_name, check_resume_batch, check_resume_config,
+                     check_resume_data, check_step_options, check_test_fraction, load_data,
                      positive, prepare_out, progress, read_checkpoint, resume_data, rng_state,
-                     run_interruptible, save_checkpoint, save_image_grid, set_rng_state,
-                     stop_between_steps, write_metrics)
+                     run_interruptible, save_checkpoint, save_image_grid, say_changed_options,
+                     set_rng_state, set_threads, step_options, stop_between_steps,
+                     write_metrics)
 from .loop import Distributed, StepRunner, epoch_generator, epoch_order
 
 INIT_IMAGES = 512  # ActNorm's data-dependent initialisation: this many training images
@@ -54,9 +56,7 @@ def _glow_parser():
         g, epochs=20, lr=None, batch_help="global batch: split evenly across torchrun's processes",
         lr_help="Adam learning rate (None: 1e-3, or with --resume the checkpoint's; a value "
                 "given with --resume replaces the checkpoint's)")
-    g.add_argument("--warmup", type=int, default=100, help="linear learning-rate warmup steps")
-    g.add_argument("--clip", type=positive(float), default=None,
-                   help="clip the gradient norm to this value (None: no clipping)")
+    add_step_options(g, warmup=100)
     add_precision_option(g, help="autocast dtype of the coupling networks and priors (flow "
                                  "layers, log-dets and the likelihood stay float32); fp16 "
                                  "scales the loss")
@@ -65,8 +65,6 @@ def _glow_parser():
     g.add_argument("--temperature", type=_temperatures, default=[0.7],
                    help="sampling temperature(s), comma-separated: one grid row each")
     g.add_argument("--n-samples", type=positive(int), default=12, help="images per grid row")
-    g.add_argument("--threads", type=positive(int), default=None,
-                   help="CPU threads for torch (None: torch's choice)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the model (fullgraph, except with --reversible)")
     g.add_argument("--reversible", action="store_true",
@@ -77,10 +75,7 @@ def _glow_parser():
                         "training step (forward, backward, non-finite check, clipping, warmup "
                         "lr, fused Adam) as one CUDA graph after 3 eager steps and replay it "
                         "per batch (the last partial batch of an epoch is dropped, as always)")
-    g.add_argument("--eval-every", type=positive(int), default=1,
-                   help="test bits/dim, sample grid and checkpoint every N epochs (and at the end)")
-    g.add_argument("--log-every", type=positive(int), default=20,
-                   help="progress-bar update interval in steps (each update reads the device)")
+    add_cadence_options(g, evaluated="test bits/dim, sample grid and checkpoint")
     return p
 
 
@@ -172,7 +167,7 @@ def score_samples(model, test, args, device, n: int = 200) -> dict:
 def training_options(args) -> dict:
     """The options of the training step that --resume takes as given (the learning rate
     has its own message): saved with the checkpoint, so that a change is said."""
-    return {"warmup": args.warmup, "clip": args.clip, "hflip": args.hflip}
+    return {**step_options(args), "hflip": args.hflip}
 
 
 def main(argv=None) -> int:
@@ -182,8 +177,7 @@ def main(argv=None) -> int:
 
     args = _glow_parser().parse_args(argv)
     check_test_fraction(args)
-    if args.warmup < 0:
-        raise SystemExit(f"--warmup: expected a step count >= 0, got {args.warmup}")
+    check_step_options(args)
     if args.cuda_graph and args.compile:
         raise SystemExit("--cuda-graph: expected without --compile (it captures the eager "
                          "step), got both")
@@ -203,8 +197,7 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
     device, main_rank = dist_.device, dist_.is_main
     if args.cuda_graph and device.type != "cuda":
         raise SystemExit(f"--cuda-graph: needs a CUDA device, got {device}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     ckpt_path = prepare_out(args.out, resume=args.resume, force=args.force, write=main_rank)
     out = ckpt_path.parent
     say = print if main_rank else (lambda *a, **k: None)
@@ -247,7 +240,8 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
             opt.load_state_dict(saved["optimizer"])
             start_epoch, step, history = saved["epoch"], saved["step"], saved["history"]
             partial = saved.get("partial")  # an epoch a --max-steps stop left unfinished
-            check_resume_batch(partial, ckpt_path, start_epoch, args.batch_size)
+            # the epoch's order is drawn from --seed: the rest of it needs the same one
+            check_resume_batch(partial, ckpt_path, start_epoch, args.batch_size, args.seed)
             set_rng_state(saved["rng"], eval_gen, device=device)
             old_lr, runner_state = float(saved["lr"]), saved["step_runner"]
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
@@ -255,10 +249,7 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
                              f"checkpoint ({type(err).__name__}: {err})") from None
         base_lr = args.lr if args.lr is not None else old_lr
         # the step's other options apply as given on --resume: said when they changed
-        for name, given in training_options(args).items():
-            had = (saved.get("training") or {}).get(name, given)  # older checkpoints: as given
-            if had != given:
-                say(f"--{name}: using {given} (the checkpoint's run had {had})")
+        say_changed_options(saved.get("training"), training_options(args), say)
         say(f"resumed from {ckpt_path} at epoch {start_epoch}, step {step}"
             + (f" (batch {partial['batch']} of epoch {start_epoch + 1})" if partial else "")
             + (f"; --lr {base_lr:g} replaces the checkpoint's {old_lr:g}"
@@ -319,13 +310,18 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
         log_p, logdet, _ = net(x)
         return {"bpd": bits_per_dim(log_p.float(), logdet.float(), n_pixel, n_bins)}
 
+    run_config = {**vars(args), "lr": base_lr}  # the lr actually used
+
+    def metrics():
+        return {"config": run_config, "model": config, "history": history}
+
     graph = None
     if args.cuda_graph:
         from .graph_step import GraphStep
 
         graph = GraphStep(runner, loss_fn, model=model)
     runner.start(step)  # the device-side step counter of the warmup learning rate
-    t_start = time.perf_counter()
+    t_start, stopped = time.perf_counter(), None
     for epoch in range(start_epoch, args.epochs):
         if args.max_steps is not None and step >= args.max_steps:
             break
@@ -402,7 +398,8 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
             rows, titles = picture_rows(model, test, args, device)
             last_grid = save_image_grid(out / f"samples_epoch{epoch + 1:03d}.png", rows, titles)
             left = None if not unfinished else {
-                "batch": batch, "batch_size": args.batch_size, "noise": gen.get_state(),
+                "batch": batch, "batch_size": args.batch_size, "seed": args.seed,
+                "noise": gen.get_state(),
                 "sum_bpd": float(sum_bpd), "n_ok": float(n_ok),
                 "skipped": float(runner.skipped)}
             save_checkpoint(ckpt_path, model, opt, epoch=epoch + int(not unfinished), step=step,
@@ -410,23 +407,28 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
                             step_runner=runner.state_dict(), partial=left,
                             rng=resume_rng or rng_state(eval_gen, device=device),
                             world_size=dist_.world, training=training_options(args))
+            # the checkpoint's epochs, whatever stops the run next
+            write_metrics(out, metrics())
             saved_now = True
-        stop.raise_pending()  # interrupted: stopped, its last step saved
+        if stop.pending is not None:  # interrupted: its last step saved; the rest below
+            stopped = stop.pending
+            break
 
     if not main_rank:
         return 0
     rows, titles = picture_rows(model, test, args, device)
     written.append(save_image_grid(out / "samples.png", rows, titles))
-    run_config = {k: v for k, v in vars(args).items()}
-    run_config["lr"] = base_lr  # what was actually used
-    written += write_metrics(out, {"config": run_config, "model": config, "history": history})
+    written += write_metrics(out, metrics())
     written += [last_grid] if last_grid is not None else []  # the latest of this run's
     written += [ckpt_path] if saved_now else []
     final = history["epochs"][-1] if history["epochs"] else history["initial"]
     final_bpd = final["test"]["bpd"] if history["epochs"] else final["bpd"]
-    print(f"done: {step} steps, test {history['initial']['bpd']:.3f} -> {final_bpd:.3f} "
-          f"bits/dim" + _score_text(final.get("digits")) + "\nwrote:\n  "
+    print(f"{'stopped' if stopped else 'done'}: {step} steps, test "
+          f"{history['initial']['bpd']:.3f} -> {final_bpd:.3f} bits/dim"
+          + _score_text(final.get("digits")) + "\nwrote:\n  "
           + "\n  ".join(str(p) for p in written), flush=True)
+    if stopped:  # Ctrl-C or SIGTERM: its status and where --resume goes on from
+        raise stopped()
     return 0
 
 

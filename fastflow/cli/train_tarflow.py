@@ -10,10 +10,11 @@ import argparse
 
 import torch
 
-from .common import (HelpFormatter, add_data_options, add_optimisation_options,
-                     add_precision_option, add_run_options, backend_name, check_one_process,
+from .common import (HelpFormatter, add_cadence_options, add_data_options,
+                     add_optimisation_options, add_precision_option, add_run_options,
+                     add_step_options, backend_name, check_one_process, check_step_options,
                      finite, load_data, pick_device, positive, prepare_out, resume_data,
-                     run_interruptible, save_image_grid, write_metrics)
+                     run_interruptible, save_image_grid, set_threads, write_metrics)
 from .loop import StepRunner, resume_or_start, train_epochs
 
 LR = 2e-3  # --lr's default on a fresh run
@@ -31,6 +32,7 @@ def _parser():
     add_optimisation_options(g, epochs=6, lr=None,
                              lr_help=f"AdamW learning rate (None: {LR:g}, or with --resume the "
                                      "checkpoint's; a value given with --resume replaces it)")
+    add_step_options(g, warmup=0)
     add_precision_option(g, help="autocast dtype of the training step, evaluation and sampling "
                                  "(the transformer follows it; the flow math and the "
                                  "likelihood stay float32); fp16 scales the loss")
@@ -52,6 +54,7 @@ def _parser():
     g.add_argument("--temperature", type=positive(float), default=1.0,
                    help="sampling temperature")
     g = p.add_argument_group("run")
+    add_cadence_options(g, evaluated="test nats/dim and checkpoint")
     add_run_options(g, out="runs/tarflow")
     return p
 
@@ -108,7 +111,9 @@ def _main(args) -> int:
     if args.unconditional and args.guidance is not None:
         raise SystemExit(f"--guidance: expected none with --unconditional (classifier-free "
                          f"guidance needs class labels), got --guidance {args.guidance:g}")
+    check_step_options(args)
     device = pick_device(args.device)
+    set_threads(args)
     torch.manual_seed(args.seed)
     ckpt_path = prepare_out(args.out, resume=args.resume, force=args.force)
     out = ckpt_path.parent
@@ -148,7 +153,7 @@ def _main(args) -> int:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr or LR, weight_decay=1e-4,
                             fused=True)
     runner = StepRunner(model.parameters(), opt, device=device, precision=args.precision,
-                        base_lr=args.lr or LR)
+                        clip=args.clip, warmup=args.warmup, base_lr=args.lr or LR)
     data = resume_data(args, train, test)
     shuffle_gen = torch.Generator().manual_seed(args.seed)
     noise_gen = torch.Generator().manual_seed(args.seed + 1)
@@ -180,14 +185,21 @@ def _main(args) -> int:
         return {"nll": nll_per_dim(model, batch_input(x_train[idx], n_bins), yb, args.noise_std,
                                    noise_gen)}
 
+    def describe(train, test):
+        return (f"train {train['nll']:6.3f}  test "
+                + ("  --  " if test is None else f"{test['nll']:6.3f}") + " nats/dim")
+
+    def metrics(**more):
+        return {"config": {**vars(args), "lr": runner.base_lr},  # the lr used
+                "model": config, "history": history, **more}
+
     model.train()
-    first_step = step  # a checkpoint is written once a step is taken (each epoch's end)
-    step = train_epochs(
+    first_step = step  # a checkpoint is written once a step is taken (the last epoch's end)
+    step, stopped = train_epochs(
         args, model=model, runner=runner, x_train=index, loss_terms=loss_terms,
-        evaluate=evaluate,
-        describe=lambda tr, te: f"train {tr['nll']:6.3f}  test {te['nll']:6.3f} nats/dim",
-        ckpt_path=ckpt_path, config=config, generators=generators,
-        start=(start_epoch, step, partial), history=history, save=data)
+        evaluate=evaluate, describe=describe, ckpt_path=ckpt_path, config=config,
+        generators=generators, start=(start_epoch, step, partial), history=history, save=data,
+        metrics=metrics)
 
     model.eval()
     n_show = 10
@@ -213,13 +225,15 @@ def _main(args) -> int:
     sampling = {"guidance": guidance, "temperature": args.temperature,
                 "jacobi_iterations": stats.get("jacobi_iterations"), "tokens": model.tokens,
                 "jacobi_vs_sequential_max_abs": jacobi_gap}
-    metrics = write_metrics(out, {"config": {**vars(args), "lr": runner.base_lr},  # used
-                                  "model": config, "history": history, "sampling": sampling})
+    written = write_metrics(out, metrics(sampling=sampling))
     final = (history["epochs"][-1]["test"] if history["epochs"] else history["initial"])["nll"]
     print(f"sampling: Jacobi iterations per block {sampling['jacobi_iterations']} for "
           f"{model.tokens} tokens, max |jacobi - sequential| {jacobi_gap:.2e}")
-    print(f"done: {step} steps, test {history['initial']['nll']:.3f} -> {final:.3f} nats/dim "
-          f"({args.precision}); wrote {picture}, "
+    print(f"{'stopped' if stopped else 'done'}: {step} steps, test "
+          f"{history['initial']['nll']:.3f} -> {final:.3f} nats/dim ({args.precision}); "
+          f"wrote {picture}, "
           + (f"{ckpt_path}, " if step > first_step else "")
-          + ", ".join(str(p) for p in metrics))
+          + ", ".join(str(p) for p in written), flush=True)
+    if stopped:  # Ctrl-C or SIGTERM: its status and where --resume goes on from
+        raise stopped()
     return 0

@@ -7,10 +7,11 @@ import argparse
 
 import torch
 
-from .common import (HelpFormatter, add_data_options, add_optimisation_options,
-                     add_precision_option, add_run_options, backend_name, check_one_process,
+from .common import (HelpFormatter, add_cadence_options, add_data_options,
+                     add_optimisation_options, add_precision_option, add_run_options,
+                     add_step_options, backend_name, check_one_process, check_step_options,
                      load_data, pick_device, positive, prepare_out, resume_data,
-                     run_interruptible, save_image_grid, write_metrics)
+                     run_interruptible, save_image_grid, set_threads, write_metrics)
 from .loop import StepRunner, resume_or_start, train_epochs
 
 LR = 2e-3  # --lr's default on a fresh run
@@ -32,9 +33,11 @@ def _vae_parser():
     add_optimisation_options(g, epochs=10, lr=None,
                              lr_help=f"Adam learning rate (None: {LR:g}, or with --resume the "
                                      "checkpoint's; a value given with --resume replaces it)")
+    add_step_options(g, warmup=0)
     add_precision_option(g, help="autocast dtype of the training step, evaluation and sampling "
                                  "(the likelihood and KL stay float32); fp16 scales the loss")
     g = p.add_argument_group("run")
+    add_cadence_options(g, evaluated="test -ELBO and checkpoint")
     add_run_options(g, out="runs/vae")
     return p
 
@@ -67,7 +70,9 @@ def _main(args) -> int:
     from ..data import levels_to_unit
     from ..vae import ConvVAE
 
+    check_step_options(args)
     device = pick_device(args.device)
+    set_threads(args)
     torch.manual_seed(args.seed)
     ckpt_path = prepare_out(args.out, resume=args.resume, force=args.force)
     out = ckpt_path.parent
@@ -87,7 +92,7 @@ def _main(args) -> int:
     eval_gen = torch.Generator().manual_seed(args.seed + 1)  # seeds the op's noise, on CPU
     shuffle_gen = torch.Generator().manual_seed(args.seed)
     runner = StepRunner(model.parameters(), opt, device=device, precision=args.precision,
-                        base_lr=args.lr or LR)
+                        clip=args.clip, warmup=args.warmup, base_lr=args.lr or LR)
     data = resume_data(args, train, test)
 
     generators = {"shuffle": shuffle_gen, "eval": eval_gen}  # all saved and resumed
@@ -112,14 +117,21 @@ def _main(args) -> int:
 
     def describe(train, test):
         return (f"train -ELBO {train['neg_elbo']:8.3f} (recon {train['recon']:7.3f} + "
-                f"KL {train['kl']:6.3f})  test -ELBO {test['neg_elbo']:8.3f} "
-                f"(recon {test['recon']:7.3f} + KL {test['kl']:6.3f})")
+                f"KL {train['kl']:6.3f})  "
+                + ("test -ELBO    --" if test is None else
+                   f"test -ELBO {test['neg_elbo']:8.3f} (recon {test['recon']:7.3f} + "
+                   f"KL {test['kl']:6.3f})"))
 
-    first_step = step  # a checkpoint is written once a step is taken (each epoch's end)
-    step = train_epochs(args, model=model, runner=runner, x_train=x_train,
-                        loss_terms=loss_terms, evaluate=evaluate, describe=describe,
-                        ckpt_path=ckpt_path, config=config, generators=generators,
-                        start=(start_epoch, step, partial), history=history, save=data)
+    def metrics():
+        return {"config": {**vars(args), "lr": runner.base_lr},  # the lr used
+                "model": config, "history": history}
+
+    first_step = step  # a checkpoint is written once a step is taken (the last epoch's end)
+    step, stopped = train_epochs(args, model=model, runner=runner, x_train=x_train,
+                                 loss_terms=loss_terms, evaluate=evaluate, describe=describe,
+                                 ckpt_path=ckpt_path, config=config, generators=generators,
+                                 start=(start_epoch, step, partial), history=history,
+                                 save=data, metrics=metrics)
 
     model.eval()
     originals = levels_to_unit(x_test[:12], n_bins)
@@ -127,11 +139,13 @@ def _main(args) -> int:
         rows = [originals, model.reconstruct(originals),
                 model.sample(12, generator=torch.Generator(device=device).manual_seed(args.seed))]
     picture = save_image_grid(out / "vae_samples.png", rows, ["data", "recon", "samples"])
-    metrics = write_metrics(out, {"config": {**vars(args), "lr": runner.base_lr},  # used
-                                  "model": config, "history": history})
+    written = write_metrics(out, metrics())
     final = history["epochs"][-1]["test"] if history["epochs"] else history["initial"]
-    print(f"done: {step} steps, test -ELBO {history['initial']['neg_elbo']:.3f} -> "
-          f"{final['neg_elbo']:.3f} nats ({args.precision}); wrote {picture}, "
+    print(f"{'stopped' if stopped else 'done'}: {step} steps, test -ELBO "
+          f"{history['initial']['neg_elbo']:.3f} -> {final['neg_elbo']:.3f} nats "
+          f"({args.precision}); wrote {picture}, "
           + (f"{ckpt_path}, " if step > first_step else "")
-          + ", ".join(str(p) for p in metrics))
+          + ", ".join(str(p) for p in written), flush=True)
+    if stopped:  # Ctrl-C or SIGTERM: its status and where --resume goes on from
+        raise stopped()
     return 0
