@@ -61,7 +61,9 @@ def _check_mode(mode, where):
 
 def current_mode() -> str:
     """The active mode: the innermost ``use_backend`` block, else ``FASTFLOW_BACKEND``."""
-    blocks = getattr(_local, "blocks", ()) if _tracing() else _get_blocks()
+    if _tracing():
+        return _mode()
+    blocks = _get_blocks()
     return blocks[-1][0] if blocks else _env_mode(_env_value())
 
 
@@ -80,11 +82,20 @@ def _env_value() -> str:
     return "auto" if raw is None else os.environ.decodevalue(raw)
 
 
-@functools.lru_cache(maxsize=16)
-def _env_mode(raw: str) -> str:
-    """FASTFLOW_BACKEND's value, parsed (cached per raw string: the variable is still read
-    on every call, only its parsing is remembered)."""
+def _parse_env(raw: str) -> str:
+    """FASTFLOW_BACKEND's value, parsed."""
     return _check_mode(raw.strip().lower() or "auto", "FASTFLOW_BACKEND")
+
+
+# cached per raw string: the variable is still read on every call, only its parsing is
+# remembered. Not while dynamo traces (``_mode``): it warns about any lru_cache it meets
+_env_mode = functools.lru_cache(maxsize=16)(_parse_env)
+
+
+def _mode() -> str:
+    """``current_mode()`` under dynamo: the thread-local blocks and the uncached parse."""
+    blocks = getattr(_local, "blocks", ())
+    return blocks[-1][0] if blocks else _parse_env(_env_value())
 
 
 @contextlib.contextmanager
@@ -131,8 +142,12 @@ def use_triton(t: torch.Tensor) -> bool:
     backward (on whatever thread, after whatever ``use_backend`` block) uses what forward
     decided and never reads this setting again."""
     # current_mode(), written out: the call cost a percent of a small CPU op's forward+backward
-    blocks = getattr(_local, "blocks", ()) if _tracing() else _get_blocks()
-    mode = blocks[-1][0] if blocks else _env_mode(_env_value())
+    if _tracing():  # dynamo: the thread-local blocks, and no lru_cache (it warns)
+        blocks = getattr(_local, "blocks", ())
+        mode = blocks[-1][0] if blocks else _parse_env(_env_value())
+    else:
+        blocks = _get_blocks()
+        mode = blocks[-1][0] if blocks else _env_mode(_env_value())
     if mode == "auto":
         return t.is_cuda
     if mode == "reference":
@@ -142,10 +157,11 @@ def use_triton(t: torch.Tensor) -> bool:
     if t.device.type == "cpu" and interpreter_enabled():
         return True
     if t.device.type == "cpu":
+        where = 'use_backend("triton")' if blocks else "FASTFLOW_BACKEND=triton"
         raise RuntimeError(
-            "FASTFLOW_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1 set before "
-            "fastflow's kernels are first used (got TRITON_INTERPRET="
-            f"{os.environ.get('TRITON_INTERPRET')!r}); use a CUDA tensor or the reference backend")
+            f"{where} on CPU tensors needs TRITON_INTERPRET=1 set before fastflow's kernels "
+            f"are first used (got TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r}); "
+            "use a CUDA tensor or the reference backend")
     raise RuntimeError(f"the Triton backend supports CUDA and (interpreted) CPU tensors, "
                        f"got a tensor on {t.device}")
 

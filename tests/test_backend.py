@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -54,7 +55,17 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error():
             "    print(e)\n")
     out = _run_clean(code, FASTFLOW_BACKEND="triton")
     assert out.returncode == 0, out.stderr
-    assert "TRITON_INTERPRET=1" in out.stdout
+    assert "FASTFLOW_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1" in out.stdout
+
+
+def test_triton_block_on_cpu_without_interpreter_names_the_block(monkeypatch):
+    """The error names what chose the Triton path: a ``use_backend`` block, not the
+    environment variable the user never set."""
+    monkeypatch.delenv("FASTFLOW_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with ff.use_backend("triton"), pytest.raises(
+            RuntimeError, match=r'^use_backend\("triton"\) on CPU tensors needs TRITON_INTERPRET=1'):
+        ff.affine_coupling(torch.randn(1, 2, 1, 1), torch.randn(1, 2, 1, 1))
 
 
 def test_unknown_mode_is_rejected():
@@ -200,15 +211,20 @@ def test_compiled_function_follows_the_mode_between_calls(monkeypatch):
                              backend=record)
     x, h = torch.randn(1, 2, 2, 2), torch.randn(1, 2, 2, 2)
     torch._dynamo.reset()
-    compiled(x, h)
-    for mode in ("triton", "reference", "triton", "auto"):
-        with ff.use_backend(mode):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled(x, h)
+        for mode in ("triton", "reference", "triton", "auto"):
+            with ff.use_backend(mode):
+                compiled(x, h)
+        with ff.use_backend("triton"), ff.use_backend("reference"):
             compiled(x, h)
-    with ff.use_backend("triton"), ff.use_backend("reference"):
-        compiled(x, h)
-    for mode in ("triton", "reference"):
-        monkeypatch.setenv("FASTFLOW_BACKEND", mode)
-        compiled(x, h)
+        for mode in ("triton", "reference"):
+            monkeypatch.setenv("FASTFLOW_BACKEND", mode)
+            compiled(x, h)
+    # dynamo warned that it traces through an lru_cache ("silent incorrectness ...") on
+    # every `train --compile`: the mode is parsed without the cache while tracing
+    assert not [w for w in caught if "lru_cache" in str(w.message)]
     assert ran == ["reference", "triton", "reference", "triton", "reference", "reference",
                    "triton", "reference"]
 
