@@ -11,11 +11,17 @@ from pathlib import Path
 import torch
 
 
+def run_py() -> Path:
+    """Where benchmarks/run.py is in the source tree this package runs from (absent from
+    an installed wheel: the benchmarks need a clone)."""
+    return Path(__file__).resolve().parents[2] / "benchmarks" / "run.py"
+
+
 def _benchmarks_run():
     """benchmarks/run.py of the source tree this package runs from."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "run.py"
+    path = run_py()
     if not path.is_file():
         raise SystemExit(f"bench: needs the source tree's benchmarks/run.py (a clone, installed "
                          f"with pip install -e .), not found at {path}")

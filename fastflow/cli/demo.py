@@ -50,7 +50,11 @@ def main(argv=None) -> int:
     if not args.out.strip():  # Path("") is the current folder
         raise SystemExit(f"--out: expected a folder, got {args.out!r}")
     cuda = torch.cuda.is_available()
-    if not args.skip_bench:
+    if not args.skip_bench and not bench.run_py().is_file():
+        # an installed wheel has no benchmarks/: the demo's main part, the training, runs
+        print(f"== 1. benchmarks: skipped, they need the source tree's benchmarks/run.py (a "
+              f"clone), not found at {bench.run_py()} ==", flush=True)
+    elif not args.skip_bench:
         print("== 1. benchmarks ==", flush=True)
         bench_args = ["--out", str(Path(args.out) / "bench")]
         if not cuda:  # CPU: small shapes; the timings say nothing about GPU speed
