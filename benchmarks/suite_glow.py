@@ -18,7 +18,7 @@ on 3x16x16 images) and a small multi-scale Glow (K=4, L=3, filter 64, N=16, 16x1
 Device-independent figures (``cpu_figures``): ATen ops + Triton launches per training
 step, host syncs per step (``aten._local_scalar_dense`` / ``item`` / ``nonzero`` /
 ``equal`` / ``is_nonzero`` seen by a dispatch mode; fastflow must have 0), bytes kept for
-backward. ``tables`` also prints issue 7's CPU ratio table (fastflow / eager, one run).
+backward. ``tables`` also prints the ratio table (fastflow / eager, each pair timed in turn).
 """
 
 from __future__ import annotations
@@ -305,7 +305,7 @@ def tables(device, quick, reps, warmup, compile_):
     out = [(f"training step (forward, backward, Adam) [{label}]", steps, STEP_COLS),
            ("sampling (reverse of fresh z, no grad)", samples, STEP_COLS)]
     ratios = ratio_rows(device, reps, warmup)
-    out.append(("issue 7 ratio table: speed vs eager = eager time / fastflow time "
+    out.append(("ratio table: speed vs eager = eager time / fastflow time "
                  "(one run, each pair timed in turn)",
                 ratios, ["what", "eager_ms", "fastflow_ms", "speed_vs_eager"]))
     for _, rows, _ in out:
