@@ -29,6 +29,21 @@ def test_float16_actnorm_init_on_a_zero_std_channel_stays_finite(shape):
     torch.testing.assert_close(an.loc.detach().reshape(-1), loc.half(), rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.float16])
+def test_float64_actnorm_initialised_from_a_lower_precision_batch(x_dtype):
+    """The float16 saturation clamped the (float32) initial values to float64's largest
+    value, which float32 cannot hold: a float64 ActNorm's first call on a float32 or
+    float16 batch raised 'value cannot be converted to type float without overflow'."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 2, 2).to(x_dtype)
+    an = ff.ActNorm(3).double()
+    with ff.use_backend("reference"):
+        an(x)
+    loc, scale = reference.actnorm_init(x.double())
+    torch.testing.assert_close(an.scale.detach().reshape(-1), scale, rtol=1e-6, atol=0)
+    torch.testing.assert_close(an.loc.detach().reshape(-1), loc, rtol=1e-6, atol=1e-7)
+
+
 def test_vmap_over_a_non_leading_dimension_on_the_reference_path():
     """``torch.func.vmap(f, in_dims=1)`` hands each call a per-sample view that is not
     contiguous; asking it whether it is channels_last raised PyTorch's "NYI: querying
