@@ -118,3 +118,15 @@ def test_forward_mode_ad_is_refused_on_the_triton_path_and_exact_on_the_referenc
         with ff.use_backend("triton"), fwad.dual_level():
             with pytest.raises(NotImplementedError, match="forward-mode AD.*use_backend"):
                 op(inputs[0], fwad.make_dual(inputs[1], tangents[1]))
+
+
+def test_torch_func_jvp_on_the_triton_path_is_named_as_such():
+    """The forward-mode AD refusal ran before the torch.func one, and torch.func.jvp's
+    inputs are dual tensors: jvp and jacfwd were told about torch.autograd.forward_ad,
+    which their users never called."""
+    x, h = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2)
+    with ff.use_backend("triton"):
+        for transform in (lambda f: torch.func.jvp(f, (x,), (torch.ones_like(x),)),
+                          lambda f: torch.func.jacfwd(f)(x)):
+            with pytest.raises(NotImplementedError, match=r"^affine_coupling: torch\.func "):
+                transform(lambda a: ff.affine_coupling(a, h)[1])
