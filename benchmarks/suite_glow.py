@@ -147,8 +147,8 @@ def _peak(fn, device):
 def _timed_rows(fns: dict, cfg: Config, dtype, device, reps, warmup) -> list[dict]:
     """One row per implementation, from ``fns`` (impl -> a function that builds its
     closure): each closure is called once (torch.compile compiles
-    there; an implementation that fails is reported in its row's ``error``, not fatal), its
-    peak memory taken, then all are timed in turn (``harness.time_interleaved``): a change
+    there; an implementation that fails, there or while timed, is reported in its row's
+    ``error``, not fatal), its peak memory taken, then all are timed in turn (``harness.time_interleaved``): a change
     in the machine's load reaches every implementation alike, so the ratios of one table
     compare like with like."""
     rows, ok = {}, {}
@@ -164,13 +164,36 @@ def _timed_rows(fns: dict, cfg: Config, dtype, device, reps, warmup) -> list[dic
             ok[impl] = fn
         except Exception as e:  # reported, not fatal
             row["error"] = f"{type(e).__name__}: {e}"[:200]
-    if ok:
-        for impl, s in harness.time_interleaved(ok, device, reps=reps, warmup=warmup).items():
-            rows[impl].update({"median_ms": s["median"] * 1e3,
-                               "iqr_ms": f"{s['q1'] * 1e3:.3g}–{s['q3'] * 1e3:.3g}",
-                               "range_ms": f"{s['min'] * 1e3:.3g}–{s['max'] * 1e3:.3g}",
-                               "images_per_s": cfg.n / s["median"], "_s": s["median"]})
+    timed = {}
+    while ok:  # one that fails while timed (say, out of memory): its row's error, the rest again
+        failed = {}
+        try:
+            timed = harness.time_interleaved({i: _noting(i, f, failed) for i, f in ok.items()},
+                                             device, reps=reps, warmup=warmup)
+            break
+        except Exception as e:
+            impl = next(iter(failed), None)
+            if impl is None:  # not an implementation's: the harness's own
+                raise
+            rows[impl]["error"] = f"{type(e).__name__}: {e}"[:200]
+            del ok[impl]
+    for impl, s in timed.items():
+        rows[impl].update({"median_ms": s["median"] * 1e3,
+                           "iqr_ms": f"{s['q1'] * 1e3:.3g}–{s['q3'] * 1e3:.3g}",
+                           "range_ms": f"{s['min'] * 1e3:.3g}–{s['max'] * 1e3:.3g}",
+                           "images_per_s": cfg.n / s["median"], "_s": s["median"]})
     return list(rows.values())
+
+
+def _noting(impl, fn, failed: dict):
+    """``fn``, noting ``impl`` in ``failed`` when it raises (then re-raised)."""
+    def run():
+        try:
+            return fn()
+        except Exception:
+            failed.setdefault(impl, True)
+            raise
+    return run
 
 
 def _ratios(rows, key_fields=("config", "dtype")):

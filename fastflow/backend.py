@@ -188,13 +188,6 @@ def refuse_transforms(op: str, *tensors):
     through."""
     if torch.compiler.is_compiling():  # dynamo traces no functorch transform of its own here
         return
-    if _forward_ad._current_level >= 0 and any(  # a dual level is open: any tangent here?
-            t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in tensors):
-        raise NotImplementedError(
-            f"{op}: forward-mode AD (torch.autograd.forward_ad dual tensors) is not supported "
-            "on the Triton backend (its custom ops have no forward derivative); run the call "
-            "under fastflow.use_backend('reference'), which is plain PyTorch autograd and "
-            "supports it")
     from torch._C._functorch import TransformType
 
     keys = _transforms()
@@ -204,6 +197,15 @@ def refuse_transforms(op: str, *tensors):
             "Triton backend (its fused backward is not itself differentiable); run the call "
             "under fastflow.use_backend('reference'), which is plain PyTorch autograd and "
             "supports them, or use torch.autograd.grad for first derivatives")
+    # (after the transforms: torch.func.jvp's inputs are dual tensors too, and its users
+    # are told about torch.func)
+    if _forward_ad._current_level >= 0 and any(  # a dual level is open: any tangent here?
+            t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        raise NotImplementedError(
+            f"{op}: forward-mode AD (torch.autograd.forward_ad dual tensors) is not supported "
+            "on the Triton backend (its custom ops have no forward derivative); run the call "
+            "under fastflow.use_backend('reference'), which is plain PyTorch autograd and "
+            "supports it")
 
 
 def refuse_double_backward(op: str):

@@ -142,6 +142,32 @@ def test_interleaved_timing_takes_the_functions_in_turn(run_py):
         harness.time_interleaved(fns, "cpu", reps=0)
 
 
+
+def test_glow_rows_report_an_implementation_failing_while_timed(run_py):
+    """The Glow tables time the implementations interleaved: one that raised after its
+    first call (say, out of memory) ended the whole benchmark, where it used to be its
+    row's error; now it is, and the others are timed."""
+    from types import SimpleNamespace
+
+    import suite_glow
+    calls = {"floor": 0, "eager": 0, "fastflow": 0}
+
+    def build(impl, fails_at=None):
+        def run():
+            calls[impl] += 1
+            if calls[impl] == fails_at:
+                raise RuntimeError(f"{impl} failed")
+        return lambda: run
+
+    fns = {"floor": build("floor"), "eager": build("eager", fails_at=1),
+           "fastflow": build("fastflow", fails_at=4)}
+    rows = suite_glow._timed_rows(fns, SimpleNamespace(name="c", n=8), torch.float32, "cpu",
+                                  reps=2, warmup=1)
+    by = {r["impl"]: r for r in rows}
+    assert by["eager"]["error"] == "RuntimeError: eager failed"
+    assert by["fastflow"]["error"] == "RuntimeError: fastflow failed"
+    assert "error" not in by["floor"] and by["floor"]["median_ms"] >= 0
+
 def test_fwd_bwd_closure_runs_forward_and_backward(run_py):
     import harness
     x = torch.randn(3, 4, requires_grad=True)

@@ -504,10 +504,12 @@ def test_demo_stops_with_the_training_when_it_is_interrupted(tmp_path, monkeypat
     assert json.loads((glow / "metrics.json").read_text()) == {"stale": True}
 
 
-def test_a_second_signal_stops_at_once_and_several_processes_stop_as_before():
+def test_a_second_signal_stops_at_once_and_several_processes_stop_as_before(capsys):
     """The first Ctrl-C between steps is noted and the step goes on; a second raises at
     once (a hung step can still be stopped); not enabled (torchrun's processes, which
-    could stop a step apart and wait for ever on each other), the first one raises."""
+    could stop a step apart and wait for ever on each other), the first one raises. The
+    note said a second one stopped 'without' the metrics and samples only, but it also
+    stops the evaluation that comes before the checkpoint."""
     import os
     import signal
 
@@ -516,6 +518,8 @@ def test_a_second_signal_stops_at_once_and_several_processes_stop_as_before():
         with common.stop_between_steps() as stop:
             os.kill(os.getpid(), signal.SIGINT)
             assert stop.pending is KeyboardInterrupt
+            assert "(again to stop at once, without what is not written yet)" in \
+                capsys.readouterr().err
             with pytest.raises(KeyboardInterrupt):
                 os.kill(os.getpid(), signal.SIGINT)
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

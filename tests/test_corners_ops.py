@@ -29,6 +29,21 @@ def test_float16_actnorm_init_on_a_zero_std_channel_stays_finite(shape):
     torch.testing.assert_close(an.loc.detach().reshape(-1), loc.half(), rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.float16])
+def test_float64_actnorm_initialised_from_a_lower_precision_batch(x_dtype):
+    """The float16 saturation clamped the (float32) initial values to float64's largest
+    value, which float32 cannot hold: a float64 ActNorm's first call on a float32 or
+    float16 batch raised 'value cannot be converted to type float without overflow'."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 2, 2).to(x_dtype)
+    an = ff.ActNorm(3).double()
+    with ff.use_backend("reference"):
+        an(x)
+    loc, scale = reference.actnorm_init(x.double())
+    torch.testing.assert_close(an.scale.detach().reshape(-1), scale, rtol=1e-6, atol=0)
+    torch.testing.assert_close(an.loc.detach().reshape(-1), loc, rtol=1e-6, atol=1e-7)
+
+
 def test_vmap_over_a_non_leading_dimension_on_the_reference_path():
     """``torch.func.vmap(f, in_dims=1)`` hands each call a per-sample view that is not
     contiguous; asking it whether it is channels_last raised PyTorch's "NYI: querying
@@ -103,3 +118,15 @@ def test_forward_mode_ad_is_refused_on_the_triton_path_and_exact_on_the_referenc
         with ff.use_backend("triton"), fwad.dual_level():
             with pytest.raises(NotImplementedError, match="forward-mode AD.*use_backend"):
                 op(inputs[0], fwad.make_dual(inputs[1], tangents[1]))
+
+
+def test_torch_func_jvp_on_the_triton_path_is_named_as_such():
+    """The forward-mode AD refusal ran before the torch.func one, and torch.func.jvp's
+    inputs are dual tensors: jvp and jacfwd were told about torch.autograd.forward_ad,
+    which their users never called."""
+    x, h = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2)
+    with ff.use_backend("triton"):
+        for transform in (lambda f: torch.func.jvp(f, (x,), (torch.ones_like(x),)),
+                          lambda f: torch.func.jacfwd(f)(x)):
+            with pytest.raises(NotImplementedError, match=r"^affine_coupling: torch\.func "):
+                transform(lambda a: ff.affine_coupling(a, h)[1])

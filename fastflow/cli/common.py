@@ -674,9 +674,10 @@ def stop_between_steps(enabled: bool = True):
         if stop.pending is not None:
             raise err
         stop.pending = err
+        # (a second signal also stops the evaluation that comes before the checkpoint)
         print(f"{'terminated' if err is Terminated else 'interrupted'}: saving a checkpoint "
               "after the step under way, then the metrics and samples (again to stop at "
-              "once, without them)",
+              "once, without what is not written yet)",
               file=sys.stderr, flush=True)
 
     # a signal the process was started ignoring (nohup, a background job of a script)

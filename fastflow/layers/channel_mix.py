@@ -99,9 +99,11 @@ class ActNorm(nn.Module):
             now = getattr(self, name)
             # at most the dtype's largest finite value: 1 / (std + 1e-6) of a channel with
             # std below 1.5e-5 (a constant one: 1e6) is inf in float16, and a layer with an
-            # inf scale gives NaN outputs and an inf log-det from then on
+            # inf scale gives NaN outputs and an inf log-det from then on. Clamped in the
+            # layer's dtype (its bound does not fit a lower-precision value: float64
+            # parameters, float32 input)
             big = torch.finfo(now.dtype).max
-            value = value.reshape(now.shape).clamp(-big, big).to(now.dtype)
+            value = value.reshape(now.shape).to(now.dtype).clamp(-big, big)
             if parametrize.is_parametrized(self, name):
                 # ``now`` is the parametrization's output, computed for this read: the value
                 # goes to the stored tensor through its ``right_inverse`` instead
