@@ -169,6 +169,22 @@ def _to_nchw_uint8(array, what: str, channels_last: bool = False) -> torch.Tenso
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
+def _npz_images_header(npz, key: str) -> bool:
+    """Whether member ``key`` of an open .npz is a uint8 array of 3 or 4 dimensions, read
+    from its header alone (the data is not decompressed)."""
+    import numpy as np
+
+    fmt = np.lib.format
+    try:
+        with npz.zip.open(key + ".npy") as f:
+            version = fmt.read_magic(f)
+            read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, _, dtype = read(f)
+    except Exception:  # noqa: BLE001 - an unreadable member is not the images
+        return False
+    return dtype == np.uint8 and len(shape) in (3, 4)
+
+
 def _load_array(path: Path) -> torch.Tensor:
     import numpy as np
 
@@ -181,6 +197,9 @@ def _load_array(path: Path) -> torch.Tensor:
         with loaded:
             keys = list(loaded.keys())
             preferred = [k for k in ("x", "images", "arr_0") if k in keys]
+            if not preferred:  # e.g. np.savez(f, labels=..., imgs=...): the one image array
+                preferred = [k for k in keys if _npz_images_header(loaded, k)]
+                preferred = preferred if len(preferred) == 1 else []
             key = (preferred or keys or [None])[0]
             if key is None:
                 raise _data_error(f"{path} holds no arrays")

@@ -104,6 +104,20 @@ def test_arrays_npy_and_npz(tmp_path):
         data.load_image_sets(str(tmp_path / "float.npy"))
 
 
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_an_npz_of_labels_and_images_loads_its_one_image_array(tmp_path, save):
+    """No member named x, images or arr_0: the one uint8 array of 3 or 4 dimensions is the
+    images (the first member, the labels, was taken and refused as 'int64, expected uint8'),
+    found from the members' headers."""
+    imgs = np.random.default_rng(2).integers(0, 256, (5, 8, 8, 3), np.uint8)
+    save(tmp_path / "pairs.npz", labels=np.arange(5), imgs=imgs)
+    train, test = data.load_image_sets(str(tmp_path / "pairs.npz"), test_fraction=0.2)
+    assert train.shape == (3, 8, 8) and len(train) + len(test) == 5
+    got = torch.cat([train.levels, test.levels]).permute(0, 2, 3, 1).reshape(5, -1)
+    assert sorted(map(tuple, got.tolist())) == sorted(
+        map(tuple, torch.from_numpy(imgs).reshape(5, -1).tolist()))
+
+
 def test_an_npz_member_that_cannot_be_read_names_the_file(tmp_path):
     """An object array (or a damaged member) in an .npz fails when the member is read, after
     the guarded np.load: the error named neither --data nor the file."""
@@ -113,10 +127,11 @@ def test_an_npz_member_that_cannot_be_read_names_the_file(tmp_path):
 
 
 def test_an_npz_error_names_the_array_it_read(tmp_path):
-    """With several arrays and none named x/images/arr_0 the first is read: its shape error
-    used to name only the file, not which array (here the labels) it had picked."""
+    """With several arrays, none named x/images/arr_0 and no single uint8 image array, the
+    first is read: its shape error used to name only the file, not which array (here the
+    labels) it had picked."""
     np.savez(tmp_path / "two.npz", labels=np.zeros(10, np.uint8),
-             pictures=np.zeros((10, 8, 8), np.uint8))
+             pictures=np.zeros((10, 8, 8), np.float32))
     with pytest.raises(ValueError, match=r"two\.npz: array 'labels' of \['labels', 'pictures'\]: "
                                          r"expected images shaped"):
         data.load_image_sets(str(tmp_path / "two.npz"))
