@@ -20,8 +20,9 @@ COMMANDS = {
 def usage(file=None) -> None:
     file = file or sys.stdout
     print("usage: python -m fastflow <command> [options]\n\ncommands:", file=file)
+    width = max(map(len, COMMANDS))
     for name, (_, help_) in COMMANDS.items():
-        print(f"  {name:12s} {help_}", file=file)
+        print(f"  {name:{width}s}  {help_}", file=file)
     print("\nrun 'python -m fastflow <command> --help' for the options of a command", file=file)
 
 

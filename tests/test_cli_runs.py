@@ -3,6 +3,8 @@ writes (a full disk), interrupts, an --out holding another run, and the help tex
 
 import errno
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,9 +20,19 @@ TARFLOW = ["--channels", "16", "--blocks", "1", "--head-dim", "8", "--batch-size
 
 
 def _written(printed: str) -> list[str]:
-    """The paths of the Glow summary's 'wrote:' list."""
+    """The lines of the Glow summary's 'wrote:' list (paths, and the per-epoch grids as
+    'FIRST .. LAST-NAME (n per-epoch grids)')."""
     return [line.strip() for line in printed.split("wrote:\n")[-1].splitlines()
             if line.startswith("  ")]
+
+
+def _written_paths(printed: str) -> list[str]:
+    """``_written`` with a range of grids as its first and last paths."""
+    paths = []
+    for line in _written(printed):
+        grids = re.fullmatch(r"(.+) \.\. (\S+) \(\d+ per-epoch grids\)", line)
+        paths += [grids[1], str(Path(grids[1]).parent / grids[2])] if grids else [line]
+    return paths
 
 
 def test_a_fresh_run_over_an_earlier_one_lists_and_keeps_only_its_own_grids(tmp_path,
@@ -29,7 +41,9 @@ def test_a_fresh_run_over_an_earlier_one_lists_and_keeps_only_its_own_grids(tmp_
     (samples_epoch003.png) as written and left its grids beside its own."""
     assert train.main([*GLOW, "--epochs", "3", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "samples_epoch003.png").is_file()
-    capsys.readouterr()
+    # all three of its per-epoch grids, not the last alone
+    assert (f"{tmp_path / 'samples_epoch001.png'} .. samples_epoch003.png (3 per-epoch grids)"
+            in _written(capsys.readouterr().out))
     assert train.main([*GLOW, "--epochs", "1", "--out", str(tmp_path), "--force"]) == 0
     printed = capsys.readouterr().out
     written = _written(printed)
@@ -37,7 +51,8 @@ def test_a_fresh_run_over_an_earlier_one_lists_and_keeps_only_its_own_grids(tmp_
     assert not any("samples_epoch003" in p for p in written)
     assert sorted(p.name for p in tmp_path.glob("samples_epoch*.png")) == \
         ["samples_epoch001.png"]
-    assert "removed 3 sample grid(s) of an earlier run" in printed
+    assert ("removed 3 sample grid(s) of an earlier run in "
+            f"{tmp_path} (samples_epoch001.png .. samples_epoch003.png)") in printed
     for path in written:  # everything listed is on disk
         assert (tmp_path / path).is_file(), path
 
@@ -384,7 +399,7 @@ def test_a_signal_mid_epoch_saves_the_step_under_way_and_resume_matches(command,
     assert (cut["epoch"], cut["step"], cut["partial"]["batch"]) == (1, per_epoch + 1, 1)
     _metrics_match_checkpoint(out)
     assert f"stopped: {per_epoch + 1} steps" in printed
-    listed = (_written(printed) if command is train else
+    listed = (_written_paths(printed) if command is train else
               printed.split("; wrote ")[-1].strip().split(", "))
     picture = {train: "samples.png", train_vae: "vae_samples.png",
                train_tarflow: "tarflow_samples.png"}[command]

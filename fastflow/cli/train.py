@@ -285,7 +285,7 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
         + (f" x {dist_.world} processes" if dist_.enabled else "")
         + f", fastflow backend {backend_name(device)}", flush=True)
 
-    written, last_grid, saved_now = [], None, False  # what this run writes, for the summary
+    written, grids, saved_now = [], [], False  # what this run writes, for the summary
     if saved is None and main_rank:
         # a fresh start: grids of an earlier run in OUT (a --force over it, or one stopped
         # before its first checkpoint) would sit beside this run's under the same names
@@ -293,8 +293,9 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
         for path in stale:
             path.unlink()
         if stale:
+            names = stale[0].name + (f" .. {stale[-1].name}" if len(stale) > 1 else "")
             say(f"--out: removed {len(stale)} sample grid(s) of an earlier run in {out} "
-                f"({stale[0].name} .. {stale[-1].name})")
+                f"({names})")
     is_digits = args.data == "digits" and channels == 1
     if history["initial"] is None:
         history["initial"] = {"bpd": evaluate_bpd(model, test, eval_gen, runner, device)}
@@ -396,7 +397,8 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
             + f"  {time.perf_counter() - t_start:6.1f}s", flush=True)
         if main_rank and evaluate:
             rows, titles = picture_rows(model, test, args, device)
-            last_grid = save_image_grid(out / f"samples_epoch{epoch + 1:03d}.png", rows, titles)
+            grids.append(save_image_grid(out / f"samples_epoch{epoch + 1:03d}.png", rows,
+                                         titles))
             left = None if not unfinished else {
                 "batch": batch, "batch_size": args.batch_size, "seed": args.seed,
                 "noise": gen.get_state(),
@@ -419,7 +421,9 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
     rows, titles = picture_rows(model, test, args, device)
     written.append(save_image_grid(out / "samples.png", rows, titles))
     written += write_metrics(out, metrics())
-    written += [last_grid] if last_grid is not None else []  # the latest of this run's
+    if grids:  # this run's per-epoch grids: the first .. the last
+        written.append(grids[0] if len(grids) == 1 else
+                       f"{grids[0]} .. {grids[-1].name} ({len(grids)} per-epoch grids)")
     written += [ckpt_path] if saved_now else []
     final = history["epochs"][-1] if history["epochs"] else history["initial"]
     final_bpd = final["test"]["bpd"] if history["epochs"] else final["bpd"]
