@@ -353,12 +353,16 @@ def test_a_run_resumed_in_another_precision_keeps_its_gradients_unscaled():
     fp16.load_state_dict(again.state_dict())  # fp16 to fp16 keeps the scale
     assert float(fp16.scale) == 2.0 ** 10
 
-def test_reversible_training_gives_the_stored_run(tmp_path, small_npz):
+def test_reversible_training_gives_the_stored_run(tmp_path, small_npz, capsys):
     """--reversible changes what backward keeps, not what it computes: the same run with
-    and without it reports the same bits/dim (float32 rounding apart)."""
+    and without it reports the same bits/dim (float32 rounding apart). The start-up line
+    says which mode runs."""
     common = ["--data", small_npz, "--batch-size", "16", "--epochs", "1", "--warmup", "0"]
     stored = _run(tmp_path / "s", *common)["history"]["epochs"][-1]
+    assert capsys.readouterr().out.splitlines()[0].endswith("fastflow backend reference")
     rev = _run(tmp_path / "r", *common, "--reversible")["history"]["epochs"][-1]
+    assert capsys.readouterr().out.splitlines()[0].endswith(
+        "fastflow backend reference, reversible (activations recomputed)")
     assert rev["step"] == stored["step"] == 4
     assert rev["train"]["bpd"] == pytest.approx(stored["train"]["bpd"], abs=1e-4)
     assert rev["test"]["bpd"] == pytest.approx(stored["test"]["bpd"], abs=1e-4)

@@ -62,7 +62,7 @@ def _glow_parser():
                                  "scales the loss")
     g = p.add_argument_group("run")
     add_run_options(g, out="runs/glow")
-    g.add_argument("--temperature", type=_temperatures, default=[0.7],
+    g.add_argument("--temperature", type=_temperatures, default="0.7",
                    help="sampling temperature(s), comma-separated: one grid row each")
     g.add_argument("--n-samples", type=positive(int), default=12, help="images per grid row")
     g.add_argument("--compile", action="store_true",
@@ -283,7 +283,12 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
         f"({channels}x{height}x{width}, {n_bins} levels), {args.n_block} blocks x {args.n_flow} "
         f"steps, {n_params} parameters, {args.precision}, device {device}"
         + (f" x {dist_.world} processes" if dist_.enabled else "")
-        + f", fastflow backend {backend_name(device)}", flush=True)
+        + f", fastflow backend {backend_name(device)}"
+        + "".join(f", {flag}" for flag, on in (("reversible (activations recomputed)",
+                                                args.reversible),
+                                               ("compiled", args.compile),
+                                               ("CUDA graph", args.cuda_graph)) if on),
+        flush=True)
 
     written, grids, saved_now = [], [], False  # what this run writes, for the summary
     if saved is None and main_rank:
