@@ -405,3 +405,16 @@ def test_test_bpd_is_the_weighted_mean_over_the_whole_test_set_with_fixed_noise(
     want = float((nll / (64 * math.log(2))).mean())
     assert got[0] == got[1]
     assert got[0] == pytest.approx(want, rel=1e-6) and got[2] == pytest.approx(want, rel=1e-6)
+
+
+def test_samples_become_images_at_the_datas_levels():
+    """to_unit scaled x + 0.5 by n_bins / (n_bins - 1) instead of taking the level of its
+    bin: a dequantised digit came back up to 1/16 brighter than the data (the x->z->x row
+    and the digit scorer's input)."""
+    from fastflow.data import dequantize, levels_to_unit
+
+    levels = torch.arange(17, dtype=torch.uint8).repeat(3, 1).view(3, 1, 17, 1)
+    noise = torch.stack([torch.full((17,), v) for v in (0.001, 0.5, 0.999)])
+    x = dequantize(levels, 17, noise.view(3, 1, 17, 1))
+    assert torch.equal(train.to_unit(x, 17), levels_to_unit(levels, 17))
+    assert torch.equal(train.to_unit(torch.tensor([-0.7, 0.6]), 17), torch.tensor([0.0, 1.0]))

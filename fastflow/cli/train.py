@@ -88,8 +88,10 @@ def glow_input(x: torch.Tensor, generator=None, n_bins: int = DIGIT_LEVELS) -> t
 
 
 def to_unit(x: torch.Tensor, n_bins: int) -> torch.Tensor:
-    """Glow's [-0.5, 0.5) space back to images in [0, 1] (for pictures and the scorer)."""
-    return ((x.float() + 0.5) * n_bins / (n_bins - 1)).clamp(0, 1)
+    """Glow's [-0.5, 0.5) space back to images in [0, 1] (for pictures and the scorer): the
+    level whose dequantisation bin holds x (Glow's floor), as ``levels_to_unit`` shows it."""
+    levels = torch.floor((x.float() + 0.5) * n_bins).clamp(0, n_bins - 1)
+    return levels / (n_bins - 1)
 
 
 @torch.no_grad()
