@@ -88,8 +88,10 @@ def glow_input(x: torch.Tensor, generator=None, n_bins: int = DIGIT_LEVELS) -> t
 
 
 def to_unit(x: torch.Tensor, n_bins: int) -> torch.Tensor:
-    """Glow's [-0.5, 0.5) space back to images in [0, 1] (for pictures and the scorer)."""
-    return ((x.float() + 0.5) * n_bins / (n_bins - 1)).clamp(0, 1)
+    """Glow's [-0.5, 0.5) space back to images in [0, 1] (for pictures and the scorer): the
+    level whose dequantisation bin holds x (Glow's floor), as ``levels_to_unit`` shows it."""
+    levels = torch.floor((x.float() + 0.5) * n_bins).clamp(0, n_bins - 1)
+    return levels / (n_bins - 1)
 
 
 @torch.no_grad()
@@ -102,8 +104,10 @@ def touch_parameters(model) -> None:
 
 
 @torch.no_grad()
-def evaluate_bpd(model, images, generator, runner, device, batch_size: int = 256) -> float:
-    """Mean test bits/dim over ``images`` (an ImageSet), one dequantisation draw each."""
+def evaluate_bpd(model, images, seed: int, runner, device, batch_size: int = 256) -> float:
+    """Mean test bits/dim over ``images`` (an ImageSet), one dequantisation draw each: the
+    same draws at every evaluation (a generator seeded with ``seed``), so that the epochs'
+    numbers compare and a resumed run reports those of the run it continues."""
     from ..data import dequantize
     from ..glow import bits_per_dim
 
@@ -111,6 +115,7 @@ def evaluate_bpd(model, images, generator, runner, device, batch_size: int = 256
     touch_parameters(model)
     model.eval()
     n_pixel, total = math.prod(images.shape), 0.0
+    generator = torch.Generator().manual_seed(seed)
     sums = torch.zeros((), dtype=torch.float64, device=device)
     for start in range(0, len(images), batch_size):
         levels = images.levels[start:start + batch_size]
@@ -226,7 +231,6 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
                  conv_lu=config["conv_lu"], filter_size=args.filter_size,
                  reversible=args.reversible).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr or 1e-3, fused=True)
-    eval_gen = torch.Generator().manual_seed(args.seed + 2)
 
     history, step, start_epoch, base_lr = {"initial": None, "epochs": []}, 0, 0, args.lr or 1e-3
     saved = read_checkpoint(ckpt_path, map_location=device) if args.resume and \
@@ -242,7 +246,7 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
             partial = saved.get("partial")  # an epoch a --max-steps stop left unfinished
             # the epoch's order is drawn from --seed: the rest of it needs the same one
             check_resume_batch(partial, ckpt_path, start_epoch, args.batch_size, args.seed)
-            set_rng_state(saved["rng"], eval_gen, device=device)
+            set_rng_state(saved["rng"], device=device)
             old_lr, runner_state = float(saved["lr"]), saved["step_runner"]
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
             raise SystemExit(f"--resume: {ckpt_path} is not a complete `fastflow train` "
@@ -303,7 +307,7 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
                 f"({names})")
     is_digits = args.data == "digits" and channels == 1
     if history["initial"] is None:
-        history["initial"] = {"bpd": evaluate_bpd(model, test, eval_gen, runner, device)}
+        history["initial"] = {"bpd": evaluate_bpd(model, test, args.seed + 2, runner, device)}
         if is_digits:
             history["initial"]["digits"] = score_samples(model, test, args, device)
         if main_rank:
@@ -378,15 +382,15 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
             torch.distributed.all_reduce(n_ok)
         seconds = time.perf_counter() - t_epoch
         # a --max-steps stop inside the epoch: the checkpoint records where, and the
-        # evaluation generator as it was before this extra evaluation, for --resume
+        # random state as it was before this extra evaluation, for --resume
         unfinished = batch < steps_per_epoch
-        resume_rng = rng_state(eval_gen, device=device) if unfinished else None
+        resume_rng = rng_state(device=device) if unfinished else None
         last = epoch + 1 == args.epochs or stop.pending is not None or (
             args.max_steps is not None and step >= args.max_steps)
         evaluate = last or (epoch + 1) % args.eval_every == 0
         entry = {"epoch": epoch + 1, "step": step,
                  "train": {"bpd": float(sum_bpd / n_ok)},  # NaN when every step was skipped
-                 "test": ({"bpd": evaluate_bpd(model, test, eval_gen, runner, device)}
+                 "test": ({"bpd": evaluate_bpd(model, test, args.seed + 2, runner, device)}
                           if evaluate else None),
                  "skipped": int(runner.skipped.item()), "lr": runner.lr(step - 1),
                  "base_lr": base_lr, "images_per_s": images / max(seconds, 1e-9),
@@ -412,7 +416,7 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
             save_checkpoint(ckpt_path, model, opt, epoch=epoch + int(not unfinished), step=step,
                             history=history, config=config, **data, lr=base_lr,
                             step_runner=runner.state_dict(), partial=left,
-                            rng=resume_rng or rng_state(eval_gen, device=device),
+                            rng=resume_rng or rng_state(device=device),
                             world_size=dist_.world, training=training_options(args))
             # the checkpoint's epochs, whatever stops the run next
             write_metrics(out, metrics())
