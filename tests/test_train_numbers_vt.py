@@ -47,8 +47,12 @@ def _close(draws, reported, name):
     assert abs(reported - want) <= 6 * se + 1e-6, (name, reported, want, se)
 
 
-def test_train_vae_reports_the_elbo_per_image_of_the_whole_test_split(tmp_path):
+def test_train_vae_reports_the_elbo_per_image_of_the_whole_test_split(tmp_path, capsys):
     metrics, state, test, got = _run(train_vae.main, tmp_path, "--hidden", "8", "--latent", "4")
+    # what the number is: the Bernoulli of grey levels is no likelihood of the levels
+    assert ("test -ELBO: nats per image (one posterior sample each), recon summed over the "
+            "C*H*W pixels (a Bernoulli cross-entropy with levels / 16, not a likelihood of the "
+            "17 levels) + KL") in capsys.readouterr().out
     model = ConvVAE(latent=4, channels=1, size=8, hidden=8).double()
     model.load_state_dict(state["model"])
     x = test.levels.double() / (test.n_bins - 1)
@@ -69,7 +73,7 @@ def test_train_vae_reports_the_elbo_per_image_of_the_whole_test_split(tmp_path):
 
 
 @pytest.mark.parametrize("source", ["digits", "rgb"])
-def test_train_tarflow_reports_nats_per_dim_of_the_whole_test_split(tmp_path, source):
+def test_train_tarflow_reports_nats_per_dim_of_the_whole_test_split(tmp_path, source, capsys):
     """Class-conditional on the digits; unconditional on RGB images (an array has no labels),
     where the per-dim denominator counts the 3 channels."""
     data = ["--data", "digits"]
@@ -79,6 +83,13 @@ def test_train_tarflow_reports_nats_per_dim_of_the_whole_test_split(tmp_path, so
         data = ["--data", str(tmp_path / "rgb.npy"), "--test-fraction", "0.5"]
     metrics, state, test, got = _run(train_tarflow.main, tmp_path / "run", "--channels", "16",
                                      "--blocks", "2", "--head-dim", "8", *data)
+    # what the number is: a density in the model's scale, not a discrete likelihood
+    printed = capsys.readouterr().out
+    labels, bins = ("given their labels ", 17) if source == "digits" else ("", 256)
+    assert (f"test nats/dim: -log p per C*H*W of the test images {labels}plus N(0, 0.1^2) "
+            f"noise, in the model's [-1, 1] scale (a density: no dequantisation constant, not "
+            f"train's bits/dim; + log({bins - 1} / 2) = {math.log((bins - 1) / 2):.3f} gives the "
+            f"noisy levels' density)") in printed
     m = metrics["model"]
     model = TarFlow(m["image"][0], m["size"], m["patch_size"], m["channels"], m["blocks"], m["layers"],
                     m["num_classes"], head_dim=m["head_dim"]).double().eval()
