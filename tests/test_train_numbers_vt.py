@@ -48,7 +48,7 @@ def _close(draws, reported, name):
 
 
 def test_train_vae_reports_the_elbo_per_image_of_the_whole_test_split(tmp_path, capsys):
-    metrics, state, test, got = _run(train_vae.main, tmp_path, "--hidden", "8", "--latent", "4")
+    _, state, test, got = _run(train_vae.main, tmp_path, "--hidden", "8", "--latent", "4")
     # what the number is: the Bernoulli of grey levels is no likelihood of the levels
     assert ("test -ELBO: nats per image (one posterior sample each), recon summed over the "
             "C*H*W pixels (a Bernoulli cross-entropy with levels / 16, not a likelihood of the "
@@ -91,8 +91,8 @@ def test_train_tarflow_reports_nats_per_dim_of_the_whole_test_split(tmp_path, so
             f"train's bits/dim; + log({bins - 1} / 2) = {math.log((bins - 1) / 2):.3f} gives the "
             f"noisy levels' density)") in printed
     m = metrics["model"]
-    model = TarFlow(m["image"][0], m["size"], m["patch_size"], m["channels"], m["blocks"], m["layers"],
-                    m["num_classes"], head_dim=m["head_dim"]).double().eval()
+    model = TarFlow(m["image"][0], m["size"], m["patch_size"], m["channels"], m["blocks"],
+                    m["layers"], m["num_classes"], head_dim=m["head_dim"]).double().eval()
     model.load_state_dict(state["model"])
     x = test.levels.double() / (test.n_bins - 1) * 2 - 1
     dims = x[0].numel()
