@@ -7,6 +7,7 @@ denoised by one score step."""
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 
@@ -69,7 +70,9 @@ def to_image(x: torch.Tensor) -> torch.Tensor:
 
 
 def nll_per_dim(model, x, y, noise_std, generator):
-    """Mean negative log-likelihood of the noisy images, nats per dimension."""
+    """Mean negative log-likelihood of the noisy images, nats per dimension (C*H*W), in the
+    model's [-1, 1] scale: no dequantisation constant and no log-det of the [0, 1] -> [-1, 1]
+    map (+ log((n_bins - 1) / 2) per dim gives the density of the noisy integer levels)."""
     noisy = x + noise_std * torch.randn(x.shape, generator=generator, device="cpu").to(x.device)
     return -model.log_prob(noisy, y).mean() / x[0].numel()
 
@@ -84,6 +87,8 @@ def batch_input(levels: torch.Tensor, n_bins: int) -> torch.Tensor:
 
 @torch.no_grad()
 def _evaluate(model, levels, n_bins, y, noise_std, generator, runner, batch_size=256):
+    """``nll_per_dim`` over the images ``levels`` (one noise draw each), weighted by the
+    batches' sizes, under the run's autocast."""
     was = model.training
     model.eval()
     total = 0.0
@@ -171,6 +176,11 @@ def _main(args) -> int:
           f"{'unconditional' if num_classes == 0 else f'{num_classes} classes'}, "
           f"{n_params} parameters, {args.precision}, device {device}, "
           f"fastflow backend {backend_name(device)}")
+    print(f"test nats/dim: -log p per C*H*W of the test images "
+          f"{'given their labels ' if num_classes else ''}plus N(0, {args.noise_std:g}^2) noise, "
+          f"in the model's [-1, 1] scale (a density: no dequantisation constant, not train's "
+          f"bits/dim; + log({n_bins - 1} / 2) = {math.log((n_bins - 1) / 2):.3f} gives the "
+          f"noisy levels' density)")
     evaluate = lambda: _evaluate(model, x_test, n_bins, y_test, args.noise_std,  # noqa: E731
                                  eval_gen, runner)
     if history["initial"] is None:

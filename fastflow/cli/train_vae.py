@@ -106,6 +106,13 @@ def _main(args) -> int:
           f"({channels}x{height}x{width}, {train.n_bins} levels), {n_params} parameters, "
           f"latent {args.latent}, {args.precision}, device {device}, "
           f"fastflow backend {backend_name(device)}")
+    recon_is = (f"a Gaussian density of levels / {n_bins - 1}, not dequantised"
+                if args.likelihood == "gaussian" else
+                "the Bernoulli likelihood of the binary pixels" if n_bins == 2 else
+                f"a Bernoulli cross-entropy with levels / {n_bins - 1}, not a likelihood of "
+                f"the {n_bins} levels")
+    print(f"test -ELBO: nats per image (one posterior sample each), recon summed over the "
+          f"C*H*W pixels ({recon_is}) + KL")
     evaluate = lambda: _evaluate(model, x_test, n_bins, 256, eval_gen, runner)  # noqa: E731
     if history["initial"] is None:
         history["initial"] = evaluate()
