@@ -70,8 +70,8 @@ def prepare_out(out: str | os.PathLike, *, resume: bool, force: bool = False,
                 write: bool = True) -> Path:
     """Check ``--out`` before any training: creatable and writable, ``checkpoint.pt`` in it a
     file if anything, and an existing checkpoint never overwritten by a fresh run without
-    ``--force``. ``write``: this process writes (rank 0); others only read. Returns the
-    checkpoint path."""
+    ``--force``. ``write``: this process writes and speaks (rank 0); others only read.
+    Returns the checkpoint path."""
     if not str(out).strip():  # Path("") is the current folder: the run would land there
         raise SystemExit(f"--out: expected a folder, got {str(out)!r}")
     path = Path(out)
@@ -92,7 +92,7 @@ def prepare_out(out: str | os.PathLike, *, resume: bool, force: bool = False,
     if ckpt.is_file() and not resume and not force:
         raise SystemExit(f"--out: {ckpt} exists; pass --resume to continue it or --force to "
                          "start over and overwrite it")
-    if resume and not ckpt.is_file():
+    if resume and not ckpt.is_file() and write:  # said once, not by every torchrun process
         print(f"--resume: no checkpoint at {ckpt}; starting fresh", flush=True)
     return ckpt
 

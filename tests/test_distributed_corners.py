@@ -1,0 +1,38 @@
+"""Single-process checks of the torchrun helpers with a fake world (no process group):
+the ranks' shards of the epochs' global batches, and what only rank 0 says."""
+
+import torch
+
+from fastflow.cli.common import prepare_out
+from fastflow.cli.loop import Distributed, epoch_order
+
+
+def _fake(world, rank):
+    d = object.__new__(Distributed)  # no torchrun: only the fields shard() reads
+    d.world, d.rank, d.local_rank, d.device = world, rank, rank, torch.device("cpu")
+    return d
+
+
+def test_shards_of_an_epoch_cover_its_full_batches_once_as_one_process():
+    """90 images, global batch 12, 2 or 3 processes: each step the ranks' shards are the
+    one-process batch in rank order; an epoch sees 84 distinct images (the last partial
+    batch dropped, as with one process), and another epoch's order differs."""
+    n, batch = 90, 12
+    for world in (2, 3):
+        seen = []
+        order = epoch_order(n, 0, 3)
+        for i in range(n // batch):
+            idx = order[i * batch:(i + 1) * batch]
+            shards = [_fake(world, r).shard(idx) for r in range(world)]
+            assert all(len(s) == batch // world for s in shards)
+            assert torch.equal(torch.cat(shards), _fake(1, 0).shard(idx))
+            seen += torch.cat(shards).tolist()
+        assert len(seen) == len(set(seen)) == n - n % batch
+    assert not torch.equal(epoch_order(n, 0, 3), epoch_order(n, 0, 4))
+
+
+def test_resume_without_checkpoint_is_said_by_the_writing_process_only(tmp_path, capsys):
+    prepare_out(tmp_path / "run", resume=True, write=False)  # torchrun's other ranks
+    assert capsys.readouterr().out == ""
+    prepare_out(tmp_path / "run", resume=True, write=True)
+    assert "starting fresh" in capsys.readouterr().out
