@@ -173,3 +173,18 @@ def test_every_checkpoint_load_uses_weights_only():
                     unsafe.append(f"{path.relative_to(root)}:{node.lineno}")
     assert calls >= 1  # the checker finds the calls it checks
     assert unsafe == []
+
+
+@pytest.mark.parametrize("command", ["bench", "demo"])
+def test_bench_and_demo_refuse_torchrun(command, monkeypatch, tmp_path):
+    """Under torchrun every process ran the tables at once (timings of processes competing
+    for the machine, written to the same files); the demo's second rank then read the
+    metrics rank 0 had not written yet (FileNotFoundError)."""
+    from fastflow.cli import bench
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    main = {"bench": bench.main, "demo": demo.main}[command]
+    with pytest.raises(SystemExit, match=rf"^{command}: expected one process, got WORLD_SIZE 2 "
+                                         r"\(torchrun\); .*run it without torchrun"):
+        main(["--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())

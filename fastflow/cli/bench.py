@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from .common import check_one_process
+
 
 def run_py() -> Path:
     """Where benchmarks/run.py is in the source tree this package runs from (absent from
@@ -33,6 +35,8 @@ def _benchmarks_run():
 
 def main(argv=None) -> int:
     """``python -m fastflow bench [run.py options]``: the benchmark tables for this device."""
+    check_one_process("bench", "the processes would time the same tables at once, competing "
+                               "for the device, and write the same files")
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # figures run the kernels interpreted
     return _benchmarks_run().main(argv)

@@ -470,13 +470,15 @@ def add_precision_option(parser, *, help: str) -> None:  # noqa: A002 - argparse
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help=help)
 
 
-def check_one_process(command: str) -> None:
+def check_one_process(command: str, why: str = "") -> None:
     """Refuse torchrun (``WORLD_SIZE`` > 1) for a command without DistributedDataParallel:
-    each process would train the whole model alone and all write the same files."""
+    each process would train the whole model alone and all write the same files (``why``:
+    what else would go wrong, said in the message)."""
     world = os.environ.get("WORLD_SIZE", "1")
     if world != "1":
-        raise SystemExit(f"{command}: expected one process, got WORLD_SIZE {world} (torchrun); "
-                         "only train runs on several processes, so run it without torchrun")
+        raise SystemExit(f"{command}: expected one process, got WORLD_SIZE {world} (torchrun)"
+                         f"{'; ' + why if why else ''}; only train runs on several processes, "
+                         "so run it without torchrun")
 
 
 def check_test_fraction(args) -> None:

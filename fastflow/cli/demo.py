@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from . import bench, train
-from .common import HelpFormatter, positive, write_json
+from .common import HelpFormatter, check_one_process, positive, write_json
 
 # The demo's Glow on the 8x8 digits: two squeeze levels (4x4x4, 2x2x8), 8 affine steps each,
 # a 64-wide coupling net, 80 epochs (1760 steps) at lr 2e-3. Measured on a shared 2-core CPU,
@@ -47,6 +47,8 @@ def main(argv=None) -> int:
                    help="CPU threads for the training (None: 1 on CPU, where the demo's "
                         "small convolutions run faster on one thread than on two)")
     args = p.parse_args(argv)
+    check_one_process("demo", "each process would run the benchmark tables and the training "
+                              "alone, all writing the same files")
     if not args.out.strip():  # Path("") is the current folder
         raise SystemExit(f"--out: expected a folder, got {args.out!r}")
     cuda = torch.cuda.is_available()
