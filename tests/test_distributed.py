@@ -148,3 +148,43 @@ def test_two_gloo_processes_match_one_process_reversible(tmp_path, small_npz):
     assert train.main(_argv(one, small_npz, *extra)) == 0
     _launch(tmp_path, _argv(two, small_npz, *extra))
     _assert_same_run(one, two)
+
+
+SPREAD = r'''
+import os
+from fastflow.cli.loop import Distributed
+d = Distributed("cpu")
+print("spread", *d.spread(5 * int(os.environ["RANK"]) + 3))
+d.close()
+'''
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_spread_is_the_min_and_max_over_the_processes(tmp_path):
+    script = tmp_path / "spread.py"
+    script.write_text(SPREAD)
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r),
+                                       WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=str(port), OMP_NUM_THREADS="1"))
+             for r in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-2000:]
+        assert "spread 3 8" in out, out[-2000:]
+
+
+def test_resume_from_different_steps_on_different_processes_is_refused(tmp_path, small_npz,
+                                                                       monkeypatch):
+    """Across nodes without a shared disk, a rank that finds no OUT/checkpoint.pt starts at
+    step 0 while rank 0 resumes: their optimizer states and step counts part (the run then
+    hangs at the end or trains on with two optimizers); refused at start-up instead."""
+    from fastflow.cli.loop import Distributed
+
+    monkeypatch.setattr(Distributed, "spread", lambda self, value: (0, 4))
+    with pytest.raises(SystemExit, match=r"--resume: the processes start from different "
+                                         r"steps \(0 to 4\): each reads OUT/checkpoint\.pt"):
+        train.main(_argv(tmp_path / "run", small_npz))

@@ -57,6 +57,15 @@ class Distributed:
         per = batch.shape[0] // self.world
         return batch[self.rank * per:(self.rank + 1) * per]
 
+    def spread(self, value: int) -> tuple[int, int]:
+        """(min, max) of ``value`` over the processes (one all-reduce; ``(value, value)``
+        alone). Called once at start-up, where a host read costs nothing."""
+        if not self.enabled:
+            return value, value
+        both = torch.tensor([value, -value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        return -int(both[1]), int(both[0])
+
     def close(self):
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()

@@ -258,6 +258,11 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
             + (f" (batch {partial['batch']} of epoch {start_epoch + 1})" if partial else "")
             + (f"; --lr {base_lr:g} replaces the checkpoint's {old_lr:g}"
                if base_lr != old_lr else f"; lr {base_lr:g}"))
+    low, high = dist_.spread(step)
+    if low != high:  # across nodes without a shared disk, one rank found no checkpoint
+        raise SystemExit(f"--resume: the processes start from different steps ({low} to "
+                         f"{high}): each reads OUT/checkpoint.pt, so OUT must be a folder "
+                         f"every node sees (got {args.out!r})")
     torch.manual_seed(args.seed + 1000 * dist_.rank + step)  # per-rank seeds from here on
 
     runner = StepRunner(model.parameters(), opt, device=device, precision=args.precision,
