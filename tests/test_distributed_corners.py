@@ -36,3 +36,17 @@ def test_resume_without_checkpoint_is_said_by_the_writing_process_only(tmp_path,
     assert capsys.readouterr().out == ""
     prepare_out(tmp_path / "run", resume=True, write=True)
     assert "starting fresh" in capsys.readouterr().out
+
+
+def test_the_test_fraction_note_goes_where_train_says_it(capsys):
+    """'--test-fraction ... does not apply' was printed by every torchrun process: it goes
+    to the caller's ``say`` (rank 0's print; the others' say nothing)."""
+    import argparse
+
+    from fastflow.cli.common import load_data
+
+    args = argparse.Namespace(data="digits", size=None, n_bits=None, test_fraction=0.5, seed=0)
+    said = []
+    load_data(args, lambda *a, **k: said.append(a[0]))
+    assert capsys.readouterr().out == ""
+    assert said == ["--test-fraction: 0.5 does not apply to digits, which holds out a fixed 20%"]

@@ -486,10 +486,11 @@ def check_test_fraction(args) -> None:
         raise SystemExit(f"--test-fraction: expected a number in (0, 1), got {args.test_fraction}")
 
 
-def load_data(args):
+def load_data(args, say=print):
     """(train, test) ``ImageSet``s of ``--data`` with ``--size``, ``--n-bits``,
     ``--test-fraction`` and ``--seed`` (which draws the held-out images); a bad source or
-    option is one line naming it (SystemExit), not a traceback."""
+    option is one line naming it (SystemExit), not a traceback. ``say``: where a note goes
+    (under torchrun, rank 0's print)."""
     from ..data import load_image_sets
 
     check_test_fraction(args)
@@ -498,8 +499,8 @@ def load_data(args):
              f"a fixed {DIGITS_TEST_FRACTION:.0%}" if args.data == "digits" else None)
     said = (TEST_FRACTION, DIGITS_TEST_FRACTION if args.data == "digits" else TEST_FRACTION)
     if fixed and args.test_fraction not in said:
-        print(f"--test-fraction: {args.test_fraction:g} does not apply to {args.data}, which "
-              f"holds out {fixed}", flush=True)
+        say(f"--test-fraction: {args.test_fraction:g} does not apply to {args.data}, which "
+            f"holds out {fixed}", flush=True)
     try:
         return load_image_sets(args.data, size=args.size, n_bits=args.n_bits,
                                test_fraction=args.test_fraction, seed=args.seed)

@@ -207,7 +207,7 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
     out = ckpt_path.parent
     say = print if main_rank else (lambda *a, **k: None)
 
-    train, test = load_data(args)
+    train, test = load_data(args, say)
     channels, height, width = train.shape
     side = 2 ** args.n_block
     if height % side or width % side:
