@@ -181,8 +181,10 @@ def _main(args) -> int:
           f"in the model's [-1, 1] scale (a density: no dequantisation constant, not train's "
           f"bits/dim; + log({n_bins - 1} / 2) = {math.log((n_bins - 1) / 2):.3f} gives the "
           f"noisy levels' density)")
+    # the same noise at every evaluation (as train's bits/dim), so that the epochs' numbers
+    # compare and a resumed run reports those of the run it continues
     evaluate = lambda: _evaluate(model, x_test, n_bins, y_test, args.noise_std,  # noqa: E731
-                                 eval_gen, runner)
+                                 eval_gen.manual_seed(args.seed + 2), runner)
     if history["initial"] is None:
         history["initial"] = evaluate()
         print(f"before training: test {history['initial']['nll']:.3f} nats/dim")

@@ -113,7 +113,10 @@ def _main(args) -> int:
                 f"the {n_bins} levels")
     print(f"test -ELBO: nats per image (one posterior sample each), recon summed over the "
           f"C*H*W pixels ({recon_is}) + KL")
-    evaluate = lambda: _evaluate(model, x_test, n_bins, 256, eval_gen, runner)  # noqa: E731
+    # the same noise at every evaluation (as train's bits/dim), so that the epochs' numbers
+    # compare and a resumed run reports those of the run it continues
+    evaluate = lambda: _evaluate(model, x_test, n_bins, 256,  # noqa: E731
+                                 eval_gen.manual_seed(args.seed + 1), runner)
     if history["initial"] is None:
         history["initial"] = evaluate()
         print(f"before training: test -ELBO {history['initial']['neg_elbo']:.3f} nats")
