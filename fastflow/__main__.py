@@ -17,6 +17,23 @@ COMMANDS = {
 }
 
 
+# what the training commands and the demo import beyond torch (the digits and their
+# classifier: scikit-learn; the sample grids and image folders: Pillow), from the [app] extra
+APP_MODULES = {"sklearn": "scikit-learn", "PIL": "Pillow"}
+APP_COMMANDS = ("demo", "train", "train-vae", "train-tarflow")
+
+
+def missing_app_modules() -> list[str]:
+    """The [app] extra's distributions that cannot be imported here."""
+    missing = []
+    for module, dist in APP_MODULES.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(dist)
+    return missing
+
+
 def usage(file=None) -> None:
     file = file or sys.stdout
     print("usage: python -m fastflow <command> [options]\n\ncommands:", file=file)
@@ -35,6 +52,13 @@ def main(argv=None) -> int:
         print(f"python -m fastflow: unknown command {argv[0]!r}\n", file=sys.stderr)
         usage(sys.stderr)
         return 2
+    if argv[0] in APP_COMMANDS and not {"-h", "--help"} & set(argv[1:]):
+        missing = missing_app_modules()
+        if missing:  # said before any work (a grid written after training raised at the end)
+            print(f"python -m fastflow {argv[0]}: needs {' and '.join(missing)}, from the app "
+                  "extra: pip install 'fastflow[app]' (in a clone: pip install -e '.[app]')",
+                  file=sys.stderr)
+            return 2
     target, _ = COMMANDS[argv[0]]
     module, func = target.split(":")
     return getattr(importlib.import_module(module), func)(argv[1:]) or 0

@@ -188,3 +188,22 @@ def test_bench_and_demo_refuse_torchrun(command, monkeypatch, tmp_path):
                                          r"\(torchrun\); .*run it without torchrun"):
         main(["--out", str(tmp_path)])
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("command", ["train", "demo"])
+def test_a_command_without_the_app_extra_says_what_to_install(command, monkeypatch, capsys):
+    """From `pip install .` (no [app] extra) train crashed on a ModuleNotFoundError of
+    sklearn, and train-vae on its own data trained, then crashed writing the grid (PIL)."""
+    import sys
+
+    from fastflow import __main__ as entry
+
+    monkeypatch.setitem(sys.modules, "PIL", None)  # an import of it raises ImportError
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    assert entry.main([command, "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"python -m fastflow {command}: needs scikit-learn and Pillow, from the app extra: " \
+           "pip install 'fastflow[app]'" in err
+    with pytest.raises(SystemExit) as shown:  # the options still show (argparse exits 0)
+        entry.main([command, "--help"])
+    assert shown.value.code == 0 and "usage:" in capsys.readouterr().out
