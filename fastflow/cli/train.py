@@ -212,7 +212,8 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
     side = 2 ** args.n_block
     if height % side or width % side:
         raise SystemExit(f"--size: the images are {height}x{width}; Glow with --n-block "
-                         f"{args.n_block} needs sides divisible by {side} (pass --size)")
+                         f"{args.n_block} needs sides divisible by {side} (pass a --size "
+                         f"divisible by {side})")
     if args.batch_size % dist_.world:
         raise SystemExit(f"--batch-size: the global batch {args.batch_size} must split evenly "
                          f"across {dist_.world} processes")

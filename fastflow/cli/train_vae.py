@@ -81,7 +81,7 @@ def _main(args) -> int:
     channels, height, width = train.shape
     if height != width or height % 2:
         raise SystemExit(f"--size: the images are {height}x{width}; the VAE needs square "
-                         "images with an even side (pass --size)")
+                         "images with an even side (pass an even --size)")
     # the Bernoulli likelihood wants values in [0, 1]: levels / (n_bins - 1), made per batch
     # (as train does: the whole set as floats would be 4x its uint8 size)
     x_train, x_test, n_bins = train.levels.to(device), test.levels.to(device), train.n_bins
