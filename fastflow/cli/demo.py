@@ -14,8 +14,9 @@ from .common import HelpFormatter, check_one_process, positive, write_json
 
 # The demo's Glow on the 8x8 digits: two squeeze levels (4x4x4, 2x2x8), 8 affine steps each,
 # a 64-wide coupling net, 80 epochs (1760 steps) at lr 2e-3. Measured on a shared 2-core CPU,
-# one thread: 218 s of CPU time for the whole run; test 4.26 -> 2.24 bits/dim; the digit
-# classifier recognises 54 % of the T=1 samples (all 10 classes; 30 % before training).
+# one thread, fresh clones of 2026-12-06: 84-146 s of training as the machine's load varied;
+# test 4.26 -> 2.25 bits/dim; the digit classifier recognises 60 % of the T=1 samples (all
+# 10 classes; 30 % before training).
 # Tried beside it: one level with a 128-wide net, and 4 steps per level with a 96-wide net
 # at batch 32: both recognised fewer samples for the same CPU time.
 DEMO_MODEL = ["--n-block", "2", "--n-flow", "8", "--filter-size", "64"]
