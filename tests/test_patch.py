@@ -824,3 +824,22 @@ def test_imports_and_patches_without_the_peers_installed():
     # the Linear was looked at and is listed as left alone (issue 9 item 18)
     assert "0 swapped, 1 left alone" in out.stdout
     assert "Linear  no fastflow counterpart: runs as it is" in out.stdout
+
+
+def test_a_layer_named_like_a_known_one_but_built_otherwise_is_said_so():
+    """A user's own ActNorm / AffineCoupling (no rosinality `logdet` / `affine` flags) was
+    reported as 'no fastflow counterpart' / 'not a known flow layer', which reads as if
+    fastflow had no ActNorm."""
+    class ActNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.loc = nn.Parameter(torch.zeros(1, 2, 1, 1))
+            self.scale = nn.Parameter(torch.ones(1, 2, 1, 1))
+
+        def forward(self, x):
+            return self.scale * (x + self.loc)
+
+    report = ff.patch(nn.Sequential(ActNorm()), dry_run=True)
+    assert report.left_alone == [("0", "ActNorm", "named like a known library's ActNorm but "
+                                  "without its parameters, buffers or flags (listed in "
+                                  "help(ff.patch)): left alone, runs as it is")]

@@ -2,7 +2,7 @@
 
 Recognised (by class name and attributes; no peer library is imported):
 
-* rosinality/glow-pytorch style: ``ActNorm`` (loc, scale, initialized), ``InvConv2dLU``,
+* rosinality/glow-pytorch style: ``ActNorm`` (loc, scale, initialized, logdet), ``InvConv2dLU``,
   ``InvConv2d``, ``AffineCoupling`` (net, affine) and ``Flow`` (actnorm, invconv, coupling:
   ActNorm and the 1x1 convolution fused into one pass).
 * normflows: ``ActNorm``, ``Invertible1x1Conv``, ``AffineCouplingBlock`` (split_mode
@@ -83,6 +83,11 @@ def _why_unrecognised(m: nn.Module) -> str:
         return "a channel split / concatenation or reshape: no arithmetic to fuse"
     if callable(getattr(m, "log_prob", None)) and callable(getattr(m, "sample", None)):
         return "a base distribution (prior): not a flow layer, runs as it is"
+    if name in _BY_CLASS_NAME:  # named like one, built otherwise (a user's own ActNorm)
+        return (f"named like a known library's {name} but without its parameters, buffers "
+                "or flags (listed in help(ff.patch)): left alone, runs as it is"
+                + ("; its submodules were looked at one by one"
+                   if next(m.children(), None) is not None else ""))
     if next(m.children(), None) is not None:
         return "not a known flow layer: its submodules were looked at one by one"
     return "no fastflow counterpart: runs as it is"
