@@ -132,9 +132,11 @@ def coupling_log_scale(raw: torch.Tensor, scale: str, clamp: float, log: bool = 
     The sigmoid's is ``log(sigmoid(raw + 2))``, as eager Glow code writes it: on CPU
     ``F.logsigmoid`` (and softplus) are not vectorised, 4x the time of sigmoid + log. In
     the compute dtype this is exact but where s rounds to 1 (raw + 2 > 17 in float32: an
-    absolute error below 6e-8 per element) or underflows to 0 (raw + 2 < -103 in float32),
-    where s = 0 makes the map singular and log s is -inf (the kernels report the finite
-    limit ``raw + 2`` there, but their y loses xb just the same)."""
+    absolute error below 6e-8 per element) or underflows to 0 (raw + 2 below about -88.7 in
+    float32, where CPU's torch.sigmoid flushes to 0; -103 at the most), where s = 0 makes the
+    map singular, log s is -inf and the gradient of raw NaN (the kernels report the finite
+    limit ``raw + 2`` there and d/d raw = 1, but their y loses xb just the same). The
+    inverse's log(1/s) is +inf there likewise (``exp(-(raw + 2))`` overflows)."""
     if scale == "sigmoid":
         s = torch.sigmoid(raw + 2.0)
         return (torch.log(s) if log else None), s

@@ -93,7 +93,7 @@ def _dlog_scale(raw, clamp, SCALE: tl.constexpr):
         r = raw + 2.0
         g = tl.exp(tl.minimum(-r, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(r))))  # 1 - s, no cancellation
     elif SCALE == EXP:
-        g = raw * 0.0 + 1.0
+        g = tl.zeros_like(raw) + 1.0  # not raw * 0 + 1: NaN at raw = +-inf
     else:
         u = raw / clamp
         g = ATAN_FACTOR / (1.0 + u * u)

@@ -49,7 +49,7 @@ def _clamp_a(raw, c, CLAMP: tl.constexpr):
         g = 4.0 * e / ((1.0 + e) * (1.0 + e))
     else:
         a = raw
-        g = raw * 0.0 + 1.0
+        g = tl.zeros_like(raw) + 1.0  # not raw * 0 + 1: NaN at raw = +-inf
     return a, g
 
 
