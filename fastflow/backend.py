@@ -61,10 +61,11 @@ def _check_mode(mode, where):
 
 def current_mode() -> str:
     """The active mode: the innermost ``use_backend`` block, else ``FASTFLOW_BACKEND``."""
-    if _tracing():
-        return _mode()
-    blocks = _get_blocks()
-    return blocks[-1][0] if blocks else _env_mode(_env_value())
+    if _tracing():  # dynamo: the thread-local blocks, and no lru_cache (it warns)
+        blocks, parse = getattr(_local, "blocks", ()), _parse_env
+    else:
+        blocks, parse = _get_blocks(), _env_mode
+    return blocks[-1][0] if blocks else parse(_env_value())
 
 
 _ENV_DATA = getattr(os.environ, "_data", None)
@@ -88,14 +89,8 @@ def _parse_env(raw: str) -> str:
 
 
 # cached per raw string: the variable is still read on every call, only its parsing is
-# remembered. Not while dynamo traces (``_mode``): it warns about any lru_cache it meets
+# remembered. Not while dynamo traces: it warns about any lru_cache it meets
 _env_mode = functools.lru_cache(maxsize=16)(_parse_env)
-
-
-def _mode() -> str:
-    """``current_mode()`` under dynamo: the thread-local blocks and the uncached parse."""
-    blocks = getattr(_local, "blocks", ())
-    return blocks[-1][0] if blocks else _parse_env(_env_value())
 
 
 @contextlib.contextmanager
@@ -143,11 +138,10 @@ def use_triton(t: torch.Tensor) -> bool:
     decided and never reads this setting again."""
     # current_mode(), written out: the call cost a percent of a small CPU op's forward+backward
     if _tracing():  # dynamo: the thread-local blocks, and no lru_cache (it warns)
-        blocks = getattr(_local, "blocks", ())
-        mode = blocks[-1][0] if blocks else _parse_env(_env_value())
+        blocks, parse = getattr(_local, "blocks", ()), _parse_env
     else:
-        blocks = _get_blocks()
-        mode = blocks[-1][0] if blocks else _env_mode(_env_value())
+        blocks, parse = _get_blocks(), _env_mode
+    mode = blocks[-1][0] if blocks else parse(_env_value())
     if mode == "auto":
         return t.is_cuda
     if mode == "reference":
