@@ -114,7 +114,8 @@ PROG = "python -m fastflow bench"
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                  formatter_class=_HelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small shapes and the short configuration lists (on CPU: no "
+    ap.add_argument("--quick", action="store_true",
+                    help="small shapes and the short configuration lists (on CPU: no "
                          "torch.compile rows, which take minutes to compile there)")
     ap.add_argument("--suites", default=",".join(SUITES),
                     help=f"comma-separated, from: {', '.join(SUITES)}")

@@ -146,9 +146,9 @@ def _peak(fn, device):
 
 def _timed_rows(fns: dict, cfg: Config, dtype, device, reps, warmup) -> list[dict]:
     """One row per implementation, from ``fns`` (impl -> a function that builds its
-    closure): each closure is called once (torch.compile compiles
-    there; an implementation that fails, there or while timed, is reported in its row's
-    ``error``, not fatal), its peak memory taken, then all are timed in turn (``harness.time_interleaved``): a change
+    closure): each closure is called once (torch.compile compiles there; an implementation
+    that fails, there or while timed, is reported in its row's ``error``, not fatal), its
+    peak memory taken, then all are timed in turn (``harness.time_interleaved``): a change
     in the machine's load reaches every implementation alike, so the ratios of one table
     compare like with like."""
     rows, ok = {}, {}

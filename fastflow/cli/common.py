@@ -453,8 +453,8 @@ def add_data_options(parser, *, test_fraction_help: str = "held-out share of the
     ``load_data``)."""
     parser.add_argument("--data", default="digits",
                         help="digits (bundled), a folder of PNG/JPEG images (recursive), an "
-                             ".npy/.npz uint8 array (N,H,W), (N,H,W,C) or (N,C,H,W), or cifar10:ROOT "
-                             "(CIFAR-10's python batches, already on disk)")
+                             ".npy/.npz uint8 array (N,H,W), (N,H,W,C) or (N,C,H,W), or "
+                             "cifar10:ROOT (CIFAR-10's python batches, already on disk)")
     parser.add_argument("--size", type=positive(int), default=None,
                         help="center-crop and resize the images to SIZE x SIZE (None: as "
                              "stored)")

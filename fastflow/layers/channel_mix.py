@@ -50,8 +50,8 @@ class ActNorm(nn.Module):
 
     The first forward in training mode on a non-empty batch sets loc = -mean and
     scale = 1 / (std + 1e-6) from it (per channel; at most the parameters' dtype's largest
-    finite value, 65504 for float16, where a constant channel's 1e6 is inf); a batch with no elements (N = 0 or
-    H*W = 0) neither initialises nor changes it; a parametrized loc or scale
+    finite value, 65504 for float16, where a constant channel's 1e6 is inf); a batch with no
+    elements (N = 0 or H*W = 0) neither initialises nor changes it; a parametrized loc or scale
     (``torch.nn.utils.parametrize``) gets its value through ``right_inverse``. The flag is
     the ``initialized`` buffer (saved with the state dict) mirrored by a Python bool, so
     later calls never read the device; loading a state dict refreshes the mirror. The mirror

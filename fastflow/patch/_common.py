@@ -93,9 +93,6 @@ def _stock(plan: _Plan, m: nn.Module) -> _Plan:
     return (_not_stock(m) or plan) if isinstance(plan, _Swap) else plan
 
 
-
-
-
 def _tensors(m: nn.Module, *names: str) -> bool:
     return all(isinstance(getattr(m, n, None), torch.Tensor) for n in names)
 
