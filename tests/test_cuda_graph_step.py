@@ -73,9 +73,9 @@ def _glow(device="cpu", reversible=False):
     return model
 
 
-def _batches(n, device="cpu", nan_at=None):
+def _batches(n, device="cpu", nan_at=None, size=16):
     gen = torch.Generator().manual_seed(1)
-    out = [(torch.rand(16, 1, 8, 8, generator=gen) - 0.5).to(device) for _ in range(n)]
+    out = [(torch.rand(size, 1, 8, 8, generator=gen) - 0.5).to(device) for _ in range(n)]
     if nan_at is not None:
         out[nan_at][3, 0, 2, 2] = float("nan")
     return out
@@ -226,7 +226,7 @@ def test_the_step_has_nothing_a_capture_forbids(precision, clip, warmup, reversi
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     runner = StepRunner(model.parameters(), opt, device=torch.device("cpu"),
                         precision=precision, clip=clip, warmup=warmup)
-    x, bad = _batches(2, nan_at=1)
+    x, bad = _batches(2, nan_at=1, size=4)  # a small batch: the interpreter runs every program
     with ff.use_backend(backend):
         runner.step(lambda: _loss(model, x), 0)  # Adam's state exists, as after warm-up
         rng = torch.get_rng_state()

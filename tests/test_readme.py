@@ -4,10 +4,10 @@ its Layout section lists files that exist and every module of the package."""
 import contextlib
 import io
 import re
-import subprocess
-import sys
+import runpy
 from pathlib import Path
 
+import pytest
 import torch
 
 import fastflow as ff
@@ -45,14 +45,25 @@ def test_the_use_snippets_run():
     assert "swapped" in out.getvalue() and "left alone" in out.getvalue()
 
 
+def _help_of(main, argv) -> str:
+    """What ``main(argv)`` prints for ``--help``, run in this process (a subprocess per
+    command cost a torch import each; tests/test_cli.py runs the real entry point)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code in (0, None), (argv, stop.value.code)
+    return out.getvalue()
+
+
 def _helps() -> str:
-    texts = []
-    for command in ("demo", "train", "train-vae", "train-tarflow", "bench"):
-        texts.append(subprocess.run([sys.executable, "-m", "fastflow", command, "--help"],
-                                    cwd=ROOT, capture_output=True, text=True, check=True).stdout)
+    from fastflow.__main__ import main
+
+    texts = [_help_of(main, [command, "--help"])
+             for command in ("demo", "train", "train-vae", "train-tarflow", "bench")]
     for script in ("benchmarks/traffic.py", "benchmarks/suite_reversible.py"):
-        texts.append(subprocess.run([sys.executable, script, "--help"], cwd=ROOT,
-                                    capture_output=True, text=True, check=True).stdout)
+        names = runpy.run_path(str(ROOT / script), run_name=f"readme_{Path(script).stem}")
+        texts.append(_help_of(names["main"], ["--help"]))
+    assert all(t.startswith("usage:") for t in texts), [t[:80] for t in texts]
     return "\n".join(texts)
 
 
