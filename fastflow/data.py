@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -215,7 +216,11 @@ def _load_folder(path: Path, size: int | None) -> torch.Tensor:
     import numpy as np
     from PIL import Image, ImageOps
 
-    files = _image_files(path)
+    files, grids = _image_files(path)
+    if grids:
+        print(f"--data: skipped {grids} sample grid(s) of fastflow runs under {path} (the "
+              "PNGs a training command writes beside its checkpoint.pt or metrics.json)",
+              flush=True)
     images, bad = [], 0
     for file in files:
         try:
@@ -244,19 +249,35 @@ def _load_folder(path: Path, size: int | None) -> torch.Tensor:
     return _to_nchw_uint8(np.stack(images), str(path), channels_last=True)
 
 
-def _image_files(path: Path) -> list[Path]:
+# what a training command writes in its --out folder: a run in the image folder (say
+# `--data .` with the default runs/<name>) must not feed its sample grids to the next run
+RUN_MARKERS = ("checkpoint.pt", "metrics.json", "samples_before.png")
+RUN_GRIDS = re.compile(r"(samples|samples_before|samples_epoch\d+|vae_samples|tarflow_samples)"
+                       r"\.png")
+
+
+def _image_files(path: Path) -> tuple[list[Path], int]:
     """The PNG/JPEG files under ``path``, sorted, through symlinked folders too (rglob does
-    not enter them), each real folder once (a link back up is no cycle). A dangling link
-    stays, to be counted unreadable; a FIFO or device named .png is no file (never opened)."""
-    files, seen = [], set()
+    not enter them), each real folder once (a link back up is no cycle), and how many
+    sample grids of fastflow runs (``RUN_GRIDS`` in a folder holding a ``RUN_MARKERS``
+    file) were left out. A dangling link stays, to be counted unreadable; a FIFO or device
+    named .png is no file (never opened)."""
+    files, seen, grids = [], set(), 0
     for root, dirs, names in os.walk(path, followlinks=True):
         real = os.path.realpath(root)
         if real in seen:
             dirs.clear()
             continue
         seen.add(real)
-        files += [Path(root, n) for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES]
-    return sorted(p for p in files if p.is_file() or not p.exists())
+        run = any(n in names for n in RUN_MARKERS)
+        for n in names:
+            if Path(n).suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            if run and RUN_GRIDS.fullmatch(n):
+                grids += 1
+            else:
+                files.append(Path(root, n))
+    return sorted(p for p in files if p.is_file() or not p.exists()), grids
 
 
 def _center_crop_resize_pil(img, size: int):

@@ -1,0 +1,33 @@
+"""``--data`` corners a user with their own images meets: a run's own sample grids inside
+the image folder, an .npz of several image arrays, one image saved as an array."""
+
+import numpy as np
+import pytest
+
+from fastflow import data
+
+
+def _png(path, array):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def test_image_folder_skips_the_sample_grids_of_a_run_inside_it(tmp_path, capsys):
+    """Run from the image folder (`--data .`), a command writes its grids to runs/<name>/
+    under it: the next run read them as training images (and --size cropped them to fit)."""
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        _png(tmp_path / f"img{i}.png", rng.integers(0, 256, (8, 8, 3), np.uint8))
+    run = tmp_path / "runs" / "glow"
+    for name in ("samples_before.png", "samples_epoch001.png", "samples.png"):
+        _png(run / name, rng.integers(0, 256, (30, 50, 3), np.uint8))
+    (run / "checkpoint.pt").write_bytes(b"")
+    _png(tmp_path / "runs" / "vae" / "vae_samples.png", np.zeros((30, 50, 3), np.uint8))
+    (tmp_path / "runs" / "vae" / "metrics.json").write_text("{}")
+    _png(tmp_path / "mine" / "samples.png", rng.integers(0, 256, (8, 8, 3), np.uint8))
+    train, test = data.load_image_sets(str(tmp_path), size=8, test_fraction=0.2)
+    assert len(train) + len(test) == 5  # img0..3 and mine/samples.png (no run beside it)
+    said = capsys.readouterr().out
+    assert "--data: skipped 4 sample grid(s) of fastflow runs under" in said
