@@ -200,7 +200,12 @@ def _load_array(path: Path) -> torch.Tensor:
             preferred = [k for k in ("x", "images", "arr_0") if k in keys]
             if not preferred:  # e.g. np.savez(f, labels=..., imgs=...): the one image array
                 preferred = [k for k in keys if _npz_images_header(loaded, k)]
-                preferred = preferred if len(preferred) == 1 else []
+                if len(preferred) > 1:  # x_train and x_test: reading one would drop the rest
+                    raise _data_error(
+                        f"{path} holds several image arrays ({', '.join(map(repr, preferred))}) "
+                        "and none named x, images or arr_0: save the images to train on as "
+                        "x, e.g. np.savez(path, x=np.concatenate([a, b])) (the held-out "
+                        "share is drawn from them by --test-fraction)")
             key = (preferred or keys or [None])[0]
             if key is None:
                 raise _data_error(f"{path} holds no arrays")

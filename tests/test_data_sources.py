@@ -31,3 +31,14 @@ def test_image_folder_skips_the_sample_grids_of_a_run_inside_it(tmp_path, capsys
     assert len(train) + len(test) == 5  # img0..3 and mine/samples.png (no run beside it)
     said = capsys.readouterr().out
     assert "--data: skipped 4 sample grid(s) of fastflow runs under" in said
+
+
+def test_an_npz_of_several_image_arrays_is_refused_naming_them(tmp_path):
+    """np.savez(path, x_train=..., x_test=...): the first member was read and the others
+    dropped without a word (here half the images)."""
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "split.npz", x_train=rng.integers(0, 256, (6, 8, 8, 3), np.uint8),
+             x_test=rng.integers(0, 256, (4, 8, 8, 3), np.uint8), y=np.arange(10))
+    with pytest.raises(ValueError, match=r"--data: .*split\.npz holds several image arrays "
+                                         r"\('x_train', 'x_test'\)"):
+        data.load_image_sets(str(tmp_path / "split.npz"))
