@@ -137,7 +137,8 @@ def _to_nchw_uint8(array, what: str, channels_last: bool = False) -> torch.Tenso
     A 4-D array is read channels-last when its last dim is 1, 3 or 4 and its dim 1 is not,
     channels-first when dim 1 is and the last dim is not; when both are (say (N, 3, 8, 4):
     3x8 RGBA or 8x4 RGB) it is refused, naming both readings. ``channels_last`` (images
-    stacked here, whose layout is known) skips the guess."""
+    stacked here, whose layout is known) skips the guess. A 3-D array whose last dim is 1,
+    3 or 4 and differs from its dim 1 (one (H, W, C) image, np.save'd alone) is refused."""
     import numpy as np
 
     array = np.asarray(array)
@@ -145,6 +146,13 @@ def _to_nchw_uint8(array, what: str, channels_last: bool = False) -> torch.Tenso
         raise _data_error(f"{what}: expected uint8 images, got dtype {array.dtype}")
     shape = tuple(array.shape)
     if array.ndim == 3:
+        if shape[2] in CHANNELS and shape[1] != shape[2]:  # np.save(path, one_image)
+            h, w, c = shape
+            raise _data_error(
+                f"{what}: shape {shape} reads as {h} grey images of {w}x{c} pixels (N, H, W), "
+                f"or one {h}x{w} image of {c} channel(s) (H, W, C); save the images "
+                "stacked, (N, H, W, C) (np.stack(images)), or grey images this narrow as "
+                "(N, H, W, 1) (x[..., None])")
         array = array[:, None]
     elif array.ndim == 4:
         last, first = shape[3] in CHANNELS, shape[1] in CHANNELS and not channels_last

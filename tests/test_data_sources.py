@@ -42,3 +42,18 @@ def test_an_npz_of_several_image_arrays_is_refused_naming_them(tmp_path):
     with pytest.raises(ValueError, match=r"--data: .*split\.npz holds several image arrays "
                                          r"\('x_train', 'x_test'\)"):
         data.load_image_sets(str(tmp_path / "split.npz"))
+
+
+def test_one_image_saved_as_an_array_is_refused_naming_both_readings(tmp_path):
+    """np.save(path, one (H, W, 3) image) was read as H grey images of W x 3 pixels (and
+    --size then trained on their 3x3 centres); a grey stack of such narrow images can be
+    saved (N, H, W, 1)."""
+    one = np.random.default_rng(2).integers(0, 256, (8, 8, 3), np.uint8)
+    np.save(tmp_path / "one.npy", one)
+    with pytest.raises(ValueError, match=r"--data: .*one\.npy: shape \(8, 8, 3\) reads as 8 "
+                                         r"grey images of 8x3 .* or one 8x8 image of 3 channel"):
+        data.load_image_sets(str(tmp_path / "one.npy"), size=4)
+    np.save(tmp_path / "stack.npy", np.stack([one, one[::-1]]))  # images stacked: (N, H, W, C)
+    assert data.load_image_sets(str(tmp_path / "stack.npy"))[0].shape == (3, 8, 8)
+    np.save(tmp_path / "square.npy", one[:, :3, :3].copy())  # (N, 3, 3) grey: as before
+    assert data.load_image_sets(str(tmp_path / "square.npy"))[0].shape == (1, 3, 3)
