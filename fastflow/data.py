@@ -234,12 +234,15 @@ def _load_folder(path: Path, size: int | None) -> torch.Tensor:
         print(f"--data: skipped {grids} sample grid(s) of fastflow runs under {path} (the "
               "PNGs a training command writes beside its checkpoint.pt or metrics.json)",
               flush=True)
-    images, bad = [], 0
+    images, bad, transparent = [], 0, 0
     for file in files:
         try:
             with Image.open(file) as img:
                 img.load()
                 img = ImageOps.exif_transpose(img)  # as viewers show it (camera rotation)
+                if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+                    alpha = img.convert("RGBA").getchannel("A")  # P/L/RGB: tRNS applied
+                    transparent += alpha.getextrema()[0] < 255
                 if img.mode.startswith("I;16"):  # 16-bit grey: its top 8 bits (convert clips)
                     img = Image.fromarray((np.asarray(img) >> 8).astype(np.uint8))
                 img = img.convert("L" if img.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB")
@@ -252,6 +255,10 @@ def _load_folder(path: Path, size: int | None) -> torch.Tensor:
         images = [np.repeat(im[..., None], 3, -1) if im.ndim == 2 else im for im in images]
     if bad:
         print(f"--data: skipped {bad} unreadable image file(s) in {path}", flush=True)
+    if transparent:  # alpha dropped, as torchvision's loader does
+        print(f"--data: {transparent} image(s) under {path} have transparent pixels; their "
+              "alpha is dropped, so the colours stored under them (which viewers do not "
+              "show) are trained on", flush=True)
     if not images:
         raise _data_error(f"no readable PNG/JPEG images under {path} "
                           f"({len(files)} candidate file(s))")

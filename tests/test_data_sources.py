@@ -57,3 +57,20 @@ def test_one_image_saved_as_an_array_is_refused_naming_both_readings(tmp_path):
     assert data.load_image_sets(str(tmp_path / "stack.npy"))[0].shape == (3, 8, 8)
     np.save(tmp_path / "square.npy", one[:, :3, :3].copy())  # (N, 3, 3) grey: as before
     assert data.load_image_sets(str(tmp_path / "square.npy"))[0].shape == (1, 3, 3)
+
+
+def test_image_folder_says_when_transparency_is_dropped(tmp_path, capsys):
+    """Alpha is dropped (as torchvision's loader does): the colours stored under transparent
+    pixels, which a viewer does not show, are what is trained on; that went unsaid."""
+    from PIL import Image
+
+    rgba = np.full((8, 8, 4), 255, np.uint8)
+    rgba[:4, :, 3] = 0  # transparent top half, its stored colour white
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    Image.fromarray(np.full((8, 8, 4), 200, np.uint8) | 255, "RGBA").save(tmp_path / "b.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "c.png")
+    train, test = data.load_image_sets(str(tmp_path), test_fraction=0.3)
+    levels = data.torch.cat([train.levels, test.levels])
+    assert levels.shape == (3, 3, 8, 8) and int(levels.max()) == 255  # the white kept
+    said = capsys.readouterr().out
+    assert "--data: 1 image(s) under" in said and "transparent pixels" in said
