@@ -97,6 +97,7 @@ def batches(x: torch.Tensor, batch_size: int, *, shuffle: bool = True,
 # plus the number of levels, so the dequantisation and the bits/dim constant follow the data.
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+OTHER_IMAGE_SUFFIXES = (".bmp", ".gif", ".tif", ".tiff", ".webp")  # not read, but said
 DIGIT_LEVELS = 17  # the bundled digits hold the integer intensities 0..16
 
 
@@ -229,7 +230,11 @@ def _load_folder(path: Path, size: int | None) -> torch.Tensor:
     import numpy as np
     from PIL import Image, ImageOps
 
-    files, grids = _image_files(path)
+    files, grids, others = _image_files(path)
+    if others:
+        kinds = ", ".join(f"{k}: {n}" for k, n in sorted(others.items()))
+        print(f"--data: left out {sum(others.values())} image file(s) under {path} of types it "
+              f"does not read ({kinds}); convert them to PNG", flush=True)
     if grids:
         print(f"--data: skipped {grids} sample grid(s) of fastflow runs under {path} (the "
               "PNGs a training command writes beside its checkpoint.pt or metrics.json)",
@@ -276,13 +281,14 @@ RUN_GRIDS = re.compile(r"(samples|samples_before|samples_epoch\d+|vae_samples|ta
                        r"\.png")
 
 
-def _image_files(path: Path) -> tuple[list[Path], int]:
+def _image_files(path: Path) -> tuple[list[Path], int, dict]:
     """The PNG/JPEG files under ``path``, sorted, through symlinked folders too (rglob does
     not enter them), each real folder once (a link back up is no cycle), and how many
     sample grids of fastflow runs (``RUN_GRIDS`` in a folder holding a ``RUN_MARKERS``
-    file) were left out. A dangling link stays, to be counted unreadable; a FIFO or device
+    file) were left out, and the count of other image files by suffix
+    (``OTHER_IMAGE_SUFFIXES``, not read). A dangling link stays, to be counted unreadable; a FIFO or device
     named .png is no file (never opened)."""
-    files, seen, grids = [], set(), 0
+    files, seen, grids, others = [], set(), 0, {}
     for root, dirs, names in os.walk(path, followlinks=True):
         real = os.path.realpath(root)
         if real in seen:
@@ -291,13 +297,16 @@ def _image_files(path: Path) -> tuple[list[Path], int]:
         seen.add(real)
         run = any(n in names for n in RUN_MARKERS)
         for n in names:
-            if Path(n).suffix.lower() not in IMAGE_SUFFIXES:
+            suffix = Path(n).suffix.lower()
+            if suffix in OTHER_IMAGE_SUFFIXES:
+                others[suffix] = others.get(suffix, 0) + 1
+            if suffix not in IMAGE_SUFFIXES:
                 continue
             if run and RUN_GRIDS.fullmatch(n):
                 grids += 1
             else:
                 files.append(Path(root, n))
-    return sorted(p for p in files if p.is_file() or not p.exists()), grids
+    return sorted(p for p in files if p.is_file() or not p.exists()), grids, others
 
 
 def _center_crop_resize_pil(img, size: int):

@@ -74,3 +74,16 @@ def test_image_folder_says_when_transparency_is_dropped(tmp_path, capsys):
     assert levels.shape == (3, 3, 8, 8) and int(levels.max()) == 255  # the white kept
     said = capsys.readouterr().out
     assert "--data: 1 image(s) under" in said and "transparent pixels" in said
+
+
+def test_image_folder_says_which_image_files_it_does_not_read(tmp_path, capsys):
+    """Only PNG and JPEG are read: the WebP/BMP/TIFF/GIF images of a mixed folder were left
+    out without a word."""
+    from PIL import Image
+
+    for i, suffix in enumerate([".png", ".jpg", ".webp", ".bmp", ".BMP"]):
+        Image.fromarray(np.full((8, 8, 3), 10 * i, np.uint8)).save(tmp_path / f"{i}{suffix}")
+    train, test = data.load_image_sets(str(tmp_path), test_fraction=0.5)
+    assert len(train) + len(test) == 2
+    assert f"--data: left out 3 image file(s) under {tmp_path} of types it does not read " \
+           "(.bmp: 2, .webp: 1); convert them to PNG" in capsys.readouterr().out
