@@ -256,8 +256,14 @@ def _load_folder(path: Path, size: int | None) -> torch.Tensor:
                 images.append(np.asarray(img, dtype=np.uint8))
         except Exception:  # noqa: BLE001 - a broken file is skipped and counted, not fatal
             bad += 1
-    if any(im.ndim == 3 for im in images):  # any colour image: the grey ones become RGB
+    n_grey = sum(im.ndim == 2 for im in images)
+    if n_grey < len(images):  # any colour image: the grey ones become RGB
         images = [np.repeat(im[..., None], 3, -1) if im.ndim == 2 else im for im in images]
+        if n_grey:
+            n_colour = len(images) - n_grey
+            print(f"--data: {n_colour} of the {len(images)} images under {path} "
+                  f"{'is' if n_colour == 1 else 'are'} in colour: the {n_grey} grey one(s) are "
+                  "read as RGB (their grey repeated)", flush=True)
     if bad:
         print(f"--data: skipped {bad} unreadable image file(s) in {path}", flush=True)
     if transparent:  # alpha dropped, as torchvision's loader does

@@ -87,3 +87,15 @@ def test_image_folder_says_which_image_files_it_does_not_read(tmp_path, capsys):
     assert len(train) + len(test) == 2
     assert f"--data: left out 3 image file(s) under {tmp_path} of types it does not read " \
            "(.bmp: 2, .webp: 1); convert them to PNG" in capsys.readouterr().out
+
+
+def test_image_folder_says_when_grey_images_become_rgb(tmp_path, capsys):
+    """One colour image among grey ones makes every image RGB (the grey repeated), the
+    model 3 channels wide: that was said only as the shape in the command's summary."""
+    for i in range(3):
+        _png(tmp_path / f"grey{i}.png", np.full((8, 8), 40 * i, np.uint8))
+    _png(tmp_path / "colour.png", np.zeros((8, 8, 3), np.uint8))
+    train, _ = data.load_image_sets(str(tmp_path), test_fraction=0.25)
+    assert train.shape == (3, 8, 8)
+    assert f"--data: 1 of the 4 images under {tmp_path} is in colour: the 3 grey one(s) are " \
+           "read as RGB (their grey repeated)" in capsys.readouterr().out
