@@ -210,11 +210,12 @@ def _load_array(path: Path) -> torch.Tensor:
             if not preferred:  # e.g. np.savez(f, labels=..., imgs=...): the one image array
                 preferred = [k for k in keys if _npz_images_header(loaded, k)]
                 if len(preferred) > 1:  # x_train and x_test: reading one would drop the rest
+                    names = ", ".join(map(repr, preferred))
                     raise _data_error(
-                        f"{path} holds several image arrays ({', '.join(map(repr, preferred))}) "
-                        "and none named x, images or arr_0: save the images to train on as "
-                        "x, e.g. np.savez(path, x=np.concatenate([a, b])) (the held-out "
-                        "share is drawn from them by --test-fraction)")
+                        f"{path} holds several image arrays ({names}) and none named x, "
+                        "images or arr_0: save the images to train on as x, e.g. "
+                        "np.savez(path, x=np.concatenate([a, b])) (the held-out share is "
+                        "drawn from them by --test-fraction)")
             key = (preferred or keys or [None])[0]
             if key is None:
                 raise _data_error(f"{path} holds no arrays")
@@ -233,8 +234,8 @@ def _load_folder(path: Path, size: int | None) -> torch.Tensor:
     files, grids, others = _image_files(path)
     if others:
         kinds = ", ".join(f"{k}: {n}" for k, n in sorted(others.items()))
-        print(f"--data: left out {sum(others.values())} image file(s) under {path} of types it "
-              f"does not read ({kinds}); convert them to PNG", flush=True)
+        print(f"--data: left out {sum(others.values())} image file(s) under {path} of types "
+              f"it does not read ({kinds}); convert them to PNG", flush=True)
     if grids:
         print(f"--data: skipped {grids} sample grid(s) of fastflow runs under {path} (the "
               "PNGs a training command writes beside its checkpoint.pt or metrics.json)",
@@ -261,9 +262,10 @@ def _load_folder(path: Path, size: int | None) -> torch.Tensor:
         images = [np.repeat(im[..., None], 3, -1) if im.ndim == 2 else im for im in images]
         if n_grey:
             n_colour = len(images) - n_grey
-            print(f"--data: {n_colour} of the {len(images)} images under {path} "
-                  f"{'is' if n_colour == 1 else 'are'} in colour: the {n_grey} grey one(s) are "
-                  "read as RGB (their grey repeated)", flush=True)
+            verb = "is" if n_colour == 1 else "are"
+            print(f"--data: {n_colour} of the {len(images)} images under {path} {verb} in "
+                  f"colour: the {n_grey} grey one(s) are read as RGB (their grey repeated)",
+                  flush=True)
     if bad:
         print(f"--data: skipped {bad} unreadable image file(s) in {path}", flush=True)
     if transparent:  # alpha dropped, as torchvision's loader does
@@ -289,11 +291,11 @@ RUN_GRIDS = re.compile(r"(samples|samples_before|samples_epoch\d+|vae_samples|ta
 
 def _image_files(path: Path) -> tuple[list[Path], int, dict]:
     """The PNG/JPEG files under ``path``, sorted, through symlinked folders too (rglob does
-    not enter them), each real folder once (a link back up is no cycle), and how many
-    sample grids of fastflow runs (``RUN_GRIDS`` in a folder holding a ``RUN_MARKERS``
-    file) were left out, and the count of other image files by suffix
-    (``OTHER_IMAGE_SUFFIXES``, not read). A dangling link stays, to be counted unreadable; a FIFO or device
-    named .png is no file (never opened)."""
+    not enter them), each real folder once (a link back up is no cycle); how many sample
+    grids of fastflow runs (``RUN_GRIDS`` in a folder holding a ``RUN_MARKERS`` file) were
+    left out; the other image files (``OTHER_IMAGE_SUFFIXES``, not read) counted by
+    suffix. A dangling link stays, to be counted unreadable; a FIFO or device named .png is
+    no file (never opened)."""
     files, seen, grids, others = [], set(), 0, {}
     for root, dirs, names in os.walk(path, followlinks=True):
         real = os.path.realpath(root)
