@@ -249,8 +249,11 @@ def _load_folder(path: Path, size: int | None) -> torch.Tensor:
                 if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
                     alpha = img.convert("RGBA").getchannel("A")  # P/L/RGB: tRNS applied
                     transparent += alpha.getextrema()[0] < 255
-                if img.mode.startswith("I;16"):  # 16-bit grey: its top 8 bits (convert clips)
-                    img = Image.fromarray((np.asarray(img) >> 8).astype(np.uint8))
+                # 16-bit grey (mode I;16, or I from Pillow < 10.3: a PNG has no other I
+                # image): its top 8 bits (convert("L") clips at 255)
+                if img.mode.startswith("I;16") or img.mode == "I":
+                    top = np.asarray(img).astype(np.int64).clip(0, 65535) >> 8
+                    img = Image.fromarray(top.astype(np.uint8))
                 img = img.convert("L" if img.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB")
                 if size is not None:
                     img = _center_crop_resize_pil(img, size)

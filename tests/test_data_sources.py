@@ -99,3 +99,22 @@ def test_image_folder_says_when_grey_images_become_rgb(tmp_path, capsys):
     assert train.shape == (3, 8, 8)
     assert f"--data: 1 of the 4 images under {tmp_path} is in colour: the 3 grey one(s) are " \
            "read as RGB (their grey repeated)" in capsys.readouterr().out
+
+
+def test_16_bit_grey_pngs_keep_their_top_8_bits_as_older_pillow_opens_them(tmp_path,
+                                                                          monkeypatch):
+    """Pillow before 10.3 opens a 16-bit grey PNG as mode I (32-bit), not I;16: convert("L")
+    clipped every value above 255 to white. Simulated by that Pillow's mode table entry."""
+    from PIL import Image, PngImagePlugin
+
+    if (16, 0) not in getattr(PngImagePlugin, "_MODES", {}):
+        pytest.skip("this Pillow has no PNG mode table to simulate an older one with")
+    grey = np.arange(2 * 8 * 8, dtype=np.uint8).reshape(2, 8, 8) * 2
+    for i, image in enumerate(grey):
+        Image.fromarray(image.astype(np.uint16) * 257).save(tmp_path / f"img{i}.png")
+    monkeypatch.setitem(PngImagePlugin._MODES, (16, 0), ("I", "I;16B"))
+    with Image.open(tmp_path / "img0.png") as img:
+        assert img.mode == "I"
+    train, test = data.load_image_sets(str(tmp_path), test_fraction=0.5)
+    both = data.torch.cat([train.levels, test.levels])
+    assert sorted(both.flatten().tolist()) == sorted(grey.flatten().tolist())
