@@ -170,6 +170,9 @@ def _to_nchw_uint8(array, what: str, channels_last: bool = False) -> torch.Tenso
         if not (last or first):
             raise _data_error(f"{what}: expected images shaped (N, H, W), (N, H, W, C) or "
                               f"(N, C, H, W) with C in 1, 3, 4, got {shape}")
+        if array.shape[3] == 4:
+            print(f"--data: {what} has 4 channels: the 4th (alpha) is dropped, the first 3 "
+                  "read as RGB", flush=True)
         array = array[..., :3].transpose(0, 3, 1, 2)
     else:
         raise _data_error(f"{what}: expected images shaped (N, H, W), (N, H, W, C) or "

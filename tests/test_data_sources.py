@@ -118,3 +118,14 @@ def test_16_bit_grey_pngs_keep_their_top_8_bits_as_older_pillow_opens_them(tmp_p
     train, test = data.load_image_sets(str(tmp_path), test_fraction=0.5)
     both = data.torch.cat([train.levels, test.levels])
     assert sorted(both.flatten().tolist()) == sorted(grey.flatten().tolist())
+
+
+@pytest.mark.parametrize("shape", [(4, 8, 8, 4), (4, 4, 8, 8)])
+def test_an_array_of_four_channels_says_its_fourth_is_dropped(tmp_path, capsys, shape):
+    """RGBA (or RGB plus anything) arrays lose their 4th channel: that went unsaid."""
+    x = np.random.default_rng(3).integers(0, 256, shape, np.uint8)
+    np.save(tmp_path / "rgba.npy", x)
+    train, test = data.load_image_sets(str(tmp_path / "rgba.npy"), test_fraction=0.25)
+    assert train.shape == (3, 8, 8)
+    assert "4 channels: the 4th (alpha) is dropped, the first 3 read as RGB" in \
+        capsys.readouterr().out
