@@ -50,3 +50,12 @@ def test_the_test_fraction_note_goes_where_train_says_it(capsys):
     load_data(args, lambda *a, **k: said.append(a[0]))
     assert capsys.readouterr().out == ""
     assert said == ["--test-fraction: 0.5 does not apply to digits, which holds out a fixed 20%"]
+
+
+def test_readme_says_the_batch_is_global_under_torchrun():
+    """--help said it; the README did not, and a per-process batch is what other trainers
+    (a DistributedSampler with a per-rank DataLoader) take: N times the steps' images."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "`--batch-size` is the global batch, split\nevenly across the N processes" in readme
