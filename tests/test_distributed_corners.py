@@ -59,3 +59,29 @@ def test_readme_says_the_batch_is_global_under_torchrun():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert "`--batch-size` is the global batch, split\nevenly across the N processes" in readme
+
+
+def test_an_epoch_resumed_mid_way_counts_all_its_steps_seconds_and_processes(tmp_path,
+                                                                            small_npz):
+    """An epoch stopped by --max-steps after batch 2 of 4 and resumed (here, as if by another
+    number of processes): its row's seconds were those of the resumed run's steps alone and
+    its images/s of their images, and world_size said the resumed run's count alone."""
+    import json
+
+    from fastflow.cli import train
+
+    out = tmp_path / "run"
+    argv = ["--data", small_npz, "--test-fraction", "0.2", "--batch-size", "16", "--epochs",
+            "1", "--n-flow", "2", "--filter-size", "8", "--warmup", "0", "--no-progress",
+            "--threads", "1", "--device", "cpu", "--out", str(out)]
+    assert train.main([*argv, "--max-steps", "2"]) == 0
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    stopped = ckpt["history"]["epochs"][-1]
+    assert stopped["step"] == 2 and stopped["world_size"] == 1
+    stopped["world_size"] = 2  # what torchrun --nproc_per_node 2 writes
+    torch.save(ckpt, out / "checkpoint.pt")
+    assert train.main([*argv, "--resume"]) == 0
+    entry = json.loads((out / "metrics.json").read_text())["history"]["epochs"][-1]
+    assert entry["step"] == 4 and entry["seconds"] > stopped["seconds"]
+    assert abs(entry["images_per_s"] * entry["seconds"] - 4 * 16) < 1e-6
+    assert entry["world_size"] == [1, 2]

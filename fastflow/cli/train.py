@@ -345,9 +345,13 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
         runner.skipped.zero_()
         sum_bpd = torch.zeros((), dtype=torch.float64, device=device)
         n_ok = torch.zeros((), dtype=torch.float64, device=device)
-        first = 0
+        first, earlier_seconds, worlds = 0, 0.0, [dist_.world]
         if partial is not None:  # go on where the --max-steps stop left this epoch
-            history["epochs"].pop()  # its entry is written again when the epoch ends
+            # its entry is written again when the epoch ends, with its steps' seconds and
+            # process counts too
+            earlier = history["epochs"].pop()
+            earlier_seconds = earlier.get("seconds") or 0.0
+            worlds = sorted({*_as_list(earlier.get("world_size", dist_.world)), dist_.world})
             first = partial["batch"]
             gen.set_state(partial["noise"])
             runner.skipped.fill_(partial["skipped"])
@@ -386,7 +390,8 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
         if dist_.enabled:
             torch.distributed.all_reduce(sum_bpd)
             torch.distributed.all_reduce(n_ok)
-        seconds = time.perf_counter() - t_epoch
+        # the epoch's steps, those before a mid-epoch --resume too (full batches all)
+        seconds = earlier_seconds + time.perf_counter() - t_epoch
         # a --max-steps stop inside the epoch: the checkpoint records where, and the
         # random state as it was before this extra evaluation, for --resume
         unfinished = batch < steps_per_epoch
@@ -399,8 +404,9 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
                  "test": ({"bpd": evaluate_bpd(model, test, args.seed + 2, runner, device)}
                           if evaluate else None),
                  "skipped": int(runner.skipped.item()), "lr": runner.lr(step - 1),
-                 "base_lr": base_lr, "images_per_s": images / max(seconds, 1e-9),
-                 "seconds": seconds, "world_size": dist_.world}
+                 "base_lr": base_lr,
+                 "images_per_s": batch * args.batch_size / max(seconds, 1e-9),
+                 "seconds": seconds, "world_size": worlds[0] if len(worlds) == 1 else worlds}
         if is_digits and evaluate:
             entry["digits"] = score_samples(model, test, args, device)
         history["epochs"].append(entry)
@@ -449,6 +455,10 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
     if stopped:  # Ctrl-C or SIGTERM: its status and where --resume goes on from
         raise stopped()
     return 0
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
 
 
 def _score_text(scores: dict | None) -> str:
