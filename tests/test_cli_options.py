@@ -148,3 +148,19 @@ def test_resume_of_another_commands_checkpoint_says_so(tmp_path):
         "hidden, latent, likelihood; this command's blocks, channels, head_dim, layers, "
         "noise_std, num_classes, patch_size, size): another training command's checkpoint? "
         "Use a new --out")
+
+
+def test_an_epoch_resumed_mid_way_counts_all_its_steps_seconds_and_images(tmp_path):
+    """train-vae (train_epochs, as train-tarflow) stopped by --max-steps after batch 1 of 3
+    and resumed: the epoch's row had the resumed steps' seconds and images/s alone."""
+    import json
+
+    command, tiny, _ = RUNS["train-vae"]
+    argv = [*tiny, "--epochs", "1", "--no-progress", "--out", str(tmp_path)]
+    assert command.main([*argv, "--max-steps", "1"]) == 0
+    stopped = json.loads((tmp_path / "metrics.json").read_text())["history"]["epochs"][-1]
+    assert command.main([*argv, "--resume"]) == 0
+    entry = json.loads((tmp_path / "metrics.json").read_text())["history"]["epochs"][-1]
+    assert stopped["step"] == 1 and entry["step"] == 3
+    assert entry["seconds"] > stopped["seconds"]
+    assert abs(entry["images_per_s"] * entry["seconds"] - 1438) < 1e-6  # every image once

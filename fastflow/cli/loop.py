@@ -304,8 +304,10 @@ def train_epochs(args, *, model, runner: StepRunner, x_train, loss_terms, evalua
         sums, seen, first = None, torch.zeros((), dtype=torch.float64, device=device), 0
         runner.skipped.zero_()
         order_state = generators["shuffle"].get_state()  # this epoch's order, for a resume
+        earlier_seconds = 0.0
         if partial is not None:  # go on where the --max-steps stop left this epoch
-            history["epochs"].pop()  # its entry is written again when the epoch ends
+            # its entry is written again when the epoch ends, with its steps' seconds too
+            earlier_seconds = history["epochs"].pop().get("seconds") or 0.0
             first, order_state = partial["batch"], partial["order"]
             generators["shuffle"].set_state(order_state)
             sums = torch.tensor(partial["sums"], dtype=torch.float64, device=device)
@@ -334,7 +336,9 @@ def train_epochs(args, *, model, runner: StepRunner, x_train, loss_terms, evalua
                                                 and step >= args.max_steps):
                     break
         bar.close()
-        seconds = time.perf_counter() - t_epoch  # the steps only, as train's
+        # the steps only, as train's, those before a mid-epoch --resume too
+        seconds = earlier_seconds + time.perf_counter() - t_epoch
+        images += first * args.batch_size  # the full batches before it
         # a --max-steps stop inside the epoch: the checkpoint records where, and the
         # generators as they were before this extra evaluation, for --resume
         unfinished = done < steps_per_epoch
