@@ -14,9 +14,11 @@ counters, and no exact check is cheap (comparing values reads the device). The c
 few operations on a C x C float64 matrix per call (see the sampling rows of
 benchmarks/suite_glow.py and the op counts of benchmarks/run.py). The only derived state
 kept is ``InvConv2dLU``'s row order of the fixed permutation ``w_p`` (a non-persistent
-buffer refreshed by ``load_state_dict``, used only while ``w_p`` is the tensor it was made
-from: ``torch.func.functional_call`` with another layer's state dict swaps in another
-permutation): ``w_p`` and ``s_sign`` are fixed buffers, not to be edited otherwise.
+buffer refreshed by ``load_state_dict`` and after an in-place write to ``w_p`` (its version
+counter: copying another layer's state dict tensor by tensor), used only while ``w_p`` is
+the tensor it was made from: ``torch.func.functional_call`` with another layer's state dict
+swaps in another permutation). An edit through ``.data`` bumps no version counter and is
+not seen: edit ``w_p`` under ``torch.no_grad()`` instead.
 """
 
 from __future__ import annotations
@@ -30,6 +32,15 @@ from ..backend import compute_dtype
 from ..ops._checks import check_bool, check_count, check_module_device, check_nchw
 from ..ops.channel_mix import actnorm_invconv, channel_mix
 from ..ops.lu_weight import lu_weight_logdet
+
+
+def _version_of(t: torch.Tensor):
+    """``t``'s version counter (bumped by every in-place write but one through ``.data``),
+    or None where none is read: an inference tensor has none, and torch.compile would
+    trace it as data."""
+    if torch.compiler.is_compiling() or t.is_inference():
+        return None
+    return t._version
 
 
 def _needs_grad(params) -> bool:
@@ -54,7 +65,10 @@ class ActNorm(nn.Module):
     elements (N = 0 or H*W = 0) neither initialises nor changes it; a parametrized loc or scale
     (``torch.nn.utils.parametrize``) gets its value through ``right_inverse``. The flag is
     the ``initialized`` buffer (saved with the state dict) mirrored by a Python bool, so
-    later calls never read the device; loading a state dict refreshes the mirror. The mirror
+    later calls never read the device; loading a state dict refreshes the mirror, and so
+    does the first call after an in-place write to the buffer (its version counter: a
+    hand-set ``initialized.fill_(1)``, ``AveragedModel(use_buffers=True)`` copying it; one
+    read of the device per write; not a write through ``.data``). The mirror
     describes the buffer tensor it was made for: where another one is swapped in
     (``torch.func.functional_call`` with a state dict, ``torch.func.stack_module_state``),
     the tensors are the caller's state and are never initialised here. Hooks on this module
@@ -71,24 +85,34 @@ class ActNorm(nn.Module):
         self.logdet = check_bool("logdet", logdet)
         self._initialized = False
         self._flag_of = self.initialized  # the buffer tensor that _initialized describes
+        self._flag_version = _version_of(self.initialized)  # ... at this version
         self.register_load_state_dict_post_hook(ActNorm._sync_flag)
 
     @staticmethod
     def _sync_flag(module, incompatible_keys):
         module._initialized = bool(module.initialized.item())  # once per load, not per call
         module._flag_of = module.initialized  # (load_state_dict(assign=True): a new tensor)
+        module._flag_version = _version_of(module.initialized)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         self._flag_of = self.initialized  # moved with its value (.to, .cuda): still described
+        self._flag_version = _version_of(self.initialized)
         return self
 
     def is_initialized(self) -> bool:
         """Whether the data-dependent initialisation has run (no device read): the host-side
         mirror; True where ``initialized`` is not the tensor the mirror describes (another
         one swapped in by ``torch.func.functional_call``: the caller's state, not this
-        layer's to initialise; reading it would wait for the device, or fail under vmap)."""
-        return self._initialized or self.initialized is not getattr(self, "_flag_of", None)
+        layer's to initialise; reading it would wait for the device, or fail under vmap).
+        The buffer is read once after an in-place write to it (its version counter moved)."""
+        flag = self.initialized
+        if flag is not getattr(self, "_flag_of", None):
+            return True
+        version = _version_of(flag)
+        if version is not None and version != getattr(self, "_flag_version", None):
+            ActNorm._sync_flag(self, None)  # written in place since (fill_, copy_): read it
+        return self._initialized
 
     @torch.no_grad()
     def initialize(self, x):
@@ -112,6 +136,8 @@ class ActNorm(nn.Module):
                 now.copy_(value)
         self.initialized.fill_(1)
         self._initialized = True
+        if self.initialized is self._flag_of:
+            self._flag_version = _version_of(self.initialized)
 
     def maybe_initialize(self, x):
         if self.training and not self.is_initialized():
@@ -202,6 +228,7 @@ class InvConv2dLU(_InvConvBase):
         # the row gather of the fixed permutation w_p, refreshed whenever a state dict loads
         self.register_buffer("w_rows", w_p.argmax(dim=1), persistent=False)
         self._rows_of = self.w_p  # the w_p tensor that w_rows was made from
+        self._rows_version = _version_of(self.w_p)  # ... at this version
         self.w_l = nn.Parameter(w_l.float())
         self.w_s = nn.Parameter(torch.log(torch.abs(w_s)).float())
         self.w_u = nn.Parameter(torch.triu(w_u, 1).float())
@@ -219,18 +246,28 @@ class InvConv2dLU(_InvConvBase):
         else:  # load_state_dict(assign=True) into a layer made on the meta device
             module.w_rows = rows
         module._rows_of = module.w_p  # (assign=True put a new tensor there)
+        module._rows_version = _version_of(module.w_p)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         self._rows_of = self.w_p  # moved or cast with w_rows (.to, .half, to_empty): its rows
+        self._rows_version = _version_of(self.w_p)
         return self
 
     def rows(self):
         """The row gather of the permutation ``w_p`` (``w_p.argmax(dim=1)``): the ``w_rows``
         buffer, or, where ``w_p`` is not the tensor it was made from (another one swapped in
         by ``torch.func.functional_call``, e.g. another layer's state dict), made from
-        ``w_p`` for this call."""
-        return self.w_rows if self.w_p is self._rows_of else self.w_p.argmax(dim=1)
+        ``w_p`` for this call. After an in-place write to ``w_p`` (its version counter
+        moved: another layer's state dict copied in tensor by tensor) ``w_rows`` is made
+        again first."""
+        w_p = self.w_p
+        if w_p is not self._rows_of:
+            return w_p.argmax(dim=1)
+        version = _version_of(w_p)
+        if version is not None and version != getattr(self, "_rows_version", None):
+            InvConv2dLU._sync_rows(self, None)  # w_p written in place since: its rows again
+        return self.w_rows
 
     def _assemble(self, inverse: bool):
         """W = P (L + I) (U + diag(s_sign exp(w_s))) in float64 (the ``lu_weight`` op), or
