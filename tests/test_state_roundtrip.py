@@ -78,3 +78,30 @@ def test_state_copied_in_tensor_by_tensor(make):
         got, want = getattr(dst, method)(x), getattr(src, method)(x)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_reversible_counters_after_to_empty_and_load():
+    """The meta-device recipe with ``to_empty``: build under ``torch.device("meta")``,
+    ``to_empty(device=...)``, ``load_state_dict``. The fallback counters are in no state
+    dict, so they kept what the fresh memory held (9.4e13 and 64 in one run) and
+    ``fallback_count`` reported it. A load counts from zero again; a chain whose keys the
+    state dict does not hold keeps its counts."""
+    torch.manual_seed(0)
+    trained = ff.Glow(2, 2, 2, filter_size=8, reversible=True)
+    x = torch.randn(2, 2, 8, 8)
+    trained(x)
+    state = _roundtrip(trained.state_dict())
+    with torch.device("meta"):
+        model = ff.Glow(2, 2, 2, filter_size=8, reversible=True)
+    model.to_empty(device="cpu")
+    for block in model.blocks:  # what the fresh memory may hold
+        block.flows.fallback_count.fill_(7)
+        block.flows.fallback_overflow.fill_(7)
+    model.load_state_dict(state)
+    assert int(model.fallback_count) == 0 and int(model.fallback_overflow) == 0
+    got, want = model(x), trained(x)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    model.blocks[1].flows.fallback_count.fill_(3)
+    model.load_state_dict({k: v for k, v in state.items() if k.startswith("blocks.0.")},
+                          strict=False)
+    assert int(model.blocks[1].flows.fallback_count) == 3
