@@ -21,13 +21,15 @@ def _roundtrip(state):
 def test_actnorm_flag_set_by_hand_is_read():
     """rosinality's idiom for a layer set by hand: loc and scale written, then
     ``initialized.fill_(1)``. The host-side mirror did not see the write, so the next
-    training call initialised from the batch, overwriting loc and scale silently; and
+    training call initialised from the batch (also after a move to another device),
+    overwriting loc and scale silently; and
     ``initialized.zero_()`` (initialise again from the next batch) did nothing."""
     an = ff.ActNorm(3)
     with torch.no_grad():
         an.loc.fill_(0.5)
         an.scale.fill_(2.0)
         an.initialized.fill_(1)
+    an._apply(torch.clone)  # new tensors, as a move to another device makes
     x = torch.randn(4, 3, 2, 2)
     y, _ = an(x)
     torch.testing.assert_close(y, 2.0 * (x + 0.5), rtol=0, atol=0)
@@ -61,8 +63,9 @@ def test_averaged_model_with_buffers_does_not_reinitialise():
 def test_state_copied_in_tensor_by_tensor(make):
     """Another layer's state dict copied in place, tensor by tensor (``dst.state_dict()[k]
     .copy_(v)``, as a hard sync of an EMA copy does): the permutation ``w_p`` changed, and
-    the row order kept for it (``w_rows``, not in a state dict) must follow; it did not, so
-    W was assembled with the old permutation (a max error of 3.7 on 4 channels)."""
+    the row order kept for it (``w_rows``, not in a state dict) must follow, also through a
+    cast made before the next call; it did not, so W was assembled with the old
+    permutation (a max error of 3.7 on 4 channels, 4.1 after ``.double()``)."""
     torch.manual_seed(0)
     dst, src = make(4), make(4)
     assert not torch.equal(dst.state_dict()["w_p" if make is ff.InvConv2dLU
@@ -73,7 +76,9 @@ def test_state_copied_in_tensor_by_tensor(make):
     with torch.no_grad():
         for k, v in dst.state_dict().items():
             v.copy_(src_state[k])
-    x = torch.randn(2, 4, 3, 3)
+    dst.double()
+    src.double()
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
     for method in ("forward", "inverse"):
         got, want = getattr(dst, method)(x), getattr(src, method)(x)
         for g, w in zip(got, want):

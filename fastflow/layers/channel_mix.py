@@ -43,6 +43,16 @@ def _version_of(t: torch.Tensor):
     return t._version
 
 
+def _described(t: torch.Tensor, of, version) -> bool:
+    """A host-side mirror made from the tensor ``of`` at ``version`` still describes ``t``:
+    the same tensor, not written in place since (where its version is read)."""
+    now = _version_of(t)
+    return t is of and (now is None or now == version)
+
+
+_STALE = -1  # a version no tensor has: the mirror is made again at the next call
+
+
 def _needs_grad(params) -> bool:
     return torch.is_grad_enabled() and any(p.requires_grad for p in params)
 
@@ -95,9 +105,12 @@ class ActNorm(nn.Module):
         module._flag_version = _version_of(module.initialized)
 
     def _apply(self, fn, recurse=True):
+        described = _described(self.initialized, getattr(self, "_flag_of", None),
+                               getattr(self, "_flag_version", None))
         super()._apply(fn, recurse)
         self._flag_of = self.initialized  # moved with its value (.to, .cuda): still described
-        self._flag_version = _version_of(self.initialized)
+        # (unless it was written in place before the move: then read at the next call)
+        self._flag_version = _version_of(self.initialized) if described else _STALE
         return self
 
     def is_initialized(self) -> bool:
@@ -249,9 +262,13 @@ class InvConv2dLU(_InvConvBase):
         module._rows_version = _version_of(module.w_p)
 
     def _apply(self, fn, recurse=True):
+        described = _described(self.w_p, getattr(self, "_rows_of", None),
+                                getattr(self, "_rows_version", None))
         super()._apply(fn, recurse)
-        self._rows_of = self.w_p  # moved or cast with w_rows (.to, .half, to_empty): its rows
-        self._rows_version = _version_of(self.w_p)
+        if described:  # moved or cast with w_rows (.to, .half, to_empty): its rows
+            self._rows_of, self._rows_version = self.w_p, _version_of(self.w_p)
+        else:  # w_p written in place (or replaced) before the move: its rows made again
+            InvConv2dLU._sync_rows(self, None)
         return self
 
     def rows(self):
