@@ -2,6 +2,7 @@
 their buffers, copies. Each result is compared with a model built afresh with the same
 tensors (``load_state_dict``), which is what a user expects."""
 
+import copy
 import io
 
 import pytest
@@ -110,3 +111,29 @@ def test_reversible_counters_after_to_empty_and_load():
     model.load_state_dict({k: v for k, v in state.items() if k.startswith("blocks.0.")},
                           strict=False)
     assert int(model.blocks[1].flows.fallback_count) == 3
+
+
+def test_copies_made_after_an_in_place_write():
+    """A copy (deepcopy, pickling) made after an in-place write to a mirrored buffer and
+    before the next call: the copy's tensors have versions of their own, which could match
+    the recorded one, so the copy kept the stale mirror: a loaded InvConv2dLU with another
+    layer's state copied in tensor by tensor assembled W with the old permutation (max
+    error 3.8), and a copy of an ActNorm whose flag was reset did not initialise again."""
+    torch.manual_seed(0)
+    layer, other = ff.InvConv2dLU(4), ff.InvConv2dLU(4)
+    layer.load_state_dict(ff.InvConv2dLU(4).state_dict())
+    with torch.no_grad():
+        for k, v in layer.state_dict().items():
+            v.copy_(other.state_dict()[k])
+    an = ff.ActNorm(3)
+    an(torch.randn(4, 3, 2, 2))
+    an.initialized.zero_()
+    buf = io.BytesIO()
+    torch.save((layer, an), buf)
+    buf.seek(0)
+    copies = [copy.deepcopy((layer, an)), torch.load(buf, weights_only=False)]
+    x, xa = torch.randn(2, 4, 3, 3), torch.randn(4, 3, 2, 2) + 5
+    want = ff.ActNorm(3)(xa)  # a layer that initialises from xa
+    for twin, an_twin in copies:
+        torch.testing.assert_close(twin(x), other(x), rtol=0, atol=0)
+        torch.testing.assert_close(an_twin(xa), want, rtol=0, atol=0)

@@ -51,6 +51,20 @@ def _described(t: torch.Tensor, of, version) -> bool:
 
 
 _STALE = -1  # a version no tensor has: the mirror is made again at the next call
+_COPIED = -2  # in a copy's state: the mirror described its tensor; record the copy's version
+
+
+def _copy_state(state, mirror, of, version_key):
+    """``state`` for a copy (deepcopy, pickling): the copy's tensors have versions of their
+    own, so the mirror's recorded version is replaced by ``_COPIED`` (record the copy's in
+    ``__setstate__``) where it describes its tensor, ``_STALE`` (made again) where not."""
+    described = _described(mirror, state.get(of), state.get(version_key))
+    return {**state, version_key: _COPIED if described else _STALE}
+
+
+def _copied_version(module, tensor_name, version_key):
+    if module.__dict__.get(version_key) == _COPIED:
+        module.__dict__[version_key] = _version_of(getattr(module, tensor_name))
 
 
 def _needs_grad(params) -> bool:
@@ -112,6 +126,13 @@ class ActNorm(nn.Module):
         # (unless it was written in place before the move: then read at the next call)
         self._flag_version = _version_of(self.initialized) if described else _STALE
         return self
+
+    def __getstate__(self):
+        return _copy_state(super().__getstate__(), self.initialized, "_flag_of", "_flag_version")
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        _copied_version(self, "initialized", "_flag_version")
 
     def is_initialized(self) -> bool:
         """Whether the data-dependent initialisation has run (no device read): the host-side
@@ -270,6 +291,13 @@ class InvConv2dLU(_InvConvBase):
         else:  # w_p written in place (or replaced) before the move: its rows made again
             InvConv2dLU._sync_rows(self, None)
         return self
+
+    def __getstate__(self):
+        return _copy_state(super().__getstate__(), self.w_p, "_rows_of", "_rows_version")
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        _copied_version(self, "w_p", "_rows_version")
 
     def rows(self):
         """The row gather of the permutation ``w_p`` (``w_p.argmax(dim=1)``): the ``w_rows``
