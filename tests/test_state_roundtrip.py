@@ -40,14 +40,15 @@ def test_actnorm_flag_set_by_hand_is_read():
     torch.testing.assert_close(an.loc.flatten(), -(x + 5).mean((0, 2, 3)))
 
 
-def test_averaged_model_with_buffers_does_not_reinitialise():
-    """``AveragedModel(model, use_buffers=True)``, made (a deepcopy) before the first batch,
-    copies the trained model's ``initialized`` flag into its copy: the copy, in training
-    mode as the model was, must compute with the averaged loc / scale, not initialise from
-    the batch it is called on."""
+@pytest.mark.parametrize("use_buffers", [False, True])
+def test_averaged_model_does_not_reinitialise(use_buffers):
+    """``AveragedModel(model)``, made (a deepcopy) before the first batch, copies the
+    trained model's ``initialized`` flag into its copy (in place, with or without
+    ``use_buffers``): the copy, in training mode as the model was, must compute with the
+    averaged loc / scale, not initialise from the batch it is called on."""
     torch.manual_seed(0)
     step = ff.FlowStep(4, filter_size=8)
-    avg = AveragedModel(step, use_buffers=True)
+    avg = AveragedModel(step, use_buffers=use_buffers)
     step(torch.randn(4, 4, 2, 2))  # initialises step's ActNorm
     avg.update_parameters(step)
     twin = ff.FlowStep(4, filter_size=8)
