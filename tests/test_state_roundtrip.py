@@ -11,6 +11,8 @@ from torch.optim.swa_utils import AveragedModel
 
 import fastflow as ff
 
+from conftest import DEVICE
+
 
 def _roundtrip(state):
     buf = io.BytesIO()
@@ -62,14 +64,14 @@ def test_averaged_model_does_not_reinitialise(use_buffers):
 
 @pytest.mark.parametrize("make", [ff.InvConv2dLU, ff.FlowStep],
                          ids=["InvConv2dLU", "FlowStep"])
-def test_state_copied_in_tensor_by_tensor(make):
+def test_state_copied_in_tensor_by_tensor(make, backend):
     """Another layer's state dict copied in place, tensor by tensor (``dst.state_dict()[k]
     .copy_(v)``, as a hard sync of an EMA copy does): the permutation ``w_p`` changed, and
     the row order kept for it (``w_rows``, not in a state dict) must follow, also through a
     cast made before the next call; it did not, so W was assembled with the old
     permutation (a max error of 3.7 on 4 channels, 4.1 after ``.double()``)."""
     torch.manual_seed(0)
-    dst, src = make(4), make(4)
+    dst, src = make(4).to(DEVICE), make(4).to(DEVICE)
     assert not torch.equal(dst.state_dict()["w_p" if make is ff.InvConv2dLU
                                             else "invconv.w_p"],
                            src.state_dict()["w_p" if make is ff.InvConv2dLU
@@ -80,7 +82,7 @@ def test_state_copied_in_tensor_by_tensor(make):
             v.copy_(src_state[k])
     dst.double()
     src.double()
-    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64, device=DEVICE)
     for method in ("forward", "inverse"):
         got, want = getattr(dst, method)(x), getattr(src, method)(x)
         for g, w in zip(got, want):
@@ -114,14 +116,14 @@ def test_reversible_counters_after_to_empty_and_load():
     assert int(model.blocks[1].flows.fallback_count) == 3
 
 
-def test_copies_made_after_an_in_place_write():
+def test_copies_made_after_an_in_place_write(backend):
     """A copy (deepcopy, pickling) made after an in-place write to a mirrored buffer and
     before the next call: the copy's tensors have versions of their own, which could match
     the recorded one, so the copy kept the stale mirror: a loaded InvConv2dLU with another
     layer's state copied in tensor by tensor assembled W with the old permutation (max
     error 3.8), and a copy of an ActNorm whose flag was reset did not initialise again."""
     torch.manual_seed(0)
-    layer, other = ff.InvConv2dLU(4), ff.InvConv2dLU(4)
+    layer, other = ff.InvConv2dLU(4).to(DEVICE), ff.InvConv2dLU(4).to(DEVICE)
     layer.load_state_dict(ff.InvConv2dLU(4).state_dict())
     with torch.no_grad():
         for k, v in layer.state_dict().items():
@@ -133,7 +135,7 @@ def test_copies_made_after_an_in_place_write():
     torch.save((layer, an), buf)
     buf.seek(0)
     copies = [copy.deepcopy((layer, an)), torch.load(buf, weights_only=False)]
-    x, xa = torch.randn(2, 4, 3, 3), torch.randn(4, 3, 2, 2) + 5
+    x, xa = torch.randn(2, 4, 3, 3, device=DEVICE), torch.randn(4, 3, 2, 2) + 5
     want = ff.ActNorm(3)(xa)  # a layer that initialises from xa
     for twin, an_twin in copies:
         torch.testing.assert_close(twin(x), other(x), rtol=0, atol=0)
