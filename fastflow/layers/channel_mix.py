@@ -92,9 +92,9 @@ class ActNorm(nn.Module):
     later calls never read the device; loading a state dict refreshes the mirror, and so
     does the first call after an in-place write to the buffer (its version counter: a
     hand-set ``initialized.fill_(1)``, ``AveragedModel`` copying it; one read of the device
-    per write; not a write through ``.data``, and not by code compiled with torch.compile,
-    which keeps the mirror it traced until an eager call or a load refreshes it). The mirror
-    describes the buffer tensor it was made for: where another one is swapped in
+    per write; a write through ``.data`` is not seen, and a model compiled with
+    torch.compile reads no version: it keeps the mirror until an eager call or a load
+    refreshes it). The mirror describes the buffer tensor it was made for: where another one is swapped in
     (``torch.func.functional_call`` with a state dict, ``torch.func.stack_module_state``),
     the tensors are the caller's state and are never initialised here. Hooks on this module
     fire when it is called itself; inside a stock ``FlowStep`` they fire too (the step then
