@@ -14,9 +14,11 @@ counters, and no exact check is cheap (comparing values reads the device). The c
 few operations on a C x C float64 matrix per call (see the sampling rows of
 benchmarks/suite_glow.py and the op counts of benchmarks/run.py). The only derived state
 kept is ``InvConv2dLU``'s row order of the fixed permutation ``w_p`` (a non-persistent
-buffer refreshed by ``load_state_dict``, used only while ``w_p`` is the tensor it was made
-from: ``torch.func.functional_call`` with another layer's state dict swaps in another
-permutation): ``w_p`` and ``s_sign`` are fixed buffers, not to be edited otherwise.
+buffer refreshed by ``load_state_dict`` and after an in-place write to ``w_p`` (its version
+counter: copying another layer's state dict tensor by tensor), used only while ``w_p`` is
+the tensor it was made from: ``torch.func.functional_call`` with another layer's state dict
+swaps in another permutation). An edit through ``.data`` bumps no version counter and is
+not seen: edit ``w_p`` under ``torch.no_grad()`` instead.
 """
 
 from __future__ import annotations
@@ -30,6 +32,39 @@ from ..backend import compute_dtype
 from ..ops._checks import check_bool, check_count, check_module_device, check_nchw
 from ..ops.channel_mix import actnorm_invconv, channel_mix
 from ..ops.lu_weight import lu_weight_logdet
+
+
+def _version_of(t: torch.Tensor):
+    """``t``'s version counter (bumped by every in-place write but one through ``.data``),
+    or None where none is read: an inference tensor has none, and torch.compile would
+    trace it as data."""
+    if torch.compiler.is_compiling() or t.is_inference():
+        return None
+    return t._version
+
+
+def _described(t: torch.Tensor, of, version) -> bool:
+    """A host-side mirror made from the tensor ``of`` at ``version`` still describes ``t``:
+    the same tensor, not written in place since (where its version is read)."""
+    now = _version_of(t)
+    return t is of and (now is None or now == version)
+
+
+_STALE = -1  # a version no tensor has: the mirror is made again at the next call
+_COPIED = -2  # in a copy's state: the mirror described its tensor; record the copy's version
+
+
+def _copy_state(state, mirror, of, version_key):
+    """``state`` for a copy (deepcopy, pickling): the copy's tensors have versions of their
+    own, so the mirror's recorded version is replaced by ``_COPIED`` (record the copy's in
+    ``__setstate__``) where it describes its tensor, ``_STALE`` (made again) where not."""
+    described = _described(mirror, state.get(of), state.get(version_key))
+    return {**state, version_key: _COPIED if described else _STALE}
+
+
+def _copied_version(module, tensor_name, version_key):
+    if module.__dict__.get(version_key) == _COPIED:
+        module.__dict__[version_key] = _version_of(getattr(module, tensor_name))
 
 
 def _needs_grad(params) -> bool:
@@ -54,8 +89,12 @@ class ActNorm(nn.Module):
     elements (N = 0 or H*W = 0) neither initialises nor changes it; a parametrized loc or scale
     (``torch.nn.utils.parametrize``) gets its value through ``right_inverse``. The flag is
     the ``initialized`` buffer (saved with the state dict) mirrored by a Python bool, so
-    later calls never read the device; loading a state dict refreshes the mirror. The mirror
-    describes the buffer tensor it was made for: where another one is swapped in
+    later calls never read the device; loading a state dict refreshes the mirror, and so
+    does the first call after an in-place write to the buffer (its version counter: a
+    hand-set ``initialized.fill_(1)``, ``AveragedModel`` copying it; one read of the device
+    per write; a write through ``.data`` is not seen, and a model compiled with
+    torch.compile reads no version: it keeps the mirror until an eager call or a load
+    refreshes it). The mirror describes the buffer tensor it was made for: where another one is swapped in
     (``torch.func.functional_call`` with a state dict, ``torch.func.stack_module_state``),
     the tensors are the caller's state and are never initialised here. Hooks on this module
     fire when it is called itself; inside a stock ``FlowStep`` they fire too (the step then
@@ -71,24 +110,44 @@ class ActNorm(nn.Module):
         self.logdet = check_bool("logdet", logdet)
         self._initialized = False
         self._flag_of = self.initialized  # the buffer tensor that _initialized describes
+        self._flag_version = _version_of(self.initialized)  # ... at this version
         self.register_load_state_dict_post_hook(ActNorm._sync_flag)
 
     @staticmethod
     def _sync_flag(module, incompatible_keys):
         module._initialized = bool(module.initialized.item())  # once per load, not per call
         module._flag_of = module.initialized  # (load_state_dict(assign=True): a new tensor)
+        module._flag_version = _version_of(module.initialized)
 
     def _apply(self, fn, recurse=True):
+        described = _described(self.initialized, getattr(self, "_flag_of", None),
+                               getattr(self, "_flag_version", None))
         super()._apply(fn, recurse)
         self._flag_of = self.initialized  # moved with its value (.to, .cuda): still described
+        # (unless it was written in place before the move: then read at the next call)
+        self._flag_version = _version_of(self.initialized) if described else _STALE
         return self
+
+    def __getstate__(self):
+        return _copy_state(super().__getstate__(), self.initialized, "_flag_of", "_flag_version")
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        _copied_version(self, "initialized", "_flag_version")
 
     def is_initialized(self) -> bool:
         """Whether the data-dependent initialisation has run (no device read): the host-side
         mirror; True where ``initialized`` is not the tensor the mirror describes (another
         one swapped in by ``torch.func.functional_call``: the caller's state, not this
-        layer's to initialise; reading it would wait for the device, or fail under vmap)."""
-        return self._initialized or self.initialized is not getattr(self, "_flag_of", None)
+        layer's to initialise; reading it would wait for the device, or fail under vmap).
+        The buffer is read once after an in-place write to it (its version counter moved)."""
+        flag = self.initialized
+        if flag is not getattr(self, "_flag_of", None):
+            return True
+        version = _version_of(flag)
+        if version is not None and version != getattr(self, "_flag_version", None):
+            ActNorm._sync_flag(self, None)  # written in place since (fill_, copy_): read it
+        return self._initialized
 
     @torch.no_grad()
     def initialize(self, x):
@@ -112,6 +171,8 @@ class ActNorm(nn.Module):
                 now.copy_(value)
         self.initialized.fill_(1)
         self._initialized = True
+        if self.initialized is self._flag_of:
+            self._flag_version = _version_of(self.initialized)
 
     def maybe_initialize(self, x):
         if self.training and not self.is_initialized():
@@ -202,6 +263,7 @@ class InvConv2dLU(_InvConvBase):
         # the row gather of the fixed permutation w_p, refreshed whenever a state dict loads
         self.register_buffer("w_rows", w_p.argmax(dim=1), persistent=False)
         self._rows_of = self.w_p  # the w_p tensor that w_rows was made from
+        self._rows_version = _version_of(self.w_p)  # ... at this version
         self.w_l = nn.Parameter(w_l.float())
         self.w_s = nn.Parameter(torch.log(torch.abs(w_s)).float())
         self.w_u = nn.Parameter(torch.triu(w_u, 1).float())
@@ -219,18 +281,39 @@ class InvConv2dLU(_InvConvBase):
         else:  # load_state_dict(assign=True) into a layer made on the meta device
             module.w_rows = rows
         module._rows_of = module.w_p  # (assign=True put a new tensor there)
+        module._rows_version = _version_of(module.w_p)
 
     def _apply(self, fn, recurse=True):
+        described = _described(self.w_p, getattr(self, "_rows_of", None),
+                                getattr(self, "_rows_version", None))
         super()._apply(fn, recurse)
-        self._rows_of = self.w_p  # moved or cast with w_rows (.to, .half, to_empty): its rows
+        if described:  # moved or cast with w_rows (.to, .half, to_empty): its rows
+            self._rows_of, self._rows_version = self.w_p, _version_of(self.w_p)
+        else:  # w_p written in place (or replaced) before the move: its rows made again
+            InvConv2dLU._sync_rows(self, None)
         return self
+
+    def __getstate__(self):
+        return _copy_state(super().__getstate__(), self.w_p, "_rows_of", "_rows_version")
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        _copied_version(self, "w_p", "_rows_version")
 
     def rows(self):
         """The row gather of the permutation ``w_p`` (``w_p.argmax(dim=1)``): the ``w_rows``
         buffer, or, where ``w_p`` is not the tensor it was made from (another one swapped in
         by ``torch.func.functional_call``, e.g. another layer's state dict), made from
-        ``w_p`` for this call."""
-        return self.w_rows if self.w_p is self._rows_of else self.w_p.argmax(dim=1)
+        ``w_p`` for this call. After an in-place write to ``w_p`` (its version counter
+        moved: another layer's state dict copied in tensor by tensor) ``w_rows`` is made
+        again first."""
+        w_p = self.w_p
+        if w_p is not self._rows_of:
+            return w_p.argmax(dim=1)
+        version = _version_of(w_p)
+        if version is not None and version != getattr(self, "_rows_version", None):
+            InvConv2dLU._sync_rows(self, None)  # w_p written in place since: its rows again
+        return self.w_rows
 
     def _assemble(self, inverse: bool):
         """W = P (L + I) (U + diag(s_sign exp(w_s))) in float64 (the ``lu_weight`` op), or

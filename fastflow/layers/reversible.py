@@ -115,7 +115,8 @@ estimate exceeds ``fallback_cond`` has its input written to a preallocated reser
 ``fallback_slots`` input-sized buffers with ``torch.where`` (no host sync, no
 data-dependent allocation); backward takes the stored input instead of the rebuilt one for
 such a stage, which also stops the error from propagating further up the chain.
-``fallback_count`` (a device tensor buffer, cumulative) counts stage inputs kept this way,
+``fallback_count`` (a device tensor buffer, cumulative; from zero again when a state dict
+of the chain is loaded) counts stage inputs kept this way,
 ``fallback_overflow`` the flagged stages that found the reserve full (those are rebuilt,
 possibly inexactly: raise ``fallback_slots``). Reading them is the only sync, at the
 caller's choice.
@@ -779,7 +780,24 @@ class ReversibleSequence(nn.ModuleList):
                              persistent=False)
         self.register_buffer("fallback_overflow", torch.zeros((), dtype=torch.int64),
                              persistent=False)
+        self.register_load_state_dict_pre_hook(ReversibleSequence._counters_from_zero)
         self.register_load_state_dict_post_hook(ReversibleSequence._counters_off_meta)
+
+    @staticmethod
+    def _counters_from_zero(module, state_dict, prefix, *args):
+        """A state dict that holds the chain's tensors replaces its state, and the counters
+        (of the training calls with the state they replace; in no state dict) count from
+        zero again: as in a chain built afresh and loaded, and not whatever the memory
+        held after ``to_empty`` (the meta-device recipe: build on meta, ``to_empty``,
+        load). In place: a captured CUDA graph adds to these tensors."""
+        if not any(k.startswith(prefix) for k in state_dict):
+            return  # (a partial load of other modules leaves the chain's counts alone)
+        for name in ("fallback_count", "fallback_overflow"):
+            t = getattr(module, name)
+            if t.is_inference() and not torch.is_inference_mode_enabled():
+                setattr(module, name, torch.zeros_like(t))  # (no in-place write outside it)
+            else:
+                t.zero_()
 
     @staticmethod
     def _counters_off_meta(module, incompatible_keys):
