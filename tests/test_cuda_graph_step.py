@@ -250,6 +250,11 @@ def test_graph_step_refuses_what_it_cannot_capture():
     fresh = Glow(1, 2, 2, filter_size=8)
     with pytest.raises(ValueError, match="model: expected ActNorm's data-dependent"):
         GraphStep(runner, loss_fn, model=fresh)
+    for m in fresh.modules():  # ActNorms set by hand (loc and scale given): initialised
+        if isinstance(m, ff.ActNorm):
+            m.initialized.fill_(1)
+    with pytest.raises(ValueError, match="runner: expected a StepRunner on a CUDA device"):
+        GraphStep(runner, loss_fn, model=fresh)
 
 
 TINY = ["--n-flow", "2", "--filter-size", "16", "--no-progress", "--threads", "1"]

@@ -29,7 +29,7 @@ class GraphStep:
             raise ValueError(f"warmup_steps: expected >= 1 eager steps before the capture, "
                              f"got {warmup_steps}")
         pending = [name for name, m in (model.named_modules() if model is not None else ())
-                   if isinstance(m, ActNorm) and not m._initialized]
+                   if isinstance(m, ActNorm) and not m.is_initialized()]
         if pending:
             raise ValueError(f"model: expected ActNorm's data-dependent initialisation to have "
                              f"run before the capture, got uninitialised {pending[:3]}")
