@@ -85,7 +85,7 @@ def table(rows: list[dict], cols: list[str]) -> str:
 IDENTITY = ("op", "shape", "dtype", "impl", "config", "what")
 TIME_COLS = ["op", "shape", "dtype", "impl", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "fwd_bwd_iqr_ms",
              "fwd_bwd_range_ms", "fwd_bwd_GBps", "fwd_bwd_copy_frac", "speedup_vs_eager",
-             "speedup_vs_compile", "peak_MB", "error"]
+             "speedup_vs_compile", "peak_MB", "check", "error"]
 
 
 def add_ms(r: dict) -> dict:

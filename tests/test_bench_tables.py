@@ -1,0 +1,185 @@
+"""What the benchmark tables time and print (benchmarks/harness.py and the suites): every
+implementation is checked against eager before it is timed, fastflow's rows time the op as a
+user calls it, and first-call work (compiles, Adam's state) stays out of the timed calls.
+Fast: tiny tensors, one repetition, no real timing asserted."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastflow as ff
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import harness
+        import run
+
+        yield harness, run
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def _case(harness, impls, **kw):
+    def make_inputs():
+        return (torch.randn(3, 4, requires_grad=True),)
+
+    return harness.Case("toy", "N=3", torch.float32, make_inputs, impls, 48, 96, **kw)
+
+
+def test_an_implementation_computing_another_function_is_flagged_not_printed(bench):
+    """A row whose outputs or gradients are not eager's was timed and printed with a
+    speed-up as if it did the same work; now it is flagged (the table prints the flag, not
+    its numbers) and left out of the ratios. A peer declared to compute its own formula
+    says so in the check column instead."""
+    harness, run = bench
+    impls = [harness.Impl("eager", lambda x: (x * 2, x.sum(1))),
+             harness.Impl("same", lambda x: (x + x, x.sum(1))),
+             harness.Impl("wrong", lambda x: (x * 2, -x.sum(1))),
+             harness.Impl("shape", lambda x: (x * 2, x.sum(0))),
+             harness.Impl("peer", lambda x: (x * 3, x.sum(1)), differs="its own formula")]
+    rows = {r["impl"]: r for r in harness.measure(_case(harness, impls), "cpu", None,
+                                                  reps=1, warmup=0)}
+    assert rows["same"]["check"].startswith("ok") and "flag" not in rows["same"]
+    assert "speedup_vs_eager" in rows["same"]
+    for name in ("wrong", "shape"):
+        assert "WRONG" in rows[name]["flag"] and "MISMATCH" in rows[name]["check"]
+        assert "speedup_vs_eager" not in rows[name]
+    assert "shape (3, 4) against eager's (4, 3)" not in rows["shape"]["check"]
+    assert "shape (4,) against eager's (3,)" in rows["shape"]["check"]
+    assert rows["peer"]["check"].startswith("another function: its own formula")
+    assert "flag" not in rows["peer"]
+    text = run.table([run.add_ms(r) for r in rows.values()], run.TIME_COLS)
+    header = [c.strip() for c in text.splitlines()[0].strip("|").split("|")]
+    line = next(ln for ln in text.splitlines() if "| wrong |" in ln)
+    cells = dict(zip(header, [c.strip() for c in line.strip("|").split("|")]))
+    assert "WRONG" in cells["flag"] and cells["fwd_bwd_ms"] == "—"
+
+
+def test_gaussian_rows_compare_what_does_not_depend_on_the_noise(bench):
+    """The Gaussian case compares kl and d mu (z and d logvar use each implementation's
+    own noise), and fastflow's row passes on it."""
+    harness, _ = bench
+    import suite_gaussian
+
+    case = suite_gaussian.cases("cpu", True)[0]
+    impl = next(i for i in case.impls if i.name == "fastflow")
+    checked = harness.check_outputs(case, impl, case.make_inputs())
+    assert checked["check"].startswith("ok") and "kl and d mu" in checked["check"]
+
+
+def test_fastflow_rows_time_the_op_as_a_user_calls_it(bench, monkeypatch):
+    """Each op suite's fastflow row entered a ``use_backend("auto")`` block on every call
+    (about 2 us on this CPU), a cost only fastflow's times carried; the block is now held
+    once around the whole measurement, so fastflow still runs its default backend whatever
+    FASTFLOW_BACKEND says."""
+    harness, _ = bench
+    import importlib
+
+    entered = []
+    real = ff.use_backend
+
+    def spy(mode):
+        entered.append(mode)
+        return real(mode)
+
+    monkeypatch.setattr(ff, "use_backend", spy)
+    for name in harness.op_suites():
+        case = importlib.import_module(f"suite_{name}").cases("cpu", True)[0]
+        impl = next(i for i in case.impls if i.name == "fastflow")
+        with real("reference"):
+            impl.fn(*case.make_inputs())
+        assert entered == [], name
+
+    monkeypatch.setenv("FASTFLOW_BACKEND", "triton")
+    modes = []
+
+    def probe(x):
+        modes.append(ff.backend.current_mode())
+        return x * 2
+
+    harness.measure(_case(harness, [harness.Impl("eager", lambda x: x * 2),
+                                    harness.Impl("fastflow", probe)]), "cpu", None,
+                    reps=1, warmup=0)
+    assert modes and set(modes) == {"auto"}
+
+
+def test_the_first_backward_runs_before_any_timed_repetition(bench, monkeypatch):
+    """With --warmup 0 the first call was a forward only, so the first backward (where
+    torch.compile builds its backward graph and Triton compiles the backward kernels) was
+    timed as the first repetition's backward."""
+    harness, _ = bench
+    backwards, at_first_timer = [], []
+
+    class Double(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            backwards.append(1)
+            return g * 2
+
+    real_enter = harness._Timer.__enter__
+
+    def enter(self):
+        if not at_first_timer:
+            at_first_timer.append(len(backwards))
+        return real_enter(self)
+
+    monkeypatch.setattr(harness._Timer, "__enter__", enter)
+    harness.time_impl(harness.Impl("x", Double.apply), (torch.ones(3, requires_grad=True),),
+                      "cpu", reps=1, warmup=0)
+    assert at_first_timer == [1]
+
+
+def test_the_ratio_table_calls_each_function_once_before_timing(bench, monkeypatch):
+    """The ratio table timed its closures right away: with --warmup 0 the first train step
+    (Adam's state made, kernels compiled) was one of the timed calls."""
+    harness, _ = bench
+    import suite_glow
+
+    calls = {}
+
+    def counting(make):
+        def wrapped(*args, **kwargs):
+            key = len(calls)
+            calls[key] = 0
+            make(*args, **kwargs)
+
+            def run():
+                calls[key] += 1
+            run.key = key
+            return run
+        return wrapped
+
+    seen = []
+
+    def fake_interleaved(fns, device, reps, warmup):
+        seen.extend(calls[f.key] for f in fns.values())
+        return {name: {"median": 1.0} for name in fns}
+
+    monkeypatch.setattr(harness, "fwd_bwd_closure", counting(lambda fn, inputs: None))
+    monkeypatch.setattr(suite_glow, "train_step", counting(lambda *a: None))
+    monkeypatch.setattr(suite_glow, "sample_fn", counting(lambda *a: None))
+    monkeypatch.setattr(harness, "time_interleaved", fake_interleaved)
+    rows = suite_glow.ratio_rows("cpu", reps=1, warmup=0)
+    assert rows and seen and all(n == 1 for n in seen), seen
+
+
+def test_the_log_det_figure_does_not_call_the_no_grad_assembly_cached(bench, monkeypatch):
+    """InvConv2dLU caches nothing (fastflow/layers/channel_mix.py); the figure called its
+    no-grad assembly "eval (cached)"."""
+    import suite_channel_mix
+
+    monkeypatch.setattr(suite_channel_mix, "_median_s", lambda fn, reps=30, warmup=3: 1e-6)
+    rows = suite_channel_mix._logdet_figures()
+    assert rows and all("(cached)" not in r["detail"] and "nothing is cached" in r["detail"]
+                        for r in rows)
