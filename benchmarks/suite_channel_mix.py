@@ -37,7 +37,7 @@ def _eager(w_p, s_sign):
     def run(x, loc, scale, w_l, w_s, w_u):
         y, ld = reference.actnorm(x, loc, scale, upcast=False)
         w = reference.lu_weight(w_p, w_l, w_u, w_s, s_sign)
-        y = F.conv2d(y, w[:, :, None, None])
+        y = F.conv2d(y, w.to(y.dtype)[:, :, None, None])  # a 16-bit x: W cast to it
         return y, ld + x.shape[2] * x.shape[3] * w_s.sum()
 
     return run

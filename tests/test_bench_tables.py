@@ -183,3 +183,17 @@ def test_the_log_det_figure_does_not_call_the_no_grad_assembly_cached(bench, mon
     rows = suite_channel_mix._logdet_figures()
     assert rows and all("(cached)" not in r["detail"] and "nothing is cached" in r["detail"]
                         for r in rows)
+
+
+def test_the_bfloat16_channel_mix_case_times_eager_too(bench):
+    """The GPU table's bfloat16 channel-mix case: eager's conv2d got a bfloat16 input and
+    a float32 W and raised, so the case had no eager (nor compile) row and no speed-ups."""
+    harness, _ = bench
+    import suite_channel_mix
+
+    case = suite_channel_mix._case(2, 4, 4, torch.bfloat16, "cpu", compile_=False)
+    rows = {r["impl"]: r for r in harness.measure(case, "cpu", None, reps=1, warmup=0)}
+    assert set(rows) == {"eager", "fastflow"}
+    assert all("error" not in r for r in rows.values()), rows
+    assert rows["fastflow"]["check"].startswith("ok")
+    assert "speedup_vs_eager" in rows["fastflow"] or "flag" in rows["fastflow"]
