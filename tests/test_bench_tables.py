@@ -197,3 +197,35 @@ def test_the_bfloat16_channel_mix_case_times_eager_too(bench):
     assert all("error" not in r for r in rows.values()), rows
     assert rows["fastflow"]["check"].startswith("ok")
     assert "speedup_vs_eager" in rows["fastflow"] or "flag" in rows["fastflow"]
+
+
+def test_glow_rows_with_other_weights_than_eager_are_flagged(bench, monkeypatch):
+    """The Glow tables timed fastflow against the peer without checking that both compute
+    the same loss, gradients and samples from the same weights; now each row is checked
+    first, and one that differs is flagged (not printed as a result, no ratios)."""
+    harness, run = bench
+    import suite_glow
+
+    tiny = suite_glow.Config("tiny", 2, 8, 2, 1, 8)
+    real = suite_glow.make_models
+
+    def make_models(cfg, device, seed=0):
+        models = real(cfg, device, seed)
+        with torch.no_grad():  # another model than the peer's
+            models["fastflow"].blocks[0].flows[0].actnorm.scale.mul_(2)
+        return models
+
+    monkeypatch.setattr(suite_glow, "configs", lambda device, quick: [tiny])
+    for rows_of in (suite_glow.step_rows, suite_glow.sample_rows):
+        rows = {r["impl"]: r for r in rows_of("cpu", True, 1, 0, False)}
+        assert rows["fastflow"]["check"].startswith("output rel diff"), rows_of
+        assert "flag" not in rows["fastflow"] and "speed_vs_eager" in rows["fastflow"]
+        monkeypatch.setattr(suite_glow, "make_models", make_models)
+        rows = {r["impl"]: r for r in rows_of("cpu", True, 1, 0, False)}
+        monkeypatch.setattr(suite_glow, "make_models", real)
+        assert "WRONG" in rows["fastflow"]["flag"], rows_of
+        assert "speed_vs_eager" not in rows["fastflow"]
+        assert rows["eager"]["check"] == "reference" and "flag" not in rows["eager"]
+        text = run.table(list(rows.values()), suite_glow.STEP_COLS)
+        line = next(ln for ln in text.splitlines() if "| fastflow |" in ln)
+        assert "WRONG" in line and "| — |" in line
