@@ -229,3 +229,23 @@ def test_glow_rows_with_other_weights_than_eager_are_flagged(bench, monkeypatch)
         text = run.table(list(rows.values()), suite_glow.STEP_COLS)
         line = next(ln for ln in text.splitlines() if "| fastflow |" in ln)
         assert "WRONG" in line and "| — |" in line
+
+
+def test_the_counted_train_step_uses_the_timed_steps_optimizer(bench, monkeypatch):
+    """The figures counted the Adam step of a ``foreach=False`` Adam (488 ATen ops at the
+    figures' size) while the timed step runs the fused one (4)."""
+    import suite_glow
+
+    built = []
+
+    class Recording(torch.optim.Adam):
+        def __init__(self, params, **kwargs):
+            built.append(kwargs)
+            super().__init__(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "Adam", Recording)
+    models = suite_glow.make_models(suite_glow.FIG_CFG, "cpu")
+    x = suite_glow.batch(suite_glow.FIG_CFG, "cpu")
+    suite_glow.train_step(models["eager"], models["eager"], x, "cpu", torch.float32)
+    suite_glow._count_step(models["eager"], x, "reference")
+    assert len(built) == 2 and built[0] == built[1]
