@@ -51,6 +51,8 @@ class Impl:
     # why this implementation computes another function than eager (a peer's own formula):
     # its difference is shown, not flagged; empty: it must match eager (``check_outputs``)
     differs: str = ""
+    # why it cannot run here (a peer library not installed): its row says so, untimed
+    skip: str = ""
 
 
 @dataclass
@@ -329,6 +331,8 @@ def check_outputs(case: Case, impl: Impl, inputs) -> dict:
     """Compare ``impl``'s outputs and input gradients with the eager implementation's on the
     same inputs: {"check": what was found}, plus a "flag" (the row is not a result) where an
     implementation that should compute eager's function does not."""
+    if impl.skip:
+        return {"check": f"skipped: {impl.skip}"}
     eager = next((i for i in case.impls if i.name == "eager"), None)
     if eager is None or impl is eager:
         return {"check": "reference" if impl is eager else "no eager row to compare with"}
@@ -374,6 +378,11 @@ def measure(case: Case, device: str, copy_bw: float | None, reps: int = 20,
     rows = []
     check_inputs = case.make_inputs()
     for impl in case.impls:
+        if impl.skip:
+            rows.append({"op": case.op, "shape": case.shape, "impl": impl.name,
+                         "dtype": str(case.dtype).replace("torch.", ""),
+                         "error": f"skipped: {impl.skip}"})
+            continue
         inputs = case.make_inputs()
         try:
             with use_backend("auto"):

@@ -27,7 +27,8 @@ def _params():
         for case in suite.cases(DEVICE, QUICK):
             for impl in case.impls:
                 tag = f"{case.op}-{case.shape}-{str(case.dtype).replace('torch.', '')}-{impl.name}"
-                out.append(pytest.param(case, impl, id=tag.replace(" ", "_")))
+                marks = [pytest.mark.skip(reason=impl.skip)] if impl.skip else []
+                out.append(pytest.param(case, impl, id=tag.replace(" ", "_"), marks=marks))
     return out
 
 

@@ -33,7 +33,7 @@ def _case(harness, impls, **kw):
     return harness.Case("toy", "N=3", torch.float32, make_inputs, impls, 48, 96, **kw)
 
 
-def test_an_implementation_computing_another_function_is_flagged_not_printed(bench):
+def test_an_implementation_computing_another_function_is_flagged_not_printed(bench, monkeypatch):
     """A row whose outputs or gradients are not eager's was timed and printed with a
     speed-up as if it did the same work; now it is flagged (the table prints the flag, not
     its numbers) and left out of the ratios. A peer declared to compute its own formula
@@ -44,6 +44,7 @@ def test_an_implementation_computing_another_function_is_flagged_not_printed(ben
              harness.Impl("wrong", lambda x: (x * 2, -x.sum(1))),
              harness.Impl("shape", lambda x: (x * 2, x.sum(0))),
              harness.Impl("peer", lambda x: (x * 3, x.sum(1)), differs="its own formula")]
+    monkeypatch.setattr(harness, "flag_row", lambda r: r)  # one repetition: no timing flags
     rows = {r["impl"]: r for r in harness.measure(_case(harness, impls), "cpu", None,
                                                   reps=1, warmup=0)}
     assert rows["same"]["check"].startswith("ok") and "flag" not in rows["same"]
@@ -185,18 +186,19 @@ def test_the_log_det_figure_does_not_call_the_no_grad_assembly_cached(bench, mon
                         for r in rows)
 
 
-def test_the_bfloat16_channel_mix_case_times_eager_too(bench):
+def test_the_bfloat16_channel_mix_case_times_eager_too(bench, monkeypatch):
     """The GPU table's bfloat16 channel-mix case: eager's conv2d got a bfloat16 input and
     a float32 W and raised, so the case had no eager (nor compile) row and no speed-ups."""
     harness, _ = bench
     import suite_channel_mix
 
     case = suite_channel_mix._case(2, 4, 4, torch.bfloat16, "cpu", compile_=False)
+    monkeypatch.setattr(harness, "flag_row", lambda r: r)  # one repetition: no timing flags
     rows = {r["impl"]: r for r in harness.measure(case, "cpu", None, reps=1, warmup=0)}
     assert set(rows) == {"eager", "fastflow"}
     assert all("error" not in r for r in rows.values()), rows
     assert rows["fastflow"]["check"].startswith("ok")
-    assert "speedup_vs_eager" in rows["fastflow"] or "flag" in rows["fastflow"]
+    assert "speedup_vs_eager" in rows["fastflow"]
 
 
 def test_glow_rows_with_other_weights_than_eager_are_flagged(bench, monkeypatch):
@@ -216,10 +218,10 @@ def test_glow_rows_with_other_weights_than_eager_are_flagged(bench, monkeypatch)
         return models
 
     monkeypatch.setattr(suite_glow, "configs", lambda device, quick: [tiny])
+    rows = {r["impl"]: r for r in suite_glow.step_rows("cpu", True, 1, 0, False)}
+    assert rows["fastflow"]["check"].startswith("output rel diff 0, gradients rel diff")
+    assert "flag" not in rows["fastflow"] and "speed_vs_eager" in rows["fastflow"]
     for rows_of in (suite_glow.step_rows, suite_glow.sample_rows):
-        rows = {r["impl"]: r for r in rows_of("cpu", True, 1, 0, False)}
-        assert rows["fastflow"]["check"].startswith("output rel diff"), rows_of
-        assert "flag" not in rows["fastflow"] and "speed_vs_eager" in rows["fastflow"]
         monkeypatch.setattr(suite_glow, "make_models", make_models)
         rows = {r["impl"]: r for r in rows_of("cpu", True, 1, 0, False)}
         monkeypatch.setattr(suite_glow, "make_models", real)
@@ -243,9 +245,38 @@ def test_the_counted_train_step_uses_the_timed_steps_optimizer(bench, monkeypatc
             built.append(kwargs)
             super().__init__(params, **kwargs)
 
+    class Toy(torch.nn.Module):  # a model with _loss's interface, for speed
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            return (x * self.w).flatten(1).sum(1), torch.zeros(x.shape[0]), []
+
     monkeypatch.setattr(torch.optim, "Adam", Recording)
-    models = suite_glow.make_models(suite_glow.FIG_CFG, "cpu")
-    x = suite_glow.batch(suite_glow.FIG_CFG, "cpu")
-    suite_glow.train_step(models["eager"], models["eager"], x, "cpu", torch.float32)
-    suite_glow._count_step(models["eager"], x, "reference")
+    model, x = Toy(), torch.randn(2, 3, 4, 4)
+    suite_glow.train_step(model, model, x, "cpu", torch.float32)
+    suite_glow._count_step(model, x, "reference")
     assert len(built) == 2 and built[0] == built[1]
+
+
+def test_a_peer_that_is_not_installed_shows_as_skipped(bench, monkeypatch):
+    """Without normflows or FrEIA their rows vanished from the coupling table (and the
+    sampling figure from channel_mix's) with nothing said; now each says it was skipped,
+    and pytest-benchmark skips it."""
+    harness, run = bench
+    import suite_channel_mix
+    import suite_coupling
+
+    monkeypatch.setitem(sys.modules, "normflows", None)  # import normflows: ImportError
+    monkeypatch.setitem(sys.modules, "FrEIA", None)
+    monkeypatch.setitem(sys.modules, "FrEIA.modules", None)
+    case = suite_coupling.cases("cpu", True)[0]
+    case.impls = [i for i in case.impls if i.name in ("eager", "normflows", "FrEIA")]
+    rows = {r["impl"]: r for r in harness.measure(case, "cpu", None, reps=1, warmup=0)}
+    for name in ("normflows", "FrEIA"):
+        assert rows[name]["error"] == f"skipped: {name} not installed (pip install {name})"
+        assert "fwd_bwd_s" not in rows[name]
+    assert "| skipped: normflows not installed" in run.table(list(rows.values()), run.TIME_COLS)
+    fig = suite_channel_mix._sampling_figures()
+    assert len(fig) == 1 and "normflows not installed" in fig[0]["detail"]
