@@ -10,6 +10,10 @@ CUDA, CUDA events around each repetition with the L2 cache flushed before it (as
 ``triton.testing.do_bench``); on CPU, ``time.perf_counter`` (fastflow runs its reference
 path on CPU, and CPU timings say nothing about GPU speed). A row whose forward+backward is
 shorter than its forward is flagged (``flag_row``) and printed as a flag, not a result.
+
+Before timing, ``measure`` compares each implementation's outputs and input gradients with
+eager's on the same inputs (``check_outputs``): a mismatch flags the row the same way; a
+peer declared to compute its own formula (``Impl.differs``) is shown with its difference.
 """
 
 from __future__ import annotations
