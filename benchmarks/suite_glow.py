@@ -552,18 +552,35 @@ def cpu_figures() -> list[dict]:
 # --------------------------------------------------------------------------------------
 
 
-def benchmark_steps(device: str) -> list[tuple[str, object]]:
-    """(id, step) pairs: the training step of each implementation, small config on CPU."""
+def benchmark_steps(device: str) -> list[tuple[str, object, object]]:
+    """(id, step, check) triples: the training step of each implementation (small config on
+    CPU), and a function giving its ``check_results`` entry: its loss and gradients against
+    the eager peer's with the weights its model has when called (pytest-benchmark's steps
+    train the models, so a peer model is loaded with them)."""
     quick = not device.startswith("cuda")
     out = []
     for cfg in configs(device, quick):
         models = make_models(cfg, device)
         x = batch(cfg, device)
-        for impl in ("floor", "eager", "fastflow"):
-            out.append((f"glow-train-{cfg.name}-{impl}".replace(" ", "_"),
-                        train_step(models[impl], models[impl], x, device, torch.float32)))
+        forwards = {impl: models[impl] for impl in ("floor", "eager", "fastflow")}
         if not quick:
-            out.append((f"glow-train-{cfg.name}-compile".replace(" ", "_"),
-                        train_step(models["eager"], torch.compile(models["eager"]), x, device,
-                                   torch.float32)))
+            forwards["compile"] = torch.compile(models["eager"])
+        for impl, forward in forwards.items():
+            owner = models["eager"] if impl == "compile" else models[impl]
+
+            def check(impl=impl, owner=owner, forward=forward, cfg=cfg, x=x):
+                if impl == "floor":
+                    return check_results({}, torch.float32)["floor"]
+                peer = owner
+                if impl == "fastflow":
+                    peer = peer_glow.Glow(cfg.in_channel, cfg.n_flow, cfg.n_block,
+                                          cfg.filter_size).to(device)
+                    peer.load_state_dict(owner.state_dict(), strict=True)
+                results = {"eager": _step_result(peer, peer, x, device, torch.float32)}
+                if impl != "eager":
+                    results[impl] = _step_result(owner, forward, x, device, torch.float32)
+                return check_results(results, torch.float32)[impl]
+
+            out.append((f"glow-train-{cfg.name}-{impl}".replace(" ", "_"),
+                        train_step(owner, forward, x, device, torch.float32), check))
     return out

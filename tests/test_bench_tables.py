@@ -280,3 +280,23 @@ def test_a_peer_that_is_not_installed_shows_as_skipped(bench, monkeypatch):
     assert "| skipped: normflows not installed" in run.table(list(rows.values()), run.TIME_COLS)
     fig = suite_channel_mix._sampling_figures()
     assert len(fig) == 1 and "normflows not installed" in fig[0]["detail"]
+
+
+def test_pytest_benchmark_runs_the_cpu_tables_on_one_thread_as_run_py(monkeypatch):
+    """run.py times on one torch thread on a CPU; ``pytest benchmarks --benchmark-only``
+    kept torch's default, so its numbers were of another configuration (on this 2-core
+    machine a Glow train step of 750 ms against run.py's 31 ms)."""
+    import importlib.util
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU configuration")
+    before = torch.get_num_threads()
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the conftest adds benchmarks/
+    try:
+        torch.set_num_threads(2)
+        spec = importlib.util.spec_from_file_location("bench_conftest_under_test",
+                                                      ROOT / "benchmarks" / "conftest.py")
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
