@@ -17,12 +17,15 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def bench():
     sys.path.insert(0, str(ROOT / "benchmarks"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the CPU tables: threads contending on a busy machine are slow
     try:
         import harness
         import run
 
         yield harness, run
     finally:
+        torch.set_num_threads(threads)
         sys.path.remove(str(ROOT / "benchmarks"))
 
 
