@@ -303,3 +303,19 @@ def test_pytest_benchmark_runs_the_cpu_tables_on_one_thread_as_run_py(monkeypatc
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_an_eager_row_that_fails_does_not_take_the_others_with_it(bench):
+    """The check runs eager on every other row's behalf: eager raising must stay eager's
+    error, not become every row's."""
+    harness, _ = bench
+
+    def broken(x):
+        raise RuntimeError("eager broke")
+
+    rows = {r["impl"]: r for r in harness.measure(
+        _case(harness, [harness.Impl("eager", broken), harness.Impl("fastflow", lambda x: x * 2)]),
+        "cpu", None, reps=1, warmup=0)}
+    assert rows["eager"]["error"] == "RuntimeError: eager broke"
+    assert "error" not in rows["fastflow"] and rows["fastflow"]["fwd_bwd_s"] > 0
+    assert rows["fastflow"]["check"] == "not checked: eager raised RuntimeError"
