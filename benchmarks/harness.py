@@ -10,6 +10,10 @@ CUDA, CUDA events around each repetition with the L2 cache flushed before it (as
 ``triton.testing.do_bench``); on CPU, ``time.perf_counter`` (fastflow runs its reference
 path on CPU, and CPU timings say nothing about GPU speed). A row whose forward+backward is
 shorter than its forward is flagged (``flag_row``) and printed as a flag, not a result.
+
+Before timing, ``measure`` compares each implementation's outputs and input gradients with
+eager's on the same inputs (``check_outputs``): a mismatch flags the row the same way; a
+peer declared to compute its own formula (``Impl.differs``) is shown with its difference.
 """
 
 from __future__ import annotations
@@ -48,6 +52,11 @@ def op_suites() -> tuple[str, ...]:
 class Impl:
     name: str            # "eager", "compile", "fastflow", "normflows", "FrEIA", ...
     fn: Callable[..., Any]  # fn(*inputs) -> Tensor or tuple of Tensors
+    # why this implementation computes another function than eager (a peer's own formula):
+    # its difference is shown, not flagged; empty: it must match eager (``check_outputs``)
+    differs: str = ""
+    # why it cannot run here (a peer library not installed): its row says so, untimed
+    skip: str = ""
 
 
 @dataclass
@@ -60,6 +69,10 @@ class Case:
     bytes_fwd: int       # minimal bytes one forward must read + write
     bytes_bwd: int       # minimal bytes one backward must read + write
     extra: dict = field(default_factory=dict)
+    # (outputs, input gradients) -> the tensors ``check_outputs`` compares with eager's, and
+    # what that leaves out; None: every output and every input gradient
+    compare: Callable[[list, list], list] | None = None
+    compare_note: str = ""
 
 
 # --------------------------------------------------------------------------------------
@@ -231,7 +244,9 @@ def time_impl(impl: Impl, inputs, device: str, reps: int = 20, warmup: int = 3) 
     _check_counts(reps, warmup)
     outs0 = _tensors(impl.fn(*inputs))
     has_grad = any(o.requires_grad for o in outs0)
-    _, grads = _grad_outputs(outs0)
+    outs0, grads = _grad_outputs(outs0)
+    if has_grad:  # the first call runs backward too: its compiles (torch.compile's backward
+        run_backward(outs0, grads, inputs)  # graph, Triton's kernels) stay untimed at warmup 0
     del outs0
     for _ in range(warmup):
         outs = [o for o in _tensors(impl.fn(*inputs)) if o.requires_grad]
@@ -296,14 +311,95 @@ def copy_bandwidth(device: str, nbytes: int = 1 << 28, reps: int = 20) -> float:
     return 2 * src.numel() * 4 / statistics.median(t.elapsed() for t in times)
 
 
+# Largest |impl - eager| / max|eager| (per compared tensor) taken as the same function. Loose
+# enough for a GPU's TF32 convolutions (torch's default, which the tables keep) and 16-bit
+# rounding, far below what a wrong formula, sign, direction or missing term gives (O(1)).
+CHECK_TOL = {torch.float64: 1e-6, torch.float32: 1e-2, torch.bfloat16: 5e-2,
+             torch.float16: 5e-2}
+
+
+def _results(fn, inputs) -> tuple[list, list]:
+    """(outputs, input gradients) of ``fn`` on clones of ``inputs``, the upstream gradients
+    drawn from a fixed seed (the same for every implementation)."""
+    ins = [t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor)
+           else t for t in inputs]
+    outs = _tensors(fn(*ins))
+    diff = [o for o in outs if o.requires_grad]
+    gen = torch.Generator().manual_seed(0)
+    ups = [torch.randn(o.shape, generator=gen).to(o) for o in diff]
+    grads = list(torch.autograd.grad(diff, _leaves(ins), ups, allow_unused=True)) if diff else []
+    return [o.detach() for o in outs], grads
+
+
+def check_outputs(case: Case, impl: Impl, inputs) -> dict:
+    """Compare ``impl``'s outputs and input gradients with the eager implementation's on the
+    same inputs: {"check": what was found}, plus a "flag" (the row is not a result) where an
+    implementation that should compute eager's function does not."""
+    if impl.skip:
+        return {"check": f"skipped: {impl.skip}"}
+    eager = next((i for i in case.impls if i.name == "eager"), None)
+    if eager is None or impl is eager:
+        return {"check": "reference" if impl is eager else "no eager row to compare with"}
+    pick = case.compare or (lambda outs, grads: [*outs, *grads])
+    try:
+        ref = pick(*_results(eager.fn, inputs))
+    except Exception as e:  # eager's own row reports it; this one is still timed
+        return {"check": f"not checked: eager raised {type(e).__name__}"}
+    got = pick(*_results(impl.fn, inputs))
+    worst, where = 0.0, None
+    if len(ref) != len(got):
+        worst, where = float("inf"), f"{len(got)} results against eager's {len(ref)}"
+    for k, (a, b) in enumerate(zip(ref, got)):
+        if a is None and b is None:
+            continue
+        a = torch.zeros_like(b) if a is None else a
+        b = torch.zeros_like(a) if b is None else b
+        if a.shape != b.shape:
+            worst, where = float("inf"), (f"result {k}: shape {tuple(b.shape)} against "
+                                          f"eager's {tuple(a.shape)}")
+            break
+        a, b = a.double(), b.double()
+        err = ((a - b).abs().max() / a.abs().max().clamp_min(1e-30)).item() if a.numel() else 0.0
+        if worst == worst and not err <= worst:  # NaN counts as the worst
+            worst, where = err, f"result {k} of {len(ref)}"
+    note = f" ({case.compare_note})" if case.compare_note else ""
+    if impl.differs:
+        return {"check": f"another function: {impl.differs}; max rel diff {worst:.2g}{note}"}
+    tol = CHECK_TOL.get(case.dtype, 1e-2)
+    if where is not None and not worst <= tol:
+        return {"check": f"MISMATCH: {where}, rel err {worst:.2g} > {tol:g}{note}",
+                "flag": f"WRONG: {where} differs from eager's (rel err {worst:.2g} > {tol:g}); "
+                        "not the same function, not a result"}
+    return {"check": f"ok, max rel err {worst:.2g}{note}"}
+
+
 def measure(case: Case, device: str, copy_bw: float | None, reps: int = 20,
             warmup: int = 3) -> list[dict]:
-    """One row per implementation of ``case``."""
+    """One row per implementation of ``case``, each first checked against eager
+    (``check_outputs``: a mismatch flags the row, which the tables then print as the flag).
+
+    All of it inside one ``use_backend("auto")`` block: fastflow runs its default backend
+    whatever FASTFLOW_BACKEND says, and its rows call the ops as a user does, without a
+    block of their own per call (about 2 us that only fastflow's times would include)."""
+    from fastflow import use_backend
+
     rows = []
+    check_inputs = case.make_inputs()
     for impl in case.impls:
+        if impl.skip:
+            rows.append({"op": case.op, "shape": case.shape, "impl": impl.name,
+                         "dtype": str(case.dtype).replace("torch.", ""),
+                         "error": f"skipped: {impl.skip}"})
+            continue
         inputs = case.make_inputs()
         try:
-            r = time_impl(impl, inputs, device, reps=reps, warmup=warmup)
+            with use_backend("auto"):
+                checked = check_outputs(case, impl, check_inputs)
+                r = time_impl(impl, inputs, device, reps=reps, warmup=warmup)
+            if "flag" in checked:
+                flags = [checked.pop("flag")] + ([r["flag"]] if "flag" in r else [])
+                r["flag"] = "; ".join(flags)
+            r.update(checked)
         except Exception as e:  # a peer that cannot run this case is reported, not fatal
             rows.append({"op": case.op, "shape": case.shape, "dtype": str(case.dtype).replace("torch.", ""),
                          "impl": impl.name, "error": f"{type(e).__name__}: {e}"[:200]})

@@ -9,7 +9,12 @@ of the reference, fastflow, peers) and device-independent figures (operator coun
 saved for backward); ``suite_glow`` adds the end-to-end Glow training step and sampling.
 Times are the median of ``--reps`` repetitions after ``--warmup`` untimed ones, with the
 quartiles beside them; on a GPU the L2 cache is flushed before each repetition. A row whose
-forward+backward is shorter than its forward is flagged, not printed as a result.
+forward+backward is shorter than its forward is flagged, not printed as a result. Before
+timing, every implementation's outputs and input gradients (suite glow: the loss and the
+parameter gradients, the samples of one z) are compared with eager's on the same inputs and
+weights (the check column); one that should compute eager's function and does not is
+flagged WRONG, not printed, and left out of the ratios. A peer library that is not
+installed shows as a skipped row.
 
 Results go to ``DIR/bench-<device>.json`` and ``.md`` (default DIR: ``runs/bench`` under the
 current directory; never a tracked file unless you pass ``--out`` pointing at one) with the
@@ -85,7 +90,7 @@ def table(rows: list[dict], cols: list[str]) -> str:
 IDENTITY = ("op", "shape", "dtype", "impl", "config", "what")
 TIME_COLS = ["op", "shape", "dtype", "impl", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "fwd_bwd_iqr_ms",
              "fwd_bwd_range_ms", "fwd_bwd_GBps", "fwd_bwd_copy_frac", "speedup_vs_eager",
-             "speedup_vs_compile", "peak_MB", "error"]
+             "speedup_vs_compile", "peak_MB", "check", "error"]
 
 
 def add_ms(r: dict) -> dict:

@@ -35,16 +35,23 @@ def _rosinality(x, h):
     return torch.cat([xa, (xb + t) * s], 1), torch.sum(torch.log(s).view(x.shape[0], -1), 1)
 
 
-def _fastflow(x, h):
-    with ff.use_backend("auto"):
-        return ff.affine_coupling(x, h)
+def _fastflow(x, h):  # as a user calls it: harness.measure holds use_backend("auto")
+    return ff.affine_coupling(x, h)
+
+
+def _not_installed(name: str, package: str) -> Impl:
+    """A peer that cannot run here: its row says so instead of vanishing from the table."""
+    def run(*_):
+        raise ModuleNotFoundError(f"No module named {package!r}")
+
+    return Impl(name, run, skip=f"{package} not installed (pip install {package})")
 
 
 def _normflows():
     try:
         import normflows as nf
     except ImportError:
-        return None
+        return _not_installed("normflows", "normflows")
     layer = nf.flows.AffineCoupling(_Given(), scale=True, scale_map="sigmoid")
 
     def run(x, h):  # normflows' density direction: (xb - t) * sigmoid(raw + 2), interleaved h
@@ -53,14 +60,14 @@ def _normflows():
         (za, zb), logdet = layer.inverse([x[:, :ca], x[:, ca:]])
         return torch.cat([za, zb], 1), logdet
 
-    return Impl("normflows", run)
+    return Impl("normflows", run, differs="normflows' formula, (xb - t) * sigmoid(raw + 2)")
 
 
 def _freia(c, hh, ww):
     try:
         import FrEIA.modules as fm
     except ImportError:
-        return None
+        return _not_installed("FrEIA", "FrEIA")
     block = fm.AffineCouplingOneSided([(c, hh, ww)], subnet_constructor=lambda i, o: _Given())
 
     def run(x, h):  # FrEIA: xb * exp(2 * 0.636 * atan(raw)) + t
@@ -68,7 +75,7 @@ def _freia(c, hh, ww):
         (y,), logdet = block((x,))
         return y, logdet
 
-    return Impl("FrEIA", run)
+    return Impl("FrEIA", run, differs="FrEIA's formula, xb * exp(1.272 * atan(raw)) + t")
 
 
 def _case(n, c, hh, ww, dtype, device, peers=True, compile_=True):
@@ -85,7 +92,7 @@ def _case(n, c, hh, ww, dtype, device, peers=True, compile_=True):
     impls.append(Impl("fastflow", _fastflow))
     impls.append(Impl("rosinality", _rosinality))
     if peers:
-        impls += [p for p in (_normflows(), _freia(c, hh, ww)) if p is not None]
+        impls += [_normflows(), _freia(c, hh, ww)]
     e = torch.finfo(dtype).bits // 8
     px = n * hh * ww
     return Case("coupling", f"N={n} C={c} {hh}x{ww}", dtype, make_inputs, impls,

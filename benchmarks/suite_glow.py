@@ -97,6 +97,11 @@ def _loss(model, x, n_pixel):
     return (-ll / (math.log(2) * n_pixel)).mean()
 
 
+def adam(model) -> torch.optim.Adam:
+    """The optimizer of the timed step (and of the counted one): fused, as ``train`` builds it."""
+    return torch.optim.Adam(model.parameters(), lr=1e-5, fused=True)
+
+
 def train_step(model, forward, x, device: str, dtype: torch.dtype):
     """A closure: forward (under bf16 autocast for ``dtype=bfloat16``), backward, Adam.
 
@@ -104,7 +109,7 @@ def train_step(model, forward, x, device: str, dtype: torch.dtype):
     all parameters), for every implementation. PyTorch's default on CPU is a loop of about
     ten ops per parameter: for the 40 ActNorm and LU tensors of the 8-FlowStep
     configuration, which the floor does not update, about 1 ms per step on this CPU."""
-    opt = torch.optim.Adam(model.parameters(), lr=1e-5, fused=True)
+    opt = adam(model)
     n_pixel = x[0].numel()
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     autocast = dtype != torch.float32
@@ -144,19 +149,20 @@ def _peak(fn, device):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def _timed_rows(fns: dict, cfg: Config, dtype, device, reps, warmup) -> list[dict]:
+def _timed_rows(fns: dict, cfg: Config, dtype, device, reps, warmup, checks=None) -> list[dict]:
     """One row per implementation, from ``fns`` (impl -> a function that builds its
     closure): each closure is called once (torch.compile compiles there; an implementation
     that fails, there or while timed, is reported in its row's ``error``, not fatal), its
     peak memory taken, then all are timed in turn (``harness.time_interleaved``): a change
     in the machine's load reaches every implementation alike, so the ratios of one table
-    compare like with like."""
+    compare like with like. ``checks``: impl -> its row's "check" (and "flag") from
+    ``check_results``."""
     rows, ok = {}, {}
     for impl in IMPLS:
         if impl not in fns:
             continue
         row = rows[impl] = {"config": cfg.name, "dtype": str(dtype).replace("torch.", ""),
-                            "impl": impl}
+                            "impl": impl, **(checks or {}).get(impl, {})}
         try:
             fn = fns[impl]()
             fn()  # the first call: compiles, and raises here for a failing implementation
@@ -200,15 +206,93 @@ def _ratios(rows, key_fields=("config", "dtype")):
     """speed vs eager (eager time / this time) and time / floor, per (config, dtype)."""
     groups = {}
     for r in rows:
-        if "_s" in r:
+        if "_s" in r and "flag" not in r:  # a flagged row is not a result
             groups.setdefault(tuple(r[k] for k in key_fields), {})[r["impl"]] = r["_s"]
     for r in rows:
         g = groups.get(tuple(r[k] for k in key_fields), {})
-        if "_s" in r and "eager" in g:
+        if r["impl"] in g and "eager" in g:
             r["speed_vs_eager"] = g["eager"] / r["_s"]
-        if "_s" in r and "floor" in g:
+        if r["impl"] in g and "floor" in g:
             r["time_vs_floor"] = r["_s"] / g["floor"]
     return rows
+
+
+# The check before timing (``check_results``): flagged above this relative difference from
+# eager. Loose (a wrong formula, sign or missing term differs by O(1)): on a GPU the peer's
+# 1x1 convolutions run in TF32 (torch's default) and fastflow's in float32, through up to
+# 96 steps. Under bfloat16 autocast the peer's flow layers run in bfloat16 and fastflow's in
+# float32 (1-3 % apart on a CPU at 8 steps): the difference is reported, not flagged.
+GLOW_CHECK_TOL = {torch.float32: 0.05}
+
+
+def _rel(a, b) -> float:
+    """max |b - a| / max |a|."""
+    a, b = a.detach().double(), b.detach().double()
+    if a.shape != b.shape:
+        return float("inf")
+    return ((a - b).abs().max() / a.abs().max().clamp_min(1e-30)).item()
+
+
+def _grads_rel(ga: dict, gb: dict) -> float:
+    """The largest difference of two {name: gradient} dicts, per parameter against that
+    gradient's largest entry, floored at 1% of the largest entry of any: gradients near zero
+    (ActNorm's loc right after its data-dependent initialisation) are rounding noise."""
+    if ga.keys() != gb.keys():
+        return float("inf")
+    floor = 1e-2 * max(g.abs().max().item() for g in ga.values())
+    worst = 0.0
+    for name, a in ga.items():
+        a, b = a.double(), gb[name].double()
+        if a.shape != b.shape:
+            return float("inf")
+        err = ((a - b).abs().max() / max(a.abs().max().item(), floor, 1e-30)).item()
+        if worst == worst and not err <= worst:  # NaN counts as the worst
+            worst = err
+    return worst
+
+
+def check_results(results: dict, dtype) -> dict:
+    """impl -> {"check": ...} (and "flag" for a mismatch), from ``results``: impl -> (output,
+    {parameter name: gradient} or None), each computed on the same input with the same
+    weights before anything is timed; eager's is the reference, the floor computes another
+    function by design."""
+    out = {"floor": {"check": "another function (the floor: networks and priors only)"}}
+    ref = results.get("eager")
+    tol = GLOW_CHECK_TOL.get(dtype)
+    for impl, (value, grads) in results.items():
+        if impl in out:
+            continue
+        if impl == "eager" or ref is None:
+            out[impl] = {"check": "reference" if impl == "eager" else "no eager row to compare with"}
+            continue
+        errs = {"output": _rel(ref[0], value)}
+        if grads is not None and ref[1] is not None:
+            errs["gradients"] = _grads_rel(ref[1], grads)
+        text = ", ".join(f"{k} rel diff {v:.2g}" for k, v in errs.items())
+        bad = [k for k, v in errs.items() if tol is not None and not v <= tol]
+        if bad:
+            out[impl] = {"check": f"MISMATCH: {text} (> {tol:g})",
+                         "flag": f"WRONG: {' and '.join(bad)} differ from eager's ({text} > "
+                                 f"{tol:g}); not the same function, not a result"}
+        else:
+            out[impl] = {"check": text + ("" if tol is not None else
+                                          " (16-bit autocast: reported, not checked)")}
+    return out
+
+
+def _devices(device: str) -> list:
+    """The CUDA devices whose random state ``fork_rng`` keeps (none on a CPU)."""
+    return [torch.device(device).index or 0] if device.startswith("cuda") else []
+
+
+def _step_result(model, forward, x, device: str, dtype):
+    """(loss, {name: gradient}) of one training step's forward and backward, no update."""
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
+        loss = _loss(forward, x, x[0].numel())
+    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return loss.detach(), {n: g for n, g in zip(names, grads) if g is not None}
 
 
 def _compile_here(device: str, quick: bool, cfg: Config, dtype: torch.dtype) -> bool:
@@ -230,10 +314,19 @@ def step_rows(device, quick, reps, warmup, compile_) -> list[dict]:
                         "fastflow": models["fastflow"]}
             if compile_ and _compile_here(device, quick, cfg, dtype):
                 forwards["compile"] = torch.compile(models["eager"])
-            fns = {impl: (lambda impl=impl: train_step(
-                       models["eager"] if impl == "compile" else models[impl], forwards[impl],
-                       x, device, dtype)) for impl in forwards}
-            rows += _timed_rows(fns, cfg, dtype, device, reps, warmup)
+            owner = {impl: models["eager"] if impl == "compile" else models[impl]
+                     for impl in forwards}
+            results = {}
+            for impl in forwards:  # the same loss and gradients as eager's, before timing
+                if impl != "floor":
+                    try:
+                        results[impl] = _step_result(owner[impl], forwards[impl], x, device, dtype)
+                    except Exception:  # its row reports the error from its first call
+                        pass
+            fns = {impl: (lambda impl=impl: train_step(owner[impl], forwards[impl], x, device,
+                                                       dtype)) for impl in forwards}
+            rows += _timed_rows(fns, cfg, dtype, device, reps, warmup,
+                                check_results(results, dtype))
             del models, forwards
     return _ratios(rows)
 
@@ -251,9 +344,20 @@ def sample_rows(device, quick, reps, warmup, compile_) -> list[dict]:
             if compile_ and _compile_here(device, quick, cfg, dtype):
                 reverse["compile"] = torch.compile(models["eager"].reverse)
             shapes = models["fastflow"].z_shapes(cfg.size, cfg.size)
+            results = {}
+            for impl in reverse:  # the same samples of the same z as eager's, before timing
+                if impl != "floor":
+                    try:
+                        with torch.random.fork_rng(devices=_devices(device)):
+                            torch.manual_seed(0)
+                            z = sample_fn(reverse[impl], cfg, shapes, device, dtype)
+                        results[impl] = (z(), None)
+                    except Exception:  # its row reports the error from its first call
+                        pass
             runs = {impl: (lambda impl=impl: sample_fn(reverse[impl], cfg, shapes, device, dtype))
                     for impl in reverse}
-            rows += _timed_rows(runs, cfg, dtype, device, reps, warmup)
+            rows += _timed_rows(runs, cfg, dtype, device, reps, warmup,
+                                check_results(results, dtype))
     return _ratios(rows)
 
 
@@ -279,6 +383,8 @@ def _ratio_rows(device, reps, warmup) -> list[dict]:
     rows = []
 
     def add(what, fns):
+        for fn in fns.values():  # the first call (Adam's state, compiles): untimed, as in
+            fn()                 # _timed_rows, whatever --warmup says
         s = harness.time_interleaved(fns, device, reps=reps, warmup=warmup)
         ours = s.pop("fastflow")["median"]
         for label, eager in s.items():
@@ -317,7 +423,7 @@ def _ratio_rows(device, reps, warmup) -> list[dict]:
 
 
 STEP_COLS = ["config", "dtype", "impl", "median_ms", "iqr_ms", "range_ms", "images_per_s",
-             "time_vs_floor", "speed_vs_eager", "peak_MB", "error"]
+             "time_vs_floor", "speed_vs_eager", "peak_MB", "check", "error"]
 
 
 def tables(device, quick, reps, warmup, compile_):
@@ -365,7 +471,7 @@ FIG_CFG = Config("figures", 2, 8, 2, 2, 16)
 def _count_step(model, x, backend):
     """ATen ops + Triton launches of one forward + backward, and of the Adam step."""
     n_pixel = x[0].numel()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-5, foreach=False)
+    opt = adam(model)  # the timed step's optimizer
     with ff.use_backend(backend):
         _loss(model, x, n_pixel).backward()  # warm-up outside the count
         opt.step()
@@ -421,7 +527,7 @@ def cpu_figures() -> list[dict]:
                            f"~{(ours['aten'] + ours['launches']) / steps:.0f} fastflow (Triton "
                            f"path: {ours['aten']} ATen + {ours['launches']} launches; reference "
                            f"path {ours_ref['aten']} ATen); floor {floor['aten']} ATen; Adam step "
-                           f"{eager_opt} ATen for both (foreach=False)"})
+                           f"{eager_opt} ATen for both (fused, as timed)"})
     rows.append({"figure": f"Glow train step fwd+bwd: host syncs ({shape})",
                  "eager": eager["syncs"], "fastflow": ours["syncs"],
                  "detail": f"fastflow reference path {ours_ref['syncs']}; floor {floor['syncs']}; "
@@ -446,18 +552,35 @@ def cpu_figures() -> list[dict]:
 # --------------------------------------------------------------------------------------
 
 
-def benchmark_steps(device: str) -> list[tuple[str, object]]:
-    """(id, step) pairs: the training step of each implementation, small config on CPU."""
+def benchmark_steps(device: str) -> list[tuple[str, object, object]]:
+    """(id, step, check) triples: the training step of each implementation (small config on
+    CPU), and a function giving its ``check_results`` entry: its loss and gradients against
+    the eager peer's with the weights its model has when called (pytest-benchmark's steps
+    train the models, so a peer model is loaded with them)."""
     quick = not device.startswith("cuda")
     out = []
     for cfg in configs(device, quick):
         models = make_models(cfg, device)
         x = batch(cfg, device)
-        for impl in ("floor", "eager", "fastflow"):
-            out.append((f"glow-train-{cfg.name}-{impl}".replace(" ", "_"),
-                        train_step(models[impl], models[impl], x, device, torch.float32)))
+        forwards = {impl: models[impl] for impl in ("floor", "eager", "fastflow")}
         if not quick:
-            out.append((f"glow-train-{cfg.name}-compile".replace(" ", "_"),
-                        train_step(models["eager"], torch.compile(models["eager"]), x, device,
-                                   torch.float32)))
+            forwards["compile"] = torch.compile(models["eager"])
+        for impl, forward in forwards.items():
+            owner = models["eager"] if impl == "compile" else models[impl]
+
+            def check(impl=impl, owner=owner, forward=forward, cfg=cfg, x=x):
+                if impl == "floor":
+                    return check_results({}, torch.float32)["floor"]
+                peer = owner
+                if impl == "fastflow":
+                    peer = peer_glow.Glow(cfg.in_channel, cfg.n_flow, cfg.n_block,
+                                          cfg.filter_size).to(device)
+                    peer.load_state_dict(owner.state_dict(), strict=True)
+                results = {"eager": _step_result(peer, peer, x, device, torch.float32)}
+                if impl != "eager":
+                    results[impl] = _step_result(owner, forward, x, device, torch.float32)
+                return check_results(results, torch.float32)[impl]
+
+            out.append((f"glow-train-{cfg.name}-{impl}".replace(" ", "_"),
+                        train_step(owner, forward, x, device, torch.float32), check))
     return out

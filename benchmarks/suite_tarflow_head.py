@@ -24,9 +24,8 @@ def _eager(x, h):
     return z.flip(1), -a.float().sum(dim=(1, 2))
 
 
-def _fastflow(x, h):
-    with ff.use_backend("auto"):
-        return ff.tarflow_head(x, h, order="reversed")
+def _fastflow(x, h):  # as a user calls it: harness.measure holds use_backend("auto")
+    return ff.tarflow_head(x, h, order="reversed")
 
 
 def _case(n, t, d, dtype, device, compile_=True):

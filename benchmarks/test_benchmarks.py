@@ -10,6 +10,7 @@ import importlib
 import pytest
 import torch
 
+import fastflow as ff
 import harness
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -26,7 +27,8 @@ def _params():
         for case in suite.cases(DEVICE, QUICK):
             for impl in case.impls:
                 tag = f"{case.op}-{case.shape}-{str(case.dtype).replace('torch.', '')}-{impl.name}"
-                out.append(pytest.param(case, impl, id=tag.replace(" ", "_")))
+                marks = [pytest.mark.skip(reason=impl.skip)] if impl.skip else []
+                out.append(pytest.param(case, impl, id=tag.replace(" ", "_"), marks=marks))
     return out
 
 
@@ -37,27 +39,37 @@ def _sync():
 
 @pytest.mark.parametrize("case,impl", _params())
 def test_forward_backward(benchmark, case, impl):
-    inputs = case.make_inputs()
-    outs = [o for o in harness._tensors(impl.fn(*inputs)) if o.requires_grad]
-    outs, grads = harness._grad_outputs(outs)
+    # as run.py's harness.measure: fastflow's default backend whatever FASTFLOW_BACKEND
+    # says, one block around the whole test (not one per call), and the outputs checked
+    # against eager's first (an implementation computing another function fails here)
+    with ff.use_backend("auto"):
+        checked = harness.check_outputs(case, impl, case.make_inputs())
+        assert "flag" not in checked, checked["check"]
+        inputs = case.make_inputs()
+        outs = [o for o in harness._tensors(impl.fn(*inputs)) if o.requires_grad]
+        outs, grads = harness._grad_outputs(outs)
 
-    def step():
-        o = [t for t in harness._tensors(impl.fn(*inputs)) if t.requires_grad]
-        harness.run_backward(o, grads, inputs)
-        _sync()
+        def step():
+            o = [t for t in harness._tensors(impl.fn(*inputs)) if t.requires_grad]
+            harness.run_backward(o, grads, inputs)
+            _sync()
 
-    benchmark.group = f"{case.op} {case.shape} {case.dtype}"
-    benchmark(step)
+        benchmark.group = f"{case.op} {case.shape} {case.dtype}"
+        benchmark(step)
 
 
 def _glow_params():
     import suite_glow
 
-    return [pytest.param(step, id=name) for name, step in suite_glow.benchmark_steps(DEVICE)]
+    return [pytest.param(step, check, id=name)
+            for name, step, check in suite_glow.benchmark_steps(DEVICE)]
 
 
-@pytest.mark.parametrize("step", _glow_params())
-def test_glow_train_step(benchmark, step):
+@pytest.mark.parametrize("step,check", _glow_params())
+def test_glow_train_step(benchmark, step, check):
+    checked = check()  # the loss and gradients are the eager peer's, as run.py checks
+    assert "flag" not in checked, checked["check"]
+
     def run():
         step()
         _sync()
