@@ -1,0 +1,58 @@
+"""Hazards where the Triton interpreter and a compiled kernel part ways, pinned on CPU where
+a consequence shows there (see also tests/compile_for_gpu.py's rules for the GPU side)."""
+
+import pytest
+import torch
+
+import fastflow as ff
+
+from conftest import DEVICE
+
+
+def _calls():
+    """name -> (the (float64 main, other) inputs, the call): ops whose gradient of the other
+    argument is computed in float64 and stored in that argument's dtype."""
+    def coupling(c_h):
+        return lambda: (torch.randn(2, 5, 3, 4, dtype=torch.float64, device=DEVICE),
+                        0.5 * torch.randn(2, c_h, 3, 4, device=DEVICE))
+
+    eps = torch.randn(3, 6, device=DEVICE).to(torch.bfloat16)  # fixed, in a third dtype
+    return {
+        "affine_coupling": (coupling(4), lambda a, b: ff.affine_coupling(a, b)),
+        "additive_coupling": (coupling(2), lambda a, b: ff.additive_coupling(a, b)),
+        "reparameterize_kl": (lambda: (torch.randn(3, 6, dtype=torch.float64, device=DEVICE),
+                                       torch.randn(3, 6, device=DEVICE)),
+                              lambda a, b: ff.reparameterize_kl(a, b, eps)),
+        "tarflow_head": (lambda: (torch.randn(2, 5, 3, dtype=torch.float64, device=DEVICE),
+                                  0.5 * torch.randn(2, 5, 6, device=DEVICE)),
+                         lambda a, b: ff.tarflow_head(a, b, clamp=2.0)),
+    }
+
+
+@pytest.mark.parametrize("other", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", list(_calls()))
+def test_float64_values_stored_into_16_bit_gradients(name, other):
+    """A float64 input with a 16-bit other argument: that argument's gradient is computed in
+    float64 and stored in 16 bits. The interpreter turned a direct float64 -> bfloat16
+    conversion into garbage (NaN, 1e-41), and a compiled kernel's direct conversion rounds
+    once where torch's ``.to`` rounds through float32: now every store goes through
+    ``rounded_for``, so the gradient is the float64 one rounded as torch rounds it."""
+    torch.manual_seed(0)
+    make, call = _calls()[name]
+    a0, b0 = make()
+    b0 = b0.to(other)
+
+    def grad_of_b(b_dtype):
+        a = a0.clone().requires_grad_(True)
+        b = b0.to(b_dtype).requires_grad_(True)
+        out, ld = call(a, b)
+        return torch.autograd.grad(out.square().sum() + ld.sum(), b)[0]
+
+    with ff.use_backend("triton"):
+        got, want = grad_of_b(other), grad_of_b(torch.float64).to(other)
+    assert got.dtype == other and torch.isfinite(got).all()
+    if DEVICE == "cpu" and other == torch.bfloat16:
+        # the interpreter truncates float32 -> bfloat16 (a compiled kernel rounds): one ulp
+        torch.testing.assert_close(got.float(), want.float(), rtol=torch.finfo(other).eps, atol=0)
+    else:
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
