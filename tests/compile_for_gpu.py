@@ -18,8 +18,9 @@ programs of its launches; then the programs per launch at the Glow shapes.
 
 It must start without TRITON_INTERPRET (the kernels are decorated when first imported).
 Exit status 1 when a kernel fails to compile, spills, computes a product of two int32
-arguments (an offset that wraps past 2^31; ``int32_argument_products``), or a registered
-family has no exercise.
+arguments (an offset that wraps past 2^31; ``int32_argument_products``), converts float64
+straight to a 16-bit float (``direct_float64_to_16_bit``), or a registered family has no
+exercise.
 """
 
 from __future__ import annotations
@@ -145,6 +146,18 @@ def exercise_coupling(quick: bool, glow: bool, rec: Recorder):
     x = torch.randn(2, 5, 6, 7, requires_grad=True)
     y, _ = ff.additive_coupling(x, torch.randn(2, 2, 6, 7, requires_grad=True))
     y.sum().backward()
+    # a float64 x with a 16-bit h: dh computed in float64, stored in h's dtype
+    for other in (torch.bfloat16, torch.float16):
+        x = torch.randn(2, 5, 6, 7, dtype=torch.float64, requires_grad=True)
+        h = torch.randn(2, 4, 6, 7, dtype=other, requires_grad=True)
+        y, ld = ff.affine_coupling(x, h)
+        torch.autograd.grad((y, ld), (x, h), (torch.ones_like(y), torch.ones_like(ld)))
+        y, _ = ff.additive_coupling(x, h[:, :2])
+        torch.autograd.grad(y, (x, h), torch.ones_like(y))
+    # one channel per tile (BLOCK_C 1: a 32x32 image of 3 channels, one sample)
+    x = torch.randn(1, 3, 32, 32, requires_grad=True)
+    y, ld = ff.affine_coupling(x, torch.randn(1, 2, 32, 32))
+    torch.autograd.grad((y, ld), x, (torch.ones_like(y), torch.ones_like(ld)))
     cl = torch.randn(2, 6, 5, 5).contiguous(memory_format=torch.channels_last)
     ff.affine_coupling(cl, torch.randn(2, 6, 5, 5).contiguous(memory_format=torch.channels_last))
     for n, c, hh, ww in GLOW_SHAPES if glow else ():
@@ -264,6 +277,11 @@ def exercise_gaussian(quick: bool, glow: bool, rec: Recorder):
         ga.reparam_kl_forward(mu, lv, None, seed, "none", force_wide=True)
         ga.reparam_kl_backward(torch.randn_like(mu), torch.randn(4), mu, lv, None, seed, "none",
                                force_wide=True)
+    for given in (False, True):  # a float64 mu with a bfloat16 logvar (and eps)
+        mu = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+        lv = torch.randn(4, 9, dtype=torch.bfloat16, requires_grad=True)
+        z, kl = ff.reparameterize_kl(mu, lv, torch.randn(4, 9, dtype=torch.bfloat16) if given else None)
+        (z.sum() + kl.sum()).backward()
     for n, d in GAUSS_SHAPES if glow else ():
         with rec.label(f"vae {n}x{d} float32"):
             mu = torch.randn(n, d, requires_grad=True)
@@ -295,6 +313,13 @@ def exercise_tarflow(quick: bool, glow: bool, rec: Recorder):
             hs.first()
             hs.step(torch.randn(rows, 24, dtype=dtype))
             hs.jacobi(torch.randn(rows, 37, 24, dtype=dtype), torch.zeros(rows, 37, 12, dtype=dtype))
+    # float64 tokens with a 16-bit h: dh stored in bfloat16 (without the clamp: with it, the
+    # forward direction's backward spills 8 bytes under triton 3.9's ptxas, not 3.6's)
+    for rev in (False, True):
+        x = torch.randn(2, 37, 12, dtype=torch.float64, requires_grad=True)
+        h = torch.randn(2, 37, 24, dtype=torch.bfloat16, requires_grad=True)
+        y, ld = ff.tarflow_head(x, h, reverse=rev)
+        torch.autograd.grad((y, ld), (x, h), (torch.ones_like(y), torch.ones_like(ld)))
     # past 65535 token tiles the all-token kernels put the tiles on the grid's axis 0
     # (TILES_ON_X): forced here at a small shape by lowering the limit
     tk = FAMILY_MODULES["tarflow"]
@@ -336,6 +361,14 @@ def int32_argument_products(ttir: str) -> list[str]:
     args = set(re.findall(r"%(\w+)\s*:", sig[1])) if sig else set()
     return sorted({f"{a} * {b}" for a, b in re.findall(r"arith\.muli %(\w+), %(\w+) : i32\b", ttir)
                    if a in args and b in args})
+
+
+def direct_float64_to_16_bit(ptx: str) -> list[str]:
+    """The PTX conversions straight from float64 to a 16-bit float (``cvt.rn.bf16.f64``): one
+    rounding, where torch's ``.to`` rounds through float32 (and the interpreter turns a direct
+    float64 -> bfloat16 conversion into garbage), so the GPU's 16-bit results would differ
+    from the interpreter's and torch's. Stores go through ``_layout.rounded_for``."""
+    return sorted(set(re.findall(r"\bcvt\.[\w.]*?(?:bf16|f16)\.f64\b", ptx)))
 
 
 def resource_usage(kernel, arch: int, always_ptxas: bool = False, sass: bool = False) -> dict:
@@ -440,6 +473,10 @@ def main(argv=None) -> int:
         if products:
             failures.append(f"{name} spec {i}: int32 products of two arguments {products} (wrap "
                             f"past 2^31: pass the product from the launcher)")
+        direct = direct_float64_to_16_bit(k.asm.get("ptx") or "")
+        if direct:
+            failures.append(f"{name} spec {i}: {direct} (float64 straight to 16 bits: store "
+                            f"through rounded_for); launched with {rec.meta.get((name, key), {})}")
         if u.get("STACK", 0) or u.get("SPILL_ST", 0) or u.get("SPILL_LD", 0) or u.get("LOCAL", 0):
             failures.append(f"{name} spec {i} spills: {u}; launched with "
                             f"{rec.meta.get((name, key), {})}")

@@ -56,3 +56,27 @@ def test_float64_values_stored_into_16_bit_gradients(name, other):
         torch.testing.assert_close(got.float(), want.float(), rtol=torch.finfo(other).eps, atol=0)
     else:
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _script_function(name: str):
+    """A function of tests/compile_for_gpu.py, from its source (importing the script would
+    unset TRITON_INTERPRET for this process)."""
+    import ast
+    import re
+    from pathlib import Path
+
+    tree = ast.parse(Path(__file__).with_name("compile_for_gpu.py").read_text())
+    (f,) = [f for f in tree.body if isinstance(f, ast.FunctionDef) and f.name == name]
+    scope = {"re": re}
+    exec(compile(ast.Module([f], []), "compile_for_gpu.py", "exec"), scope)
+    return scope[name]
+
+
+def test_compile_check_sees_direct_float64_to_16_bit_conversions():
+    """The compile check's PTX rule: a direct conversion (what ``.to(bf16)`` of a float64
+    value compiles to, before ``rounded_for``) is named; the float32 ones are not."""
+    rule = _script_function("direct_float64_to_16_bit")
+    ptx = ("cvt.rn.bf16.f64 %rs1, %fd1;\n cvt.rn.f16.f64 %rs2, %fd2;\n"
+           "cvt.rn.bf16.f32 %rs3, %f1;\n cvt.f64.f32 %fd3, %f2;\n cvt.f32.bf16 %f3, %rs4;")
+    assert rule(ptx) == ["cvt.rn.bf16.f64", "cvt.rn.f16.f64"]
+    assert rule("cvt.rn.f16.f32 %rs1, %f1;\n cvt.rn.bf16x2.f32 %r1, %f1, %f2;") == []
