@@ -80,3 +80,27 @@ def test_compile_check_sees_direct_float64_to_16_bit_conversions():
            "cvt.rn.bf16.f32 %rs3, %f1;\n cvt.f64.f32 %fd3, %f2;\n cvt.f32.bf16 %f3, %rs4;")
     assert rule(ptx) == ["cvt.rn.bf16.f64", "cvt.rn.f16.f64"]
     assert rule("cvt.rn.f16.f32 %rs1, %f1;\n cvt.rn.bf16x2.f32 %r1, %f1, %f2;") == []
+
+
+def test_compile_check_sees_int32_products_of_a_program_id():
+    """The compile check's int32 rule: besides a product of two arguments it names a program
+    id (or a value derived from one) times an argument, an offset that wraps past 2^31 in a
+    big launch where each factor fits (it used to see only argument * argument); a product
+    with a constant (a block size) or in int64 is fine."""
+    rule = _script_function("int32_argument_products")
+    ttir = """tt.func public @k(%x_ptr: !tt.ptr<f32>, %C: i32, %STRIDE: i32, %N: i64) attributes {} {
+    %c64_i32 = arith.constant 64 : i32
+    %pid = tt.get_program_id x : i32
+    %off = arith.muli %pid, %STRIDE : i32
+    %row = arith.divsi %pid, %C : i32
+    %off2 = arith.muli %row, %STRIDE : i32
+    %blk = arith.muli %pid, %c64_i32 : i32
+    %cc = arith.muli %C, %C : i32
+    %t = tt.splat %STRIDE : i32 -> tensor<16xi32>
+    %r = tt.make_range {end = 16 : i32, start = 0 : i32} : tensor<16xi32>
+    %v = arith.muli %r, %t : tensor<16xi32>
+    %p64 = arith.extsi %pid : i32 to i64
+    %w = arith.muli %p64, %N : i64
+"""
+    assert rule(ttir) == ["C * C", "arith.divsi * STRIDE", "tt.get_program_id * STRIDE",
+                          "tt.make_range * tt.splat"]
