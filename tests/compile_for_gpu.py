@@ -64,6 +64,10 @@ from fastflow.ops import coupling as coupling_ops  # noqa: E402
 NV_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 GLOW_SHAPES = ((64, 12, 16, 16), (64, 24, 8, 8), (64, 48, 8, 8), (64, 48, 4, 4), (64, 96, 4, 4))
 GAUSS_SHAPES = ((64, 16), (64, 64), (64, 256), (64, 768))
+# TarFlow (N, tokens, token width): 64x64x3 images in 4x4 patches (256 tokens of 48), 8x8
+# patches (64 of 192: two rounds of the D loop), 16x16 patches (16 of 768: the one-token
+# step's widest tile)
+TARFLOW_SHAPES = ((64, 256, 48), (16, 64, 192), (4, 16, 768))
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -339,6 +343,21 @@ def exercise_tarflow(quick: bool, glow: bool, rec: Recorder):
             hs.jacobi(h.detach(), torch.zeros(2, 37, 12, dtype=dtype))
     finally:
         tk.MAX_GRID_YZ = limit
+    for (n, t, d), dtype in itertools.product(TARFLOW_SHAPES if glow else (),
+                                              (torch.float32, torch.bfloat16, torch.float64)):
+        with rec.label(f"tarflow {n}x{t}x{d} {str(dtype)[6:]}"):
+            x = torch.randn(n, t, d, dtype=dtype, requires_grad=True)
+            h = torch.randn(n, t, 2 * d, dtype=dtype, requires_grad=True)
+            for rev in (False, True):
+                y, ld = ff.tarflow_head(x, h, clamp=2.0, reverse=rev)
+                torch.autograd.grad((y, ld), (x, h), (torch.ones_like(y), torch.ones_like(ld)))
+            z = x.detach()
+            hs = tarflow_ops.HeadSampler(z, torch.empty_like(z), torch.empty(2 * n, d, dtype=dtype),
+                                         torch.zeros(1, dtype=torch.long), clamp=2.0,
+                                         guidance=1.0, guided=True)
+            hs.first()
+            hs.step(torch.randn(2 * n, 2 * d, dtype=dtype))
+            hs.jacobi(torch.randn(2 * n, t, 2 * d, dtype=dtype), torch.zeros(2 * n, t, d, dtype=dtype))
 
 
 EXERCISES = {"coupling": exercise_coupling, "channel_mix": exercise_channel_mix,
