@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import (TARGET_PROGRAMS, Launch, compute_dtype, compute_type, nchw,
+from ._layout import (TARGET_PROGRAMS, Launch, compute_dtype, compute_type, nchw, rounded_for,
                       output_like, tile_shape, warps_for)
 
 # scale modes: s = sigmoid(raw + 2), exp(raw), the atan soft clamp; additive: no scale
@@ -171,7 +171,7 @@ def _coupling_fwd_kernel(
         tl.store(part_ptr + pid, partial)
     out = tl.where(c >= CA, out, v)
     tl.store(out_ptr + n * s_out_n + c64 * s_out_c + p64 * s_out_p,
-             out.to(out_ptr.dtype.element_ty), mask=inside)
+             rounded_for(out, out_ptr), mask=inside)
 
 
 @triton.jit
@@ -247,11 +247,11 @@ def _coupling_bwd_kernel(
                 graw = (go * yb + gld) * g
         if SHIFT == NEGATED:
             gt = -gt
-        tl.store(gh_row + raw_ch * s_gh_c, graw.to(gh_ptr.dtype.element_ty), mask=moved)
-    tl.store(gh_row + t_ch * s_gh_c, gt.to(gh_ptr.dtype.element_ty), mask=moved)
+        tl.store(gh_row + raw_ch * s_gh_c, rounded_for(graw, gh_ptr), mask=moved)
+    tl.store(gh_row + t_ch * s_gh_c, rounded_for(gt, gh_ptr), mask=moved)
     gin = tl.where(c >= CA, gin, go)
     tl.store(gin_ptr + n * s_gin_n + c64 * s_gin_c + p64 * s_gin_p,
-             gin.to(gin_ptr.dtype.element_ty), mask=inside)
+             rounded_for(gin, gin_ptr), mask=inside)
 
 
 def launch_config(n: int, c: int, hw: int, *, channels_fast: bool = False) -> Launch:

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import TARGET_PROGRAMS, Launch, compute_dtype, compute_type, warps_for
+from ._layout import TARGET_PROGRAMS, Launch, compute_dtype, compute_type, rounded_for, warps_for
 
 MAX_TILE = 2048  # elements per program at most: 8 per thread at 8 warps
 MIN_TILE = 128  # elements per program at least: one Philox call (4 elements) per thread of a warp
@@ -131,7 +131,7 @@ def _reparam_kl_fwd_kernel(
                                    HAS_EPS, WIDE, COMPUTE)
     std = tl.exp(lv * 0.5)
     z = m + std * e
-    tl.store(z_ptr + n * s_z_n + d * s_z_d, z.to(z_ptr.dtype.element_ty), mask=inside)
+    tl.store(z_ptr + n * s_z_n + d * s_z_d, rounded_for(z, z_ptr), mask=inside)
     kl = tl.where(inside, 0.5 * (std * std + m * m - 1.0 - lv), 0.0)
     partial = tl.sum(tl.sum(kl, axis=2), axis=1)
     if MEAN:
@@ -167,8 +167,8 @@ def _reparam_kl_bwd_kernel(
     std = tl.exp(lv * 0.5)
     gmu = gz + gkl * m
     glv = 0.5 * (gz * e * std + gkl * (std * std - 1.0))
-    tl.store(dmu_ptr + n * s_dmu_n + d * s_dmu_d, gmu.to(dmu_ptr.dtype.element_ty), mask=inside)
-    tl.store(dlv_ptr + n * s_dlv_n + d * s_dlv_d, glv.to(dlv_ptr.dtype.element_ty), mask=inside)
+    tl.store(dmu_ptr + n * s_dmu_n + d * s_dmu_d, rounded_for(gmu, dmu_ptr), mask=inside)
+    tl.store(dlv_ptr + n * s_dlv_n + d * s_dlv_d, rounded_for(glv, dlv_ptr), mask=inside)
 
 
 # --------------------------------------------------------------------------------------

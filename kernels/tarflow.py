@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import Launch, compute_dtype, compute_type
+from ._layout import Launch, compute_dtype, compute_type, rounded_for
 
 CLAMP_IDS = {"none": 0, "tanh": 1}
 ORDER_IDS = {"same": 0, "reversed": 1}
@@ -135,9 +135,9 @@ def _head_kernel(
             # operands (the interpreter's numpy keeps them), which would read as converged
             change = tl.where(change == change, change, float("inf"))
             dmax = tl.maximum(dmax, tl.where(inside, change, 0.0))
-        tl.store(out_row + d64 * s_out_d, out.to(out_ptr.dtype.element_ty), mask=inside)
+        tl.store(out_row + d64 * s_out_d, rounded_for(out, out_ptr), mask=inside)
         if GUIDED:  # the unconditional half of the next pass sees the same tokens
-            tl.store(out_row + n_half * s_out_n + d64 * s_out_d, out.to(out_ptr.dtype.element_ty),
+            tl.store(out_row + n_half * s_out_n + d64 * s_out_d, rounded_for(out, out_ptr),
                      mask=inside)
     total = tl.sum(tl.sum(acc, axis=1), axis=0)
     if REVERSE:
@@ -199,11 +199,11 @@ def _head_bwd_kernel(
             gin = go * e
             gb = -gin
             ga = -(gin * (src - b)) - gld
-        tl.store(gin_row + d64 * s_gin_d, gin.to(gin_ptr.dtype.element_ty), mask=inside)
+        tl.store(gin_row + d64 * s_gin_d, rounded_for(gin, gin_ptr), mask=inside)
         graw = tl.where(t > 0, ga * g, 0.0)
         gb = tl.where(t > 0, gb, 0.0)
-        tl.store(gh_row + d64 * s_gh_d, graw.to(gh_ptr.dtype.element_ty), mask=inside)
-        tl.store(gh_row + (d64 + D) * s_gh_d, gb.to(gh_ptr.dtype.element_ty), mask=inside)
+        tl.store(gh_row + d64 * s_gh_d, rounded_for(graw, gh_ptr), mask=inside)
+        tl.store(gh_row + (d64 + D) * s_gh_d, rounded_for(gb, gh_ptr), mask=inside)
 
 
 @triton.jit
@@ -245,10 +245,10 @@ def _head_step_kernel(
             a = a + w * (a - a_u)
             b = b + w * (b - b_u)
         x = zt * tl.exp(a) + b
-    tl.store(x_ptr + n * s_x_n + tok * s_x_t + d64 * s_x_d, x.to(x_ptr.dtype.element_ty), mask=inside)
-    tl.store(inp_ptr + n * s_inp_n + d64 * s_inp_d, x.to(inp_ptr.dtype.element_ty), mask=inside)
+    tl.store(x_ptr + n * s_x_n + tok * s_x_t + d64 * s_x_d, rounded_for(x, x_ptr), mask=inside)
+    tl.store(inp_ptr + n * s_inp_n + d64 * s_inp_d, rounded_for(x, inp_ptr), mask=inside)
     if GUIDED:
-        tl.store(inp_ptr + (n + N) * s_inp_n + d64 * s_inp_d, x.to(inp_ptr.dtype.element_ty),
+        tl.store(inp_ptr + (n + N) * s_inp_n + d64 * s_inp_d, rounded_for(x, inp_ptr),
                  mask=inside)
 
 

@@ -18,8 +18,10 @@ programs of its launches; then the programs per launch at the Glow shapes.
 
 It must start without TRITON_INTERPRET (the kernels are decorated when first imported).
 Exit status 1 when a kernel fails to compile, spills, computes a product of two int32
-arguments (an offset that wraps past 2^31; ``int32_argument_products``), or a registered
-family has no exercise.
+runtime values (arguments, program ids: an offset that wraps past 2^31;
+``int32_argument_products``), converts float64
+straight to a 16-bit float (``direct_float64_to_16_bit``), or a registered family has no
+exercise.
 """
 
 from __future__ import annotations
@@ -62,6 +64,10 @@ from fastflow.ops import coupling as coupling_ops  # noqa: E402
 NV_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 GLOW_SHAPES = ((64, 12, 16, 16), (64, 24, 8, 8), (64, 48, 8, 8), (64, 48, 4, 4), (64, 96, 4, 4))
 GAUSS_SHAPES = ((64, 16), (64, 64), (64, 256), (64, 768))
+# TarFlow (N, tokens, token width): 64x64x3 images in 4x4 patches (256 tokens of 48: BLOCK_D
+# 64) and in 16x16 patches (16 tokens of 768: BLOCK_D 128, six rounds of the D loop, and the
+# one-token step's widest tile)
+TARFLOW_SHAPES = ((64, 256, 48), (4, 16, 768))
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -145,6 +151,18 @@ def exercise_coupling(quick: bool, glow: bool, rec: Recorder):
     x = torch.randn(2, 5, 6, 7, requires_grad=True)
     y, _ = ff.additive_coupling(x, torch.randn(2, 2, 6, 7, requires_grad=True))
     y.sum().backward()
+    # a float64 x with a 16-bit h: dh computed in float64, stored in h's dtype
+    for other in (torch.bfloat16, torch.float16):
+        x = torch.randn(2, 5, 6, 7, dtype=torch.float64, requires_grad=True)
+        h = torch.randn(2, 4, 6, 7, dtype=other, requires_grad=True)
+        y, ld = ff.affine_coupling(x, h)
+        torch.autograd.grad((y, ld), (x, h), (torch.ones_like(y), torch.ones_like(ld)))
+        y, _ = ff.additive_coupling(x, h[:, :2])
+        torch.autograd.grad(y, (x, h), torch.ones_like(y))
+    # one channel per tile (BLOCK_C 1: a 32x32 image of 3 channels, one sample)
+    x = torch.randn(1, 3, 32, 32, requires_grad=True)
+    y, ld = ff.affine_coupling(x, torch.randn(1, 2, 32, 32))
+    torch.autograd.grad((y, ld), x, (torch.ones_like(y), torch.ones_like(ld)))
     cl = torch.randn(2, 6, 5, 5).contiguous(memory_format=torch.channels_last)
     ff.affine_coupling(cl, torch.randn(2, 6, 5, 5).contiguous(memory_format=torch.channels_last))
     for n, c, hh, ww in GLOW_SHAPES if glow else ():
@@ -235,7 +253,8 @@ def exercise_channel_mix(quick: bool, glow: bool, rec: Recorder):
 
 def exercise_lu_weight(quick: bool, glow: bool, rec: Recorder):
     """One layer's launch comes with every InvConv2dLU in exercise_channel_mix (FlowStep,
-    conv_lu=True); a Glow block's stacked launch (all its steps' W at once) comes here."""
+    conv_lu=True) at C = 12 and 70; a Glow block's stacked launch (all its steps' W at once)
+    and the small tiles of C < 16 come here."""
     for dtype in DTYPES[:2] if quick else DTYPES:
         k = ff.layers.flowstep.MIN_STACK
         with rec.label(f"lu_weight stack of {k} {dtype}"):
@@ -245,6 +264,14 @@ def exercise_lu_weight(quick: bool, glow: bool, rec: Recorder):
                 st.actnorm.initialize(x)
             mats = ff.FlowStep.forward_matrices(steps, x)
             (sum(w.sum() for w, _, _ in mats) + sum(ld.sum() for _, ld, _ in mats)).backward()
+    # fewer than 16 channels: BLOCK 4 or 2 and one warp (a 1-channel image squeezed: C = 4)
+    for c in (4, 2):
+        steps = [ff.FlowStep(c, filter_size=8) for _ in range(ff.layers.flowstep.MIN_STACK)]
+        x = torch.randn(2, c, 4, 4)
+        for st in steps:
+            st.actnorm.initialize(x)
+        mats = ff.FlowStep.forward_matrices(steps, x)
+        (sum(w.sum() for w, _, _ in mats) + sum(ld.sum() for _, ld, _ in mats)).backward()
 
 
 def exercise_gaussian(quick: bool, glow: bool, rec: Recorder):
@@ -264,6 +291,11 @@ def exercise_gaussian(quick: bool, glow: bool, rec: Recorder):
         ga.reparam_kl_forward(mu, lv, None, seed, "none", force_wide=True)
         ga.reparam_kl_backward(torch.randn_like(mu), torch.randn(4), mu, lv, None, seed, "none",
                                force_wide=True)
+    for given in (False, True):  # a float64 mu with a bfloat16 logvar (and eps)
+        mu = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+        lv = torch.randn(4, 9, dtype=torch.bfloat16, requires_grad=True)
+        z, kl = ff.reparameterize_kl(mu, lv, torch.randn(4, 9, dtype=torch.bfloat16) if given else None)
+        (z.sum() + kl.sum()).backward()
     for n, d in GAUSS_SHAPES if glow else ():
         with rec.label(f"vae {n}x{d} float32"):
             mu = torch.randn(n, d, requires_grad=True)
@@ -295,6 +327,13 @@ def exercise_tarflow(quick: bool, glow: bool, rec: Recorder):
             hs.first()
             hs.step(torch.randn(rows, 24, dtype=dtype))
             hs.jacobi(torch.randn(rows, 37, 24, dtype=dtype), torch.zeros(rows, 37, 12, dtype=dtype))
+    # float64 tokens with a 16-bit h: dh stored in bfloat16 (without the clamp: with it, the
+    # forward direction's backward spills 8 bytes under triton 3.9's ptxas, not 3.6's)
+    for rev in (False, True):
+        x = torch.randn(2, 37, 12, dtype=torch.float64, requires_grad=True)
+        h = torch.randn(2, 37, 24, dtype=torch.bfloat16, requires_grad=True)
+        y, ld = ff.tarflow_head(x, h, reverse=rev)
+        torch.autograd.grad((y, ld), (x, h), (torch.ones_like(y), torch.ones_like(ld)))
     # past 65535 token tiles the all-token kernels put the tiles on the grid's axis 0
     # (TILES_ON_X): forced here at a small shape by lowering the limit
     tk = FAMILY_MODULES["tarflow"]
@@ -309,6 +348,21 @@ def exercise_tarflow(quick: bool, glow: bool, rec: Recorder):
             hs.jacobi(h.detach(), torch.zeros(2, 37, 12, dtype=dtype))
     finally:
         tk.MAX_GRID_YZ = limit
+    for (n, t, d), dtype in itertools.product(TARFLOW_SHAPES if glow else (),
+                                              (torch.float32, torch.float64)):
+        with rec.label(f"tarflow {n}x{t}x{d} {str(dtype)[6:]}"):
+            x = torch.randn(n, t, d, dtype=dtype, requires_grad=True)
+            h = torch.randn(n, t, 2 * d, dtype=dtype, requires_grad=True)
+            for rev in (False, True):
+                y, ld = ff.tarflow_head(x, h, clamp=2.0, reverse=rev)
+                torch.autograd.grad((y, ld), (x, h), (torch.ones_like(y), torch.ones_like(ld)))
+            z = x.detach()
+            hs = tarflow_ops.HeadSampler(z, torch.empty_like(z), torch.empty(2 * n, d, dtype=dtype),
+                                         torch.zeros(1, dtype=torch.long), clamp=2.0,
+                                         guidance=1.0, guided=True)
+            hs.first()
+            hs.step(torch.randn(2 * n, 2 * d, dtype=dtype))
+            hs.jacobi(torch.randn(2 * n, t, 2 * d, dtype=dtype), torch.zeros(2 * n, t, d, dtype=dtype))
 
 
 EXERCISES = {"coupling": exercise_coupling, "channel_mix": exercise_channel_mix,
@@ -328,14 +382,40 @@ def family_kernels(module) -> list[str]:
 
 
 def int32_argument_products(ttir: str) -> list[str]:
-    """The products of two kernel arguments computed in int32 in a kernel's TTIR (``A * B``
-    with both int32 arguments: an offset or a stride that wraps once it passes 2^31, as
-    ``CO * C`` did in the channel-mix finishing kernels). An argument is int32 below 2^31
-    and int64 from there, so such a product is best computed by the launcher."""
+    """The int32 products of two runtime values in a kernel's TTIR (``arith.muli`` on i32
+    scalars or tensors, neither operand an ``arith.constant``): kernel arguments (``CO * C``
+    in the channel-mix finishing kernels once wrapped past 2^31), a program id times an
+    argument (``pid * STRIDE``), or values derived from them (``(pid // N) * CHUNK``). An
+    argument is int32 below 2^31 and int64 from there, so such a product of two int32 values
+    can wrap where each value fits: compute it in int64 (``.to(tl.int64)`` first) or pass it
+    from the launcher. Each is named ``a * b``, an operand by its argument name or its
+    defining op (``tt.get_program_id``, ``arith.divsi``...)."""
     sig = re.search(r"tt\.func public @\w+\((.*?)\)\s*(?:attributes|\{)", ttir, flags=re.S)
     args = set(re.findall(r"%(\w+)\s*:", sig[1])) if sig else set()
-    return sorted({f"{a} * {b}" for a, b in re.findall(r"arith\.muli %(\w+), %(\w+) : i32\b", ttir)
-                   if a in args and b in args})
+    defs = dict(re.findall(r"%([\w#]+) = ([\w.]+)", ttir))
+    name = lambda v: v if v in args else defs.get(v, "?")  # noqa: E731
+    found = set()
+    for a, b in re.findall(r"arith\.muli %([\w#]+), %([\w#]+) : (?:tensor<[\dx]+xi32>|i32\b)", ttir):
+        if "arith.constant" not in (defs.get(a), defs.get(b)):
+            found.add(f"{name(a)} * {name(b)}")
+    return sorted(found)
+
+
+# int32 products of runtime values that a launcher keeps below 2^31, per kernel: the
+# specialisations where they are allowed, and why
+BOUNDED_INT32_PRODUCTS = {
+    "_reduce_kernel": (lambda meta: not meta.get("INDEX64"),
+                       "chunk * CHUNK <= N*H*W: int32 unless INDEX64 (reduce_config sets it "
+                       "from N*H*W + CHUNK >= 2^31)"),
+}
+
+
+def direct_float64_to_16_bit(ptx: str) -> list[str]:
+    """The PTX conversions straight from float64 to a 16-bit float (``cvt.rn.bf16.f64``): one
+    rounding, where torch's ``.to`` rounds through float32 (and the interpreter turns a direct
+    float64 -> bfloat16 conversion into garbage), so the GPU's 16-bit results would differ
+    from the interpreter's and torch's. Stores go through ``_layout.rounded_for``."""
+    return sorted(set(re.findall(r"\bcvt\.[\w.]*?(?:bf16|f16)\.f64\b", ptx)))
 
 
 def resource_usage(kernel, arch: int, always_ptxas: bool = False, sass: bool = False) -> dict:
@@ -437,9 +517,14 @@ def main(argv=None) -> int:
         for c in cols:
             s[c] = max(s[c], u.get(c, 0))
         products = int32_argument_products(k.asm.get("ttir") or "")
-        if products:
-            failures.append(f"{name} spec {i}: int32 products of two arguments {products} (wrap "
-                            f"past 2^31: pass the product from the launcher)")
+        allowed, _why = BOUNDED_INT32_PRODUCTS.get(name, (lambda meta: False, ""))
+        if products and not allowed(rec.meta.get((name, key), {})):
+            failures.append(f"{name} spec {i}: int32 products of runtime values {products} (wrap "
+                            f"past 2^31: compute in int64 or pass the product from the launcher)")
+        direct = direct_float64_to_16_bit(k.asm.get("ptx") or "")
+        if direct:
+            failures.append(f"{name} spec {i}: {direct} (float64 straight to 16 bits: store "
+                            f"through rounded_for); launched with {rec.meta.get((name, key), {})}")
         if u.get("STACK", 0) or u.get("SPILL_ST", 0) or u.get("SPILL_LD", 0) or u.get("LOCAL", 0):
             failures.append(f"{name} spec {i} spills: {u}; launched with "
                             f"{rec.meta.get((name, key), {})}")

@@ -1,4 +1,4 @@
-"""Every launcher writes inside its outputs and nowhere else.
+"""Every launcher writes inside its outputs and nowhere else (the TarFlow head too).
 
 Each output is a view into a larger NaN-filled buffer (a margin of samples, channels or
 elements on every side); after the launch the margin must still be all NaN. A mask that
@@ -168,3 +168,40 @@ def test_gaussian(given):
                            dmu=dmu.view, dlogvar=dlv.view)
     dmu.check("dmu")
     dlv.check("dlogvar")
+
+
+@pytest.mark.parametrize("reverse, order, guided, delta", [
+    (False, "same", False, False), (True, "reversed", False, False),
+    (True, "reversed", True, False), (True, "same", True, True)])
+def test_tarflow_head(reverse, order, guided, delta):
+    """The all-token head (forward, inverse, guided: both halves, Jacobi: read-modify-write)
+    at width 130: BLOCK_D 128, a second round of the D loop with 2 of 128 lanes inside."""
+    from fastflow.kernels import tarflow as tk
+
+    n, t, d = 2, 11, 130
+    rows = 2 * n if guided else n
+    x, h = torch.randn(n, t, d), 0.5 * torch.randn(rows, t, 2 * d)
+    out = Guarded((rows, t, d), pad=(1, 2, 3))
+    if delta:
+        out.view.copy_(torch.randn(rows, t, d))  # the previous iterate
+    tk.head_forward(x, h, clamp=2.0, order=order, reverse=reverse, guidance=0.5, guided=guided,
+                    out=out.view, delta=delta)
+    out.check("out")
+
+
+def test_tarflow_head_step():
+    """The one-token step writes token pos + 1 of x (and nothing around it) and every row of
+    the next input, both halves when guided; width 1030: two programs per sample."""
+    from fastflow.kernels import tarflow as tk
+
+    n, t, d = 2, 5, 1030
+    z, h = torch.randn(n, t, d), torch.randn(2 * n, 2 * d)
+    x, inp = Guarded((n, t, d), pad=(1, 1, 3)), Guarded((2 * n, d), pad=(1, 3))
+    coef = tk.coefficients(2.0, 0.5, torch.float32, z.device)
+    tk.head_step(z, h, torch.tensor([2]), x.view, inp.view, coef, first=False, clamp=2.0,
+                 order="reversed", guided=True)
+    inp.check("inp")
+    written = torch.zeros(x.big.shape, dtype=torch.bool)
+    written[1:1 + n, 1 + 3, 3:3 + d] = True  # token pos + 1 = 3 of every sample
+    assert not torch.isnan(x.big[written]).any(), "x: token pos + 1 left unwritten"
+    assert torch.isnan(x.big[~written]).all(), "x: stores outside token pos + 1"
