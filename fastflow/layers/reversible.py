@@ -468,7 +468,8 @@ def _hooked(step) -> bool:
 def _initialising_actnorm(step) -> bool:
     """An ActNorm of the step that a call would initialise: in training mode (its own flag,
     as ``ActNorm.maybe_initialize`` reads it, whatever the chain's) and not initialised
-    (is_initialized: the host-side mirror, no device read)."""
+    (is_initialized: the host-side mirror; one device read after an in-place write to the
+    flag)."""
     return any(isinstance(m, ActNorm) and m.training and not m.is_initialized()
                for m in step.modules())
 
