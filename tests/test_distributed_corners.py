@@ -86,3 +86,23 @@ def test_an_epoch_resumed_mid_way_counts_all_its_steps_seconds_and_processes(tmp
     assert entry["step"] == 4 and 1000 < entry["seconds"] < 1100
     assert abs(entry["images_per_s"] * entry["seconds"] - 4 * 16) < 1e-6
     assert entry["world_size"] == [1, 2]
+
+
+def test_the_ddp_wrapper_copies_no_buffers_before_each_forward(tmp_path):
+    """DDP's default copies every buffer from rank 0 before each forward; under torch 2.11
+    that moves their version counters, so every ActNorm read its flag from the device at
+    every step. The wrapper turns that copy off (a one-process gloo group here)."""
+    import torch.distributed as dist
+
+    from fastflow import Glow
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        d = _fake(2, 0)  # enabled: wraps (the group above is the one DDP uses)
+        net = d.wrap(Glow(1, 2, 2, filter_size=8))
+        assert isinstance(net, torch.nn.parallel.DistributedDataParallel)
+        assert not net.will_sync_module_buffers()
+        assert _fake(1, 0).wrap(net.module) is net.module  # one process: no wrapper
+    finally:
+        dist.destroy_process_group()

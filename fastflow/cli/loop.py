@@ -57,6 +57,27 @@ class Distributed:
         per = batch.shape[0] // self.world
         return batch[self.rank * per:(self.rank + 1) * per]
 
+    def wrap(self, model):
+        """``model`` in DistributedDataParallel (itself alone in one process), without DDP's
+        copy of every buffer from rank 0 before each forward: the buffers (ActNorm's flag,
+        the LU layers' fixed permutation) are equal on every rank from DDP's first
+        broadcast on, and under torch 2.11 that per-step copy moves their version counters,
+        so each ActNorm read its flag from the device at every step (a host sync) and each
+        InvConv2dLU rebuilt its row order."""
+        if not self.enabled:
+            return model
+        import inspect
+
+        from torch.nn.parallel import DistributedDataParallel
+
+        # forward_sync_buffers from torch 2.13 on, where broadcast_buffers is deprecated
+        no_sync = ("forward_sync_buffers"
+                   if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                   else "broadcast_buffers")
+        return DistributedDataParallel(
+            model, device_ids=[self.device] if self.device.type == "cuda" else None,
+            **{no_sync: False})
+
     def spread(self, value: int) -> tuple[int, int]:
         """(min, max) of ``value`` over the processes (one all-reduce; ``(value, value)``
         alone). Called once at start-up, where a host read costs nothing."""

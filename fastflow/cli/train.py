@@ -278,12 +278,7 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
         with torch.no_grad():
             model(dequantize(init, n_bins, noise).to(device))
 
-    net = model
-    if dist_.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
-                                      else None)
+    net = dist_.wrap(model)
     if args.compile:
         # the reversible chain is an autograd.Function that runs eagerly: no full graph
         net = torch.compile(net, fullgraph=not (dist_.enabled or args.reversible))
