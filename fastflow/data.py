@@ -223,6 +223,11 @@ def _load_array(path: Path) -> torch.Tensor:
             if key is None:
                 raise _data_error(f"{path} holds no arrays")
             what = f"{path}: array {key!r} of {keys}"
+            others = [k for k in keys if k != key and _npz_images_header(loaded, k)]
+            if others:  # np.savez(f, train, test): arr_1 is images too, and not read
+                print(f"--data: read {key!r} of {path}; left out its other image "
+                      f"array(s) {others} (to train on all, save them as one x: "
+                      "np.savez(path, x=np.concatenate([a, b])))", flush=True)
             try:  # members are read here, not by np.load
                 loaded = loaded[key]
             except Exception as err:  # noqa: BLE001 - object arrays, damaged members

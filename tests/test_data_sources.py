@@ -44,6 +44,20 @@ def test_an_npz_of_several_image_arrays_is_refused_naming_them(tmp_path):
         data.load_image_sets(str(tmp_path / "split.npz"))
 
 
+def test_an_npz_of_unnamed_image_arrays_says_what_it_leaves_out(tmp_path, capsys):
+    """np.savez(path, train, test) names them arr_0 and arr_1: arr_0 is read (the README's
+    rule), and arr_1 was dropped without a word."""
+    rng = np.random.default_rng(2)
+    a, b = rng.integers(0, 256, (6, 8, 8), np.uint8), rng.integers(0, 256, (4, 8, 8), np.uint8)
+    np.savez(tmp_path / "two.npz", a, b, np.arange(10))
+    train, test = data.load_image_sets(str(tmp_path / "two.npz"), test_fraction=0.5)
+    assert len(train) + len(test) == 6
+    assert "left out its other image array(s) ['arr_1']" in capsys.readouterr().out
+    np.savez(tmp_path / "one.npz", a, np.arange(10))  # labels beside the images: nothing said
+    data.load_image_sets(str(tmp_path / "one.npz"), test_fraction=0.5)
+    assert "left out" not in capsys.readouterr().out
+
+
 def test_one_image_saved_as_an_array_is_refused_naming_both_readings(tmp_path):
     """np.save(path, one (H, W, 3) image) was read as H grey images of W x 3 pixels (and
     --size then trained on their 3x3 centres); a grey stack of such narrow images can be
