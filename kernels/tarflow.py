@@ -357,12 +357,16 @@ def head_forward(inp: torch.Tensor, h: torch.Tensor, *, clamp: float | None, ord
 
 
 def head_backward(grad_out: torch.Tensor, grad_logdet: torch.Tensor, src: torch.Tensor,
-                  h: torch.Tensor, *, clamp: float | None, order: str, reverse: bool):
+                  h: torch.Tensor, *, clamp: float | None, order: str, reverse: bool,
+                  out: tuple[torch.Tensor, torch.Tensor] | None = None):
     """(d input, dh) of the all-token head; ``src`` is the op's input. Gradients may have
-    any strides, including the stride-0 ones of ``.sum().backward()``."""
+    any strides, including the stride-0 ones of ``.sum().backward()``; ``out``: the two
+    tensors to write them into (any strides; new ones by default)."""
     n, t_count, d = src.shape
-    grad_in = torch.empty(src.shape, dtype=src.dtype, device=src.device)
-    grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    if out is None:
+        out = (torch.empty(src.shape, dtype=src.dtype, device=src.device),
+               torch.empty(h.shape, dtype=h.dtype, device=h.device))
+    grad_in, grad_h = out
     if grad_in.numel() == 0:
         return grad_in, grad_h.zero_()
     cfg = all_token_launch(n, t_count, d, src.dtype)

@@ -189,6 +189,22 @@ def test_tarflow_head(reverse, order, guided, delta):
     out.check("out")
 
 
+@pytest.mark.parametrize("reverse, order, clamp", [(False, "same", 2.0), (True, "reversed", None)])
+def test_tarflow_head_backward(reverse, order, clamp):
+    """The all-token head's backward writes d input and dh (both halves) inside them, at
+    width 130 (a second round of the D loop)."""
+    from fastflow.kernels import tarflow as tk
+
+    n, t, d = 2, 11, 130
+    src, h = torch.randn(n, t, d), 0.5 * torch.randn(n, t, 2 * d)
+    grad_out, grad_ld = torch.randn(n, t, d), torch.randn(n)
+    gi, gh = Guarded((n, t, d), pad=(1, 2, 3)), Guarded((n, t, 2 * d), pad=(1, 2, 3))
+    tk.head_backward(grad_out, grad_ld, src, h, clamp=clamp, order=order, reverse=reverse,
+                     out=(gi.view, gh.view))
+    gi.check("grad_in")
+    gh.check("grad_h")
+
+
 def test_tarflow_head_step():
     """The one-token step writes token pos + 1 of x (and nothing around it) and every row of
     the next input, both halves when guided; width 1030: two programs per sample."""
