@@ -268,11 +268,14 @@ def launch_config(tokens: int, width: int, dtype: torch.dtype) -> tuple[int, int
     full tile at 8 (float64: 4) values per thread: 110-190 registers on sm_90 for the
     16/32-bit specialisations, and float64, whose exp is a long routine, stays under 255
     without spilling (1024-value float64 tiles, or 2048-value tiles in any dtype, reached
-    the 255 limit). Small tiles get 2 warps, so that none idles."""
+    the 255 limit). A full float64 tile gets 8 warps, 2 values per thread: at 4 warps the
+    clamped backward of float64 tokens with a bfloat16 h spilled 8 bytes under triton 3.9's
+    ptxas (128 registers). Small tiles get 2 warps, so that none idles."""
     block_d = min(triton.next_power_of_2(max(width, 1)), 128)
     max_elems = 512 if dtype == torch.float64 else 1024
     block_t = max(1, min(triton.next_power_of_2(max(tokens, 1)), max_elems // block_d))
-    num_warps = 4 if block_t * block_d >= 512 else 2
+    full = block_t * block_d >= 512
+    num_warps = (8 if dtype == torch.float64 else 4) if full else 2
     return block_t, block_d, num_warps
 
 
