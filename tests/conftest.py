@@ -79,6 +79,27 @@ def interpreter_skip_reason(exc: BaseException, gpu: bool) -> str | None:
     return None
 
 
+COMPILE_CHECK = "test_every_kernel_compiles_for_sm90_without_spills"
+
+
+def pytest_collection_modifyitems(config, items):
+    """The sm_90 compile check (tests/test_compile_for_gpu.py) runs last: its processes,
+    started when collection ends, compile beside the rest of the suite."""
+    items.sort(key=lambda item: item.name == COMPILE_CHECK)  # stable: the rest keep order
+
+
+def pytest_collection_finish(session):
+    for item in session.items:
+        if item.name == COMPILE_CHECK and getattr(item.module, "NEEDED", False):
+            item.module.start_compiles()
+
+
+def pytest_sessionfinish(session):
+    module = sys.modules.get("test_compile_for_gpu")
+    if module is not None:
+        module.stop_compiles()
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item):
     try:
