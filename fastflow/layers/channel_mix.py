@@ -43,11 +43,16 @@ def _version_of(t: torch.Tensor):
     return t._version
 
 
+def _written_since(t: torch.Tensor, version) -> bool:
+    """``t`` was written in place after ``version`` (where its version is read)."""
+    now = _version_of(t)
+    return now is not None and now != version
+
+
 def _described(t: torch.Tensor, of, version) -> bool:
     """A host-side mirror made from the tensor ``of`` at ``version`` still describes ``t``:
     the same tensor, not written in place since (where its version is read)."""
-    now = _version_of(t)
-    return t is of and (now is None or now == version)
+    return t is of and not _written_since(t, version)
 
 
 _STALE = -1  # a version no tensor has: the mirror is made again at the next call
@@ -144,8 +149,7 @@ class ActNorm(nn.Module):
         flag = self.initialized
         if flag is not getattr(self, "_flag_of", None):
             return True
-        version = _version_of(flag)
-        if version is not None and version != getattr(self, "_flag_version", None):
+        if _written_since(flag, getattr(self, "_flag_version", None)):
             ActNorm._sync_flag(self, None)  # written in place since (fill_, copy_): read it
         return self._initialized
 
@@ -310,8 +314,7 @@ class InvConv2dLU(_InvConvBase):
         w_p = self.w_p
         if w_p is not self._rows_of:
             return w_p.argmax(dim=1)
-        version = _version_of(w_p)
-        if version is not None and version != getattr(self, "_rows_version", None):
+        if _written_since(w_p, getattr(self, "_rows_version", None)):
             InvConv2dLU._sync_rows(self, None)  # w_p written in place since: its rows again
         return self.w_rows
 
