@@ -318,6 +318,14 @@ CHECK_TOL = {torch.float64: 1e-6, torch.float32: 1e-2, torch.bfloat16: 5e-2,
              torch.float16: 5e-2}
 
 
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |b - a| / max |a|, in float64 (0 for empty tensors, inf for another shape)."""
+    a, b = a.detach().double(), b.detach().double()
+    if a.shape != b.shape:
+        return float("inf")
+    return ((a - b).abs().max() / a.abs().max().clamp_min(1e-30)).item() if a.numel() else 0.0
+
+
 def _results(fn, inputs) -> tuple[list, list]:
     """(outputs, input gradients) of ``fn`` on clones of ``inputs``, the upstream gradients
     drawn from a fixed seed (the same for every implementation)."""
@@ -358,8 +366,7 @@ def check_outputs(case: Case, impl: Impl, inputs) -> dict:
             worst, where = float("inf"), (f"result {k}: shape {tuple(b.shape)} against "
                                           f"eager's {tuple(a.shape)}")
             break
-        a, b = a.double(), b.double()
-        err = ((a - b).abs().max() / a.abs().max().clamp_min(1e-30)).item() if a.numel() else 0.0
+        err = rel_diff(a, b)
         if worst == worst and not err <= worst:  # NaN counts as the worst
             worst, where = err, f"result {k} of {len(ref)}"
     note = f" ({case.compare_note})" if case.compare_note else ""

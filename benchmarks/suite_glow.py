@@ -225,14 +225,6 @@ def _ratios(rows, key_fields=("config", "dtype")):
 GLOW_CHECK_TOL = {torch.float32: 0.05}
 
 
-def _rel(a, b) -> float:
-    """max |b - a| / max |a|."""
-    a, b = a.detach().double(), b.detach().double()
-    if a.shape != b.shape:
-        return float("inf")
-    return ((a - b).abs().max() / a.abs().max().clamp_min(1e-30)).item()
-
-
 def _grads_rel(ga: dict, gb: dict) -> float:
     """The largest difference of two {name: gradient} dicts, per parameter against that
     gradient's largest entry, floored at 1% of the largest entry of any: gradients near zero
@@ -265,7 +257,7 @@ def check_results(results: dict, dtype) -> dict:
         if impl == "eager" or ref is None:
             out[impl] = {"check": "reference" if impl == "eager" else "no eager row to compare with"}
             continue
-        errs = {"output": _rel(ref[0], value)}
+        errs = {"output": harness.rel_diff(ref[0], value)}
         if grads is not None and ref[1] is not None:
             errs["gradients"] = _grads_rel(ref[1], grads)
         text = ", ".join(f"{k} rel diff {v:.2g}" for k, v in errs.items())
