@@ -209,9 +209,10 @@ def _load_array(path: Path) -> torch.Tensor:
     if isinstance(loaded, np.lib.npyio.NpzFile):
         with loaded:
             keys = list(loaded.keys())
+            image_keys = [k for k in keys if _npz_images_header(loaded, k)]  # headers only
             preferred = [k for k in ("x", "images", "arr_0") if k in keys]
             if not preferred:  # e.g. np.savez(f, labels=..., imgs=...): the one image array
-                preferred = [k for k in keys if _npz_images_header(loaded, k)]
+                preferred = image_keys
                 if len(preferred) > 1:  # x_train and x_test: reading one would drop the rest
                     names = ", ".join(map(repr, preferred))
                     raise _data_error(
@@ -223,7 +224,7 @@ def _load_array(path: Path) -> torch.Tensor:
             if key is None:
                 raise _data_error(f"{path} holds no arrays")
             what = f"{path}: array {key!r} of {keys}"
-            others = [k for k in keys if k != key and _npz_images_header(loaded, k)]
+            others = [k for k in image_keys if k != key]
             if others:  # np.savez(f, train, test): arr_1 is images too, and not read
                 print(f"--data: read {key!r} of {path}; left out its other image "
                       f"array(s) {others} (to train on all, save them as one x: "
