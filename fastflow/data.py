@@ -210,7 +210,10 @@ def _load_array(path: Path) -> torch.Tensor:
         with loaded:
             keys = list(loaded.keys())
             image_keys = [k for k in keys if _npz_images_header(loaded, k)]  # headers only
-            preferred = [k for k in ("x", "images", "arr_0") if k in keys]
+            # x and images by name (a wrong one is refused by name); arr_0, the first
+            # unnamed member, only when it holds images: np.savez(f, labels, images)
+            preferred = [k for k in ("x", "images") if k in keys] or (
+                ["arr_0"] if "arr_0" in image_keys else [])
             if not preferred:  # e.g. np.savez(f, labels=..., imgs=...): the one image array
                 preferred = image_keys
                 if len(preferred) > 1:  # x_train and x_test: reading one would drop the rest

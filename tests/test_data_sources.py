@@ -58,6 +58,22 @@ def test_an_npz_of_unnamed_image_arrays_says_what_it_leaves_out(tmp_path, capsys
     assert "left out" not in capsys.readouterr().out
 
 
+def test_an_npz_of_labels_then_images_reads_the_images(tmp_path, capsys):
+    """np.savez(path, labels, images): arr_0 (the labels) was read by name and refused as
+    "expected uint8 images, got dtype int64" although the images were beside it."""
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (6, 8, 8), np.uint8)
+    np.savez(tmp_path / "li.npz", np.arange(6), images)
+    train, test = data.load_image_sets(str(tmp_path / "li.npz"), test_fraction=0.5)
+    assert len(train) + len(test) == 6
+    got = np.sort(np.concatenate([train.levels.numpy(), test.levels.numpy()]).reshape(6, -1), 0)
+    assert np.array_equal(got, np.sort(images.reshape(6, -1), 0))
+    assert "left out" not in capsys.readouterr().out
+    np.savez(tmp_path / "named.npz", x=np.arange(6), images=images)  # a named x: its own error
+    with pytest.raises(ValueError, match=r"array 'x' .*expected uint8 images, got dtype int64"):
+        data.load_image_sets(str(tmp_path / "named.npz"))
+
+
 def test_one_image_saved_as_an_array_is_refused_naming_both_readings(tmp_path):
     """np.save(path, one (H, W, 3) image) was read as H grey images of W x 3 pixels (and
     --size then trained on their 3x3 centres); a grey stack of such narrow images can be
