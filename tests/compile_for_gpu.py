@@ -404,7 +404,9 @@ def int32_argument_products(ttir: str) -> list[str]:
 # int32 products of runtime values that a launcher keeps below 2^31, per kernel: the
 # specialisations where they are allowed, and why
 BOUNDED_INT32_PRODUCTS = {
-    "_reduce_kernel": (lambda meta: not meta.get("INDEX64"),
+    # allowed only where the launch said INDEX64 was off (a launch whose settings were not
+    # recorded is not let through)
+    "_reduce_kernel": (lambda meta: meta.get("INDEX64") is False,
                        "chunk * CHUNK <= N*H*W: int32 unless INDEX64 (reduce_config sets it "
                        "from N*H*W + CHUNK >= 2^31)"),
 }

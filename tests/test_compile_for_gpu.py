@@ -105,3 +105,22 @@ def test_no_jit_function_has_a_default_argument():
     # the check itself sees a default where there is one
     assert jit_functions_with_defaults(
         "@triton.jit\ndef f(a, B: tl.constexpr = 1):\n    return a\n") == ["f"]
+
+
+def test_an_allowed_int32_product_needs_the_launch_settings_that_allow_it():
+    """The reduce kernel's int32 product is allowed where its launch set INDEX64 off; a
+    specialisation whose settings were not recorded was let through as well."""
+    interpret = os.environ.get("TRITON_INTERPRET")  # the script sets it when imported
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import compile_for_gpu
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+        if interpret is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = interpret
+    allowed = compile_for_gpu.BOUNDED_INT32_PRODUCTS["_reduce_kernel"][0]
+    assert allowed({"INDEX64": False})
+    assert not allowed({"INDEX64": True})
+    assert not allowed({})
