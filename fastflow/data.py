@@ -243,7 +243,11 @@ def _load_folder(path: Path, size: int | None) -> torch.Tensor:
     import numpy as np
     from PIL import Image, ImageOps
 
-    files, grids, others = _image_files(path)
+    files, grids, others, unlisted = _image_files(path)
+    if unlisted:
+        print(f"--data: could not list {len(unlisted)} folder(s) under {path}, so the images "
+              f"in them are left out: {unlisted[0]}"
+              + (f" and {len(unlisted) - 1} more" if len(unlisted) > 1 else ""), flush=True)
     if others:
         kinds = ", ".join(f"{k}: {n}" for k, n in sorted(others.items()))
         print(f"--data: left out {sum(others.values())} image file(s) under {path} of types "
@@ -304,15 +308,17 @@ RUN_GRIDS = re.compile(r"(samples|samples_before|samples_epoch\d+|vae_samples|ta
                        r"\.png")
 
 
-def _image_files(path: Path) -> tuple[list[Path], int, dict]:
+def _image_files(path: Path) -> tuple[list[Path], int, dict, list[str]]:
     """The PNG/JPEG files under ``path``, sorted, through symlinked folders too (rglob does
     not enter them), each real folder once (a link back up is no cycle); how many sample
     grids of fastflow runs (``RUN_GRIDS`` in a folder holding a ``RUN_MARKERS`` file) were
     left out; the other image files (``OTHER_IMAGE_SUFFIXES``, not read) counted by
-    suffix. A dangling link stays, to be counted unreadable; a FIFO or device named .png is
+    suffix; the folders that could not be listed (say, no read permission), each with its
+    error. A dangling link stays, to be counted unreadable; a FIFO or device named .png is
     no file (never opened)."""
-    files, seen, grids, others = [], set(), 0, {}
-    for root, dirs, names in os.walk(path, followlinks=True):
+    files, seen, grids, others, unlisted = [], set(), 0, {}, []
+    for root, dirs, names in os.walk(path, followlinks=True,
+                                     onerror=lambda e: unlisted.append(f"{e.filename} ({e.strerror})")):
         real = os.path.realpath(root)
         if real in seen:
             dirs.clear()
@@ -329,7 +335,7 @@ def _image_files(path: Path) -> tuple[list[Path], int, dict]:
                 grids += 1
             else:
                 files.append(Path(root, n))
-    return sorted(p for p in files if p.is_file() or not p.exists()), grids, others
+    return sorted(p for p in files if p.is_file() or not p.exists()), grids, others, unlisted
 
 
 def _center_crop_resize_pil(img, size: int):

@@ -119,6 +119,29 @@ def test_image_folder_says_which_image_files_it_does_not_read(tmp_path, capsys):
            "(.bmp: 2, .webp: 1); convert them to PNG" in capsys.readouterr().out
 
 
+def test_image_folder_says_which_folders_it_could_not_list(tmp_path, capsys, monkeypatch):
+    """A subfolder that cannot be listed (no read permission) was skipped without a word:
+    its images were left out of training."""
+    import os
+
+    rng = np.random.default_rng(4)
+    for sub in ("ok", "locked"):
+        _png(tmp_path / sub / "a.png", rng.integers(0, 256, (8, 8), np.uint8))
+        _png(tmp_path / sub / "b.png", rng.integers(0, 256, (8, 8), np.uint8))
+    scandir = os.scandir
+
+    def refusing(folder="."):  # what a folder without read permission gives (root reads all)
+        if os.fspath(folder).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(folder))
+        return scandir(folder)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    train, test = data.load_image_sets(str(tmp_path), test_fraction=0.5)
+    assert len(train) + len(test) == 2
+    assert (f"--data: could not list 1 folder(s) under {tmp_path}, so the images in them are "
+            f"left out: {tmp_path / 'locked'} (Permission denied)") in capsys.readouterr().out
+
+
 def test_image_folder_says_when_grey_images_become_rgb(tmp_path, capsys):
     """One colour image among grey ones makes every image RGB (the grey repeated), the
     model 3 channels wide: that was said only as the shape in the command's summary."""
