@@ -238,62 +238,118 @@ def flag_row(row: dict) -> dict:
     return row
 
 
-def time_impl(impl: Impl, inputs, device: str, reps: int = 20, warmup: int = 3) -> dict:
-    """Forward, backward and forward+backward: median, quartiles and range (seconds), and
-    peak memory on CUDA. Backward is timed on a fresh forward each repetition."""
-    _check_counts(reps, warmup)
-    outs0 = _tensors(impl.fn(*inputs))
-    has_grad = any(o.requires_grad for o in outs0)
-    outs0, grads = _grad_outputs(outs0)
-    if has_grad:  # the first call runs backward too: its compiles (torch.compile's backward
-        run_backward(outs0, grads, inputs)  # graph, Triton's kernels) stay untimed at warmup 0
-    del outs0
-    for _ in range(warmup):
-        outs = [o for o in _tensors(impl.fn(*inputs)) if o.requires_grad]
-        if has_grad:
-            run_backward(outs, grads, inputs)
-    _sync(device)
-    flush = _Flusher(device)
-    fwd, bwd, both = [], [], []
-    for _ in range(reps):
+class _ImplTimes:
+    """One implementation's timed calls: forward, backward (on a fresh forward each time)
+    and forward+backward, collected one repetition at a time (``time_impls`` takes the
+    implementations of a case in turn)."""
+
+    def __init__(self, impl: Impl, inputs, device: str, warmup: int):
+        self.impl, self.inputs, self.device = impl, inputs, device
+        outs0 = _tensors(impl.fn(*inputs))
+        self.has_grad = any(o.requires_grad for o in outs0)
+        outs0, self.grads = _grad_outputs(outs0)
+        if self.has_grad:  # the first call runs backward too: its compiles (torch.compile's
+            run_backward(outs0, self.grads, inputs)  # backward graph, Triton's kernels) stay
+        del outs0                                     # untimed at warmup 0
+        for _ in range(warmup):
+            self._call()
+        self.fwd, self.bwd, self.both = [], [], []
+
+    def _call(self):
+        outs = [o for o in _tensors(self.impl.fn(*self.inputs)) if o.requires_grad]
+        if self.has_grad:
+            run_backward(outs, self.grads, self.inputs)
+
+    def split(self, flush):
+        """One forward, then its backward, each timed."""
         flush()
-        with _Timer(device) as t:
-            outs = _tensors(impl.fn(*inputs))
-        fwd.append(t)
-        if has_grad:
+        with _Timer(self.device) as t:
+            outs = _tensors(self.impl.fn(*self.inputs))
+        self.fwd.append(t)
+        if self.has_grad:
             outs = [o for o in outs if o.requires_grad]
             flush()
-            with _Timer(device) as t:
-                run_backward(outs, grads, inputs)
-            bwd.append(t)
+            with _Timer(self.device) as t:
+                run_backward(outs, self.grads, self.inputs)
+            self.bwd.append(t)
         del outs
-    for _ in range(reps):
+
+    def whole(self, flush):
+        """One forward+backward, timed as one."""
         flush()
-        with _Timer(device) as t:
-            outs = [o for o in _tensors(impl.fn(*inputs)) if o.requires_grad]
-            if has_grad:
-                run_backward(outs, grads, inputs)
-        both.append(t)
-        del outs
+        with _Timer(self.device) as t:
+            self._call()
+        self.both.append(t)
+
+    def result(self, reps: int, warmup: int) -> dict:
+        peak = None
+        if self.device.startswith("cuda"):
+            _sync(self.device)
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            self._call()
+            _sync(self.device)
+            peak = torch.cuda.max_memory_allocated() - base
+        out = {"peak_bytes": peak, "reps": reps, "warmup": warmup}
+        for key, ts in (("fwd", self.fwd), ("bwd", self.bwd), ("fwd_bwd", self.both)):
+            s = summary([t.elapsed() for t in ts])
+            out[f"{key}_s"] = s["median"]
+            out[f"{key}_q1_s"], out[f"{key}_q3_s"] = s["q1"], s["q3"]
+            out[f"{key}_min_s"], out[f"{key}_max_s"] = s["min"], s["max"]
+        return flag_row(out)
+
+
+def time_impls(entries: dict[str, tuple[Impl, tuple]], device: str, reps: int = 20,
+               warmup: int = 3) -> dict[str, dict | Exception]:
+    """Per name of ``entries`` ({name: (impl, inputs)}): forward, backward and
+    forward+backward (median, quartiles and range, seconds; peak memory on CUDA), or the
+    exception that implementation raised (the others are still timed).
+
+    The implementations are timed in turn, one repetition of each at a time with the order
+    rotated every repetition (as ``time_interleaved``): the forward and backward
+    repetitions first, then the forward+backward ones. A change in the machine's load
+    during the run reaches every row of the case alike, where timing one implementation
+    after the other credited it to whichever ran while the machine was busy, and the
+    speed-up columns (ratios of these medians) moved with it."""
+    _check_counts(reps, warmup)
+    timers, failed = {}, {}
+    for name, (impl, inputs) in entries.items():
+        try:
+            timers[name] = _ImplTimes(impl, inputs, device, warmup)
+        except Exception as e:  # noqa: BLE001 - reported in its row
+            failed[name] = e
+    _sync(device)
+    flush = _Flusher(device)
+    for phase in ("split", "whole"):
+        for rep in range(reps):
+            names = [n for n in timers if n not in failed]
+            k = rep % len(names) if names else 0
+            for name in names[k:] + names[:k]:
+                try:
+                    getattr(timers[name], phase)(flush)
+                except Exception as e:  # noqa: BLE001 - reported in its row
+                    failed[name] = e
     del flush
-    peak = None
-    if device.startswith("cuda"):
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        outs = [o for o in _tensors(impl.fn(*inputs)) if o.requires_grad]
-        if has_grad:
-            run_backward(outs, grads, inputs)
-        _sync(device)
-        peak = torch.cuda.max_memory_allocated() - base
-        del outs
-    out = {"peak_bytes": peak, "reps": reps, "warmup": warmup}
-    for key, ts in (("fwd", fwd), ("bwd", bwd), ("fwd_bwd", both)):
-        s = summary([t.elapsed() for t in ts])
-        out[f"{key}_s"] = s["median"]
-        out[f"{key}_q1_s"], out[f"{key}_q3_s"] = s["q1"], s["q3"]
-        out[f"{key}_min_s"], out[f"{key}_max_s"] = s["min"], s["max"]
-    return flag_row(out)
+    results = {}
+    for name in entries:
+        if name not in failed:
+            try:
+                results[name] = timers[name].result(reps, warmup)
+            except Exception as e:  # noqa: BLE001 - reported in its row
+                failed[name] = e
+        if name in failed:
+            results[name] = failed[name]
+    return results
+
+
+def time_impl(impl: Impl, inputs, device: str, reps: int = 20, warmup: int = 3) -> dict:
+    """Forward, backward and forward+backward of one implementation: median, quartiles and
+    range (seconds), and peak memory on CUDA. Backward is timed on a fresh forward each
+    repetition. (``time_impls`` for several, timed in turn.)"""
+    out = time_impls({impl.name: (impl, inputs)}, device, reps=reps, warmup=warmup)[impl.name]
+    if isinstance(out, Exception):
+        raise out
+    return out
 
 
 def copy_bandwidth(device: str, nbytes: int = 1 << 28, reps: int = 20) -> float:
@@ -383,42 +439,52 @@ def check_outputs(case: Case, impl: Impl, inputs) -> dict:
 def measure(case: Case, device: str, copy_bw: float | None, reps: int = 20,
             warmup: int = 3) -> list[dict]:
     """One row per implementation of ``case``, each first checked against eager
-    (``check_outputs``: a mismatch flags the row, which the tables then print as the flag).
+    (``check_outputs``: a mismatch flags the row, which the tables then print as the flag),
+    then all timed in turn (``time_impls``), so their ratios share the machine's load.
 
     All of it inside one ``use_backend("auto")`` block: fastflow runs its default backend
     whatever FASTFLOW_BACKEND says, and its rows call the ops as a user does, without a
     block of their own per call (about 2 us that only fastflow's times would include)."""
     from fastflow import use_backend
 
-    rows = []
+    names = [impl.name for impl in case.impls]
+    if len(set(names)) != len(names):
+        raise ValueError(f"case.impls: expected distinct names, got {names}")
+    dtype = str(case.dtype).replace("torch.", "")
+    rows, entries, checked = {}, {}, {}
     check_inputs = case.make_inputs()
     for impl in case.impls:
+        head = {"op": case.op, "shape": case.shape, "dtype": dtype, "impl": impl.name}
         if impl.skip:
-            rows.append({"op": case.op, "shape": case.shape, "impl": impl.name,
-                         "dtype": str(case.dtype).replace("torch.", ""),
-                         "error": f"skipped: {impl.skip}"})
+            rows[impl.name] = {**head, "error": f"skipped: {impl.skip}"}
             continue
-        inputs = case.make_inputs()
         try:
             with use_backend("auto"):
-                checked = check_outputs(case, impl, check_inputs)
-                r = time_impl(impl, inputs, device, reps=reps, warmup=warmup)
-            if "flag" in checked:
-                flags = [checked.pop("flag")] + ([r["flag"]] if "flag" in r else [])
-                r["flag"] = "; ".join(flags)
-            r.update(checked)
+                checked[impl.name] = check_outputs(case, impl, check_inputs)
         except Exception as e:  # a peer that cannot run this case is reported, not fatal
-            rows.append({"op": case.op, "shape": case.shape, "dtype": str(case.dtype).replace("torch.", ""),
-                         "impl": impl.name, "error": f"{type(e).__name__}: {e}"[:200]})
+            rows[impl.name] = {**head, "error": f"{type(e).__name__}: {e}"[:200]}
             continue
-        row = {"op": case.op, "shape": case.shape, "dtype": str(case.dtype).replace("torch.", ""),
-               "impl": impl.name, **r}
+        entries[impl.name] = (impl, case.make_inputs())
+    with use_backend("auto"):  # all of the case's rows timed in turn (``time_impls``)
+        timed = time_impls(entries, device, reps=reps, warmup=warmup)
+    entries.clear()  # the inputs
+    for name, r in timed.items():
+        head = {"op": case.op, "shape": case.shape, "dtype": dtype, "impl": name}
+        if isinstance(r, Exception):
+            rows[name] = {**head, "error": f"{type(r).__name__}: {r}"[:200]}
+            continue
+        check = checked[name]
+        if "flag" in check:
+            flags = [check.pop("flag")] + ([r["flag"]] if "flag" in r else [])
+            r["flag"] = "; ".join(flags)
+        r.update(check)
+        row = {**head, **r}
         row["fwd_GBps"] = case.bytes_fwd / r["fwd_s"] / 1e9
         row["fwd_bwd_GBps"] = (case.bytes_fwd + case.bytes_bwd) / r["fwd_bwd_s"] / 1e9
         if copy_bw:
             row["fwd_bwd_copy_frac"] = (case.bytes_fwd + case.bytes_bwd) / r["fwd_bwd_s"] / copy_bw
-        rows.append(row)
-        del inputs
+        rows[name] = row
+    rows = [rows[impl.name] for impl in case.impls]
     base = {r["impl"]: r for r in rows if "error" not in r and "flag" not in r}
     for r in rows:
         for ref in ("eager", "compile"):

@@ -189,13 +189,13 @@ def test_warmup_reaches_the_per_op_timings(run_py, tmp_path, monkeypatch):
     the saved info say, for the per-op suites too (measure used its own default of 3)."""
     import harness
     seen = []
-    real = harness.time_impl
+    real = harness.time_impls
 
-    def spy(impl, inputs, device, reps=20, warmup=3):
+    def spy(entries, device, reps=20, warmup=3):
         seen.append(warmup)
-        return real(impl, inputs, device, reps=reps, warmup=warmup)
+        return real(entries, device, reps=reps, warmup=warmup)
 
-    monkeypatch.setattr(harness, "time_impl", spy)
+    monkeypatch.setattr(harness, "time_impls", spy)
     monkeypatch.chdir(tmp_path)
     assert run_py.main(["--suites", "gaussian", "--quick", "--no-figures", "--reps", "1",
                         "--warmup", "0"]) == 0

@@ -339,3 +339,34 @@ def test_the_channel_mix_row_times_the_layer_not_functional_call(bench, monkeypa
         impl.fn(*inputs)
     assert calls == []
     assert harness.check_outputs(case, impl, case.make_inputs())["check"].startswith("ok")
+
+
+def test_a_case_times_its_implementations_in_turn(bench, monkeypatch):
+    """Each implementation's repetitions ran back to back, one implementation after the
+    other: a change in the machine's load during the run (other work starting, clocks
+    dropping) reached only the rows timed then, and moved the speed-up columns with it.
+    Now every repetition takes each implementation once, the order rotated; one that fails
+    while timed is reported in its row and the others still timed."""
+    harness, _ = bench
+    calls, timing = [], []
+    monkeypatch.setattr(harness, "flag_row", lambda r: r)
+    real_enter = harness._Timer.__enter__
+    monkeypatch.setattr(harness._Timer, "__enter__",
+                        lambda self: (timing.append(len(calls)), real_enter(self))[1])
+
+    def impl(name, fails=False):
+        def fn(x):
+            calls.append(name)
+            if fails and timing and calls[timing[0]:].count(name) == 3:  # its third timed call
+                raise RuntimeError(f"{name} failed")
+            return x * 2
+        return harness.Impl(name, fn)
+
+    case = _case(harness, [impl("eager"), impl("a"), impl("b", fails=True)])
+    rows = {r["impl"]: r for r in harness.measure(case, "cpu", None, reps=4, warmup=0)}
+    timed = calls[timing[0]:]  # the calls from the first timed repetition on
+    assert timed[:7] == ["eager", "a", "b", "a", "b", "eager", "b"]  # rotated every repetition
+    assert "b" not in timed[7:] and rows["b"]["error"] == "RuntimeError: b failed"
+    for name in ("eager", "a"):
+        assert rows[name]["reps"] == 4 and rows[name]["fwd_bwd_s"] > 0
+    assert "speedup_vs_eager" in rows["a"]
