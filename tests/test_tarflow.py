@@ -210,6 +210,10 @@ def test_train_tarflow_improves_and_resumes(tmp_path):
     assert resumed["epochs"][-1]["step"] == 8
     with pytest.raises(SystemExit, match="--resume"):
         _train(tmp_path, "--resume", "--channels", "8")
+    # the message said "a multiple of channels // head_dim" without the count
+    with pytest.raises(SystemExit, match=r"^--channels: expected a multiple of the 3 attention "
+                                         r"heads \(--channels // --head-dim\), got 50"):
+        _train(tmp_path / "heads", "--channels", "50", "--head-dim", "16")
 
 
 def test_cli_lists_train_tarflow(capsys):
