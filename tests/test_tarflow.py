@@ -210,6 +210,10 @@ def test_train_tarflow_improves_and_resumes(tmp_path):
     assert resumed["epochs"][-1]["step"] == 8
     with pytest.raises(SystemExit, match="--resume"):
         _train(tmp_path, "--resume", "--channels", "8")
+    # the message said "a multiple of channels // head_dim" without the count
+    with pytest.raises(SystemExit, match=r"^--channels: expected a multiple of the 3 attention "
+                                         r"heads \(--channels // --head-dim\), got 50"):
+        _train(tmp_path / "heads", "--channels", "50", "--head-dim", "16")
 
 
 def test_cli_lists_train_tarflow(capsys):
@@ -448,3 +452,23 @@ def test_sample_count_and_check_every_refuse_bools():
         model.sample(True)
     with pytest.raises(ValueError, match="^check_every: expected a positive integer"):
         model.reverse(torch.randn(1, 4, 4), method="jacobi", check_every=True)
+
+
+def test_flags_and_sampling_numbers_are_checked_by_name():
+    """drop_labels="no" dropped labels (a true string), and a NaN or inf guidance or
+    temperature made every sample NaN without a word."""
+    model = ff.TarFlow(1, 4, 2, 8, 1, 1, num_classes=2, head_dim=4).eval()
+    x, y = torch.randn(2, 1, 4, 4), torch.tensor([0, 1])
+    with pytest.raises(TypeError, match="^drop_labels: expected a bool"):
+        model(x, y, drop_labels="no")
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="^guidance: expected a finite number"):
+            model.sample(2, y, guidance=bad)
+        with pytest.raises(ValueError, match="^temperature: expected a finite number"):
+            model.sample(2, y, temperature=bad)
+    with pytest.raises(TypeError, match="^temperature: expected a finite number"):
+        model.sample(2, y, temperature="0.5")
+    with pytest.raises(TypeError, match="^denoise: expected a bool"):
+        model.sample(2, y, denoise="no")
+    with pytest.raises(TypeError, match="^graphs: expected a bool"):
+        model.reverse(torch.randn(2, 4, 4), y, graphs="no")

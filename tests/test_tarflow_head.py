@@ -317,5 +317,7 @@ def test_bad_inputs_name_the_argument():
             ff.tarflow_head(x, h, clamp=bad)
     with pytest.raises(TypeError, match="clamp: expected None or a finite positive"):
         ff.tarflow_head(x, h, clamp=True)  # was taken as 1
+    with pytest.raises(TypeError, match="reverse: expected a bool"):
+        ff.tarflow_head(x, h, reverse="False")  # was taken as true: the inverse
     with pytest.raises(ValueError, match="h: expected a tensor on x's device"):
         ff.tarflow_head(x, h.to("meta"))

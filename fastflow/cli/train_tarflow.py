@@ -132,9 +132,10 @@ def _main(args) -> int:
     if size % args.patch_size:
         raise SystemExit(f"--patch-size: expected a divisor of the image side (--size) {size}, "
                          f"got {args.patch_size}")
-    if args.channels % max(1, args.channels // args.head_dim):
-        raise SystemExit(f"--channels: expected a multiple of channels // head_dim, got "
-                         f"{args.channels}")
+    heads = max(1, args.channels // args.head_dim)
+    if args.channels % heads:
+        raise SystemExit(f"--channels: expected a multiple of the {heads} attention heads "
+                         f"(--channels // --head-dim), got {args.channels}")
 
     x_train, x_test, n_bins = train.levels.to(device), test.levels.to(device), train.n_bins
     labelled = train.labels is not None and test.labels is not None

@@ -24,7 +24,7 @@ from torch import Tensor
 from .. import reference
 from ..backend import (compute_dtype, device_guard, refuse_double_backward, refuse_transforms,
                        use_triton)
-from ._checks import check_choice, check_float_tensor, check_same_device
+from ._checks import check_bool, check_choice, check_float_tensor, check_same_device
 
 
 def _kernels():
@@ -136,6 +136,7 @@ def tarflow_head(x: Tensor, h: Tensor, *, clamp: float | None = None, order: str
     logdet is float32 (float64 for float64 input); outputs have ``x``'s dtype."""
     _check_tokens("x", x, h, 1)
     check_choice("order", order, reference.TARFLOW_ORDERS)
+    check_bool("reverse", reverse)  # reverse="False" took the inverse
     c = _check_clamp(clamp)
     if use_triton(x):
         refuse_transforms("tarflow_head", x, h)
