@@ -3,9 +3,12 @@
 # benchmark tables (op suites, then the end-to-end Glow suite). Everything lands under $OUT
 # (the device tool's result folder; runs/gpu_check when unset):
 #   device.txt   nvidia-smi's name, driver and memory of the card, torch and triton versions
-#   tests.log    pytest's output            tests.xml  the same as JUnit XML
+#   tests.log    pytest's output, one line per test as it ends (-v: a run cut short by its
+#                timeout still names what failed), then the failures' tracebacks
 #   bench.log    the op tables              glow.log   the Glow tables
 #   bench-<device>.json / .md  every number, with versions (op suites; glow/ for the Glow suite)
+# Eight files: the device tool brings back at most 8 files from $OUT
+# (tests/test_bench_cli.py counts them).
 # Exit status: 0 only when the tests and every table run passed; otherwise 1 (the logs say
 # which part failed).
 #
@@ -34,6 +37,7 @@ if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then
 fi
 echo "gpu_check: python $PY"
 SITE=$(mktemp -d /tmp/fastflow-site.XXXX)
+trap 'rm -rf "$SITE"' EXIT
 cp -r fastflow "$SITE/"
 rm -rf "$SITE/fastflow/kernels"  # a checkout's fastflow/kernels -> ../kernels link came along
 cp -r kernels "$SITE/fastflow/kernels"
@@ -57,8 +61,10 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 # Tests: xdist spreads kernel compilation over the CPU cores when it is installed.
 XDIST=""
 $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
-timeout "$(part_timeout "${TEST_TIMEOUT:-200}")" $PY -m pytest -q -p no:cacheprovider $XDIST --junitxml="$OUT/tests.xml" tests 2>&1 | tee "$OUT/tests.log" | tail -n 25
-rc=${PIPESTATUS[0]}
+timeout "$(part_timeout "${TEST_TIMEOUT:-200}")" $PY -m pytest -v -rfE --durations=25 -p no:cacheprovider $XDIST tests > "$OUT/tests.log" 2>&1
+rc=$?
+grep -E "(FAILED|ERROR) " "$OUT/tests.log" | head -n 40
+tail -n 30 "$OUT/tests.log"
 echo "tests exit: $rc" | tee -a "$OUT/tests.log"
 [ "$rc" -eq 0 ] || status=1
 

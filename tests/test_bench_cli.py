@@ -263,3 +263,40 @@ def test_usage_names_the_command_as_it_was_run(command):
     assert done.returncode == 2
     name = "python benchmarks/run.py" if command[0].endswith("run.py") else "python -m fastflow bench"
     assert f"{name}: error: --reps" in done.stderr, done.stderr
+
+
+def test_gpu_check_writes_what_the_device_tool_brings_back(tmp_path):
+    """The device tool brings back at most 8 files from $OUT, at most two folders down, named
+    in letters, digits, '.', '_' and '-': the script wrote 9 (a JUnit XML beside the log),
+    so one of its results would have stayed on the GPU machine. Run here end to end with a
+    stand-in for nvidia-smi and for a CUDA Python (each part writes what it would)."""
+    import os
+    import re
+    import stat
+    import subprocess
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'Stand-in GPU, 0.0, 1 MiB'\n")
+    (fake / "python").write_text(
+        "#!/usr/bin/env bash\n"
+        "if [ \"$1\" = benchmarks/run.py ]; then\n"  # run.py writes bench-<device>.json/.md
+        "  mkdir -p \"$3\"; echo '{}' > \"$3/bench-stand-in.json\"; echo t > \"$3/bench-stand-in.md\"\n"
+        "fi\n"
+        "for a in \"$@\"; do case $a in --junitxml=*) echo x > \"${a#--junitxml=}\";; esac; done\n"
+        "echo \"stand-in python $*\"\n")
+    for f in fake.iterdir():
+        f.chmod(f.stat().st_mode | stat.S_IEXEC)
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "PYTHON": str(fake / "python"),
+           "OUT": str(out)}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "gpu_check: passed" in done.stdout
+    files = [p.relative_to(out) for p in out.rglob("*") if p.is_file()]
+    assert len(files) <= 8, files
+    for f in files:
+        assert len(f.parts) <= 3 and all(re.fullmatch(r"[A-Za-z0-9._-]+", p) for p in f.parts), f
+    assert {"device.txt", "tests.log", "bench.log", "glow.log"} <= {str(f) for f in files}
+    assert "-m pytest -v" in (out / "tests.log").read_text()
