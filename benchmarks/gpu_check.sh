@@ -61,7 +61,11 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 # Tests: xdist spreads kernel compilation over the CPU cores when it is installed.
 XDIST=""
 $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
-timeout "$(part_timeout "${TEST_TIMEOUT:-200}")" $PY -m pytest -v -rfE --durations=25 -p no:cacheprovider $XDIST tests > "$OUT/tests.log" 2>&1
+# pytest-timeout (in the GPU image): a test that hangs (a stuck process group, a kernel
+# that never returns) fails alone after 90 s instead of taking the whole part's budget
+PER_TEST=""
+$PY -c "import pytest_timeout" 2>/dev/null && PER_TEST="--timeout 90"
+timeout "$(part_timeout "${TEST_TIMEOUT:-200}")" $PY -m pytest -v -rfE --durations=25 -p no:cacheprovider $XDIST $PER_TEST tests > "$OUT/tests.log" 2>&1
 rc=$?
 grep -E "(FAILED|ERROR) " "$OUT/tests.log" | head -n 40
 tail -n 30 "$OUT/tests.log"

@@ -299,4 +299,5 @@ def test_gpu_check_writes_what_the_device_tool_brings_back(tmp_path):
     for f in files:
         assert len(f.parts) <= 3 and all(re.fullmatch(r"[A-Za-z0-9._-]+", p) for p in f.parts), f
     assert {"device.txt", "tests.log", "bench.log", "glow.log"} <= {str(f) for f in files}
-    assert "-m pytest -v" in (out / "tests.log").read_text()
+    said = (out / "tests.log").read_text()
+    assert "-m pytest -v" in said and "--timeout 90" in said
