@@ -429,10 +429,16 @@ def set_threads(args) -> None:
         torch.set_num_threads(args.threads)
 
 
+def out_folder(text: str) -> str:
+    """An argparse type: ``--out`` with a leading ``~`` expanded, as ``--data`` expands it
+    (the shell leaves ``--out=~/x`` as it is: the run went to a folder named ``~`` here)."""
+    return os.path.expanduser(text)
+
+
 def add_run_options(parser, *, out: str, force: bool = True) -> None:
     """``--out``, ``--device``, ``--resume``, ``--force`` (where the command refuses to
     overwrite a checkpoint, see ``prepare_out``) and ``--no-progress`` on ``parser``."""
-    parser.add_argument("--out", default=out, help="results folder")
+    parser.add_argument("--out", type=out_folder, default=out, help="results folder")
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA if available), cpu, cuda, cuda:N")
     parser.add_argument("--resume", action="store_true",
