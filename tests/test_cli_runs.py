@@ -264,6 +264,19 @@ def test_resume_says_when_warmup_clip_or_hflip_change(tmp_path, capsys):
     assert "the checkpoint's run had" not in capsys.readouterr().out
 
 
+def test_resume_at_an_epochs_end_says_when_the_batch_size_changes(tmp_path, capsys):
+    """train --resume at an epoch boundary took another --batch-size without a word (other
+    steps per epoch from then on; mid-epoch it is refused)."""
+    assert train.main([*GLOW, "--epochs", "1", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert train.main([*GLOW, "--epochs", "2", "--out", str(tmp_path), "--resume",
+                       "--batch-size", "256"]) == 0
+    assert ("--batch-size: using 256 (the checkpoint's run had 512)"
+            in capsys.readouterr().out)
+    metrics = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert [row.split(",")[:2] for row in metrics[1:]] == [["1", "2"], ["2", "7"]]
+
+
 @pytest.mark.parametrize("out, message", [("", "--out: expected a folder, got ''"),
                                           ("file", "--out: cannot create the folder "),
                                           ("file/sub", "--out: cannot create the folder ")])

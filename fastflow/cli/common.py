@@ -397,8 +397,11 @@ def check_step_options(args) -> None:
 def step_options(args) -> dict:
     """The options of the training step that ``--resume`` takes as given (the learning rate
     has its own message): saved with the checkpoint (``training``), so that a change is
-    said (``say_changed_options``): a run resumed without its --precision goes on in fp32."""
-    return {"warmup": args.warmup, "clip": args.clip, "precision": args.precision}
+    said (``say_changed_options``): a run resumed without its --precision goes on in fp32,
+    one resumed at an epoch's end with another --batch-size takes other steps (mid-epoch it
+    is refused: ``check_resume_batch``)."""
+    return {"warmup": args.warmup, "clip": args.clip, "precision": args.precision,
+            "batch_size": args.batch_size}
 
 
 def say_changed_options(saved: dict | None, given: dict, say=print) -> None:
@@ -408,7 +411,7 @@ def say_changed_options(saved: dict | None, given: dict, say=print) -> None:
     for name, value in given.items():
         had = (saved or {}).get(name, value)
         if had != value:
-            say(f"--{name}: using {value} (the checkpoint's run had {had})")
+            say(f"--{name.replace('_', '-')}: using {value} (the checkpoint's run had {had})")
 
 
 def add_cadence_options(parser, *, evaluated: str) -> None:
