@@ -277,6 +277,25 @@ def test_resume_at_an_epochs_end_says_when_the_batch_size_changes(tmp_path, caps
     assert [row.split(",")[:2] for row in metrics[1:]] == [["1", "2"], ["2", "7"]]
 
 
+@pytest.mark.parametrize("command, tiny", [(train, GLOW), (train_vae, VAE)],
+                         ids=["train", "train-vae"])
+def test_a_resume_that_has_nothing_left_to_train_says_so(command, tiny, tmp_path, capsys):
+    """A --resume whose checkpoint already reached --epochs or --max-steps (an --epochs
+    raised with the last run's --max-steps left on) trained nothing, and its summary read
+    as a finished run's."""
+    assert command.main([*tiny, "--epochs", "1", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert command.main([*tiny, "--epochs", "1", "--out", str(tmp_path), "--resume"]) == 0
+    assert re.search(r"--resume: nothing to train: the checkpoint is at epoch 1, step \d+, "
+                     r"which reaches --epochs 1 \(pass a larger value to go on\)",
+                     capsys.readouterr().out)
+    assert command.main([*tiny, "--epochs", "3", "--max-steps", "2", "--out", str(tmp_path),
+                         "--resume"]) == 0
+    assert "which reaches --max-steps 2 (pass" in capsys.readouterr().out
+    assert command.main([*tiny, "--epochs", "2", "--out", str(tmp_path), "--resume"]) == 0
+    assert "nothing to train" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("out, message", [("", "--out: expected a folder, got ''"),
                                           ("file", "--out: cannot create the folder "),
                                           ("file/sub", "--out: cannot create the folder ")])

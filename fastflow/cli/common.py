@@ -414,6 +414,19 @@ def say_changed_options(saved: dict | None, given: dict, say=print) -> None:
             say(f"--{name.replace('_', '-')}: using {value} (the checkpoint's run had {had})")
 
 
+def say_nothing_left(epoch: int, step: int, args, say=print) -> None:
+    """On ``--resume``: one line when the checkpoint (``epoch`` finished epochs, ``step``
+    steps) already reaches ``--epochs`` or ``--max-steps``: the run trains nothing, and its
+    summary read as that of a run that did."""
+    reached = [f"--epochs {args.epochs}" if epoch >= args.epochs else "",
+               f"--max-steps {args.max_steps}"
+               if args.max_steps is not None and step >= args.max_steps else ""]
+    reached = [text for text in reached if text]
+    if reached:
+        say(f"--resume: nothing to train: the checkpoint is at epoch {epoch}, step {step}, "
+            f"which reaches {' and '.join(reached)} (pass a larger value to go on)")
+
+
 def add_cadence_options(parser, *, evaluated: str) -> None:
     """``--eval-every``, ``--log-every`` and ``--threads`` on ``parser``, the same in every
     training command; ``evaluated``: what the command does on an evaluation epoch (say,

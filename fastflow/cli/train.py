@@ -17,8 +17,8 @@ from .common import (HelpFormatter, add_cadence_options, add_data_options,
                      check_resume_data, check_step_options, check_test_fraction, load_data,
                      positive, prepare_out, progress, read_checkpoint, resume_data, rng_state,
                      run_interruptible, save_checkpoint, save_image_grid, say_changed_options,
-                     set_rng_state, set_threads, step_options, stop_between_steps,
-                     write_metrics)
+                     say_nothing_left, set_rng_state, set_threads, step_options,
+                     stop_between_steps, write_metrics)
 from .loop import Distributed, StepRunner, epoch_generator, epoch_order
 
 INIT_IMAGES = 512  # ActNorm's data-dependent initialisation: this many training images
@@ -259,6 +259,7 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
             + (f" (batch {partial['batch']} of epoch {start_epoch + 1})" if partial else "")
             + (f"; --lr {base_lr:g} replaces the checkpoint's {old_lr:g}"
                if base_lr != old_lr else f"; lr {base_lr:g}"))
+        say_nothing_left(start_epoch, step, args, say)
     low, high = dist_.spread(step)
     if low != high:  # across nodes without a shared disk, one rank found no checkpoint
         raise SystemExit(f"--resume: the processes start from different steps ({low} to "
