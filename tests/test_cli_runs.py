@@ -57,6 +57,26 @@ def test_a_fresh_run_over_an_earlier_one_lists_and_keeps_only_its_own_grids(tmp_
         assert (tmp_path / path).is_file(), path
 
 
+def test_a_fresh_run_stopped_before_its_first_checkpoint_leaves_none_of_the_earlier_run(
+        tmp_path, capsys, monkeypatch):
+    """A --force run stopped before its first checkpoint (Ctrl-C in its first evaluation)
+    said 'checkpoint.pt (its last checkpoint) is intact: --resume goes on from it' of the
+    earlier run's, and --resume went on with that run."""
+    assert train.main([*GLOW, "--epochs", "1", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "evaluate_bpd", stop)
+    assert train.main([*GLOW, "--epochs", "2", "--out", str(tmp_path), "--force"]) == 130
+    printed = capsys.readouterr()
+    assert (f"--out: removed the earlier run's checkpoint.pt, metrics.json, metrics.csv in "
+            f"{tmp_path}: this run starts afresh") in printed.out
+    assert f"no checkpoint was written yet in {tmp_path}" in printed.err
+    assert not any(tmp_path.glob("*.pt")) and not any(tmp_path.glob("metrics.*"))
+
+
 def test_a_resumed_run_that_trains_no_more_lists_no_checkpoint_or_grid(tmp_path, capsys):
     """--resume at the --max-steps already reached writes no checkpoint and no epoch grid:
     the summary listed the earlier run's as written by it."""

@@ -307,6 +307,16 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
             names = stale[0].name + (f" .. {stale[-1].name}" if len(stale) > 1 else "")
             say(f"--out: removed {len(stale)} sample grid(s) of an earlier run in {out} "
                 f"({names})")
+        # and the checkpoint a --force starts over (with its metrics): until this run wrote
+        # its own, a stop (Ctrl-C in the first evaluation, a kill) said it was this run's
+        # and --resume went on with the earlier run
+        earlier = [p for p in (ckpt_path, out / "metrics.json", out / "metrics.csv")
+                   if p.is_file()] if ckpt_path.is_file() else []
+        for path in earlier:
+            path.unlink()
+        if earlier:
+            say(f"--out: removed the earlier run's {', '.join(p.name for p in earlier)} in "
+                f"{out}: this run starts afresh")
     is_digits = args.data == "digits" and channels == 1
     if history["initial"] is None:
         history["initial"] = {"bpd": evaluate_bpd(model, test, args.seed + 2, runner, device)}
