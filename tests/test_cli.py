@@ -103,6 +103,21 @@ def test_training_commands_share_their_run_options_with_their_own_defaults(modul
         p.parse_args(["--epochs", "0"])
 
 
+def test_out_with_a_tilde_goes_to_the_home_folder(tmp_path, monkeypatch):
+    """--out=~/x (the shell leaves a ~ after '=' as it is) wrote the run into a folder
+    named '~' under the current one, while the summary listed '~/x/...'."""
+    from fastflow.cli import demo, train, train_tarflow, train_vae
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    want = str(tmp_path / "x")
+    for parser in (train._glow_parser, train_vae._vae_parser, train_tarflow._parser):
+        assert parser().parse_args(["--out=~/x"]).out == want
+    seen = []
+    monkeypatch.setattr(demo.train, "main", lambda argv: seen.append(argv) or 130)
+    assert demo.main(["--out=~/x", "--skip-bench"]) == 130
+    assert seen[0][seen[0].index("--out") + 1] == str(tmp_path / "x" / "glow")
+
+
 @pytest.mark.parametrize("option", ["--lr", "--clip"])
 @pytest.mark.parametrize("value", ["nan", "inf"])
 def test_non_finite_float_options_are_refused_naming_the_option(option, value, capsys):

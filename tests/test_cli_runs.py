@@ -57,6 +57,26 @@ def test_a_fresh_run_over_an_earlier_one_lists_and_keeps_only_its_own_grids(tmp_
         assert (tmp_path / path).is_file(), path
 
 
+def test_a_fresh_run_stopped_before_its_first_checkpoint_leaves_none_of_the_earlier_run(
+        tmp_path, capsys, monkeypatch):
+    """A --force run stopped before its first checkpoint (Ctrl-C in its first evaluation)
+    said 'checkpoint.pt (its last checkpoint) is intact: --resume goes on from it' of the
+    earlier run's, and --resume went on with that run."""
+    assert train.main([*GLOW, "--epochs", "1", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "evaluate_bpd", stop)
+    assert train.main([*GLOW, "--epochs", "2", "--out", str(tmp_path), "--force"]) == 130
+    printed = capsys.readouterr()
+    assert (f"--out: removed the earlier run's checkpoint.pt, metrics.json, metrics.csv in "
+            f"{tmp_path}: this run starts afresh") in printed.out
+    assert f"no checkpoint was written yet in {tmp_path}" in printed.err
+    assert not any(tmp_path.glob("*.pt")) and not any(tmp_path.glob("metrics.*"))
+
+
 def test_a_resumed_run_that_trains_no_more_lists_no_checkpoint_or_grid(tmp_path, capsys):
     """--resume at the --max-steps already reached writes no checkpoint and no epoch grid:
     the summary listed the earlier run's as written by it."""
@@ -262,6 +282,38 @@ def test_resume_says_when_warmup_clip_or_hflip_change(tmp_path, capsys):
     assert train.main([*GLOW, "--max-steps", "3", "--out", str(tmp_path), "--resume",
                        "--warmup", "0", "--clip", "1.5", "--hflip"]) == 0
     assert "the checkpoint's run had" not in capsys.readouterr().out
+
+
+def test_resume_at_an_epochs_end_says_when_the_batch_size_changes(tmp_path, capsys):
+    """train --resume at an epoch boundary took another --batch-size without a word (other
+    steps per epoch from then on; mid-epoch it is refused)."""
+    assert train.main([*GLOW, "--epochs", "1", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert train.main([*GLOW, "--epochs", "2", "--out", str(tmp_path), "--resume",
+                       "--batch-size", "256"]) == 0
+    assert ("--batch-size: using 256 (the checkpoint's run had 512)"
+            in capsys.readouterr().out)
+    metrics = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert [row.split(",")[:2] for row in metrics[1:]] == [["1", "2"], ["2", "7"]]
+
+
+@pytest.mark.parametrize("command, tiny", [(train, GLOW), (train_vae, VAE)],
+                         ids=["train", "train-vae"])
+def test_a_resume_that_has_nothing_left_to_train_says_so(command, tiny, tmp_path, capsys):
+    """A --resume whose checkpoint already reached --epochs or --max-steps (an --epochs
+    raised with the last run's --max-steps left on) trained nothing, and its summary read
+    as a finished run's."""
+    assert command.main([*tiny, "--epochs", "1", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert command.main([*tiny, "--epochs", "1", "--out", str(tmp_path), "--resume"]) == 0
+    assert re.search(r"--resume: nothing to train: the checkpoint is at epoch 1, step \d+, "
+                     r"which reaches --epochs 1 \(pass a larger value to go on\)",
+                     capsys.readouterr().out)
+    assert command.main([*tiny, "--epochs", "3", "--max-steps", "2", "--out", str(tmp_path),
+                         "--resume"]) == 0
+    assert "which reaches --max-steps 2 (pass" in capsys.readouterr().out
+    assert command.main([*tiny, "--epochs", "2", "--out", str(tmp_path), "--resume"]) == 0
+    assert "nothing to train" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("out, message", [("", "--out: expected a folder, got ''"),

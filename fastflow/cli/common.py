@@ -397,8 +397,11 @@ def check_step_options(args) -> None:
 def step_options(args) -> dict:
     """The options of the training step that ``--resume`` takes as given (the learning rate
     has its own message): saved with the checkpoint (``training``), so that a change is
-    said (``say_changed_options``): a run resumed without its --precision goes on in fp32."""
-    return {"warmup": args.warmup, "clip": args.clip, "precision": args.precision}
+    said (``say_changed_options``): a run resumed without its --precision goes on in fp32,
+    one resumed at an epoch's end with another --batch-size takes other steps (mid-epoch it
+    is refused: ``check_resume_batch``)."""
+    return {"warmup": args.warmup, "clip": args.clip, "precision": args.precision,
+            "batch_size": args.batch_size}
 
 
 def say_changed_options(saved: dict | None, given: dict, say=print) -> None:
@@ -408,7 +411,20 @@ def say_changed_options(saved: dict | None, given: dict, say=print) -> None:
     for name, value in given.items():
         had = (saved or {}).get(name, value)
         if had != value:
-            say(f"--{name}: using {value} (the checkpoint's run had {had})")
+            say(f"--{name.replace('_', '-')}: using {value} (the checkpoint's run had {had})")
+
+
+def say_nothing_left(epoch: int, step: int, args, say=print) -> None:
+    """On ``--resume``: one line when the checkpoint (``epoch`` finished epochs, ``step``
+    steps) already reaches ``--epochs`` or ``--max-steps``: the run trains nothing, and its
+    summary read as that of a run that did."""
+    reached = [f"--epochs {args.epochs}" if epoch >= args.epochs else "",
+               f"--max-steps {args.max_steps}"
+               if args.max_steps is not None and step >= args.max_steps else ""]
+    reached = [text for text in reached if text]
+    if reached:
+        say(f"--resume: nothing to train: the checkpoint is at epoch {epoch}, step {step}, "
+            f"which reaches {' and '.join(reached)} (pass a larger value to go on)")
 
 
 def add_cadence_options(parser, *, evaluated: str) -> None:
@@ -429,10 +445,16 @@ def set_threads(args) -> None:
         torch.set_num_threads(args.threads)
 
 
+def out_folder(text: str) -> str:
+    """An argparse type: ``--out`` with a leading ``~`` expanded, as ``--data`` expands it
+    (the shell leaves ``--out=~/x`` as it is: the run went to a folder named ``~`` here)."""
+    return os.path.expanduser(text)
+
+
 def add_run_options(parser, *, out: str, force: bool = True) -> None:
     """``--out``, ``--device``, ``--resume``, ``--force`` (where the command refuses to
     overwrite a checkpoint, see ``prepare_out``) and ``--no-progress`` on ``parser``."""
-    parser.add_argument("--out", default=out, help="results folder")
+    parser.add_argument("--out", type=out_folder, default=out, help="results folder")
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA if available), cpu, cuda, cuda:N")
     parser.add_argument("--resume", action="store_true",

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from . import bench, train
-from .common import HelpFormatter, check_one_process, positive, write_json
+from .common import HelpFormatter, check_one_process, out_folder, positive, write_json
 
 # The demo's Glow on the 8x8 digits: two squeeze levels (4x4x4, 2x2x8), 8 affine steps each,
 # a 64-wide coupling net, 80 epochs (1760 steps) at lr 2e-3. Measured on a shared 2-core CPU,
@@ -42,7 +42,8 @@ def main(argv=None) -> int:
                    help="Glow training epochs over the 1438 training digits")
     p.add_argument("--max-steps", type=positive(int), default=None,
                    help="stop the training after this many optimizer steps")
-    p.add_argument("--out", default="runs/demo", help="results folder (bench/ and glow/ in it)")
+    p.add_argument("--out", type=out_folder, default="runs/demo",
+                   help="results folder (bench/ and glow/ in it)")
     p.add_argument("--skip-bench", action="store_true", help="skip the benchmark tables")
     p.add_argument("--threads", type=positive(int), default=None,
                    help="CPU threads for the training (None: 1 on CPU, where the demo's "

@@ -17,8 +17,8 @@ import torch.distributed as dist
 
 from .common import (PRECISIONS, check_resume_batch, check_resume_config,
                      check_resume_data, progress, read_checkpoint, restore_checkpoint,
-                     rng_state, save_checkpoint, say_changed_options, set_rng_state,
-                     step_options, stop_between_steps, write_metrics)
+                     rng_state, save_checkpoint, say_changed_options, say_nothing_left,
+                     set_rng_state, step_options, stop_between_steps, write_metrics)
 
 
 class Distributed:
@@ -272,6 +272,7 @@ def resume_or_start(args, ckpt_path: Path, model, opt, config: dict, generators:
     partial = state.get("partial")
     check_resume_batch(partial, ckpt_path, state["epoch"], args.batch_size)
     print(f"resumed from {ckpt_path} at epoch {state['epoch']}, step {state['step']}")
+    say_nothing_left(state["epoch"], state["step"], args)
     # --lr applies on resume too; without it the checkpoint's (older checkpoints: the
     # optimizer's, a tensor when a StepRunner saved it)
     old = float(state.get("lr", opt.param_groups[0]["lr"]))

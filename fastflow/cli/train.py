@@ -17,8 +17,8 @@ from .common import (HelpFormatter, add_cadence_options, add_data_options,
                      check_resume_data, check_step_options, check_test_fraction, load_data,
                      positive, prepare_out, progress, read_checkpoint, resume_data, rng_state,
                      run_interruptible, save_checkpoint, save_image_grid, say_changed_options,
-                     set_rng_state, set_threads, step_options, stop_between_steps,
-                     write_metrics)
+                     say_nothing_left, set_rng_state, set_threads, step_options,
+                     stop_between_steps, write_metrics)
 from .loop import Distributed, StepRunner, epoch_generator, epoch_order
 
 INIT_IMAGES = 512  # ActNorm's data-dependent initialisation: this many training images
@@ -259,6 +259,7 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
             + (f" (batch {partial['batch']} of epoch {start_epoch + 1})" if partial else "")
             + (f"; --lr {base_lr:g} replaces the checkpoint's {old_lr:g}"
                if base_lr != old_lr else f"; lr {base_lr:g}"))
+        say_nothing_left(start_epoch, step, args, say)
     low, high = dist_.spread(step)
     if low != high:  # across nodes without a shared disk, one rank found no checkpoint
         raise SystemExit(f"--resume: the processes start from different steps ({low} to "
@@ -306,6 +307,16 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
             names = stale[0].name + (f" .. {stale[-1].name}" if len(stale) > 1 else "")
             say(f"--out: removed {len(stale)} sample grid(s) of an earlier run in {out} "
                 f"({names})")
+        # and the checkpoint a --force starts over (with its metrics): until this run wrote
+        # its own, a stop (Ctrl-C in the first evaluation, a kill) said it was this run's
+        # and --resume went on with the earlier run
+        earlier = [p for p in (ckpt_path, out / "metrics.json", out / "metrics.csv")
+                   if p.is_file()] if ckpt_path.is_file() else []
+        for path in earlier:
+            path.unlink()
+        if earlier:
+            say(f"--out: removed the earlier run's {', '.join(p.name for p in earlier)} in "
+                f"{out}: this run starts afresh")
     is_digits = args.data == "digits" and channels == 1
     if history["initial"] is None:
         history["initial"] = {"bpd": evaluate_bpd(model, test, args.seed + 2, runner, device)}
