@@ -95,14 +95,6 @@ def to_unit(x: torch.Tensor, n_bins: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def touch_parameters(model) -> None:
-    """Bump every parameter's version counter: fused/foreach optimizer steps update the
-    values without it, and a cache keyed on versions (the 1x1 convolution's W) must see the
-    new values before evaluation and sampling."""
-    for p in model.parameters():
-        p.add_(0)
-
-
 @torch.no_grad()
 def evaluate_bpd(model, images, seed: int, runner, device, batch_size: int = 256) -> float:
     """Mean test bits/dim over ``images`` (an ImageSet), one dequantisation draw each: the
@@ -112,7 +104,6 @@ def evaluate_bpd(model, images, seed: int, runner, device, batch_size: int = 256
     from ..glow import bits_per_dim
 
     was_training = model.training
-    touch_parameters(model)
     model.eval()
     n_pixel, total = math.prod(images.shape), 0.0
     generator = torch.Generator().manual_seed(seed)
@@ -135,7 +126,6 @@ def picture_rows(model, test, args, device):
     """The grid: data, x -> z -> x, then one row of samples per temperature."""
     from ..data import dequantize, levels_to_unit
 
-    touch_parameters(model)
     model.eval()
     n = min(args.n_samples, len(test))
     data = test.levels[:n]
@@ -158,7 +148,6 @@ def score_samples(model, test, args, device, n: int = 200) -> dict:
     """For digits: the digit classifier's recognition of ``n`` samples per temperature."""
     from ..data import digit_score
 
-    touch_parameters(model)
     model.eval()
     scores = {}
     for t in args.temperature:
