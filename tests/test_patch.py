@@ -618,6 +618,26 @@ def test_freia_vector_data_and_left_alone(backend):
     assert "equal halves" in report.left_alone[1][2]
 
 
+def test_freia_input_with_another_channel_count_is_refused():
+    """FrEIA refuses an input whose channels do not add up to the block's split lengths
+    (torch.split). A patched one-sided block built for 4 channels took 5 and returned a
+    (N, 5) output (its subnet read channels 0-1, the op kept 0-2 and transformed 3-4); the
+    two-sided ones failed inside a subnet ('mat1 and mat2 shapes cannot be multiplied')."""
+    pytest.importorskip("FrEIA")
+    import FrEIA.modules as Fm
+
+    def mlp(c_in, c_out):
+        return nn.Sequential(nn.Linear(c_in, 8), nn.Tanh(), nn.Linear(8, c_out))
+
+    for cls in (Fm.AffineCouplingOneSided, Fm.GLOWCouplingBlock):
+        block = cls([(4,)], subnet_constructor=mlp).to(**D64)
+        ff.patch(block)
+        for x in (torch.randn(N, 5, **D64), torch.randn(N, 6, 1, 1, **D64)):
+            with pytest.raises(ValueError, match=r"x\[0\]: expected 4 channels \(split "
+                                                 r"lengths 2 \+ 2\) in dimension 1, got shape"):
+                block([x], rev=cls is Fm.GLOWCouplingBlock)
+
+
 # --------------------------------------------------------------------------------------
 # Layers whose code may differ from the class patch recognised them by
 # --------------------------------------------------------------------------------------

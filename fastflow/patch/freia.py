@@ -35,8 +35,19 @@ def _freia_couple(m, x, h, rev):
                    clamp=m.clamp, reverse=rev)
 
 
-def _freia_one_sided(m, x, c=(), rev=False, jac=True):
+def _freia_x(m, x):
+    """``x[0]``, refused as FrEIA's ``torch.split`` refuses it when its channels are not
+    the block's split lengths (fastflow's op splits any C at C - C//2)."""
     x0 = x[0]
+    l1, l2 = m.split_len1, m.split_len2
+    if x0.dim() < 2 or x0.shape[1] != l1 + l2:
+        raise ValueError(f"x[0]: expected {l1 + l2} channels (split lengths {l1} + {l2}) in "
+                         f"dimension 1, got shape {tuple(x0.shape)}")
+    return x0
+
+
+def _freia_one_sided(m, x, c=(), rev=False, jac=True):
+    x0 = _freia_x(m, x)
     a = m.subnet(_freia_cond(m, x0[:, :m.split_len1], c))
     y, j = _freia_couple(m, x0, _freia_h(m, a[:, :m.split_len2], a[:, m.split_len2:]), rev)
     return (y,), j
@@ -46,7 +57,7 @@ def _freia_two_sided(m, x, c, rev, net1, net2):
     """FrEIA's two couplings on equal halves: the first transforms x1 from x2 (``net2``),
     the second x2 from y1 (``net1``). fastflow's op keeps the leading half fixed, so the
     halves are swapped (one copy) around the coupling that transforms the leading half."""
-    x0 = x[0]
+    x0 = _freia_x(m, x)
     k = m.split_len1
     x1, x2 = x0[:, :k], x0[:, k:]
     if not rev:
