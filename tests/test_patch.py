@@ -638,6 +638,32 @@ def test_freia_input_with_another_channel_count_is_refused():
                 block([x], rev=cls is Fm.GLOWCouplingBlock)
 
 
+def test_freia_clamp_of_any_real_number_type():
+    """A clamp FrEIA computes with but that is no Python float (clamp=True, a NumPy
+    number from a config) was swapped and then refused on the first call ('clamp: expected
+    a finite positive number, got True (bool)'), or left alone with 'fastflow needs a
+    positive clamp' for np.float32(2.0); an infinite one was swapped and refused likewise."""
+    pytest.importorskip("FrEIA")
+    import numpy as np
+    import FrEIA.modules as Fm
+
+    def mlp(c_in, c_out):
+        return nn.Sequential(nn.Linear(c_in, 8), nn.Tanh(), nn.Linear(8, c_out))
+
+    x = torch.randn(N, 4, **D64)
+    for clamp in (True, np.float32(1.5), np.int64(3)):
+        block = Fm.GLOWCouplingBlock([(4,)], subnet_constructor=mlp, clamp=clamp).to(**D64)
+        ref = copy.deepcopy(block)
+        assert len(ff.patch(block).swapped) == 1
+        with ff.use_backend("reference"):
+            for rev in (False, True):
+                for g, w in zip(_tensors(block([x], rev=rev)), _tensors(ref([x], rev=rev))):
+                    assert_close(g, w)
+    block = Fm.GLOWCouplingBlock([(4,)], subnet_constructor=mlp, clamp=float("inf"))
+    assert ff.patch(block).left_alone == [
+        ("", "GLOWCouplingBlock", "clamp inf: fastflow needs a finite positive number")]
+
+
 # --------------------------------------------------------------------------------------
 # Layers whose code may differ from the class patch recognised them by
 # --------------------------------------------------------------------------------------

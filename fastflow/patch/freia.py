@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import types
 
 import torch
@@ -27,12 +29,12 @@ def _freia_cond(m, u, c):
 def _freia_h(m, raw, t):
     # FrEIA: log s = clamp * 0.636 * atan(raw); fastflow: clamp * 0.636 * atan(raw' / clamp),
     # so raw' = clamp * raw (exact for a power-of-two clamp, else within one rounding)
-    return torch.cat([raw * m.clamp, t], 1)
+    return torch.cat([raw * float(m.clamp), t], 1)
 
 
 def _freia_couple(m, x, h, rev):
     return _couple(affine_coupling, x, h, scale="atan", layout="halves", shift="after",
-                   clamp=m.clamp, reverse=rev)
+                   clamp=float(m.clamp), reverse=rev)
 
 
 def _freia_x(m, x):
@@ -140,8 +142,9 @@ def _plan_freia(m) -> _Plan:
     if act != "ATAN":
         return (f"clamp_activation {act}: fastflow's soft clamp is ATAN only "
                 f"(clamp * 0.636 * atan)")
-    if not (isinstance(m.clamp, (int, float)) and m.clamp > 0):
-        return f"clamp {m.clamp!r}: fastflow needs a positive clamp"
+    # any real number FrEIA multiplies by (True, NumPy numbers), passed on as a float
+    if not (isinstance(m.clamp, numbers.Real) and math.isfinite(m.clamp) and m.clamp > 0):
+        return f"clamp {m.clamp!r}: fastflow needs a finite positive number"
     l1, l2 = m.split_len1, m.split_len2
     c = l1 + l2
     if name == "AffineCouplingOneSided":
@@ -154,4 +157,4 @@ def _plan_freia(m) -> _Plan:
     extra = " (halves swapped around the first coupling: two copies)" if name != \
         "AffineCouplingOneSided" else ""
     return _Swap(f"fastflow.affine_coupling(scale='atan', layout='halves', shift='after', "
-                 f"clamp={m.clamp}){extra}", {"forward": fn})
+                 f"clamp={float(m.clamp)}){extra}", {"forward": fn})
