@@ -731,6 +731,60 @@ def test_overridden_layers_are_left_alone():
         if n in {n for n, _, _ in report.swapped})
 
 
+def test_modified_copies_of_rosinality_layers_are_left_alone():
+    """rosinality's model.py is copied, not imported, and its forks keep the class names
+    and tensors while changing the map: a flag its forward reads (a half swap), a layer
+    inside the coupling, a condition argument. Each was swapped for the stock map (y off
+    by ~10, or 'takes 2 positional arguments but 3 were given' given the condition): a
+    layer with state or arguments rosinality's has not is left alone, with the reason."""
+    def init(self):
+        nn.Module.__init__(self)
+        self.affine = True
+        self.net = nn.Conv2d(C // 2, C, 3, padding=1)
+
+    def couple(self, x, shift):
+        in_a, in_b = x.chunk(2, 1)
+        log_s, t = self.net(in_a).chunk(2, 1)
+        s = torch.sigmoid(log_s + 2 + shift)
+        return torch.cat([in_a, (in_b + t) * s], 1), torch.log(s).flatten(1).sum(1)
+
+    class Flagged(nn.Module):  # copies of rosinality's AffineCoupling, not subclasses
+        __init__ = init
+
+        def forward(self, x):
+            if getattr(self, "mask_swap", False):
+                x = x.flip(1)
+            if hasattr(self, "act_norm"):
+                x = self.act_norm(x)[0]
+            return couple(self, x, 0.0)
+
+    class Conditional(nn.Module):
+        __init__ = init
+
+        def forward(self, x, cond=0.0):
+            return couple(self, x, cond)
+
+    Flagged.__name__ = Conditional.__name__ = "AffineCoupling"
+    swapped, normed = Flagged(), Flagged()
+    swapped.mask_swap = True
+    normed.act_norm = ActNorm(C)
+    model = nn.ModuleDict({"swapped": swapped, "normed": normed, "cond": Conditional()})
+    model = model.to(**D64)
+    x = torch.randn(N, C, H, W, **D64)
+    normed(x)  # ActNorm initialisation
+    ref = copy.deepcopy(model)
+    report = ff.patch(model)
+    left = {n: why for n, _, why in report.left_alone}
+    assert left["swapped"].startswith("mask_swap: not in rosinality's AffineCoupling")
+    assert left["normed"].startswith("act_norm: not in rosinality's AffineCoupling")
+    assert left["cond"].startswith("forward takes (x, cond): rosinality's takes one tensor")
+    assert [n for n, _, _ in report.swapped] == ["normed.act_norm"]
+    with ff.use_backend("reference"):
+        for name, args in (("swapped", ()), ("normed", ()), ("cond", (0.5,))):
+            for g, w in zip(model[name](x, *args), ref[name](x, *args)):
+                assert_close(g, w)
+
+
 def test_normflows_actnorm_with_one_value_for_all_channels():
     """nf.flows.ActNorm((1, 1, 1)) broadcasts one s, t over every channel (its log-det
     counting C * H * W): patched, it raised 'loc: expected 4 values' (alone and fused in a

@@ -3,6 +3,9 @@ Flow."""
 
 from __future__ import annotations
 
+import inspect
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -20,6 +23,31 @@ from ._common import (
     _stock,
     _Swap,
 )
+
+
+def _modified(m, params=(), buffers=(), modules=(), attrs=()) -> Optional[str]:
+    """Why ``m``, recognised by its name and tensors, may be a modified copy of
+    rosinality's class (the forks keep both and change the map): state the original has
+    not (a flag its forward reads, a layer inside it) or a forward / reverse that takes
+    more than the one tensor (a condition)."""
+    cls = type(m)
+    extra = ((m._parameters.keys() - set(params)) | (m._buffers.keys() - set(buffers))
+             | (m._modules.keys() - set(modules))
+             | {k for k in vars(m) if not k.startswith("_") and k != "training"
+                and not callable(getattr(cls, k, None))} - set(attrs))
+    if extra:
+        return (f"{', '.join(sorted(extra))}: not in rosinality's {cls.__name__} (a modified "
+                f"copy may compute something else): runs its own code")
+    for method in ("forward", "reverse"):
+        try:
+            args = list(inspect.signature(getattr(cls, method)).parameters.values())[1:]
+        except (AttributeError, TypeError, ValueError):  # no such method or no signature
+            continue
+        named = [a.name for a in args if a.kind not in (a.VAR_POSITIONAL, a.VAR_KEYWORD)]
+        if len(named) > 1:  # (a wrapper's (*args, **kwargs) tells nothing)
+            return (f"{method} takes ({', '.join(named)}): rosinality's takes one tensor; "
+                    f"runs its own code")
+    return None
 
 
 def _ros_actnorm_logdet(an, x):
@@ -104,6 +132,9 @@ def _plan_ros_actnorm(m) -> _Plan:
             or m.loc.shape[2:] != (1, 1):
         return (f"loc/scale shape {tuple(m.loc.shape)}, {tuple(m.scale.shape)}: expected "
                 f"(1, C, 1, 1)")
+    why = _modified(m, ("loc", "scale"), ("initialized",), (), ("logdet",))
+    if why:
+        return why
     return _Swap("fastflow.channel_mix (ActNorm)",
                  {"forward": _ros_actnorm_forward, "reverse": _ros_actnorm_reverse})
 
@@ -113,7 +144,8 @@ def _plan_ros_invconv_lu(m) -> _Plan:
             and _buffers(m, "w_p", "u_mask", "l_mask", "s_sign", "l_eye")):
         return None
     why = _lu_problem(m.w_p, m.w_l, m.w_u, m.w_s, m.s_sign,
-                      ("w_p", "w_l", "w_u", "w_s", "s_sign"))
+                      ("w_p", "w_l", "w_u", "w_s", "s_sign")) or \
+        _modified(m, ("w_l", "w_s", "w_u"), ("w_p", "u_mask", "l_mask", "s_sign", "l_eye"))
     if why:
         return why
     c = m.w_s.shape[0]
@@ -133,6 +165,9 @@ def _plan_ros_invconv(m) -> _Plan:
     w = m.weight
     if w.dim() != 4 or w.shape[0] != w.shape[1] or w.shape[2:] != (1, 1):
         return f"weight shape {tuple(w.shape)}: expected (C, C, 1, 1)"
+    why = _modified(m, ("weight",))
+    if why:
+        return why
     return _Swap("fastflow.channel_mix (InvConv2d)",
                  {"forward": _ros_invconv_forward, "reverse": _ros_invconv_reverse})
 
@@ -141,6 +176,9 @@ def _plan_ros_coupling(m) -> _Plan:
     if not (isinstance(getattr(m, "net", None), nn.Module)
             and isinstance(getattr(m, "affine", None), bool)):
         return None
+    why = _modified(m, modules=("net",), attrs=("affine",))
+    if why:
+        return why
     to = ("fastflow.affine_coupling(scale='sigmoid', layout='halves', shift='before')"
           if m.affine else "fastflow.additive_coupling")
     return _Swap(to, {"forward": _ros_coupling_forward, "reverse": _ros_coupling_reverse})
@@ -160,5 +198,8 @@ def _plan_ros_flow(m) -> _Plan:
     for child, plan in (("actnorm", an_plan), ("invconv", ic_plan)):
         if isinstance(plan, str):
             return f"{child} left alone ({plan}): nothing to fuse"
+    why = _modified(m, modules=("actnorm", "invconv", "coupling"))
+    if why:
+        return why
     return _Swap("fastflow.channel_mix (actnorm + invconv fused), coupling as its module",
                  {"forward": _ros_flow_forward, "reverse": _ros_flow_reverse})
