@@ -785,6 +785,31 @@ def test_modified_copies_of_rosinality_layers_are_left_alone():
                 assert_close(g, w)
 
 
+def test_rosinality_copies_that_return_the_output_alone_are_left_alone():
+    """ArtFlow (CVPR 2021) copies rosinality's InvConv2d, InvConv2dLU and AffineCoupling
+    with the same names and tensors, their forward returning the output alone: each was
+    swapped for one returning (output, logdet), and its Flow failed with "'tuple' object
+    has no attribute 'chunk'"."""
+    class Conv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.linalg.qr(torch.randn(C, C))[0][:, :, None, None])
+
+        def forward(self, x):
+            out = F.conv2d(x, self.weight)
+            return out
+
+    Conv.__name__ = "InvConv2d"
+    model = nn.Sequential(Conv(), Conv()).to(**D64)
+    ref = copy.deepcopy(model)
+    report = ff.patch(model)
+    assert report.left_alone == [(n, "InvConv2d", "forward returns one value, rosinality's "
+                                  "(output, logdet): a modified copy; runs its own code")
+                                 for n in ("0", "1")]
+    x = torch.randn(N, C, H, W, **D64)
+    assert_close(model(x), ref(x))
+
+
 def test_normflows_actnorm_with_one_value_for_all_channels():
     """nf.flows.ActNorm((1, 1, 1)) broadcasts one s, t over every channel (its log-det
     counting C * H * W): patched, it raised 'loc: expected 4 values' (alone and fused in a

@@ -12,8 +12,9 @@ Recognised (by class name and attributes; no peer library is imported):
 
 A subclass named like its base, or a layer with a method replaced on the instance, may
 compute something else: it is left alone (and so is a layer that would fuse it). So is a
-rosinality-style layer with state or arguments rosinality's has not (a modified copy: a
-flag, a layer inside it, a condition); one that changes only the formula can't be told.
+rosinality-style layer with state or arguments rosinality's has not, or a forward that
+returns the output alone (a modified copy: a flag, a layer inside it, a condition,
+ArtFlow's layers); one that changes only the formula can't be told.
 
 Mechanism: the module stays where it is, of its class, with its parameters, buffers and
 children; only its ``forward`` (and ``inverse``/``reverse``) become instance attributes,

@@ -3,7 +3,9 @@ Flow."""
 
 from __future__ import annotations
 
+import ast
 import inspect
+import textwrap
 from typing import Optional
 
 import torch
@@ -25,11 +27,23 @@ from ._common import (
 )
 
 
-def _modified(m, params=(), buffers=(), modules=(), attrs=()) -> Optional[str]:
+def _returns_one_value(fn) -> bool:
+    """No ``return`` in ``fn``'s source is a tuple display (``return out``, as ArtFlow's
+    copies do); False when the source can't be read."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    returns = [n for n in ast.walk(tree) if isinstance(n, ast.Return)]
+    return bool(returns) and not any(isinstance(r.value, ast.Tuple) for r in returns)
+
+
+def _modified(m, params=(), buffers=(), modules=(), attrs=(), pair=True) -> Optional[str]:
     """Why ``m``, recognised by its name and tensors, may be a modified copy of
     rosinality's class (the forks keep both and change the map): state the original has
-    not (a flag its forward reads, a layer inside it) or a forward / reverse that takes
-    more than the one tensor (a condition)."""
+    not (a flag its forward reads, a layer inside it), a forward / reverse that takes
+    more than the one tensor (a condition), or (``pair``) a forward that returns the
+    output alone."""
     cls = type(m)
     extra = ((m._parameters.keys() - set(params)) | (m._buffers.keys() - set(buffers))
              | (m._modules.keys() - set(modules))
@@ -47,6 +61,9 @@ def _modified(m, params=(), buffers=(), modules=(), attrs=()) -> Optional[str]:
         if len(named) > 1:  # (a wrapper's (*args, **kwargs) tells nothing)
             return (f"{method} takes ({', '.join(named)}): rosinality's takes one tensor; "
                     f"runs its own code")
+    if pair and _returns_one_value(cls.forward):
+        return ("forward returns one value, rosinality's (output, logdet): a modified copy; "
+                "runs its own code")
     return None
 
 
@@ -132,7 +149,7 @@ def _plan_ros_actnorm(m) -> _Plan:
             or m.loc.shape[2:] != (1, 1):
         return (f"loc/scale shape {tuple(m.loc.shape)}, {tuple(m.scale.shape)}: expected "
                 f"(1, C, 1, 1)")
-    why = _modified(m, ("loc", "scale"), ("initialized",), (), ("logdet",))
+    why = _modified(m, ("loc", "scale"), ("initialized",), (), ("logdet",), pair=False)
     if why:
         return why
     return _Swap("fastflow.channel_mix (ActNorm)",
