@@ -810,6 +810,40 @@ def test_rosinality_copies_that_return_the_output_alone_are_left_alone():
     assert_close(model(x), ref(x))
 
 
+def test_a_child_put_in_after_patching_runs_through_its_parent_s_own_code():
+    """A fused GlowBlock / rosinality Flow read the tensors of whatever ActNorm and 1x1
+    convolution it held at call time: one put in after patching (a same-name subclass with
+    its own forward, which patch would have left alone) had its override silently
+    dropped. A child patch did not look at runs through the parent's own code."""
+    nf = pytest.importorskip("normflows")
+
+    class ActNorm(nf.flows.ActNorm):
+        forward = _times_two(nf.flows.ActNorm.forward)
+        inverse = _times_two(nf.flows.ActNorm.inverse)
+
+    class Invertible(InvConv2dLU):
+        forward = _times_two(InvConv2dLU.forward)
+        reverse = _times_two(InvConv2dLU.reverse)
+
+    Invertible.__name__ = "InvConv2dLU"
+    model = nn.ModuleDict({"glow": nf.flows.GlowBlock(C, 8, init_zeros=False),
+                           "ros": Flow(C)}).to(**D64)
+    x = torch.randn(N, C, H, W, **D64)
+    model["glow"](x), model["ros"](x)  # ActNorm initialisation
+    ref = copy.deepcopy(model)
+    ff.patch(model)
+    an, conv = ActNorm((C, 1, 1)).to(**D64), Invertible(C).to(**D64)
+    an(x)
+    for m in (model, ref):
+        m["glow"].flows[2] = copy.deepcopy(an)
+        m["ros"].invconv = copy.deepcopy(conv)
+    with ff.use_backend("reference"):
+        for fn in (lambda m: m["glow"](x), lambda m: m["glow"].inverse(x),
+                   lambda m: m["ros"](x), lambda m: m["ros"].reverse(x)):
+            for g, w in zip(_tensors(fn(model)), _tensors(fn(ref))):
+                assert_close(g, w)
+
+
 def test_normflows_actnorm_with_one_value_for_all_channels():
     """nf.flows.ActNorm((1, 1, 1)) broadcasts one s, t over every channel (its log-det
     counting C * H * W): patched, it raised 'loc: expected 4 values' (alone and fused in a

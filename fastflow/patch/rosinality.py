@@ -22,6 +22,7 @@ from ._common import (
     _lu_problem,
     _params,
     _Plan,
+    _put_in_later,
     _stock,
     _Swap,
 )
@@ -124,7 +125,8 @@ def _ros_coupling_reverse(m, output):
 
 def _ros_flow_forward(m, input):
     an, ic = m.actnorm, m.invconv
-    if not an.logdet or _hooked(an) or _hooked(ic) or not _flag_set(an, "initialized"):
+    if _put_in_later(an, ic) or not an.logdet or _hooked(an) or _hooked(ic) or \
+            not _flag_set(an, "initialized"):
         return type(m).forward(m, input)
     out = channel_mix(input, _ros_matrix(ic, False), loc=an.loc, scale=an.scale)
     logdet = _ros_actnorm_logdet(an, input) + _ros_invconv_logdet(ic, input)
@@ -135,6 +137,8 @@ def _ros_flow_forward(m, input):
 
 
 def _ros_flow_reverse(m, output):
+    if _put_in_later(m.actnorm, m.invconv):
+        return type(m).reverse(m, output)
     x = m.coupling.reverse(output)
     an = m.actnorm
     return channel_mix(x, _ros_matrix(m.invconv, True), loc=an.loc, scale=an.scale,
