@@ -1002,3 +1002,10 @@ def test_a_layer_named_like_a_known_one_but_built_otherwise_is_said_so():
     assert report.left_alone == [("0", "ActNorm", "named like a known library's ActNorm but "
                                   "without its parameters, buffers or flags (listed in "
                                   "help(ff.patch)): left alone, runs as it is")]
+    # FrEIA's own ActNorm was said to be built otherwise, as if it were broken
+    pytest.importorskip("FrEIA")
+    import FrEIA.modules as Fm
+
+    report = ff.patch(nn.Sequential(Fm.ActNorm([(2, 3, 3)])), dry_run=True)
+    assert report.left_alone == [("0", "ActNorm", "FrEIA's ActNorm: fastflow swaps only "
+                                  "FrEIA's ATAN affine coupling blocks; runs as it is")]

@@ -86,6 +86,9 @@ def _why_unrecognised(m: nn.Module) -> str:
         return "a channel split / concatenation or reshape: no arithmetic to fuse"
     if callable(getattr(m, "log_prob", None)) and callable(getattr(m, "sample", None)):
         return "a base distribution (prior): not a flow layer, runs as it is"
+    if hasattr(m, "dims_in") and hasattr(m, "dims_c") and next(m.children(), None) is None:
+        return (f"FrEIA's {name}: fastflow swaps only FrEIA's ATAN affine coupling blocks; "
+                "runs as it is")
     if name in _BY_CLASS_NAME:  # named like one, built otherwise (a user's own ActNorm)
         return (f"named like a known library's {name} but without its parameters, buffers "
                 "or flags (listed in help(ff.patch)): left alone, runs as it is"
