@@ -4,6 +4,7 @@ Flow."""
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import textwrap
 from typing import Optional
@@ -28,6 +29,7 @@ from ._common import (
 )
 
 
+@functools.lru_cache(maxsize=256)  # once per class: a Glow holds dozens of each layer
 def _returns_one_value(fn) -> bool:
     """No ``return`` in ``fn``'s source is a tuple display (``return out``, as ArtFlow's
     copies do); False when the source can't be read."""
