@@ -618,6 +618,52 @@ def test_freia_vector_data_and_left_alone(backend):
     assert "equal halves" in report.left_alone[1][2]
 
 
+def test_freia_input_with_another_channel_count_is_refused():
+    """FrEIA refuses an input whose channels do not add up to the block's split lengths
+    (torch.split). A patched one-sided block built for 4 channels took 5 and returned a
+    (N, 5) output (its subnet read channels 0-1, the op kept 0-2 and transformed 3-4); the
+    two-sided ones failed inside a subnet ('mat1 and mat2 shapes cannot be multiplied')."""
+    pytest.importorskip("FrEIA")
+    import FrEIA.modules as Fm
+
+    def mlp(c_in, c_out):
+        return nn.Sequential(nn.Linear(c_in, 8), nn.Tanh(), nn.Linear(8, c_out))
+
+    for cls in (Fm.AffineCouplingOneSided, Fm.GLOWCouplingBlock):
+        block = cls([(4,)], subnet_constructor=mlp).to(**D64)
+        ff.patch(block)
+        for x in (torch.randn(N, 5, **D64), torch.randn(N, 6, 1, 1, **D64)):
+            with pytest.raises(ValueError, match=r"x\[0\]: expected 4 channels \(split "
+                                                 r"lengths 2 \+ 2\) in dimension 1, got shape"):
+                block([x], rev=cls is Fm.GLOWCouplingBlock)
+
+
+def test_freia_clamp_of_any_real_number_type():
+    """A clamp FrEIA computes with but that is no Python float (clamp=True, a NumPy
+    number from a config) was swapped and then refused on the first call ('clamp: expected
+    a finite positive number, got True (bool)'), or left alone with 'fastflow needs a
+    positive clamp' for np.float32(2.0); an infinite one was swapped and refused likewise."""
+    pytest.importorskip("FrEIA")
+    import numpy as np
+    import FrEIA.modules as Fm
+
+    def mlp(c_in, c_out):
+        return nn.Sequential(nn.Linear(c_in, 8), nn.Tanh(), nn.Linear(8, c_out))
+
+    x = torch.randn(N, 4, **D64)
+    for clamp in (True, np.float32(1.5), np.int64(3)):
+        block = Fm.GLOWCouplingBlock([(4,)], subnet_constructor=mlp, clamp=clamp).to(**D64)
+        ref = copy.deepcopy(block)
+        assert len(ff.patch(block).swapped) == 1
+        with ff.use_backend("reference"):
+            for rev in (False, True):
+                for g, w in zip(_tensors(block([x], rev=rev)), _tensors(ref([x], rev=rev))):
+                    assert_close(g, w)
+    block = Fm.GLOWCouplingBlock([(4,)], subnet_constructor=mlp, clamp=float("inf"))
+    assert ff.patch(block).left_alone == [
+        ("", "GLOWCouplingBlock", "clamp inf: fastflow needs a finite positive number")]
+
+
 # --------------------------------------------------------------------------------------
 # Layers whose code may differ from the class patch recognised them by
 # --------------------------------------------------------------------------------------
@@ -683,6 +729,119 @@ def test_overridden_layers_are_left_alone():
     assert again.swapped == [] and all(
         why.startswith("already patched") for n, _, why in again.left_alone
         if n in {n for n, _, _ in report.swapped})
+
+
+def test_modified_copies_of_rosinality_layers_are_left_alone():
+    """rosinality's model.py is copied, not imported, and its forks keep the class names
+    and tensors while changing the map: a flag its forward reads (a half swap), a layer
+    inside the coupling, a condition argument. Each was swapped for the stock map (y off
+    by ~10, or 'takes 2 positional arguments but 3 were given' given the condition): a
+    layer with state or arguments rosinality's has not is left alone, with the reason."""
+    def init(self):
+        nn.Module.__init__(self)
+        self.affine = True
+        self.net = nn.Conv2d(C // 2, C, 3, padding=1)
+
+    def couple(self, x, shift):
+        in_a, in_b = x.chunk(2, 1)
+        log_s, t = self.net(in_a).chunk(2, 1)
+        s = torch.sigmoid(log_s + 2 + shift)
+        return torch.cat([in_a, (in_b + t) * s], 1), torch.log(s).flatten(1).sum(1)
+
+    class Flagged(nn.Module):  # copies of rosinality's AffineCoupling, not subclasses
+        __init__ = init
+
+        def forward(self, x):
+            if getattr(self, "mask_swap", False):
+                x = x.flip(1)
+            if hasattr(self, "act_norm"):
+                x = self.act_norm(x)[0]
+            return couple(self, x, 0.0)
+
+    class Conditional(nn.Module):
+        __init__ = init
+
+        def forward(self, x, cond=0.0):
+            return couple(self, x, cond)
+
+    Flagged.__name__ = Conditional.__name__ = "AffineCoupling"
+    swapped, normed = Flagged(), Flagged()
+    swapped.mask_swap = True
+    normed.act_norm = ActNorm(C)
+    model = nn.ModuleDict({"swapped": swapped, "normed": normed, "cond": Conditional()})
+    model = model.to(**D64)
+    x = torch.randn(N, C, H, W, **D64)
+    normed(x)  # ActNorm initialisation
+    ref = copy.deepcopy(model)
+    report = ff.patch(model)
+    left = {n: why for n, _, why in report.left_alone}
+    assert left["swapped"].startswith("mask_swap: not in rosinality's AffineCoupling")
+    assert left["normed"].startswith("act_norm: not in rosinality's AffineCoupling")
+    assert left["cond"].startswith("forward takes (x, cond): rosinality's takes one tensor")
+    assert [n for n, _, _ in report.swapped] == ["normed.act_norm"]
+    with ff.use_backend("reference"):
+        for name, args in (("swapped", ()), ("normed", ()), ("cond", (0.5,))):
+            for g, w in zip(model[name](x, *args), ref[name](x, *args)):
+                assert_close(g, w)
+
+
+def test_rosinality_copies_that_return_the_output_alone_are_left_alone():
+    """ArtFlow (CVPR 2021) copies rosinality's InvConv2d, InvConv2dLU and AffineCoupling
+    with the same names and tensors, their forward returning the output alone: each was
+    swapped for one returning (output, logdet), and its Flow failed with "'tuple' object
+    has no attribute 'chunk'"."""
+    class Conv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.linalg.qr(torch.randn(C, C))[0][:, :, None, None])
+
+        def forward(self, x):
+            out = F.conv2d(x, self.weight)
+            return out
+
+    Conv.__name__ = "InvConv2d"
+    model = nn.Sequential(Conv(), Conv()).to(**D64)
+    ref = copy.deepcopy(model)
+    report = ff.patch(model)
+    assert report.left_alone == [(n, "InvConv2d", "forward returns one value, rosinality's "
+                                  "(output, logdet): a modified copy; runs its own code")
+                                 for n in ("0", "1")]
+    x = torch.randn(N, C, H, W, **D64)
+    assert_close(model(x), ref(x))
+
+
+def test_a_child_put_in_after_patching_runs_through_its_parent_s_own_code():
+    """A fused GlowBlock / rosinality Flow read the tensors of whatever ActNorm and 1x1
+    convolution it held at call time: one put in after patching (a same-name subclass with
+    its own forward, which patch would have left alone) had its override silently
+    dropped. A child patch did not look at runs through the parent's own code."""
+    nf = pytest.importorskip("normflows")
+
+    class ActNorm(nf.flows.ActNorm):
+        forward = _times_two(nf.flows.ActNorm.forward)
+        inverse = _times_two(nf.flows.ActNorm.inverse)
+
+    class Invertible(InvConv2dLU):
+        forward = _times_two(InvConv2dLU.forward)
+        reverse = _times_two(InvConv2dLU.reverse)
+
+    Invertible.__name__ = "InvConv2dLU"
+    model = nn.ModuleDict({"glow": nf.flows.GlowBlock(C, 8, init_zeros=False),
+                           "ros": Flow(C)}).to(**D64)
+    x = torch.randn(N, C, H, W, **D64)
+    model["glow"](x), model["ros"](x)  # ActNorm initialisation
+    ref = copy.deepcopy(model)
+    ff.patch(model)
+    an, conv = ActNorm((C, 1, 1)).to(**D64), Invertible(C).to(**D64)
+    an(x)
+    for m in (model, ref):
+        m["glow"].flows[2] = copy.deepcopy(an)
+        m["ros"].invconv = copy.deepcopy(conv)
+    with ff.use_backend("reference"):
+        for fn in (lambda m: m["glow"](x), lambda m: m["glow"].inverse(x),
+                   lambda m: m["ros"](x), lambda m: m["ros"].reverse(x)):
+            for g, w in zip(_tensors(fn(model)), _tensors(fn(ref))):
+                assert_close(g, w)
 
 
 def test_normflows_actnorm_with_one_value_for_all_channels():
@@ -843,3 +1002,10 @@ def test_a_layer_named_like_a_known_one_but_built_otherwise_is_said_so():
     assert report.left_alone == [("0", "ActNorm", "named like a known library's ActNorm but "
                                   "without its parameters, buffers or flags (listed in "
                                   "help(ff.patch)): left alone, runs as it is")]
+    # FrEIA's own ActNorm was said to be built otherwise, as if it were broken
+    pytest.importorskip("FrEIA")
+    import FrEIA.modules as Fm
+
+    report = ff.patch(nn.Sequential(Fm.ActNorm([(2, 3, 3)])), dry_run=True)
+    assert report.left_alone == [("0", "ActNorm", "FrEIA's ActNorm: fastflow swaps only "
+                                  "FrEIA's ATAN affine coupling blocks; runs as it is")]

@@ -11,7 +11,10 @@ Recognised (by class name and attributes; no peer library is imported):
   ATAN soft clamp.
 
 A subclass named like its base, or a layer with a method replaced on the instance, may
-compute something else: it is left alone (and so is a layer that would fuse it).
+compute something else: it is left alone (and so is a layer that would fuse it). So is a
+rosinality-style layer with state or arguments rosinality's has not, or a forward that
+returns the output alone (a modified copy: a flag, a layer inside it, a condition,
+ArtFlow's layers); one that changes only the formula can't be told.
 
 Mechanism: the module stays where it is, of its class, with its parameters, buffers and
 children; only its ``forward`` (and ``inverse``/``reverse``) become instance attributes,
@@ -83,6 +86,9 @@ def _why_unrecognised(m: nn.Module) -> str:
         return "a channel split / concatenation or reshape: no arithmetic to fuse"
     if callable(getattr(m, "log_prob", None)) and callable(getattr(m, "sample", None)):
         return "a base distribution (prior): not a flow layer, runs as it is"
+    if hasattr(m, "dims_in") and hasattr(m, "dims_c") and next(m.children(), None) is None:
+        return (f"FrEIA's {name}: fastflow swaps only FrEIA's ATAN affine coupling blocks; "
+                "runs as it is")
     if name in _BY_CLASS_NAME:  # named like one, built otherwise (a user's own ActNorm)
         return (f"named like a known library's {name} but without its parameters, buffers "
                 "or flags (listed in help(ff.patch)): left alone, runs as it is"

@@ -127,6 +127,12 @@ def _flag_set(m: nn.Module, name: str) -> bool:
     return True
 
 
+def _put_in_later(*children: nn.Module) -> bool:
+    """A child of a fused layer that ``patch`` did not look at (put in after it ran): its
+    code may not be the map the fused op computes from its tensors."""
+    return any(_MARK not in c.__dict__ for c in children)
+
+
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks",
                  "_global_backward_hooks", "_global_backward_pre_hooks")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import types
 
 import torch
@@ -27,16 +29,27 @@ def _freia_cond(m, u, c):
 def _freia_h(m, raw, t):
     # FrEIA: log s = clamp * 0.636 * atan(raw); fastflow: clamp * 0.636 * atan(raw' / clamp),
     # so raw' = clamp * raw (exact for a power-of-two clamp, else within one rounding)
-    return torch.cat([raw * m.clamp, t], 1)
+    return torch.cat([raw * float(m.clamp), t], 1)
 
 
 def _freia_couple(m, x, h, rev):
     return _couple(affine_coupling, x, h, scale="atan", layout="halves", shift="after",
-                   clamp=m.clamp, reverse=rev)
+                   clamp=float(m.clamp), reverse=rev)
+
+
+def _freia_x(m, x):
+    """``x[0]``, refused as FrEIA's ``torch.split`` refuses it when its channels are not
+    the block's split lengths (fastflow's op splits any C at C - C//2)."""
+    x0 = x[0]
+    l1, l2 = m.split_len1, m.split_len2
+    if x0.dim() < 2 or x0.shape[1] != l1 + l2:
+        raise ValueError(f"x[0]: expected {l1 + l2} channels (split lengths {l1} + {l2}) in "
+                         f"dimension 1, got shape {tuple(x0.shape)}")
+    return x0
 
 
 def _freia_one_sided(m, x, c=(), rev=False, jac=True):
-    x0 = x[0]
+    x0 = _freia_x(m, x)
     a = m.subnet(_freia_cond(m, x0[:, :m.split_len1], c))
     y, j = _freia_couple(m, x0, _freia_h(m, a[:, :m.split_len2], a[:, m.split_len2:]), rev)
     return (y,), j
@@ -46,7 +59,7 @@ def _freia_two_sided(m, x, c, rev, net1, net2):
     """FrEIA's two couplings on equal halves: the first transforms x1 from x2 (``net2``),
     the second x2 from y1 (``net1``). fastflow's op keeps the leading half fixed, so the
     halves are swapped (one copy) around the coupling that transforms the leading half."""
-    x0 = x[0]
+    x0 = _freia_x(m, x)
     k = m.split_len1
     x1, x2 = x0[:, :k], x0[:, k:]
     if not rev:
@@ -129,8 +142,9 @@ def _plan_freia(m) -> _Plan:
     if act != "ATAN":
         return (f"clamp_activation {act}: fastflow's soft clamp is ATAN only "
                 f"(clamp * 0.636 * atan)")
-    if not (isinstance(m.clamp, (int, float)) and m.clamp > 0):
-        return f"clamp {m.clamp!r}: fastflow needs a positive clamp"
+    # any real number FrEIA multiplies by (True, NumPy numbers), passed on as a float
+    if not (isinstance(m.clamp, numbers.Real) and math.isfinite(m.clamp) and m.clamp > 0):
+        return f"clamp {m.clamp!r}: fastflow needs a finite positive number"
     l1, l2 = m.split_len1, m.split_len2
     c = l1 + l2
     if name == "AffineCouplingOneSided":
@@ -143,4 +157,4 @@ def _plan_freia(m) -> _Plan:
     extra = " (halves swapped around the first coupling: two copies)" if name != \
         "AffineCouplingOneSided" else ""
     return _Swap(f"fastflow.affine_coupling(scale='atan', layout='halves', shift='after', "
-                 f"clamp={m.clamp}){extra}", {"forward": fn})
+                 f"clamp={float(m.clamp)}){extra}", {"forward": fn})

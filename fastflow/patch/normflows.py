@@ -18,6 +18,7 @@ from ._common import (
     _not_stock,
     _params,
     _Plan,
+    _put_in_later,
     _stock,
     _Swap,
     _tensors,
@@ -100,8 +101,8 @@ def _nf_actnorm_inverse(m, z):
 
 def _nf_glow_forward(m, z):
     coupling, conv, an = m.flows
-    if _hooked(conv) or _hooked(an) or an.s.shape[1] != z.shape[1] or \
-            not _flag_set(an, "data_dep_init_done"):
+    if _put_in_later(conv, an) or _hooked(conv) or _hooked(an) or \
+            an.s.shape[1] != z.shape[1] or not _flag_set(an, "data_dep_init_done"):
         return type(m).forward(m, z)
     log_det_tot = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
     z, ld = coupling(z)
@@ -114,7 +115,8 @@ def _nf_glow_forward(m, z):
 
 def _nf_glow_inverse(m, z):
     coupling, conv, an = m.flows
-    if an.s.shape[1] != z.shape[1] or not _flag_set(an, "data_dep_init_done"):
+    if _put_in_later(conv, an) or an.s.shape[1] != z.shape[1] or \
+            not _flag_set(an, "data_dep_init_done"):
         return type(m).inverse(m, z)
     log_det_tot = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
     y = channel_mix(z, _nf_matrix(conv, False), loc=-an.t, scale=torch.exp(-an.s))

@@ -3,6 +3,12 @@ Flow."""
 
 from __future__ import annotations
 
+import ast
+import functools
+import inspect
+import textwrap
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -17,9 +23,51 @@ from ._common import (
     _lu_problem,
     _params,
     _Plan,
+    _put_in_later,
     _stock,
     _Swap,
 )
+
+
+@functools.lru_cache(maxsize=256)  # once per class: a Glow holds dozens of each layer
+def _returns_one_value(fn) -> bool:
+    """No ``return`` in ``fn``'s source is a tuple display (``return out``, as ArtFlow's
+    copies do); False when the source can't be read."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    returns = [n for n in ast.walk(tree) if isinstance(n, ast.Return)]
+    return bool(returns) and not any(isinstance(r.value, ast.Tuple) for r in returns)
+
+
+def _modified(m, params=(), buffers=(), modules=(), attrs=(), pair=True) -> Optional[str]:
+    """Why ``m``, recognised by its name and tensors, may be a modified copy of
+    rosinality's class (the forks keep both and change the map): state the original has
+    not (a flag its forward reads, a layer inside it), a forward / reverse that takes
+    more than the one tensor (a condition), or (``pair``) a forward that returns the
+    output alone."""
+    cls = type(m)
+    extra = ((m._parameters.keys() - set(params)) | (m._buffers.keys() - set(buffers))
+             | (m._modules.keys() - set(modules))
+             | {k for k in vars(m) if not k.startswith("_") and k != "training"
+                and not callable(getattr(cls, k, None))} - set(attrs))
+    if extra:
+        return (f"{', '.join(sorted(extra))}: not in rosinality's {cls.__name__} (a modified "
+                f"copy may compute something else): runs its own code")
+    for method in ("forward", "reverse"):
+        try:
+            args = list(inspect.signature(getattr(cls, method)).parameters.values())[1:]
+        except (AttributeError, TypeError, ValueError):  # no such method or no signature
+            continue
+        named = [a.name for a in args if a.kind not in (a.VAR_POSITIONAL, a.VAR_KEYWORD)]
+        if len(named) > 1:  # (a wrapper's (*args, **kwargs) tells nothing)
+            return (f"{method} takes ({', '.join(named)}): rosinality's takes one tensor; "
+                    f"runs its own code")
+    if pair and _returns_one_value(cls.forward):
+        return ("forward returns one value, rosinality's (output, logdet): a modified copy; "
+                "runs its own code")
+    return None
 
 
 def _ros_actnorm_logdet(an, x):
@@ -79,7 +127,8 @@ def _ros_coupling_reverse(m, output):
 
 def _ros_flow_forward(m, input):
     an, ic = m.actnorm, m.invconv
-    if not an.logdet or _hooked(an) or _hooked(ic) or not _flag_set(an, "initialized"):
+    if _put_in_later(an, ic) or not an.logdet or _hooked(an) or _hooked(ic) or \
+            not _flag_set(an, "initialized"):
         return type(m).forward(m, input)
     out = channel_mix(input, _ros_matrix(ic, False), loc=an.loc, scale=an.scale)
     logdet = _ros_actnorm_logdet(an, input) + _ros_invconv_logdet(ic, input)
@@ -90,6 +139,8 @@ def _ros_flow_forward(m, input):
 
 
 def _ros_flow_reverse(m, output):
+    if _put_in_later(m.actnorm, m.invconv):
+        return type(m).reverse(m, output)
     x = m.coupling.reverse(output)
     an = m.actnorm
     return channel_mix(x, _ros_matrix(m.invconv, True), loc=an.loc, scale=an.scale,
@@ -104,6 +155,9 @@ def _plan_ros_actnorm(m) -> _Plan:
             or m.loc.shape[2:] != (1, 1):
         return (f"loc/scale shape {tuple(m.loc.shape)}, {tuple(m.scale.shape)}: expected "
                 f"(1, C, 1, 1)")
+    why = _modified(m, ("loc", "scale"), ("initialized",), (), ("logdet",), pair=False)
+    if why:
+        return why
     return _Swap("fastflow.channel_mix (ActNorm)",
                  {"forward": _ros_actnorm_forward, "reverse": _ros_actnorm_reverse})
 
@@ -113,7 +167,8 @@ def _plan_ros_invconv_lu(m) -> _Plan:
             and _buffers(m, "w_p", "u_mask", "l_mask", "s_sign", "l_eye")):
         return None
     why = _lu_problem(m.w_p, m.w_l, m.w_u, m.w_s, m.s_sign,
-                      ("w_p", "w_l", "w_u", "w_s", "s_sign"))
+                      ("w_p", "w_l", "w_u", "w_s", "s_sign")) or \
+        _modified(m, ("w_l", "w_s", "w_u"), ("w_p", "u_mask", "l_mask", "s_sign", "l_eye"))
     if why:
         return why
     c = m.w_s.shape[0]
@@ -133,6 +188,9 @@ def _plan_ros_invconv(m) -> _Plan:
     w = m.weight
     if w.dim() != 4 or w.shape[0] != w.shape[1] or w.shape[2:] != (1, 1):
         return f"weight shape {tuple(w.shape)}: expected (C, C, 1, 1)"
+    why = _modified(m, ("weight",))
+    if why:
+        return why
     return _Swap("fastflow.channel_mix (InvConv2d)",
                  {"forward": _ros_invconv_forward, "reverse": _ros_invconv_reverse})
 
@@ -141,6 +199,9 @@ def _plan_ros_coupling(m) -> _Plan:
     if not (isinstance(getattr(m, "net", None), nn.Module)
             and isinstance(getattr(m, "affine", None), bool)):
         return None
+    why = _modified(m, modules=("net",), attrs=("affine",))
+    if why:
+        return why
     to = ("fastflow.affine_coupling(scale='sigmoid', layout='halves', shift='before')"
           if m.affine else "fastflow.additive_coupling")
     return _Swap(to, {"forward": _ros_coupling_forward, "reverse": _ros_coupling_reverse})
@@ -160,5 +221,8 @@ def _plan_ros_flow(m) -> _Plan:
     for child, plan in (("actnorm", an_plan), ("invconv", ic_plan)):
         if isinstance(plan, str):
             return f"{child} left alone ({plan}): nothing to fuse"
+    why = _modified(m, modules=("actnorm", "invconv", "coupling"))
+    if why:
+        return why
     return _Swap("fastflow.channel_mix (actnorm + invconv fused), coupling as its module",
                  {"forward": _ros_flow_forward, "reverse": _ros_flow_reverse})
