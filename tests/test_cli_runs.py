@@ -77,6 +77,29 @@ def test_a_fresh_run_stopped_before_its_first_checkpoint_leaves_none_of_the_earl
     assert not any(tmp_path.glob("*.pt")) and not any(tmp_path.glob("metrics.*"))
 
 
+@pytest.mark.parametrize("command, tiny", [(train_vae, VAE), (train_tarflow, TARFLOW)],
+                         ids=["train-vae", "train-tarflow"])
+def test_a_fresh_vae_or_tarflow_run_stopped_early_leaves_none_of_the_earlier_run(
+        command, tiny, tmp_path, capsys, monkeypatch):
+    """As train's: a --force run of train-vae or train-tarflow stopped in its first step
+    said the earlier run's checkpoint was intact, and --resume went on with that run."""
+    from fastflow.cli.loop import StepRunner
+
+    assert command.main([*tiny, "--max-steps", "1", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+
+    def stop(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(StepRunner, "step", stop)
+    assert command.main([*tiny, "--max-steps", "1", "--out", str(tmp_path), "--force"]) == 130
+    printed = capsys.readouterr()
+    assert (f"--out: removed the earlier run's checkpoint.pt, metrics.json, metrics.csv in "
+            f"{tmp_path}: this run starts afresh") in printed.out
+    assert f"no checkpoint was written yet in {tmp_path}" in printed.err
+    assert not any(tmp_path.glob("*.pt")) and not any(tmp_path.glob("metrics.*"))
+
+
 def test_a_resumed_run_that_trains_no_more_lists_no_checkpoint_or_grid(tmp_path, capsys):
     """--resume at the --max-steps already reached writes no checkpoint and no epoch grid:
     the summary listed the earlier run's as written by it."""

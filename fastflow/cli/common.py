@@ -414,6 +414,21 @@ def say_changed_options(saved: dict | None, given: dict, say=print) -> None:
             say(f"--{name.replace('_', '-')}: using {value} (the checkpoint's run had {had})")
 
 
+def remove_earlier_run(ckpt_path: Path, say=print) -> None:
+    """A fresh start over an earlier run (``--force``): its ``checkpoint.pt`` and metrics
+    go now. Until this run wrote its own, a stop (Ctrl-C in the first epoch or evaluation,
+    a kill) said the earlier checkpoint was this run's, and ``--resume`` went on with the
+    earlier run."""
+    if not ckpt_path.is_file():
+        return
+    out = ckpt_path.parent
+    earlier = [p for p in (ckpt_path, out / "metrics.json", out / "metrics.csv") if p.is_file()]
+    for path in earlier:
+        path.unlink()
+    say(f"--out: removed the earlier run's {', '.join(p.name for p in earlier)} in {out}: "
+        "this run starts afresh")
+
+
 def say_nothing_left(epoch: int, step: int, args, say=print) -> None:
     """On ``--resume``: one line when the checkpoint (``epoch`` finished epochs, ``step``
     steps) already reaches ``--epochs`` or ``--max-steps``: the run trains nothing, and its

@@ -16,9 +16,10 @@ import torch
 import torch.distributed as dist
 
 from .common import (PRECISIONS, check_resume_batch, check_resume_config,
-                     check_resume_data, progress, read_checkpoint, restore_checkpoint,
-                     rng_state, save_checkpoint, say_changed_options, say_nothing_left,
-                     set_rng_state, step_options, stop_between_steps, write_metrics)
+                     check_resume_data, progress, read_checkpoint, remove_earlier_run,
+                     restore_checkpoint, rng_state, save_checkpoint, say_changed_options,
+                     say_nothing_left, set_rng_state, step_options, stop_between_steps,
+                     write_metrics)
 
 
 class Distributed:
@@ -254,6 +255,7 @@ def resume_or_start(args, ckpt_path: Path, model, opt, config: dict, generators:
     on); ``legacy_split``: the ``split_key`` of checkpoints from before it was saved (how
     they held out their test images)."""
     if not (args.resume and ckpt_path.is_file()):
+        remove_earlier_run(ckpt_path)  # a --force over an earlier run (no other reaches here)
         return 0, 0, {"initial": None, "epochs": []}, None
     # what it was trained on is checked first: another --data or --size is named as such,
     # not as a state dict that does not fit the model

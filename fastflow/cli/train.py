@@ -15,8 +15,8 @@ from .common import (HelpFormatter, add_cadence_options, add_data_options,
                      add_optimisation_options, add_precision_option, add_run_options,
                      add_step_options, backend_name, check_resume_batch, check_resume_config,
                      check_resume_data, check_step_options, check_test_fraction, load_data,
-                     positive, prepare_out, progress, read_checkpoint, resume_data, rng_state,
-                     run_interruptible, save_checkpoint, save_image_grid, say_changed_options,
+                     positive, prepare_out, progress, read_checkpoint, remove_earlier_run,
+                     resume_data, rng_state, run_interruptible, save_checkpoint, save_image_grid, say_changed_options,
                      say_nothing_left, set_rng_state, set_threads, step_options,
                      stop_between_steps, write_metrics)
 from .loop import Distributed, StepRunner, epoch_generator, epoch_order
@@ -296,16 +296,7 @@ def _train(args, dist_, Glow, bits_per_dim, dequantize) -> int:
             names = stale[0].name + (f" .. {stale[-1].name}" if len(stale) > 1 else "")
             say(f"--out: removed {len(stale)} sample grid(s) of an earlier run in {out} "
                 f"({names})")
-        # and the checkpoint a --force starts over (with its metrics): until this run wrote
-        # its own, a stop (Ctrl-C in the first evaluation, a kill) said it was this run's
-        # and --resume went on with the earlier run
-        earlier = [p for p in (ckpt_path, out / "metrics.json", out / "metrics.csv")
-                   if p.is_file()] if ckpt_path.is_file() else []
-        for path in earlier:
-            path.unlink()
-        if earlier:
-            say(f"--out: removed the earlier run's {', '.join(p.name for p in earlier)} in "
-                f"{out}: this run starts afresh")
+        remove_earlier_run(ckpt_path, say)  # and the checkpoint a --force starts over
     is_digits = args.data == "digits" and channels == 1
     if history["initial"] is None:
         history["initial"] = {"bpd": evaluate_bpd(model, test, args.seed + 2, runner, device)}
