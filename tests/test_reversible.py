@@ -478,6 +478,24 @@ def test_bf16_autocast_replays_the_forward_autocast_state(triton_backend):
     assert max(_rel(wrong[n], want[n]) for n in want) > 10 * max(errs)
 
 
+def test_backward_outside_autocast_keeps_the_flow_gradients_in_float32():
+    """Forward under bf16 autocast, backward after the block (PyTorch's recommended use):
+    the stored graph's backward ops run without autocast, so the flow layers' gradients
+    stay float32. The recompute replayed the forward's autocast around its backward ops as
+    well, and the reference path's 1x1-convolution backward then ran in bf16 (0.6 %
+    relative gradient difference at K=1, 4 % at K=4, measured before the fix)."""
+    stored, rev, x = _glow_pair(torch.float32, True, True, n_flow=1)
+    grads = []
+    for model in (stored, rev):
+        model.zero_grad(set_to_none=True)
+        with ff.use_backend("reference"), torch.autocast("cpu", dtype=torch.bfloat16):
+            log_p, logdet, _ = model(x)
+            loss = ff.bits_per_dim(log_p, logdet, x[0].numel())
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    _check_grads(grads[1], grads[0], 1e-4)
+
+
 @pytest.mark.parametrize("find_unused", [False, True], ids=["default", "find_unused"])
 @pytest.mark.parametrize("n_flow", [2, ff.layers.flowstep.MIN_STACK], ids=["per_step", "stacked"])
 def test_ddp_hooks_fire_once_per_parameter(tmp_path, n_flow, find_unused):
