@@ -592,6 +592,22 @@ def test_bad_arguments():
             ReversibleSequence(steps)
 
 
+def test_steps_added_after_construction_are_checked_at_the_call():
+    """The chain is a ModuleList: ``append`` / ``insert`` / ``seq[i] = ...`` bypass the
+    constructor's checks. An appended ``nn.Identity`` returned x, which the ordinary path
+    unpacked as (y, logdet): y the first sample and a log-det broadcast to (C, H, 2), no
+    error; a step of other channels failed inside (a stack of W's of two sizes)."""
+    x = torch.randn(2, 4, 3, 2)
+    seq = ReversibleSequence([ff.ActNorm(4)]).eval()
+    seq.append(torch.nn.Identity())
+    for call in (seq, seq.inverse):
+        with pytest.raises(TypeError, match=r"^steps\[1\]: expected a fastflow flow step"):
+            call(x)
+    seq[1] = ff.FlowStep(6, filter_size=8)
+    with pytest.raises(ValueError, match=r"^steps\[1\]: expected a step of 4 channels"):
+        seq(x.requires_grad_(True))
+
+
 @pytest.mark.parametrize("steps", [lambda: [ff.FlowStep(4, filter_size=8)],
                                    lambda: [ff.ActNorm(4), ff.InvConv2d(4)],
                                    lambda: [ff.AffineCoupling(4, filter_size=8)]],

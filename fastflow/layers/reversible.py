@@ -426,6 +426,22 @@ def _stages(step):
                     f"got {type(step).__name__}")
 
 
+def _check_steps(steps) -> None:
+    """The chain's steps are fastflow flow steps of one channel count, each ActNorm
+    returning its log-det (see ``_check_logdet_flags``). Checked when the chain is built and
+    at every call: it is a ``ModuleList`` (``append``, ``insert``, ``seq[i] = ...`` change
+    it)."""
+    for i, s in enumerate(steps):
+        if not isinstance(s, _STEP_TYPES):
+            raise TypeError(f"steps[{i}]: expected a fastflow flow step "
+                            f"({', '.join(t.__name__ for t in _STEP_TYPES)}), got "
+                            f"{type(s).__name__}")
+        if s.in_channel != steps[0].in_channel:  # each step keeps its input's shape
+            raise ValueError(f"steps[{i}]: expected a step of {steps[0].in_channel} channels "
+                             f"(as steps[0]), got a {type(s).__name__} of {s.in_channel}")
+    _check_logdet_flags(steps)
+
+
 def _check_logdet_flags(steps) -> None:
     """Every ActNorm of the chain (a step, or a FlowStep's) returns its log-det: one built
     with ``logdet=False`` returns y alone, which the chain would unpack as (y, logdet) (a
@@ -768,14 +784,7 @@ class ReversibleSequence(nn.ModuleList):
     def __init__(self, steps: Iterable[nn.Module] = (), *, fallback_slots: int = 2,
                  fallback_cond: float = 1e3):
         steps = list(steps)
-        for i, s in enumerate(steps):
-            if not isinstance(s, _STEP_TYPES):
-                raise TypeError(f"steps[{i}]: expected a fastflow flow step "
-                                f"({', '.join(t.__name__ for t in _STEP_TYPES)}), got "
-                                f"{type(s).__name__}")
-            if s.in_channel != steps[0].in_channel:  # each step keeps its input's shape
-                raise ValueError(f"steps[{i}]: expected a step of {steps[0].in_channel} channels "
-                                 f"(as steps[0]), got a {type(s).__name__} of {s.in_channel}")
+        _check_steps(steps)
         if isinstance(fallback_slots, bool) or not isinstance(fallback_slots, int) \
                 or fallback_slots < 0:
             raise ValueError(f"fallback_slots: expected an integer >= 0, got {fallback_slots!r}")
@@ -783,7 +792,6 @@ class ReversibleSequence(nn.ModuleList):
                 or math.isnan(fallback_cond) or fallback_cond <= 1:
             raise ValueError(f"fallback_cond: expected a number > 1 (inf disables the "
                              f"fallback), got {fallback_cond!r}")
-        _check_logdet_flags(steps)
         super().__init__(steps)
         self.fallback_slots = fallback_slots
         self.fallback_cond = float(fallback_cond)
@@ -865,7 +873,7 @@ class ReversibleSequence(nn.ModuleList):
         return x.requires_grad or bool(params)
 
     def forward(self, x):
-        _check_logdet_flags(self)  # (a flag may have been changed since the chain was built)
+        _check_steps(self)  # (the list or a flag may have been changed since it was built)
         if len(self):  # the reversible path's stages would fail inside on bad input
             check_nchw("x", x, self[0].in_channel)
             check_module_device("x", x, first_parameter(self))
@@ -874,6 +882,7 @@ class ReversibleSequence(nn.ModuleList):
         return _run_reversible(self, x)
 
     def inverse(self, y):
+        _check_steps(self)
         if len(self) == 0:
             return self._identity("y", y)
         logdet = None
