@@ -193,6 +193,13 @@ class Glow(nn.Module):
         param = first_parameter(self)
         for i, z in enumerate(z_list):
             check_module_device(f"z_list[{i}]", z, param)
+            # the layers' dtype, as their own checks want (another 16/32-bit one under
+            # autocast): sampling failed in the prior's convolution, naming no argument
+            if param is not None and z.dtype != param.dtype and (
+                    torch.float64 in (z.dtype, param.dtype)
+                    or not torch.is_autocast_enabled(z.device.type)):
+                raise TypeError(f"z_list[{i}]: expected {param.dtype}, the model's dtype (or "
+                                f"autocast), got {z.dtype}")
         top = z_list[-1]
         scale = 2 ** self.n_block
         height, width = top.shape[2] * scale, top.shape[3] * scale
@@ -236,6 +243,8 @@ class Glow(nn.Module):
             raise ValueError(f"image_size: expected (H, W), two integers, got {size!r}")
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n: expected a positive number of samples, got {n!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float, torch.Tensor)):
+            raise TypeError(f"temperature: expected a number, got {temperature!r}")
         self._check_size("image_size", size[0], size[1], tuple(size))
         p = next(self.parameters())
         z = [temperature * torch.randn((n, *s), generator=generator, device=p.device, dtype=p.dtype)
