@@ -67,7 +67,11 @@ What else it meets:
   ``find_unused_parameters`` may be either. The parameters' version counters are
   recorded at forward: one changed in place between forward and backward (an optimizer
   step in between) makes the backward raise autograd's in-place error, since the
-  recompute would read the new value where the stored graph holds the forward's.
+  recompute would read the new value where the stored graph holds the forward's. A write
+  that moves no version counter (through ``.data``; a fused optimizer step,
+  ``torch.optim.Adam(fused=True)``, in torch 2.13) is not seen, as autograd's own check
+  does not see it for a stored graph's saved tensors: the recompute then reads the new
+  values.
 * ``torch.func.functional_call``: its tensors are swapped in for the call only, and the
   backward runs after it, so the forward records every module's parameters and buffers
   and the backward recomputes with those (gradients go to the swapped tensors, not to
