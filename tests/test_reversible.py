@@ -623,6 +623,16 @@ def test_bad_input_on_the_reversible_path_names_x(steps):
         seq(torch.randn(4, 3, 3, requires_grad=True))
 
 
+def test_input_of_another_dtype_than_the_coupling_network_names_x():
+    """As the stored step's coupling says it; the reversible path called the network
+    itself: "Input type (float) and bias type (double) should be the same"."""
+    model = ff.Glow(1, 1, 1, filter_size=8, reversible=True).double()
+    model(torch.rand(2, 1, 2, 2, dtype=torch.float64))  # ActNorm initialisation
+    with pytest.raises(TypeError, match=r"^x: expected torch.float64, the coupling network's "
+                                        r"dtype \(or autocast\), got torch.float32"):
+        model(torch.rand(2, 1, 2, 2))
+
+
 def test_memory_flat_in_n_flow_both_ways():
     """Bytes autograd's saved_tensors_hooks see kept after forward, and bytes of every
     storage forward created that is still alive (graph, ctx, anything reachable): flat in

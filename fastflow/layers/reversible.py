@@ -376,6 +376,7 @@ class _CouplingStage:
         """(y, logdet, flag): flag (0-d bool on the device, None when it cannot be set) says
         the inverse's condition estimate ``max(1, s_max) / s_min`` exceeds ``limit``.
         ``head``: the network's input from the mix's launch, or None (a slice of x)."""
+        self.c._check("x", x)  # (as the module's forward: names a dtype its network refuses)
         h = self.c.net(x[:, :self.ca] if head is None else head)
         y, ld = self._op(x, h, False)
         scale, layout, _, clamp = self.opts
