@@ -18,7 +18,7 @@ from torch import nn
 
 from .backend import compute_dtype
 from .layers import FlowStep, ReversibleSequence, ZeroConv2d
-from .ops._checks import check_module_device, first_parameter
+from .ops._checks import check_bool, check_module_device, first_parameter
 from .reference import flow_cat, flow_halves, gaussian_log_p
 
 
@@ -212,6 +212,8 @@ class Glow(nn.Module):
                                  f"{tuple(z.shape)}")
 
     def reverse(self, z_list, reconstruct=False):
+        # (``reverse(z, 0.7)``, a temperature where the flag goes, reconstructed silently)
+        check_bool("reconstruct", reconstruct)
         self._check_z(z_list)
         x = None
         for i, block in enumerate(self.blocks[::-1]):

@@ -351,6 +351,9 @@ def test_reverse_with_latents_of_another_dtype_and_sample_with_a_bad_temperature
             model.reverse(z, reconstruct=reconstruct)
     with pytest.raises(TypeError, match=r"^temperature: expected a number, got '0.7'"):
         model.sample(2, "0.7", image_size=(8, 8))
+    # a temperature where the flag goes reconstructed x from the latents, no error
+    with pytest.raises(TypeError, match=r"^reconstruct: expected a bool \(True or False\), got 0.7"):
+        model.reverse([t.double() for t in z], 0.7)
 
 
 @pytest.mark.parametrize("kwargs,name", [
