@@ -18,7 +18,7 @@ from torch import nn
 
 from .backend import compute_dtype
 from .layers import FlowStep, ReversibleSequence, ZeroConv2d
-from .ops._checks import check_module_device, first_parameter
+from .ops._checks import check_bool, check_module_device, first_parameter
 from .reference import flow_cat, flow_halves, gaussian_log_p
 
 
@@ -193,6 +193,13 @@ class Glow(nn.Module):
         param = first_parameter(self)
         for i, z in enumerate(z_list):
             check_module_device(f"z_list[{i}]", z, param)
+            # the layers' dtype, as their own checks want (another 16/32-bit one under
+            # autocast): sampling failed in the prior's convolution, naming no argument
+            if param is not None and z.dtype != param.dtype and (
+                    torch.float64 in (z.dtype, param.dtype)
+                    or not torch.is_autocast_enabled(z.device.type)):
+                raise TypeError(f"z_list[{i}]: expected {param.dtype}, the model's dtype (or "
+                                f"autocast), got {z.dtype}")
         top = z_list[-1]
         scale = 2 ** self.n_block
         height, width = top.shape[2] * scale, top.shape[3] * scale
@@ -205,6 +212,8 @@ class Glow(nn.Module):
                                  f"{tuple(z.shape)}")
 
     def reverse(self, z_list, reconstruct=False):
+        # (``reverse(z, 0.7)``, a temperature where the flag goes, reconstructed silently)
+        check_bool("reconstruct", reconstruct)
         self._check_z(z_list)
         x = None
         for i, block in enumerate(self.blocks[::-1]):
@@ -236,6 +245,8 @@ class Glow(nn.Module):
             raise ValueError(f"image_size: expected (H, W), two integers, got {size!r}")
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n: expected a positive number of samples, got {n!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float, torch.Tensor)):
+            raise TypeError(f"temperature: expected a number, got {temperature!r}")
         self._check_size("image_size", size[0], size[1], tuple(size))
         p = next(self.parameters())
         z = [temperature * torch.randn((n, *s), generator=generator, device=p.device, dtype=p.dtype)

@@ -339,6 +339,23 @@ def test_reverse_with_wrong_z_shapes_names_the_tensor_and_the_shape():
         model.reverse(good + good[:1])
 
 
+def test_reverse_with_latents_of_another_dtype_and_sample_with_a_bad_temperature():
+    """Sampling with float32 latents in a float64 model failed in the prior's convolution
+    ("Input type (float) and bias type (double)"), reconstructing named ``y``; a string
+    temperature failed inside ``torch.randn``'s product."""
+    model = ff.Glow(1, 2, 2, filter_size=8).double()
+    z = [torch.randn(3, 2, 4, 4), torch.randn(3, 8, 2, 2)]
+    for reconstruct in (False, True):
+        with pytest.raises(TypeError, match=r"^z_list\[0\]: expected torch.float64, the model's "
+                                            r"dtype \(or autocast\), got torch.float32"):
+            model.reverse(z, reconstruct=reconstruct)
+    with pytest.raises(TypeError, match=r"^temperature: expected a number, got '0.7'"):
+        model.sample(2, "0.7", image_size=(8, 8))
+    # a temperature where the flag goes reconstructed x from the latents, no error
+    with pytest.raises(TypeError, match=r"^reconstruct: expected a bool \(True or False\), got 0.7"):
+        model.reverse([t.double() for t in z], 0.7)
+
+
 @pytest.mark.parametrize("kwargs,name", [
     (dict(in_channel=3, n_flow=2, n_block=1.0), "n_block"),
     (dict(in_channel=3, n_flow=2.0, n_block=1), "n_flow"),

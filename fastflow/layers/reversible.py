@@ -49,7 +49,9 @@ What else it meets:
   training mode (its own flag, whatever the chain's) and not initialised runs the chain
   the ordinary way (stored activations).
 * Autocast: the forward's autocast state (enabled, dtype, cache) for the input's device is
-  recorded and replayed around every recompute; the backend mode in force at forward
+  recorded and replayed around every recompute, while the backward's own ops (autograd
+  through the recomputed stages, the coupling's vector-Jacobian product) run under the
+  caller's, as the stored graph's do; the backend mode in force at forward
   (``fastflow.use_backend``) is replayed too, since autograd may run backward on another
   thread.
 * Parameter gradients: the chain's parameters that require grad are inputs of its
@@ -65,7 +67,11 @@ What else it meets:
   ``find_unused_parameters`` may be either. The parameters' version counters are
   recorded at forward: one changed in place between forward and backward (an optimizer
   step in between) makes the backward raise autograd's in-place error, since the
-  recompute would read the new value where the stored graph holds the forward's.
+  recompute would read the new value where the stored graph holds the forward's. A write
+  that moves no version counter (through ``.data``; a fused optimizer step,
+  ``torch.optim.Adam(fused=True)``, in torch 2.13) is not seen, as autograd's own check
+  does not see it for a stored graph's saved tensors: the recompute then reads the new
+  values.
 * ``torch.func.functional_call``: its tensors are swapped in for the call only, and the
   backward runs after it, so the forward records every module's parameters and buffers
   and the backward recomputes with those (gradients go to the swapped tensors, not to
@@ -149,14 +155,18 @@ def _requiring(params):
     return [p for p in params if p.requires_grad]
 
 
-def _backprop(outputs, grads, inputs):
+def _backprop(outputs, grads, inputs, caller):
     """``torch.autograd.backward`` over the (output, grad) pairs that carry a graph and a
-    gradient, accumulating into ``inputs`` (leaves that require grad) only."""
+    gradient, accumulating into ``inputs`` (leaves that require grad) only, under the
+    autocast state ``caller`` (the backward caller's, as the stored graph's backward ops
+    run: not the forward's, which the recompute replays)."""
     pairs = [(o, g) for o, g in zip(outputs, grads)
              if o is not None and o.requires_grad and g is not None]
     inputs = [t for t in inputs if t.requires_grad]
     if pairs and inputs:
-        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs], inputs=inputs)
+        with _autocast(caller):
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs],
+                                    inputs=inputs)
 
 
 # --------------------------------------------------------------------------------------
@@ -275,7 +285,7 @@ class _MixStage:
         y, head = self._apply(x, w)
         return y, ld, head
 
-    def backward(self, y, gy, gld, stored, mats, deferred=None, ghead=None):
+    def backward(self, y, gy, gld, stored, mats, caller, deferred=None, ghead=None):
         """``mats``: (W with its graph, the stage's log-det with its graph, W^-1 float64)
         from ``_matrix``, None for ActNorm alone. ``deferred``: a list, for a W taken
         from the chain's stacked assembly: this stage back-propagates into W and ActNorm's
@@ -308,13 +318,14 @@ class _MixStage:
             w_leaf = w.detach().requires_grad_(w.requires_grad)
             scale = an.scale.detach().requires_grad_(an.scale.requires_grad)
             y2, head = self._apply(x_leaf, w_leaf, scale)
-            _backprop((y2, head), (gy, ghead), [x_leaf, w_leaf, an.loc, scale])
+            _backprop((y2, head), (gy, ghead), [x_leaf, w_leaf, an.loc, scale], caller)
             deferred += [(w, w_leaf.grad), (ld, gld.to(ld.dtype)), (an.scale, scale.grad)]
             gx = x_leaf.grad if x_leaf.grad is not None else torch.zeros_like(x)
             return x, gx, None
         else:
             y2, head = self._apply(x_leaf, w)
-        _backprop((y2, head, ld), (gy, ghead, gld.to(ld.dtype)), [x_leaf] + self.params())
+        _backprop((y2, head, ld), (gy, ghead, gld.to(ld.dtype)), [x_leaf] + self.params(),
+                  caller)
         gx = x_leaf.grad if x_leaf.grad is not None else torch.zeros_like(x)
         return x, gx, None
 
@@ -365,6 +376,7 @@ class _CouplingStage:
         """(y, logdet, flag): flag (0-d bool on the device, None when it cannot be set) says
         the inverse's condition estimate ``max(1, s_max) / s_min`` exceeds ``limit``.
         ``head``: the network's input from the mix's launch, or None (a slice of x)."""
+        self.c._check("x", x)  # (as the module's forward: names a dtype its network refuses)
         h = self.c.net(x[:, :self.ca] if head is None else head)
         y, ld = self._op(x, h, False)
         scale, layout, _, clamp = self.opts
@@ -379,7 +391,7 @@ class _CouplingStage:
         log_hi = reference.coupling_log_scale(hi, scale, clamp)[0]
         return y, ld, torch.clamp(log_hi, min=0.0) - log_lo > math.log(limit)
 
-    def backward(self, y, gy, gld, stored, mats=None, net_state=None, ghead=None):
+    def backward(self, y, gy, gld, stored, mats, caller, net_state=None, ghead=None):
         """``net_state``: what the network's forward read besides its input and parameters
         (``_net_state``; None for a stock network): the recompute runs under it, so it
         computes what the forward did. Returns (x, its gradient, the network input's
@@ -391,9 +403,10 @@ class _CouplingStage:
             hd = h.detach()
             with torch.no_grad():
                 x = self._op(y, hd, True)[0]
-            gx, gh = coupling_backward(gy.contiguous(), gld.contiguous(), y, hd, *self.opts,
-                                       False, True)
-            _backprop((h,), (gh,), [ya] + self.params())
+            with _autocast(caller):
+                gx, gh = coupling_backward(gy.contiguous(), gld.contiguous(), y, hd,
+                                           *self.opts, False, True)
+            _backprop((h,), (gh,), [ya] + self.params(), caller)
         if self.fed:
             return stored(x), gx, ya.grad
         if ya.grad is not None:
@@ -416,6 +429,22 @@ def _stages(step):
         return [_CouplingStage(step)]
     raise TypeError(f"steps: expected fastflow flow steps ({', '.join(t.__name__ for t in _STEP_TYPES)}), "
                     f"got {type(step).__name__}")
+
+
+def _check_steps(steps) -> None:
+    """The chain's steps are fastflow flow steps of one channel count, each ActNorm
+    returning its log-det (see ``_check_logdet_flags``). Checked when the chain is built and
+    at every call: it is a ``ModuleList`` (``append``, ``insert``, ``seq[i] = ...`` change
+    it)."""
+    for i, s in enumerate(steps):
+        if not isinstance(s, _STEP_TYPES):
+            raise TypeError(f"steps[{i}]: expected a fastflow flow step "
+                            f"({', '.join(t.__name__ for t in _STEP_TYPES)}), got "
+                            f"{type(s).__name__}")
+        if s.in_channel != steps[0].in_channel:  # each step keeps its input's shape
+            raise ValueError(f"steps[{i}]: expected a step of {steps[0].in_channel} channels "
+                             f"(as steps[0]), got a {type(s).__name__} of {s.in_channel}")
+    _check_logdet_flags(steps)
 
 
 def _check_logdet_flags(steps) -> None:
@@ -563,6 +592,10 @@ class _ReversibleChain(torch.autograd.Function):
         leaves = {id(p): p.detach().requires_grad_(True) for p in ctx.params}
         # one frozen at forward and unfrozen since gets no gradient, as on the stored graph
         leaves.update((id(p), p.detach()) for p in ctx.frozen if p.requires_grad)
+        # the recompute runs under the forward's autocast state, the backward's own ops under
+        # the caller's (as the stored graph's: a backward outside autocast, the usual one,
+        # keeps the flow layers' gradients in float32)
+        caller = _autocast_state(ctx.autocast[0])
         with use_backend(ctx.mode), torch.enable_grad(), _autocast(ctx.autocast), \
                 _modules_as_at_forward(ctx.tensors, leaves):
             # every mix stage's W (with its graph) and W^-1 up front: one batched inverse;
@@ -592,14 +625,14 @@ class _ReversibleChain(torch.autograd.Function):
                 if index in ctx.net_states:
                     extra["net_state"] = ctx.net_states[index]
                 y, gy, ghead = stages[index].backward(y.detach(), gy, gld, stored, mats[index],
-                                                      ghead=ghead, **extra)
+                                                      caller, ghead=ghead, **extra)
                 mats[index] = None
                 y = y.detach()
             if deferred:  # one backward through the stacked assembly
                 pairs = [(t, g) for t, g in deferred if g is not None]
                 _backprop([t for t, _ in pairs], [g for _, g in pairs],
                           [p for i in stacked for p in stages[i].params()
-                           if p is not stages[i].an.loc])  # (loc: in the mix alone)
+                           if p is not stages[i].an.loc], caller)  # (loc: in the mix alone)
         return (None, gy, *(leaves[id(p)].grad for p in ctx.params))
 
 
@@ -756,14 +789,7 @@ class ReversibleSequence(nn.ModuleList):
     def __init__(self, steps: Iterable[nn.Module] = (), *, fallback_slots: int = 2,
                  fallback_cond: float = 1e3):
         steps = list(steps)
-        for i, s in enumerate(steps):
-            if not isinstance(s, _STEP_TYPES):
-                raise TypeError(f"steps[{i}]: expected a fastflow flow step "
-                                f"({', '.join(t.__name__ for t in _STEP_TYPES)}), got "
-                                f"{type(s).__name__}")
-            if s.in_channel != steps[0].in_channel:  # each step keeps its input's shape
-                raise ValueError(f"steps[{i}]: expected a step of {steps[0].in_channel} channels "
-                                 f"(as steps[0]), got a {type(s).__name__} of {s.in_channel}")
+        _check_steps(steps)
         if isinstance(fallback_slots, bool) or not isinstance(fallback_slots, int) \
                 or fallback_slots < 0:
             raise ValueError(f"fallback_slots: expected an integer >= 0, got {fallback_slots!r}")
@@ -771,7 +797,6 @@ class ReversibleSequence(nn.ModuleList):
                 or math.isnan(fallback_cond) or fallback_cond <= 1:
             raise ValueError(f"fallback_cond: expected a number > 1 (inf disables the "
                              f"fallback), got {fallback_cond!r}")
-        _check_logdet_flags(steps)
         super().__init__(steps)
         self.fallback_slots = fallback_slots
         self.fallback_cond = float(fallback_cond)
@@ -853,7 +878,7 @@ class ReversibleSequence(nn.ModuleList):
         return x.requires_grad or bool(params)
 
     def forward(self, x):
-        _check_logdet_flags(self)  # (a flag may have been changed since the chain was built)
+        _check_steps(self)  # (the list or a flag may have been changed since it was built)
         if len(self):  # the reversible path's stages would fail inside on bad input
             check_nchw("x", x, self[0].in_channel)
             check_module_device("x", x, first_parameter(self))
@@ -862,6 +887,7 @@ class ReversibleSequence(nn.ModuleList):
         return _run_reversible(self, x)
 
     def inverse(self, y):
+        _check_steps(self)
         if len(self) == 0:
             return self._identity("y", y)
         logdet = None
