@@ -752,3 +752,18 @@ def test_invconv_lu_load_state_dict_updates_w_rows_in_place():
     layer.load_state_dict(other.state_dict())
     assert layer.w_rows is rows
     torch.testing.assert_close(layer.w_rows, other.w_rows, rtol=0, atol=0)
+
+
+def test_actnorm_initialised_from_one_value_per_channel_warns():
+    """Batch 1 at 1x1 (a Glow's last level for images 2**n_block wide): each channel's std
+    is 0 and the scale 1e6, without a word; the next batch's bits/dim read 1e24."""
+    import warnings
+
+    an = ff.ActNorm(3)
+    with pytest.warns(UserWarning, match=r"one value per channel \(x of shape \(1, 3, 1, 1\)\)"):
+        an(torch.randn(1, 3, 1, 1))
+    assert an.is_initialized()
+    for shape in ((2, 3, 1, 1), (1, 3, 2, 1)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ff.ActNorm(3)(torch.randn(*shape))

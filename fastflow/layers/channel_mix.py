@@ -23,6 +23,8 @@ not seen: edit ``w_p`` under ``torch.no_grad()`` instead.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -158,6 +160,13 @@ class ActNorm(nn.Module):
         """Data-dependent initialisation from the batch ``x`` (ignored when it is empty)."""
         if x.numel() == 0:
             return
+        if x.shape[0] * x.shape[2] * x.shape[3] == 1:  # said from the shape: no device read
+            warnings.warn(
+                f"ActNorm: data-dependent initialisation from one value per channel (x of "
+                f"shape {tuple(x.shape)}): each channel's std is 0, so its scale becomes "
+                "1 / (0 + 1e-6) = 1e6 and later batches come out about 1e6 times too large; "
+                "initialise with a batch of two or more images (a Glow's last level is 1x1 "
+                "for images 2**n_block pixels wide)", stacklevel=3)
         for name, value in zip(("loc", "scale"), reference.actnorm_init(x)):
             now = getattr(self, name)
             # at most the dtype's largest finite value: 1 / (std + 1e-6) of a channel with
