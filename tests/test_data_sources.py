@@ -74,6 +74,17 @@ def test_an_npz_of_labels_then_images_reads_the_images(tmp_path, capsys):
         data.load_image_sets(str(tmp_path / "named.npz"))
 
 
+def test_an_npz_member_named_images_is_read_beside_other_image_arrays(tmp_path, capsys):
+    """np.savez(path, images=..., masks=...): ``images`` is read by name and the other is
+    said to be left out (without the name, two image arrays are refused as ambiguous)."""
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, (6, 8, 8), np.uint8)
+    np.savez(tmp_path / "im.npz", masks=np.zeros((4, 8, 8), np.uint8), images=images)
+    train, test = data.load_image_sets(str(tmp_path / "im.npz"), test_fraction=0.5)
+    assert len(train) + len(test) == 6
+    assert "left out its other image array(s) ['masks']" in capsys.readouterr().out
+
+
 def test_one_image_saved_as_an_array_is_refused_naming_both_readings(tmp_path):
     """np.save(path, one (H, W, 3) image) was read as H grey images of W x 3 pixels (and
     --size then trained on their 3x3 centres); a grey stack of such narrow images can be
