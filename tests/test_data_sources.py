@@ -153,6 +153,29 @@ def test_image_folder_says_which_folders_it_could_not_list(tmp_path, capsys, mon
             f"left out: {tmp_path / 'locked'} (Permission denied)") in capsys.readouterr().out
 
 
+def test_image_folder_counts_the_folders_it_could_not_list(tmp_path, capsys, monkeypatch):
+    """Several unlisted folders: one is named, the others counted."""
+    import os
+    import re
+
+    for sub in ("ok", "locked1", "locked2", "locked3"):
+        _png(tmp_path / sub / "a.png", np.zeros((8, 8), np.uint8))
+    _png(tmp_path / "ok" / "b.png", np.ones((8, 8), np.uint8))
+    scandir = os.scandir
+
+    def refusing(folder="."):
+        if "locked" in os.path.basename(os.fspath(folder)):
+            raise PermissionError(13, "Permission denied", os.fspath(folder))
+        return scandir(folder)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    train, test = data.load_image_sets(str(tmp_path), test_fraction=0.5)
+    assert len(train) + len(test) == 2
+    assert re.search(rf"--data: could not list 3 folder\(s\) under {re.escape(str(tmp_path))}, "
+                     r"so the images in them are left out: \S+locked\d \(Permission denied\) "
+                     r"and 2 more\n", capsys.readouterr().out)
+
+
 def test_image_folder_says_when_grey_images_become_rgb(tmp_path, capsys):
     """One colour image among grey ones makes every image RGB (the grey repeated), the
     model 3 channels wide: that was said only as the shape in the command's summary."""
