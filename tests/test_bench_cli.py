@@ -301,3 +301,37 @@ def test_gpu_check_writes_what_the_device_tool_brings_back(tmp_path):
     assert {"device.txt", "tests.log", "bench.log", "glow.log"} <= {str(f) for f in files}
     said = (out / "tests.log").read_text()
     assert "-m pytest -v" in said and "--timeout 90" in said
+
+
+def test_gpu_check_fails_when_the_tests_fail_and_removes_its_copy_of_the_package(tmp_path):
+    """The tests' exit status reaches the script's (the output goes to tests.log, no longer
+    through a pipe), the failing tests are named on the console, and the copy of fastflow
+    the script runs from is removed at the end (it stayed in /tmp, one per run)."""
+    import os
+    import stat
+    import subprocess
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'Stand-in GPU, 0.0, 1 MiB'\n")
+    (fake / "python").write_text(
+        "#!/usr/bin/env bash\n"
+        "echo \"site=$PYTHONPATH\"\n"
+        "if [ \"$1\" = -m ] && [ \"$2\" = pytest ]; then\n"
+        "  echo 'FAILED tests/test_x.py::test_y - boom'; seq 40; exit 1\n"  # then tracebacks
+        "fi\n")
+    for f in fake.iterdir():
+        f.chmod(f.stat().st_mode | stat.S_IEXEC)
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "PYTHON": str(fake / "python"),
+           "OUT": str(out)}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "FAILED tests/test_x.py::test_y - boom" in done.stdout
+    log = (out / "tests.log").read_text()
+    assert "tests exit: 1" in log and "gpu_check: FAILED" in done.stdout
+    sites = {line[len("site="):] for line in log.splitlines() if line.startswith("site=")}
+    assert len(sites) == 1
+    site = sites.pop()
+    assert site.startswith("/tmp/fastflow-site.") and not os.path.exists(site)

@@ -370,3 +370,37 @@ def test_a_case_times_its_implementations_in_turn(bench, monkeypatch):
     for name in ("eager", "a"):
         assert rows[name]["reps"] == 4 and rows[name]["fwd_bwd_s"] > 0
     assert "speedup_vs_eager" in rows["a"]
+
+
+def test_a_case_keeps_its_rows_in_order_and_refuses_two_rows_of_one_name(bench):
+    """The table lists a case's rows in the order of its implementations, a skipped one and
+    one that failed its check in their places (not first); two of one name would share one
+    row (the second's numbers under the first's name, one row fewer)."""
+    harness, _ = bench
+
+    def broken(x):
+        raise RuntimeError("broke")
+
+    double = lambda x: x * 2  # noqa: E731
+    impls = [harness.Impl("eager", double), harness.Impl("peer", double, skip="not here"),
+             harness.Impl("bad", broken), harness.Impl("fastflow", double)]
+    rows = harness.measure(_case(harness, impls), "cpu", None, reps=1, warmup=0)
+    assert [r["impl"] for r in rows] == ["eager", "peer", "bad", "fastflow"]
+    assert "error" in rows[1] and "error" in rows[2] and rows[3]["fwd_bwd_s"] > 0
+    with pytest.raises(ValueError, match=r"^case.impls: expected distinct names, got "
+                                         r"\['eager', 'eager'\]"):
+        harness.measure(_case(harness, [harness.Impl("eager", double)] * 2), "cpu", None,
+                        reps=1, warmup=0)
+
+
+def test_time_impl_raises_what_the_implementation_raised(bench):
+    """``time_impl`` (one implementation) raises its error, as before ``time_impls``
+    (which reports it in the row instead): a returned exception read as a row."""
+    harness, _ = bench
+
+    def broken(x):
+        raise RuntimeError("broke")
+
+    with pytest.raises(RuntimeError, match="^broke$"):
+        harness.time_impl(harness.Impl("x", broken), (torch.ones(2, requires_grad=True),),
+                          "cpu", reps=1, warmup=0)

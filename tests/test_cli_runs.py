@@ -339,6 +339,18 @@ def test_a_resume_that_has_nothing_left_to_train_says_so(command, tiny, tmp_path
     assert "nothing to train" not in capsys.readouterr().out
 
 
+def test_nothing_left_names_both_limits_when_both_are_reached():
+    """The line for a --resume with nothing to train names every limit it reaches; it
+    named the first alone."""
+    from argparse import Namespace
+
+    said = []
+    common.say_nothing_left(2, 8, Namespace(epochs=2, max_steps=8), said.append)
+    common.say_nothing_left(1, 4, Namespace(epochs=2, max_steps=None), said.append)
+    assert said == ["--resume: nothing to train: the checkpoint is at epoch 2, step 8, which "
+                    "reaches --epochs 2 and --max-steps 8 (pass a larger value to go on)"]
+
+
 @pytest.mark.parametrize("out, message", [("", "--out: expected a folder, got ''"),
                                           ("file", "--out: cannot create the folder "),
                                           ("file/sub", "--out: cannot create the folder ")])

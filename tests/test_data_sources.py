@@ -74,6 +74,17 @@ def test_an_npz_of_labels_then_images_reads_the_images(tmp_path, capsys):
         data.load_image_sets(str(tmp_path / "named.npz"))
 
 
+def test_an_npz_member_named_images_is_read_beside_other_image_arrays(tmp_path, capsys):
+    """np.savez(path, images=..., masks=...): ``images`` is read by name and the other is
+    said to be left out (without the name, two image arrays are refused as ambiguous)."""
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, (6, 8, 8), np.uint8)
+    np.savez(tmp_path / "im.npz", masks=np.zeros((4, 8, 8), np.uint8), images=images)
+    train, test = data.load_image_sets(str(tmp_path / "im.npz"), test_fraction=0.5)
+    assert len(train) + len(test) == 6
+    assert "left out its other image array(s) ['masks']" in capsys.readouterr().out
+
+
 def test_one_image_saved_as_an_array_is_refused_naming_both_readings(tmp_path):
     """np.save(path, one (H, W, 3) image) was read as H grey images of W x 3 pixels (and
     --size then trained on their 3x3 centres); a grey stack of such narrow images can be
@@ -140,6 +151,29 @@ def test_image_folder_says_which_folders_it_could_not_list(tmp_path, capsys, mon
     assert len(train) + len(test) == 2
     assert (f"--data: could not list 1 folder(s) under {tmp_path}, so the images in them are "
             f"left out: {tmp_path / 'locked'} (Permission denied)") in capsys.readouterr().out
+
+
+def test_image_folder_counts_the_folders_it_could_not_list(tmp_path, capsys, monkeypatch):
+    """Several unlisted folders: one is named, the others counted."""
+    import os
+    import re
+
+    for sub in ("ok", "locked1", "locked2", "locked3"):
+        _png(tmp_path / sub / "a.png", np.zeros((8, 8), np.uint8))
+    _png(tmp_path / "ok" / "b.png", np.ones((8, 8), np.uint8))
+    scandir = os.scandir
+
+    def refusing(folder="."):
+        if "locked" in os.path.basename(os.fspath(folder)):
+            raise PermissionError(13, "Permission denied", os.fspath(folder))
+        return scandir(folder)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    train, test = data.load_image_sets(str(tmp_path), test_fraction=0.5)
+    assert len(train) + len(test) == 2
+    assert re.search(rf"--data: could not list 3 folder\(s\) under {re.escape(str(tmp_path))}, "
+                     r"so the images in them are left out: \S+locked\d \(Permission denied\) "
+                     r"and 2 more\n", capsys.readouterr().out)
 
 
 def test_image_folder_says_when_grey_images_become_rgb(tmp_path, capsys):

@@ -351,9 +351,23 @@ def test_reverse_with_latents_of_another_dtype_and_sample_with_a_bad_temperature
             model.reverse(z, reconstruct=reconstruct)
     with pytest.raises(TypeError, match=r"^temperature: expected a number, got '0.7'"):
         model.sample(2, "0.7", image_size=(8, 8))
+    with pytest.raises(TypeError, match=r"^temperature: expected a number, got True"):
+        model.sample(2, True, image_size=(8, 8))
     # a temperature where the flag goes reconstructed x from the latents, no error
     with pytest.raises(TypeError, match=r"^reconstruct: expected a bool \(True or False\), got 0.7"):
         model.reverse([t.double() for t in z], 0.7)
+
+
+def test_reverse_under_autocast_takes_latents_of_the_autocast_dtype_not_float64():
+    """Under autocast the latents may have another 16/32-bit dtype than the model (bf16
+    latents of a float32 model sample in bf16); float64 is no autocast dtype: float32
+    latents of a float64 model are refused by name, as outside autocast."""
+    model = ff.Glow(1, 2, 2, filter_size=8)
+    z = [torch.randn(2, 2, 4, 4), torch.randn(2, 8, 2, 2)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.reverse([t.bfloat16() for t in z]).shape == (2, 1, 8, 8)
+        with pytest.raises(TypeError, match=r"^z_list\[0\]: expected torch.float64"):
+            model.double().reverse(z)
 
 
 @pytest.mark.parametrize("kwargs,name", [

@@ -810,6 +810,60 @@ def test_rosinality_copies_that_return_the_output_alone_are_left_alone():
     assert_close(model(x), ref(x))
 
 
+def test_modified_copies_of_rosinality_actnorm_lu_conv_and_flow_are_left_alone():
+    """As the coupling's: an ActNorm copy taking a condition, an InvConv2dLU copy returning
+    the output alone (ArtFlow's), a Flow copy with a flag its forward reads. Each is left
+    alone with the reason (and the Flow's stock children are still swapped)."""
+    def copy_of(cls, **extra):  # same name and tensors, not a subclass
+        def init(self):
+            nn.Module.__init__(self)
+            src = cls(C)
+            for k, v in src._parameters.items():
+                self.register_parameter(k, v)
+            for k, v in src._buffers.items():
+                self.register_buffer(k, v)
+            for k, v in vars(src).items():
+                if not k.startswith("_") and k != "training":
+                    setattr(self, k, v)
+        return type(cls.__name__, (nn.Module,), {"__init__": init, **extra})
+
+    def an_forward(self, x, cond):
+        return ActNorm.forward(self, x + cond)
+
+    def lu_forward(self, x):
+        out = F.conv2d(x, InvConv2dLU.calc_weight(self))
+        return out
+
+    def flow_init(self):
+        nn.Module.__init__(self)
+        self.actnorm, self.invconv, self.coupling = ActNorm(C), InvConv2dLU(C), AffineCoupling(C)
+        self.skip_coupling = True
+
+    def flow_forward(self, x):
+        out, logdet = self.actnorm(x)
+        out, det = self.invconv(out)
+        return (out, logdet + det) if self.skip_coupling else Flow.forward(self, x)
+
+    an = copy_of(ActNorm, forward=an_forward, reverse=ActNorm.reverse)()
+    lu = copy_of(InvConv2dLU, forward=lu_forward, calc_weight=InvConv2dLU.calc_weight)()
+    flow = type("Flow", (nn.Module,), {"__init__": flow_init, "forward": flow_forward,
+                                       "reverse": Flow.reverse})()
+    model = nn.ModuleDict({"an": an, "lu": lu, "flow": flow}).to(**D64)
+    x = torch.randn(N, C, H, W, **D64)
+    an(x, 0.5), flow(x)  # ActNorm initialisation
+    ref = copy.deepcopy(model)
+    report = ff.patch(model)
+    left = {n: why for n, _, why in report.left_alone}
+    assert left["an"].startswith("forward takes (x, cond): rosinality's takes one tensor")
+    assert left["lu"].startswith("forward returns one value, rosinality's (output, logdet)")
+    assert left["flow"].startswith("skip_coupling: not in rosinality's Flow")
+    assert {"flow.actnorm", "flow.invconv"} <= {n for n, _, _ in report.swapped}
+    with ff.use_backend("reference"):
+        for g, w in zip(_tensors((model["an"](x, 0.5), model["lu"](x), model["flow"](x))),
+                        _tensors((ref["an"](x, 0.5), ref["lu"](x), ref["flow"](x)))):
+            assert_close(g, w)
+
+
 def test_a_child_put_in_after_patching_runs_through_its_parent_s_own_code():
     """A fused GlowBlock / rosinality Flow read the tensors of whatever ActNorm and 1x1
     convolution it held at call time: one put in after patching (a same-name subclass with

@@ -468,6 +468,9 @@ def test_flags_and_sampling_numbers_are_checked_by_name():
             model.sample(2, y, temperature=bad)
     with pytest.raises(TypeError, match="^temperature: expected a finite number"):
         model.sample(2, y, temperature="0.5")
+    for name in ("temperature", "guidance"):  # a flag passed where the number goes
+        with pytest.raises(TypeError, match=f"^{name}: expected a finite number, got True"):
+            model.sample(2, y, **{name: True})
     with pytest.raises(TypeError, match="^denoise: expected a bool"):
         model.sample(2, y, denoise="no")
     with pytest.raises(TypeError, match="^graphs: expected a bool"):
