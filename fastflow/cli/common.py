@@ -485,7 +485,9 @@ DIGITS_TEST_FRACTION = 0.2  # what the bundled digits always hold out
 
 
 def add_data_options(parser, *, test_fraction_help: str = "held-out share of the images "
-                     "(digits: 0.2; CIFAR: its test batch)") -> None:
+                     "(digits: 0.2; CIFAR: its test batch)",
+                     n_bits_help: str = "keep the top N bits of 8-bit images (Glow's 5-bit "
+                     "setting): 2**N levels") -> None:
     """``--data``, ``--size``, ``--n-bits`` and ``--test-fraction`` on ``parser`` (read by
     ``load_data``)."""
     parser.add_argument("--data", default="digits",
@@ -495,9 +497,7 @@ def add_data_options(parser, *, test_fraction_help: str = "held-out share of the
     parser.add_argument("--size", type=positive(int), default=None,
                         help="center-crop and resize the images to SIZE x SIZE (None: as "
                              "stored)")
-    parser.add_argument("--n-bits", type=positive(int), default=None,
-                        help="keep the top N bits of 8-bit images (Glow's 5-bit setting); the "
-                             "bits/dim constant follows")
+    parser.add_argument("--n-bits", type=positive(int), default=None, help=n_bits_help)
     parser.add_argument("--test-fraction", type=float, default=TEST_FRACTION,
                         help=test_fraction_help)
 

@@ -42,7 +42,9 @@ def _glow_parser():
                     "-m fastflow train ... (DistributedDataParallel; rank 0 writes).")
     g = p.add_argument_group("data")
     add_data_options(g, test_fraction_help="held-out share for test bits/dim (digits: 0.2; "
-                                           "CIFAR: its test batch)")
+                                           "CIFAR: its test batch)",
+                     n_bits_help="keep the top N bits of 8-bit images (Glow's 5-bit setting); "
+                                 "the bits/dim constant follows")
     g.add_argument("--hflip", action="store_true", help="random horizontal flips")
     g = p.add_argument_group("model")
     g.add_argument("--n-flow", type=positive(int), default=8, help="steps per block")

@@ -144,7 +144,9 @@ def _main(args) -> int:
             raise SystemExit(f"--guidance: expected none for {args.data}, which has no class "
                              "labels (classifier-free guidance needs them), got --guidance "
                              f"{args.guidance:g}")
-        print(f"train-tarflow: {args.data} has no class labels; training unconditional")
+        print(f"train-tarflow: {args.data} has no class labels; training unconditional "
+              "(labels come with digits and cifar10: only; none are read from a folder or "
+              "an array file)")
     num_classes = 0 if args.unconditional or not labelled else \
         int(max(train.labels.max(), test.labels.max())) + 1
     y_train = y_test = None
