@@ -167,7 +167,8 @@ def test_guidance_without_class_labels_is_refused(tmp_path, rgb_npz):
                                          r".*got --guidance 3$"):
         _run("tarflow", tmp_path, "--unconditional", "--guidance", "3")
     with pytest.raises(SystemExit, match=r"^--guidance: expected none for .*rgb\.npz, which "
-                                         r"has no class labels .*got --guidance 2\.5$"):
+                                         r"gives no class labels .*none are read from a folder or "
+                                         r"an array file\), got --guidance 2\.5$"):
         _run("tarflow", tmp_path, "--data", str(rgb_npz), "--guidance", "2.5")
     assert _run("tarflow", tmp_path, "--unconditional")["sampling"]["guidance"] == 0.0
     assert _run("tarflow", tmp_path / "labelled")["sampling"]["guidance"] == 1.0

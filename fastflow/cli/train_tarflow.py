@@ -141,9 +141,10 @@ def _main(args) -> int:
     labelled = train.labels is not None and test.labels is not None
     if not labelled and not args.unconditional:
         if args.guidance is not None:
-            raise SystemExit(f"--guidance: expected none for {args.data}, which has no class "
-                             "labels (classifier-free guidance needs them), got --guidance "
-                             f"{args.guidance:g}")
+            raise SystemExit(f"--guidance: expected none for {args.data}, which gives no class "
+                             "labels (classifier-free guidance needs them; labels come with "
+                             "digits and cifar10: only, none are read from a folder or an "
+                             f"array file), got --guidance {args.guidance:g}")
         print(f"train-tarflow: {args.data} has no class labels; training unconditional "
               "(labels come with digits and cifar10: only; none are read from a folder or "
               "an array file)")
