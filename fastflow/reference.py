@@ -242,6 +242,15 @@ def _mix(v, w, bias=None, beta=1):
     """out[:, o] = sum_c w[o, c] v[:, c] (+ beta * bias[o]) per pixel, as one matrix product
     in v's memory format (no copy of a contiguous or channels_last v), in v's dtype even
     under ``torch.autocast`` (flow-layer math never follows autocast)."""
+    if autocast_on(v) and v.dtype != torch.float64 and torch.is_grad_enabled():
+        # in float64, rounded back once: the product's backward runs under the autocast of
+        # backward's caller (a backward inside the block would take its bmm / addmm to 16
+        # bits), and autocast leaves float64 alone (twice the CPU time of float32, paid
+        # only where a graph may be recorded)
+        d = torch.float64
+        with torch.autocast(v.device.type, enabled=False):
+            out = _mix(_as(v, d), _as(w, d), None if bias is None else _as(bias, d), beta)
+        return _as(out, v.dtype)
     if autocast_on(v):
         with torch.autocast(v.device.type, enabled=False):
             return _mix(v, w, bias, beta)
