@@ -457,9 +457,10 @@ def test_bf16_autocast_replays_the_forward_autocast_state(triton_backend):
     the same way, or the rebuilt inputs (and gradients) are off by bf16 rounding.
 
     On the Triton path, where the flow-layer math stays float32 under autocast as DESIGN.md
-    requires. (The reference path's 1x1 convolution still follows autocast to bf16 -- issue
-    9 item 3, owned by the op layer -- and its inverse then cannot rebuild to float32
-    accuracy: 0.14 relative gradient difference measured before that fix.)"""
+    requires. (The reference path's 1x1 convolution followed autocast to bf16 in a backward
+    inside the block -- issue 9 item 3, owned by the op layer, fixed since in
+    ``reference._mix`` -- and its inverse then could not rebuild to float32 accuracy: 0.14
+    relative gradient difference measured before that fix.)"""
     stored, rev, x = _glow_pair(torch.float32, True, True, n_flow=3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, want = _glow_grads(stored, x)
