@@ -265,26 +265,17 @@ def test_usage_names_the_command_as_it_was_run(command):
     assert f"{name}: error: --reps" in done.stderr, done.stderr
 
 
-def test_gpu_check_writes_what_the_device_tool_brings_back(tmp_path):
-    """The device tool brings back at most 8 files from $OUT, at most two folders down, named
-    in letters, digits, '.', '_' and '-': the script wrote 9 (a JUnit XML beside the log),
-    so one of its results would have stayed on the GPU machine. Run here end to end with a
-    stand-in for nvidia-smi and for a CUDA Python (each part writes what it would)."""
+def _run_gpu_check(tmp_path, python: str):
+    """benchmarks/gpu_check.sh run end to end with stand-ins for nvidia-smi and for a CUDA
+    Python (``python``: the stand-in's bash script): (the finished process, $OUT)."""
     import os
-    import re
     import stat
     import subprocess
 
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'Stand-in GPU, 0.0, 1 MiB'\n")
-    (fake / "python").write_text(
-        "#!/usr/bin/env bash\n"
-        "if [ \"$1\" = benchmarks/run.py ]; then\n"  # run.py writes bench-<device>.json/.md
-        "  mkdir -p \"$3\"; echo '{}' > \"$3/bench-stand-in.json\"; echo t > \"$3/bench-stand-in.md\"\n"
-        "fi\n"
-        "for a in \"$@\"; do case $a in --junitxml=*) echo x > \"${a#--junitxml=}\";; esac; done\n"
-        "echo \"stand-in python $*\"\n")
+    (fake / "python").write_text("#!/usr/bin/env bash\n" + python)
     for f in fake.iterdir():
         f.chmod(f.stat().st_mode | stat.S_IEXEC)
     out = tmp_path / "out"
@@ -292,6 +283,23 @@ def test_gpu_check_writes_what_the_device_tool_brings_back(tmp_path):
            "OUT": str(out)}
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env,
                           capture_output=True, text=True, timeout=60)
+    return done, out
+
+
+def test_gpu_check_writes_what_the_device_tool_brings_back(tmp_path):
+    """The device tool brings back at most 8 files from $OUT, at most two folders down, named
+    in letters, digits, '.', '_' and '-': the script wrote 9 (a JUnit XML beside the log),
+    so one of its results would have stayed on the GPU machine. Run here end to end with a
+    stand-in for nvidia-smi and for a CUDA Python (each part writes what it would)."""
+    import re
+
+    done, out = _run_gpu_check(
+        tmp_path,
+        "if [ \"$1\" = benchmarks/run.py ]; then\n"  # run.py writes bench-<device>.json/.md
+        "  mkdir -p \"$3\"; echo '{}' > \"$3/bench-stand-in.json\"; echo t > \"$3/bench-stand-in.md\"\n"
+        "fi\n"
+        "for a in \"$@\"; do case $a in --junitxml=*) echo x > \"${a#--junitxml=}\";; esac; done\n"
+        "echo \"stand-in python $*\"\n")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "gpu_check: passed" in done.stdout
     files = [p.relative_to(out) for p in out.rglob("*") if p.is_file()]
@@ -308,25 +316,13 @@ def test_gpu_check_fails_when_the_tests_fail_and_removes_its_copy_of_the_package
     through a pipe), the failing tests are named on the console, and the copy of fastflow
     the script runs from is removed at the end (it stayed in /tmp, one per run)."""
     import os
-    import stat
-    import subprocess
 
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'Stand-in GPU, 0.0, 1 MiB'\n")
-    (fake / "python").write_text(
-        "#!/usr/bin/env bash\n"
+    done, out = _run_gpu_check(
+        tmp_path,
         "echo \"site=$PYTHONPATH\"\n"
         "if [ \"$1\" = -m ] && [ \"$2\" = pytest ]; then\n"
         "  echo 'FAILED tests/test_x.py::test_y - boom'; seq 40; exit 1\n"  # then tracebacks
         "fi\n")
-    for f in fake.iterdir():
-        f.chmod(f.stat().st_mode | stat.S_IEXEC)
-    out = tmp_path / "out"
-    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "PYTHON": str(fake / "python"),
-           "OUT": str(out)}
-    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env,
-                          capture_output=True, text=True, timeout=60)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "FAILED tests/test_x.py::test_y - boom" in done.stdout
     log = (out / "tests.log").read_text()
