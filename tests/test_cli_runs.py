@@ -57,41 +57,26 @@ def test_a_fresh_run_over_an_earlier_one_lists_and_keeps_only_its_own_grids(tmp_
         assert (tmp_path / path).is_file(), path
 
 
+@pytest.mark.parametrize("command, tiny, stop_at", [
+    (train, GLOW, "its first evaluation"), (train_vae, VAE, "its first step"),
+    (train_tarflow, TARFLOW, "its first step")], ids=["train", "train-vae", "train-tarflow"])
 def test_a_fresh_run_stopped_before_its_first_checkpoint_leaves_none_of_the_earlier_run(
-        tmp_path, capsys, monkeypatch):
-    """A --force run stopped before its first checkpoint (Ctrl-C in its first evaluation)
-    said 'checkpoint.pt (its last checkpoint) is intact: --resume goes on from it' of the
-    earlier run's, and --resume went on with that run."""
-    assert train.main([*GLOW, "--epochs", "1", "--out", str(tmp_path)]) == 0
-    capsys.readouterr()
-
-    def stop(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "evaluate_bpd", stop)
-    assert train.main([*GLOW, "--epochs", "2", "--out", str(tmp_path), "--force"]) == 130
-    printed = capsys.readouterr()
-    assert (f"--out: removed the earlier run's checkpoint.pt, metrics.json, metrics.csv in "
-            f"{tmp_path}: this run starts afresh") in printed.out
-    assert f"no checkpoint was written yet in {tmp_path}" in printed.err
-    assert not any(tmp_path.glob("*.pt")) and not any(tmp_path.glob("metrics.*"))
-
-
-@pytest.mark.parametrize("command, tiny", [(train_vae, VAE), (train_tarflow, TARFLOW)],
-                         ids=["train-vae", "train-tarflow"])
-def test_a_fresh_vae_or_tarflow_run_stopped_early_leaves_none_of_the_earlier_run(
-        command, tiny, tmp_path, capsys, monkeypatch):
-    """As train's: a --force run of train-vae or train-tarflow stopped in its first step
-    said the earlier run's checkpoint was intact, and --resume went on with that run."""
+        command, tiny, stop_at, tmp_path, capsys, monkeypatch):
+    """A --force run stopped before its first checkpoint (Ctrl-C in its first evaluation or
+    step) said 'checkpoint.pt (its last checkpoint) is intact: --resume goes on from it' of
+    the earlier run's, and --resume went on with that run."""
     from fastflow.cli.loop import StepRunner
 
     assert command.main([*tiny, "--max-steps", "1", "--out", str(tmp_path)]) == 0
     capsys.readouterr()
 
-    def stop(self, *args, **kwargs):
+    def stop(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(StepRunner, "step", stop)
+    if stop_at == "its first evaluation":
+        monkeypatch.setattr(train, "evaluate_bpd", stop)
+    else:
+        monkeypatch.setattr(StepRunner, "step", stop)
     assert command.main([*tiny, "--max-steps", "1", "--out", str(tmp_path), "--force"]) == 130
     printed = capsys.readouterr()
     assert (f"--out: removed the earlier run's checkpoint.pt, metrics.json, metrics.csv in "
