@@ -767,3 +767,14 @@ def test_actnorm_initialised_from_one_value_per_channel_warns():
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             ff.ActNorm(3)(torch.randn(*shape))
+
+
+def test_layers_show_their_arguments_when_printed():
+    """``print(model)`` showed ``ActNorm()``, ``InvConv2dLU()`` and ``AffineCoupling(...)``
+    with no channel count or coupling kind (GaussianReparam shows its arguments)."""
+    assert repr(ff.ActNorm(3)) == "ActNorm(in_channel=3)"
+    assert repr(ff.ActNorm(3, logdet=False)) == "ActNorm(in_channel=3, logdet=False)"
+    assert repr(ff.InvConv2dLU(3)) == "InvConv2dLU(in_channel=3)"
+    assert repr(ff.InvConv2d(3)) == "InvConv2d(in_channel=3)"
+    text = repr(ff.FlowStep(5, filter_size=4, affine=False))
+    assert "AffineCoupling(\n    in_channel=5, affine=False\n" in text

@@ -206,6 +206,9 @@ class ActNorm(nn.Module):
     def reverse(self, y):
         return self.inverse(y)[0]
 
+    def extra_repr(self) -> str:
+        return f"in_channel={self.in_channel}" + ("" if self.logdet else ", logdet=False")
+
 
 def _random_rotation(in_channel: int) -> torch.Tensor:
     """A random (C, C) orthogonal matrix in float64: the invertible convolutions' start."""
@@ -251,6 +254,9 @@ class _InvConvBase(nn.Module):
 
     def reverse(self, y):
         return self.inverse(y)[0]
+
+    def extra_repr(self) -> str:
+        return f"in_channel={self.in_channel}"
 
 
 class InvConv2dLU(_InvConvBase):

@@ -114,3 +114,6 @@ class AffineCoupling(nn.Module):
             return self.inverse(y)[0]
         self._check("y", y)
         return self._couple(y, True, logdet=False)[0]
+
+    def extra_repr(self) -> str:
+        return f"in_channel={self.in_channel}, affine={self.affine}"
