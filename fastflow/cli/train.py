@@ -16,9 +16,9 @@ from .common import (HelpFormatter, add_cadence_options, add_data_options,
                      add_step_options, backend_name, check_resume_batch, check_resume_config,
                      check_resume_data, check_step_options, check_test_fraction, load_data,
                      positive, prepare_out, progress, read_checkpoint, remove_earlier_run,
-                     resume_data, rng_state, run_interruptible, save_checkpoint, save_image_grid, say_changed_options,
-                     say_nothing_left, set_rng_state, set_threads, step_options,
-                     stop_between_steps, write_metrics)
+                     resume_data, rng_state, run_interruptible, save_checkpoint,
+                     save_image_grid, say_changed_options, say_nothing_left, set_rng_state,
+                     set_threads, step_options, stop_between_steps, write_metrics)
 from .loop import Distributed, StepRunner, epoch_generator, epoch_order
 
 INIT_IMAGES = 512  # ActNorm's data-dependent initialisation: this many training images
@@ -96,7 +96,6 @@ def to_unit(x: torch.Tensor, n_bins: int) -> torch.Tensor:
     return levels / (n_bins - 1)
 
 
-@torch.no_grad()
 @torch.no_grad()
 def evaluate_bpd(model, images, seed: int, runner, device, batch_size: int = 256) -> float:
     """Mean test bits/dim over ``images`` (an ImageSet), one dequantisation draw each: the
