@@ -19,14 +19,13 @@ doubles the batch inside the same step (conditional rows, then the null class).
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops._checks import (assert_on_device, check_bool, check_choice, check_float_tensor,
-                          check_module_device, first_parameter)
+from .ops._checks import (assert_on_device, check_bool, check_choice, check_finite,
+                          check_float_tensor, check_module_device, first_parameter)
 from .ops.tarflow import HeadSampler, tarflow_head
 
 METHODS = ("sequential", "jacobi")
@@ -328,7 +327,7 @@ class TarFlow(nn.Module):
         check_choice("cache", cache, CACHES)
         if isinstance(check_every, bool) or not (isinstance(check_every, int) and check_every >= 1):
             raise ValueError(f"check_every: expected a positive integer, got {check_every!r}")
-        guidance = _finite("guidance", guidance)
+        guidance = check_finite("guidance", guidance)  # NaN or inf: all-NaN samples
         u = self._tokens(z)
         n = u.shape[0]
         guided = guidance != 0.0
@@ -433,7 +432,7 @@ class TarFlow(nn.Module):
         through), then one denoising score step when the model has ``noise_std`` > 0."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n: expected a positive integer, got {n!r}")
-        temperature = _finite("temperature", temperature)
+        temperature = check_finite("temperature", temperature)
         check_bool("denoise", denoise)
         p = next(self.parameters())
         z = torch.randn(n, self.tokens, self.dim, generator=generator, device=p.device,
@@ -442,16 +441,6 @@ class TarFlow(nn.Module):
         if denoise and self.noise_std > 0:
             x = self.denoise(x, y)
         return x
-
-
-def _finite(name: str, value) -> float:
-    """A finite real number (not a bool), as a float: NaN or inf made every sample NaN."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a finite number, got {value!r} "
-                        f"({type(value).__name__})")
-    if not math.isfinite(value):
-        raise ValueError(f"{name}: expected a finite number, got {value!r}")
-    return float(value)
 
 
 def _replay_as_graph(step, count: int):

@@ -91,6 +91,16 @@ def check_positive(name: str, value) -> float:
     return value
 
 
+def check_finite(name: str, value) -> float:
+    """A finite real number (not a bool), returned as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a finite number, got {value!r} "
+                        f"({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    return float(value)
+
+
 def assert_on_device(ok: torch.Tensor, message: str):
     """Check ``ok`` (a boolean tensor, true when an input is valid) where its values are,
     without the host waiting for them: for inputs off the CPU (whose checks read values
