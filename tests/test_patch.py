@@ -669,6 +669,14 @@ def test_freia_clamp_of_any_real_number_type():
 # --------------------------------------------------------------------------------------
 
 
+def _patched_beside_a_copy(model):
+    """(an unpatched copy of ``model``, ``ff.patch(model)``'s report, the reason each module
+    was left alone, by name)."""
+    ref = copy.deepcopy(model)
+    report = ff.patch(model)
+    return ref, report, {n: why for n, _, why in report.left_alone}
+
+
 def _times_two(fn):
     def wrapped(*args, **kwargs):
         out = fn(*args, **kwargs)
@@ -709,9 +717,7 @@ def test_overridden_layers_are_left_alone():
     x = torch.randn(N, C, H, W, **D64)
     for m in (glow, bare, ros):
         m(x)  # ActNorm initialisation
-    ref = copy.deepcopy(model)
-    report = ff.patch(model)
-    left = {n: why for n, _, why in report.left_alone}
+    ref, report, left = _patched_beside_a_copy(model)
     for name in ("glow", "glow.flows.2", "inn.module_list.0", "ros", "ros.invconv"):
         assert "a subclass of another class named" in left[name], name
     assert "inverse replaced on the instance" in left["bare.flows.1"]
@@ -772,9 +778,7 @@ def test_modified_copies_of_rosinality_layers_are_left_alone():
     model = model.to(**D64)
     x = torch.randn(N, C, H, W, **D64)
     normed(x)  # ActNorm initialisation
-    ref = copy.deepcopy(model)
-    report = ff.patch(model)
-    left = {n: why for n, _, why in report.left_alone}
+    ref, report, left = _patched_beside_a_copy(model)
     assert left["swapped"].startswith("mask_swap: not in rosinality's AffineCoupling")
     assert left["normed"].startswith("act_norm: not in rosinality's AffineCoupling")
     assert left["cond"].startswith("forward takes (x, cond): rosinality's takes one tensor")
@@ -851,9 +855,7 @@ def test_modified_copies_of_rosinality_actnorm_lu_conv_and_flow_are_left_alone()
     model = nn.ModuleDict({"an": an, "lu": lu, "flow": flow}).to(**D64)
     x = torch.randn(N, C, H, W, **D64)
     an(x, 0.5), flow(x)  # ActNorm initialisation
-    ref = copy.deepcopy(model)
-    report = ff.patch(model)
-    left = {n: why for n, _, why in report.left_alone}
+    ref, report, left = _patched_beside_a_copy(model)
     assert left["an"].startswith("forward takes (x, cond): rosinality's takes one tensor")
     assert left["lu"].startswith("forward returns one value, rosinality's (output, logdet)")
     assert left["flow"].startswith("skip_coupling: not in rosinality's Flow")
